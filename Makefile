@@ -1,0 +1,40 @@
+# Two commands for a newcomer (see README):
+#   make results   set up .venv from environment.yml, then run every notebook on synthetic data
+#   make test      set up .venv, then run the test suite
+# Everything else is a building block of those two.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.lmlib-installed
+KERNEL := lmlib
+# Forwarded to the driver: `make results RUN_ARGS="--dataset hamedan-ceph --data-dir ../shared/data/hamedan-ceph"`
+RUN_ARGS ?=
+TEST_ARGS ?=
+
+.PHONY: setup results test test-fast lab clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): environment.yml pyproject.toml scripts/env_pip_args.py
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade "pip>=24"
+	$(VPY) -m pip install --quiet $$($(PYTHON) scripts/env_pip_args.py environment.yml)
+	$(VPY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (lmlib)" >/dev/null
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
+	@touch $(STAMP)
+
+results: $(STAMP)
+	$(VPY) -m lmlib.run $(RUN_ARGS)
+
+test: $(STAMP)
+	$(VPY) -m pytest $(TEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not notebook" $(TEST_ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-venv:
+	rm -rf $(VENV)

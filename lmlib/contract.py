@@ -1,0 +1,131 @@
+"""The output contract between method notebooks and the comparison notebook.
+
+Every run folder ``results/<dataset>/<method>/`` holds:
+- ``predictions.csv``: one row per image x landmark, columns :data:`PREDICTION_COLUMNS`
+  (world mm; z empty in 2D; ``error_mm`` empty where the reference landmark is masked);
+- ``metrics.json``: at least :data:`METRIC_KEYS` (SDR in percent, strict ``<``);
+- ``manifest.json``: see :mod:`lmlib.manifest`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lmlib.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
+from lmlib.sample import Sample
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "image_id", "landmark", "x_mm", "y_mm", "z_mm", "gt_x_mm", "gt_y_mm", "gt_z_mm", "error_mm",
+)
+METRIC_KEYS: tuple[str, ...] = (
+    "mre_mm", "sd_mm", "median_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm",
+    "n_images", "n_landmarks", "train_seconds", "infer_seconds_per_image", "peak_rss_mb",
+)
+
+
+class ContractError(ValueError):
+    """A run folder does not follow the output contract (the message names the file)."""
+
+
+def predictions_frame(samples: Sequence[Sample], pred_mm: Sequence[np.ndarray] | np.ndarray) -> pd.DataFrame:
+    """Long-format predictions: one row per (image, landmark).
+
+    ``pred_mm[i]`` is an (N, D) array of predicted world coordinates (mm, (x, y[, z])) for
+    ``samples[i]``; NaN marks a landmark the method did not predict. Reference points come from
+    the samples; masked reference landmarks keep their prediction but get an empty error.
+    """
+    if len(samples) != len(pred_mm):
+        raise ValueError(f"{len(samples)} samples but {len(pred_mm)} predictions")
+    rows: list[dict[str, Any]] = []
+    for sample, pred in zip(samples, pred_mm):
+        pred = np.asarray(pred, dtype=np.float64)
+        if pred.shape != sample.landmarks_mm.shape:
+            raise ValueError(f"{sample.image_id}: prediction {pred.shape} != landmarks {sample.landmarks_mm.shape}")
+        err = radial_errors(pred, sample.landmarks_mm)
+        for k, name in enumerate(sample.landmark_names):
+            p, g = pred[k], sample.landmarks_mm[k]
+            rows.append({
+                "image_id": sample.image_id, "landmark": name,
+                "x_mm": p[0], "y_mm": p[1], "z_mm": p[2] if p.size > 2 else np.nan,
+                "gt_x_mm": g[0], "gt_y_mm": g[1], "gt_z_mm": g[2] if g.size > 2 else np.nan,
+                "error_mm": err[k],
+            })
+    return pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
+
+
+def metrics_from_predictions(predictions: pd.DataFrame, thresholds_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM) -> dict[str, Any]:
+    """Overall metrics of a predictions table (rows with an empty error are counted as masked)."""
+    out: dict[str, Any] = summarize(predictions["error_mm"].to_numpy(dtype=np.float64), thresholds_mm)
+    out["n_images"] = int(predictions["image_id"].nunique())
+    out["n_landmarks"] = int(predictions["landmark"].nunique())
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path | str, data: dict[str, Any]) -> Path:
+    """Write a dict as pretty JSON (NaN -> null, numpy scalars -> Python)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_outputs(output_dir: Path | str, predictions: pd.DataFrame, timings: dict[str, float],
+                  extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``predictions.csv`` and ``metrics.json`` into ``output_dir``; return the metrics.
+
+    ``timings`` must give ``train_seconds``, ``infer_seconds_per_image`` and ``peak_rss_mb``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = {"train_seconds", "infer_seconds_per_image", "peak_rss_mb"} - set(timings)
+    if missing:
+        raise ValueError(f"timings lack {sorted(missing)}")
+    predictions.to_csv(out / "predictions.csv", index=False, float_format="%.4f")
+    metrics = {**metrics_from_predictions(predictions), **timings, **(extra_metrics or {})}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def read_run(run_dir: Path | str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read and validate one run folder; raise :class:`ContractError` naming the bad file."""
+    run = Path(run_dir)
+    pred_path, met_path = run / "predictions.csv", run / "metrics.json"
+    for p in (pred_path, met_path):
+        if not p.is_file():
+            raise ContractError(f"{p}: missing")
+    try:
+        preds = pd.read_csv(pred_path, dtype={"image_id": str, "landmark": str})
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a contract failure
+        raise ContractError(f"{pred_path}: unreadable CSV ({exc})") from exc
+    lacking = [c for c in PREDICTION_COLUMNS if c not in preds.columns]
+    if lacking:
+        raise ContractError(f"{pred_path}: missing columns {lacking}")
+    try:
+        metrics = json.loads(met_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{met_path}: invalid JSON ({exc})") from exc
+    lacking = [k for k in METRIC_KEYS if k not in metrics]
+    if lacking:
+        raise ContractError(f"{met_path}: missing keys {lacking}")
+    return preds, metrics

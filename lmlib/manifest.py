@@ -1,0 +1,107 @@
+"""Run manifests: what produced a results folder, so a run can be checked and repeated.
+
+``manifest.json`` holds all parameters, the git commit (and whether the tree had local changes),
+package versions, a data checksum, seed, device, and start/end times (UTC, ISO 8601).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lmlib.contract import write_json
+from lmlib.runtime import environment_summary, peak_rss_mb
+from lmlib.sample import Sample
+
+
+def utc_now() -> str:
+    """Current UTC time, ISO 8601 with seconds."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_state(repo: Path | str = ".") -> dict[str, Any]:
+    """Commit hash and dirty flag of the repository containing ``repo`` (None outside git)."""
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+
+
+def checksum_samples(samples: Iterable[Sample]) -> str:
+    """SHA-256 over every sample's id, image bytes, geometry and landmarks, in order.
+
+    The same data (real or synthetic, after reading and masking) gives the same checksum.
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.image_id.encode())
+        h.update(np.ascontiguousarray(s.image, dtype=np.float32).tobytes())
+        for arr in (s.geometry.spacing, s.geometry.origin, s.geometry.direction,
+                    np.nan_to_num(s.landmarks_mm, nan=-1e9), s.valid.astype(np.uint8)):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update("|".join(s.landmark_names).encode())
+    return h.hexdigest()
+
+
+def checksum_files(root: Path | str) -> str:
+    """SHA-256 over the relative paths and contents of every file below ``root`` (sorted)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: data directory not found")
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class RunRecord:
+    """Collects a run's manifest: create at the start of a notebook, :meth:`write` at the end."""
+
+    parameters: dict[str, Any]
+    started: str = field(default_factory=utc_now)
+
+    def write(self, output_dir: Path | str, data_checksum: str | None, seed: int | None = None,
+              device: Any = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``manifest.json`` into ``output_dir`` and return its path."""
+        record: dict[str, Any] = {
+            "parameters": self.parameters,
+            **git_state(Path(__file__).resolve().parent),
+            "data_checksum": data_checksum,
+            "seed": seed if seed is not None else self.parameters.get("seed"),
+            "device": str(device if device is not None else self.parameters.get("device")),
+            "started": self.started,
+            "finished": utc_now(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "environment": environment_summary(),
+        }
+        record.update(extra or {})
+        return write_json(Path(output_dir) / "manifest.json", record)
+
+
+def write_manifest(output_dir: Path | str, parameters: dict[str, Any], samples: Iterable[Sample] | None = None,
+                   data_dir: Path | str | None = None, seed: int | None = None, device: Any = None,
+                   started: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """One-call manifest: the data checksum comes from ``samples`` if given, else ``data_dir`` files."""
+    if samples is not None:
+        checksum: str | None = checksum_samples(samples)
+    elif data_dir:
+        checksum = checksum_files(data_dir)
+    else:
+        checksum = None
+    record = RunRecord(parameters, started or utc_now())
+    return record.write(output_dir, checksum, seed=seed, device=device, extra=extra)

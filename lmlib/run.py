@@ -1,0 +1,200 @@
+"""Driver: execute the declared (notebook x dataset x parameters) jobs with papermill.
+
+    python -m lmlib.run                          # every job on the synthetic datasets
+    python -m lmlib.run --dataset hamedan-ceph --profile full
+    python -m lmlib.run --only exploration --profile smoke
+    python -m lmlib.run --list
+
+Each job writes ``results/<dataset>/<method>/`` holding the executed notebook beside its outputs.
+It runs in ``results/<dataset>/.tmp-<method>`` and is moved into place only on success, so a
+failed or interrupted run leaves nothing that looks complete (the partial notebook stays in the
+``.tmp-`` folder for debugging) and the exit status is non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmlib.runtime import MALLOC_ENV
+
+KERNEL_NAME = "lmlib"
+SYNTHETIC = ("synthetic2d", "synthetic3d")
+REAL = ("hamedan-ceph", "afids-mni")
+PROFILES = ("default", "smoke", "full")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One notebook and the datasets it runs on.
+
+    ``smoke``/``full`` are parameter overrides per profile; ``default`` uses the notebook's own
+    defaults. ``per_dataset`` adds overrides for one dataset (all profiles).
+    """
+
+    notebook: str
+    method: str
+    datasets: tuple[str, ...]
+    smoke: dict[str, Any] = field(default_factory=dict)
+    full: dict[str, Any] = field(default_factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
+        over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
+        return {**over, **self.per_dataset.get(dataset, {})}
+
+
+# The declared list. Order matters: the comparison reads what the methods wrote.
+JOBS: tuple[Job, ...] = (
+    Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
+        smoke={"n_images": 12, "n_augmented": 2}),
+    Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + ("hamedan-ceph",),
+        smoke={"n_bootstrap": 200}),
+)
+
+
+def repo_root() -> Path:
+    """The project folder: the working directory if it has notebooks/, else lmlib's parent."""
+    cwd = Path.cwd()
+    if (cwd / "notebooks").is_dir():
+        return cwd
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> Path:
+    """Where real datasets live: $LMLIB_DATA_ROOT, else ``../shared/data`` beside the project."""
+    env = os.environ.get("LMLIB_DATA_ROOT")
+    return Path(env) if env else repo_root().parent / "shared" / "data"
+
+
+def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
+    """Raise if a parameter is not declared in the notebook's ``parameters`` cell."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    if not declared:
+        raise ValueError(f"{notebook}: no cell tagged 'parameters'")
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ValueError(f"{notebook}: parameters {unknown} are not declared in its parameters cell "
+                         f"(declared: {sorted(declared)})")
+
+
+def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path | str = "results",
+            data_dir: Path | str | None = None, device: str | None = None, seed: int | None = None,
+            timeout_s: int | None = None, extra: dict[str, Any] | None = None,
+            root: Path | None = None) -> Path:
+    """Execute one job; return the final output folder. Raises on failure (nothing left in place)."""
+    import papermill as pm
+
+    root = root or repo_root()
+    results = Path(results_dir)
+    final = results / dataset / job.method
+    tmp = results / dataset / f".tmp-{job.method}"
+    notebook = root / "notebooks" / job.notebook
+    if not notebook.is_file():
+        raise FileNotFoundError(f"{notebook}: notebook not found")
+    params: dict[str, Any] = {"dataset": dataset, "output_dir": str(tmp), **job.parameters(dataset, profile)}
+    if dataset not in SYNTHETIC:
+        path = Path(data_dir) if data_dir else default_data_root() / dataset
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_DATA_ROOT)")
+        params["data_dir"] = str(path)
+    if device is not None:
+        params["device"] = device
+    if seed is not None:
+        params["seed"] = seed
+    params.update(extra or {})
+    check_parameters(notebook, params)
+
+    shutil.rmtree(root / tmp, ignore_errors=True)
+    (root / tmp).mkdir(parents=True)
+    for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
+        os.environ.setdefault(key, value)
+    start = time.time()
+    pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
+                        kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,
+                        progress_bar=False, report_mode=False)
+    _finalise(root / tmp, root / final, params, job, profile, time.time() - start)
+    return root / final
+
+
+def _finalise(tmp: Path, final: Path, params: dict[str, Any], job: Job, profile: str, seconds: float) -> None:
+    """Record driver facts in the manifest, then swap the finished folder into place."""
+    manifest = tmp / "manifest.json"
+    if not manifest.is_file():
+        raise RuntimeError(f"{tmp / job.notebook}: ran but wrote no manifest.json")
+    data = json.loads(manifest.read_text())
+    data["parameters"]["output_dir"] = str(Path(params["output_dir"]).parent / job.method)
+    data["driver"] = {"notebook": f"notebooks/{job.notebook}", "profile": profile,
+                      "wall_seconds": round(seconds, 1)}
+    manifest.write_text(json.dumps(data, indent=2) + "\n")
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def select(jobs: Sequence[Job], datasets: Sequence[str], only: Sequence[str]) -> list[tuple[Job, str]]:
+    """(job, dataset) pairs in declared order, filtered by dataset and by method/notebook names."""
+    chosen = []
+    for job in jobs:
+        if only and not any(o in (job.method, job.notebook, Path(job.notebook).stem) for o in only):
+            continue
+        chosen.extend((job, d) for d in datasets if d in job.datasets)
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmlib.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", default=list(SYNTHETIC), help="datasets to run (default: synthetic)")
+    parser.add_argument("--only", nargs="+", default=[], help="method or notebook names to run")
+    parser.add_argument("--profile", choices=PROFILES, default="default",
+                        help="parameter set: notebook defaults, smoke (seconds), full (real results)")
+    parser.add_argument("--data-dir", help="folder of a real dataset (default: $LMLIB_DATA_ROOT/<dataset> or ../shared/data/<dataset>)")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default: each notebook's default)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=int, help="seconds per notebook cell")
+    parser.add_argument("--list", action="store_true", help="list the jobs and exit")
+    args = parser.parse_args(argv)
+
+    pairs = select(JOBS, args.dataset, args.only)
+    if args.list or not pairs:
+        for job in JOBS:
+            print(f"{job.method:<14} notebooks/{job.notebook:<36} datasets: {', '.join(job.datasets)}")
+        return 0 if args.list else 2
+    failed: list[str] = []
+    for job, dataset in pairs:
+        label = f"{dataset}/{job.method}"
+        print(f"[lmlib.run] {label}: notebooks/{job.notebook} ({args.profile})", flush=True)
+        t0 = time.time()
+        try:
+            out = run_job(job, dataset, args.profile, args.results_dir, args.data_dir, args.device,
+                          args.seed, args.timeout)
+        except KeyboardInterrupt:
+            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset}/.tmp-{job.method}")
+            return 130
+        except Exception as exc:  # noqa: BLE001 - report every failure, run the rest
+            failed.append(label)
+            print(f"[lmlib.run] {label}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})\n"
+                  f"           partial output: {args.results_dir}/{dataset}/.tmp-{job.method}", flush=True)
+            continue
+        print(f"[lmlib.run] {label}: done in {time.time() - t0:.0f} s -> {out.relative_to(repo_root()) if out.is_relative_to(repo_root()) else out}", flush=True)
+    if failed:
+        print(f"[lmlib.run] {len(failed)} failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

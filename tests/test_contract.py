@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lmlib.contract import (METRIC_KEYS, PREDICTION_COLUMNS, ContractError, predictions_frame, read_run,
+                            write_outputs)
+from lmlib.geometry import Geometry
+from lmlib.sample import Sample
+
+TIMINGS = {"train_seconds": 1.5, "infer_seconds_per_image": 0.1, "peak_rss_mb": 100.0}
+
+
+def _samples() -> list[Sample]:
+    geo = Geometry([0.5, 0.5])
+    a = Sample.from_index("a", np.zeros((10, 10)), geo, [[0, 0], [4, 4]], ["p", "q"])
+    b = Sample.from_index("b", np.zeros((10, 10)), geo, [[2, 2], [np.nan, np.nan]], ["p", "q"])
+    return [a, b]
+
+
+def test_predictions_frame_errors_and_masking() -> None:
+    samples = _samples()
+    preds = [s.landmarks_mm + np.array([3.0, 4.0]) for s in samples]
+    preds[1][1] = [1.0, 1.0]  # a prediction for a masked reference: kept, error empty
+    df = predictions_frame(samples, preds)
+    assert list(df.columns) == list(PREDICTION_COLUMNS)
+    assert len(df) == 4
+    np.testing.assert_allclose(df["error_mm"].iloc[:3], 5.0)
+    assert np.isnan(df["error_mm"].iloc[3]) and df["x_mm"].iloc[3] == 1.0
+    assert df["z_mm"].isna().all()
+
+
+def test_write_and_read_roundtrip(tmp_path) -> None:
+    samples = _samples()
+    df = predictions_frame(samples, [s.landmarks_mm + np.array([0.0, 1.0]) for s in samples])
+    metrics = write_outputs(tmp_path, df, TIMINGS)
+    assert metrics["mre_mm"] == pytest.approx(1.0)
+    assert metrics["sdr_2mm"] == 100.0 and metrics["n_masked"] == 1 and metrics["n_images"] == 2
+    preds, read = read_run(tmp_path)
+    assert set(METRIC_KEYS) <= set(read)
+    assert preds["image_id"].tolist() == ["a", "a", "b", "b"]
+
+
+def test_read_run_names_the_bad_file(tmp_path) -> None:
+    with pytest.raises(ContractError, match="predictions.csv: missing"):
+        read_run(tmp_path)
+    pd.DataFrame({"image_id": ["a"]}).to_csv(tmp_path / "predictions.csv", index=False)
+    (tmp_path / "metrics.json").write_text(json.dumps({k: 0 for k in METRIC_KEYS}))
+    with pytest.raises(ContractError, match=r"predictions.csv: missing columns \['landmark'"):
+        read_run(tmp_path)
+
+
+def test_write_outputs_requires_timings(tmp_path) -> None:
+    df = predictions_frame(_samples(), [s.landmarks_mm for s in _samples()])
+    with pytest.raises(ValueError, match="peak_rss_mb"):
+        write_outputs(tmp_path, df, {"train_seconds": 0, "infer_seconds_per_image": 0})

@@ -1,0 +1,33 @@
+import json
+
+import numpy as np
+
+from lmlib.geometry import Geometry
+from lmlib.manifest import checksum_files, checksum_samples, write_manifest
+from lmlib.sample import Sample
+
+
+def _sample(value: float = 0.0) -> Sample:
+    return Sample.from_index("a", np.full((4, 4), value), Geometry([1, 1]), [[1, 2]], ["p"])
+
+
+def test_checksum_samples_is_stable_and_sensitive() -> None:
+    assert checksum_samples([_sample()]) == checksum_samples([_sample()])
+    assert checksum_samples([_sample()]) != checksum_samples([_sample(1.0)])
+
+
+def test_checksum_files(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    first = checksum_files(tmp_path)
+    (tmp_path / "a.txt").write_text("y")
+    assert checksum_files(tmp_path) != first
+
+
+def test_manifest_fields(tmp_path) -> None:
+    path = write_manifest(tmp_path, {"seed": 3, "device": "cpu", "max_epochs": 2}, samples=[_sample()])
+    data = json.loads(path.read_text())
+    for key in ("parameters", "git_commit", "data_checksum", "seed", "device", "started", "finished", "environment"):
+        assert key in data
+    assert data["seed"] == 3 and data["parameters"]["max_epochs"] == 2
+    assert data["data_checksum"] == checksum_samples([_sample()])
+    assert data["environment"]["torch"].startswith("2.")
