@@ -176,3 +176,35 @@ def fig_gallery(samples: Sequence[Sample], n: int = 6, cols: int = 3) -> Figure:
         ax.set_title(s.image_id, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def interobserver_table(reference_mm: np.ndarray, other_mm: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
+    """Per-landmark inter-observer errors (mm) plus an ``ALL`` row.
+
+    ``reference_mm``/``other_mm``: ``(n_images, N, D)`` world mm of the same images (NaN = masked).
+    Columns: landmark, and :func:`lmlib.metrics.summarize`'s keys.
+    """
+    from lmlib.metrics import radial_errors, summarize
+
+    err = radial_errors(other_mm, reference_mm)
+    rows = [{"landmark": n, **summarize(err[:, k])} for k, n in enumerate(names)]
+    rows.append({"landmark": "ALL", **summarize(err)})
+    return pd.DataFrame(rows)
+
+
+def augmented_examples(sample: Sample, n: int, seed: int = 0,
+                       left_right_pairs: Sequence[tuple[int, int]] = (), **augmentation: object) -> list[Sample]:
+    """``n`` randomly augmented copies of ``sample`` (same grid), landmarks moved with the pixels.
+
+    Uses :func:`lmlib.transforms.build_augmentation` (MONAI); keyword arguments go to it.
+    """
+    from lmlib.transforms import build_augmentation, make_item
+
+    aug = build_augmentation(sample.ndim, left_right_pairs, seed=seed, **augmentation)  # type: ignore[arg-type]
+    out = []
+    for i in range(n):
+        item = aug(make_item(sample.image, sample.landmarks_index, sample.valid))
+        image = np.asarray(item["image"])[0]
+        out.append(Sample.from_index(f"{sample.image_id}_aug{i}", image, sample.geometry, item["landmarks"],
+                                     sample.landmark_names, valid=item["valid"], meta=dict(sample.meta)))
+    return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmlib.datasets import shared_data_dir
 from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
@@ -67,12 +68,6 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def default_data_root() -> Path:
-    """Where real datasets live: $LMLIB_DATA_ROOT, else ``../shared/data`` beside the project."""
-    env = os.environ.get("LMLIB_DATA_ROOT")
-    return Path(env) if env else repo_root().parent / "shared" / "data"
-
-
 def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
     """Raise if a parameter is not declared in the notebook's ``parameters`` cell."""
     import papermill as pm
@@ -102,9 +97,9 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
         raise FileNotFoundError(f"{notebook}: notebook not found")
     params: dict[str, Any] = {"dataset": dataset, "output_dir": str(tmp), **job.parameters(dataset, profile)}
     if dataset not in SYNTHETIC:
-        path = Path(data_dir) if data_dir else default_data_root() / dataset
+        path = Path(data_dir) if data_dir else shared_data_dir() / dataset
         if not path.exists():
-            raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_DATA_ROOT)")
+            raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_SHARED_DATA)")
         params["data_dir"] = str(path)
     if device is not None:
         params["device"] = device
@@ -160,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], help="method or notebook names to run")
     parser.add_argument("--profile", choices=PROFILES, default="default",
                         help="parameter set: notebook defaults, smoke (seconds), full (real results)")
-    parser.add_argument("--data-dir", help="folder of a real dataset (default: $LMLIB_DATA_ROOT/<dataset> or ../shared/data/<dataset>)")
+    parser.add_argument("--data-dir", help="folder of a real dataset (default: $LMLIB_SHARED_DATA/<dataset>, else ../shared/data/<dataset>)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default: each notebook's default)")
     parser.add_argument("--seed", type=int)
@@ -186,8 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         except Exception as exc:  # noqa: BLE001 - report every failure, run the rest
             failed.append(label)
-            print(f"[lmlib.run] {label}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})\n"
-                  f"           partial output: {args.results_dir}/{dataset}/.tmp-{job.method}", flush=True)
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"[lmlib.run] {label}: FAILED ({type(exc).__name__}: {first_line})", flush=True)
+            partial = Path(args.results_dir) / dataset / f".tmp-{job.method}"
+            if partial.exists():
+                print(f"[lmlib.run] {label}: partial output kept in {partial}", flush=True)
             continue
         print(f"[lmlib.run] {label}: done in {time.time() - t0:.0f} s -> {out.relative_to(repo_root()) if out.is_relative_to(repo_root()) else out}", flush=True)
     if failed:

@@ -1,0 +1,83 @@
+"""Annotation checks: duplicates/missing masked with a warning naming file and label, report rows."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlib.checks import (REPORT_COLUMNS, Issue, check_inside, check_size, check_spacing, make_report,
+                          resolve_landmarks, summarize_report)
+from lmlib.readers import RawAnnotation
+
+
+def _ann() -> RawAnnotation:
+    ann = RawAnnotation("002", units="index", source=Path("/data/a1/002.json"), image_size=(40, 30))
+    ann.add("l1", [1.0, 2.0])
+    ann.add("l2", [3.0, 4.0])
+    ann.add("l2", [9.0, 9.0])  # ambiguous
+    ann.add("l3", [5.0, 6.0])
+    ann.add("l3", [5.0, 6.0])  # same point twice: harmless
+    ann.add("zz", [0.0, 0.0])  # not a dataset label
+    return ann
+
+
+def test_resolve_masks_duplicates_and_missing_with_warnings() -> None:
+    with pytest.warns(UserWarning) as rec:
+        pts, valid, issues = resolve_landmarks(_ann(), ["l1", "l2", "l3", "l4"], annotator="annotator1")
+    messages = [str(w.message) for w in rec]
+    assert len(messages) == 2
+    assert any("/data/a1/002.json" in m and "'l2'" in m and "duplicate" in m for m in messages)
+    assert any("/data/a1/002.json" in m and "'l4'" in m and "missing" in m for m in messages)
+    np.testing.assert_array_equal(valid, [True, False, True, False])
+    np.testing.assert_allclose(pts[0], [1.0, 2.0])
+    np.testing.assert_allclose(pts[2], [5.0, 6.0])
+    assert np.isnan(pts[[1, 3]]).all()
+    got = {(i.image_id, i.annotator, i.landmark, i.issue) for i in issues}
+    assert got == {("002", "annotator1", "l2", "duplicate"), ("002", "annotator1", "l3", "repeated"),
+                   ("002", "annotator1", "l4", "missing"), ("002", "annotator1", "zz", "unknown")}
+    dup = next(i for i in issues if i.issue == "duplicate")
+    assert "(3.00, 4.00); (9.00, 9.00)" in dup.detail and dup.file == "/data/a1/002.json"
+
+
+def test_resolve_without_warnings_and_dimension_errors() -> None:
+    ann = RawAnnotation("x", source=Path("x.json"))
+    ann.add("a", [1.0, 2.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pts, valid, _ = resolve_landmarks(ann, ["a", "b"], warn=False)
+    assert pts.shape == (2, 3) and valid.tolist() == [True, False]
+    with pytest.raises(ValueError, match="x.json"):
+        resolve_landmarks(ann, ["a"], ndim=2, warn=False)
+
+
+def test_inside_size_spacing() -> None:
+    idx = np.array([[-0.5, 0.0], [39.5, 29.5], [39.6, 3.0], [np.nan, np.nan], [2.0, -1.0]])
+    out = check_inside("i", idx, (40, 30), ["a", "b", "c", "d", "e"], "A", "f.json")
+    assert [(o.landmark, o.issue) for o in out] == [("c", "outside"), ("e", "outside")]
+    ann = _ann()
+    assert check_size(ann, (40, 30)) == []
+    (mismatch,) = check_size(ann, (41, 30), "A")
+    assert mismatch.issue == "size_mismatch" and "(40, 30)" in mismatch.detail and "(41, 30)" in mismatch.detail
+    assert check_spacing("i", "img.png", spacing_given=True) == []
+    assert check_spacing("i", "img.mha", spacing_given=False) == []
+    (ns,) = check_spacing("i", "img.PNG", spacing_given=False)
+    assert ns.issue == "no_spacing" and ns.file == "img.PNG"
+
+
+def test_report_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    issues = [Issue("2", "b", "l1", "missing", "label not given", "f2"),
+              Issue("1", "a", "l2", "duplicate", "given 2 times", "f1")]
+    report = make_report(issues)
+    assert tuple(report.columns) == REPORT_COLUMNS
+    assert report["annotator"].tolist() == ["a", "b"]
+    text = summarize_report(report)
+    printed = capsys.readouterr().out
+    assert text in printed and "2 issues in 2 images" in text and "a: duplicate: 1" in text
+    assert "[b] 2 l1: missing" in text
+    empty = make_report([])
+    assert empty.empty and tuple(empty.columns) == REPORT_COLUMNS
+    assert summarize_report(empty, print_it=False) == "annotation checks: no issues"
+    many = make_report([Issue(str(k), "a", "l1", "missing", "", "f") for k in range(5)])
+    assert "3 more rows" in summarize_report(many, max_rows=2, print_it=False)
