@@ -21,7 +21,11 @@ $(STAMP): environment.yml pyproject.toml scripts/env_pip_args.py
 	$(VPY) -m pip install --quiet --upgrade "pip>=24"
 	$(VPY) -m pip install --quiet $$($(PYTHON) scripts/env_pip_args.py environment.yml)
 	$(VPY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (lmlib)" >/dev/null
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
+	@# nbstripout writes its filter into .git/info/attributes, which outranks .gitattributes: repeat
+	@# the results/ exemption after it so executed notebooks keep their outputs.
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  $(VENV)/bin/nbstripout --install && \
+	  echo 'results/**/*.ipynb -filter -diff' >> "$$(git rev-parse --git-path info/attributes)"; fi
 	@touch $(STAMP)
 
 results: $(STAMP)
