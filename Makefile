@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not notebook" $(TEST_ARGS)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	env MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 $(VENV)/bin/jupyter lab notebooks/
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,67 @@
+"""Every declared notebook, executed through the driver with smoke parameters on synthetic data.
+
+Jobs run in the declared order into one results folder per dataset (the comparison reads what the
+methods wrote), then each output folder is checked for the values it should contain.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmlib.contract import read_run
+from lmlib.run import JOBS, SYNTHETIC, run_job
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="module", params=SYNTHETIC)
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    dataset = request.param
+    results = tmp_path_factory.mktemp(f"results-{dataset}")
+    for job in JOBS:
+        if dataset in job.datasets:
+            run_job(job, dataset, profile="smoke", results_dir=results, device="cpu", seed=0)
+    return dataset, results / dataset
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_every_job_left_a_complete_folder(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    for job in JOBS:
+        if dataset not in job.datasets:
+            continue
+        folder = root / job.method
+        assert (folder / job.notebook).is_file(), f"{folder}: executed notebook missing"
+        manifest = _json(folder / "manifest.json")
+        assert manifest["parameters"]["dataset"] == dataset
+        assert manifest["driver"]["profile"] == "smoke"
+        assert manifest["seed"] == 0 and manifest["data_checksum"]
+    assert not list(root.glob(".tmp-*")), "a temporary run folder was left behind"
+
+
+def test_exploration_values(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    summary = _json(root / "exploration" / "summary.json")
+    assert summary["n_images"] == 12
+    assert summary["ndim"] == (2 if dataset == "synthetic2d" else 3)
+    assert summary["n_masked"] == 0 and summary["n_report_rows"] == 0
+    assert 0.5 < summary["mean_rms_spread_mm"] < 50
+    images = pd.read_csv(root / "exploration" / "table_images.csv")
+    assert len(images) == 12
+    for name in ("fig_overlay.png", "fig_mean_shape.png", "fig_augmented.png", "fig_intensity_histograms.png"):
+        assert (root / "exploration" / name).stat().st_size > 5_000
+
+
+def test_method_runs_follow_the_contract(pipeline: tuple[str, Path]) -> None:
+    _, root = pipeline
+    for folder in sorted(p for p in root.iterdir() if (p / "predictions.csv").exists()):
+        preds, metrics = read_run(folder)
+        assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] >= 0, folder.name
+        assert metrics["n_images"] == preds["image_id"].nunique()
