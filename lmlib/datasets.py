@@ -295,13 +295,6 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     return Dataset(spec, samples, make_report(issues), annotator, root)
 
 
-def _assign_splits(samples: list[Sample], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> None:
-    n = len(samples)
-    n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
-    for k, s in enumerate(samples):
-        s.meta.setdefault("split", "train" if k < n_train else "val" if k < n_train + n_val else "test")
-
-
 def _load_synthetic(name: str, split: str | None, **kwargs: Any) -> Dataset:
     try:
         from lmlib.phantoms import make_phantom_dataset
@@ -328,8 +321,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
     ``train``/``val``/``test``. ``annotator``: whose landmarks (default: the reference); the report
     always covers every annotator. ``load_images=False`` reads headers only (fast; images become
     zero placeholders of the right shape). afids-mni takes ``deformed: int = 0`` (number of randomly
-    deformed copies of the template from :func:`lmlib.deform.deformed_copies`, split 70/15/15 unless
-    they carry a split; 0 = only the template, split ``test``), ``seed`` and further keywords for it.
+    deformed copies of the template from :func:`lmlib.deform.deformed_copies`, which assigns their
+    splits; 0 = only the template, split ``test``), ``seed`` and further keywords for it.
     Synthetic datasets pass ``kwargs`` to :func:`lmlib.phantoms.make_phantom_dataset`.
     """
     if name in SYNTHETIC:
@@ -355,7 +348,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
         if deformed > 0:
             from lmlib.deform import deformed_copies
             copies = deformed_copies(template, n=deformed, seed=seed, **kwargs)
-            _assign_splits(copies)
             ds.samples, ds.template = copies, template
     if split is not None:
         ds.samples = ds.split(split)

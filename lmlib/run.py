@@ -81,6 +81,13 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
                          f"(declared: {sorted(declared)})")
 
 
+def _portable(path: Path, root: Path) -> str:
+    """``path`` relative to the project (e.g. ``../shared/data/x``) when close by, so executed notebooks
+    and manifests carry no machine-specific absolute paths; absolute otherwise."""
+    rel = os.path.relpath(Path(path).resolve(), root.resolve())
+    return rel if rel.count("..") <= 2 else str(Path(path).resolve())
+
+
 def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path | str = "results",
             data_dir: Path | str | None = None, device: str | None = None, seed: int | None = None,
             timeout_s: int | None = None, extra: dict[str, Any] | None = None,
@@ -100,7 +107,7 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
         path = Path(data_dir) if data_dir else shared_data_dir() / dataset
         if not path.exists():
             raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_SHARED_DATA)")
-        params["data_dir"] = str(path)
+        params["data_dir"] = _portable(path, root)
     if device is not None:
         params["device"] = device
     if seed is not None:
@@ -130,6 +137,11 @@ def _finalise(tmp: Path, final: Path, params: dict[str, Any], job: Job, profile:
     data["driver"] = {"notebook": f"notebooks/{job.notebook}", "profile": profile,
                       "wall_seconds": round(seconds, 1)}
     manifest.write_text(json.dumps(data, indent=2) + "\n")
+    executed = tmp / job.notebook  # papermill records absolute paths: keep the repository-relative ones
+    nb = json.loads(executed.read_text())
+    nb.get("metadata", {}).get("papermill", {}).update(
+        input_path=f"notebooks/{job.notebook}", output_path=f"{data['parameters']['output_dir']}/{job.notebook}")
+    executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

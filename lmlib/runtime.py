@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import sys
+import warnings
 from importlib import metadata
 
 import torch
@@ -54,8 +55,18 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
+def _short_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
 def setup(seed: int = 0, device: str = "auto", deterministic: bool = True) -> torch.device:
-    """Seed everything, pick the device, apply CPU speed settings; return the device."""
+    """Seed everything, pick the device, apply CPU speed settings; return the device.
+
+    Also prints warnings as ``Category: message`` (our messages name the file concerned; the default
+    format adds the source line of lmlib that raised it, which only adds noise in notebooks).
+    """
+    warnings.formatwarning = _short_warning
     seed_everything(seed)
     dev = resolve_device(device)
     if dev.type == "cpu":

@@ -1,16 +1,17 @@
 """Shared fixtures: the repository root and the real data folder beside it (when present)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 import pytest
 
+from lmlib.datasets import shared_data_dir
+
 matplotlib.use("Agg")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LMLIB_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from lmlib.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, DatasetSpec, get_spec, load_dataset,
-                            load_from_spec, paired_landmarks)
+                            load_from_spec, paired_landmarks, shared_data_dir)
 from lmlib.metrics import radial_errors, summarize
 
-SHARED = Path(os.environ.get("LMLIB_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED = shared_data_dir()
 realdata = pytest.mark.skipif(not (SHARED / "hamedan-ceph").is_dir() or not (SHARED / "afids-mni").is_dir(),
                               reason=f"real data not found at {SHARED}")
 LABELS = [f"l{k}" for k in range(1, 20)]

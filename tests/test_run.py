@@ -39,7 +39,8 @@ def test_success_moves_folder_into_place(tmp_path: Path) -> None:
     final = run_job(job, "synthetic2d", results_dir="results", seed=21, root=tmp_path)
     assert final == tmp_path / "results" / "synthetic2d" / "toy"
     assert (final / "value.txt").read_text() == "42"
-    assert (final / "toy.ipynb").is_file()
+    executed = (final / "toy.ipynb").read_text()
+    assert str(tmp_path) not in executed and '"input_path": "notebooks/toy.ipynb"' in executed
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["parameters"]["output_dir"] == "results/synthetic2d/toy"
     assert manifest["driver"]["notebook"] == "notebooks/toy.ipynb"

@@ -1,0 +1,158 @@
+"""A training set from ONE annotated image: random smooth deformations with exactly moved landmarks.
+
+A deformation is a SimpleITK transform ``T`` = elastic ∘ affine (``sitk.CompositeTransform([E, A])``,
+A applied first). ``sitk.Resample`` uses it as a map from OUTPUT points to INPUT points:
+``out(y) = in(T(y))``. A landmark at input point ``p`` therefore moves to ``y = T^-1(p)``: the affine
+part is inverted exactly, the elastic part ``E(z) = z + d(z)`` numerically (fixed point
+``z = p - d(z)``), and the result is checked (``|T(y) - p| < 1e-4 mm``) before it is used.
+All coordinates are world mm, ``(x, y[, z])``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.transform import Rotation
+
+from lmlib.geometry import Geometry
+from lmlib.phantoms import assign_splits
+from lmlib.sample import Sample, image_from_sitk
+
+TOLERANCE_MM = 1e-4  # accepted residual |T(y) - p| of an inverted landmark, mm
+
+
+def _elastic_transform(geometry: Geometry, size: np.ndarray, rng: np.random.Generator,
+                       magnitude_mm: float, spacing_mm: float) -> sitk.DisplacementFieldTransform:
+    """Smooth random displacement field: Gaussian-smoothed noise on a coarse grid (step
+    ``spacing_mm / 6``, sigma ``spacing_mm / 3``) covering the image plus a margin, scaled to an RMS
+    displacement length of ``magnitude_mm``; linearly interpolated by ITK between grid nodes."""
+    dim = geometry.ndim
+    step, margin = spacing_mm / 6.0, spacing_mm
+    extent = (size - 1) * geometry.spacing + 2 * margin  # mm along each image axis
+    n = np.ceil(extent / step).astype(int) + 1
+    noise = rng.normal(size=(dim, *n[::-1]))  # sitk array order: (z,) y, x
+    field = np.stack([gaussian_filter(c, sigma=2.0, mode="wrap") for c in noise], axis=-1)
+    rms = np.sqrt((field ** 2).sum(axis=-1).mean())
+    field *= magnitude_mm / max(rms, 1e-12)
+    image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
+    image.SetSpacing([step] * dim)
+    image.SetOrigin((geometry.origin - geometry.direction @ np.full(dim, margin)).tolist())
+    image.SetDirection(geometry.direction.reshape(-1).tolist())
+    return sitk.DisplacementFieldTransform(image)
+
+
+def random_deformation(geometry: Geometry, size: tuple[int, ...], seed: int,
+                       max_rotation_deg: float = 10.0, max_scale: float = 0.1,
+                       max_translation_mm: float = 5.0, elastic_magnitude_mm: float = 3.0,
+                       elastic_spacing_mm: float = 30.0) -> sitk.Transform:
+    """Random affine (about the image centre) followed by a smooth elastic displacement.
+
+    Args:
+        geometry, size: the image grid (size in pixels, ``(x, y[, z])``).
+        seed: numpy Generator seed (same seed -> same transform).
+        max_rotation_deg: rotation angle uniform in +-this (3D: about a random axis).
+        max_scale: per-axis scale uniform in ``1 +- max_scale``.
+        max_translation_mm: per-axis translation uniform in +-this (mm).
+        elastic_magnitude_mm: RMS length of the elastic displacement (mm); 0 = affine only.
+        elastic_spacing_mm: length scale of the elastic field (mm; smoothing sigma = 1/3 of it).
+
+    Returns:
+        ``sitk.CompositeTransform([elastic, affine])`` (or ``[affine]``), mapping output -> input
+        points as ``sitk.Resample`` expects.
+    """
+    dim = geometry.ndim
+    size_arr = np.asarray(size, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    angle = np.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))
+    if dim == 2:
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    else:
+        axis = rng.normal(size=3)
+        rot = Rotation.from_rotvec(axis / np.linalg.norm(axis) * angle).as_matrix()
+    matrix = rot @ np.diag(1.0 + rng.uniform(-max_scale, max_scale, dim))
+    affine = sitk.AffineTransform(dim)
+    affine.SetMatrix(matrix.reshape(-1).tolist())
+    affine.SetCenter(geometry.index_to_world((size_arr - 1) / 2)[0].tolist())
+    affine.SetTranslation(rng.uniform(-max_translation_mm, max_translation_mm, dim).tolist())
+    if elastic_magnitude_mm <= 0:
+        return sitk.CompositeTransform([affine])
+    elastic = _elastic_transform(geometry, size_arr, rng, elastic_magnitude_mm, elastic_spacing_mm)
+    return sitk.CompositeTransform([elastic, affine])
+
+
+def _invert_displacement(t: sitk.Transform, p: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """Solve ``t(z) = z + d(z) = p`` for z by fixed-point iteration ``z <- p - d(z)`` (mm)."""
+    z = p.copy()
+    for _ in range(max_iter):
+        residual = np.asarray(t.TransformPoint(z.tolist())) - p  # = z + d(z) - p
+        if np.linalg.norm(residual) < 1e-7:
+            break
+        z = z - residual
+    residual = np.linalg.norm(np.asarray(t.TransformPoint(z.tolist())) - p)
+    if residual > TOLERANCE_MM:
+        raise RuntimeError(f"elastic inverse did not converge at {p.tolist()}: residual {residual:.2e} mm")
+    return z
+
+
+def inverse_transform_points(transform: sitk.Transform, points_mm: np.ndarray) -> np.ndarray:
+    """Points ``p`` (N, D) mm -> ``T^-1(p)``: where a landmark at input point ``p`` lands in the
+    output of ``sitk.Resample(image, transform)``. NaN rows stay NaN. Raises if the residual
+    ``|T(T^-1(p)) - p|`` exceeds :data:`TOLERANCE_MM`."""
+    pts = np.array(points_mm, dtype=np.float64, ndmin=2)
+    out = np.full_like(pts, np.nan)
+    for i, p in enumerate(pts):
+        if np.isnan(p).any():
+            continue
+        out[i] = _inverse_point(transform, p)
+        residual = np.linalg.norm(np.asarray(transform.TransformPoint(out[i].tolist())) - p)
+        if residual > TOLERANCE_MM:
+            raise RuntimeError(f"inverse transform failed at {p.tolist()}: residual {residual:.2e} mm")
+    return out
+
+
+def _inverse_point(t: sitk.Transform, p: np.ndarray) -> np.ndarray:
+    if isinstance(t, sitk.CompositeTransform):  # T = T0(T1(...)): undo T0 first
+        for k in range(t.GetNumberOfTransforms()):
+            p = _inverse_point(t.GetNthTransform(k), p)
+        return p
+    if isinstance(t, (sitk.DisplacementFieldTransform, sitk.BSplineTransform)):
+        return _invert_displacement(t, p)
+    return np.asarray(t.GetInverse().TransformPoint(p.tolist()))  # affine-like: exact
+
+
+def deform_sample(sample: Sample, transform: sitk.Transform, image_id: str,
+                  interpolator: int = sitk.sitkLinear) -> Sample:
+    """Resample ``sample`` through ``transform`` onto its own grid and move its landmarks with the
+    exact inverse. Landmarks that leave the grid become invalid (listed in
+    ``meta["deform_warnings"]``). Outside the input image the output is the image minimum."""
+    image = sample.to_sitk()
+    out = sitk.Resample(image, image, transform, interpolator, float(sample.image.min()), sitk.sitkFloat32)
+    array, geometry = image_from_sitk(out)
+    moved = inverse_transform_points(transform, sample.landmarks_mm)
+    valid = sample.valid.copy()
+    idx = geometry.world_to_index(moved)
+    outside = valid & np.any((idx < -0.5) | (idx > np.array(sample.size) - 0.5), axis=1)
+    meta: dict[str, Any] = {**sample.meta, "deformed_from": sample.image_id}
+    if outside.any():
+        names = [n for n, o in zip(sample.landmark_names, outside) if o]
+        meta["deform_warnings"] = [f"landmarks moved outside the image, marked invalid: {names}"]
+        valid &= ~outside
+    return Sample(image_id, array, geometry, moved, valid, sample.landmark_names, meta)
+
+
+def deformed_copies(template: Sample, n: int, seed: int,
+                    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                    **deformation_kwargs: Any) -> list[Sample]:
+    """``n`` random deformations of ``template`` (ids ``{template.image_id}_def000``...), with a
+    deterministic ``meta["split"]``; ``deformation_kwargs`` go to :func:`random_deformation`."""
+    splits = assign_splits(n, seed, split_fractions)
+    copies = []
+    for i in range(n):
+        tseed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        transform = random_deformation(template.geometry, template.size, tseed, **deformation_kwargs)
+        s = deform_sample(template, transform, f"{template.image_id}_def{i:03d}")
+        s.meta.update(split=splits[i], deformation_seed=tseed)
+        copies.append(s)
+    return copies
