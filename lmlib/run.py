@@ -54,7 +54,7 @@ class Job:
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
-        smoke={"n_images": 12, "n_augmented": 2}),
+        smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + ("hamedan-ceph",),
         smoke={"n_bootstrap": 200}),
 )
