@@ -55,6 +55,7 @@ class Job:
 JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
         smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
+    Job("05_inter_observer.ipynb", "inter-observer", ("hamedan-ceph",)),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + ("hamedan-ceph",),
         smoke={"n_bootstrap": 200}),
 )

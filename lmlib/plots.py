@@ -1,0 +1,235 @@
+"""Comparison figures (matplotlib + seaborn; no display needed, works under the Agg backend).
+
+Every function returns the Figure (already closed in pyplot, so a notebook shows it once when it
+is the cell's value) and, given ``path``, saves a PNG at ``dpi`` (default 120) kept under 1 MB.
+Files are named after what they show: ``fig_error_boxplot.png``, ``fig_sdr_curve.png``,
+``fig_landmark_heatmap.png``, ``fig_significance.png``, ``fig_qualitative_<image>.png``.
+Errors are in mm; images are indexed ``(x, y[, z])`` and shown as ``image.T``.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from lmlib.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
+from lmlib.sample import Sample
+from lmlib.stats import significance_matrix
+
+DPI = 120
+MAX_BYTES = 1_000_000
+
+
+def save_figure(fig: Figure, path: Path | str, dpi: int = DPI, max_bytes: int = MAX_BYTES) -> Path:
+    """Save ``fig`` as PNG; lower the resolution step by step until the file is under ``max_bytes``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for scale in (1.0, 0.8, 0.64, 0.5, 0.4, 0.3):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=max(int(dpi * scale), 30), bbox_inches="tight")
+        if buf.tell() <= max_bytes:
+            break
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _finish(fig: Figure, path: Path | str | None, dpi: int) -> Figure:
+    plt.close(fig)
+    if path is not None:
+        save_figure(fig, path, dpi)
+    return fig
+
+
+def method_colors(methods: Sequence[str], reference_methods: Iterable[str] = ()) -> dict[str, tuple]:
+    """One colour per method, by position: tab10 without its green (the ground truth marker colour);
+    reference methods (e.g. the inter-observer run) get black and greys."""
+    refs = set(reference_methods)
+    tab = [c for k, c in enumerate(sns.color_palette("tab10", 10)) if k != 2]
+    greys = [(0.0, 0.0, 0.0), (0.4, 0.4, 0.4), (0.6, 0.6, 0.6)]
+    out: dict[str, tuple] = {}
+    for method in methods:
+        pool, used = (greys, [m for m in out if m in refs]) if method in refs else (tab, [m for m in out if m not in refs])
+        out[method] = tuple(pool[len(used) % len(pool)])
+    return out
+
+
+def fig_error_boxplot(errors_long: pd.DataFrame, methods: Sequence[str] | None = None,
+                      reference_methods: Iterable[str] = (), path: Path | str | None = None,
+                      dpi: int = DPI) -> Figure:
+    """Box plots of radial error (mm) per landmark, one box per method (hue).
+
+    ``errors_long``: columns method, landmark, error_mm (NaN rows are left out).
+    """
+    data = errors_long.dropna(subset=["error_mm"])
+    methods = list(methods) if methods is not None else list(pd.unique(errors_long["method"]))
+    landmarks = list(pd.unique(errors_long["landmark"]))
+    width = min(max(6.0, 0.35 * len(landmarks) * max(len(methods), 2) ** 0.5 + 2), 22.0)
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*vert.*")
+        sns.boxplot(data=data, x="landmark", y="error_mm", hue="method", order=landmarks, hue_order=methods,
+                    palette=method_colors(methods, reference_methods), fliersize=1.5, linewidth=0.7, ax=ax)
+    ax.set_xlabel("landmark")
+    ax.set_ylabel("radial error (mm)")
+    ax.tick_params(axis="x", rotation=90 if len(landmarks) > 8 else 0, labelsize=8)
+    ax.set_ylim(bottom=0)
+    ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Radial error per landmark")
+    return _finish(fig, path, dpi)
+
+
+def fig_sdr_curve(errors_long: pd.DataFrame, methods: Sequence[str] | None = None,
+                  reference_methods: Iterable[str] = (), max_mm: float | None = None,
+                  marks_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM, path: Path | str | None = None,
+                  dpi: int = DPI) -> Figure:
+    """Cumulative error distribution: % of landmarks with error < x mm, per method.
+
+    Reference methods (e.g. the inter-observer run) are drawn dashed in black/grey; dotted vertical
+    lines mark ``marks_mm``. ``max_mm`` defaults to the 97th error percentile (at least 5 mm).
+    """
+    methods = list(methods) if methods is not None else list(pd.unique(errors_long["method"]))
+    refs = set(reference_methods)
+    all_err = errors_long["error_mm"].to_numpy(dtype=np.float64)
+    if max_mm is None:
+        finite = all_err[~np.isnan(all_err)]
+        max_mm = max(5.0, float(np.ceil(np.percentile(finite, 97)))) if finite.size else 5.0
+    grid = np.linspace(0.0, max_mm, 400)
+    colors = method_colors(methods, refs)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for t in marks_mm:
+        ax.axvline(t, color="0.8", linestyle=":", linewidth=0.8, zorder=0)
+    for method in methods:
+        err = errors_long.loc[errors_long["method"] == method, "error_mm"].to_numpy(dtype=np.float64)
+        ax.plot(grid, sdr_curve(err, grid), label=method, linewidth=1.6, color=colors[method],
+                linestyle="--" if method in refs else "-")
+    ax.set_xlim(0, max_mm)
+    ax.set_ylim(0, 100.5)
+    ax.set_xlabel("error threshold (mm)")
+    ax.set_ylabel("landmarks with error < threshold (%)")
+    ax.set_title("Cumulative error distribution (SDR curve)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _finish(fig, path, dpi)
+
+
+def fig_landmark_heatmap(table: pd.DataFrame, path: Path | str | None = None, dpi: int = DPI) -> Figure:
+    """Heat table of MRE (mm): landmarks (rows) x methods (columns), values written in the cells."""
+    n_rows, n_cols = table.shape
+    fig, ax = plt.subplots(figsize=(min(2.5 + 1.1 * n_cols, 20.0), min(1.5 + 0.32 * n_rows, 24.0)))
+    sns.heatmap(table.astype(float), annot=True, fmt=".2f", cmap="rocket_r", linewidths=0.5,
+                annot_kws={"fontsize": 7}, cbar_kws={"label": "MRE (mm)"}, ax=ax)
+    ax.set_xlabel("method")
+    ax.set_ylabel("landmark")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.tick_params(axis="y", rotation=0, labelsize=8)
+    ax.set_title("Mean radial error per landmark")
+    return _finish(fig, path, dpi)
+
+
+def _p_text(p: float) -> str:
+    return "" if np.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = None, alpha: float = 0.05,
+                     path: Path | str | None = None, dpi: int = DPI) -> Figure:
+    """Pairwise significance matrix from :func:`lmlib.stats.pairwise_wilcoxon`.
+
+    Cell (row A, column B): Holm-corrected p and the mean paired difference A - B (mm; negative =
+    row better). Colour: -log10(p), cells with p >= ``alpha`` greyed out.
+    """
+    p = significance_matrix(pairwise, methods, "p_holm")
+    diff = pd.DataFrame(np.nan, index=p.index, columns=p.columns)
+    for r in pairwise.itertuples(index=False):
+        if r.method_a in diff.index and r.method_b in diff.index:
+            diff.loc[r.method_a, r.method_b], diff.loc[r.method_b, r.method_a] = r.mean_diff_mm, -r.mean_diff_mm
+    text = [[("" if np.isnan(p.iloc[i, j]) else f"{_p_text(p.iloc[i, j])}\nΔ {diff.iloc[i, j]:+.2f}")
+             for j in range(p.shape[1])] for i in range(p.shape[0])]
+    score = (-np.log10(p.clip(lower=1e-10).astype(float))).where(p < alpha)
+    vmin = -np.log10(alpha)
+    vmax = max(float(score.max().max()), vmin + 1.0) if score.notna().any().any() else vmin + 1.0
+    n = len(p)
+    fig, ax = plt.subplots(figsize=(min(2.5 + 1.2 * n, 16.0), min(2.0 + 0.9 * n, 14.0)))
+    sns.heatmap(score, annot=np.array(text, dtype=object), fmt="", cmap="crest", vmin=vmin, vmax=vmax,
+                linewidths=0.5, linecolor="white", annot_kws={"fontsize": 7},
+                cbar_kws={"label": "-log10 p (Holm), significant cells"}, ax=ax)
+    ax.set_facecolor("0.9")  # non-significant / diagonal cells
+    for i in range(n):
+        for j in range(n):
+            if i != j and not p.iloc[i, j] < alpha and not np.isnan(p.iloc[i, j]):
+                ax.text(j + 0.5, i + 0.5, text[i][j], ha="center", va="center", fontsize=7, color="0.35")
+    ax.set_xlabel("method B")
+    ax.set_ylabel("method A")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.tick_params(axis="y", rotation=0, labelsize=8)
+    ax.set_title(f"Wilcoxon signed-rank, Holm-corrected (alpha {alpha:g}); Δ = mean error A - B (mm)", fontsize=9)
+    return _finish(fig, path, dpi)
+
+
+def _markers(ax: plt.Axes, pts: dict[str, np.ndarray], colors: dict[str, tuple], cols: tuple[int, int],
+             refs: set[str]) -> None:
+    for name, xy in pts.items():
+        ok = ~np.isnan(xy).any(axis=1)
+        if name == "ground truth":
+            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=40, facecolors="none", edgecolors="lime",
+                       linewidths=1.2, label=name, zorder=3)
+        elif name in refs:  # a second annotator: yellow plus, visible on dark images
+            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=30, marker="+", color="yellow",
+                       linewidths=1.0, label=name, zorder=4)
+        else:
+            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=22, marker="x", color=colors[name],
+                       linewidths=1.0, label=name, zorder=4)
+
+
+def _show(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float], origin: str) -> None:
+    ax.imshow(plane, cmap="gray", vmin=lohi[0], vmax=lohi[1], aspect=aspect, origin=origin,
+              interpolation="antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Path | str | None = None,
+                    title: str | None = None, reference_methods: Iterable[str] = (), dpi: int = DPI) -> Figure:
+    """Ground truth (green circles) and each method's predictions (crosses) on one image.
+
+    ``predictions``: method -> (N, D) world mm in ``sample.landmark_names`` order. 2D: the image
+    with markers. 3D: axial, coronal and sagittal slices through the centroid of the valid ground
+    truth landmarks, with every point projected onto each slice. Reference methods: yellow plus.
+    """
+    geo = sample.geometry
+    pts = {"ground truth": geo.world_to_index(sample.landmarks_mm)}
+    pts.update({m: geo.world_to_index(np.asarray(p, dtype=np.float64).reshape(-1, sample.ndim))
+                for m, p in predictions.items()})
+    refs = set(reference_methods)
+    colors = method_colors(list(predictions), refs)
+    img = sample.image
+    lohi = tuple(float(v) for v in np.percentile(img, [1, 99.5]))
+    sp = geo.spacing
+    if sample.ndim == 2:
+        h_in = min(7.0, 6.0 * (img.shape[1] * sp[1]) / max(img.shape[0] * sp[0], 1e-6))
+        fig, ax = plt.subplots(figsize=(6.0, max(h_in, 3.0)))
+        _show(ax, img.T, sp[1] / sp[0], lohi, "upper")
+        _markers(ax, pts, colors, (0, 1), refs)
+        axes = [ax]
+    else:
+        gt = pts["ground truth"]
+        centre = np.nanmean(gt, axis=0) if np.isfinite(gt).any() else np.array(img.shape) / 2.0
+        c = np.clip(np.round(centre).astype(int), 0, np.array(img.shape) - 1)
+        fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.5))
+        views = [("axial z=%d" % c[2], img[:, :, c[2]].T, sp[1] / sp[0], (0, 1)),
+                 ("coronal y=%d" % c[1], img[:, c[1], :].T, sp[2] / sp[0], (0, 2)),
+                 ("sagittal x=%d" % c[0], img[c[0], :, :].T, sp[2] / sp[1], (1, 2))]
+        for ax, (name, plane, aspect, cols) in zip(axes, views):
+            _show(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
+            _markers(ax, pts, colors, cols, refs)
+            ax.set_title(f"{name} (points projected)", fontsize=9)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title or f"image {sample.image_id}: ground truth and predictions", fontsize=10)
+    return _finish(fig, path, dpi)

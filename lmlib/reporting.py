@@ -1,0 +1,329 @@
+"""Collect every method run of a dataset, align them, and write the comparison tables.
+
+A run is a folder ``results/<dataset>/<method>/`` following :mod:`lmlib.contract`. Runs that are
+missing files or malformed are collected by name with the reason (``Comparison.skipped``) and the
+rest still compare. Errors are recomputed from the coordinate columns (world mm, ``(x, y[, z])``)
+and methods are aligned on the (image, landmark) pairs that every run has. A run whose
+``metrics.json`` says ``"kind": "reference"`` (e.g. a second annotator, see
+:func:`write_reference_run`) is a reference row, drawn dashed in the figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lmlib import metrics as M
+from lmlib import stats
+from lmlib.contract import ContractError, predictions_frame, read_run, write_json, write_outputs
+from lmlib.sample import Sample
+
+EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration")  # not method runs
+TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
+KEY = ["image_id", "landmark"]
+TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals
+
+
+@dataclass
+class Comparison:
+    """Aligned runs of one dataset.
+
+    ``errors``: one column per method (mm), index (image_id, landmark) = the pairs all runs share;
+    NaN where the reference is masked or the method gave no prediction.
+    """
+
+    dataset: str
+    predictions: dict[str, pd.DataFrame]
+    run_metrics: dict[str, dict[str, Any]]
+    errors: pd.DataFrame
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.errors.columns)
+
+    @property
+    def reference_methods(self) -> list[str]:
+        return [m for m in self.methods if self.run_metrics[m].get("kind") == "reference"]
+
+    def error_matrix(self, method: str) -> pd.DataFrame:
+        """Images x landmarks errors (mm) of one method over the aligned pairs."""
+        wide = self.errors[method].unstack("landmark")
+        order = pd.unique(self.errors.index.get_level_values("landmark"))
+        return wide.reindex(index=pd.unique(self.errors.index.get_level_values("image_id")), columns=order)
+
+    def errors_long(self) -> pd.DataFrame:
+        """Long table: method, image_id, landmark, error_mm (aligned pairs, NaN kept)."""
+        long = self.errors.melt(ignore_index=False, var_name="method", value_name="error_mm").reset_index()
+        return long[["method", *KEY, "error_mm"]]
+
+
+def _check_predictions(preds: pd.DataFrame) -> str | None:
+    """Reason a contract-shaped predictions table is still unusable, or None."""
+    if preds.empty:
+        return "predictions.csv has no rows"
+    if preds.duplicated(KEY).any():
+        return f"predictions.csv repeats {int(preds.duplicated(KEY).sum())} (image_id, landmark) pairs"
+    coords = [*M.PRED_COLS, *M.GT_COLS, "error_mm"]
+    bad = [c for c in coords if not pd.api.types.is_numeric_dtype(preds[c])]
+    return f"predictions.csv has non-numeric columns {bad}" if bad else None
+
+
+def discover_runs(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS
+                  ) -> tuple[dict[str, tuple[pd.DataFrame, dict[str, Any]]], list[tuple[str, str]]]:
+    """Read every run folder under ``results_dir/dataset`` (sorted by name).
+
+    Returns (runs: method -> (predictions, metrics), skipped: [(method, reason)]). Folders named in
+    ``exclude`` and hidden ones (``.tmp-*`` of the driver) are not runs and are ignored silently.
+    """
+    root = Path(results_dir) / dataset
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no results folder for dataset {dataset!r}")
+    runs: dict[str, tuple[pd.DataFrame, dict[str, Any]]] = {}
+    skipped: list[tuple[str, str]] = []
+    excluded = set(exclude)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        name = folder.name
+        if name in excluded or name.startswith((".", "_")):
+            continue
+        try:
+            preds, met = read_run(folder)
+        except ContractError as exc:
+            skipped.append((name, str(exc).replace(str(folder) + "/", "")))
+            continue
+        reason = _check_predictions(preds)
+        if reason:
+            skipped.append((name, reason))
+        else:
+            runs[name] = (preds, met)
+    return runs, skipped
+
+
+def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
+    """Errors (mm) of every method on the (image, landmark) pairs all of them have; plus notes.
+
+    Notes name the methods that lost pairs, whose ``error_mm`` disagrees with their coordinates
+    (errors are always recomputed from coordinates), or whose reference points differ.
+    """
+    notes: list[str] = []
+    if not predictions:
+        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], []], names=KEY)), notes
+    indexed = {m: p.set_index(KEY) for m, p in predictions.items()}
+    first = next(iter(indexed.values()))
+    common = first.index
+    for p in indexed.values():
+        common = common.intersection(p.index, sort=False)
+    if len(common) == 0:
+        raise ValueError(f"runs {sorted(predictions)} share no (image_id, landmark) pair")
+    cols: dict[str, np.ndarray] = {}
+    ref_gt = first.loc[common, list(M.GT_COLS)].to_numpy(dtype=np.float64)
+    for method, p in indexed.items():
+        if len(p) > len(common):
+            notes.append(f"{method}: {len(p) - len(common)} of {len(p)} rows not shared by all runs, left out")
+        rows = p.loc[common]
+        err = M.compute_errors(rows)
+        written = rows["error_mm"].to_numpy(dtype=np.float64)
+        diff = np.abs(np.nan_to_num(err, nan=-1.0) - np.nan_to_num(written, nan=-1.0))
+        if np.any(diff > TOLERANCE_MM):
+            notes.append(f"{method}: error_mm disagrees with its coordinates on {int(np.sum(diff > TOLERANCE_MM))} "
+                         f"rows (max {np.max(diff):.3g} mm); using errors recomputed from coordinates")
+        gt = rows[list(M.GT_COLS)].to_numpy(dtype=np.float64)
+        gt_diff = np.abs(np.nan_to_num(gt, nan=1e9) - np.nan_to_num(ref_gt, nan=1e9))
+        if np.any(gt_diff > TOLERANCE_MM):
+            notes.append(f"{method}: reference points differ from {next(iter(indexed))}'s on "
+                         f"{int(np.any(gt_diff > TOLERANCE_MM, axis=1).sum())} pairs")
+        cols[method] = err
+    return pd.DataFrame(cols, index=common), notes
+
+
+def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS) -> Comparison:
+    """Discover, validate and align every run of ``dataset``; raise if none is usable."""
+    runs, skipped = discover_runs(results_dir, dataset, exclude)
+    if not runs:
+        raise ValueError(f"no usable run under {Path(results_dir) / dataset}; skipped: {skipped}")
+    preds = {m: p for m, (p, _) in runs.items()}
+    errors, notes = align_runs(preds)
+    return Comparison(dataset, preds, {m: met for m, (_, met) in runs.items()}, errors, skipped, notes)
+
+
+def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
+               thresholds_mm: Sequence[float] = M.DEFAULT_THRESHOLDS_MM,
+               outlier_thresholds_mm: Sequence[float] = M.DEFAULT_OUTLIER_THRESHOLDS_MM) -> pd.DataFrame:
+    """Table 1: one row per method (sorted by MRE), numeric.
+
+    Columns: kind, n_images, n_points, n_masked, n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm,
+    median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm, and the run's train_seconds,
+    infer_seconds_per_image, peak_rss_mb. CIs: bootstrap over images, the same resamples for all
+    methods.
+    """
+    n_images = comp.errors.index.get_level_values("image_id").nunique()
+    idx = stats.resample_indices(n_images, n_bootstrap, seed)
+    rows = []
+    for method in comp.methods:
+        aligned = comp.predictions[method].set_index(KEY).loc[comp.errors.index].reset_index()
+        aligned["error_mm"] = comp.errors[method].to_numpy()
+        row: dict[str, Any] = {"method": method, "kind": comp.run_metrics[method].get("kind", "method")}
+        row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
+        ci = stats.bootstrap_ci(comp.error_matrix(method), thresholds_mm=thresholds_mm, indices=idx)
+        for key in ci.index:
+            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
+        row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("method")
+    counts = [c for c in table.columns if c.startswith("n_")]
+    table[counts] = table[counts].astype("Int64")
+    front = ["kind", "n_images", "n_landmarks", "n_points", "n_masked", "n_unpredicted",
+             "mre_mm", "mre_mm_ci_low", "mre_mm_ci_high", "sd_mm", "median_mm", "max_mm"]
+    sdr = [c for t in thresholds_mm for c in (M.sdr_key(t), f"{M.sdr_key(t)}_ci_low", f"{M.sdr_key(t)}_ci_high")]
+    rest = [c for c in table.columns if c not in front + sdr]
+    return table[front + sdr + rest].sort_values("mre_mm", kind="stable")
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(float(value), fmt)
+
+
+def format_table_main(table: pd.DataFrame, thresholds_mm: Sequence[float] = M.DEFAULT_THRESHOLDS_MM) -> pd.DataFrame:
+    """Table 1 as display strings: 'MRE ± SD [CI]', 'SDR [CI]', timings; one row per method."""
+    out = pd.DataFrame(index=table.index.rename("Method"))
+    out["MRE ± SD (mm) [95% CI]"] = [
+        f"{_num(r.mre_mm, '.2f')} ± {_num(r.sd_mm, '.2f')} [{_num(r.mre_mm_ci_low, '.2f')}, {_num(r.mre_mm_ci_high, '.2f')}]"
+        for r in table.itertuples()]
+    out["Median (mm)"] = [_num(v, ".2f") for v in table["median_mm"]]
+    for t in thresholds_mm:
+        k = M.sdr_key(t)
+        out[f"SDR {t:g} mm (%)"] = [f"{_num(r[k], '.1f')} [{_num(r[k + '_ci_low'], '.1f')}, {_num(r[k + '_ci_high'], '.1f')}]"
+                                    for _, r in table.iterrows()]
+    ref = table["kind"].eq("reference")
+    out["Train (s)"] = [("-" if is_ref else _num(v, ".0f")) for v, is_ref in zip(table["train_seconds"], ref)]
+    out["Inference (s/image)"] = [("-" if is_ref else _num(v, ".3f")) for v, is_ref in zip(table["infer_seconds_per_image"], ref)]
+    out["Peak memory (MB)"] = [("-" if is_ref else _num(v, ".0f")) for v, is_ref in zip(table["peak_rss_mb"], ref)]
+    return out
+
+
+def table_landmarks(comp: Comparison, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Table 2: MRE (mm) per landmark (rows, dataset order) and method (columns, given order)."""
+    methods = list(methods) if methods is not None else comp.methods
+    order = pd.unique(comp.errors.index.get_level_values("landmark"))
+    table = comp.errors[methods].groupby(level="landmark", sort=False).mean().reindex(order)
+    table.columns.name = "method"
+    return table
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = ".2f") -> str:
+    """A GitHub-flavoured Markdown table (index as first column), without extra dependencies."""
+    def cell(v: Any) -> str:
+        text = format(v, float_format) if isinstance(v, (float, np.floating)) and not pd.isna(v) else str(v)
+        return text.replace("|", "\\|")
+    head = [str(frame.index.name or ""), *map(str, frame.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(frame.columns)) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in (idx, *row)) + " |" for idx, row in zip(frame.index, frame.to_numpy())]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$"}
+    return "".join(table.get(ch, ch) for ch in text)
+
+
+def latex_table(frame: pd.DataFrame, caption: str = "", label: str = "", float_format: str = ".2f") -> str:
+    """A booktabs LaTeX table (index as first column) written by hand (no jinja2 needed)."""
+    def cell(v: Any) -> str:
+        text = format(v, float_format) if isinstance(v, (float, np.floating)) and not pd.isna(v) else str(v)
+        return _latex_escape(text)
+    head = [str(frame.index.name or ""), *map(str, frame.columns)]
+    body = [" & ".join(cell(v) for v in (idx, *row)) + r" \\" for idx, row in zip(frame.index, frame.to_numpy())]
+    lines = [r"\begin{table}[t]", r"\centering"]
+    lines += [rf"\caption{{{_latex_escape(caption)}}}"] if caption else []
+    lines += [rf"\label{{{label}}}"] if label else []
+    lines += [r"\begin{tabular}{l" + "r" * len(frame.columns) + "}", r"\toprule",
+              " & ".join(_latex_escape(h) for h in head) + r" \\", r"\midrule", *body,
+              r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(numeric: pd.DataFrame, output_dir: Path | str, stem: str, display: pd.DataFrame | None = None,
+                caption: str = "") -> list[Path]:
+    """Write ``<stem>.csv`` (numeric) and ``<stem>.md`` / ``<stem>.tex`` (``display``, else numeric)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = numeric if display is None else display
+    paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.tex"]
+    numeric.to_csv(paths[0], float_format="%.4f")
+    paths[1].write_text(markdown_table(shown))
+    paths[2].write_text(latex_table(shown, caption=caption, label=f"tab:{stem}"))
+    return paths
+
+
+def predictions_for_image(comp: Comparison, image_id: str, landmark_names: Sequence[str],
+                          methods: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Method -> (N, D) predicted world mm of one image, rows in ``landmark_names`` order (NaN if absent)."""
+    out: dict[str, np.ndarray] = {}
+    for method in (methods if methods is not None else comp.methods):
+        p = comp.predictions[method]
+        rows = p[p["image_id"] == str(image_id)].set_index("landmark").reindex(list(landmark_names))
+        out[method] = rows[list(M.PRED_COLS[:M.frame_ndim(p)])].to_numpy(dtype=np.float64)
+    return out
+
+
+def qualitative_samples(dataset: str, data_dir: str | None, image_ids: Iterable[str], n: int = 3
+                        ) -> tuple[list[Sample], str]:
+    """Up to ``n`` test samples of ``dataset`` whose ids are in ``image_ids``, and a status message.
+
+    Uses ``lmlib.datasets.load_dataset(dataset, data_dir or None, split="test")``; when that is not
+    available or fails, returns no sample and a message saying why (overlays are optional).
+    """
+    try:
+        from lmlib.datasets import load_dataset
+    except ImportError as exc:
+        return [], f"qualitative overlays skipped: lmlib.datasets is not available ({exc})"
+    try:
+        loaded = load_dataset(dataset, data_dir or None, split="test")
+    except Exception as exc:  # noqa: BLE001 - overlays must not stop the comparison
+        return [], f"qualitative overlays skipped: could not load {dataset!r} ({type(exc).__name__}: {exc})"
+    wanted = [str(i) for i in image_ids]
+    by_id = {s.image_id: s for s in loaded.samples}
+    chosen = [by_id[i] for i in wanted if i in by_id][:max(n, 0)]
+    if not chosen:
+        return [], "qualitative overlays skipped: no loaded test image matches the compared runs' image ids"
+    return chosen, f"qualitative overlays of {len(chosen)} image(s): {', '.join(s.image_id for s in chosen)}"
+
+
+def write_reference_run(samples_reference: Sequence[Sample], samples_other: Sequence[Sample],
+                        output_dir: Path | str, method_name: str = "inter-observer") -> dict[str, Any]:
+    """Write a second annotator as if it were a method run, scored against the reference annotator.
+
+    Samples are matched by ``image_id`` and landmarks by name (a name the other annotator lacks is
+    an unpredicted landmark). Timings are 0 and ``metrics.json`` has ``"kind": "reference"``.
+    Writes predictions.csv and metrics.json (the calling notebook writes the manifest).
+    """
+    other = {s.image_id: s for s in samples_other}
+    refs = [s for s in samples_reference if s.image_id in other]
+    if not refs:
+        raise ValueError("no image_id is shared by the reference and the other annotator's samples")
+    preds = []
+    for ref in refs:
+        o = other[ref.image_id]
+        pos = {name: k for k, name in enumerate(o.landmark_names)}
+        preds.append(np.array([o.landmarks_mm[pos[n]] if n in pos else np.full(ref.ndim, np.nan)
+                               for n in ref.landmark_names], dtype=np.float64).reshape(len(ref.landmark_names), ref.ndim))
+    timings = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
+    extra = {"kind": "reference", "method": method_name,
+             "n_unmatched_images": len(samples_reference) - len(refs) + len(other) - len(refs)}
+    return write_outputs(output_dir, predictions_frame(refs, preds), timings, extra)
+
+
+def write_comparison_summary(comp: Comparison, output_dir: Path | str, table: pd.DataFrame,
+                             pairwise: pd.DataFrame) -> Path:
+    """Write ``comparison.json``: methods in Table 1 order, skipped runs with reasons, notes, tests."""
+    data = {"dataset": comp.dataset, "methods": list(table.index), "reference_methods": comp.reference_methods,
+            "skipped": [{"method": m, "reason": r} for m, r in comp.skipped], "notes": comp.notes,
+            "n_pairs": int(len(comp.errors)),
+            "mre_mm": {m: table.loc[m, "mre_mm"] for m in table.index},
+            "pairwise_wilcoxon_holm": pairwise.to_dict(orient="records")}
+    return write_json(Path(output_dir) / "comparison.json", data)
