@@ -69,8 +69,8 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
-    """Raise if a parameter is not declared in the notebook's ``parameters`` cell."""
+def check_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Raise if a parameter is not declared in the notebook's ``parameters`` cell; return the declared."""
     import papermill as pm
 
     declared = pm.inspect_notebook(str(notebook))
@@ -80,6 +80,7 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"{notebook}: parameters {unknown} are not declared in its parameters cell "
                          f"(declared: {sorted(declared)})")
+    return declared
 
 
 def _portable(path: Path, root: Path) -> str:
@@ -114,6 +115,8 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     if seed is not None:
         params["seed"] = seed
     params.update(extra or {})
+    if "results_dir" in check_parameters(notebook, {}):  # notebooks that read other runs (comparison)
+        params.setdefault("results_dir", str(results))
     check_parameters(notebook, params)
 
     shutil.rmtree(root / tmp, ignore_errors=True)
