@@ -56,6 +56,13 @@ JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
         smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
     Job("05_inter_observer.ipynb", "inter-observer", ("hamedan-ceph",)),
+    Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + ("hamedan-ceph",),
+        smoke={"max_epochs": 2, "max_train_images": 8},
+        full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3, "sigma": 2.5},
+        per_dataset={"synthetic3d": {"image_size": [64, 64, 64]}}),
+    Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph"),
+        smoke={"max_epochs": 2, "max_train_images": 8},
+        full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + ("hamedan-ceph",),
         smoke={"n_bootstrap": 200}),
 )

@@ -1,0 +1,77 @@
+"""Heatmap-regression U-Net: the baseline every landmark paper compares against (2D and 3D).
+
+- Targets: one Gaussian per landmark on the network grid, ``amplitude * exp(-r^2 / (2 sigma^2))``,
+  ``sigma`` in pixels of that grid (:func:`lmlib.targets.gaussian_heatmaps`).
+- Network: MONAI U-Net (:func:`lmlib.models.build_network`), one raw output channel per landmark.
+- Loss: mean squared error over the pixels of valid landmarks' channels; with ``foreground_weight`` w > 1
+  each pixel's squared error is weighted by ``1 + (w - 1) * target / amplitude`` (a simple remedy for
+  the mostly-zero targets; w = 1 is plain MSE). ``loss="bce"`` instead fits ``sigmoid(output)`` to
+  ``target / amplitude`` with binary cross-entropy.
+- Defaults ``amplitude=100`` (Payer et al.'s heatmap scale) and ``foreground_weight=100``: on the
+  synthetic phantoms (15 epochs, sigma 2-4 px, Adam 3e-3) plain MSE with peak 1 collapsed to an
+  all-zero output (val error ~45 mm), BCE to a flat map, foreground weighting alone reached ~34 mm
+  and amplitude 100 + weighting ~19 mm (still improving), while the dilation-erosion masks reached ~1 mm.
+- Decoding: sub-pixel, ``"quadratic"`` (argmax + log-parabola refinement; exact for Gaussians) by
+  default, or ``"centroid"`` / ``"soft_argmax"`` in a window around the peak
+  (:mod:`lmlib.decoding`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmlib.methods import LandmarkMethod, Targets, masked_mean
+from lmlib.targets import dice_scores, gaussian_heatmaps
+
+
+LOSSES: tuple[str, ...] = ("mse", "bce")
+
+
+class HeatmapUNet(LandmarkMethod):
+    """Gaussian heatmap regression with a U-Net (see the module docstring)."""
+
+    name = "heatmap_unet"
+
+    def __init__(self, spatial_dims: int, n_landmarks: int, sigma: float = 2.0, amplitude: float = 100.0,
+                 foreground_weight: float = 100.0, loss: str = "mse", network: dict[str, Any] | None = None,
+                 decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs)
+        if sigma <= 0 or amplitude <= 0 or foreground_weight < 1:
+            raise ValueError("need sigma > 0, amplitude > 0, foreground_weight >= 1")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.sigma, self.amplitude, self.foreground_weight = float(sigma), float(amplitude), float(foreground_weight)
+        self.loss_name = loss
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "sigma": self.sigma, "amplitude": self.amplitude,
+                "foreground_weight": self.foreground_weight, "loss": self.loss_name}
+
+    def encode_targets(self, landmarks: torch.Tensor, valid: torch.Tensor, size: Sequence[int], epoch: int) -> Targets:
+        return {"heatmap": gaussian_heatmaps(landmarks, size, self.sigma, valid, self.amplitude)}
+
+    def maps(self, output: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "bce":
+            return self.amplitude * torch.sigmoid(output.float())
+        return output
+
+    def loss(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
+        target = targets["heatmap"]
+        if self.loss_name == "bce":
+            err = F.binary_cross_entropy_with_logits(output.float(), target / self.amplitude, reduction="none")
+        else:
+            err = (output.float() - target) ** 2
+        if self.foreground_weight > 1:
+            err = err * (1 + (self.foreground_weight - 1) * target / self.amplitude)
+        return masked_mean(err, valid, self.spatial_dims)
+
+    def dice(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor) -> torch.Tensor:
+        """Dice of ``output > amplitude / 2`` vs ``target > amplitude / 2`` (the half-maximum disk)."""
+        half = 0.5 * self.amplitude
+        d = dice_scores(self.maps(output) > half, targets["heatmap"] > half, self.spatial_dims)
+        return torch.where(valid, d, torch.full_like(d, float("nan")))
+
+
+METHOD = HeatmapUNet

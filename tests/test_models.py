@@ -1,0 +1,43 @@
+"""Network builders: output shapes in 2D/3D, input-size checks, timing helper."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlib.models import build_network, check_input_size, count_parameters, size_multiple, time_network
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_unet_shapes(spatial_dims, size):
+    net = build_network(spatial_dims, out_channels=5, channels=(8, 16, 32), num_res_units=1)
+    y = net(torch.zeros(2, 1, *size))
+    assert y.shape == (2, 5, *size)
+
+
+def test_basic_unet_shapes():
+    net = build_network(2, 3, arch="basic_unet", channels=(8, 8, 16, 16, 32))
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_size_multiple_and_check():
+    assert size_multiple("unet", (16, 32, 64, 128, 256)) == 16
+    assert size_multiple("unet", (8, 16, 32), strides=(2, 3)) == 6
+    check_input_size((256, 320), 16)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        check_input_size((250, 320), 16)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_network(2, 3, arch="vit")
+    with pytest.raises(ValueError, match="spatial_dims"):
+        build_network(4, 3)
+    with pytest.raises(ValueError, match="strides"):
+        build_network(2, 3, channels=(8, 16, 32), strides=(2,))
+
+
+def test_default_unet_is_small_and_timed():
+    net = build_network(2, 19)
+    assert 1_000_000 < count_parameters(net) < 2_500_000
+    seconds = time_network(build_network(2, 2, channels=(4, 8, 16)), (1, 1, 32, 32), n_iter=1)
+    assert 0 < seconds < 10
