@@ -12,7 +12,6 @@ Images are indexed ``(x, y[, z])`` and shown as ``image.T`` (y down); 3D images 
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Sequence

@@ -1,7 +1,6 @@
 """Method parts (targets, loss, decoding round trip) and smoke runs of the two U-Net notebooks."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -82,37 +81,3 @@ def test_dilation_erosion_exact_masks_are_closer_than_rounded():
         coords, _ = m.decode(mask * 20 - 10, 349)
         errs[centre] = (coords - lm).norm(dim=-1).mean().item()
     assert errs["exact"] < errs["round"] < 0.5
-
-
-# ------------------------------------------------------------------ notebook smoke runs (papermill)
-SMOKE = {"max_epochs": 2, "max_train_images": 8}
-
-
-def _run(notebook, method, dataset, tmp_path, extra=None):
-    from lmlib.run import Job, run_job
-
-    job = Job(notebook, method, (dataset,), smoke={**SMOKE, **(extra or {})})
-    out = run_job(job, dataset, profile="smoke", results_dir=tmp_path, device="cpu", timeout_s=600)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return out, metrics
-
-
-@pytest.mark.notebook
-@pytest.mark.parametrize("dataset,n_test,bound", [("synthetic2d", 12, 80.0), ("synthetic3d", 6, 80.0)])
-def test_heatmap_unet_notebook_smoke(tmp_path, dataset, n_test, bound):
-    out, metrics = _run("15_heatmap_unet.ipynb", "heatmap_unet", dataset, tmp_path)
-    assert metrics["n_images"] == n_test
-    assert np.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < bound
-    for f in ("predictions.csv", "manifest.json", "fig_loss.png", "fig_mean_error.png",
-              "fig_training_progress.gif", "15_heatmap_unet.ipynb", "checkpoints/best.ckpt"):
-        assert (out / f).exists(), f
-
-
-@pytest.mark.notebook
-def test_dilation_erosion_notebook_smoke(tmp_path):
-    out, metrics = _run("40_unet_dilation_erosion.ipynb", "dilation_erosion", "synthetic2d", tmp_path)
-    assert metrics["n_images"] == 12 and metrics["n_landmarks"] == 8
-    assert np.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < 60.0
-    for f in ("predictions.csv", "manifest.json", "fig_dice.png", "fig_dice_per_landmark.png",
-              "fig_training_progress.gif", "overlays/epoch_001.png"):
-        assert (out / f).exists(), f

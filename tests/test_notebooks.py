@@ -59,6 +59,39 @@ def test_exploration_values(pipeline: tuple[str, Path]) -> None:
         assert (root / "exploration" / name).stat().st_size > 5_000
 
 
+# method -> (files its run folder must hold, MRE bound in mm reachable in a 2-epoch smoke run)
+METHOD_OUTPUTS = {
+    "heatmap_unet": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif",
+                      "checkpoints/best.ckpt"), 80.0),
+    "dilation_erosion": (("predictions.csv", "fig_dice.png", "fig_dice_per_landmark.png",
+                          "fig_training_progress.gif", "overlays/epoch_001.png"), 60.0),
+}
+
+
+def test_method_values(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    n_test = {"synthetic2d": 12, "synthetic3d": 6}[dataset]  # 20 % of the phantom set
+    for method, (files, bound) in METHOD_OUTPUTS.items():
+        if not (root / method).exists():
+            continue
+        metrics = _json(root / method / "metrics.json")
+        assert metrics["n_images"] == n_test, method
+        assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < bound, (method, metrics["mre_mm"])
+        assert metrics["train_seconds"] > 0 and metrics["peak_rss_mb"] > 0
+        for name in files:
+            assert (root / method / name).exists(), f"{method}: {name} missing"
+
+
+def test_comparison_values(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    table = pd.read_csv(root / "comparison" / "table_main.csv")
+    methods = {m for m in METHOD_OUTPUTS if (root / m).exists()}
+    assert methods and set(table.iloc[:, 0]) == methods
+    assert (table["mre_mm"].diff().dropna() >= 0).all(), "Table 1 is sorted by MRE"
+    for name in ("fig_sdr_curve.png", "fig_error_boxplot.png", "table_main.md", "table_main.tex"):
+        assert (root / "comparison" / name).stat().st_size > 200
+
+
 def test_method_runs_follow_the_contract(pipeline: tuple[str, Path]) -> None:
     _, root = pipeline
     for folder in sorted(p for p in root.iterdir() if (p / "predictions.csv").exists()):
