@@ -86,7 +86,7 @@ def write_json(path: Path | str, data: dict[str, Any]) -> Path:
     """Write a dict as pretty JSON (NaN -> null, numpy scalars -> Python)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -122,7 +122,7 @@ def read_run(run_dir: Path | str) -> tuple[pd.DataFrame, dict[str, Any]]:
     if lacking:
         raise ContractError(f"{pred_path}: missing columns {lacking}")
     try:
-        metrics = json.loads(met_path.read_text())
+        metrics = json.loads(met_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ContractError(f"{met_path}: invalid JSON ({exc})") from exc
     lacking = [k for k in METRIC_KEYS if k not in metrics]

@@ -255,8 +255,8 @@ def write_table(numeric: pd.DataFrame, output_dir: Path | str, stem: str, displa
     shown = numeric if display is None else display
     paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.tex"]
     numeric.to_csv(paths[0], float_format="%.4f")
-    paths[1].write_text(markdown_table(shown))
-    paths[2].write_text(latex_table(shown, caption=caption, label=f"tab:{stem}"))
+    paths[1].write_text(markdown_table(shown), encoding="utf-8")
+    paths[2].write_text(latex_table(shown, caption=caption, label=f"tab:{stem}"), encoding="utf-8")
     return paths
 
 

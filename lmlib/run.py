@@ -143,16 +143,16 @@ def _finalise(tmp: Path, final: Path, params: dict[str, Any], job: Job, profile:
     manifest = tmp / "manifest.json"
     if not manifest.is_file():
         raise RuntimeError(f"{tmp / job.notebook}: ran but wrote no manifest.json")
-    data = json.loads(manifest.read_text())
+    data = json.loads(manifest.read_text(encoding="utf-8"))
     data["parameters"]["output_dir"] = str(Path(params["output_dir"]).parent / job.method)
     data["driver"] = {"notebook": f"notebooks/{job.notebook}", "profile": profile,
                       "wall_seconds": round(seconds, 1)}
-    manifest.write_text(json.dumps(data, indent=2) + "\n")
+    manifest.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     executed = tmp / job.notebook  # papermill records absolute paths: keep the repository-relative ones
-    nb = json.loads(executed.read_text())
+    nb = json.loads(executed.read_text(encoding="utf-8"))
     nb.get("metadata", {}).get("papermill", {}).update(
         input_path=f"notebooks/{job.notebook}", output_path=f"{data['parameters']['output_dir']}/{job.notebook}")
-    executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

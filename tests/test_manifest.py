@@ -25,7 +25,7 @@ def test_checksum_files(tmp_path) -> None:
 
 def test_manifest_fields(tmp_path) -> None:
     path = write_manifest(tmp_path, {"seed": 3, "device": "cpu", "max_epochs": 2}, samples=[_sample()])
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     for key in ("parameters", "git_commit", "data_checksum", "seed", "device", "started", "finished", "environment"):
         assert key in data
     assert data["seed"] == 3 and data["parameters"]["max_epochs"] == 2

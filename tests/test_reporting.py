@@ -104,9 +104,9 @@ def test_table_landmarks_and_writing(results: tuple[Path, list[Sample]], tmp_pat
     np.testing.assert_allclose(t2["alpha"], M.per_landmark_metrics(preds)["mre_mm"], atol=1e-3)
     paths = reporting.write_table(t2, tmp_path / "out", "table_landmarks")
     assert [p.name for p in paths] == ["table_landmarks.csv", "table_landmarks.md", "table_landmarks.tex"]
-    md = paths[1].read_text().splitlines()
+    md = paths[1].read_text(encoding="utf-8").splitlines()
     assert md[0].startswith("| landmark | gamma | alpha |") and len(md) == 2 + len(t2)
-    assert r"\toprule" in paths[2].read_text()
+    assert r"\toprule" in paths[2].read_text(encoding="utf-8")
 
 
 def test_markdown_and_latex_escaping() -> None:
@@ -172,10 +172,10 @@ def test_comparison_notebook(results: tuple[Path, list[Sample]], tmp_path: Path)
         assert all((out / f"{stem}.{ext}").is_file() for ext in ("csv", "md", "tex"))
     for fig in ("fig_error_boxplot", "fig_sdr_curve", "fig_landmark_heatmap", "fig_significance"):
         assert 0 < (out / f"{fig}.png").stat().st_size < 1_000_000
-    summary = json.loads((out / "comparison.json").read_text())
+    summary = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert {s["method"] for s in summary["skipped"]} == {"broken", "empty-method"}
     assert summary["methods"] == list(table.index)
-    text = (tmp_path / "executed.ipynb").read_text()
+    text = (tmp_path / "executed.ipynb").read_text(encoding="utf-8")
     assert "SKIPPED broken" in text and "SKIPPED empty-method" in text
     assert (out / "manifest.json").is_file()
     overlays = sorted(out.glob("fig_qualitative_*.png"))

@@ -38,10 +38,10 @@ def test_success_moves_folder_into_place(tmp_path: Path) -> None:
     job = Job("toy.ipynb", "toy", ("synthetic2d",))
     final = run_job(job, "synthetic2d", results_dir="results", seed=21, root=tmp_path)
     assert final == tmp_path / "results" / "synthetic2d" / "toy"
-    assert (final / "value.txt").read_text() == "42"
-    executed = (final / "toy.ipynb").read_text()
+    assert (final / "value.txt").read_text(encoding="utf-8") == "42"
+    executed = (final / "toy.ipynb").read_text(encoding="utf-8")
     assert str(tmp_path) not in executed and '"input_path": "notebooks/toy.ipynb"' in executed
-    manifest = json.loads((final / "manifest.json").read_text())
+    manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["parameters"]["output_dir"] == "results/synthetic2d/toy"
     assert manifest["driver"]["notebook"] == "notebooks/toy.ipynb"
     assert not (tmp_path / "results" / "synthetic2d" / ".tmp-toy").exists()
