@@ -91,6 +91,17 @@ def _float(path: Path, value: str, where: str) -> float:
 
 
 # --------------------------------------------------------------------------- labelme JSON
+def _json_with_list(path: Path, key: str, kind: str) -> dict:
+    """Parse a JSON object that must hold a list under ``key``; errors name the file."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"invalid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+        raise _fail(path, f"not a {kind} (no '{key}' list)")
+    return doc
+
+
 def read_labelme(path: str | Path, image_id: str | None = None, corner_origin: bool = True) -> RawAnnotation:
     """labelme JSON: every ``shape_type == "point"`` shape becomes a point of its ``label``.
 
@@ -99,12 +110,7 @@ def read_labelme(path: str | Path, image_id: str | None = None, corner_origin: b
     listed in ``meta["ignored_shapes"]``. ``image_size`` is ``(imageWidth, imageHeight)``.
     """
     p = _exists(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(p, f"invalid JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
-        raise _fail(p, "not a labelme file (no 'shapes' list)")
+    doc = _json_with_list(p, "shapes", "labelme file")
     ann = RawAnnotation(image_id or p.stem, units="index", source=p)
     ignored: list[str] = []
     for k, shape in enumerate(doc["shapes"]):
@@ -289,12 +295,7 @@ def read_slicer_json(path: str | Path, image_id: str | None = None) -> RawAnnota
     from the markup's ``coordinateSystem`` (default LPS, Slicer >= 5) to LPS. Points whose
     ``positionStatus`` is ``missing``/``undefined`` are left out (= label not given)."""
     p = _exists(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(p, f"invalid JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("markups"), list):
-        raise _fail(p, "not a Slicer markups file (no 'markups' list)")
+    doc = _json_with_list(p, "markups", "Slicer markups file")
     ann = RawAnnotation(image_id or p.name.split(".")[0], units="world", source=p, meta={"descriptions": {}})
     for m in doc["markups"]:
         system = _coordinate_system(p, str(m.get("coordinateSystem", "LPS")))

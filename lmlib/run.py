@@ -122,9 +122,8 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     if seed is not None:
         params["seed"] = seed
     params.update(extra or {})
-    if "results_dir" in check_parameters(notebook, {}):  # notebooks that read other runs (comparison)
+    if "results_dir" in check_parameters(notebook, params):  # notebooks that read other runs (comparison)
         params.setdefault("results_dir", str(results))
-    check_parameters(notebook, params)
 
     shutil.rmtree(root / tmp, ignore_errors=True)
     (root / tmp).mkdir(parents=True)
