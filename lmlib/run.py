@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmlib.datasets import shared_data_dir
+from lmlib.data.datasets import SYNTHETIC, shared_data_dir
 from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
-SYNTHETIC = ("synthetic2d", "synthetic3d")
 REAL = ("hamedan-ceph", "afids-mni")
 PROFILES = ("default", "smoke", "full")
 

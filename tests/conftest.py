@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from lmlib.datasets import shared_data_dir
+from lmlib.data.datasets import shared_data_dir
 
 matplotlib.use("Agg")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmlib.checks import (REPORT_COLUMNS, Issue, check_inside, check_size, check_spacing, make_report,
+from lmlib.data.checks import (REPORT_COLUMNS, Issue, check_inside, check_size, check_spacing, make_report,
                           resolve_landmarks, summarize_report)
-from lmlib.readers import RawAnnotation
+from lmlib.data.readers import RawAnnotation
 
 
 def _ann() -> RawAnnotation:

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import lmlib.data as data_mod
-from lmlib.data import LandmarkDataModule, LandmarkDataset
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
-from lmlib.transforms import build_augmentation
+import lmlib.data.loaders as data_mod
+from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
+from lmlib.data.transforms import build_augmentation
 
 SIZE, TARGET, N = (60, 50), (32, 24), 4
 

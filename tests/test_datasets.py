@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, DatasetSpec, get_spec, load_dataset,
+from lmlib.data.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, DatasetSpec, get_spec, load_dataset,
                             load_from_spec, paired_landmarks, shared_data_dir)
-from lmlib.metrics import radial_errors, summarize
+from lmlib.evaluation.metrics import radial_errors, summarize
 
 SHARED = shared_data_dir()
 realdata = pytest.mark.skipif(not (SHARED / "hamedan-ceph").is_dir() or not (SHARED / "afids-mni").is_dir(),
@@ -164,7 +164,7 @@ def test_afids_spec_converts_ras_to_lps(tmp_path: Path) -> None:
 
 
 def test_synthetic_datasets_dispatch_to_phantoms() -> None:
-    pytest.importorskip("lmlib.phantoms")
+    pytest.importorskip("lmlib.data.phantoms")
     for name, ndim in (("synthetic2d", 2), ("synthetic3d", 3)):
         kw = {"n_images": 5, "seed": 0, "size": (32,) * ndim}
         ds = load_dataset(name, **kw)
@@ -246,7 +246,7 @@ def test_afids_mni_geometry_and_ras_to_lps() -> None:
 @pytest.mark.realdata
 @realdata
 def test_afids_deformed_copies() -> None:
-    pytest.importorskip("lmlib.deform")
+    pytest.importorskip("lmlib.data.deformations")
     ds = load_dataset("afids-mni", data_dir=SHARED / "afids-mni", deformed=4, seed=1)
     assert len(ds) == 4 and ds.template is not None
     assert {s.meta["split"] for s in ds} <= {"train", "val", "test"}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmlib.decoding import DECODERS, decode_maps
-from lmlib.targets import diamond_masks, gaussian_heatmaps
+from lmlib.methods.decoding import DECODERS, decode_maps
+from lmlib.methods.targets import diamond_masks, gaussian_heatmaps
 
 PEAKS_2D = torch.tensor([[[20.3, 31.7], [5.55, 40.2], [30.5, 10.5], [40.0, 12.25]]])
 PEAKS_3D = torch.tensor([[[10.3, 11.6, 7.45], [4.8, 14.2, 9.9]]])

@@ -1,4 +1,4 @@
-"""Tests for lmlib.deform: the image and its landmarks move by exactly the same deformation."""
+"""Tests for lmlib.data.deformations: the image and its landmarks move by exactly the same deformation."""
 from __future__ import annotations
 
 import time
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.datasets import shared_data_dir
-from lmlib.deform import (TOLERANCE_MM, deform_sample, deformed_copies, inverse_transform_points,
+from lmlib.data.datasets import shared_data_dir
+from lmlib.data.deformations import (INVERSION_TOLERANCE_MM, deform_sample, deformed_copies, inverse_transform_points,
                           random_deformation)
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample, image_from_sitk
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample, image_from_sitk
 
 SIGMA_PX = 1.5
 DATA_DIR = shared_data_dir()
@@ -79,7 +79,7 @@ def test_round_trip_and_determinism(case: str) -> None:
     y1, y2 = inverse_transform_points(t1, pts), inverse_transform_points(t2, pts)
     np.testing.assert_array_equal(y1, y2)
     back = np.array([t1.TransformPoint(p.tolist()) for p in y1])
-    assert np.abs(back - pts).max() < TOLERANCE_MM
+    assert np.abs(back - pts).max() < INVERSION_TOLERANCE_MM
     y3 = inverse_transform_points(random_deformation(geometry, size, 8), pts)
     assert np.abs(y3 - y1).max() > 0.1
 
@@ -130,7 +130,7 @@ def test_real_template_deformation() -> None:
     assert time.perf_counter() - t0 < 20.0
     assert out.size == sample.size and out.valid.all()
     back = np.array([transform.TransformPoint(p.tolist()) for p in out.landmarks_mm])
-    assert np.abs(back - pts).max() < TOLERANCE_MM
+    assert np.abs(back - pts).max() < INVERSION_TOLERANCE_MM
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

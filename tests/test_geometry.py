@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.geometry import Geometry
+from lmlib.data.geometry import Geometry
 
 
 def _rotation_3d(deg: float) -> np.ndarray:

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 
-from lmlib.geometry import Geometry
-from lmlib.manifest import checksum_files, checksum_samples, write_manifest
-from lmlib.sample import Sample
+from lmlib.data.geometry import Geometry
+from lmlib.outputs.manifest import checksum_files, checksum_samples, write_manifest
+from lmlib.data.sample import Sample
 
 
 def _sample(value: float = 0.0) -> Sample:

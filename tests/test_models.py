@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlib.models import build_network, check_input_size, count_parameters, size_multiple, time_network
+from lmlib.methods.networks import build_network, check_input_size, count_parameters, size_multiple, time_network
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmlib.contract import read_run
+from lmlib.outputs.contract import read_run
 from lmlib.run import JOBS, SYNTHETIC, run_job
 
 pytestmark = pytest.mark.notebook

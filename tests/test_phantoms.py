@@ -1,4 +1,4 @@
-"""Tests for lmlib.phantoms: determinism, geometry, and that structures sit at the landmarks."""
+"""Tests for lmlib.data.phantoms: determinism, geometry, and that structures sit at the landmarks."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from lmlib.phantoms import KINDS, assign_splits, make_phantom, make_phantom_dataset
+from lmlib.data.phantoms import KINDS, assign_splits, make_phantom, make_phantom_dataset
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

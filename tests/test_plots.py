@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lmlib import plots, stats
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
+from lmlib.evaluation import statistics as stats
+from lmlib.reporting import figures as plots
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
 
 matplotlib.use("Agg")
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib import metrics as M
-from lmlib import reporting
-from lmlib.contract import predictions_frame, read_run, write_outputs
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
+from lmlib.evaluation import metrics as M
+from lmlib.reporting import comparison as reporting
+from lmlib.outputs.contract import predictions_frame, read_run, write_outputs
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "90_comparative_evaluation.ipynb"
@@ -22,7 +22,7 @@ NOISE_MM = {"alpha": 0.4, "beta": 1.2, "gamma": 3.0}  # expected MRE order alpha
 def synthetic_samples(n: int = 8) -> list[Sample]:
     """Test samples of the synthetic2d dataset when it can be loaded, else small hand-made ones."""
     try:
-        from lmlib.datasets import load_dataset
+        from lmlib.data.datasets import load_dataset
         samples = load_dataset("synthetic2d", None, split="test").samples
         if samples:
             return samples[:n]
@@ -179,7 +179,7 @@ def test_comparison_notebook(results: tuple[Path, list[Sample]], tmp_path: Path)
     assert "SKIPPED broken" in text and "SKIPPED empty-method" in text
     assert (out / "manifest.json").is_file()
     overlays = sorted(out.glob("fig_qualitative_*.png"))
-    if samples[0].meta.get("split") == "test":  # samples came from lmlib.datasets: overlays expected
+    if samples[0].meta.get("split") == "test":  # samples came from lmlib.data.datasets: overlays expected
         said = [line for line in text.split("\\n") if "qualitative overlays" in line]
         assert len(overlays) == 2, said
     else:

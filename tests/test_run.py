@@ -23,7 +23,7 @@ def _write_notebook(root: Path, name: str, body: str) -> None:
 
 BODY = """
 import json, pathlib
-from lmlib.manifest import write_manifest
+from lmlib.outputs.manifest import write_manifest
 out = pathlib.Path(output_dir)
 (out / "value.txt").write_text(str(seed * 2))
 if fail:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample, image_from_sitk
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample, image_from_sitk
 
 
 def test_from_index_and_back() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib import stats
+from lmlib.evaluation import statistics as stats
 
 
 def test_holm_hand_computed() -> None:

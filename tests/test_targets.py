@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lmlib.targets import (ShrinkSchedule, diamond_area, diamond_masks_np, dice_scores,
+from lmlib.methods.targets import (ShrinkSchedule, diamond_area, diamond_masks_np, dice_scores,
                            gaussian_heatmaps, gaussian_heatmaps_np, mask_pos_weight)
 
 

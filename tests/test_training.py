@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lmlib.data import LandmarkDataModule
+from lmlib.data.loaders import LandmarkDataModule
 from lmlib.methods import build_method
-from lmlib.phantoms import make_phantom_dataset
-from lmlib.training import LandmarkModule, fit, predict, trainer_device
-from lmlib.training_plots import OverlayCallback, plot_training_curves, read_history
+from lmlib.data.phantoms import make_phantom_dataset
+from lmlib.engine.training import LandmarkModule, fit, predict, trainer_device
+from lmlib.engine.training_figures import OverlayCallback, plot_training_curves, read_history
 
 SIZE = (64, 64)
 NET = {"channels": (8, 16, 32), "num_res_units": 1}
@@ -73,7 +73,7 @@ def test_predict_world_mm_in_original_images(trained, samples):
 
 def test_predict_maps_back_through_resize(trained, samples):
     """Upsampled originals (2x) predicted on the 64-px grid land on the same world positions."""
-    from lmlib.transforms import preprocess
+    from lmlib.data.transforms import preprocess
 
     _, result = trained
     s = [x for x in samples if x.meta["split"] == "test"][0]

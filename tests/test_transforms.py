@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
-from lmlib.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd, build_augmentation,
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
+from lmlib.data.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd, build_augmentation,
                               intensity_transforms, left_right_index_pairs, make_item, mark_outside, preprocess)
 from monai.transforms import Compose
 

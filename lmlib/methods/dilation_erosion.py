@@ -1,7 +1,7 @@
 """U-Net with dilation-erosion landmark masks (Suh et al., MIDL 2023 short paper; the seed's tool).
 
 - Targets: per landmark a binary L1-ball ("diamond") mask = the landmark pixel dilated ``k`` times
-  with the cross element; ``k`` shrinks on a schedule (:class:`lmlib.targets.ShrinkSchedule`: the
+  with the cross element; ``k`` shrinks on a schedule (:class:`lmlib.methods.targets.ShrinkSchedule`: the
   seed's 65 -> 5 by 10 every 50 of 350 epochs on a 512-px image; here the same 7 radii spread over
   ``max_epochs`` and scaled to the grid by ``max(size) / 512``). Our choice: by default the ball is
   centred on the sub-pixel landmark (``mask_centre="exact"``) rather than on its rounded pixel (the
@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmlib.decoding import decode_maps
-from lmlib.methods import LandmarkMethod, Targets
-from lmlib.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
+from lmlib.methods.decoding import decode_maps
+from lmlib.methods.base import LandmarkMethod, Targets
+from lmlib.methods.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
 
 
 class DilationErosionUNet(LandmarkMethod):

@@ -1,8 +1,8 @@
 """Heatmap-regression U-Net: the baseline every landmark paper compares against (2D and 3D).
 
 - Targets: one Gaussian per landmark on the network grid, ``amplitude * exp(-r^2 / (2 sigma^2))``,
-  ``sigma`` in pixels of that grid (:func:`lmlib.targets.gaussian_heatmaps`).
-- Network: MONAI U-Net (:func:`lmlib.models.build_network`), one raw output channel per landmark.
+  ``sigma`` in pixels of that grid (:func:`lmlib.methods.targets.gaussian_heatmaps`).
+- Network: MONAI U-Net (:func:`lmlib.methods.networks.build_network`), one raw output channel per landmark.
 - Loss: mean squared error over the pixels of valid landmarks' channels; with ``foreground_weight`` w > 1
   each pixel's squared error is weighted by ``1 + (w - 1) * target / amplitude`` (a simple remedy for
   the mostly-zero targets; w = 1 is plain MSE). ``loss="bce"`` instead fits ``sigmoid(output)`` to
@@ -13,7 +13,7 @@
   and amplitude 100 + weighting ~19 mm (still improving), while the dilation-erosion masks reached ~1 mm.
 - Decoding: sub-pixel, ``"quadratic"`` (argmax + log-parabola refinement; exact for Gaussians) by
   default, or ``"centroid"`` / ``"soft_argmax"`` in a window around the peak
-  (:mod:`lmlib.decoding`).
+  (:mod:`lmlib.methods.decoding`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmlib.methods import LandmarkMethod, Targets, masked_mean
-from lmlib.targets import dice_scores, gaussian_heatmaps
+from lmlib.methods.base import LandmarkMethod, Targets, masked_mean
+from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 
 
 LOSSES: tuple[str, ...] = ("mse", "bce")

@@ -23,8 +23,8 @@ from monai.transforms import (Compose, Flip, NormalizeIntensity, RandAdjustContr
 from monai.utils import convert_to_numpy
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
 
 Data = dict[str, Any]
 

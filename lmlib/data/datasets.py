@@ -1,13 +1,13 @@
-"""Declarative dataset descriptions and one loader: files -> checked :class:`~lmlib.sample.Sample` s.
+"""Declarative dataset descriptions and one loader: files -> checked :class:`~lmlib.data.sample.Sample` s.
 
 A :class:`DatasetSpec` says where the images and each annotator's landmarks are, which reader parses
 them, the landmark labels (as in the files) and display names, a spacing override, left/right
 pairs and the splits file. :func:`load_dataset` reads every annotator's files, runs the checks of
-:mod:`lmlib.checks` on all of them (``Dataset.report``), and returns the samples of one annotator
+:mod:`lmlib.data.checks` on all of them (``Dataset.report``), and returns the samples of one annotator
 with landmarks in world mm ``(x, y[, z])`` (ambiguous/missing ones masked, never guessed).
 
 Real data lives outside the project: ``data_dir`` defaults to ``$LMLIB_SHARED_DATA/<name>`` or
-``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.phantoms`.
+``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from lmlib.checks import (Issue, check_inside, check_size, check_spacing, make_report, resolve_landmarks,
+from lmlib.data.checks import (Issue, check_inside, check_size, check_spacing, make_report, resolve_landmarks,
                           summarize_report)
-from lmlib.geometry import Geometry
-from lmlib.readers import READERS, RawAnnotation, read_image, read_image_info
-from lmlib.sample import Sample, image_from_sitk
+from lmlib.data.geometry import Geometry
+from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
+from lmlib.data.sample import Sample, image_from_sitk
 
 CEPH_ISBI_NAMES: tuple[str, ...] = (
     "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton", "gnathion",
@@ -155,7 +155,7 @@ class Dataset:
 def shared_data_dir() -> Path:
     """``$LMLIB_SHARED_DATA``, else ``<repo>/../shared/data``."""
     env = os.environ.get("LMLIB_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -297,14 +297,14 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
 
 def _load_synthetic(name: str, split: str | None, **kwargs: Any) -> Dataset:
     try:
-        from lmlib.phantoms import make_phantom_dataset
+        from lmlib.data.phantoms import make_phantom_dataset
     except ImportError as e:
-        raise ImportError(f"dataset {name!r} needs lmlib.phantoms.make_phantom_dataset ({e})") from e
+        raise ImportError(f"dataset {name!r} needs lmlib.data.phantoms.make_phantom_dataset ({e})") from e
     ndim = 2 if name == "synthetic2d" else 3
     samples = make_phantom_dataset(ndim=ndim, **kwargs)
     names = tuple(samples[0].landmark_names) if samples else ()
     spec = DatasetSpec(name=name, ndim=ndim, images="", reader="", annotations={}, landmark_labels=names,
-                       landmark_names=names, description=f"synthetic {ndim}D phantoms (lmlib.phantoms)")
+                       landmark_names=names, description=f"synthetic {ndim}D phantoms (lmlib.data.phantoms)")
     ds = Dataset(spec, samples, make_report([]))
     if split is not None:
         ds.samples = ds.split(split)
@@ -321,9 +321,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
     ``train``/``val``/``test``. ``annotator``: whose landmarks (default: the reference); the report
     always covers every annotator. ``load_images=False`` reads headers only (fast; images become
     zero placeholders of the right shape). afids-mni takes ``deformed: int = 0`` (number of randomly
-    deformed copies of the template from :func:`lmlib.deform.deformed_copies`, which assigns their
+    deformed copies of the template from :func:`lmlib.data.deformations.deformed_copies`, which assigns their
     splits; 0 = only the template, split ``test``), ``seed`` and further keywords for it.
-    Synthetic datasets pass ``kwargs`` to :func:`lmlib.phantoms.make_phantom_dataset`.
+    Synthetic datasets pass ``kwargs`` to :func:`lmlib.data.phantoms.make_phantom_dataset`.
     """
     if name in SYNTHETIC:
         return _load_synthetic(name, split, **kwargs)
@@ -346,7 +346,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
         template = ds.samples[0]
         template.meta["split"] = "test"
         if deformed > 0:
-            from lmlib.deform import deformed_copies
+            from lmlib.data.deformations import deformed_copies
             copies = deformed_copies(template, n=deformed, seed=seed, **kwargs)
             ds.samples, ds.template = copies, template
     if split is not None:

@@ -4,7 +4,7 @@ Every run folder ``results/<dataset>/<method>/`` holds:
 - ``predictions.csv``: one row per image x landmark, columns :data:`PREDICTION_COLUMNS`
   (world mm; z empty in 2D; ``error_mm`` empty where the reference landmark is masked);
 - ``metrics.json``: at least :data:`METRIC_KEYS` (SDR in percent, strict ``<``);
-- ``manifest.json``: see :mod:`lmlib.manifest`.
+- ``manifest.json``: see :mod:`lmlib.outputs.manifest`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
-from lmlib.sample import Sample
+from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
+from lmlib.data.sample import Sample
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "image_id", "landmark", "x_mm", "y_mm", "z_mm", "gt_x_mm", "gt_y_mm", "gt_z_mm", "error_mm",

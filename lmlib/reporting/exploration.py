@@ -1,6 +1,6 @@
 """Data exploration: per-image summary tables, intensity histograms, overlays, mean shape.
 
-Works on any list of :class:`~lmlib.sample.Sample`, 2D or 3D. Coordinates in tables are world mm,
+Works on any list of :class:`~lmlib.data.sample.Sample`, 2D or 3D. Coordinates in tables are world mm,
 ``(x, y[, z])``. Figures are matplotlib Figures (Agg-safe); callers save them.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from lmlib.sample import Sample
+from lmlib.data.sample import Sample
 
 AXES = ("x", "y", "z")
 
@@ -50,7 +50,7 @@ def centred_landmarks(samples: Sequence[Sample]) -> np.ndarray:
     return pts - np.nanmean(pts, axis=1, keepdims=True)
 
 
-def mean_shape(samples: Sequence[Sample]) -> pd.DataFrame:
+def mean_shape_table(samples: Sequence[Sample]) -> pd.DataFrame:
     """Per landmark: mean centred position (mm), SD per axis (mm), RMS distance to the mean (mm), count.
 
     Translation is removed per image (centroid of its valid landmarks); rotation and scale are not,
@@ -74,7 +74,7 @@ def mean_shape(samples: Sequence[Sample]) -> pd.DataFrame:
 def fig_mean_shape(samples: Sequence[Sample]) -> Figure:
     """Scatter of every image's centred landmarks (x-y plane, mm) with the mean shape and 2-SD ellipses."""
     pts = centred_landmarks(samples)
-    table = mean_shape(samples)
+    table = mean_shape_table(samples)
     fig, ax = plt.subplots(figsize=(6, 6))
     colors = sns.color_palette("husl", pts.shape[1])
     for k, name in enumerate(table["landmark"]):
@@ -182,9 +182,9 @@ def interobserver_table(reference_mm: np.ndarray, other_mm: np.ndarray, names: S
     """Per-landmark inter-observer errors (mm) plus an ``ALL`` row.
 
     ``reference_mm``/``other_mm``: ``(n_images, N, D)`` world mm of the same images (NaN = masked).
-    Columns: landmark, and :func:`lmlib.metrics.summarize`'s keys.
+    Columns: landmark, and :func:`lmlib.evaluation.metrics.summarize`'s keys.
     """
-    from lmlib.metrics import radial_errors, summarize
+    from lmlib.evaluation.metrics import radial_errors, summarize
 
     err = radial_errors(other_mm, reference_mm)
     rows = [{"landmark": n, **summarize(err[:, k])} for k, n in enumerate(names)]
@@ -196,9 +196,9 @@ def augmented_examples(sample: Sample, n: int, seed: int = 0,
                        left_right_pairs: Sequence[tuple[int, int]] = (), **augmentation: object) -> list[Sample]:
     """``n`` randomly augmented copies of ``sample`` (same grid), landmarks moved with the pixels.
 
-    Uses :func:`lmlib.transforms.build_augmentation` (MONAI); keyword arguments go to it.
+    Uses :func:`lmlib.data.transforms.build_augmentation` (MONAI); keyword arguments go to it.
     """
-    from lmlib.transforms import build_augmentation, make_item
+    from lmlib.data.transforms import build_augmentation, make_item
 
     aug = build_augmentation(sample.ndim, left_right_pairs, seed=seed, **augmentation)  # type: ignore[arg-type]
     out = []

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from lmlib.metrics import DEFAULT_THRESHOLDS_MM, sdr_key
+from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_key
 
 
 def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
-from lmlib.plots import save_figure
+from lmlib.reporting.figures import save_figure
 
 GT_COLOR = "tab:blue"
 PRED_COLOR = "red"
@@ -114,7 +114,7 @@ def _display_plane(image: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return image[:, :, int(np.clip(np.round(z), 0, image.shape[2] - 1))]
 
 
-def fig_overlay(images: Sequence[np.ndarray], gt_index: Sequence[np.ndarray], pred_index: Sequence[np.ndarray],
+def fig_training_overlay(images: Sequence[np.ndarray], gt_index: Sequence[np.ndarray], pred_index: Sequence[np.ndarray],
                 titles: Sequence[str] | None = None, suptitle: str = "", panel_inches: float = 2.6) -> Figure:
     """Panels of images (x, y[, z]) with ground truth (blue dots) and predictions (red crosses), in
     network-grid pixel indices (N, D)."""
@@ -169,7 +169,7 @@ class OverlayCallback(Callback):
     ground truth (blue) and prediction (red) into ``<output_dir>/overlays/epoch_NNN.png``; at the end
     of fitting, write ``<output_dir>/fig_training_progress.gif`` (``fps`` frames per second).
 
-    Needs the trainer's datamodule to be a :class:`lmlib.data.LandmarkDataModule`.
+    Needs the trainer's datamodule to be a :class:`lmlib.data.loaders.LandmarkDataModule`.
     """
 
     def __init__(self, output_dir: str | Path, every_n_epochs: int = 10, n_images: int = 4, fps: float = 10.0,
@@ -204,7 +204,7 @@ class OverlayCallback(Callback):
             gts.append(gt)
             preds.append(pred)
             titles.append(f"{s.image_id}: {np.nanmean(err):.2f} mm")
-        fig = fig_overlay(images, gts, preds, titles, suptitle=f"epoch {epoch + 1}")
+        fig = fig_training_overlay(images, gts, preds, titles, suptitle=f"epoch {epoch + 1}")
         self.frame_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.frame_dir / f"epoch_{epoch + 1:03d}.png", dpi=self.dpi)
 

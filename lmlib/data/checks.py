@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.readers import FORMATS_WITHOUT_SPACING, RawAnnotation
+from lmlib.data.readers import FORMATS_WITHOUT_SPACING, RawAnnotation
 
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "annotator", "landmark", "issue", "detail", "file")
 MASKING_ISSUES: frozenset[str] = frozenset({"duplicate", "missing", "no_annotation", "excluded"})

@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lmlib.contract import write_json
+from lmlib.outputs.contract import write_json
 from lmlib.runtime import environment_summary, peak_rss_mb
-from lmlib.sample import Sample
+from lmlib.data.sample import Sample
 
 
 def utc_now() -> str:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from lmlib.geometry import Geometry
-from lmlib.sample import Sample
+from lmlib.data.geometry import Geometry
+from lmlib.data.sample import Sample
 
 KINDS: tuple[str, ...] = ("disc", "apex", "cross", "corner", "ring", "bar_end", "hole", "tee")
 DEFAULT_SIZE = {2: (128, 128), 3: (64, 64, 64)}
@@ -31,7 +31,7 @@ _LAYOUT_3D = np.array(
     + [[0.22, 0.05, -0.05], [-0.22, -0.05, 0.05]])
 
 
-def mean_shape(ndim: int, n_landmarks: int) -> np.ndarray:
+def template_shape(ndim: int, n_landmarks: int) -> np.ndarray:
     """Mean landmark layout ``(N, D)`` in shape units (1 unit ~ 1/3 of the smallest field of view)."""
     if not 3 <= n_landmarks <= 16:
         raise ValueError(f"n_landmarks must be in 3..16, got {n_landmarks}")
@@ -167,7 +167,7 @@ def make_phantom(ndim: int, seed: int, size: tuple[int, ...] | None = None,
     unit = (0.36 if ndim == 2 else 0.33) * fov.min()  # mm per shape unit
 
     # Shape: mean layout + shape-mode (aspect) + per-landmark jitter; then pose.
-    base = mean_shape(ndim, n)
+    base = template_shape(ndim, n)
     r_struct = min(0.22, 0.3 * _min_distance(base))  # structure size, shape units
     shape = base * rng.uniform(0.93, 1.07, ndim) + rng.normal(0.0, 0.03, base.shape)
     if ndim == 2:

@@ -5,7 +5,7 @@ Errors are radial (Euclidean) distances between predicted and reference points i
 SDR (successful detection rate) uses a strict ``error < threshold`` and is reported in percent;
 outlier counts use a strict ``error > threshold``.
 
-The table-level functions take the long predictions DataFrame of :mod:`lmlib.contract` (one row per
+The table-level functions take the long predictions DataFrame of :mod:`lmlib.outputs.contract` (one row per
 image x landmark, coordinates ``x_mm, y_mm[, z_mm]`` and ``gt_*_mm`` in world mm) and return
 DataFrames. There, a NaN error is split into ``n_masked`` (reference landmark invalid) and
 ``n_unpredicted`` (valid reference, no prediction); both are left out of the statistics.
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.geometry import Geometry
+from lmlib.data.geometry import Geometry
 
 DEFAULT_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
 DEFAULT_OUTLIER_THRESHOLDS_MM: tuple[float, ...] = (4.0, 10.0)

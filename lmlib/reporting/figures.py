@@ -19,9 +19,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from lmlib.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
-from lmlib.sample import Sample
-from lmlib.stats import significance_matrix
+from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
+from lmlib.data.sample import Sample
+from lmlib.evaluation.statistics import significance_matrix
 
 DPI = 120
 MAX_BYTES = 1_000_000
@@ -140,7 +140,7 @@ def _p_text(p: float) -> str:
 
 def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = None, alpha: float = 0.05,
                      path: Path | str | None = None, dpi: int = DPI) -> Figure:
-    """Pairwise significance matrix from :func:`lmlib.stats.pairwise_wilcoxon`.
+    """Pairwise significance matrix from :func:`lmlib.evaluation.statistics.pairwise_wilcoxon`.
 
     Cell (row A, column B): Holm-corrected p and the mean paired difference A - B (mm; negative =
     row better). Colour: -log10(p), cells with p >= ``alpha`` greyed out.

@@ -1,6 +1,6 @@
 """Collect every method run of a dataset, align them, and write the comparison tables.
 
-A run is a folder ``results/<dataset>/<method>/`` following :mod:`lmlib.contract`. Runs that are
+A run is a folder ``results/<dataset>/<method>/`` following :mod:`lmlib.outputs.contract`. Runs that are
 missing files or malformed are collected by name with the reason (``Comparison.skipped``) and the
 rest still compare. Errors are recomputed from the coordinate columns (world mm, ``(x, y[, z])``)
 and methods are aligned on the (image, landmark) pairs that every run has. A run whose
@@ -16,15 +16,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib import metrics as M
-from lmlib import stats
-from lmlib.contract import ContractError, predictions_frame, read_run, write_json, write_outputs
-from lmlib.sample import Sample
+from lmlib.evaluation import metrics as M
+from lmlib.evaluation import statistics as stats
+from lmlib.outputs.contract import ContractError, predictions_frame, read_run, write_json, write_outputs
+from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration")  # not method runs
 TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
 KEY = ["image_id", "landmark"]
-TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals
+CSV_TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Comparison:
     def reference_methods(self) -> list[str]:
         return [m for m in self.methods if self.run_metrics[m].get("kind") == "reference"]
 
-    def error_matrix(self, method: str) -> pd.DataFrame:
+    def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
         wide = self.errors[method].unstack("landmark")
         order = pd.unique(self.errors.index.get_level_values("landmark"))
@@ -128,14 +128,14 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
         err = M.compute_errors(rows)
         written = rows["error_mm"].to_numpy(dtype=np.float64)
         diff = np.abs(np.nan_to_num(err, nan=-1.0) - np.nan_to_num(written, nan=-1.0))
-        if np.any(diff > TOLERANCE_MM):
-            notes.append(f"{method}: error_mm disagrees with its coordinates on {int(np.sum(diff > TOLERANCE_MM))} "
+        if np.any(diff > CSV_TOLERANCE_MM):
+            notes.append(f"{method}: error_mm disagrees with its coordinates on {int(np.sum(diff > CSV_TOLERANCE_MM))} "
                          f"rows (max {np.max(diff):.3g} mm); using errors recomputed from coordinates")
         gt = rows[list(M.GT_COLS)].to_numpy(dtype=np.float64)
         gt_diff = np.abs(np.nan_to_num(gt, nan=1e9) - np.nan_to_num(ref_gt, nan=1e9))
-        if np.any(gt_diff > TOLERANCE_MM):
+        if np.any(gt_diff > CSV_TOLERANCE_MM):
             notes.append(f"{method}: reference points differ from {next(iter(indexed))}'s on "
-                         f"{int(np.any(gt_diff > TOLERANCE_MM, axis=1).sum())} pairs")
+                         f"{int(np.any(gt_diff > CSV_TOLERANCE_MM, axis=1).sum())} pairs")
         cols[method] = err
     return pd.DataFrame(cols, index=common), notes
 
@@ -168,7 +168,7 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
         aligned["error_mm"] = comp.errors[method].to_numpy()
         row: dict[str, Any] = {"method": method, "kind": comp.run_metrics[method].get("kind", "method")}
         row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
-        ci = stats.bootstrap_ci(comp.error_matrix(method), thresholds_mm=thresholds_mm, indices=idx)
+        ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx)
         for key in ci.index:
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
         row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
@@ -275,13 +275,13 @@ def qualitative_samples(dataset: str, data_dir: str | None, image_ids: Iterable[
                         ) -> tuple[list[Sample], str]:
     """Up to ``n`` test samples of ``dataset`` whose ids are in ``image_ids``, and a status message.
 
-    Uses ``lmlib.datasets.load_dataset(dataset, data_dir or None, split="test")``; when that is not
+    Uses ``lmlib.data.datasets.load_dataset(dataset, data_dir or None, split="test")``; when that is not
     available or fails, returns no sample and a message saying why (overlays are optional).
     """
     try:
-        from lmlib.datasets import load_dataset
+        from lmlib.data.datasets import load_dataset
     except ImportError as exc:
-        return [], f"qualitative overlays skipped: lmlib.datasets is not available ({exc})"
+        return [], f"qualitative overlays skipped: lmlib.data.datasets is not available ({exc})"
     try:
         loaded = load_dataset(dataset, data_dir or None, split="test")
     except Exception as exc:  # noqa: BLE001 - overlays must not stop the comparison

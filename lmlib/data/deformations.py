@@ -16,11 +16,11 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from lmlib.geometry import Geometry
-from lmlib.phantoms import assign_splits
-from lmlib.sample import Sample, image_from_sitk
+from lmlib.data.geometry import Geometry
+from lmlib.data.phantoms import assign_splits
+from lmlib.data.sample import Sample, image_from_sitk
 
-TOLERANCE_MM = 1e-4  # accepted residual |T(y) - p| of an inverted landmark, mm
+INVERSION_TOLERANCE_MM = 1e-4  # accepted residual |T(y) - p| of an inverted landmark, mm
 
 
 def _elastic_transform(geometry: Geometry, size: np.ndarray, rng: np.random.Generator,
@@ -91,7 +91,7 @@ def _invert_displacement(t: sitk.Transform, p: np.ndarray, max_iter: int = 200) 
             break
         z = z - residual
     residual = np.linalg.norm(np.asarray(t.TransformPoint(z.tolist())) - p)
-    if residual > TOLERANCE_MM:
+    if residual > INVERSION_TOLERANCE_MM:
         raise RuntimeError(f"elastic inverse did not converge at {p.tolist()}: residual {residual:.2e} mm")
     return z
 
@@ -99,7 +99,7 @@ def _invert_displacement(t: sitk.Transform, p: np.ndarray, max_iter: int = 200) 
 def inverse_transform_points(transform: sitk.Transform, points_mm: np.ndarray) -> np.ndarray:
     """Points ``p`` (N, D) mm -> ``T^-1(p)``: where a landmark at input point ``p`` lands in the
     output of ``sitk.Resample(image, transform)``. NaN rows stay NaN. Raises if the residual
-    ``|T(T^-1(p)) - p|`` exceeds :data:`TOLERANCE_MM`."""
+    ``|T(T^-1(p)) - p|`` exceeds :data:`INVERSION_TOLERANCE_MM`."""
     pts = np.array(points_mm, dtype=np.float64, ndmin=2)
     out = np.full_like(pts, np.nan)
     for i, p in enumerate(pts):
@@ -107,7 +107,7 @@ def inverse_transform_points(transform: sitk.Transform, points_mm: np.ndarray) -
             continue
         out[i] = _inverse_point(transform, p)
         residual = np.linalg.norm(np.asarray(transform.TransformPoint(out[i].tolist())) - p)
-        if residual > TOLERANCE_MM:
+        if residual > INVERSION_TOLERANCE_MM:
             raise RuntimeError(f"inverse transform failed at {p.tolist()}: residual {residual:.2e} mm")
     return out
 

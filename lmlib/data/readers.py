@@ -2,7 +2,7 @@
 
 Every landmark reader returns :class:`RawAnnotation` records. A label may occur several times
 (``points[label]`` is a list) and absent labels are simply absent, so that duplicates and gaps
-reach :mod:`lmlib.checks` intact. Points are ``(x, y[, z])`` rows, either
+reach :mod:`lmlib.data.checks` intact. Points are ``(x, y[, z])`` rows, either
 
 - ``units="index"``: continuous pixel/voxel index, 0 = centre of the first pixel (SimpleITK), or
 - ``units="world"``: world millimetres in the ITK/SimpleITK **LPS** frame.
@@ -391,7 +391,7 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, np.n
     return tuple(int(s) for s in size), np.array(sp), np.array(org), np.array(dr).reshape(d, d)
 
 
-#: Reader name -> function, as named in :class:`lmlib.datasets.DatasetSpec`.
+#: Reader name -> function, as named in :class:`lmlib.data.datasets.DatasetSpec`.
 READERS: dict[str, Any] = {
     "labelme": read_labelme,
     "landmark_csv": read_landmark_csv,

@@ -4,7 +4,7 @@
 encodes targets on each batch (on the device, given the epoch), computes the method's loss, and in
 validation decodes coordinates and measures the radial error in **world mm** against the sample's
 original (unaugmented) landmarks, through the network grid's geometry
-(:meth:`lmlib.data.LandmarkDataset.to_world`). Logged per epoch (CSVLogger, ``training_log/metrics.csv``):
+(:meth:`lmlib.data.loaders.LandmarkDataset.to_world`). Logged per epoch (CSVLogger, ``training_log/metrics.csv``):
 ``train/loss``, ``val/loss``, ``val/mre_mm``, ``val/dice``, per landmark ``val/err_mm/<name>`` and
 ``val/dice/<name>``, ``lr``, and the method's ``epoch_info`` (e.g. the mask radius).
 
@@ -27,10 +27,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from lmlib.data import LandmarkDataModule, LandmarkDataset, collate_landmarks
+from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, collate_landmarks
 from lmlib.methods import LandmarkMethod, build_method
 from lmlib.runtime import setup
-from lmlib.sample import Sample
+from lmlib.data.sample import Sample
 
 MONITOR = "val/mre_mm"
 
@@ -255,7 +255,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     names = landmark_names or datamodule.samples[0].landmark_names
     module = LandmarkModule(method, learning_rate, weight_decay, lr_schedule, max_epochs, names)
     if datamodule.target_size is not None:
-        from lmlib.models import check_input_size
+        from lmlib.methods.networks import check_input_size
         check_input_size(datamodule.target_size, method.size_multiple())
     n_batches = max(1, math.ceil(n_train / datamodule.batch_size))
     refresh = progress_refresh_rate or n_batches

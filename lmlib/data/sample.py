@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from lmlib.geometry import Geometry
+from lmlib.data.geometry import Geometry
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Engine: the Lightning training module, fit/predict, cascades, the run path and training figures."""

@@ -1,0 +1,1 @@
+"""Evaluation: radial errors and summary metrics in mm, statistics (tests, confidence intervals)."""

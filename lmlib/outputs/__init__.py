@@ -1,0 +1,1 @@
+"""Outputs: the output contract (predictions.csv, metrics.json) and run manifests."""

@@ -1,0 +1,1 @@
+"""Reporting: comparison tables and figures, data exploration."""
