@@ -73,7 +73,7 @@ def test_predict_world_mm_in_original_images(trained, samples):
 
 def test_predict_maps_back_through_resize(trained, samples):
     """Upsampled originals (2x) predicted on the 64-px grid land on the same world positions."""
-    from lmlib.data.transforms import preprocess
+    from lmlib.data.grids import preprocess
 
     _, result = trained
     s = [x for x in samples if x.meta["split"] == "test"][0]

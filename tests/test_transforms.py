@@ -10,7 +10,8 @@ from scipy.spatial.transform import Rotation
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd, build_augmentation,
-                              intensity_transforms, left_right_index_pairs, make_item, mark_outside, preprocess)
+                              intensity_transforms, left_right_index_pairs, make_item, mark_outside)
+from lmlib.data.grids import preprocess
 from monai.transforms import Compose
 
 SIZES = {2: (64, 72), 3: (40, 42, 38)}

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
-from lmlib.data.transforms import make_item, preprocess
+from lmlib.data.grids import preprocess
+from lmlib.data.transforms import make_item
 
 TargetEncoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, Any]]
 SPLITS = ("train", "val", "test")
@@ -64,7 +65,7 @@ class LandmarkDataset(Dataset):
 
     Args:
         samples: the samples of one split.
-        target_size / target_spacing / normalize: see :func:`lmlib.data.transforms.preprocess`
+        target_size / target_spacing / normalize: see :func:`lmlib.data.grids.preprocess`
             (size in pixels (x, y[, z]), spacing in mm).
         transform: optional augmentation on the landmark dict (e.g. :func:`build_augmentation`);
             reseeded with ``seed`` here and per worker by :func:`seed_worker`.
