@@ -54,7 +54,8 @@ class Job:
 JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
         smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
-    Job("05_inter_observer.ipynb", "inter-observer", ("hamedan-ceph",)),
+    # reference rows (no training): writes <method>/mean_shape and, with a second annotator, <method>/inter-observer
+    Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": 10}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + ("hamedan-ceph",),
         smoke={"max_epochs": 2, "max_train_images": 8},
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3, "sigma": 2.5},
@@ -121,8 +122,11 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     if seed is not None:
         params["seed"] = seed
     params.update(extra or {})
-    if "results_dir" in check_parameters(notebook, params):  # notebooks that read other runs (comparison)
+    declared = check_parameters(notebook, params)
+    if "results_dir" in declared:  # notebooks that read other runs (comparison)
         params.setdefault("results_dir", str(results))
+    if "profile" in declared:  # the comparison compares runs of its own profile
+        params.setdefault("profile", profile)
 
     shutil.rmtree(root / tmp, ignore_errors=True)
     (root / tmp).mkdir(parents=True)
@@ -136,20 +140,50 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     return root / final
 
 
+def _retarget(value: Any, tmp: str, final: str) -> Any:
+    """``value`` with the scratch folder ``tmp`` replaced by ``final`` where it is (a prefix of) a path string."""
+    if isinstance(value, str) and (value == tmp or value.startswith(tmp.rstrip("/") + "/")):
+        return final + value[len(tmp):]
+    if isinstance(value, dict):
+        return {k: _retarget(v, tmp, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_retarget(v, tmp, final) for v in value]
+    return value
+
+
 def _finalise(tmp: Path, final: Path, params: dict[str, Any], job: Job, profile: str, seconds: float) -> None:
-    """Record driver facts in the manifest, then swap the finished folder into place."""
+    """Record driver facts in the manifests, make the executed notebook name the final folder, then swap
+    the finished folder into place.
+
+    The run's ``manifest.json`` and those of its sub-runs (``<tmp>/<stage>/manifest.json``, e.g. cascade
+    stages or reference rows) get the driver's notebook/profile and the final ``output_dir``; the executed
+    notebook's injected-parameters cell and papermill metadata name ``results/<dataset>/<method>``
+    instead of the driver's ``.tmp-<method>`` scratch folder (cell outputs are left as printed).
+    """
     manifest = tmp / "manifest.json"
     if not manifest.is_file():
         raise RuntimeError(f"{tmp / job.notebook}: ran but wrote no manifest.json")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    data["parameters"]["output_dir"] = str(Path(params["output_dir"]).parent / job.method)
-    data["driver"] = {"notebook": f"notebooks/{job.notebook}", "profile": profile,
-                      "wall_seconds": round(seconds, 1)}
-    manifest.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    scratch = str(params["output_dir"])
+    target = str(Path(scratch).parent / job.method)
+    driver = {"notebook": f"notebooks/{job.notebook}", "profile": profile, "wall_seconds": round(seconds, 1)}
+    for path in (manifest, *sorted(tmp.glob("*/manifest.json"))):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["parameters"] = _retarget(data.get("parameters", {}), scratch, target)
+        if path == manifest:
+            data["parameters"]["output_dir"] = target
+        data["driver"] = driver
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     executed = tmp / job.notebook  # papermill records absolute paths: keep the repository-relative ones
     nb = json.loads(executed.read_text(encoding="utf-8"))
-    nb.get("metadata", {}).get("papermill", {}).update(
-        input_path=f"notebooks/{job.notebook}", output_path=f"{data['parameters']['output_dir']}/{job.notebook}")
+    meta = nb.setdefault("metadata", {})
+    papermill_meta = meta.get("papermill")
+    shown = _retarget(papermill_meta.get("parameters", params) if papermill_meta else params, scratch, target)
+    if papermill_meta is not None:
+        papermill_meta.update(input_path=f"notebooks/{job.notebook}", output_path=f"{target}/{job.notebook}",
+                              parameters=shown)
+    for cell in nb.get("cells", []):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = _injected_source(meta, shown).splitlines(keepends=True)
     executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
@@ -157,6 +191,15 @@ def _finalise(tmp: Path, final: Path, params: dict[str, Any], job: Job, profile:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _injected_source(metadata: dict[str, Any], parameters: dict[str, Any]) -> str:
+    """The injected-parameters cell papermill writes for ``parameters`` (same translator and language)."""
+    from papermill.translators import translate_parameters
+
+    kernel = metadata.get("kernelspec", {}).get("name", KERNEL_NAME)
+    language = metadata.get("kernelspec", {}).get("language") or metadata.get("language_info", {}).get("name", "python")
+    return translate_parameters(kernel, language, parameters, "Parameters")
 
 
 def select(jobs: Sequence[Job], datasets: Sequence[str], only: Sequence[str]) -> list[tuple[Job, str]]:

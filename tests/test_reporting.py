@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmlib.evaluation import baselines
 from lmlib.evaluation import metrics as M
 from lmlib.reporting import comparison as reporting
-from lmlib.outputs.contract import predictions_frame, read_run, write_outputs
+from lmlib.reporting import figures as plots
+from lmlib.outputs.contract import predictions_frame, read_run, write_json, write_outputs
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 
@@ -45,21 +47,42 @@ def noisy(samples: list[Sample], sigma: float, seed: int) -> list[np.ndarray]:
     return [s.landmarks_mm + rng.normal(0.0, sigma, s.landmarks_mm.shape) for s in samples]
 
 
+TIMINGS = {"train_seconds": 1.0, "infer_seconds_per_image": 0.1, "peak_rss_mb": 1.0}
+
+
+def manifest(folder: Path, dataset: str = "synthetic2d", profile: str | None = "default", device: str = "cpu",
+             finished: str = "2026-01-01T00:00:00+00:00") -> None:
+    """The manifest a driver run leaves (``profile=None``: a run made outside the driver)."""
+    data: dict = {"parameters": {"dataset": dataset}, "device": device, "finished": finished}
+    if profile is not None:
+        data["driver"] = {"notebook": "notebooks/x.ipynb", "profile": profile}
+    write_json(folder / "manifest.json", data)
+
+
+def method_run(folder: Path, samples: list[Sample], sigma: float, seed: int, profile: str | None = "default",
+               dataset: str = "synthetic2d", device: str = "cpu", timings: dict | None = None) -> None:
+    write_outputs(folder, predictions_frame(samples, noisy(samples, sigma, seed)), timings or TIMINGS)
+    manifest(folder, dataset, profile, device)
+
+
 @pytest.fixture()
 def results(tmp_path: Path) -> tuple[Path, list[Sample]]:
-    """results/synthetic2d/ with three good runs, a malformed one, a reference run and non-runs."""
+    """results/synthetic2d/ with three good runs, a malformed one, reference runs and non-runs."""
     samples = synthetic_samples()
     root = tmp_path / "results" / "synthetic2d"
     for k, (method, sigma) in enumerate(NOISE_MM.items()):
         timings = {"train_seconds": 10.0 * (k + 1), "infer_seconds_per_image": 0.1, "peak_rss_mb": 500.0}
-        write_outputs(root / method, predictions_frame(samples, noisy(samples, sigma, k)), timings)
+        method_run(root / method, samples, sigma, k, device="cuda:0" if method == "beta" else "cpu", timings=timings)
     broken = root / "broken"
-    write_outputs(broken, predictions_frame(samples, noisy(samples, 1.0, 9)),
-                  {"train_seconds": 1.0, "infer_seconds_per_image": 0.1, "peak_rss_mb": 1.0})
+    method_run(broken, samples, 1.0, 9)
     pd.read_csv(broken / "predictions.csv").drop(columns=["gt_y_mm"]).to_csv(broken / "predictions.csv", index=False)
     (root / "empty-method").mkdir()
     other = [s.with_landmarks_mm(p) for s, p in zip(samples, noisy(samples, 0.8, 7))]
     reporting.write_reference_run(samples, other, root / "inter-observer")
+    manifest(root / "inter-observer", profile="smoke")  # references are compared whatever their profile
+    # 05_reference_rows: output_dir reference/ holding the mean-shape sub-run (own manifest, no driver)
+    baselines.write_mean_shape_run(samples[::2], samples, root / "reference" / "mean_shape", {"dataset": "synthetic2d"})
+    manifest(root / "reference", profile="full")
     (root / "exploration").mkdir()
     (root / "exploration" / "manifest.json").write_text("{}")
     (root / ".tmp-comparison").mkdir()
@@ -69,7 +92,8 @@ def results(tmp_path: Path) -> tuple[Path, list[Sample]]:
 
 def test_discover_reports_malformed_by_name(results: tuple[Path, list[Sample]]) -> None:
     runs, skipped = reporting.discover_runs(results[0], "synthetic2d")
-    assert sorted(runs) == ["alpha", "beta", "gamma", "inter-observer"]
+    assert sorted(runs) == ["alpha", "beta", "gamma", "inter-observer", "reference/mean_shape"]
+    assert runs["reference/mean_shape"].kind == "reference" and runs["alpha"].kind == "method"
     reasons = dict(skipped)
     assert set(reasons) == {"broken", "empty-method"}
     assert "gt_y_mm" in reasons["broken"] and "missing" in reasons["empty-method"]
@@ -80,10 +104,13 @@ def test_discover_reports_malformed_by_name(results: tuple[Path, list[Sample]]) 
 
 def test_table_main_order_cis_and_timings(results: tuple[Path, list[Sample]]) -> None:
     comp = reporting.load_comparison(results[0], "synthetic2d")
-    assert comp.reference_methods == ["inter-observer"]
+    assert comp.reference_methods == ["inter-observer", "reference/mean_shape"] and comp.profile == "default"
     table = reporting.table_main(comp, n_bootstrap=300, seed=0)
-    order = [m for m in table.index if m != "inter-observer"]
+    order = [m for m in table.index if table.loc[m, "kind"] == "method"]
     assert order == ["alpha", "beta", "gamma"]
+    assert list(table.columns[:3]) == ["kind", "profile", "device"]
+    assert table.loc["beta", "device"] == "cuda:0" and table.loc["alpha", "profile"] == "default"
+    assert table.loc["inter-observer", "profile"] == "smoke" and table.loc["reference/mean_shape", "profile"] == "-"
     assert table["mre_mm"].is_monotonic_increasing
     assert (table["mre_mm_ci_low"] <= table["mre_mm"]).all() and (table["mre_mm"] <= table["mre_mm_ci_high"]).all()
     assert table.loc["beta", "train_seconds"] == 20.0 and table.loc["inter-observer", "kind"] == "reference"
@@ -93,6 +120,11 @@ def test_table_main_order_cis_and_timings(results: tuple[Path, list[Sample]]) ->
         assert table.loc["gamma", key] == pytest.approx(expected[key], abs=1e-3)
     shown = reporting.format_table_main(table)
     assert shown.loc["inter-observer", "Train (s)"] == "-" and "±" in shown.loc["alpha", "MRE ± SD (mm) [95% CI]"]
+    assert shown.loc["beta", "Device"] == "cuda:0" and shown.loc["inter-observer", "Device"] == "-"
+    assert shown.loc["gamma", "Profile"] == "default" and shown.loc["reference/mean_shape", "Profile"] == "-"
+    md = reporting.markdown_table(shown)
+    assert "| Profile | Device |" in md and "cuda:0" in md
+    assert "Profile & Device" in reporting.latex_table(shown)
 
 
 def test_table_landmarks_and_writing(results: tuple[Path, list[Sample]], tmp_path: Path) -> None:
@@ -157,6 +189,108 @@ def test_predictions_for_image_and_qualitative_fallback(results: tuple[Path, lis
     assert samples == [] and "skipped" in message
 
 
+def test_other_dataset_and_missing_manifest_are_skipped(results: tuple[Path, list[Sample]]) -> None:
+    results_dir, samples = results
+    root = results_dir / "synthetic2d"
+    method_run(root / "copied-3d", samples, 0.1, 1, dataset="synthetic3d")  # would be the best row
+    write_outputs(root / "by-hand", predictions_frame(samples, noisy(samples, 0.1, 2)), TIMINGS)  # no manifest
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert "copied-3d" not in comp.methods and "by-hand" not in comp.methods
+    reasons = dict(comp.skipped)
+    assert "'synthetic3d', not 'synthetic2d'" in reasons["copied-3d"]
+    assert reasons["by-hand"].startswith("manifest.json: missing")
+
+
+def test_method_runs_of_another_profile_are_excluded_and_named(results: tuple[Path, list[Sample]]) -> None:
+    results_dir, samples = results
+    root = results_dir / "synthetic2d"
+    method_run(root / "heatmap_unet", samples, 0.1, 3, profile="smoke")
+    method_run(root / "dilation_erosion", samples, 0.2, 4, profile="smoke")
+    comp = reporting.load_comparison(results_dir, "synthetic2d")  # majority: 3 default vs 2 smoke
+    assert comp.profile == "default"
+    assert set(comp.methods) == {"alpha", "beta", "gamma", "inter-observer", "reference/mean_shape"}
+    stale = "stale run of profile smoke"
+    assert dict(comp.excluded) == {"heatmap_unet": stale, "dilation_erosion": stale}
+    assert any(n.startswith("stale run of profile smoke: dilation_erosion, heatmap_unet") for n in comp.notes)
+    smoke = reporting.load_comparison(results_dir, "synthetic2d", profile="smoke")
+    assert set(smoke.methods) == {"heatmap_unet", "dilation_erosion", "inter-observer", "reference/mean_shape"}
+    assert {m for m, _ in smoke.excluded} == {"alpha", "beta", "gamma"}
+    method_run(root / "by-hand", samples, 0.3, 5, profile=None)  # outside the driver: kept, with a note
+    comp = reporting.load_comparison(results_dir, "synthetic2d", profile="default")
+    assert "by-hand" in comp.methods and any("profile unknown" in n and "by-hand" in n for n in comp.notes)
+
+
+def test_majority_tie_goes_to_the_latest_profile(tmp_path: Path) -> None:
+    samples = synthetic_samples(3)
+    root = tmp_path / "synthetic2d"
+    for name, profile, finished in (("a", "smoke", "2026-01-02"), ("b", "full", "2026-01-03")):
+        write_outputs(root / name, predictions_frame(samples, noisy(samples, 1.0, 0)), TIMINGS)
+        manifest(root / name, profile=profile, finished=finished)
+    runs, _ = reporting.discover_runs(tmp_path, "synthetic2d")
+    assert reporting.choose_profile(runs) == "full" and reporting.choose_profile(runs, "smoke") == "smoke"
+
+
+def test_cascade_stage_sub_runs_are_rows(results: tuple[Path, list[Sample]]) -> None:
+    results_dir, samples = results
+    cascade = results_dir / "synthetic2d" / "global_local"
+    method_run(cascade / "global", samples, 2.0, 11)
+    method_run(cascade / "local", samples, 0.8, 12)
+    write_outputs(cascade / "refine", predictions_frame(samples, noisy(samples, 1.0, 13)), TIMINGS)  # parent's manifest
+    (cascade / "checkpoints").mkdir()  # not a run: ignored
+    (cascade / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    manifest(cascade)
+    broken = cascade / "bad"
+    method_run(broken, samples, 1.0, 14)
+    (broken / "metrics.json").write_text("{not json")
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert {"global_local/global", "global_local/local", "global_local/refine"} <= set(comp.methods)
+    assert "global_local" not in dict(comp.skipped)  # no predictions.csv of its own, but stages: not malformed
+    assert "invalid JSON" in dict(comp.skipped)["global_local/bad"]
+    assert not any("checkpoints" in m for m in [*comp.methods, *dict(comp.skipped)])
+    table = reporting.table_main(comp, n_bootstrap=50)
+    assert table.loc["global_local/local", "mre_mm"] < table.loc["global_local/global", "mre_mm"]
+    assert table.loc["global_local/refine", "profile"] == "default"
+    # a run folder with its own predictions keeps its row beside its stages ...
+    method_run(results_dir / "synthetic2d" / "alpha" / "coarse", samples, 5.0, 15)
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert {"alpha", "alpha/coarse"} <= set(comp.methods)
+    # ... unless it is a copy of one of them (the last stage's outputs copied to the top folder)
+    for name in ("predictions.csv", "metrics.json"):
+        (cascade / name).write_bytes((cascade / "local" / name).read_bytes())
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert "global_local" not in comp.methods and "global_local/local" in comp.methods
+    assert "global_local: same predictions as its stage global_local/local, shown once as global_local/local" in comp.notes
+
+
+def test_missing_mean_shape_is_noted(results: tuple[Path, list[Sample]]) -> None:
+    results_dir, _ = results
+    assert not any("mean_shape" in n for n in reporting.load_comparison(results_dir, "synthetic2d").notes)
+    import shutil
+    shutil.rmtree(results_dir / "synthetic2d" / "reference")
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert any(n.startswith("no mean_shape reference run") for n in comp.notes)
+
+
+def test_reference_rows_do_not_squeeze_the_figures(results: tuple[Path, list[Sample]]) -> None:
+    results_dir, samples = results
+    root = results_dir / "synthetic2d"
+    far = [s.landmarks_mm + 60.0 for s in samples]  # a reference row far off every method
+    baselines.write_reference_predictions(root / "reference" / "far", samples, far, "far", {"dataset": "synthetic2d"})
+    comp = reporting.load_comparison(results_dir, "synthetic2d")
+    assert "reference/far" in comp.reference_methods
+    long = comp.errors_long()
+    order = list(reporting.table_main(comp, n_bootstrap=20).index)
+    trained_max = long.loc[~long["method"].isin(comp.reference_methods), "error_mm"].max()
+    sdr = plots.fig_sdr_curve(long, order, reference_methods=comp.reference_methods)
+    assert sdr.axes[0].get_xlim()[1] < 60.0
+    assert [ln.get_linestyle() for ln in sdr.axes[0].lines if ln.get_label() == "reference/mean_shape"] == ["--"]
+    box = plots.fig_error_boxplot(long, order, comp.reference_methods)
+    assert trained_max <= box.axes[0].get_ylim()[1] < 60.0 and "clipped" in box.axes[0].get_title()
+    assert plots.fig_error_boxplot(long, order).axes[0].get_ylim()[1] > 60.0  # no references named: no clipping
+    heat = plots.fig_landmark_heatmap(reporting.table_landmarks(comp, order), reference_methods=comp.reference_methods)
+    assert heat.axes[0].collections[0].get_clim()[1] < 60.0
+
+
 @pytest.mark.notebook
 def test_comparison_notebook(results: tuple[Path, list[Sample]], tmp_path: Path) -> None:
     pm = pytest.importorskip("papermill")
@@ -166,15 +300,19 @@ def test_comparison_notebook(results: tuple[Path, list[Sample]], tmp_path: Path)
                         progress_bar=False, parameters={"dataset": "synthetic2d", "results_dir": str(results_dir),
                                                         "output_dir": str(out), "n_bootstrap": 200, "n_qualitative": 2})
     table = pd.read_csv(out / "table_main.csv", index_col="method")
-    assert [m for m in table.index if m != "inter-observer"] == ["alpha", "beta", "gamma"]
-    assert table["mre_mm"].is_monotonic_increasing and "inter-observer" in table.index
+    assert [m for m in table.index if table.loc[m, "kind"] == "method"] == ["alpha", "beta", "gamma"]
+    assert table["mre_mm"].is_monotonic_increasing
+    assert {"inter-observer", "reference/mean_shape"} <= set(table.index)
+    assert set(table["profile"]) == {"default", "smoke", "-"} and table.loc["beta", "device"] == "cuda:0"
+    assert "| Profile | Device |" in (out / "table_main.md").read_text(encoding="utf-8")
     for stem in ("table_main", "table_landmarks"):
         assert all((out / f"{stem}.{ext}").is_file() for ext in ("csv", "md", "tex"))
     for fig in ("fig_error_boxplot", "fig_sdr_curve", "fig_landmark_heatmap", "fig_significance"):
         assert 0 < (out / f"{fig}.png").stat().st_size < 1_000_000
     summary = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     assert {s["method"] for s in summary["skipped"]} == {"broken", "empty-method"}
-    assert summary["methods"] == list(table.index)
+    assert summary["methods"] == list(table.index) and summary["profile"] == "default"
+    assert summary["runs"]["beta"] == {"kind": "method", "profile": "default", "device": "cuda:0"}
     text = (tmp_path / "executed.ipynb").read_text(encoding="utf-8")
     assert "SKIPPED broken" in text and "SKIPPED empty-method" in text
     assert (out / "manifest.json").is_file()

@@ -98,3 +98,90 @@ def test_main_exit_status_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(run, "run_job", boom)
     assert main(["--dataset", "synthetic2d", "--results-dir", str(tmp_path)]) == 1
     assert main(["--list"]) == 0
+
+
+def _fake_executed(tmp: Path, name: str, params: dict) -> None:
+    """What papermill leaves in the scratch folder: an executed notebook naming ``.tmp-<method>``."""
+    from papermill.translators import translate_parameters
+
+    nb = nbformat.v4.new_notebook()
+    declared = nbformat.v4.new_code_cell('dataset: str = "x"\noutput_dir: str = "out"')
+    declared.metadata["tags"] = ["parameters"]
+    injected = nbformat.v4.new_code_cell(translate_parameters("lmlib", "python", params, "Parameters"))
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [declared, injected, nbformat.v4.new_code_cell("print(1)")]
+    nb.metadata["kernelspec"] = {"name": "lmlib", "display_name": "Python (lmlib)", "language": "python"}
+    nb.metadata["papermill"] = {"parameters": dict(params), "input_path": "/abs/notebooks/" + name,
+                                "output_path": f"/abs/{params['output_dir']}/{name}"}
+    tmp.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, tmp / name)
+
+
+def test_finalise_shows_the_final_folder_in_the_executed_notebook(tmp_path: Path) -> None:
+    job = Job("90_x.ipynb", "comparison", ("hamedan-ceph",))
+    scratch = "results/hamedan-ceph/.tmp-comparison"
+    params = {"dataset": "hamedan-ceph", "output_dir": scratch, "results_dir": "results"}
+    tmp, final = tmp_path / scratch, tmp_path / "results" / "hamedan-ceph" / "comparison"
+    _fake_executed(tmp, job.notebook, params)
+    (tmp / "manifest.json").write_text(json.dumps({"parameters": dict(params), "device": "cpu"}))
+    (tmp / "stage").mkdir()  # a sub-run (cascade stage / reference row) with its own manifest
+    (tmp / "stage" / "manifest.json").write_text(json.dumps(
+        {"parameters": {**params, "output_dir": f"{scratch}/stage"}, "device": "cpu"}))
+    final.mkdir(parents=True)
+    (final / "old.txt").write_text("previous run")
+
+    run._finalise(tmp, final, params, job, "smoke", 12.34)
+
+    assert not tmp.exists() and not (final / "old.txt").exists()
+    text = (final / job.notebook).read_text(encoding="utf-8")
+    assert ".tmp-" not in text and "/abs/" not in text
+    nb = nbformat.read(final / job.notebook, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert 'output_dir = "results/hamedan-ceph/comparison"' in injected[0].source
+    assert 'dataset = "hamedan-ceph"' in injected[0].source and 'results_dir = "results"' in injected[0].source
+    meta = nb.metadata["papermill"]
+    assert meta["parameters"]["output_dir"] == "results/hamedan-ceph/comparison"
+    assert meta["input_path"] == "notebooks/90_x.ipynb"
+    assert meta["output_path"] == "results/hamedan-ceph/comparison/90_x.ipynb"
+    top = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+    assert top["parameters"]["output_dir"] == "results/hamedan-ceph/comparison"
+    assert top["driver"] == {"notebook": "notebooks/90_x.ipynb", "profile": "smoke", "wall_seconds": 12.3}
+    stage = json.loads((final / "stage" / "manifest.json").read_text(encoding="utf-8"))
+    assert stage["parameters"]["output_dir"] == "results/hamedan-ceph/comparison/stage"
+    assert stage["driver"]["profile"] == "smoke"
+
+
+def test_finalise_refuses_a_run_without_manifest(tmp_path: Path) -> None:
+    job = Job("toy.ipynb", "toy", ("synthetic2d",))
+    params = {"dataset": "synthetic2d", "output_dir": "results/synthetic2d/.tmp-toy"}
+    tmp = tmp_path / params["output_dir"]
+    _fake_executed(tmp, job.notebook, params)
+    with pytest.raises(RuntimeError, match="no manifest.json"):
+        run._finalise(tmp, tmp_path / "results" / "synthetic2d" / "toy", params, job, "default", 1.0)
+    assert tmp.exists()
+
+
+def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import papermill as pm
+
+    seen: list[dict] = []
+
+    def fake_execute(input_path: str, output_path: str, parameters: dict, **kwargs) -> None:
+        seen.append(dict(parameters))
+        out = Path(kwargs["cwd"]) / parameters["output_dir"]
+        _fake_executed(out, Path(output_path).name, parameters)
+        (out / "manifest.json").write_text(json.dumps({"parameters": dict(parameters)}))
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    _write_notebook(tmp_path, "toy.ipynb", BODY)
+    nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
+    nb.cells[0].source += '\nprofile: str = ""\nresults_dir: str = "results"'
+    nbformat.write(nb, tmp_path / "notebooks" / "with_profile.ipynb")
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="full", root=tmp_path)
+    run_job(Job("with_profile.ipynb", "cmp", ("synthetic2d",)), "synthetic2d", profile="full", root=tmp_path)
+    assert "profile" not in seen[0] and "results_dir" not in seen[0]
+    assert seen[1]["profile"] == "full" and seen[1]["results_dir"] == "results"
+    executed = nbformat.read(tmp_path / "results" / "synthetic2d" / "cmp" / "with_profile.ipynb", as_version=4)
+    assert 'profile = "full"' in executed.cells[1].source
+    assert 'output_dir = "results/synthetic2d/cmp"' in executed.cells[1].source

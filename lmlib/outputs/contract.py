@@ -26,6 +26,8 @@ METRIC_KEYS: tuple[str, ...] = (
     "mre_mm", "sd_mm", "median_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm",
     "n_images", "n_landmarks", "train_seconds", "infer_seconds_per_image", "peak_rss_mb",
 )
+REFERENCE_KIND = "reference"  # metrics.json "kind" of a run that needs no training (mean shape, 2nd annotator)
+REFERENCE_TIMINGS: dict[str, float] = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
 
 
 class ContractError(ValueError):
@@ -129,3 +131,17 @@ def read_run(run_dir: Path | str) -> tuple[pd.DataFrame, dict[str, Any]]:
     if lacking:
         raise ContractError(f"{met_path}: missing keys {lacking}")
     return preds, metrics
+
+
+def read_manifest(run_dir: Path | str) -> dict[str, Any] | None:
+    """A run folder's ``manifest.json`` as a dict, None when absent; :class:`ContractError` when unreadable."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ContractError(f"{path}: not a JSON object")
+    return data

@@ -1,14 +1,24 @@
-"""Collect every method run of a dataset, align them, and write the comparison tables.
+"""Collect every run of a dataset, align them, and write the comparison tables.
 
-A run is a folder ``results/<dataset>/<method>/`` following :mod:`lmlib.outputs.contract`. Runs that are
-missing files or malformed are collected by name with the reason (``Comparison.skipped``) and the
-rest still compare. Errors are recomputed from the coordinate columns (world mm, ``(x, y[, z])``)
-and methods are aligned on the (image, landmark) pairs that every run has. A run whose
-``metrics.json`` says ``"kind": "reference"`` (e.g. a second annotator, see
-:func:`write_reference_run`) is a reference row, drawn dashed in the figures.
+A run is a folder ``results/<dataset>/<method>/`` following :mod:`lmlib.outputs.contract`
+(``predictions.csv``, ``metrics.json``, ``manifest.json``). A run folder may also hold stage sub-runs
+``<method>/<stage>/`` (cascade stages, or the reference rows of ``05_reference_rows``), each a full
+contract run: they become rows named ``<method>/<stage>``. Only runs whose manifest says
+``parameters.dataset == dataset`` are read; runs that are missing files, malformed, or of another
+dataset are collected by name with the reason (``Comparison.skipped``) and the rest still compare.
+
+Every row carries the driver profile it was run with (``manifest["driver"]["profile"]``: default,
+smoke, full; ``-`` when run outside the driver) and its device. Method runs of another profile than
+the comparison's are left out and named (``Comparison.excluded``, ``Comparison.notes``); reference
+runs (``metrics.json`` ``"kind": "reference"``: the mean shape, a second annotator) need no training,
+are profile-independent and always compared, drawn dashed in the figures.
+
+Errors are recomputed from the coordinate columns (world mm, ``(x, y[, z])``) and methods are aligned
+on the (image, landmark) pairs that every run has.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,13 +28,57 @@ import pandas as pd
 
 from lmlib.evaluation import metrics as M
 from lmlib.evaluation import statistics as stats
-from lmlib.outputs.contract import ContractError, predictions_frame, read_run, write_json, write_outputs
+from lmlib.evaluation.baselines import MEAN_SHAPE, match_annotator
+from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
+                                    read_manifest, read_run, write_json, write_outputs)
 from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration")  # not method runs
+RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")  # a folder holding either is meant as a run
 TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
 KEY = ["image_id", "landmark"]
 CSV_TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals
+UNKNOWN = "-"  # profile/device of a run whose manifest does not say
+
+
+@dataclass
+class Run:
+    """One run that follows the contract: row name (``<method>`` or ``<method>/<stage>``), its folder,
+    predictions (world mm), metrics and manifest."""
+
+    name: str
+    folder: Path
+    predictions: pd.DataFrame
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """``"reference"`` (no training: mean shape, second annotator) or ``"method"``."""
+        return str(self.metrics.get("kind", "method"))
+
+    @property
+    def profile(self) -> str:
+        """The driver profile (default / smoke / full), ``-`` when run outside the driver."""
+        return run_profile(self.manifest)
+
+    @property
+    def device(self) -> str:
+        """The device the run computed on (``cpu``, ``cuda:0``, ...), ``-`` when unknown."""
+        return run_device(self.manifest)
+
+
+def run_profile(manifest: dict[str, Any]) -> str:
+    """``manifest["driver"]["profile"]``, or ``-`` when the run did not go through the driver."""
+    driver = manifest.get("driver")
+    profile = driver.get("profile") if isinstance(driver, dict) else None
+    return str(profile) if profile else UNKNOWN
+
+
+def run_device(manifest: dict[str, Any]) -> str:
+    """``manifest["device"]``, or ``-`` when absent."""
+    device = manifest.get("device")
+    return str(device) if device not in (None, "", "None") else UNKNOWN
 
 
 @dataclass
@@ -32,7 +86,8 @@ class Comparison:
     """Aligned runs of one dataset.
 
     ``errors``: one column per method (mm), index (image_id, landmark) = the pairs all runs share;
-    NaN where the reference is masked or the method gave no prediction.
+    NaN where the reference is masked or the method gave no prediction. ``profile``: the driver
+    profile of the compared method runs; ``excluded``: runs left out for another profile.
     """
 
     dataset: str
@@ -41,6 +96,9 @@ class Comparison:
     errors: pd.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile: str = UNKNOWN
+    excluded: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def methods(self) -> list[str]:
@@ -48,7 +106,15 @@ class Comparison:
 
     @property
     def reference_methods(self) -> list[str]:
-        return [m for m in self.methods if self.run_metrics[m].get("kind") == "reference"]
+        return [m for m in self.methods if self.run_metrics[m].get("kind") == REFERENCE_KIND]
+
+    def run_profile(self, method: str) -> str:
+        """The driver profile of ``method``'s run (``-`` if unknown)."""
+        return run_profile(self.manifests.get(method, {}))
+
+    def run_device(self, method: str) -> str:
+        """The device of ``method``'s run (``-`` if unknown)."""
+        return run_device(self.manifests.get(method, {}))
 
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
@@ -73,34 +139,131 @@ def _check_predictions(preds: pd.DataFrame) -> str | None:
     return f"predictions.csv has non-numeric columns {bad}" if bad else None
 
 
-def discover_runs(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS
-                  ) -> tuple[dict[str, tuple[pd.DataFrame, dict[str, Any]]], list[tuple[str, str]]]:
-    """Read every run folder under ``results_dir/dataset`` (sorted by name).
+def _is_run_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in RUN_FILES)
 
-    Returns (runs: method -> (predictions, metrics), skipped: [(method, reason)]). Folders named in
-    ``exclude`` and hidden ones (``.tmp-*`` of the driver) are not runs and are ignored silently.
+
+def read_contract_run(folder: Path, name: str, dataset: str, parent_manifest: dict[str, Any] | None = None) -> Run:
+    """Read and check one run folder of ``dataset``; raise :class:`ContractError` with a reason that
+    names no machine path. A stage sub-run without its own manifest uses its parent's."""
+    try:
+        preds, met = read_run(folder)
+        manifest = read_manifest(folder)
+    except ContractError as exc:
+        raise ContractError(str(exc).replace(str(folder) + "/", "")) from exc
+    if manifest is None:
+        manifest = parent_manifest
+    if manifest is None:
+        raise ContractError("manifest.json: missing (cannot tell which dataset and profile the run is of)")
+    params = manifest.get("parameters")
+    run_dataset = params.get("dataset") if isinstance(params, dict) else None
+    if run_dataset != dataset:
+        raise ContractError(f"run of dataset {run_dataset!r}, not {dataset!r} (manifest.json parameters.dataset)")
+    reason = _check_predictions(preds)
+    if reason:
+        raise ContractError(reason)
+    return Run(name, folder, preds, met, manifest)
+
+
+def discover_runs(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS
+                  ) -> tuple[dict[str, Run], list[tuple[str, str]]]:
+    """Read every run under ``results_dir/dataset`` (sorted by name), stage sub-runs included.
+
+    Returns (runs: row name -> :class:`Run`, skipped: [(row name, reason)]). A folder is a run when it
+    holds ``predictions.csv`` or ``metrics.json``; its sub-folders that do are stage sub-runs named
+    ``<method>/<stage>`` (other sub-folders, e.g. ``checkpoints``, are ignored). A folder with neither
+    and no stage sub-run is skipped as missing files. Folders named in ``exclude`` and hidden ones
+    (``.tmp-*`` of the driver) are not runs and are ignored silently.
     """
     root = Path(results_dir) / dataset
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no results folder for dataset {dataset!r}")
-    runs: dict[str, tuple[pd.DataFrame, dict[str, Any]]] = {}
+    runs: dict[str, Run] = {}
     skipped: list[tuple[str, str]] = []
     excluded = set(exclude)
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         name = folder.name
         if name in excluded or name.startswith((".", "_")):
             continue
+        stages = sorted(p for p in folder.iterdir()
+                        if p.is_dir() and not p.name.startswith((".", "_")) and _is_run_folder(p))
         try:
-            preds, met = read_run(folder)
-        except ContractError as exc:
-            skipped.append((name, str(exc).replace(str(folder) + "/", "")))
-            continue
-        reason = _check_predictions(preds)
-        if reason:
-            skipped.append((name, reason))
-        else:
-            runs[name] = (preds, met)
+            parent_manifest = read_manifest(folder)
+        except ContractError:
+            parent_manifest = None
+        candidates = [(name, folder)] if _is_run_folder(folder) or not stages else []
+        candidates += [(f"{name}/{stage.name}", stage) for stage in stages]
+        for row, path in candidates:
+            try:
+                runs[row] = read_contract_run(path, row, dataset, parent_manifest if path != folder else None)
+            except ContractError as exc:
+                skipped.append((row, str(exc)))
     return runs, skipped
+
+
+def _same_predictions(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two predictions tables hold the same (image, landmark) pairs and coordinates (mm)."""
+    cols = list(M.PRED_COLS)
+    a, b = a.set_index(KEY).sort_index(), b.set_index(KEY).sort_index()
+    if not a.index.equals(b.index):
+        return False
+    diff = np.abs(a[cols].to_numpy(dtype=np.float64) - b[cols].to_numpy(dtype=np.float64))
+    same_nan = np.isnan(a[cols].to_numpy(dtype=np.float64)) == np.isnan(b[cols].to_numpy(dtype=np.float64))
+    return bool(same_nan.all() and np.all(np.nan_to_num(diff) <= CSV_TOLERANCE_MM))
+
+
+def drop_duplicate_tops(runs: dict[str, Run]) -> tuple[dict[str, Run], list[str]]:
+    """Leave out a run folder's own row when it repeats one of its stage sub-runs (e.g. a cascade that
+    copies its last stage's outputs to the top folder); return (runs, notes naming them)."""
+    kept, notes = dict(runs), []
+    for name, run in runs.items():
+        stages = [(s, r) for s, r in runs.items() if s.startswith(name + "/")]
+        twin = next((s for s, r in stages if _same_predictions(run.predictions, r.predictions)), None)
+        if twin is not None:
+            del kept[name]
+            notes.append(f"{name}: same predictions as its stage {twin}, shown once as {twin}")
+    return kept, notes
+
+
+def choose_profile(runs: dict[str, Run], profile: str | None = None) -> str:
+    """The profile to compare: ``profile`` when given, else the most common among the method runs
+    (ties: the one of the most recently finished run); ``-`` when no method run names one."""
+    if profile:
+        return profile
+    known = [r for r in runs.values() if r.kind != REFERENCE_KIND and r.profile != UNKNOWN]
+    if not known:
+        return UNKNOWN
+    counts = Counter(r.profile for r in known)
+    latest = {p: max(str(r.manifest.get("finished", "")) for r in known if r.profile == p) for p in counts}
+    return max(counts, key=lambda p: (counts[p], latest[p]))
+
+
+def filter_profile(runs: dict[str, Run], profile: str) -> tuple[dict[str, Run], list[tuple[str, str]], list[str]]:
+    """Keep reference runs and method runs of ``profile``; return (kept, excluded, notes).
+
+    A method run of another profile is excluded (``"stale run of profile smoke"``); a method run
+    whose profile is unknown (run outside the driver) is kept with a note.
+    """
+    kept: dict[str, Run] = {}
+    excluded: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    for name, run in runs.items():
+        if run.kind == REFERENCE_KIND or run.profile == profile or profile == UNKNOWN:
+            kept[name] = run
+        elif run.profile == UNKNOWN:
+            kept[name] = run
+            unknown.append(name)
+        else:
+            excluded.append((name, f"stale run of profile {run.profile}"))
+    notes = []
+    by_profile: dict[str, list[str]] = {}
+    for name, reason in excluded:
+        by_profile.setdefault(reason, []).append(name)
+    notes += [f"{reason}: {', '.join(names)} (left out; comparing profile {profile})"
+              for reason, names in by_profile.items()]
+    if unknown:
+        notes.append(f"profile unknown (run outside the driver), compared anyway: {', '.join(unknown)}")
+    return kept, excluded, notes
 
 
 def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
@@ -140,14 +303,27 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
     return pd.DataFrame(cols, index=common), notes
 
 
-def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS) -> Comparison:
-    """Discover, validate and align every run of ``dataset``; raise if none is usable."""
-    runs, skipped = discover_runs(results_dir, dataset, exclude)
+def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS,
+                    profile: str | None = None) -> Comparison:
+    """Discover, validate and align every run of ``dataset`` of one profile; raise if none is usable.
+
+    ``profile``: default / smoke / full; empty or None = the most common profile of the method runs
+    (:func:`choose_profile`). Reference runs are always included; the notes say when the mean-shape
+    reference row is missing.
+    """
+    found, skipped = discover_runs(results_dir, dataset, exclude)
+    found, duplicate_notes = drop_duplicate_tops(found)
+    chosen = choose_profile(found, profile)
+    runs, excluded, notes = filter_profile(found, chosen)
+    notes = duplicate_notes + notes
     if not runs:
-        raise ValueError(f"no usable run under {Path(results_dir) / dataset}; skipped: {skipped}")
-    preds = {m: p for m, (p, _) in runs.items()}
-    errors, notes = align_runs(preds)
-    return Comparison(dataset, preds, {m: met for m, (_, met) in runs.items()}, errors, skipped, notes)
+        raise ValueError(f"no usable run under {Path(results_dir) / dataset}; skipped: {skipped}; excluded: {excluded}")
+    if not any(r.metrics.get("method") == MEAN_SHAPE and r.kind == REFERENCE_KIND for r in runs.values()):
+        notes.append(f"no {MEAN_SHAPE} reference run of {dataset} (written by notebooks/05_reference_rows.ipynb)")
+    preds = {m: r.predictions for m, r in runs.items()}
+    errors, align_notes = align_runs(preds)
+    return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
+                      notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded)
 
 
 def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
@@ -155,8 +331,8 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
                outlier_thresholds_mm: Sequence[float] = M.DEFAULT_OUTLIER_THRESHOLDS_MM) -> pd.DataFrame:
     """Table 1: one row per method (sorted by MRE), numeric.
 
-    Columns: kind, n_images, n_points, n_masked, n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm,
-    median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm, and the run's train_seconds,
+    Columns: kind, profile (driver profile, ``-`` if unknown), device, n_images, n_points, n_masked,
+    n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm, median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm, and the run's train_seconds,
     infer_seconds_per_image, peak_rss_mb. CIs: bootstrap over images, the same resamples for all
     methods.
     """
@@ -166,7 +342,8 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
     for method in comp.methods:
         aligned = comp.predictions[method].set_index(KEY).loc[comp.errors.index].reset_index()
         aligned["error_mm"] = comp.errors[method].to_numpy()
-        row: dict[str, Any] = {"method": method, "kind": comp.run_metrics[method].get("kind", "method")}
+        row: dict[str, Any] = {"method": method, "kind": comp.run_metrics[method].get("kind", "method"),
+                               "profile": comp.run_profile(method), "device": comp.run_device(method)}
         row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
         ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx)
         for key in ci.index:
@@ -176,7 +353,7 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
     table = pd.DataFrame(rows).set_index("method")
     counts = [c for c in table.columns if c.startswith("n_")]
     table[counts] = table[counts].astype("Int64")
-    front = ["kind", "n_images", "n_landmarks", "n_points", "n_masked", "n_unpredicted",
+    front = ["kind", "profile", "device", "n_images", "n_landmarks", "n_points", "n_masked", "n_unpredicted",
              "mre_mm", "mre_mm_ci_low", "mre_mm_ci_high", "sd_mm", "median_mm", "max_mm"]
     sdr = [c for t in thresholds_mm for c in (M.sdr_key(t), f"{M.sdr_key(t)}_ci_low", f"{M.sdr_key(t)}_ci_high")]
     rest = [c for c in table.columns if c not in front + sdr]
@@ -188,7 +365,8 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def format_table_main(table: pd.DataFrame, thresholds_mm: Sequence[float] = M.DEFAULT_THRESHOLDS_MM) -> pd.DataFrame:
-    """Table 1 as display strings: 'MRE ± SD [CI]', 'SDR [CI]', timings; one row per method."""
+    """Table 1 as display strings: 'MRE ± SD [CI]', 'SDR [CI]', profile, device, timings; one row per method
+    (reference rows show ``-`` for device and timings: nothing was trained or run)."""
     out = pd.DataFrame(index=table.index.rename("Method"))
     out["MRE ± SD (mm) [95% CI]"] = [
         f"{_num(r.mre_mm, '.2f')} ± {_num(r.sd_mm, '.2f')} [{_num(r.mre_mm_ci_low, '.2f')}, {_num(r.mre_mm_ci_high, '.2f')}]"
@@ -198,7 +376,11 @@ def format_table_main(table: pd.DataFrame, thresholds_mm: Sequence[float] = M.DE
         k = M.sdr_key(t)
         out[f"SDR {t:g} mm (%)"] = [f"{_num(r[k], '.1f')} [{_num(r[k + '_ci_low'], '.1f')}, {_num(r[k + '_ci_high'], '.1f')}]"
                                     for _, r in table.iterrows()]
-    ref = table["kind"].eq("reference")
+    ref = table["kind"].eq(REFERENCE_KIND)
+    missing = pd.Series(UNKNOWN, index=table.index)
+    out["Profile"] = [v if isinstance(v, str) and v else UNKNOWN for v in table.get("profile", missing)]
+    out["Device"] = [UNKNOWN if is_ref or not isinstance(v, str) or not v else v  # references ran nothing
+                     for v, is_ref in zip(table.get("device", missing), ref)]
     out["Train (s)"] = [("-" if is_ref else _num(v, ".0f")) for v, is_ref in zip(table["train_seconds"], ref)]
     out["Inference (s/image)"] = [("-" if is_ref else _num(v, ".3f")) for v, is_ref in zip(table["infer_seconds_per_image"], ref)]
     out["Peak memory (MB)"] = [("-" if is_ref else _num(v, ".0f")) for v, is_ref in zip(table["peak_rss_mb"], ref)]
@@ -299,30 +481,26 @@ def write_reference_run(samples_reference: Sequence[Sample], samples_other: Sequ
     """Write a second annotator as if it were a method run, scored against the reference annotator.
 
     Samples are matched by ``image_id`` and landmarks by name (a name the other annotator lacks is
-    an unpredicted landmark). Timings are 0 and ``metrics.json`` has ``"kind": "reference"``.
-    Writes predictions.csv and metrics.json (the calling notebook writes the manifest).
+    an unpredicted landmark; :func:`lmlib.evaluation.baselines.match_annotator`). Timings are 0 and
+    ``metrics.json`` has ``"kind": "reference"``. Writes predictions.csv and metrics.json only
+    (:func:`lmlib.evaluation.baselines.write_inter_observer_run` also writes the manifest).
     """
-    other = {s.image_id: s for s in samples_other}
-    refs = [s for s in samples_reference if s.image_id in other]
-    if not refs:
-        raise ValueError("no image_id is shared by the reference and the other annotator's samples")
-    preds = []
-    for ref in refs:
-        o = other[ref.image_id]
-        pos = {name: k for k, name in enumerate(o.landmark_names)}
-        preds.append(np.array([o.landmarks_mm[pos[n]] if n in pos else np.full(ref.ndim, np.nan)
-                               for n in ref.landmark_names], dtype=np.float64).reshape(len(ref.landmark_names), ref.ndim))
-    timings = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
-    extra = {"kind": "reference", "method": method_name,
-             "n_unmatched_images": len(samples_reference) - len(refs) + len(other) - len(refs)}
-    return write_outputs(output_dir, predictions_frame(refs, preds), timings, extra)
+    refs, points = match_annotator(samples_reference, samples_other)
+    extra = {"kind": REFERENCE_KIND, "method": method_name,
+             "n_unmatched_images": len(samples_reference) + len(samples_other) - 2 * len(refs)}
+    return write_outputs(output_dir, predictions_frame(refs, points), dict(REFERENCE_TIMINGS), extra)
 
 
 def write_comparison_summary(comp: Comparison, output_dir: Path | str, table: pd.DataFrame,
                              pairwise: pd.DataFrame) -> Path:
-    """Write ``comparison.json``: methods in Table 1 order, skipped runs with reasons, notes, tests."""
-    data = {"dataset": comp.dataset, "methods": list(table.index), "reference_methods": comp.reference_methods,
-            "skipped": [{"method": m, "reason": r} for m, r in comp.skipped], "notes": comp.notes,
+    """Write ``comparison.json``: profile, methods in Table 1 order with kind/profile/device, skipped and
+    excluded runs with reasons, notes, tests."""
+    data = {"dataset": comp.dataset, "profile": comp.profile, "methods": list(table.index),
+            "reference_methods": comp.reference_methods,
+            "runs": {m: {"kind": comp.run_metrics[m].get("kind", "method"), "profile": comp.run_profile(m),
+                         "device": comp.run_device(m)} for m in table.index},
+            "skipped": [{"method": m, "reason": r} for m, r in comp.skipped],
+            "excluded": [{"method": m, "reason": r} for m, r in comp.excluded], "notes": comp.notes,
             "n_pairs": int(len(comp.errors)),
             "mre_mm": {m: table.loc[m, "mre_mm"] for m in table.index},
             "pairwise_wilcoxon_holm": pairwise.to_dict(orient="records")}

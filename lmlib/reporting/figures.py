@@ -8,7 +8,6 @@ Errors are in mm; images are indexed ``(x, y[, z])`` and shown as ``image.T``.
 """
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,22 +21,7 @@ from matplotlib.figure import Figure
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
 from lmlib.data.sample import Sample
 from lmlib.evaluation.statistics import significance_matrix
-
-DPI = 120
-MAX_BYTES = 1_000_000
-
-
-def save_figure(fig: Figure, path: Path | str, dpi: int = DPI, max_bytes: int = MAX_BYTES) -> Path:
-    """Save ``fig`` as PNG; lower the resolution step by step until the file is under ``max_bytes``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for scale in (1.0, 0.8, 0.64, 0.5, 0.4, 0.3):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=max(int(dpi * scale), 30), bbox_inches="tight")
-        if buf.tell() <= max_bytes:
-            break
-    path.write_bytes(buf.getvalue())
-    return path
+from lmlib.outputs.figure_files import DPI, MAX_BYTES, save_figure  # noqa: F401 (re-exported)
 
 
 def _finish(fig: Figure, path: Path | str | None, dpi: int) -> Figure:
@@ -47,9 +31,17 @@ def _finish(fig: Figure, path: Path | str | None, dpi: int) -> Figure:
     return fig
 
 
+def _method_errors(errors_long: pd.DataFrame, reference_methods: Iterable[str]) -> np.ndarray:
+    """Finite errors (mm) of the trained methods; of every row when all rows are references."""
+    refs = set(reference_methods)
+    mask = ~errors_long["method"].isin(refs)
+    err = errors_long.loc[mask if mask.any() else slice(None), "error_mm"].to_numpy(dtype=np.float64)
+    return err[np.isfinite(err)]
+
+
 def method_colors(methods: Sequence[str], reference_methods: Iterable[str] = ()) -> dict[str, tuple]:
     """One colour per method, by position: tab10 without its green (the ground truth marker colour);
-    reference methods (e.g. the inter-observer run) get black and greys."""
+    reference methods (the mean shape, the inter-observer run) get black and greys."""
     refs = set(reference_methods)
     tab = [c for k, c in enumerate(sns.color_palette("tab10", 10)) if k != 2]
     greys = [(0.0, 0.0, 0.0), (0.4, 0.4, 0.4), (0.6, 0.6, 0.6)]
@@ -62,27 +54,41 @@ def method_colors(methods: Sequence[str], reference_methods: Iterable[str] = ())
 
 def fig_error_boxplot(errors_long: pd.DataFrame, methods: Sequence[str] | None = None,
                       reference_methods: Iterable[str] = (), path: Path | str | None = None,
-                      dpi: int = DPI) -> Figure:
+                      dpi: int = DPI, max_mm: float | None = None) -> Figure:
     """Box plots of radial error (mm) per landmark, one box per method (hue).
 
-    ``errors_long``: columns method, landmark, error_mm (NaN rows are left out).
+    ``errors_long``: columns method, landmark, error_mm (NaN rows are left out). The y axis ends at
+    ``max_mm``; by default just above the trained methods' largest error when reference rows (e.g. the
+    mean shape) reach more than 1.5 x beyond it, said in the title.
     """
     data = errors_long.dropna(subset=["error_mm"])
     methods = list(methods) if methods is not None else list(pd.unique(errors_long["method"]))
     landmarks = list(pd.unique(errors_long["landmark"]))
     width = min(max(6.0, 0.35 * len(landmarks) * max(len(methods), 2) ** 0.5 + 2), 22.0)
+    refs = set(reference_methods)
+    palette = {m: (tuple(0.55 + 0.45 * np.asarray(c)) if m in refs else c)  # light grey boxes: medians stay visible
+               for m, c in method_colors(methods, refs).items()}
     fig, ax = plt.subplots(figsize=(width, 4.5))
     with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*vert.*")
         sns.boxplot(data=data, x="landmark", y="error_mm", hue="method", order=landmarks, hue_order=methods,
-                    palette=method_colors(methods, reference_methods), fliersize=1.5, linewidth=0.7, ax=ax)
+                    palette=palette, fliersize=1.5, linewidth=0.7, ax=ax)
     ax.set_xlabel("landmark")
     ax.set_ylabel("radial error (mm)")
     ax.tick_params(axis="x", rotation=90 if len(landmarks) > 8 else 0, labelsize=8)
-    ax.set_ylim(bottom=0)
+    title = "Radial error per landmark"
+    all_err = data["error_mm"].to_numpy(dtype=np.float64)
+    if max_mm is None and set(reference_methods) & set(methods):
+        trained = _method_errors(errors_long, reference_methods)
+        limit = 1.05 * float(np.max(trained)) if trained.size else 0.0
+        if limit > 0 and all_err.size and float(np.max(all_err)) > 1.5 * limit:
+            max_mm = limit  # every trained method's point stays visible; far-off reference boxes are cut
+    if max_mm is not None and all_err.size and float(np.max(all_err)) > max_mm:
+        title += f" (axis clipped at {max_mm:.1f} mm)"
+    ax.set_ylim(bottom=0, top=max_mm)
     ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Radial error per landmark")
+    ax.set_title(title)
     return _finish(fig, path, dpi)
 
 
@@ -92,14 +98,15 @@ def fig_sdr_curve(errors_long: pd.DataFrame, methods: Sequence[str] | None = Non
                   dpi: int = DPI) -> Figure:
     """Cumulative error distribution: % of landmarks with error < x mm, per method.
 
-    Reference methods (e.g. the inter-observer run) are drawn dashed in black/grey; dotted vertical
-    lines mark ``marks_mm``. ``max_mm`` defaults to the 97th error percentile (at least 5 mm).
+    Reference methods (the mean shape, the inter-observer run) are drawn dashed in black/grey; dotted
+    vertical lines mark ``marks_mm``. ``max_mm`` defaults to the 97th percentile of the trained
+    methods' errors (of all rows if there are only references; at least 5 mm), so a far-off reference
+    row does not squeeze the methods' curves.
     """
     methods = list(methods) if methods is not None else list(pd.unique(errors_long["method"]))
     refs = set(reference_methods)
-    all_err = errors_long["error_mm"].to_numpy(dtype=np.float64)
     if max_mm is None:
-        finite = all_err[~np.isnan(all_err)]
+        finite = _method_errors(errors_long, refs)
         max_mm = max(5.0, float(np.ceil(np.percentile(finite, 97)))) if finite.size else 5.0
     grid = np.linspace(0.0, max_mm, 400)
     colors = method_colors(methods, refs)
@@ -120,11 +127,19 @@ def fig_sdr_curve(errors_long: pd.DataFrame, methods: Sequence[str] | None = Non
     return _finish(fig, path, dpi)
 
 
-def fig_landmark_heatmap(table: pd.DataFrame, path: Path | str | None = None, dpi: int = DPI) -> Figure:
-    """Heat table of MRE (mm): landmarks (rows) x methods (columns), values written in the cells."""
+def fig_landmark_heatmap(table: pd.DataFrame, path: Path | str | None = None, dpi: int = DPI,
+                         reference_methods: Iterable[str] = ()) -> Figure:
+    """Heat table of MRE (mm): landmarks (rows) x methods (columns), values written in the cells.
+
+    The colour scale spans the trained methods' columns; reference columns (e.g. the mean shape)
+    above it saturate (their values are still written).
+    """
     n_rows, n_cols = table.shape
+    values = table.astype(float)
+    trained = values[[c for c in values.columns if c not in set(reference_methods)]].to_numpy()
+    vmax = float(np.nanmax(trained)) if np.isfinite(trained).any() else None
     fig, ax = plt.subplots(figsize=(min(2.5 + 1.1 * n_cols, 20.0), min(1.5 + 0.32 * n_rows, 24.0)))
-    sns.heatmap(table.astype(float), annot=True, fmt=".2f", cmap="rocket_r", linewidths=0.5,
+    sns.heatmap(values, annot=True, fmt=".2f", cmap="rocket_r", linewidths=0.5, vmin=0.0, vmax=vmax,
                 annot_kws={"fontsize": 7}, cbar_kws={"label": "MRE (mm)"}, ax=ax)
     ax.set_xlabel("method")
     ax.set_ylabel("landmark")
@@ -173,15 +188,20 @@ def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = Non
     return _finish(fig, path, dpi)
 
 
+REFERENCE_MARKER_COLORS: tuple[str, ...] = ("yellow", "cyan", "white")  # reference rows, visible on dark images
+
+
 def _markers(ax: plt.Axes, pts: dict[str, np.ndarray], colors: dict[str, tuple], cols: tuple[int, int],
              refs: set[str]) -> None:
+    ref_colors = {name: REFERENCE_MARKER_COLORS[k % len(REFERENCE_MARKER_COLORS)]
+                  for k, name in enumerate(n for n in pts if n in refs)}
     for name, xy in pts.items():
         ok = ~np.isnan(xy).any(axis=1)
         if name == "ground truth":
             ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=40, facecolors="none", edgecolors="lime",
                        linewidths=1.2, label=name, zorder=3)
-        elif name in refs:  # a second annotator: yellow plus, visible on dark images
-            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=30, marker="+", color="yellow",
+        elif name in refs:  # a reference row (second annotator, mean shape): a light plus
+            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=30, marker="+", color=ref_colors[name],
                        linewidths=1.0, label=name, zorder=4)
         else:
             ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=22, marker="x", color=colors[name],
@@ -201,7 +221,8 @@ def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Pa
 
     ``predictions``: method -> (N, D) world mm in ``sample.landmark_names`` order. 2D: the image
     with markers. 3D: axial, coronal and sagittal slices through the centroid of the valid ground
-    truth landmarks, with every point projected onto each slice. Reference methods: yellow plus.
+    truth landmarks, with every point projected onto each slice. Reference methods: a plus in yellow,
+    cyan, white (in order).
     """
     geo = sample.geometry
     pts = {"ground truth": geo.world_to_index(sample.landmarks_mm)}
