@@ -1,16 +1,22 @@
-"""Landmarks follow the pixels: blob-peak tests for every random transform, 2D and 3D, and
-preprocessing round trips (world mm unchanged, image equal to SimpleITK resampling onto the new grid)."""
+"""Landmarks follow the pixels: blob-peak tests for every random transform, 2D and 3D (including the
+one-pass flip + affine + elastic composite), the one-pass image against an independent two-pass
+reference, ``keep_outside``, reseeding, and preprocessing round trips (world mm unchanged, image equal
+to SimpleITK resampling onto the new grid)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from monai.transforms import Affine, Resample
+from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
-from lmlib.data.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd, build_augmentation,
-                              intensity_transforms, left_right_index_pairs, make_item, mark_outside)
+from lmlib.data.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd,
+                                   RandSpatialLandmarksd, SpatialParams, build_augmentation, dense_mean_square,
+                                   intensity_transforms, left_right_index_pairs, make_item, mark_outside)
 from lmlib.data.grids import preprocess
 from monai.transforms import Compose
 
@@ -64,6 +70,13 @@ def check_peaks(out: dict, min_valid: int = 3, border: int = 4) -> None:
     assert checked >= min_valid
 
 
+def one_pass(ndim: int, flip_prob: float = 1.0) -> RandSpatialLandmarksd:
+    """Flip + affine + elastic, all drawn with probability 1 (strong enough to move points by pixels)."""
+    return RandSpatialLandmarksd(ndim, [(0, 1), (2, 3)], flip_prob=flip_prob, flip_axis=ndim - 1,
+                                 rotation_deg=20, scale=0.1, translation_frac=0.05, shear=0.05, elastic_prob=1.0,
+                                 elastic_sigma_frac=0.2, elastic_magnitude_frac=0.06)
+
+
 def make_transform(kind: str, ndim: int):
     pairs = [(0, 1), (2, 3)]
     if kind == "affine":
@@ -72,13 +85,15 @@ def make_transform(kind: str, ndim: int):
         return RandElasticLandmarksd(sigma_frac=0.2, magnitude_frac=0.08)
     if kind == "flip":
         return RandFlipLandmarksd(prob=1.0, axis=ndim - 1, left_right_pairs=pairs)
+    if kind == "one_pass":  # every part on, one resampling
+        return one_pass(ndim)
     return build_augmentation(ndim, pairs, flip_prob=0.5, rotation_deg=20, scale=0.1, translation_frac=0.05,
                               shear=0.05, elastic=True, elastic_prob=1.0, elastic_sigma_frac=0.2,
                               elastic_magnitude_frac=0.06, intensity=False)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("kind", ["affine", "elastic", "flip", "combined"])
+@pytest.mark.parametrize("kind", ["affine", "elastic", "flip", "combined", "one_pass"])
 def test_blob_peak_follows_landmark(ndim: int, kind: str) -> None:
     pts = landmarks(ndim)
     img = blob_image(SIZES[ndim], pts)
@@ -139,6 +154,171 @@ def test_build_augmentation_is_seeded() -> None:
             for _ in range(2)]
     np.testing.assert_array_equal(outs[0]["image"].numpy(), outs[1]["image"].numpy())
     np.testing.assert_array_equal(outs[0]["landmarks"], outs[1]["landmarks"])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_reseeding_reproduces(ndim: int) -> None:
+    pts = landmarks(ndim)
+    data = make_item(blob_image(SIZES[ndim], pts), pts, np.ones(N, bool))
+    aug = build_augmentation(ndim, [(0, 1)], flip_prob=0.5, shear=0.05, elastic=True, elastic_prob=0.7, seed=None)
+
+    def run(seed: int) -> list[dict]:
+        aug.set_random_state(seed)
+        return [aug(data) for _ in range(3)]
+
+    first, again, other = run(11), run(11), run(12)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"].numpy(), b["image"].numpy())
+        np.testing.assert_array_equal(a["landmarks"], b["landmarks"])
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+    assert not np.array_equal(first[0]["image"].numpy(), first[1]["image"].numpy())  # draws differ per item
+    assert not any(np.array_equal(a["image"].numpy(), b["image"].numpy()) for a, b in zip(first, other))
+
+
+# ------------------------------------------------------------------------- one resampling pass
+FLIP_ROWS = [1, 0, 3, 2, 4]  # output row i holds input row FLIP_ROWS[i] after a flip with pairs (0, 1), (2, 3)
+
+
+def dense_field(params: SpatialParams) -> torch.Tensor:
+    """The control-point field upsampled to every pixel (D, *size) px, float64, by torch (independent path)."""
+    mode = "bilinear" if len(params.size) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(torch.as_tensor(params.field)[None], size=params.size, mode=mode,
+                                           align_corners=True)[0]
+
+
+def two_pass_reference(params: SpatialParams, image: torch.Tensor, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip (exact), MONAI ``Affine`` (1st resampling), dense elastic field + MONAI ``Resample`` (2nd);
+    landmarks by the per-stage inverses (mirror, ``A^-1``, fixed point on the dense field)."""
+    size = params.size
+    c = (np.array(size) - 1) / 2
+    img, lm = image, np.array(pts, dtype=np.float64)
+    if params.flip:
+        img = torch.flip(img, dims=(1 + params.flip_axis,))
+        lm[:, params.flip_axis] = size[params.flip_axis] - 1 - lm[:, params.flip_axis]
+    img = Affine(affine=torch.as_tensor(params.affine), padding_mode="zeros", image_only=True)(img)
+    inv = np.linalg.inv(params.affine)
+    lm = (lm - c) @ inv[:-1, :-1].T + inv[:-1, -1] + c
+    dense = dense_field(params)
+    ident = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in size],
+                                       indexing="ij"))
+    img = Resample(padding_mode="zeros", norm_coords=True)(img, ident + dense)
+    o = lm.copy()
+    for _ in range(100):
+        o = lm - np.stack([map_coordinates(f, o.T, order=1, mode="nearest") for f in dense.numpy()], axis=1)
+    return np.asarray(img[0]), o
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_one_pass_equals_two_pass(ndim: int) -> None:
+    """Same draw: the one-pass image equals the two-pass one up to interpolation, blurs less, and the
+    landmarks agree with the per-stage inverses."""
+    size, pts = SIZES[ndim], landmarks(ndim)
+    t = one_pass(ndim)
+    for seed in range(3):
+        t.set_random_state(seed)
+        t.randomize(size)
+        p = t.params
+        assert p.flip and p.affine is not None and p.field is not None
+        rms = float(np.sqrt(np.mean(np.sum(dense_field(p).numpy() ** 2, axis=0))))
+        p.field = p.field * (0.06 * min(size) / rms)  # the strongest elastic draw
+        smooth = make_item(blob_image(size, pts, sigma=3.0), pts, np.ones(N, bool))
+        out = t.apply(smooth, p)
+        ref_img, ref_lm = two_pass_reference(p, smooth["image"], pts)
+        diff = np.abs(out["image"][0].numpy() - ref_img)
+        assert diff.max() < 0.08 and diff.mean() < 0.0015, (diff.max(), diff.mean())
+        v = out["valid"]
+        assert v.sum() >= 3
+        np.testing.assert_allclose(out["landmarks"][v], ref_lm[FLIP_ROWS][v], atol=0.02)
+        # white noise: one bilinear interpolation keeps more variance than two, away from the padding
+        noise = make_item(np.random.default_rng(seed).random(size).astype(np.float32), pts, np.ones(N, bool))
+        one, two = t.apply(noise, p)["image"][0].numpy(), two_pass_reference(p, noise["image"], pts)[0]
+        pos = t.sampling_grid(p).numpy() + ((np.array(size) - 1) / 2).reshape(-1, *([1] * ndim))
+        inner = np.all((pos > 3) & (pos < np.array(size).reshape(-1, *([1] * ndim)) - 4), axis=0)
+        assert inner.mean() > 0.3
+        assert one[inner].std() > 1.05 * two[inner].std()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_one_pass_sampling_grid_points_at_landmark(ndim: int) -> None:
+    """Exact inverse: the sampling grid ``T`` interpolated at a moved landmark ``o`` gives back its input ``p``
+    (a landmark moved forward, ``o = T(p)``, fails this by pixels)."""
+    size, pts = SIZES[ndim], landmarks(ndim)
+    c = (np.array(size) - 1) / 2
+    t = one_pass(ndim, flip_prob=0.5)
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t(make_item(np.zeros(size, np.float32), pts, np.ones(N, bool)))
+        grid = t.sampling_grid(t.params).numpy().astype(np.float64)
+        rows = FLIP_ROWS if t.params.flip else list(range(N))
+        v = out["valid"]
+        assert v.sum() >= 3
+        o = out["landmarks"][v]
+        back = np.stack([map_coordinates(g, o.T, order=1) for g in grid], axis=1) + c
+        np.testing.assert_allclose(back, pts[rows][v], atol=0.01)
+        assert np.abs(o - pts[rows][v]).max() > 1.0
+
+
+def test_one_pass_flip_only_is_exact() -> None:
+    pts = landmarks(2)
+    data = make_item(blob_image(SIZES[2], pts), pts, np.array([True, False, True, True, True]))
+    out = RandSpatialLandmarksd(2, [(0, 1), (2, 3)], flip_prob=1.0, flip_axis=1, affine_prob=0.0)(data)
+    ref = RandFlipLandmarksd(1.0, 1, [(0, 1), (2, 3)])(data)
+    np.testing.assert_array_equal(out["image"].numpy(), ref["image"].numpy())
+    np.testing.assert_array_equal(out["landmarks"], ref["landmarks"])
+    np.testing.assert_array_equal(out["valid"], ref["valid"])
+
+
+def test_elastic_magnitude_is_dense_rms() -> None:
+    """The random RMS is that of the dense (per-pixel) field, computed without building it."""
+    t = RandElasticLandmarksd(sigma_frac=0.2, magnitude_frac=0.08).set_random_state(0)
+    for size in (SIZES[2], SIZES[3]):
+        rms = []
+        for _ in range(5):
+            field = t.random_field(size)
+            dense = dense_field(SpatialParams(size, field=field)).numpy()
+            ms = float(np.mean(np.sum(dense ** 2, axis=0)))
+            assert dense_mean_square(field, size) == pytest.approx(ms, rel=1e-9)
+            rms.append(np.sqrt(ms))
+        assert max(rms) <= 0.08 * min(size) and np.ptp(rms) > 0
+
+
+def test_keep_outside() -> None:
+    pts = np.array([[2.0, 30.0], [32.0, 36.0], [61.0, 70.0]])
+    t = RandAffineLandmarksd(2, rotation_deg=0, scale=0, translation_frac=0.4)
+    n_outside = 0
+    for seed in range(10):
+        drop = t.set_random_state(seed)(make_item(np.zeros(SIZES[2]), pts, np.ones(3, bool)))
+        keep = t.set_random_state(seed)(make_item(np.zeros(SIZES[2]), pts, np.ones(3, bool), keep_outside=True))
+        assert keep["keep_outside"] and not drop["keep_outside"]
+        assert keep["valid"].all() and not np.isnan(keep["landmarks"]).any()
+        shift = keep["landmarks"] - pts  # a pure translation moves every point alike, inside or not
+        np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-9)
+        np.testing.assert_allclose(keep["landmarks"][drop["valid"]], drop["landmarks"][drop["valid"]])
+        n_outside += int((~drop["valid"]).sum())
+    assert n_outside > 0
+    marked = mark_outside(make_item(np.zeros((10, 10)), [[-3.0, 5.0], [np.nan, 1.0], [4.0, 12.0]],
+                                    [True, True, False], keep_outside=True))
+    np.testing.assert_array_equal(marked["valid"], [True, False, False])
+    np.testing.assert_array_equal(marked["landmarks"][0], [-3.0, 5.0])
+
+
+def test_failed_elastic_inversion_is_invalid_even_when_keeping_outside() -> None:
+    """A folding field (slope of d up to 2.4 at large y): points there fail and become invalid (NaN),
+    also with ``keep_outside``; the others solve ``o + d(o) = p``."""
+    size, coarse = SIZES[2], (17, 19)
+    pattern = np.array([0.0, 1.0, 0.0, -1.0])[np.arange(coarse[0]) % 4]  # 4 nodes per period, ~3.9 px apart
+    field = np.zeros((2, *coarse))
+    field[0] = 9.5 * pattern[:, None] * np.linspace(0, 1, coarse[1])[None, :]
+    params = SpatialParams(size, field=field)
+    xs, ys = np.meshgrid(np.linspace(5, 58, 12), np.linspace(3, 68, 12), indexing="ij")
+    pts = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    out = RandElasticLandmarksd().apply(make_item(np.zeros(size), pts, np.ones(len(pts), bool), keep_outside=True),
+                                        params)
+    v = out["valid"]
+    assert 10 < v.sum() < len(pts) - 10
+    assert np.isnan(out["landmarks"][~v]).all()
+    o = out["landmarks"][v]
+    np.testing.assert_allclose(o + params.displacement(o), pts[v], atol=1e-3)
 
 
 def oblique_sample(ndim: int, size: tuple[int, ...], spacing: tuple[float, ...], seed: int = 0) -> Sample:

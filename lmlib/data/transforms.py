@@ -3,19 +3,24 @@
 Conventions
 - Preprocessing onto the network grid lives in :mod:`lmlib.data.grids`.
 - Augmentations work on a dict ``{"image": Tensor (C, x, y[, z]) float32, "landmarks": ndarray (N, D)
-  float64 continuous indices (x, y[, z]) in the *current* grid, "valid": ndarray (N,) bool}``; other
-  keys pass through. Index 0 is the centre of the first pixel.
+  float64 continuous indices (x, y[, z]) in the *current* grid, "valid": ndarray (N,) bool,
+  "keep_outside": bool}``; other keys pass through. Index 0 is the centre of the first pixel.
 - A landmark that leaves the grid (index outside ``[-0.5, size - 0.5]`` on any axis, i.e. outside the
-  pixel edges) becomes invalid: ``valid=False`` and its row NaN.
+  pixel edges) becomes invalid: ``valid=False`` and its row NaN, unless ``keep_outside`` is true (then
+  it stays valid with its coordinates, for methods that regress points outside the image). A landmark
+  whose elastic inversion fails (no convergence, fold) is invalid in either case.
+- Geometric augmentation resamples the image ONCE: flip, affine and elastic deformation are composed
+  into one sampling grid (:class:`RandSpatialLandmarksd`), as MONAI's ``Rand2DElastic`` does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, Flip, RandAdjustContrastd, RandAffine,
-                              RandBiasFieldd, RandGaussianNoised, RandomizableTransform, RandScaleIntensityd,
+from monai.transforms import (Compose, Flip, RandAdjustContrastd, RandAffineGrid, RandBiasFieldd,
+                              RandGaussianNoised, Randomizable, RandomizableTransform, RandScaleIntensityd,
                               Resample)
 from monai.utils import convert_to_numpy
 from scipy.ndimage import gaussian_filter, map_coordinates
@@ -31,21 +36,32 @@ def _plain(x: Any) -> torch.Tensor:
     return t.as_subclass(torch.Tensor).float()
 
 
-def make_item(image: np.ndarray | torch.Tensor, landmarks_index: np.ndarray, valid: np.ndarray) -> Data:
-    """Build the augmentation dict from an image ``(x, y[, z])`` (or ``(C, x, y[, z])``) and indices (N, D)."""
+def make_item(image: np.ndarray | torch.Tensor, landmarks_index: np.ndarray, valid: np.ndarray,
+              keep_outside: bool = False) -> Data:
+    """Build the augmentation dict from an image ``(x, y[, z])`` (or ``(C, x, y[, z])``) and indices (N, D) px.
+
+    ``keep_outside``: landmarks outside the grid stay valid (see :func:`mark_outside`).
+    """
     img = _plain(image)
     lm = np.array(landmarks_index, dtype=np.float64, ndmin=2)
     if img.ndim == lm.shape[1]:
         img = img[None]
-    return mark_outside({"image": img, "landmarks": lm, "valid": np.asarray(valid, dtype=bool).copy()})
+    return mark_outside({"image": img, "landmarks": lm, "valid": np.asarray(valid, dtype=bool).copy(),
+                         "keep_outside": bool(keep_outside)})
 
 
 def mark_outside(data: Data) -> Data:
-    """Invalidate (valid=False, NaN row) landmarks outside the pixel edges of ``data["image"]``."""
+    """Invalidate (valid=False, NaN row) landmarks outside the pixel edges of ``data["image"]``.
+
+    With ``data["keep_outside"]`` true only rows that are already NaN (e.g. a failed elastic
+    inversion) become invalid; points outside the grid keep their coordinates and validity.
+    """
     size = np.asarray(data["image"].shape[1:], dtype=np.float64)
     lm = np.array(data["landmarks"], dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        inside = np.all((lm >= -0.5) & (lm <= size - 0.5), axis=1)
+        inside = ~np.isnan(lm).any(axis=1)
+        if not data.get("keep_outside", False):
+            inside &= np.all((lm >= -0.5) & (lm <= size - 0.5), axis=1)
     valid = np.asarray(data["valid"], dtype=bool) & inside
     lm[~valid] = np.nan
     return {**data, "landmarks": lm, "valid": valid}
@@ -58,11 +74,17 @@ def left_right_index_pairs(landmark_names: Sequence[str],
     return [(names.index(a), names.index(b)) for a, b in name_pairs]
 
 
+def _swap_pairs(lm: np.ndarray, valid: np.ndarray, pairs: Sequence[tuple[int, int]]) -> None:
+    """Exchange rows (and validity) of left/right pairs in place (after a mirror)."""
+    for a, b in pairs:
+        lm[[a, b]], valid[[a, b]] = lm[[b, a]], valid[[b, a]]
+
+
 # ------------------------------------------------------------------------------------- augmentation
 class _LandmarkTransform(RandomizableTransform):
     """Base: a random geometric transform of a landmark dict; the MONAI inner transform shares ``self.R``."""
 
-    inner: RandomizableTransform | None = None
+    inner: Randomizable | None = None
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         super().set_random_state(seed, state)
@@ -71,105 +93,240 @@ class _LandmarkTransform(RandomizableTransform):
         return self
 
 
-class RandAffineLandmarksd(_LandmarkTransform):
-    """Random rotation/scale/translation/shear with MONAI ``RandAffine``; landmarks via its matrix.
+@dataclass
+class SpatialParams:
+    """One draw of :class:`RandSpatialLandmarksd` for an image of ``size`` (px, (x, y[, z])).
+
+    flip: mirror ``x_axis -> size - 1 - x_axis`` (applied first).
+    affine: ``(D+1, D+1)`` MONAI matrix in centred px, output -> input (``in_c = A @ out_c``), or None.
+    field: elastic displacement at control points ``(D, *coarse)`` px, or None; node ``k`` of axis ``a``
+        lies at index ``k * (size[a] - 1) / (coarse[a] - 1)``; ``d(o)`` is its multilinear interpolation.
+    """
+
+    size: tuple[int, ...]
+    flip: bool = False
+    flip_axis: int = 0
+    affine: np.ndarray | None = None
+    field: np.ndarray | None = None
+
+    @property
+    def identity(self) -> bool:
+        """True when nothing moves (no flip, affine or elastic drawn)."""
+        return not self.flip and self.affine is None and self.field is None
+
+    def matrix(self) -> np.ndarray:
+        """``M = F @ A`` (D+1, D+1), centred px, output -> input: the flip (a sign in centred px) after ``A``."""
+        d = len(self.size)
+        m = np.eye(d + 1) if self.affine is None else np.asarray(self.affine, dtype=np.float64)
+        if self.flip:
+            m = m.copy()
+            m[self.flip_axis] *= -1.0
+        return m
+
+    def control_points(self) -> np.ndarray:
+        """Control-grid node positions ``(D, *coarse)`` in centred px (2 nodes per axis without elastic)."""
+        size = np.asarray(self.size, dtype=np.float64)
+        coarse = (2,) * len(self.size) if self.field is None else self.field.shape[1:]
+        axes = [np.linspace(0.0, n - 1, k) - (n - 1) / 2 for n, k in zip(size, coarse)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+    def displacement(self, points: np.ndarray) -> np.ndarray:
+        """``d(o)`` (N, D) px at output indices ``points`` (N, D), multilinear between control points
+        (constant beyond the grid); zeros without elastic."""
+        o = np.array(points, dtype=np.float64, ndmin=2)
+        if self.field is None:
+            return np.zeros_like(o)
+        scale = (np.asarray(self.field.shape[1:]) - 1) / np.maximum(np.asarray(self.size) - 1, 1)
+        q = (o * scale).T
+        return np.stack([map_coordinates(f, q, order=1, mode="nearest") for f in self.field], axis=1)
+
+
+class RandSpatialLandmarksd(_LandmarkTransform):
+    """Random flip + affine + elastic deformation in ONE resampling pass (MONAI ``Resample``, bilinear).
+
+    Composition (centred px, ``c = (size - 1) / 2``): output pixel ``o`` samples the input at
+    ``T(o) = F A (o + d(o))``: first the elastic displacement ``d`` (px), then the MONAI affine ``A``
+    (``RandAffineGrid``: rotation, shear, translation, scale), then the flip ``F`` (a sign on
+    ``flip_axis``). This equals applying flip -> affine -> elastic one after the other, but interpolates
+    once. Because ``d`` is multilinear between control points and ``F A`` is affine, ``T`` at the control
+    points upsampled multilinearly (``align_corners=True``) is ``T`` at every pixel: the float32 sampling
+    grid costs one small interpolation.
+
+    Landmarks: a point ``p`` (px) moves to the ``o`` solving ``T(o) = p``: ``q = A^-1 F p`` exactly, then
+    ``o + d(o) = q`` by fixed-point iteration ``o <- q - d(o)`` (a contraction while ``|grad d| < 1``).
+    A point whose residual stays above ``tol`` px becomes invalid (NaN). That covers folds: the iteration
+    only converges where the spectral radius of ``grad d`` is below 1, where ``det(I + grad d) > 0``, so a
+    point on a fold (``det <= 0``) never converges. After a flip, ``left_right_pairs`` rows (and
+    validity) are exchanged.
+
+    Ranges (as MONAI ``RandAffine``): rotation ``+-rotation_deg`` degrees (one angle in 2D, one per axis in
+    3D), scale ``1 +- scale``, translation ``+-translation_frac * size`` px per axis, shear ``+-shear``
+    (MONAI shear factors). Elastic: Gaussian-smoothed white noise on a control grid of spacing
+    ``max(1, sigma / 4)`` px (smoothing ``sigma = elastic_sigma_frac * min(size)`` px), scaled so that the
+    RMS of the dense field is uniform in ``[0, elastic_magnitude_frac * min(size)]`` px. Each part is drawn
+    with its own probability; ``ndim`` may be None when ``affine_prob == 0``.
+    """
+
+    def __init__(self, ndim: int | None, left_right_pairs: Sequence[tuple[int, int]] = (), *,
+                 flip_prob: float = 0.0, flip_axis: int = 0,
+                 affine_prob: float = 1.0, rotation_deg: float = 10.0, scale: float = 0.1,
+                 translation_frac: float = 0.05, shear: float = 0.0,
+                 elastic_prob: float = 0.0, elastic_sigma_frac: float = 0.1, elastic_magnitude_frac: float = 0.02,
+                 padding_mode: str = "zeros", iterations: int = 50, tol: float = 1e-3) -> None:
+        super().__init__(prob=1.0)
+        self.pairs = [tuple(p) for p in left_right_pairs]
+        self.flip_prob, self.flip_axis = flip_prob, flip_axis
+        self.affine_prob, self.translation_frac = affine_prob, translation_frac
+        self.elastic_prob = elastic_prob
+        self.sigma_frac, self.magnitude_frac = elastic_sigma_frac, elastic_magnitude_frac
+        self.iterations, self.tol = iterations, tol
+        self.affine_grid: RandAffineGrid | None = None  # draws from self.R (see _LandmarkTransform)
+        if affine_prob > 0:
+            if ndim not in (2, 3):
+                raise ValueError(f"ndim must be 2 or 3 with an affine part, got {ndim}")
+            rot = float(np.deg2rad(rotation_deg))
+            self.affine_grid = RandAffineGrid(rotate_range=(rot,) if ndim == 2 else (rot,) * 3,
+                                              scale_range=(scale,) * ndim,
+                                              shear_range=(shear,) * (2 if ndim == 2 else 6) if shear else None,
+                                              dtype=torch.float64, lazy=True)
+        self.inner = self.affine_grid
+        self.resampler = Resample(mode="bilinear", padding_mode=padding_mode, norm_coords=True,
+                                  dtype=torch.float32)  # MONAI defaults to float64: 2x slower, no gain here
+        self.params: SpatialParams | None = None  # the last draw
+        self.set_random_state(state=self.R)
+
+    # ------------------------------------------------------------------ random draws
+    def randomize(self, data: Sequence[int]) -> None:
+        """Draw flip, affine and elastic parameters for the spatial size ``data`` (px) -> ``self.params``."""
+        size = tuple(int(n) for n in data)
+        p = SpatialParams(size, flip_axis=self.flip_axis)
+        if self.flip_prob > 0:
+            p.flip = bool(self.R.rand() < self.flip_prob)
+        if self.affine_grid is not None and self.R.rand() < self.affine_prob:
+            self.affine_grid.translate_range = tuple(float(self.translation_frac * n) for n in size)
+            self.affine_grid(spatial_size=size, randomize=True, lazy=True)  # lazy: the matrix only, no grid
+            p.affine = np.asarray(convert_to_numpy(self.affine_grid.get_transformation_matrix()), dtype=np.float64)
+        if self.elastic_prob > 0 and self.R.rand() < self.elastic_prob:
+            p.field = self.random_field(size)
+        self.params = p
+
+    def random_field(self, size: Sequence[int]) -> np.ndarray:
+        """A random displacement at control points ``(D, *coarse)`` px, float64 (see :class:`SpatialParams`)."""
+        size_a = np.asarray(size)
+        sigma = self.sigma_frac * size_a.min()
+        step = max(1.0, sigma / 4.0)  # control-grid spacing (px): >= 4 nodes per sigma
+        coarse = np.maximum(2, np.ceil((size_a - 1) / step).astype(int) + 1)
+        noise = self.R.standard_normal((len(size), *coarse))
+        sig_c = sigma * (coarse - 1) / np.maximum(size_a - 1, 1)
+        noise = gaussian_filter(noise, (0, *sig_c), mode="reflect")
+        rms = np.sqrt(dense_mean_square(noise, size)) + 1e-12
+        return noise * (self.R.uniform(0.0, self.magnitude_frac * size_a.min()) / rms)
+
+    # ------------------------------------------------------------------ deterministic application
+    def __call__(self, data: Data) -> Data:
+        self.randomize(data["image"].shape[1:])
+        return self.apply(data, self.params)
+
+    def apply(self, data: Data, params: SpatialParams) -> Data:
+        """Apply a given draw: resample the image once, move the landmarks by the exact inverse."""
+        if params.identity:
+            return data
+        if params.affine is None and params.field is None:  # a pure flip: exact, no interpolation
+            image = torch.flip(data["image"], dims=(1 + params.flip_axis,))
+        else:
+            image = self.resampler(data["image"], self.sampling_grid(params))
+        lm, ok = self.invert(params, data["landmarks"])
+        valid = np.asarray(data["valid"], dtype=bool) & ok
+        if params.flip:
+            _swap_pairs(lm, valid, self.pairs)
+        return mark_outside({**data, "image": _plain(image), "landmarks": lm, "valid": valid})
+
+    @staticmethod
+    def sampling_grid(params: SpatialParams) -> torch.Tensor:
+        """``T(o)`` for every output pixel: ``(D, *size)`` float32, centred input px (MONAI ``Resample``)."""
+        d = len(params.size)
+        m = torch.as_tensor(params.matrix(), dtype=torch.float64)
+        if params.field is None:  # affine: sum of D broadcast ramps
+            axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in params.size]
+            grid = m[:d, d].float().reshape(d, *([1] * d)).expand(d, *params.size).clone()
+            for a, ramp in enumerate(axes):
+                shape = [1] * d
+                shape[a] = -1
+                grid += m[:d, a].float().reshape(d, *([1] * d)) * ramp.reshape(shape)
+            return grid
+        pts = torch.as_tensor(params.control_points() + params.field)  # float64, control grid
+        ctrl = (m[:d, :d] @ pts.reshape(d, -1) + m[:d, d:]).reshape(pts.shape)  # torch, not numpy BLAS threads
+        mode = "bilinear" if d == 2 else "trilinear"
+        return torch.nn.functional.interpolate(ctrl.float()[None], size=params.size, mode=mode,
+                                               align_corners=True)[0]
+
+    def invert(self, params: SpatialParams, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Output positions ``o`` (N, D) px with ``T(o) = points`` and a mask of successful inversions
+        (rows NaN and False where the elastic fixed point did not converge or the map folds)."""
+        p = np.array(points, dtype=np.float64, ndmin=2)
+        c = (np.asarray(params.size, dtype=np.float64) - 1) / 2
+        inv = np.linalg.inv(params.matrix())
+        q = (p - c) @ inv[:-1, :-1].T + inv[:-1, -1] + c
+        ok = ~np.isnan(q).any(axis=1)
+        if params.field is None or not ok.any():
+            return q, ok
+        qs = q[ok]
+        o = qs.copy()
+        for _ in range(self.iterations):
+            o_new = qs - params.displacement(o)
+            step = np.abs(o_new - o).max()
+            o = o_new
+            if step < 1e-3 * self.tol:
+                break
+        good = np.linalg.norm(o + params.displacement(o) - qs, axis=1) <= self.tol
+        o[~good] = np.nan
+        q[ok] = o
+        ok[ok] = good
+        return q, ok
+
+
+def dense_mean_square(field: np.ndarray, size: Sequence[int]) -> float:
+    """Mean over the dense grid ``size`` (px) of ``|d|^2`` for control-point displacements ``field``
+    ``(D, *coarse)``, upsampled multilinearly (``align_corners=True``), without building the dense field:
+    per axis the (tridiagonal) Gram matrix ``W^T W`` of the 1D linear-interpolation weights ``W``."""
+    f = torch.as_tensor(field, dtype=torch.float64)  # torch: obeys torch's thread count (numpy BLAS may not)
+    g = f
+    for axis, (n, k) in enumerate(zip(size, field.shape[1:])):
+        pos = np.arange(n) * (k - 1) / max(n - 1, 1)
+        i0 = np.clip(np.floor(pos).astype(int), 0, k - 2)
+        w = pos - i0
+        diag = np.bincount(i0, (1 - w) ** 2, minlength=k) + np.bincount(i0 + 1, w ** 2, minlength=k)
+        off = np.bincount(i0, (1 - w) * w, minlength=k - 1)[:k - 1]
+        gram = torch.as_tensor(np.diag(diag) + np.diag(off, 1) + np.diag(off, -1))
+        g = torch.movedim(torch.tensordot(gram, g, dims=([1], [axis + 1])), 0, axis + 1)
+    return float(torch.sum(f * g)) / float(np.prod(size))
+
+
+class RandAffineLandmarksd(RandSpatialLandmarksd):
+    """Random rotation/scale/translation/shear only (one resampling); see :class:`RandSpatialLandmarksd`.
 
     MONAI's grid maps an OUTPUT pixel to the INPUT: ``in - c = A @ (out - c)`` with ``c = (size - 1) / 2``
     (pixels, about the image centre), so landmarks move by ``out = A^-1 @ (in - c) + c``.
-    Ranges: rotation in degrees (one angle in 2D, one per axis in 3D), scale as ``1 +- scale``,
-    translation as a fraction of the image size per axis, shear as the MONAI shear factors.
     """
 
     def __init__(self, ndim: int, prob: float = 1.0, rotation_deg: float = 10.0, scale: float = 0.1,
                  translation_frac: float = 0.05, shear: float = 0.0, padding_mode: str = "zeros") -> None:
-        super().__init__(prob)
-        rot = float(np.deg2rad(rotation_deg))
-        self.translation_frac = translation_frac
-        self.inner = RandAffine(prob=1.0, rotate_range=(rot,) if ndim == 2 else (rot,) * 3,
-                                scale_range=(scale,) * ndim,
-                                shear_range=(shear,) * (2 if ndim == 2 else 6) if shear else None,
-                                padding_mode=padding_mode)
-        self.inner.resampler.dtype = torch.float32  # MONAI defaults to float64: 2x slower, no gain here
-        self.set_random_state(state=self.R)
-
-    def __call__(self, data: Data) -> Data:
-        self.randomize(None)
-        if not self._do_transform:
-            return data
-        size = np.asarray(data["image"].shape[1:], dtype=np.float64)
-        self.inner.rand_affine_grid.translate_range = tuple(float(self.translation_frac * n) for n in size)
-        image = self.inner(data["image"], randomize=True)
-        matrix = np.asarray(convert_to_numpy(self.inner.rand_affine_grid.get_transformation_matrix()), np.float64)
-        inv, c = np.linalg.inv(matrix), (size - 1) / 2
-        lm = (np.asarray(data["landmarks"], dtype=np.float64) - c) @ inv[:-1, :-1].T + inv[:-1, -1] + c
-        return mark_outside({**data, "image": _plain(image), "landmarks": lm})
+        super().__init__(ndim, affine_prob=prob, rotation_deg=rotation_deg, scale=scale,
+                         translation_frac=translation_frac, shear=shear, padding_mode=padding_mode)
 
 
-class RandElasticLandmarksd(_LandmarkTransform):
-    """Random smooth elastic deformation; the image is sampled with MONAI ``Resample``.
+class RandElasticLandmarksd(RandSpatialLandmarksd):
+    """Random smooth elastic deformation only (one resampling); see :class:`RandSpatialLandmarksd`.
 
-    Written by hand because MONAI's ``Rand2DElastic``/``Rand3DElastic`` build and consume their
-    sampling grid inside ``__call__`` without exposing it, so landmarks could not follow them. Here the
-    displacement ``d`` (pixels, per output pixel) is explicit: Gaussian-smoothed white noise on a
-    coarse grid (smoothing ``sigma_frac * min(size)`` px), upsampled linearly, scaled to a random RMS
-    in ``[0, magnitude_frac * min(size)]`` px. The output pixel ``o`` samples the input at ``o + d(o)``,
-    so a landmark ``p`` moves to the solution of ``o + d(o) = p``, found by fixed-point iteration
-    ``o <- p - d(o)`` with ``d`` linearly interpolated at sub-pixel ``o`` (a contraction as long as
-    ``|grad d| < 1``, true for the default smoothness). A landmark whose residual stays above
-    ``tol`` px (a fold) is made invalid.
+    The output pixel ``o`` samples the input at ``o + d(o)`` (``d`` in px, smooth), so a landmark ``p``
+    moves to the solution of ``o + d(o) = p`` (fixed-point iteration; invalid where it fails).
     """
 
     def __init__(self, prob: float = 1.0, sigma_frac: float = 0.1, magnitude_frac: float = 0.02,
                  padding_mode: str = "zeros", iterations: int = 50, tol: float = 1e-3) -> None:
-        super().__init__(prob)
-        self.sigma_frac, self.magnitude_frac = sigma_frac, magnitude_frac
-        self.iterations, self.tol = iterations, tol
-        self.resampler = Resample(mode="bilinear", padding_mode=padding_mode, norm_coords=True,
-                                  dtype=torch.float32)
-
-    def random_field(self, size: Sequence[int]) -> np.ndarray:
-        """A random displacement field ``(D, *size)`` in pixels, float64."""
-        size_a = np.asarray(size)
-        sigma = self.sigma_frac * size_a.min()
-        step = max(1.0, sigma / 4.0)  # coarse grid spacing (px): >= 4 coarse pixels per sigma
-        coarse = np.maximum(2, np.ceil((size_a - 1) / step).astype(int) + 1)
-        noise = self.R.standard_normal((len(size), *coarse))
-        sig_c = sigma * (coarse - 1) / np.maximum(size_a - 1, 1)
-        noise = np.stack([gaussian_filter(n, sig_c, mode="reflect") for n in noise])
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        field = torch.nn.functional.interpolate(torch.as_tensor(noise)[None], size=tuple(int(s) for s in size),
-                                                mode=mode, align_corners=True)[0].numpy()
-        rms = np.sqrt(np.mean(np.sum(field ** 2, axis=0))) + 1e-12
-        return field * (self.R.uniform(0.0, self.magnitude_frac * size_a.min()) / rms)
-
-    def __call__(self, data: Data) -> Data:
-        self.randomize(None)
-        if not self._do_transform:
-            return data
-        size = data["image"].shape[1:]
-        field = self.random_field(size)
-        ident = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size], indexing="ij"))
-        centre = ((np.asarray(size) - 1) / 2).reshape(-1, *([1] * len(size)))
-        grid = torch.as_tensor(ident + field - centre, dtype=torch.float32)  # MONAI: centred input coords
-        image = self.resampler(data["image"], grid)
-        return mark_outside({**data, "image": _plain(image), "landmarks": self.invert(field, data["landmarks"])})
-
-    def invert(self, field: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """Output-grid positions ``o`` (N, D) with ``o + field(o) = points``; NaN where not converged."""
-        p = np.array(points, dtype=np.float64, ndmin=2)
-        ok = ~np.isnan(p).any(axis=1)
-        o = p[ok].copy()
-
-        def disp(q: np.ndarray) -> np.ndarray:
-            return np.stack([map_coordinates(f, q.T, order=1, mode="nearest") for f in field], axis=1)
-
-        for _ in range(self.iterations):
-            o = p[ok] - disp(o)
-        res = np.linalg.norm(o + disp(o) - p[ok], axis=1)
-        o[res > self.tol] = np.nan
-        out = np.full_like(p, np.nan)
-        out[ok] = o
-        return out
+        super().__init__(None, affine_prob=0.0, elastic_prob=prob, elastic_sigma_frac=sigma_frac,
+                         elastic_magnitude_frac=magnitude_frac, padding_mode=padding_mode,
+                         iterations=iterations, tol=tol)
 
 
 class RandFlipLandmarksd(_LandmarkTransform):
@@ -191,8 +348,7 @@ class RandFlipLandmarksd(_LandmarkTransform):
         lm = np.array(data["landmarks"], dtype=np.float64)
         valid = np.array(data["valid"], dtype=bool)
         lm[:, self.axis] = data["image"].shape[1 + self.axis] - 1 - lm[:, self.axis]
-        for a, b in self.pairs:
-            lm[[a, b]], valid[[a, b]] = lm[[b, a]], valid[[b, a]]
+        _swap_pairs(lm, valid, self.pairs)
         return {**data, "image": _plain(self.flip(data["image"])), "landmarks": lm, "valid": valid}
 
 
@@ -214,20 +370,20 @@ def build_augmentation(ndim: int, left_right_pairs: Sequence[tuple[int, int]] = 
                        elastic_magnitude_frac: float = 0.02,
                        intensity: bool = True, intensity_prob: float = 0.5,
                        padding_mode: str = "zeros", seed: int | None = 0) -> Compose:
-    """Training augmentation for landmark dicts: flip -> affine -> elastic -> intensity (MONAI Compose).
+    """Training augmentation for landmark dicts: (flip + affine + elastic in one resampling) -> intensity.
 
-    The returned Compose is ``Randomizable``: ``set_random_state(seed)`` reseeds every stage (the data
-    loader does this per worker). Geometric stages keep landmarks exact and invalidate those leaving
-    the grid; see the classes above for each inversion.
+    The geometric part is one :class:`RandSpatialLandmarksd` (output pixel ``o`` samples the input at
+    ``F A (o + d(o))``; landmarks by the exact inverse, invalid when leaving the grid unless the item's
+    ``keep_outside``). The returned MONAI Compose is ``Randomizable``: ``set_random_state(seed)`` reseeds
+    every stage (the data loader does this per worker).
     """
     stages: list[Callable[[Data], Data]] = []
-    if flip_prob > 0:
-        stages.append(RandFlipLandmarksd(flip_prob, flip_axis, left_right_pairs))
-    if affine_prob > 0:
-        stages.append(RandAffineLandmarksd(ndim, affine_prob, rotation_deg, scale, translation_frac, shear,
-                                           padding_mode))
-    if elastic:
-        stages.append(RandElasticLandmarksd(elastic_prob, elastic_sigma_frac, elastic_magnitude_frac, padding_mode))
+    if flip_prob > 0 or affine_prob > 0 or elastic:
+        stages.append(RandSpatialLandmarksd(
+            ndim, left_right_pairs, flip_prob=flip_prob, flip_axis=flip_axis, affine_prob=affine_prob,
+            rotation_deg=rotation_deg, scale=scale, translation_frac=translation_frac, shear=shear,
+            elastic_prob=elastic_prob if elastic else 0.0, elastic_sigma_frac=elastic_sigma_frac,
+            elastic_magnitude_frac=elastic_magnitude_frac, padding_mode=padding_mode))
     if intensity:
         stages.extend(intensity_transforms(intensity_prob))
     compose = Compose(stages)
