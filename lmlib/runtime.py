@@ -44,15 +44,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
-    import random
+    """Seed Python, NumPy and torch (all devices), and data-loader workers, with Lightning's
+    ``seed_everything(workers=True)`` (each worker then gets its own derived seed)."""
+    from lightning.pytorch import seed_everything as pl_seed_everything
 
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    pl_seed_everything(int(seed), workers=True, verbose=False)
 
 
 def _short_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

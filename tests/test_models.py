@@ -41,3 +41,17 @@ def test_default_unet_is_small_and_timed():
     assert 1_000_000 < count_parameters(net) < 2_500_000
     seconds = time_network(build_network(2, 2, channels=(4, 8, 16)), (1, 1, 32, 32), n_iter=1)
     assert 0 < seconds < 10
+
+
+def test_per_landmark_routes_each_item_to_its_own_net():
+    from lmlib.methods.networks import PerLandmark
+
+    nets = [torch.nn.Conv2d(1, 2, 1, bias=True) for _ in range(3)]
+    for k, net in enumerate(nets):
+        torch.nn.init.zeros_(net.weight)
+        torch.nn.init.constant_(net.bias, float(k))
+    module = PerLandmark(nets)
+    out = module(torch.randn(5, 1, 4, 4), torch.tensor([2, 0, 1, 2, 0]))
+    assert out.shape == (5, 2, 4, 4)
+    assert out[:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0, 2.0, 0.0]
+    assert len(module.state_dict()) == 6  # one checkpoint holds every landmark's net

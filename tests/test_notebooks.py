@@ -84,17 +84,26 @@ def test_method_values(pipeline: tuple[str, Path]) -> None:
 
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
-    table = pd.read_csv(root / "comparison" / "table_main.csv")
+    table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
     methods = {m for m in METHOD_OUTPUTS if (root / m).exists()}
-    assert methods and set(table.iloc[:, 0]) == methods
+    assert methods and set(table.index[table["kind"] == "method"]) == methods
+    assert table.loc["reference/mean_shape", "kind"] == "reference"
+    assert set(table.loc[table["kind"] == "method", "profile"]) == {"smoke"}
     assert (table["mre_mm"].diff().dropna() >= 0).all(), "Table 1 is sorted by MRE"
     for name in ("fig_sdr_curve.png", "fig_error_boxplot.png", "table_main.md", "table_main.tex"):
         assert (root / "comparison" / name).stat().st_size > 200
 
 
+def test_mean_shape_reference_row(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    metrics = _json(root / "reference" / "mean_shape" / "metrics.json")
+    assert metrics["kind"] == "reference"
+    assert metrics["mre_mm"] == pytest.approx({"synthetic2d": 6.55, "synthetic3d": 3.09}[dataset], abs=0.05)
+
+
 def test_method_runs_follow_the_contract(pipeline: tuple[str, Path]) -> None:
     _, root = pipeline
-    for folder in sorted(p for p in root.iterdir() if (p / "predictions.csv").exists()):
+    for folder in sorted(p.parent for p in root.rglob("predictions.csv")):
         preds, metrics = read_run(folder)
         assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] >= 0, folder.name
         assert metrics["n_images"] == preds["image_id"].nunique()

@@ -1,23 +1,296 @@
 """Grids in world space and resampling onto them: where a method looks at an image.
 
-Preprocessing onto the network grid (resize / resample / crop-pad) and intensity normalisation.
-Landmarks stay in world mm; ``sample.geometry`` of a preprocessed sample is the grid's geometry, so
-``geometry.index_to_world`` maps a network-grid index back to world mm (the one inverse path).
+A :class:`Grid` is a pixel grid placed in world space: ``size`` in pixels ``(x, y[, z])`` and a
+:class:`~lmlib.data.geometry.Geometry` (origin = world mm of index 0, spacing in mm/px, direction).
+Every view a method uses (the whole image resized, a crop, a patch around a landmark) is a Grid, and
+:func:`resample` puts any image onto any Grid with SimpleITK (Gaussian anti-aliasing when the grid is
+coarser than the source). Landmarks stay in world mm; ``grid.world_to_index`` / ``grid.index_to_world``
+(or ``grid.affine()``) are the one path between a network's pixel indices and world mm.
+
+:func:`preprocess` (the whole image onto the network grid + intensity normalisation) is one case of
+Grid + resample.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-from monai.transforms import NormalizeIntensity, Resize, ScaleIntensityRangePercentiles
+import SimpleITK as sitk
+from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_numpy
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 
 
+# ---------------------------------------------------------------------------------------------- Grid
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A pixel grid in world space: ``size`` (px, ``(x, y[, z])``) + geometry (origin, spacing, direction, mm).
+
+    ``world = origin + direction @ (spacing * index)``; index 0 is the centre of the first pixel, so the
+    grid covers indices ``[-0.5, size - 0.5]`` on each axis (pixel edges).
+    """
+
+    size: tuple[int, ...]
+    geometry: Geometry
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in np.asarray(self.size).reshape(-1))
+        if len(size) != self.geometry.ndim:
+            raise ValueError(f"size {size} does not match a {self.geometry.ndim}D geometry")
+        if min(size) < 1:
+            raise ValueError(f"grid size must be >= 1 px on every axis, got {size}")
+        object.__setattr__(self, "size", size)
+
+    # ----------------------------------------------------------------------------- basic properties
+    @property
+    def ndim(self) -> int:
+        return self.geometry.ndim
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """(D,) mm per pixel."""
+        return self.geometry.spacing
+
+    @property
+    def origin(self) -> np.ndarray:
+        """(D,) world mm of index 0."""
+        return self.geometry.origin
+
+    @property
+    def direction(self) -> np.ndarray:
+        """(D, D) direction cosines, columns = grid axes in world space."""
+        return self.geometry.direction
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Grid):
+            return NotImplemented
+        return (self.size == other.size and np.array_equal(self.spacing, other.spacing)
+                and np.array_equal(self.origin, other.origin) and np.array_equal(self.direction, other.direction))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Grid(size={self.size}, spacing={np.round(self.spacing, 6).tolist()}, "
+                f"origin={np.round(self.origin, 6).tolist()}, direction={np.round(self.direction, 6).tolist()})")
+
+    def index_to_world(self, index: np.ndarray) -> np.ndarray:
+        """Continuous index (N, D) ``(x, y[, z])`` px -> world mm (N, D)."""
+        return self.geometry.index_to_world(index)
+
+    def world_to_index(self, world: np.ndarray) -> np.ndarray:
+        """World mm (N, D) -> continuous index (N, D) ``(x, y[, z])`` px."""
+        return self.geometry.world_to_index(world)
+
+    def affine(self) -> np.ndarray:
+        """(D, D+1) float64 ``A`` with ``world = A[:, :D] @ idx + A[:, D]`` (idx in px, world in mm)."""
+        g = self.geometry
+        return np.concatenate([g.direction * g.spacing[None, :], g.origin[:, None]], axis=1)
+
+    def contains(self, index: np.ndarray) -> np.ndarray:
+        """(N,) bool: indices (N, D) inside the pixel edges ``[-0.5, size - 0.5]``; False for NaN rows."""
+        idx = np.atleast_2d(np.asarray(index, dtype=np.float64))
+        with np.errstate(invalid="ignore"):
+            return np.all((idx >= -0.5) & (idx <= np.asarray(self.size) - 0.5), axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (lists of floats/ints)."""
+        return {"size": list(self.size), "spacing": self.spacing.tolist(), "origin": self.origin.tolist(),
+                "direction": self.direction.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+        return cls(tuple(d["size"]), Geometry(np.asarray(d["spacing"], dtype=np.float64),
+                                              np.asarray(d["origin"], dtype=np.float64),
+                                              np.asarray(d["direction"], dtype=np.float64)))
+
+    # --------------------------------------------------------------------------------- constructors
+    @classmethod
+    def of_image(cls, image: "Sample | sitk.Image | Grid | SourceImage") -> "Grid":
+        """The image's own grid (a Sample, a SimpleITK image, a :class:`SourceImage` or a Grid)."""
+        if isinstance(image, Grid):
+            return image
+        if isinstance(image, Sample):
+            return cls(image.size, image.geometry)
+        if isinstance(image, SourceImage):
+            return image.grid
+        if isinstance(image, sitk.Image):
+            return cls(tuple(image.GetSize()), Geometry.from_sitk(image))
+        raise TypeError(f"cannot take a grid of {type(image).__name__}")
+
+    @classmethod
+    def whole(cls, image: "Sample | sitk.Image | Grid | SourceImage", size: Sequence[int] | None = None,
+              spacing: Sequence[float] | float | None = None) -> "Grid":
+        """The whole field of view of ``image`` at ``size`` px or at ``spacing`` mm (one of them).
+
+        - ``size``: spacing becomes ``spacing * old_size / size`` (anisotropic if aspect ratios differ).
+        - ``spacing``: size becomes ``max(1, round(old_size * old_spacing / spacing))``; the field of view
+          is kept exactly, so the realised spacing may differ from ``spacing`` (stored exactly here).
+        Pixel *edges* stay aligned (as :meth:`Geometry.scaled`): the outer edges of both grids coincide.
+        Neither: the image's own grid.
+        """
+        src = cls.of_image(image)
+        if size is not None and spacing is not None:
+            raise ValueError("Grid.whole takes size or spacing, not both (then use centre_crop_or_pad)")
+        old = np.asarray(src.size, dtype=np.float64)
+        if spacing is not None:
+            sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (src.ndim,))
+            new = np.maximum(1, np.round(old * src.spacing / sp)).astype(int)
+        elif size is not None:
+            new = np.asarray(size, dtype=int).reshape(src.ndim)
+        else:
+            return src
+        if tuple(new) == src.size:
+            return src
+        return cls(tuple(int(n) for n in new), src.geometry.scaled(new / old))
+
+    def padded_to_multiple(self, multiple: int) -> "Grid":
+        """Size rounded up to a multiple of ``multiple`` px on every axis (padding at the high end; origin kept)."""
+        m = int(multiple)
+        if m <= 1:
+            return self
+        size = tuple(int(-(-n // m) * m) for n in self.size)
+        return Grid(size, self.geometry)
+
+    def crop(self, start_index: Sequence[int], size: Sequence[int]) -> "Grid":
+        """Integer sub-grid: new index 0 = old index ``start_index`` (may be negative / extend past the end)."""
+        start = np.asarray(start_index, dtype=np.int64).reshape(self.ndim)
+        origin = self.index_to_world(start[None].astype(np.float64))[0]
+        return Grid(tuple(int(s) for s in size), Geometry(self.spacing, origin, self.direction))
+
+    def centre_crop_or_pad(self, size: Sequence[int]) -> "Grid":
+        """Centred sub-/super-grid of ``size`` px: new index 0 = old index ``(old_size - size) // 2``."""
+        size_a = np.asarray(size, dtype=np.int64).reshape(self.ndim)
+        return self.crop((np.asarray(self.size) - size_a) // 2, size_a)
+
+    def random_crop(self, size: Sequence[int], rng: np.random.Generator) -> "Grid":
+        """Integer crop of ``size`` px placed uniformly at random inside the grid (start drawn from ``rng``).
+
+        On an axis where ``size`` exceeds the grid, the crop is centred (extends beyond both sides
+        equally, as :meth:`centre_crop_or_pad`).
+        """
+        size_a = np.asarray(size, dtype=np.int64).reshape(self.ndim)
+        old = np.asarray(self.size, dtype=np.int64)
+        start = np.array([rng.integers(0, n - s + 1) if s <= n else (n - s) // 2 for n, s in zip(old, size_a)])
+        return self.crop(start, size_a)
+
+    @classmethod
+    def centred(cls, centre_mm: Sequence[float], size: Sequence[int], spacing: Sequence[float] | float,
+                direction: np.ndarray | None = None) -> "Grid":
+        """A grid of ``size`` px at ``spacing`` mm whose centre (index ``(size - 1) / 2``) is at ``centre_mm``."""
+        centre = np.asarray(centre_mm, dtype=np.float64).reshape(-1)
+        dim = centre.size
+        size_a = np.asarray(size, dtype=np.int64).reshape(dim)
+        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (dim,)).copy()
+        d = np.eye(dim) if direction is None else np.asarray(direction, dtype=np.float64).reshape(dim, dim)
+        origin = centre - d @ (sp * (size_a - 1) / 2.0)
+        return cls(tuple(int(s) for s in size_a), Geometry(sp, origin, d))
+
+
+# ------------------------------------------------------------------------------------- resampling
+INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline,
+                 "lanczos": sitk.sitkLanczosWindowedSinc}
+
+
+def antialias_sigma_mm(source: Grid, grid: Grid) -> np.ndarray:
+    """Gaussian sigma (mm, along each source axis) that anti-aliases sampling ``source`` onto ``grid``.
+
+    As MONAI/skimage: ``sigma = max(0, (s_new / s_old - 1) / 2)`` source pixels, where ``s_new`` is the
+    grid's step along the source axis (the norm of that row of the grid steps expressed in source
+    axes: equal to the grid spacing when the axes are aligned, also for oblique grids a fair measure).
+    """
+    steps = source.direction.T @ grid.direction @ np.diag(grid.spacing)  # grid steps in source axes (mm)
+    s_new = np.linalg.norm(steps, axis=1)
+    sigma_px = np.maximum(0.0, (s_new / source.spacing - 1.0) / 2.0)
+    return sigma_px * source.spacing
+
+
+class SourceImage:
+    """A SimpleITK image (float32) plus its Gaussian-smoothed copies, so that many grids at the same
+    spacing (e.g. patches) smooth the source only once. Built from a Sample, an sitk image, or an
+    array ``(x, y[, z])`` + Geometry."""
+
+    def __init__(self, image: "Sample | sitk.Image | np.ndarray", geometry: Geometry | None = None,
+                 cache: bool = True) -> None:
+        if isinstance(image, Sample):
+            img = image.to_sitk()
+        elif isinstance(image, sitk.Image):
+            img = image
+        else:
+            if geometry is None:
+                raise ValueError("an array needs its geometry")
+            img = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(image, np.float32).T)))
+        if img.GetPixelID() != sitk.sitkFloat32:
+            img = sitk.Cast(img, sitk.sitkFloat32)
+        self.image = img
+        self.grid = Grid.of_image(img)
+        self.cache = cache
+        self._smoothed: dict[tuple[float, ...], sitk.Image] = {}
+
+    def smoothed(self, sigma_mm: np.ndarray) -> sitk.Image:
+        """The source smoothed with a Gaussian of ``sigma_mm`` (mm, per source axis); cached per sigma."""
+        sig = np.asarray(sigma_mm, dtype=np.float64)
+        if not np.any(sig / self.grid.spacing > 1e-3):  # below 1/1000 px: nothing to do
+            return self.image
+        key = tuple(np.round(sig, 9).tolist())
+        if key in self._smoothed:
+            return self._smoothed[key]
+        f = sitk.DiscreteGaussianImageFilter()
+        f.SetVariance((sig ** 2).tolist())
+        f.SetUseImageSpacing(True)
+        f.SetMaximumError(1e-3)
+        f.SetMaximumKernelWidth(4096)
+        out = f.Execute(self.image)
+        if self.cache:
+            self._smoothed[key] = out
+        return out
+
+
+def resample(source: "Sample | sitk.Image | SourceImage", grid: Grid, interpolation: str = "linear",
+             default_value: float = 0.0, antialias: bool = True) -> np.ndarray:
+    """Sample ``source`` on ``grid``: float32 array ``(x, y[, z])`` of ``grid.size``.
+
+    SimpleITK ``Resample`` (identity transform, world mm). Points outside the source get
+    ``default_value``. With ``antialias`` the source is first smoothed along each axis on which the grid
+    is coarser (see :func:`antialias_sigma_mm`); pass a :class:`SourceImage` to reuse that smoothing.
+    """
+    src = source if isinstance(source, SourceImage) else SourceImage(source, cache=False)
+    image = src.smoothed(antialias_sigma_mm(src.grid, grid)) if antialias else src.image
+    g = grid.geometry
+    out = sitk.Resample(image, list(grid.size), sitk.Transform(), INTERPOLATORS[interpolation], g.origin.tolist(),
+                        g.spacing.tolist(), g.direction.reshape(-1).tolist(), float(default_value), sitk.sitkFloat32)
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).T)
+
+
+def crop_array(image: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """Integer crop of an array ``(x, y[, z])``: out index 0 = ``start`` (may be negative); ``fill`` outside."""
+    start_a = np.asarray(start, dtype=np.int64)
+    size_t = tuple(int(s) for s in size)
+    out = np.full(size_t, fill, dtype=np.float32)
+    src, dst = [], []
+    for s, n, m in zip(start_a, size_t, image.shape):
+        lo, hi = max(int(s), 0), min(int(s) + n, m)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(s), hi - int(s)))
+    out[tuple(dst)] = image[tuple(src)]
+    return out
+
+
+def on_sub_grid(image: np.ndarray, grid: Grid, sub: Grid, fill: float = 0.0) -> np.ndarray:
+    """The pixels of ``image`` (on ``grid``) on ``sub``, an integer sub-grid of it (crop/pad, exact)."""
+    start = grid.world_to_index(sub.origin[None])[0]
+    start_i = np.round(start)
+    if (np.abs(start - start_i).max() > 1e-6 or not np.allclose(sub.spacing, grid.spacing)
+            or not np.allclose(sub.direction, grid.direction)):
+        raise ValueError("not an integer sub-grid; use resample")
+    return crop_array(image, start_i.astype(np.int64), sub.size, fill)
+
+
+# ------------------------------------------------------------------------------------ preprocessing
 def normalize_intensity(image: np.ndarray, method: str | None = "zscore",
                         percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """``"zscore"`` (mean 0, std 1), ``"percentile"`` (percentiles -> [0, 1], clipped) or None."""
@@ -32,6 +305,17 @@ def normalize_intensity(image: np.ndarray, method: str | None = "zscore",
     return convert_to_numpy(out)[0].astype(np.float32)
 
 
+def preprocessing_grids(sample: Sample | Grid, target_size: Sequence[int] | None = None,
+                        target_spacing: Sequence[float] | float | None = None) -> tuple[Grid, Grid]:
+    """(resampling grid, final grid) of :func:`preprocess`: the whole FOV at size or spacing, then (both
+    given) the centre crop/pad of ``target_size`` px of it; otherwise the two are the same."""
+    whole = Grid.whole(sample, spacing=target_spacing) if target_spacing is not None else \
+        Grid.whole(sample, size=target_size)
+    final = whole.centre_crop_or_pad(target_size) if (target_spacing is not None and target_size is not None) \
+        else whole
+    return whole, final
+
+
 def preprocess(sample: Sample, target_size: Sequence[int] | None = None,
                target_spacing: Sequence[float] | None = None, normalize: str | None = "zscore") -> Sample:
     """Resample ``sample`` onto the network grid; landmarks keep their world mm coordinates.
@@ -43,40 +327,17 @@ def preprocess(sample: Sample, target_size: Sequence[int] | None = None,
       over the whole extent (it is stored exactly in the returned geometry).
     - both: resample to ``target_spacing``, then centre-crop/pad (zeros, after normalisation) to
       ``target_size``.
-    Resizing uses MONAI ``Resize`` (linear, ``align_corners=False``: pixel edges stay aligned, exactly
-    as :meth:`Geometry.scaled` assumes, Gaussian anti-aliasing when downsampling). The direction is
-    kept (no reorientation). Landmarks now outside the grid keep their world position; data loaders
-    mark them invalid (see :func:`mark_outside`).
+    This is :meth:`Grid.whole` + :func:`resample` (linear, pixel edges aligned, Gaussian anti-aliasing
+    when downsampling), then :func:`normalize_intensity` over the whole resampled image, then the
+    integer crop/pad. The direction is kept (no reorientation). Landmarks now outside the grid keep their
+    world position; data loaders mark them invalid (see :func:`mark_outside`).
     """
-    image, geom, ndim = sample.image, sample.geometry, sample.ndim
-    size = np.asarray(sample.size, dtype=np.float64)
-    new_size = None
-    if target_spacing is not None:
-        tsp = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), (ndim,))
-        new_size = np.maximum(1, np.round(size * geom.spacing / tsp)).astype(int)
-    elif target_size is not None:
-        new_size = np.asarray(target_size, dtype=int).reshape(ndim)
-    if new_size is not None and tuple(new_size) != sample.size:
-        mode = "bilinear" if ndim == 2 else "trilinear"
-        resize = Resize(tuple(int(s) for s in new_size), mode=mode, align_corners=False, anti_aliasing=True)
-        image = convert_to_numpy(resize(torch.as_tensor(image)[None]))[0]
-        geom = geom.scaled(new_size / size)
+    whole, final = preprocessing_grids(sample, target_size, target_spacing)
+    image = sample.image if whole == Grid.of_image(sample) else resample(sample, whole)
     image = normalize_intensity(image, normalize)
-    if target_spacing is not None and target_size is not None:
-        image, geom = _center_crop_or_pad(image, geom, tuple(int(s) for s in target_size))
+    if final is not whole:
+        image = on_sub_grid(image, whole, final)
     meta = {**sample.meta, "preprocess": {"target_size": target_size, "target_spacing": target_spacing,
                                           "normalize": normalize, "source_size": sample.size}}
-    return replace(sample, image=image, geometry=geom, landmarks_mm=sample.landmarks_mm.copy(),
+    return replace(sample, image=image, geometry=final.geometry, landmarks_mm=sample.landmarks_mm.copy(),
                    valid=sample.valid.copy(), meta=meta)
-
-
-def _center_crop_or_pad(image: np.ndarray, geom: Geometry, size: tuple[int, ...]) -> tuple[np.ndarray, Geometry]:
-    """Centre crop/zero-pad ``image`` to ``size``; the new index 0 is old index ``start``."""
-    start = (np.asarray(image.shape) - np.asarray(size)) // 2  # negative where padding
-    out = np.zeros(size, dtype=np.float32)
-    src = tuple(slice(max(s, 0), max(s, 0) + min(n, m - max(s, 0))) for s, n, m in zip(start, size, image.shape))
-    dst = tuple(slice(max(-s, 0), max(-s, 0) + (sl.stop - sl.start)) for s, sl in zip(start, src))
-    out[dst] = image[src]
-    return out, Geometry(geom.spacing, geom.index_to_world(start[None].astype(np.float64))[0], geom.direction)
-
-

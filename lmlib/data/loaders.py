@@ -1,20 +1,35 @@
-"""Torch Dataset and Lightning DataModule for landmark training (2D and 3D).
+"""Torch Dataset and Lightning DataModule for landmark training (2D and 3D): views of the samples.
 
-Each item is a dict:
-- ``"image"``: float32 Tensor ``(C, x, y[, z])`` on the network grid (after :func:`preprocess`);
-- ``"landmarks"``: float32 Tensor ``(N, D)`` continuous indices ``(x, y[, z])`` in pixels of that grid,
-  after augmentation; rows of invalid landmarks are **0** (not NaN) so masked losses stay finite —
-  always use ``"valid"``;
-- ``"valid"``: bool Tensor ``(N,)``; False for missing/ambiguous landmarks and those pushed out of the
-  grid by augmentation;
-- ``"image_id"``: str, ``"index"``: int (position in the dataset);
+A :class:`ViewSpec` says which grid a network sees (see :mod:`lmlib.data.grids`):
+- ``"whole"``: the whole field of view resized to ``size`` px or resampled at ``spacing`` mm (both:
+  spacing, then centre crop/pad to size), padded at the high end to a multiple of ``pad_multiple``;
+- ``"crop"``: an integer crop of ``size`` px of the whole image at ``spacing`` (train: random position;
+  val/test: the centre crop);
+- ``"patch"``: ``size`` px at ``spacing`` mm centred on a point in world mm (train: the ground truth
+  + jitter; val/test: the previous stage's predictions ``centres``, else the ground truth).
+
+Each item is a dict (default-collatable):
+- ``"image"``: float32 ``(C, *size)`` on the view grid, after augmentation (train only);
+- ``"landmarks"``: float32 ``(K, D)`` continuous indices ``(x, y[, z])`` in px of that grid, after
+  augmentation; rows of invalid landmarks are **0** (not NaN) so masked losses stay finite — always
+  use ``"valid"``;
+- ``"valid"``: bool ``(K,)``; False for missing/ambiguous landmarks and (unless ``keep_outside``) those
+  outside the grid (before or after augmentation);
+- ``"landmark_ids"``: int64 ``(K,)`` dataset landmark index of each row;
+- ``"index_to_world"``: float64 ``(D, D+1)`` affine of the view grid (before augmentation):
+  ``world = A[:, :D] @ idx + A[:, D]`` (idx px, world mm);
+- ``"reference_mm"``: float64 ``(K, D)`` the sample's original landmarks in world mm, NaN where masked;
+- ``"image_id"``: str, ``"index"``: int (position of the sample), ``"item_index"``: int (position of
+  the item), ``"centre_mm"``: float64 ``(D,)`` (patch views; zeros otherwise);
 - whatever the target encoder returns (it may also replace the keys above).
-Batches stack these: image ``(B, C, ...)``, landmarks ``(B, N, D)``, valid ``(B, N)``.
-Predicted indices map back to world mm with :meth:`LandmarkDataset.to_world` (the grid's Geometry).
+K = the served landmarks (all N, a subset, or 1 per item with ``per_landmark``).
+Batches stack these: image ``(B, C, ...)``, landmarks ``(B, K, D)``, valid ``(B, K)``.
 """
 from __future__ import annotations
 
+import inspect
 import random
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -23,25 +38,28 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from lmlib.data.geometry import Geometry
+from lmlib.data.grids import Grid, SourceImage, crop_array, normalize_intensity, on_sub_grid, preprocess, \
+    preprocessing_grids, resample
 from lmlib.data.sample import Sample
-from lmlib.data.grids import preprocess
 from lmlib.data.transforms import make_item
 
 TargetEncoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, Any]]
 SPLITS = ("train", "val", "test")
+VIEW_KINDS = ("whole", "crop", "patch")
+JITTER_KINDS = ("none", "normal", "uniform")
 
 
 def identity_encoder(image: torch.Tensor, landmarks: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
-    """Default target encoder: no extra targets (image (C, ...), landmarks (N, D) px, valid (N,))."""
+    """Default target encoder: no extra targets (image (C, ...), landmarks (K, D) px, valid (K,))."""
     return {}
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: give each worker its own augmentation stream.
+    """``worker_init_fn``: give each worker its own augmentation / crop / jitter stream.
 
     PyTorch seeds worker ``k`` with ``base_seed + k`` (``torch.initial_seed()`` inside the worker),
     where ``base_seed`` is drawn from the loader's generator at each epoch; without this every worker
-    would hold a copy of the same numpy RandomState and repeat the same augmentations.
+    would hold a copy of the same random state and repeat the same augmentations.
     """
     info = get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
@@ -60,78 +78,302 @@ def collate_landmarks(items: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(items)
 
 
+# ------------------------------------------------------------------------------------------ ViewSpec
+def _opt_tuple(x: Any, cast: type) -> tuple | None:
+    if x is None:
+        return None
+    return tuple(cast(v) for v in np.asarray(x).reshape(-1).tolist())
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which grid a network sees; JSON-serialisable (stored in checkpoints). See the module docstring.
+
+    Attributes:
+        kind: ``"whole"`` | ``"crop"`` | ``"patch"``.
+        size: grid size in px ``(x, y[, z])``; whole: None allowed (with spacing, or for the image's own grid).
+        spacing: mm/px (one value or one per axis); whole with size only: the FOV resized to size;
+            crop: None = the source's own spacing; patch: None = the source's own spacing.
+        pad_multiple: whole: pad the grid (zeros, high end) up to a multiple of this (fully convolutional nets).
+        normalize: ``"zscore"`` | ``"percentile"`` | None, statistics of the WHOLE image (never of a crop/patch).
+        landmarks: subset of landmark indices served (None = all).
+        per_landmark: patch only: one item per (sample, served landmark), centred on that landmark.
+        jitter: training patch centres = ground truth + jitter, in world mm along each world axis:
+            ``("normal", sigma_mm)`` | ``("uniform", half_width_mm)`` | ``("none", 0)``.
+        keep_outside: landmarks outside the grid stay valid (methods regressing landmarks outside a
+            crop); default: outside -> invalid.
+    """
+
+    kind: str = "whole"
+    size: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    pad_multiple: int = 1
+    normalize: str | None = "zscore"
+    landmarks: tuple[int, ...] | None = None
+    per_landmark: bool = False
+    jitter: tuple[str, float] = ("none", 0.0)
+    keep_outside: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", _opt_tuple(self.size, int))
+        object.__setattr__(self, "spacing", _opt_tuple(self.spacing, float))
+        object.__setattr__(self, "landmarks", _opt_tuple(self.landmarks, int))
+        object.__setattr__(self, "pad_multiple", int(self.pad_multiple))
+        object.__setattr__(self, "per_landmark", bool(self.per_landmark))
+        object.__setattr__(self, "keep_outside", bool(self.keep_outside))
+        jitter = ("none", 0.0) if self.jitter is None else (str(self.jitter[0]), float(self.jitter[1]))
+        object.__setattr__(self, "jitter", jitter)
+        if self.kind not in VIEW_KINDS:
+            raise ValueError(f"view kind must be one of {VIEW_KINDS}, got {self.kind!r}")
+        if self.kind in ("crop", "patch") and self.size is None:
+            raise ValueError(f"a {self.kind!r} view needs a size (px)")
+        if self.per_landmark and self.kind != "patch":
+            raise ValueError("per_landmark applies to patch views only")
+        if jitter[0] not in JITTER_KINDS or jitter[1] < 0:
+            raise ValueError(f"jitter must be (one of {JITTER_KINDS}, value >= 0), got {self.jitter!r}")
+        if self.pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
+        if self.spacing is not None and min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+
+    def spacing_for(self, ndim: int) -> np.ndarray | None:
+        """(D,) spacing in mm, or None."""
+        return None if self.spacing is None else np.broadcast_to(np.asarray(self.spacing, float), (ndim,)).copy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (lists instead of tuples)."""
+        return {"kind": self.kind, "size": None if self.size is None else list(self.size),
+                "spacing": None if self.spacing is None else list(self.spacing), "pad_multiple": self.pad_multiple,
+                "normalize": self.normalize, "landmarks": None if self.landmarks is None else list(self.landmarks),
+                "per_landmark": self.per_landmark, "jitter": [self.jitter[0], self.jitter[1]],
+                "keep_outside": self.keep_outside}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ViewSpec":
+        kw = dict(d)
+        if kw.get("jitter") is not None:
+            kw["jitter"] = tuple(kw["jitter"])
+        return cls(**kw)
+
+
+def _make_item_keeps_outside() -> bool:
+    try:
+        return "keep_outside" in inspect.signature(make_item).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+# ------------------------------------------------------------------------------------------- Dataset
 class LandmarkDataset(Dataset):
-    """Samples preprocessed onto the network grid (cached once), then augmented and target-encoded.
+    """Views of samples (see the module docstring), augmented (train) and target-encoded.
 
     Args:
-        samples: the samples of one split.
-        target_size / target_spacing / normalize: see :func:`lmlib.data.grids.preprocess`
-            (size in pixels (x, y[, z]), spacing in mm).
+        samples: the samples of one split (all with the same landmark names).
+        target_size / target_spacing / normalize: shorthand for ``view=ViewSpec("whole", target_size,
+            target_spacing, normalize=normalize)`` (see :func:`lmlib.data.grids.preprocess`; size in px
+            (x, y[, z]), spacing in mm); not together with ``view``.
         transform: optional augmentation on the landmark dict (e.g. :func:`build_augmentation`);
             reseeded with ``seed`` here and per worker by :func:`seed_worker`.
         target_encoder: maps (image, landmarks px, valid) -> dict of targets merged into the item.
-        cache: keep the preprocessed samples in memory (computed in the constructor, i.e. in the main
-            process, so workers inherit them); otherwise preprocess on every access.
+        cache: keep the prepared images in memory (computed in the constructor, i.e. in the main
+            process, so workers inherit them): whole: the image on the view grid; crop: the whole
+            image at the crop spacing; patch: the normalised source (plus one smoothed copy per
+            coarser spacing, made on first use). Otherwise they are recomputed on every access.
+        seed: seed of the dataset's random stream (crop positions, jitter) and of ``transform``.
+        view: the :class:`ViewSpec` (default: a whole view from the shorthand arguments).
+        centres: val/test patch centres ``{image_id: (N, D) world mm}`` for all N dataset landmarks
+            (the previous stage's predictions). Without them (or for an image not in them) patch
+            centres fall back to the ground truth. A NaN centre row is ignored (group patch: mean of
+            the others; per-landmark patch: the image centre).
+        train: training views: random crop positions and jittered patch centres (ground truth);
+            per-landmark patch items skip (sample, landmark) pairs without a valid ground truth.
+            Otherwise (val/test): centre crops, patch centres from ``centres``, all pairs served.
     """
 
     def __init__(self, samples: Sequence[Sample], target_size: Sequence[int] | None = None,
                  target_spacing: Sequence[float] | None = None, normalize: str | None = "zscore",
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 target_encoder: TargetEncoder | None = None, cache: bool = True, seed: int = 0) -> None:
+                 target_encoder: TargetEncoder | None = None, cache: bool = True, seed: int = 0, *,
+                 view: ViewSpec | None = None, centres: Mapping[str, np.ndarray] | None = None,
+                 train: bool = False) -> None:
+        if view is not None and (target_size is not None or target_spacing is not None):
+            raise ValueError("give either a view or target_size/target_spacing, not both")
+        self.view = view if view is not None else ViewSpec("whole", target_size, target_spacing,
+                                                           normalize=normalize)
         self.samples = list(samples)
-        self.target_size, self.target_spacing, self.normalize = target_size, target_spacing, normalize
+        self.target_size, self.target_spacing, self.normalize = self.view.size, self.view.spacing, self.view.normalize
         self.transform = transform
         self.target_encoder = target_encoder or identity_encoder
-        self.cache = cache
-        self._cache: list[Sample] | None = [self._preprocess(s) for s in self.samples] if cache else None
+        self.cache, self.train = cache, bool(train)
+        self.centres = None if centres is None else {k: np.asarray(v, dtype=np.float64) for k, v in centres.items()}
+        n = len(self.samples[0].landmark_names) if self.samples else 0
+        self.served: tuple[int, ...] = tuple(range(n)) if self.view.landmarks is None else self.view.landmarks
+        if any(not 0 <= k < n for k in self.served) and self.samples:
+            raise ValueError(f"served landmarks {self.served} out of range for {n} landmarks")
+        self._items: list[tuple[int, tuple[int, ...]]] = []
+        for i, s in enumerate(self.samples):
+            if self.view.per_landmark:
+                self._items += [(i, (k,)) for k in self.served if not self.train or s.valid[k]]
+            else:
+                self._items.append((i, self.served))
+        self._keep_outside_kw = _make_item_keeps_outside()
+        self._cache: list[Any] | None = [self._prepare(s) for s in self.samples] if cache else None
         self.set_random_state(seed)
 
-    def _preprocess(self, sample: Sample) -> Sample:
-        return preprocess(sample, self.target_size, self.target_spacing, self.normalize)
+    # ------------------------------------------------------------------------------ preparation
+    def _prepare(self, sample: Sample) -> Sample | SourceImage:
+        """Cached per sample: whole -> Sample on the (padded) view grid; crop -> Sample of the whole
+        image at the crop spacing; patch -> normalised :class:`SourceImage`."""
+        v = self.view
+        if v.kind == "whole":
+            s = preprocess(sample, v.size, v.spacing, v.normalize)
+            if v.pad_multiple > 1:
+                grid = Grid.of_image(s).padded_to_multiple(v.pad_multiple)
+                if grid.size != s.size:
+                    s = replace(s, image=crop_array(s.image, (0,) * s.ndim, grid.size))
+            return s
+        if v.kind == "crop":
+            return preprocess(sample, None, v.spacing, v.normalize)
+        return SourceImage(normalize_intensity(sample.image, v.normalize), sample.geometry)
+
+    def _prepared(self, sample_index: int) -> Any:
+        return self._cache[sample_index] if self._cache is not None else self._prepare(self.samples[sample_index])
 
     def set_random_state(self, seed: int) -> None:
-        """Reseed the augmentation (if it is MONAI-Randomizable)."""
+        """Reseed the dataset's stream (crop positions, jitter) and the augmentation (if MONAI-Randomizable)."""
+        self._rng = np.random.default_rng(int(seed) % 2**32)
         if hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=int(seed) % 2**32)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._items)
+
+    def item_landmarks(self, item_index: int) -> tuple[int, tuple[int, ...]]:
+        """(sample position, dataset landmark indices served) of item ``item_index``."""
+        return self._items[item_index]
+
+    # ---------------------------------------------------------------------------------- grids
+    def _centre(self, sample_index: int, ids: tuple[int, ...]) -> np.ndarray:
+        """Patch centre in world mm (D,) before jitter (see the class docstring)."""
+        s = self.samples[sample_index]
+        pts = s.landmarks_mm[list(ids)]
+        if not self.train and self.centres is not None and s.image_id in self.centres:
+            pts = self.centres[s.image_id][list(ids)]
+        ok = ~np.isnan(pts).any(axis=1)
+        if ok.any():
+            return pts[ok].mean(axis=0)
+        return s.geometry.index_to_world((np.asarray(s.size, dtype=np.float64) - 1) / 2)[0]
+
+    def _jitter(self, ndim: int) -> np.ndarray:
+        kind, value = self.view.jitter
+        if kind == "normal" and value > 0:
+            return self._rng.normal(0.0, value, ndim)
+        if kind == "uniform" and value > 0:
+            return self._rng.uniform(-value, value, ndim)
+        return np.zeros(ndim)
+
+    def _patch_grid(self, sample_index: int, centre: np.ndarray) -> Grid:
+        s = self.samples[sample_index]
+        spacing = self.view.spacing_for(s.ndim)
+        return Grid.centred(centre, self.view.size, s.geometry.spacing if spacing is None else spacing,
+                            s.geometry.direction)
+
+    def grid(self, item_index: int) -> Grid:
+        """The view grid of item ``item_index`` (px (x, y[, z]) <-> world mm).
+
+        Deterministic: for training crops and jittered patches the realised grid is the item's
+        ``"index_to_world"``; this returns the centre crop / the patch without jitter.
+        """
+        si, ids = self._items[item_index]
+        s, v = self.samples[si], self.view
+        if v.kind == "whole":
+            return preprocessing_grids(s, v.size, v.spacing)[1].padded_to_multiple(v.pad_multiple)
+        if v.kind == "crop":
+            return Grid.whole(s, spacing=v.spacing_for(s.ndim)).centre_crop_or_pad(v.size)
+        return self._patch_grid(si, self._centre(si, ids))
 
     def preprocessed(self, index: int) -> Sample:
-        """The sample on the network grid (image, geometry; landmarks still in world mm)."""
-        return self._cache[index] if self._cache is not None else self._preprocess(self.samples[index])
+        """Whole views: the sample on the view grid (image, geometry; landmarks still in world mm).
+        Crop views: the whole image at the crop spacing. Patch views: not available (use :meth:`grid`)."""
+        if self.view.kind == "patch":
+            raise NotImplementedError("patch views have no preprocessed sample; use grid(item) / item['reference_mm']")
+        return self._prepared(self._items[index][0])
 
     def geometry(self, index: int) -> Geometry:
-        """Geometry of the network grid of item ``index`` (before augmentation)."""
-        return self.preprocessed(index).geometry
+        """Geometry of the view grid of item ``index`` (before augmentation; see :meth:`grid`)."""
+        return self.grid(index).geometry
 
     def to_world(self, index: int, landmarks_index: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Network-grid indices (N, D) (x, y[, z]) of item ``index`` -> world mm (N, D)."""
+        """View-grid indices (K, D) (x, y[, z]) px of item ``index`` -> world mm (K, D) (see :meth:`grid`)."""
         pts = landmarks_index.detach().cpu().numpy() if isinstance(landmarks_index, torch.Tensor) else landmarks_index
         return self.geometry(index).index_to_world(np.asarray(pts, dtype=np.float64))
 
+    # ---------------------------------------------------------------------------------- items
+    def _view_image(self, si: int, ids: tuple[int, ...]) -> tuple[np.ndarray, Grid, np.ndarray]:
+        """(image (x, y[, z]) float32 on the view grid, the grid, centre mm (D,))."""
+        v, s = self.view, self.samples[si]
+        centre = np.zeros(s.ndim)
+        if v.kind in ("whole", "crop"):
+            base = self._prepared(si)
+            grid = Grid.of_image(base)
+            if v.kind == "whole":
+                return base.image, grid, centre
+            sub = grid.random_crop(v.size, self._rng) if self.train else grid.centre_crop_or_pad(v.size)
+            return on_sub_grid(base.image, grid, sub), sub, centre
+        centre = self._centre(si, ids)
+        if self.train:
+            centre = centre + self._jitter(s.ndim)
+        grid = self._patch_grid(si, centre)
+        return resample(self._prepared(si), grid), grid, centre
+
+    def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
+        if not self.view.keep_outside:
+            return make_item(image, idx, valid)
+        if self._keep_outside_kw:
+            return make_item(image, idx, valid, keep_outside=True)
+        lm = np.array(idx, dtype=np.float64)
+        lm[~valid] = np.nan
+        return {"image": torch.as_tensor(image, dtype=torch.float32)[None], "landmarks": lm,
+                "valid": np.asarray(valid, dtype=bool).copy(), "keep_outside": True}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.preprocessed(index)
-        data = make_item(s.image, s.landmarks_index, s.valid)
+        si, ids = self._items[index]
+        s = self.samples[si]
+        image, grid, centre = self._view_image(si, ids)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        reference = s.landmarks_mm[ids_a]
+        data = self._make_item(image, grid.world_to_index(reference), s.valid[ids_a])
         if self.transform is not None:
             data = self.transform(data)
-        image = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()
+        image_t = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()
         valid = torch.as_tensor(np.asarray(data["valid"], dtype=bool))
         landmarks = torch.as_tensor(np.nan_to_num(np.asarray(data["landmarks"], dtype=np.float64)),
                                     dtype=torch.float32)
         landmarks[~valid] = 0.0
-        item: dict[str, Any] = {"image": image, "landmarks": landmarks, "valid": valid,
-                                "image_id": s.image_id, "index": index}
-        item.update(self.target_encoder(image, landmarks, valid))
+        item: dict[str, Any] = {"image": image_t, "landmarks": landmarks, "valid": valid,
+                                "landmark_ids": torch.as_tensor(ids_a),
+                                "index_to_world": torch.as_tensor(grid.affine(), dtype=torch.float64),
+                                "reference_mm": torch.as_tensor(reference, dtype=torch.float64),
+                                "image_id": s.image_id, "index": si, "item_index": index,
+                                "centre_mm": torch.as_tensor(centre, dtype=torch.float64)}
+        item.update(self.target_encoder(image_t, landmarks, valid))
         return item
 
 
+# ---------------------------------------------------------------------------------------- DataModule
 class LandmarkDataModule(pl.LightningDataModule):
     """Splits samples by ``meta["split"]`` (train/val/test); augmentation on train only.
 
+    ``view`` is the training view (default: a whole view from ``target_size`` / ``target_spacing`` /
+    ``normalize``), ``eval_view`` that of val/test (default: ``view``; a crop view then evaluates on
+    the centre crop, so pass e.g. a whole view with ``pad_multiple`` to evaluate on the whole image).
+    ``centres`` = ``{split: {image_id: (N, D) world mm}}`` for eval patch views (see
+    :class:`LandmarkDataset`).
+
     Determinism: the train loader shuffles with a ``torch.Generator`` seeded by ``seed``, which also
-    draws the per-epoch worker base seed; with ``num_workers=0`` the augmentation is seeded once with
-    ``seed``. Two runs with the same seed and ``num_workers`` give identical batches.
+    draws the per-epoch worker base seed; with ``num_workers=0`` the augmentation and the dataset's
+    crop/jitter stream are seeded once with ``seed``. Two runs with the same seed and ``num_workers``
+    give identical batches.
     """
 
     def __init__(self, samples: Sequence[Sample], target_size: Sequence[int] | None = None,
@@ -139,13 +381,20 @@ class LandmarkDataModule(pl.LightningDataModule):
                  augmentation: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  target_encoder: TargetEncoder | None = None, batch_size: int = 8,
                  eval_batch_size: int | None = None, num_workers: int = 0, cache: bool = True,
-                 seed: int = 0, shuffle: bool = True, persistent_workers: bool = False) -> None:
+                 seed: int = 0, shuffle: bool = True, persistent_workers: bool = False, *,
+                 view: ViewSpec | None = None, eval_view: ViewSpec | None = None,
+                 centres: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         super().__init__()
         self.samples = list(samples)
         missing = sorted({str(s.meta.get("split")) for s in self.samples} - set(SPLITS))
         if missing:
             raise ValueError(f"meta['split'] must be one of {SPLITS}; found {missing}")
-        self.target_size, self.target_spacing, self.normalize = target_size, target_spacing, normalize
+        if view is not None and (target_size is not None or target_spacing is not None):
+            raise ValueError("give either a view or target_size/target_spacing, not both")
+        self.view = view if view is not None else ViewSpec("whole", target_size, target_spacing, normalize=normalize)
+        self.eval_view = eval_view if eval_view is not None else self.view
+        self.centres = {k: dict(v) for k, v in (centres or {}).items()}
+        self.target_size, self.target_spacing, self.normalize = self.view.size, self.view.spacing, self.view.normalize
         self.augmentation, self.target_encoder = augmentation, target_encoder
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.cache, self.seed, self.shuffle = num_workers, cache, seed, shuffle
@@ -160,10 +409,12 @@ class LandmarkDataModule(pl.LightningDataModule):
         """Build (once) the datasets of all splits; preprocessing is cached here."""
         for split in SPLITS:
             if split not in self.datasets:
+                train = split == "train"
                 self.datasets[split] = LandmarkDataset(
-                    self.split_samples(split), self.target_size, self.target_spacing, self.normalize,
-                    transform=self.augmentation if split == "train" else None,
-                    target_encoder=self.target_encoder, cache=self.cache, seed=self.seed)
+                    self.split_samples(split), transform=self.augmentation if train else None,
+                    target_encoder=self.target_encoder, cache=self.cache, seed=self.seed,
+                    view=self.view if train else self.eval_view, centres=None if train else self.centres.get(split),
+                    train=train)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()

@@ -1,17 +1,20 @@
-"""One Lightning module for every method, plus ``fit`` / ``predict`` helpers used by the notebooks.
+"""One Lightning module for every method, plus ``fit`` / ``predict``.
 
-:class:`LandmarkModule` wraps a :class:`~lmlib.methods.LandmarkMethod`: it builds the method's network,
-encodes targets on each batch (on the device, given the epoch), computes the method's loss, and in
-validation decodes coordinates and measures the radial error in **world mm** against the sample's
-original (unaugmented) landmarks, through the network grid's geometry
-(:meth:`lmlib.data.loaders.LandmarkDataset.to_world`). Logged per epoch (CSVLogger, ``training_log/metrics.csv``):
-``train/loss``, ``val/loss``, ``val/mre_mm``, ``val/dice``, per landmark ``val/err_mm/<name>`` and
-``val/dice/<name>``, ``lr``, and the method's ``epoch_info`` (e.g. the mask radius).
+:class:`LandmarkModule` wraps a :class:`~lmlib.methods.base.LandmarkMethod` and nothing method-specific:
+the method's ``forward`` gives the outputs (one tensor or several named ones), its ``training_loss`` the
+loss, its ``decode_batch`` the coordinates on each item's grid, its ``configure_optimizers`` the
+optimizer and schedule. Validation errors are measured in **world mm** for every view (whole image,
+crop, patch) through the item's own grid (``index_to_world``) against the sample's original landmarks
+(``reference_mm``), accumulated with torchmetrics. Logged per epoch (CSVLogger,
+``training_log/metrics.csv``): ``train/loss``, ``val/loss``, ``val/mre_mm``, per landmark
+``val/err_mm/<name>``, Dice where the method defines it, ``lr`` and the method's ``epoch_info``.
 
-:func:`fit` sets up the run (seed, device, flush-denormal on CPU via :func:`lmlib.runtime.setup`), a
-Trainer with a TQDM progress bar, ``ModelCheckpoint`` on ``val/mre_mm`` (``checkpoints/best.ckpt``
-and ``last.ckpt``), resumes from ``resume`` (a ``.ckpt`` path) when given, and returns the module
-with the best weights loaded. :func:`predict` maps predictions back to world mm in the ORIGINAL image.
+Checkpoints describe themselves (Lightning hyper-parameters): method name and configuration, the
+training and evaluation views (grid size, spacing, padding, normalisation), landmark names, the
+dataset's name and spacing policy, the lmlib version and checkpoint format. The epoch whose state the
+decoder assumes (e.g. the dilation-erosion mask radius) is a buffer of the module, so it is saved and
+restored with the weights: predictions after :func:`fit` equal predictions from the best checkpoint
+loaded anywhere else. :func:`predict` needs only a checkpoint (or module) and samples.
 """
 from __future__ import annotations
 
@@ -19,20 +22,27 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from torchmetrics.aggregation import CatMetric
 
-from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, collate_landmarks
-from lmlib.methods import LandmarkMethod, build_method
-from lmlib.runtime import setup
+import lmlib
+from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks
 from lmlib.data.sample import Sample
+from lmlib.methods.base import LandmarkMethod, Outputs, build_method
+from lmlib.runtime import setup
 
 MONITOR = "val/mre_mm"
+CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit this version of lmlib or the samples it is asked to predict."""
 
 
 class EpochProgressBar(TQDMProgressBar):
@@ -45,165 +55,173 @@ class EpochProgressBar(TQDMProgressBar):
         return bar
 
 
-def _eval_dataset(trainer: pl.Trainer | None, split: str) -> LandmarkDataset | None:
-    """The LandmarkDataset behind the trainer's val/test loader (None when unknown)."""
-    if trainer is None:
-        return None
-    dm = getattr(trainer, "datamodule", None)
-    if dm is not None and getattr(dm, "datasets", None) and split in dm.datasets:
-        return dm.datasets[split]
-    loaders = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    ds = getattr(loader, "dataset", None)
-    return ds if isinstance(ds, LandmarkDataset) else None
+def errors_mm(coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Radial errors ``(B, K)`` in world mm of grid coordinates ``coords`` ``(B, K, D)`` (x, y[, z])
+    through each item's ``index_to_world`` against its ``reference_mm`` (NaN where masked)."""
+    world = to_world(coords, batch["index_to_world"])
+    ref = torch.as_tensor(batch["reference_mm"], dtype=torch.float64, device=world.device)
+    return torch.linalg.vector_norm(world - ref, dim=-1)
+
+
+def to_world(coords: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Grid indices ``(B, K, D)`` -> world mm ``(B, K, D)`` with per-item affines ``(B, D, D+1)``."""
+    a = torch.as_tensor(affine, dtype=torch.float64).to(coords.device)
+    d = a.shape[-2]
+    return torch.einsum("bij,bkj->bki", a[..., :d], coords.double()) + a[..., None, :, d]
 
 
 class LandmarkModule(pl.LightningModule):
     """Training/validation of any :class:`LandmarkMethod` (see the module docstring).
 
-    Args:
-        method: the method (its ``config()`` is saved in checkpoints as hyperparameters).
-        learning_rate: Adam learning rate.
-        weight_decay: Adam weight decay.
-        lr_schedule: ``"cosine"`` (to 1% of the rate over ``max_epochs``) or ``"constant"`` (the seed).
-        max_epochs: horizon of the cosine schedule.
-        landmark_names: for the per-landmark log columns (default ``lm0``, ``lm1``...).
+    Built from plain, JSON-safe arguments so that Lightning's ``load_from_checkpoint`` rebuilds it
+    from the checkpoint alone: ``method`` / ``method_config`` (``build_method(method, **config)``),
+    ``landmark_names``, ``view`` / ``eval_view`` (:class:`ViewSpec` dicts), ``max_epochs`` (schedule
+    horizon) and ``data`` (dataset name, spacing policy: provenance checked at prediction).
     """
 
-    def __init__(self, method: LandmarkMethod, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", max_epochs: int = 100,
-                 landmark_names: Sequence[str] | None = None) -> None:
+    def __init__(self, method: str, method_config: dict[str, Any], landmark_names: Sequence[str],
+                 view: dict[str, Any], eval_view: dict[str, Any] | None = None, max_epochs: int = 100,
+                 data: dict[str, Any] | None = None, lmlib_version: str = lmlib.__version__,
+                 checkpoint_format: int = CHECKPOINT_FORMAT) -> None:
         super().__init__()
-        self.method = method
-        self.net = method.build_network()
-        self.landmark_names = tuple(landmark_names or (f"lm{k}" for k in range(method.n_landmarks)))
-        if len(self.landmark_names) != method.n_landmarks:
-            raise ValueError(f"{len(self.landmark_names)} landmark names for {method.n_landmarks} outputs")
-        self.save_hyperparameters({"method": method.name, "method_config": method.config(),
-                                   "learning_rate": learning_rate, "weight_decay": weight_decay,
-                                   "lr_schedule": lr_schedule, "max_epochs": max_epochs,
-                                   "landmark_names": list(self.landmark_names)})
-        self.trained_epochs = 0  # epochs finished; decoding state of epoch-dependent methods
-        self._val: list[dict[str, torch.Tensor]] = []
+        if int(checkpoint_format) != CHECKPOINT_FORMAT:
+            raise CheckpointMismatch(f"checkpoint format {checkpoint_format} (lmlib {lmlib_version}) cannot be read by "
+                                     f"lmlib {lmlib.__version__} (format {CHECKPOINT_FORMAT}); retrain or use that version")
+        self.save_hyperparameters()
+        self.method: LandmarkMethod = build_method(method, **method_config)
+        self.net = self.method.build_network()
+        self.landmark_names = tuple(landmark_names)
+        if len(self.landmark_names) != self.method.n_landmarks:
+            raise ValueError(f"{len(self.landmark_names)} landmark names for {self.method.n_landmarks} outputs")
+        # the epoch whose target state decoding assumes; a buffer, so it is saved with the weights
+        self.register_buffer("method_epoch", torch.zeros((), dtype=torch.long))
+        self._val_err = CatMetric(nan_strategy="ignore")
+        self._val_ids = CatMetric(nan_strategy="ignore")
+        self._val_dice = CatMetric(nan_strategy="ignore")
+        self._val_dice_ids = CatMetric(nan_strategy="ignore")
 
-    # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LandmarkModule":
-        """Rebuild method and module from a checkpoint written by :func:`fit`."""
-        ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
-        hp = dict(ckpt["hyper_parameters"])
-        method = build_method(hp.pop("method"), **hp.pop("method_config"))
-        module = cls(method, **hp)
-        module.load_state_dict(ckpt["state_dict"])
-        module.trained_epochs = int(ckpt.get("trained_epochs", ckpt.get("epoch", 0) + 1))
-        return module
+    def from_method(cls, method: LandmarkMethod, landmark_names: Sequence[str], view: ViewSpec,
+                    eval_view: ViewSpec | None = None, max_epochs: int = 100,
+                    data: dict[str, Any] | None = None) -> "LandmarkModule":
+        return cls(method.name, method.config(), list(landmark_names), view.to_dict(),
+                   eval_view.to_dict() if eval_view is not None else None, max_epochs, data or {})
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["trained_epochs"] = int(self.current_epoch) + 1
+    @property
+    def view(self) -> ViewSpec:
+        return ViewSpec.from_dict(self.hparams["view"])
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.trained_epochs = int(checkpoint.get("trained_epochs", 0))
+    @property
+    def eval_view(self) -> ViewSpec:
+        ev = self.hparams.get("eval_view")
+        return ViewSpec.from_dict(ev) if ev else self.view
 
     @property
     def decode_epoch(self) -> int:
-        """Epoch whose target state decoding should assume (the current one while training)."""
-        if self._trainer is not None:
-            return int(self.current_epoch)
-        return max(0, self.trained_epochs - 1)
+        return int(self.method_epoch)
 
     # ------------------------------------------------------------------ steps
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image)
-
-    def _targets_and_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        image, landmarks, valid = batch["image"], batch["landmarks"], batch["valid"]
-        size = tuple(image.shape[2:])
-        targets = self.method.encode_targets(landmarks, valid, size, epoch)
-        output = self(image)
-        return output, targets, self.method.loss(output, targets, valid, epoch)
+    def forward(self, batch: Mapping[str, Any]) -> Outputs:  # type: ignore[override]
+        return self.method.forward(self.net, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        _, _, loss = self._targets_and_loss(batch, int(self.current_epoch))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        loss, extras = self.method.training_loss(self(batch), batch, int(self.current_epoch))
+        n = len(batch["image"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        for key, value in extras.get("log", {}).items():
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def on_train_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        size = getattr(dm, "target_size", None)
+        self.method_epoch.fill_(int(self.current_epoch))
+        size = self.view.size
         if size is not None:
             for key, value in self.method.epoch_info(int(self.current_epoch), tuple(size)).items():
-                self.log(f"train/{key}", value, on_step=False, on_epoch=True)
+                self.log(f"train/{key}", float(value), on_step=False, on_epoch=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
-
-    def on_train_epoch_end(self) -> None:
-        self.trained_epochs = int(self.current_epoch) + 1
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         epoch = int(self.current_epoch)
-        output, targets, loss = self._targets_and_loss(batch, epoch)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=False, batch_size=len(batch["image"]))
-        coords, _ = self.method.decode(output, epoch)
-        dice = self.method.dice(output, targets, batch["valid"])
-        err = self._errors_mm(batch, coords, "val")
-        rec = {"err": err.cpu()}
-        if dice is not None:
-            rec["dice"] = dice.detach().float().cpu()
-        self._val.append(rec)
+        outputs = self(batch)
+        loss, extras = self.method.training_loss(outputs, batch, epoch)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        coords, _ = self.method.decode_batch(outputs, batch, epoch)
+        err = errors_mm(coords, batch)
+        ids = batch["landmark_ids"].to(err.device)
+        self._val_err.update(err.reshape(-1).float())
+        self._val_ids.update(torch.where(torch.isfinite(err), ids, -1).reshape(-1).float())
+        if "targets" in extras:
+            dice = self.method.dice(outputs, extras["targets"], batch["valid"])
+            if dice is not None:
+                self._val_dice.update(dice.detach().reshape(-1).float())
+                self._val_dice_ids.update(torch.where(torch.isfinite(dice), ids, -1).reshape(-1).float())
 
-    def _errors_mm(self, batch: dict[str, Any], coords: torch.Tensor, split: str) -> torch.Tensor:
-        """Radial errors ``(B, N)`` in world mm (NaN where the reference is invalid)."""
-        ds = _eval_dataset(self._trainer, split)
-        pred = coords.detach().cpu().double().numpy()
-        out = np.full(pred.shape[:2], np.nan)
-        for b in range(pred.shape[0]):
-            if ds is not None:
-                k = int(batch["index"][b])
-                world = ds.to_world(k, pred[b])
-                gt = ds.preprocessed(k).landmarks_mm
-            else:  # no geometry known: pixel errors on the grid
-                world = pred[b]
-                gt = batch["landmarks"][b].cpu().double().numpy()
-                gt[~batch["valid"][b].cpu().numpy()] = np.nan
-            out[b] = np.sqrt(np.sum((world - gt) ** 2, axis=-1))
-        return torch.as_tensor(out)
+    def _per_landmark(self, values: CatMetric, ids: CatMetric) -> tuple[float, np.ndarray] | None:
+        """Mean over all and per landmark of the accumulated values (NaN-free; None if nothing)."""
+        if not values.update_called:
+            return None
+        v, i = values.compute().double().cpu().numpy().ravel(), ids.compute().cpu().numpy().ravel().astype(int)
+        values.reset()
+        ids.reset()
+        keep = (i >= 0) & np.isfinite(v)
+        v, i = v[keep], i[keep]
+        if v.size == 0:
+            return None
+        per = np.full(len(self.landmark_names), np.nan)
+        for k in np.unique(i):
+            per[k] = v[i == k].mean()
+        return float(v.mean()), per
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
-            return
-        err = torch.cat([r["err"] for r in self._val]).double()
-        self.log(MONITOR, float(np.nanmean(err.numpy())) if np.isfinite(err.numpy()).any() else math.inf,
-                 prog_bar=True)
-        per_lm = np.nanmean(np.where(np.isfinite(err.numpy()), err.numpy(), np.nan), axis=0) \
-            if np.isfinite(err.numpy()).any() else np.full(err.shape[1], np.nan)
-        for name, v in zip(self.landmark_names, per_lm):
-            self.log(f"val/err_mm/{name}", float(v))
-        if all("dice" in r for r in self._val):
-            dice = torch.cat([r["dice"] for r in self._val]).double().numpy()
-            if np.isfinite(dice).any():
-                self.log("val/dice", float(np.nanmean(dice)), prog_bar=True)
-                with np.errstate(all="ignore"):
-                    for name, v in zip(self.landmark_names, np.nanmean(dice, axis=0)):
-                        self.log(f"val/dice/{name}", float(v))
-        self._val.clear()
+        err = self._per_landmark(self._val_err, self._val_ids)
+        self.log(MONITOR, err[0] if err else math.inf, prog_bar=True)
+        if err:
+            for name, value in zip(self.landmark_names, err[1]):
+                self.log(f"val/err_mm/{name}", float(value))
+        dice = self._per_landmark(self._val_dice, self._val_dice_ids)
+        if dice:
+            self.log("val/dice", dice[0], prog_bar=True)
+            for name, value in zip(self.landmark_names, dice[1]):
+                self.log(f"val/dice/{name}", float(value))
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-        if hp["lr_schedule"] == "constant":
-            return opt
-        if hp["lr_schedule"] != "cosine":
-            raise ValueError(f"unknown lr_schedule {hp['lr_schedule']!r}")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(hp["max_epochs"])),
-                                                           eta_min=0.01 * hp["learning_rate"])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return self.method.configure_optimizers(self.parameters(), int(self.hparams["max_epochs"]))
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        clock = getattr(self, "_clock", None)
+        checkpoint["train_seconds"] = clock.total() if clock is not None else 0.0
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._loaded_train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict_index(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Network-grid coordinates ``(B, N, D)``, confidences ``(B, N)`` and maps ``(B, N, *size)``."""
-        output = self(image.to(self.device))
-        coords, conf = self.method.decode(output, self.decode_epoch)
-        return coords, conf, self.method.maps(output)
+    def predict_batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Outputs]:
+        """Grid coordinates ``(B, K, D)``, confidences ``(B, K)`` and raw outputs, with the decoding
+        state of the loaded weights (:attr:`decode_epoch`)."""
+        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return self.method.predict_coords(self.net, batch, self.decode_epoch)
+
+
+class _Clock(Callback):
+    """Training time in seconds, summed over resumed runs (read back from the checkpoint)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.before = 0.0
+
+    def total(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before = float(getattr(pl_module, "_loaded_train_seconds", 0.0))
+        self.start = time.perf_counter()
+        pl_module._clock = self  # type: ignore[attr-defined]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed checkpoint is restored between on_fit_start and on_train_start
+        self.before = float(getattr(pl_module, "_loaded_train_seconds", self.before))
 
 
 def trainer_device(device: torch.device) -> tuple[str, Any]:
@@ -217,111 +235,150 @@ def trainer_device(device: torch.device) -> tuple[str, Any]:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the module (best weights), the trainer, paths and timings."""
+    """What :func:`fit` returns: the module (best weights), paths and timings."""
 
     module: LandmarkModule
     trainer: pl.Trainer
     best_checkpoint: str
     last_checkpoint: str
-    train_seconds: float
+    train_seconds: float  # summed over resumed runs
     epochs: int
     history_csv: Path
     device: torch.device
+    best_score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
+    """A trained module from a checkpoint written by :func:`fit` (Lightning ``load_from_checkpoint``);
+    a checkpoint of another format or lmlib version gives a :class:`CheckpointMismatch`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    meta = torch.load(str(path), map_location="cpu", weights_only=False)
+    hp = meta.get("hyper_parameters", {})
+    if "method" not in hp or "view" not in hp:
+        raise CheckpointMismatch(f"{path}: not an lmlib checkpoint of format {CHECKPOINT_FORMAT} "
+                                 f"(written by an older lmlib, or by another program); retrain it")
+    try:
+        module = LandmarkModule.load_from_checkpoint(str(path), map_location=map_location)
+    except CheckpointMismatch as exc:
+        raise CheckpointMismatch(f"{path}: {exc}") from None
+    return module.eval()
+
+
+def check_landmarks(module: LandmarkModule, samples: Sequence[Sample], source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatch` when the samples' landmarks are not those the model predicts."""
+    for s in samples:
+        if tuple(s.landmark_names) != module.landmark_names:
+            raise CheckpointMismatch(
+                f"{source}: trained for landmarks {list(module.landmark_names)[:5]}... "
+                f"({len(module.landmark_names)}, dataset {module.hparams.get('data', {}).get('dataset', '?')!r}); "
+                f"image {s.image_id} has {list(s.landmark_names)[:5]}... ({len(s.landmark_names)})")
+        if s.ndim != module.method.spatial_dims:
+            raise CheckpointMismatch(f"{source}: a {module.method.spatial_dims}D model; image {s.image_id} is {s.ndim}D")
+
+
 def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str | Path, max_epochs: int,
-        learning_rate: float = 1e-3, device: str = "auto", seed: int = 0, resume: str | Path = "",
-        lr_schedule: str = "cosine", weight_decay: float = 0.0, callbacks: Sequence[Callback] = (),
-        landmark_names: Sequence[str] | None = None, check_val_every_n_epoch: int = 1,
+        device: str = "auto", seed: int = 0, resume: str | Path = "", callbacks: Sequence[Callback] = (),
+        landmark_names: Sequence[str] | None = None, learning_rate: float | None = None,
+        lr_schedule: str | None = None, weight_decay: float | None = None, check_val_every_n_epoch: int = 1,
         progress_refresh_rate: int | None = None, gradient_clip_val: float | None = None,
-        precision: str = "32-true", checkpoint_dir: str | Path | None = None) -> FitResult:
+        precision: str = "32-true", checkpoint_dir: str | Path | None = None,
+        data: dict[str, Any] | None = None) -> FitResult:
     """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``).
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
     ``checkpoints/{best,last}.ckpt`` (or into ``checkpoint_dir``). ``resume``: a checkpoint to continue
     from (its epoch, optimizer and scheduler state); the run then trains up to ``max_epochs`` in total.
-    ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch, which
-    keeps notebook outputs short).
+    ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings.
+    ``data``: provenance stored in the checkpoint (dataset name, spacing policy).
+    ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch).
     """
+    overrides = {"lr": learning_rate, "schedule": lr_schedule, "weight_decay": weight_decay}
+    method.optimizer.update({k: v for k, v in overrides.items() if v is not None})
     dev = setup(seed, device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     datamodule.setup()
-    n_train = len(datamodule.datasets["train"])
-    if n_train == 0 or len(datamodule.datasets["val"]) == 0:
-        raise ValueError(f"need train and val samples (got {n_train} train, {len(datamodule.datasets['val'])} val)")
+    n_train, n_val = len(datamodule.datasets["train"]), len(datamodule.datasets["val"])
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"need train and val samples (got {n_train} train, {n_val} val)")
     names = landmark_names or datamodule.samples[0].landmark_names
-    module = LandmarkModule(method, learning_rate, weight_decay, lr_schedule, max_epochs, names)
-    if datamodule.target_size is not None:
+    module = LandmarkModule.from_method(method, names, datamodule.view, datamodule.eval_view, max_epochs, data)
+    if datamodule.view.size is not None:
         from lmlib.methods.networks import check_input_size
-        check_input_size(datamodule.target_size, method.size_multiple())
+        check_input_size(datamodule.view.size, method.size_multiple())
     n_batches = max(1, math.ceil(n_train / datamodule.batch_size))
-    refresh = progress_refresh_rate or n_batches
     # best by validation error; "last" every epoch (Lightning >= 2.5 writes save_last only when the
     # monitored checkpoint improves, so a second callback keeps the resumable latest state). Both save
     # at the end of the training epoch, after validation: a resume starts with the next epoch.
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=MONITOR, mode="min",
-                                 save_top_k=1, auto_insert_metric_name=False, save_on_train_epoch_end=True)
+                                 save_top_k=1, auto_insert_metric_name=False, save_on_train_epoch_end=True,
+                                 enable_version_counter=False)
     latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
-                             save_on_train_epoch_end=True)
+                             save_on_train_epoch_end=True, enable_version_counter=False)
+    clock = _Clock()
     accelerator, devices = trainer_device(dev)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
         logger=CSVLogger(save_dir=str(out), name="", version="training_log"),
-        callbacks=[checkpoint, latest, EpochProgressBar(refresh_rate=refresh), *callbacks],
+        callbacks=[clock, checkpoint, latest, EpochProgressBar(refresh_rate=progress_refresh_rate or n_batches),
+                   *callbacks],
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out))
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
+    seconds = clock.total()
     best = checkpoint.best_model_path or latest.best_model_path
     last = latest.best_model_path
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["state_dict"])
-        module.trained_epochs = int(state.get("trained_epochs", module.trained_epochs))
+    if best:  # the selected weights AND the decoding state saved with them
+        module = LandmarkModule.load_from_checkpoint(best, map_location="cpu")
     module.to(dev).eval()
-    history = out / "training_log" / "metrics.csv"
-    return FitResult(module, trainer, best, last, seconds, int(trainer.current_epoch), history, dev,
-                     {"best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None
-                      else None})
+    score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    return FitResult(module, trainer, best, last, seconds, int(trainer.current_epoch),
+                     out / "training_log" / "metrics.csv", dev, score, {"best_score": score})
 
 
 @dataclass
 class Predictions:
     """World-mm predictions for samples (ORIGINAL image coordinates) and what produced them."""
 
-    world_mm: list[np.ndarray]  # per sample (N, D), world mm, (x, y[, z])
-    index: list[np.ndarray]  # per sample (N, D), network-grid index
+    world_mm: list[np.ndarray]  # per sample (N, D), world mm, (x, y[, z]); NaN where not predicted
     confidence: list[np.ndarray]  # per sample (N,)
-    seconds_per_image: float  # preprocessing + network + decoding, per image
+    seconds_per_image: float  # resampling + network + decoding, per image
 
 
-def predict(module: LandmarkModule, samples: Sequence[Sample], target_size: Sequence[int] | None = None,
-            target_spacing: Sequence[float] | None = None, normalize: str | None = "zscore",
-            batch_size: int = 4, device: str | torch.device | None = None) -> Predictions:
+def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch_size: int = 4,
+            device: str | torch.device | None = None,
+            centres: Mapping[str, np.ndarray] | None = None, view: ViewSpec | None = None) -> Predictions:
     """Predict landmarks of ``samples`` in world mm of the original images.
 
-    Each image is preprocessed onto the network grid exactly as in training (same ``target_size`` /
-    ``target_spacing`` / ``normalize``), decoded to sub-pixel grid indices, and mapped back through the
-    grid's geometry (resize, crop/pad) to world mm. Timing includes preprocessing.
+    ``model``: a trained module or the path of a checkpoint written by :func:`fit` (nothing else is
+    needed: the checkpoint holds the method, its views and landmark names). Each image is resampled
+    onto the evaluation view's grid exactly as in validation, decoded to sub-pixel grid indices, and
+    mapped back through that grid to world mm. ``centres``: ``{image_id: (N, D) world mm}`` for patch
+    views (a previous stage's predictions). Timing includes resampling.
     """
+    source = str(model) if not isinstance(model, LandmarkModule) else "model"
+    module = model if isinstance(model, LandmarkModule) else load_checkpoint(model)
+    check_landmarks(module, samples, source)
     dev = torch.device(device) if device is not None else module.device
     module = module.to(dev).eval()
+    n, d = len(module.landmark_names), module.method.spatial_dims
+    world = [np.full((n, d), np.nan) for _ in samples]
+    conf = [np.full(n, np.nan) for _ in samples]
     start = time.perf_counter()
-    ds = LandmarkDataset(samples, target_size, target_spacing, normalize, cache=True)
-    world, index, conf = [], [], []
+    ds = LandmarkDataset(samples, view=view or module.eval_view,
+                         centres=dict(centres) if centres is not None else None, cache=False)
     for lo in range(0, len(ds), batch_size):
-        items = [ds[k] for k in range(lo, min(lo + batch_size, len(ds)))]
-        batch = collate_landmarks(items)
-        coords, c, _ = module.predict_index(batch["image"])
-        for b, item in enumerate(items):
-            idx = coords[b].cpu().double().numpy()
-            world.append(ds.to_world(item["index"], idx))
-            index.append(idx)
-            conf.append(c[b].cpu().numpy())
+        batch = collate_landmarks([ds[k] for k in range(lo, min(lo + batch_size, len(ds)))])
+        coords, c, _ = module.predict_batch(batch)
+        w = to_world(coords.cpu(), batch["index_to_world"]).numpy()
+        for b in range(len(w)):
+            ids = batch["landmark_ids"][b].numpy()
+            world[int(batch["index"][b])][ids] = w[b]
+            conf[int(batch["index"][b])][ids] = c[b].cpu().double().numpy()
     seconds = (time.perf_counter() - start) / max(1, len(samples))
-    return Predictions(world, index, conf, seconds)
+    return Predictions(world, conf, seconds)

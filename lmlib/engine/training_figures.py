@@ -23,7 +23,9 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
-from lmlib.reporting.figures import save_figure
+from lmlib.data.loaders import collate_landmarks
+from lmlib.engine.training import errors_mm
+from lmlib.outputs.figure_files import save_figure
 
 GT_COLOR = "tab:blue"
 PRED_COLOR = "red"
@@ -194,16 +196,15 @@ class OverlayCallback(Callback):
             return
         images, gts, preds, titles = [], [], [], []
         for k in idx:
-            item = ds[k]
-            coords, _, _ = pl_module.predict_index(item["image"][None])
-            pred = coords[0].cpu().double().numpy()
-            s = ds.preprocessed(k)
-            gt = s.landmarks_index
-            err = np.linalg.norm(ds.to_world(k, pred) - s.landmarks_mm, axis=1)
-            images.append(item["image"][0].cpu().numpy())
+            batch = collate_landmarks([ds[k]])
+            coords, _, _ = pl_module.predict_batch(batch)
+            err = errors_mm(coords.cpu(), batch)[0].numpy()
+            gt = batch["landmarks"][0].double().numpy()
+            gt[~batch["valid"][0].numpy()] = np.nan
+            images.append(batch["image"][0, 0].cpu().numpy())
             gts.append(gt)
-            preds.append(pred)
-            titles.append(f"{s.image_id}: {np.nanmean(err):.2f} mm")
+            preds.append(coords[0].cpu().double().numpy())
+            titles.append(f"{batch['image_id'][0]}: {np.nanmean(err):.2f} mm")
         fig = fig_training_overlay(images, gts, preds, titles, suptitle=f"epoch {epoch + 1}")
         self.frame_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.frame_dir / f"epoch_{epoch + 1:03d}.png", dpi=self.dpi)

@@ -1,21 +1,37 @@
-"""Landmark methods as small parts plugged into the shared training code (:mod:`lmlib.engine.training`).
+"""What a landmark method is: small parts plugged into the shared engine (:mod:`lmlib.engine`).
 
-A method is a :class:`LandmarkMethod`: it builds its network and says how to turn landmark indices
-into targets, how to score outputs against them, and how to decode outputs into coordinates. Data
-loading, augmentation, the training loop, checkpoints, logging, validation error in mm and the map
-back to world mm are shared. Targets are encoded on the batch inside the training step (on the
-device), because some depend on the epoch (the shrinking dilation-erosion masks).
+A method is a :class:`LandmarkMethod`. The engine owns data loading, augmentation, the training loop,
+checkpoints, logging, the validation error in world mm and the map back to world mm; the method owns:
+
+- ``build_network()``: the network (``nn.Module``; several nets may live in one module, e.g.
+  :class:`lmlib.methods.networks.PerLandmark`);
+- ``forward(net, batch)``: outputs for a batch: a tensor or a dict of named tensors (e.g. heatmaps at
+  two resolutions); default ``net(batch["image"])``;
+- ``training_loss(outputs, batch, epoch)``: the scalar loss (invalid landmarks must not contribute) and
+  what to log; default: ``encode_targets`` + ``loss`` below;
+- ``decode_batch(outputs, batch, epoch)``: coordinates ``(B, K, D)`` as continuous indices on the
+  item's grid and confidences ``(B, K)``; default ``decode(outputs, epoch)``;
+- ``optimizer``: a dict (``name`` adam | adamw, ``lr``, ``weight_decay``, ``schedule`` cosine | constant,
+  ``warmup_epochs``) used by :meth:`configure_optimizers`, which a method may override entirely;
+- ``test_time_flip``: average the prediction with the mirrored image's (axis 0, left/right pairs
+  swapped), done generically in :meth:`predict_coords`.
+
+State that decoding depends on (e.g. the epoch of the dilation-erosion masks) travels with the weights:
+the engine stores the epoch in the module's state dict and passes it to ``decode_batch``; a method never
+reads it off a trainer.
+
+Coordinates: batch ``landmarks`` are ``(B, K, D)`` continuous indices ``(x, y[, z])`` on the item's grid,
+``valid`` ``(B, K)`` bool (invalid rows hold 0); map outputs are ``(B, K, *size)``.
 
 Adding a method = one module ``lmlib/methods/<name>.py`` defining a subclass with ``name = "<name>"``
-and ``METHOD = <the class>``; :func:`build_method` finds it by name.
-
-Coordinates: ``landmarks`` are ``(B, N, D)`` continuous indices ``(x, y[, z])`` on the network grid,
-``valid`` ``(B, N)`` bool (invalid rows hold 0), network outputs ``(B, N, *size)``.
+and ``METHOD = <the class>``; :func:`build_method` finds it by name. ``from_parameters`` turns notebook
+parameters into a method (the run path, :mod:`lmlib.engine.runner`, calls it).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,31 +40,71 @@ from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
+Outputs = torch.Tensor | dict[str, torch.Tensor]
 METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine",
+                                     "warmup_epochs": 0, "final_lr_fraction": 0.01}
 
 
 class LandmarkMethod:
-    """Base class: network builder + target encoder + loss + decoder (override the last three).
+    """Base class: network builder + target encoder + loss + decoder (see the module docstring).
 
     Args:
         spatial_dims: 2 or 3.
-        n_landmarks: output channels.
+        n_landmarks: output channels (landmarks the network predicts).
         network: keyword arguments of :func:`lmlib.methods.networks.build_network` (arch, channels, ...).
         decoder / decoder_kwargs: see :func:`lmlib.methods.decoding.decode_maps`.
+        optimizer: overrides of :data:`DEFAULT_OPTIMIZER`.
+        test_time_flip: average with the prediction on the image mirrored along axis 0.
+        flip_pairs: (left, right) landmark index pairs swapped by that mirror.
     """
 
     name: str = "base"
+    #: notebook parameters this method's ``from_parameters`` consumes (beyond the shared ones)
+    parameters: tuple[str, ...] = ("channels", "decoder")
 
     def __init__(self, spatial_dims: int, n_landmarks: int, network: dict[str, Any] | None = None,
-                 decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None) -> None:
+                 decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None,
+                 optimizer: dict[str, Any] | None = None, test_time_flip: bool = False,
+                 flip_pairs: Sequence[Sequence[int]] = ()) -> None:
         self.spatial_dims, self.n_landmarks = int(spatial_dims), int(n_landmarks)
         self.network = dict(network or {})
         self.decoder, self.decoder_kwargs = decoder, dict(decoder_kwargs or {})
+        self.optimizer = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
+        if self.optimizer["name"] not in OPTIMIZERS or self.optimizer["schedule"] not in SCHEDULES:
+            raise ValueError(f"optimizer name must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}, "
+                             f"got {self.optimizer}")
+        self.test_time_flip = bool(test_time_flip)
+        self.flip_pairs = [tuple(int(i) for i in p) for p in flip_pairs]
 
     # ---- description (stored in checkpoints; build_method(name, **config()) rebuilds the method)
     def config(self) -> dict[str, Any]:
         return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "network": self.network,
-                "decoder": self.decoder, "decoder_kwargs": self.decoder_kwargs}
+                "decoder": self.decoder, "decoder_kwargs": self.decoder_kwargs, "optimizer": self.optimizer,
+                "test_time_flip": self.test_time_flip, "flip_pairs": [list(p) for p in self.flip_pairs]}
+
+    @classmethod
+    def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor keywords from notebook parameters (only the names in :attr:`parameters`)."""
+        out: dict[str, Any] = {}
+        if "channels" in params:
+            out["network"] = {"channels": list(params["channels"])}
+        if "decoder" in params:
+            out["decoder"] = params["decoder"]
+        return out
+
+    @classmethod
+    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
+                        **shared: Any) -> "LandmarkMethod":
+        """Build the method from notebook parameters; ``shared`` are engine-level settings
+        (``optimizer``, ``test_time_flip``, ``flip_pairs``, ``max_epochs``)."""
+        kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
+        for key in ("optimizer", "test_time_flip", "flip_pairs"):
+            if key in shared:
+                kwargs[key] = shared[key]
+        return cls(spatial_dims, n_landmarks, **kwargs)
 
     def build_network(self) -> nn.Module:
         return build_network(self.spatial_dims, self.n_landmarks, **self.network)
@@ -58,24 +114,85 @@ class LandmarkMethod:
         keys = ("arch", "channels", "strides")
         return size_multiple(**{k: self.network[k] for k in keys if k in self.network})
 
-    # ---- the parts a method defines
+    # ---- batch-level hooks (override these for multi-output or patch methods)
+    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:
+        """Network outputs for a batch (a tensor or a dict of named tensors)."""
+        return net(batch["image"])
+
+    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Scalar loss and extras (``targets`` for Dice, scalars to log)."""
+        size = tuple(batch["image"].shape[2:])
+        targets = self.encode_targets(batch["landmarks"], batch["valid"], size, epoch)
+        return self.loss(outputs, targets, batch["valid"], epoch), {"targets": targets}
+
+    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates ``(B, K, D)`` (continuous index on each item's grid) and confidences ``(B, K)``."""
+        return self.decode(outputs, epoch)
+
+    @torch.no_grad()
+    def predict_coords(self, net: nn.Module, batch: Mapping[str, Any], epoch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, Outputs]:
+        """Decoded coordinates, confidences and raw outputs; with ``test_time_flip`` the mean of the
+        image's and its mirror's coordinates (mirror along axis 0: ``x -> size_x - 1 - x``, left/right
+        pairs swapped back). Only for methods whose items hold all landmarks of a whole image."""
+        outputs = self.forward(net, batch)
+        coords, conf = self.decode_batch(outputs, batch, epoch)
+        if not self.test_time_flip:
+            return coords, conf, outputs
+        flipped = {**batch, "image": torch.flip(batch["image"], dims=(2,))}
+        c2, k2 = self.decode_batch(self.forward(net, flipped), flipped, epoch)
+        c2 = c2.clone()
+        c2[..., 0] = batch["image"].shape[2] - 1 - c2[..., 0]
+        k2 = k2.clone()
+        for a, b in self.flip_pairs:
+            c2[:, [a, b]] = c2[:, [b, a]]
+            k2[:, [a, b]] = k2[:, [b, a]]
+        return 0.5 * (coords + c2), 0.5 * (conf + k2), outputs
+
+    def configure_optimizers(self, parameters: Any, max_epochs: int) -> Any:
+        """Optimizer and per-epoch schedule from :attr:`optimizer` (Lightning's return format):
+        Adam or AdamW; optional linear warm-up over ``warmup_epochs``; then cosine decay to
+        ``final_lr_fraction`` of the rate at ``max_epochs``, or constant."""
+        o = self.optimizer
+        cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
+        opt = cls(parameters, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
+        warm, horizon, floor = int(o["warmup_epochs"]), max(1, int(max_epochs)), float(o["final_lr_fraction"])
+        if o["schedule"] == "constant" and warm == 0:
+            return opt
+
+        def factor(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / (warm + 1)
+            if o["schedule"] == "constant":
+                return 1.0
+            t = min(1.0, (epoch - warm) / max(1, horizon - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- the per-map parts most heatmap/mask methods define
     def encode_targets(self, landmarks: torch.Tensor, valid: torch.Tensor, size: Sequence[int], epoch: int) -> Targets:
         """Targets for a batch (on the landmarks' device)."""
         raise NotImplementedError
 
-    def loss(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
+    def loss(self, output: Outputs, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
         """Scalar training loss; invalid landmarks must not contribute."""
         raise NotImplementedError
 
-    def maps(self, output: torch.Tensor) -> torch.Tensor:
+    def maps(self, output: Outputs) -> torch.Tensor:
         """Per-landmark maps to decode and show (probabilities, heatmaps): ``(B, N, *size)``."""
+        if isinstance(output, dict):
+            raise NotImplementedError(f"{type(self).__name__} returns several outputs: define maps()")
         return output
 
-    def decode(self, output: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, output: Outputs, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates ``(B, N, D)`` (network-grid index) and confidences ``(B, N)``."""
         return decode_maps(self.maps(output), self.spatial_dims, self.decoder, **self.decoder_kwargs)
 
-    def dice(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
+    def dice(self, output: Outputs, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
         """Dice per landmark ``(B, N)`` of the thresholded output vs. target region (NaN = not defined)."""
         return None
 
@@ -88,13 +205,20 @@ class LandmarkMethod:
         return f"{type(self).__name__}({args})"
 
 
-def build_method(name: str, **config: Any) -> LandmarkMethod:
-    """Instantiate the method ``name`` (module ``lmlib.methods.<name>``, attribute ``METHOD``)."""
+def method_class(name: str) -> type[LandmarkMethod]:
+    """The class of method ``name`` (module ``lmlib.methods.<name>``, attribute ``METHOD``)."""
     try:
         module = importlib.import_module(f"lmlib.methods.{name}")
     except ModuleNotFoundError as exc:
         raise ValueError(f"unknown method {name!r} (no module lmlib.methods.{name}); known: {METHOD_NAMES}") from exc
-    return module.METHOD(**config)
+    if not hasattr(module, "METHOD"):
+        raise ValueError(f"lmlib.methods.{name} is not a method module (no METHOD); known: {METHOD_NAMES}")
+    return module.METHOD
+
+
+def build_method(name: str, **config: Any) -> LandmarkMethod:
+    """Instantiate the method ``name`` with its configuration (as stored by ``config()``)."""
+    return method_class(name)(**config)
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor, spatial_dims: int) -> torch.Tensor:

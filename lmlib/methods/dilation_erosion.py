@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,13 @@ class DilationErosionUNet(LandmarkMethod):
     """
 
     name = "dilation_erosion"
+    parameters = ("channels", "decoder", "radius_start", "radius_step", "radius_stop", "mask_centre")
 
     def __init__(self, spatial_dims: int, n_landmarks: int, max_epochs: int = 350,
                  schedule: ShrinkSchedule | dict[str, int] | None = None, network: dict[str, Any] | None = None,
                  decoder: str = "centroid", decoder_kwargs: dict[str, Any] | None = None,
-                 threshold: float = 0.5, mask_centre: str = "exact") -> None:
-        super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs)
+                 threshold: float = 0.5, mask_centre: str = "exact", **base: Any) -> None:
+        super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs, **base)
         if isinstance(schedule, dict):
             schedule = ShrinkSchedule(**schedule)
         self.max_epochs = int(max_epochs)
@@ -53,6 +54,27 @@ class DilationErosionUNet(LandmarkMethod):
         return {**super().config(), "max_epochs": self.max_epochs, "threshold": self.threshold,
                 "mask_centre": self.mask_centre,
                 "schedule": {"start": s.start, "step": s.step, "stop": s.stop, "every": s.every}}
+
+    @classmethod
+    def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Notebook parameters: radii in the seed's 512-px units (``radius_start/step/stop``), ``mask_centre``."""
+        out = super().parameter_config(params)
+        if "mask_centre" in params:
+            out["mask_centre"] = params["mask_centre"]
+        out["radii"] = {k: int(params[k]) for k in ("radius_start", "radius_step", "radius_stop") if k in params}
+        return out
+
+    @classmethod
+    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
+                        **shared: Any) -> "DilationErosionUNet":
+        """The seven radii spread over ``max_epochs`` (a shared engine setting)."""
+        kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
+        radii = kwargs.pop("radii")
+        max_epochs = int(shared.pop("max_epochs", 350))
+        schedule = ShrinkSchedule.fit_to(max_epochs, start=radii.get("radius_start", 65),
+                                         step=radii.get("radius_step", 10), stop=radii.get("radius_stop", 5))
+        base = {k: shared[k] for k in ("optimizer", "test_time_flip", "flip_pairs") if k in shared}
+        return cls(spatial_dims, n_landmarks, max_epochs=max_epochs, schedule=schedule, **kwargs, **base)
 
     def radius(self, epoch: int, size: Sequence[int]) -> int:
         """Mask radius in grid pixels at ``epoch``."""

@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,12 @@ class HeatmapUNet(LandmarkMethod):
     """Gaussian heatmap regression with a U-Net (see the module docstring)."""
 
     name = "heatmap_unet"
+    parameters = ("channels", "decoder", "sigma", "amplitude", "foreground_weight")
 
     def __init__(self, spatial_dims: int, n_landmarks: int, sigma: float = 2.0, amplitude: float = 100.0,
                  foreground_weight: float = 100.0, loss: str = "mse", network: dict[str, Any] | None = None,
-                 decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs)
+                 decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None, **base: Any) -> None:
+        super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs, **base)
         if sigma <= 0 or amplitude <= 0 or foreground_weight < 1:
             raise ValueError("need sigma > 0, amplitude > 0, foreground_weight >= 1")
         if loss not in LOSSES:
@@ -48,6 +49,12 @@ class HeatmapUNet(LandmarkMethod):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "sigma": self.sigma, "amplitude": self.amplitude,
                 "foreground_weight": self.foreground_weight, "loss": self.loss_name}
+
+    @classmethod
+    def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Notebook parameters: ``sigma`` (px of the network grid), ``amplitude``, ``foreground_weight``."""
+        return {**super().parameter_config(params),
+                **{k: float(params[k]) for k in ("sigma", "amplitude", "foreground_weight") if k in params}}
 
     def encode_targets(self, landmarks: torch.Tensor, valid: torch.Tensor, size: Sequence[int], epoch: int) -> Targets:
         return {"heatmap": gaussian_heatmaps(landmarks, size, self.sigma, valid, self.amplitude)}

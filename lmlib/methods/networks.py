@@ -17,7 +17,7 @@ Re-measure with :func:`time_network`.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -112,3 +112,39 @@ def time_network(net: nn.Module, input_shape: Sequence[int], n_iter: int = 3, tr
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return (time.perf_counter() - start) / n_iter
+
+
+class PerLandmark(nn.Module):
+    """One small network per landmark held in one module (so one checkpoint holds them all).
+
+    ``forward(image, landmark_ids)``: item ``b`` of the batch ``(B, C, *size)`` goes through the net of
+    landmark ``landmark_ids[b]``; outputs (a tensor, or a dict of tensors) are reassembled in batch
+    order. Each net is called once per batch on the items of its landmark.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, image: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        ids = landmark_ids.reshape(-1).to(image.device)
+        if ids.numel() != image.shape[0]:
+            raise ValueError(f"{ids.numel()} landmark ids for a batch of {image.shape[0]}")
+        if int(ids.min()) < 0 or int(ids.max()) >= len(self.nets):
+            raise ValueError(f"landmark ids {ids.tolist()} outside 0..{len(self.nets) - 1}")
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]] = {}
+        for k in torch.unique(ids).tolist():
+            where = torch.nonzero(ids == k).reshape(-1)
+            parts[k] = (where, self.nets[k](image[where]))
+        first = next(iter(parts.values()))[1]
+
+        def assemble(get: Any) -> torch.Tensor:
+            sample = get(first)
+            out = sample.new_empty((image.shape[0], *sample.shape[1:]))
+            for where, value in parts.values():
+                out[where] = get(value)
+            return out
+
+        if isinstance(first, dict):
+            return {key: assemble(lambda v, key=key: v[key]) for key in first}
+        return assemble(lambda v: v)

@@ -1,0 +1,119 @@
+"""Cascades: a method made of stages, each trained by the same :func:`~lmlib.engine.training.fit`.
+
+Stage k trains on its own view (e.g. patches around the ground truth plus jitter drawn like stage
+k-1's measured errors) and is validated and tested on views centred on stage k-1's predictions, so
+each stage's gain is measured, not assumed. Landmarks a stage does not serve (a subset view) keep the
+previous stage's prediction. Every stage writes a full run folder ``<output_dir>/<stage>/`` (the
+output contract + manifest): the comparison shows one row per stage (``<method>/<stage>``), with
+training and inference times summed over the stages up to it; peak memory is the process's peak.
+
+Prediction from checkpoints alone: :func:`predict_cascade` chains the stages' checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+
+from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.data.sample import Sample
+from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict
+from lmlib.methods.base import LandmarkMethod
+
+Centres = dict[str, np.ndarray]  # image_id -> (N, D) world mm
+
+
+@dataclass
+class Stage:
+    """One stage: a method, the view it trains on (and is evaluated on), and its training settings."""
+
+    name: str
+    method: LandmarkMethod
+    view: ViewSpec
+    eval_view: ViewSpec | None = None
+    max_epochs: int = 50
+    batch_size: int = 4
+    augmentation: Any = None
+
+
+@dataclass
+class StageResult:
+    """A trained stage with its validation/test predictions (chained: unserved landmarks filled)."""
+
+    stage: Stage
+    fit: FitResult
+    val: Predictions
+    test: Predictions
+    train_seconds: float  # summed over this and the previous stages
+    infer_seconds_per_image: float  # likewise
+
+
+def as_centres(samples: Sequence[Sample], pred: Predictions) -> Centres:
+    """``{image_id: (N, D) world mm}`` of predictions, the next stage's patch centres."""
+    return {s.image_id: np.asarray(w, dtype=np.float64) for s, w in zip(samples, pred.world_mm)}
+
+
+def chain(previous: Predictions | None, current: Predictions) -> Predictions:
+    """Current predictions where the stage predicted a landmark, else the previous stage's."""
+    if previous is None:
+        return current
+    world = [np.where(np.isnan(c), p, c) for p, c in zip(previous.world_mm, current.world_mm)]
+    conf = [np.where(np.isnan(c), p, c) for p, c in zip(previous.confidence, current.confidence)]
+    return Predictions(world, conf, current.seconds_per_image)
+
+
+def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: str | Path, device: str = "auto",
+                seed: int = 0, num_workers: int = 0, resume: bool = False,
+                callbacks: Callable[[Stage, Path], Sequence[Callback]] | None = None,
+                data: dict[str, Any] | None = None) -> list[StageResult]:
+    """Train ``stages`` in order on ``samples`` (split by ``meta["split"]``) into ``<output_dir>/<stage>/``.
+
+    ``resume``: continue each stage from its ``checkpoints/last.ckpt`` when present. ``callbacks``: a
+    function (stage, stage folder) -> Lightning callbacks (e.g. overlays).
+    """
+    out = Path(output_dir)
+    val = [s for s in samples if s.meta.get("split") == "val"]
+    test = [s for s in samples if s.meta.get("split") == "test"]
+    results: list[StageResult] = []
+    prev_val: Predictions | None = None
+    prev_test: Predictions | None = None
+    train_total = infer_total = 0.0
+    for stage in stages:
+        folder = out / stage.name
+        centres = None if prev_val is None else {"val": as_centres(val, prev_val), "test": as_centres(test, prev_test)}
+        dm = LandmarkDataModule(samples, view=stage.view, eval_view=stage.eval_view, centres=centres,
+                                batch_size=stage.batch_size, num_workers=num_workers, seed=seed,
+                                augmentation=stage.augmentation)
+        last = folder / "checkpoints" / "last.ckpt"
+        result = fit(stage.method, dm, folder, max_epochs=stage.max_epochs, device=device, seed=seed,
+                     resume=last if resume and last.is_file() else "",
+                     callbacks=list(callbacks(stage, folder)) if callbacks else [], data=data)
+        pv = chain(prev_val, predict(result.module, val, batch_size=stage.batch_size,
+                                     centres=centres["val"] if centres else None))
+        pt = chain(prev_test, predict(result.module, test, batch_size=stage.batch_size,
+                                      centres=centres["test"] if centres else None))
+        train_total += result.train_seconds
+        infer_total += pt.seconds_per_image
+        results.append(StageResult(stage, result, pv, pt, train_total, infer_total))
+        prev_val, prev_test = pv, pt
+    return results
+
+
+def predict_cascade(checkpoints: Sequence[str | Path | LandmarkModule], samples: Sequence[Sample],
+                    batch_size: int = 4, device: str | None = None) -> Predictions:
+    """Chain the stages' checkpoints (first to last) on ``samples``; each stage after the first looks
+    at views centred on the previous stage's predictions. Seconds per image are summed."""
+    pred: Predictions | None = None
+    seconds = 0.0
+    for ckpt in checkpoints:
+        centres: Mapping[str, np.ndarray] | None = as_centres(samples, pred) if pred is not None else None
+        current = predict(ckpt, samples, batch_size=batch_size, device=device, centres=centres)
+        seconds += current.seconds_per_image
+        pred = chain(pred, current)
+    if pred is None:
+        raise ValueError("predict_cascade needs at least one checkpoint")
+    return Predictions(pred.world_mm, pred.confidence, seconds)
+

@@ -1,0 +1,265 @@
+"""The one run path every method notebook calls: data -> method -> fit -> test predictions -> outputs.
+
+    result = run_method("dilation_erosion", notebook_parameters(globals()))
+    show_run(result)
+
+:func:`run_method` loads the dataset, builds the method from the notebook's parameters, trains it with
+:func:`lmlib.engine.training.fit` (or :func:`lmlib.engine.cascade.fit_cascade` for a method made of
+stages), predicts the test split in world mm, writes the output contract (``predictions.csv``,
+``metrics.json``), the training figures and ``manifest.json`` (the *effective* parameters: the notebook's
+defaults plus papermill's overrides, as collected by :func:`notebook_parameters`), and returns a
+:class:`RunResult` to display.
+
+Shared parameter names (every method notebook declares those it uses; see :data:`SHARED_PARAMETERS`);
+everything else must be one of the method's own parameters (``METHOD.parameters``), else a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lmlib.data.datasets import Dataset, load_dataset
+from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.data.sample import Sample
+from lmlib.data.transforms import build_augmentation
+from lmlib.engine.training import FitResult, Predictions, fit, predict
+from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
+from lmlib.methods.base import LandmarkMethod, method_class
+from lmlib.outputs.contract import predictions_frame, write_outputs
+from lmlib.outputs.manifest import utc_now, write_manifest
+from lmlib.runtime import peak_rss_mb, print_environment, setup
+
+#: parameter name -> what it means (units); the engine consumes these, methods the rest
+SHARED_PARAMETERS: dict[str, str] = {
+    "dataset": "dataset name (synthetic2d, synthetic3d, hamedan-ceph, afids-mni, ...)",
+    "data_dir": "folder of a real dataset (empty: the shared default location)",
+    "output_dir": "run folder (results/<dataset>/<method>)",
+    "annotator": "reference annotator (empty: the dataset's first)",
+    "seed": "random seed (data order, augmentation, initialisation)",
+    "device": "auto | cpu | cuda | cuda:1 | mps",
+    "num_workers": "data-loader worker processes",
+    "max_epochs": "training epochs",
+    "batch_size": "images per batch",
+    "learning_rate": "optimizer learning rate",
+    "lr_schedule": "cosine | constant",
+    "weight_decay": "optimizer weight decay",
+    "optimizer": "adam | adamw",
+    "warmup_epochs": "linear warm-up epochs before the schedule",
+    "image_size": "network grid in px (x, y[, z]); empty: 128^2 in 2D, 64^3 in 3D",
+    "augment": "random affine + intensity augmentation on the train split",
+    "rotation_deg": "augmentation: max rotation (degrees)",
+    "scale_range": "augmentation: scale 1 +- this",
+    "elastic": "augmentation: add a smooth elastic deformation",
+    "flip_test": "test-time flip averaging (left/right pairs swapped)",
+    "overlay_every": "epochs between overlay frames (GT blue, prediction red)",
+    "gif_fps": "frames per second of fig_training_progress.gif",
+    "resume": "checkpoint (.ckpt) to continue training from",
+    "max_train_images": "0 = all; trims the train split only",
+}
+DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective parameters of a notebook: every plain value (str, int, float, bool, list, dict,
+    None) bound at top level, i.e. the ``parameters`` cell's defaults after papermill's injected
+    overrides. Call it right after the parameters cell (``notebook_parameters(globals())``)."""
+    out: dict[str, Any] = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name in _IPYTHON_NAMES:
+            continue
+        if value is None or isinstance(value, (str, int, float, bool, list, tuple, dict)):
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_method` produced (all files are already in ``output_dir``)."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    test_samples: list[Sample]
+    world_mm: list[np.ndarray]
+    figures: dict[str, Path] = field(default_factory=dict)
+    fits: dict[str, FitResult] = field(default_factory=dict)  # stage name ("" for one stage) -> fit
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its metrics (cascades)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per stage: MRE, median, SDR, times, memory (mm, %, s, MB)."""
+        rows = self.stages or {"": self.metrics}
+        keys = ["mre_mm", "sd_mm", "median_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm", "max_mm",
+                "train_seconds", "infer_seconds_per_image", "peak_rss_mb", "best_val_mre_mm", "epochs"]
+        frame = pd.DataFrame([{k: m.get(k) for k in keys} for m in rows.values()], index=list(rows))
+        frame.index.name = "stage"
+        return frame
+
+
+def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
+    samples = data.split(name)
+    return samples[: limit or None]
+
+
+def check_parameters(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
+    """Raise naming every parameter that neither the engine nor the method uses."""
+    known = set(SHARED_PARAMETERS) | set(method.parameters) | set(getattr(method, "extra_parameters", ()))
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not used by {method.name} (shared: {sorted(SHARED_PARAMETERS)}; "
+                         f"{method.name}: {sorted(method.parameters)})")
+
+
+def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
+    """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs)."""
+    optimizer = {k: params[p] for p, k in (("learning_rate", "lr"), ("lr_schedule", "schedule"),
+                                           ("weight_decay", "weight_decay"), ("optimizer", "name"),
+                                           ("warmup_epochs", "warmup_epochs")) if p in params}
+    return {"optimizer": optimizer, "test_time_flip": bool(params.get("flip_test", False)),
+            "flip_pairs": data.spec.pair_indices() if hasattr(data.spec, "pair_indices") else [],
+            "max_epochs": int(params.get("max_epochs", 100))}
+
+
+def spacing_policy(data: Dataset) -> str:
+    """How the dataset's pixel spacing is known (stored in checkpoints)."""
+    sp = getattr(data.spec, "spacing_mm", None)
+    return f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"
+
+
+def augmentation(params: Mapping[str, Any], ndim: int, data: Dataset, seed: int) -> Any:
+    """The training augmentation the parameters ask for (None when ``augment`` is false)."""
+    if not params.get("augment", True):
+        return None
+    return build_augmentation(ndim, rotation_deg=float(params.get("rotation_deg", 10.0)),
+                              scale=float(params.get("scale_range", 0.1)), elastic=bool(params.get("elastic", False)),
+                              seed=seed)
+
+
+def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
+    """Run ``method`` end to end with notebook parameters ``params`` (see the module docstring)."""
+    cls = method_class(method)
+    check_parameters(cls, params)
+    started = utc_now()
+    seed, output_dir = int(params.get("seed", 0)), Path(params["output_dir"])
+    dev = setup(seed, str(params.get("device", "auto")))
+    print_environment(dev)
+    data = load_dataset(params["dataset"], params.get("data_dir") or None, annotator=params.get("annotator") or None)
+    ndim, names = data.spec.ndim, data.landmark_names
+    train = _split(data, "train", int(params.get("max_train_images", 0)))
+    val, test = _split(data, "val"), _split(data, "test")
+    grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
+    effective = {**params, "image_size": grid}
+    print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
+          f"test {len(test)}; network grid {grid}")
+    shared = engine_settings(params, data)
+    if hasattr(cls, "build_stages"):
+        return _run_cascade(cls, params, effective, data, train, val, test, grid, shared, dev, started)
+    model = cls.from_parameters(ndim, len(names), params, **shared)
+    print(model)
+    provenance = {"dataset": params["dataset"], "spacing": spacing_policy(data), "annotator": params.get("annotator") or ""}
+    view = ViewSpec(kind="whole", size=tuple(grid))
+    datamodule = LandmarkDataModule(train + val + test, view=view, batch_size=int(params.get("batch_size", 4)),
+                                    num_workers=int(params.get("num_workers", 0)), seed=seed,
+                                    augmentation=augmentation(params, ndim, data, seed))
+    callbacks = [OverlayCallback(output_dir, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
+                                 fps=float(params.get("gif_fps", 10.0)))]
+    result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(params.get("device", "auto")),
+                 seed=seed, resume=params.get("resume") or "", callbacks=callbacks, data=provenance)
+    print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
+          f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
+    pred = predict(result.module, test, batch_size=int(params.get("batch_size", 4)))
+    metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
+    figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir)}
+    figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
+    write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
+                   extra={"method": model.name, "method_config": model.config(),
+                          "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs})
+    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result})
+
+
+def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
+                 train: list[Sample], val: list[Sample], test: list[Sample], grid: list[int],
+                 shared: dict[str, Any], dev: Any, started: str) -> RunResult:
+    """A method made of stages (``cls.build_stages(spatial_dims, n_landmarks, params, grid, shared)``):
+    each stage trained by :func:`fit_cascade` into ``<output_dir>/<stage>/`` with its own contract
+    outputs and manifest; the top folder gets the last stage's outputs and the manifest."""
+    from lmlib.engine.cascade import fit_cascade
+
+    output_dir, seed = Path(params["output_dir"]), int(params.get("seed", 0))
+    stages = cls.build_stages(data.spec.ndim, len(data.landmark_names), params, grid, shared)
+    aug = augmentation(params, data.spec.ndim, data, seed)
+    for stage in stages:
+        stage.augmentation = stage.augmentation if stage.augmentation is not None else aug
+    provenance = {"dataset": params["dataset"], "spacing": spacing_policy(data), "annotator": params.get("annotator") or ""}
+
+    def overlays(stage: Any, folder: Path) -> list[OverlayCallback]:
+        return [OverlayCallback(folder, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
+                                fps=float(params.get("gif_fps", 10.0)))]
+
+    results = fit_cascade(stages, train + val + test, output_dir, device=str(params.get("device", "auto")), seed=seed,
+                          num_workers=int(params.get("num_workers", 0)), resume=bool(params.get("resume")),
+                          callbacks=overlays, data=provenance)
+    figures: dict[str, Path] = {}
+    stage_metrics: dict[str, dict[str, Any]] = {}
+    for r in results:
+        folder = output_dir / r.stage.name
+        metrics, predictions = write_run_outputs(folder, test, r.test, r.fit, r.stage.method, r.stage.view.size or grid,
+                                                 r.train_seconds, r.infer_seconds_per_image)
+        stage_metrics[r.stage.name] = metrics
+        figures.update({f"{r.stage.name}/{n}": folder / n for n in plot_training_curves(r.fit.history_csv, folder)})
+        write_manifest(folder, {**effective, "output_dir": str(folder), "stage": r.stage.name}, samples=train + val + test,
+                       seed=seed, device=dev, started=started,
+                       extra={"method": cls.name, "stage": r.stage.name, "method_config": r.stage.method.config(),
+                              "view": r.stage.view.to_dict(), "epochs_trained": r.fit.epochs})
+    last = results[-1]
+    figures.update(worst_image_figure(output_dir, test, predictions, last.test, cls.name))
+    write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
+                   extra={"method": cls.name, "stages": [r.stage.name for r in results]})
+    return RunResult(output_dir, stage_metrics[last.stage.name], predictions, test, last.test.world_mm, figures,
+                     {r.stage.name: r.fit for r in results}, stage_metrics)
+
+
+def write_run_outputs(output_dir: Path, test: Sequence[Sample], pred: Predictions, result: FitResult,
+                      model: LandmarkMethod, grid: Sequence[int], train_seconds: float | None = None,
+                      infer_seconds: float | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The output contract of one (stage) run; ``train_seconds``/``infer_seconds`` override the fit's
+    (cascades pass the sums over their stages so far)."""
+    predictions = predictions_frame(test, pred.world_mm)
+    metrics = write_outputs(output_dir, predictions,
+                            {"train_seconds": result.train_seconds if train_seconds is None else train_seconds,
+                             "infer_seconds_per_image": pred.seconds_per_image if infer_seconds is None else infer_seconds,
+                             "peak_rss_mb": peak_rss_mb()},
+                            extra_metrics={"best_val_mre_mm": result.best_score, "epochs": result.epochs,
+                                           "image_size": list(grid), "method": model.name})
+    return metrics, predictions
+
+
+def worst_image_figure(output_dir: Path, test: Sequence[Sample], predictions: pd.DataFrame, pred: Predictions,
+                       label: str) -> dict[str, Path]:
+    """The test image with the largest mean error, ground truth and prediction drawn."""
+    from lmlib.reporting.figures import fig_qualitative
+
+    per_image = predictions.groupby("image_id")["error_mm"].mean()
+    if per_image.dropna().empty:
+        return {}
+    worst = per_image.idxmax()
+    k = next(i for i, s in enumerate(test) if s.image_id == worst)
+    path = output_dir / f"fig_qualitative_{worst}.png"
+    fig_qualitative(test[k], {label: pred.world_mm[k]}, path=path,
+                    title=f"{worst}: worst test image ({per_image[worst]:.2f} mm)")
+    return {path.name: path}
+
+
+def show_run(result: RunResult, figures: Sequence[str] = ("fig_loss.png", "fig_mean_error.png", "fig_dice.png",
+                                                          "fig_mean_error_per_landmark.png")) -> None:
+    """Display the run's summary table, its training curves and its worst test image (in a notebook)."""
+    from IPython.display import Image, display
+
+    display(result.summary().round(3))
+    for name in [*figures, *(n for n in result.figures if n.startswith("fig_qualitative"))]:
+        if name in result.figures and result.figures[name].is_file():
+            display(Image(filename=str(result.figures[name])))

@@ -1,0 +1,239 @@
+"""Grid (index <-> world against SimpleITK, every constructor's geometry) and resample (a blob at a known
+world point lands at ``grid.world_to_index(point)`` on downsampled, oblique and off-pixel patch grids)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+from lmlib.data.geometry import Geometry
+from lmlib.data.grids import (Grid, SourceImage, antialias_sigma_mm, crop_array, normalize_intensity, on_sub_grid,
+                              preprocess, resample)
+from lmlib.data.sample import Sample
+
+
+def rotation(ndim: int, deg: float = 25.0) -> np.ndarray:
+    if ndim == 2:
+        return Rotation.from_euler("z", deg, degrees=True).as_matrix()[:2, :2]
+    return Rotation.from_euler("xyz", [deg, -0.6 * deg, 0.4 * deg], degrees=True).as_matrix()
+
+
+def oblique_grid(ndim: int) -> Grid:
+    size = (37, 52) if ndim == 2 else (21, 18, 15)
+    spacing = (0.7, 1.3) if ndim == 2 else (0.8, 1.1, 2.5)
+    return Grid(size, Geometry(np.array(spacing), np.array([4.0, -7.5, 12.25][:ndim]), rotation(ndim)))
+
+
+def sitk_image(grid: Grid) -> sitk.Image:
+    return grid.geometry.apply_to(sitk.Image(list(grid.size), sitk.sitkFloat32))
+
+
+# ------------------------------------------------------------------------------------ index <-> world
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_index_world_against_sitk(ndim: int) -> None:
+    grid = oblique_grid(ndim)
+    img = sitk_image(grid)
+    idx = np.random.default_rng(0).uniform(-3, 40, (20, ndim))
+    expected = np.array([img.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx])
+    np.testing.assert_allclose(grid.index_to_world(idx), expected, rtol=0, atol=1e-9)
+    back = np.array([img.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in expected])
+    np.testing.assert_allclose(grid.world_to_index(expected), back, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(grid.world_to_index(grid.index_to_world(idx)), idx, rtol=0, atol=1e-9)
+    a = grid.affine()
+    assert a.shape == (ndim, ndim + 1) and a.dtype == np.float64
+    np.testing.assert_allclose(idx @ a[:, :ndim].T + a[:, ndim], expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_to_dict_round_trip(ndim: int) -> None:
+    grid = oblique_grid(ndim)
+    back = Grid.from_dict(json.loads(json.dumps(grid.to_dict())))
+    assert back == grid and back.size == grid.size
+    assert grid != grid.crop((1,) * ndim, grid.size)
+
+
+# --------------------------------------------------------------------------------------- constructors
+def corners(grid: Grid) -> np.ndarray:
+    """World mm of the outer pixel-edge corners (index -0.5 and size - 0.5 on every axis)."""
+    lo, hi = np.full(grid.ndim, -0.5), np.asarray(grid.size) - 0.5
+    pts = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing="ij")).reshape(grid.ndim, -1).T
+    return grid.index_to_world(pts)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_of_image_and_whole(ndim: int) -> None:
+    g = oblique_grid(ndim)
+    s = Sample("s", np.zeros(g.size, np.float32), g.geometry, np.zeros((1, ndim)), [True], ["a"])
+    assert Grid.of_image(s) == g and Grid.of_image(sitk_image(g)) == g
+    new_size = (16, 30) if ndim == 2 else (9, 12, 7)
+    w = Grid.whole(s, size=new_size)
+    assert w.size == new_size
+    np.testing.assert_allclose(w.spacing, g.spacing * np.asarray(g.size) / np.asarray(new_size), rtol=1e-12)
+    np.testing.assert_allclose(corners(w), corners(g), atol=1e-9)  # FOV edges kept
+    np.testing.assert_allclose(w.direction, g.direction)
+    target = 1.9
+    w2 = Grid.whole(g, spacing=target)
+    assert w2.size == tuple(int(n) for n in np.maximum(1, np.round(np.asarray(g.size) * g.spacing / target)))
+    np.testing.assert_allclose(corners(w2), corners(g), atol=1e-9)
+    assert np.abs(w2.spacing - target).max() < 0.5 * target
+    assert Grid.whole(g) == g and Grid.whole(g, size=g.size) == g
+    with pytest.raises(ValueError):
+        Grid.whole(g, size=new_size, spacing=1.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pad_crop_and_centred(ndim: int) -> None:
+    g = oblique_grid(ndim)
+    p = g.padded_to_multiple(8)
+    assert all(n % 8 == 0 and 0 <= n - m < 8 for n, m in zip(p.size, g.size))
+    np.testing.assert_array_equal(p.origin, g.origin)
+    assert g.padded_to_multiple(1) == g
+    # centre crop/pad: new index 0 = old index (old - new) // 2 (negative where padding)
+    size = (20, 60) if ndim == 2 else (10, 24, 15)
+    c = g.centre_crop_or_pad(size)
+    start = (np.asarray(g.size) - np.asarray(size)) // 2
+    assert c.size == size
+    np.testing.assert_allclose(c.index_to_world(np.zeros((1, ndim))), g.index_to_world(start[None]), atol=1e-9)
+    np.testing.assert_allclose(c.world_to_index(g.index_to_world(start[None] + 2.25)), [[2.25] * ndim], atol=1e-9)
+    # integer crop
+    k = g.crop((3, -2, 1)[:ndim], (5, 6, 7)[:ndim])
+    np.testing.assert_allclose(k.index_to_world([[1.0] * ndim]), g.index_to_world([[4.0, -1.0, 2.0][:ndim]]),
+                               atol=1e-9)
+    # centred: the centre index (size - 1) / 2 lies exactly on the point, for odd and even sizes
+    centre = np.array([3.3, -1.7, 8.05][:ndim])
+    for size in [(7, 8, 9)[:ndim], (16, 16, 16)[:ndim]]:
+        q = Grid.centred(centre, size, (0.6, 1.4, 2.0)[:ndim], rotation(ndim, 40))
+        np.testing.assert_allclose(q.index_to_world(((np.asarray(size) - 1) / 2)[None])[0], centre, atol=1e-9)
+        np.testing.assert_allclose(q.direction, rotation(ndim, 40))
+        np.testing.assert_allclose(q.spacing, (0.6, 1.4, 2.0)[:ndim])
+
+
+def test_random_crop_uniform_and_oversized() -> None:
+    g = Grid((20, 9), Geometry(np.array([0.5, 2.0]), np.array([1.0, 2.0])))
+    rng = np.random.default_rng(0)
+    starts = np.array([g.world_to_index(g.random_crop((6, 13), rng).origin[None])[0] for _ in range(400)])
+    np.testing.assert_allclose(starts, np.round(starts), atol=1e-9)  # integer sub-grids
+    assert starts[:, 0].min() == 0 and starts[:, 0].max() == 14  # every start 0..20-6 reachable
+    assert len(np.unique(starts[:, 0])) == 15
+    np.testing.assert_array_equal(starts[:, 1], (9 - 13) // 2)  # larger than the grid: centred
+    a = g.random_crop((6, 4), np.random.default_rng(5))
+    assert a == g.random_crop((6, 4), np.random.default_rng(5))
+
+
+# ------------------------------------------------------------------------------------------ resample
+def blob_sample(ndim: int, point: np.ndarray, sigma_mm: float) -> Sample:
+    """An oblique, anisotropic source with a Gaussian blob (sigma_mm, isotropic in world) at ``point`` mm."""
+    size = (120, 110) if ndim == 2 else (44, 40, 36)
+    spacing = np.array([0.5, 0.6] if ndim == 2 else [0.9, 1.0, 1.2])
+    centre_idx = (np.asarray(size) - 1) / 2
+    direction = rotation(ndim, 15)
+    origin = point - direction @ (spacing * (centre_idx + np.array([3.3, -2.6, 1.7][:ndim])))
+    geom = Geometry(spacing, origin, direction)
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size], indexing="ij"), -1).reshape(-1, ndim)
+    d2 = np.sum((geom.index_to_world(idx) - point) ** 2, axis=1)
+    img = (np.exp(-d2 / (2 * sigma_mm ** 2)) * 100 + 10).reshape(size).astype(np.float32)
+    return Sample("blob", img, geom, point[None], [True], ["p"])
+
+
+def peak(img: np.ndarray) -> np.ndarray:
+    """Sub-pixel peak: argmax + a parabola through log intensities on each axis (exact for a Gaussian)."""
+    m = np.array(np.unravel_index(np.argmax(img), img.shape))
+    assert np.all(m > 0) and np.all(m < np.asarray(img.shape) - 1), "peak on the border"
+    out = m.astype(np.float64)
+    for ax in range(img.ndim):
+        vals = []
+        for d in (-1, 0, 1):
+            q = m.copy()
+            q[ax] += d
+            vals.append(np.log(img[tuple(q)]))
+        lo, mid, hi = vals
+        out[ax] += 0.5 * (lo - hi) / (lo - 2 * mid + hi)
+    return out
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("case", ["downsampled_whole", "oblique", "patch_off_pixel"])
+def test_resample_blob_lands_on_world_point(ndim: int, case: str) -> None:
+    point = np.array([12.3, -4.1, 7.7][:ndim])
+    s = blob_sample(ndim, point, sigma_mm=3.0)
+    if case == "downsampled_whole":
+        grid = Grid.whole(s, size=tuple(int(n) // 4 + 1 for n in s.size))  # ~4x coarser, non-integer factor
+    elif case == "oblique":
+        grid = Grid.centred(point + np.array([2.2, -1.3, 0.9][:ndim]), (25,) * ndim, (0.9, 1.3, 1.1)[:ndim],
+                            rotation(ndim, -50))
+    else:
+        # centre 0.15 / -0.2 / 0.1 px of the patch away from the point: expected index 7.35 / 7.7 / 7.4
+        off = s.geometry.direction @ (s.geometry.spacing * np.array([0.15, -0.2, 0.1][:ndim]))
+        grid = Grid.centred(point + off, (16,) * ndim, s.geometry.spacing, s.geometry.direction)
+    out = resample(s, grid, default_value=10.0)
+    assert out.shape == grid.size and out.dtype == np.float32
+    expected = grid.world_to_index(point[None])[0]
+    err = np.abs(peak(out - 9.0) - expected)
+    assert err.max() < 0.3, (case, err)
+    if case == "patch_off_pixel":  # not on a pixel centre of the patch: a half-pixel shift would fail above
+        assert np.abs(expected - np.round(expected)).min() > 0.25
+
+
+def test_resample_matches_sitk_and_antialiases() -> None:
+    rng = np.random.default_rng(0)
+    geom = Geometry(np.array([0.5, 0.5]), np.array([1.0, 2.0]))
+    noise = rng.normal(size=(200, 160)).astype(np.float32)
+    s = Sample("n", noise, geom, np.zeros((1, 2)), [True], ["a"])
+    # upsampling: exactly SimpleITK's linear resampling (no smoothing)
+    up = Grid.whole(s, size=(300, 200))
+    g = up.geometry
+    ref = sitk.Resample(s.to_sitk(), list(up.size), sitk.Transform(), sitk.sitkLinear, g.origin.tolist(),
+                        g.spacing.tolist(), g.direction.ravel().tolist(), 0.0)
+    np.testing.assert_allclose(resample(s, up), sitk.GetArrayFromImage(ref).T, atol=1e-6)
+    np.testing.assert_allclose(antialias_sigma_mm(Grid.of_image(s), up), 0.0)
+    # 4x downsampling: sigma = (4 - 1) / 2 = 1.5 source px on each axis; white noise loses most variance
+    down = Grid.whole(s, size=(50, 40))
+    np.testing.assert_allclose(antialias_sigma_mm(Grid.of_image(s), down), 1.5 * 0.5, atol=1e-12)
+    smooth, aliased = resample(s, down), resample(s, down, antialias=False)
+    assert smooth.std() < 0.45 * aliased.std()
+    assert abs(smooth.std() / (1 / (2 * np.sqrt(np.pi) * 1.5)) - 1) < 0.15  # white noise through a 1.5 px Gaussian
+    # anisotropic: only the coarser axis is smoothed
+    np.testing.assert_allclose(antialias_sigma_mm(Grid.of_image(s), Grid.whole(s, size=(200, 40))), [0.0, 0.75])
+    # a SourceImage smooths once per spacing, however many patches are sampled from it
+    src = SourceImage(s)
+    for c in rng.uniform(20, 60, (5, 2)):
+        patch = Grid.centred(c, (8, 8), (2.0, 2.0))
+        np.testing.assert_allclose(resample(src, patch), resample(s, patch), atol=1e-6)
+    assert len(src._smoothed) == 1
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_integer_sub_grid_is_exact(ndim: int) -> None:
+    g = oblique_grid(ndim)
+    img = np.random.default_rng(1).random(g.size).astype(np.float32)
+    s = Sample("s", img, g.geometry, np.zeros((1, ndim)), [True], ["a"])
+    sub = g.crop((-2, 3, 1)[:ndim], (12, 9, 6)[:ndim])
+    exact = on_sub_grid(img, g, sub)
+    np.testing.assert_array_equal(exact, crop_array(img, (-2, 3, 1)[:ndim], sub.size))
+    inner = (slice(2, None),) + (slice(None),) * (ndim - 1)  # first two columns are padding
+    np.testing.assert_allclose(resample(s, sub)[inner], exact[inner], atol=1e-5)
+    assert np.all(exact[:2] == 0)
+    with pytest.raises(ValueError):
+        on_sub_grid(img, g, Grid.centred(g.origin + 0.1, (4,) * ndim, g.spacing, g.direction))
+
+
+def test_preprocess_is_grid_plus_resample() -> None:
+    g = Geometry(np.array([0.4, 0.7]), np.array([1.0, -3.0]), rotation(2, 10))
+    img = np.random.default_rng(2).random((90, 60)).astype(np.float32) * 5 + 3
+    s = Sample("s", img, g, np.array([[10.0, 5.0]]), [True], ["a"])
+    out = preprocess(s, target_size=(40, 30))
+    whole = Grid.whole(s, size=(40, 30))
+    assert Grid.of_image(out) == whole
+    np.testing.assert_allclose(out.image, normalize_intensity(resample(s, whole)), atol=1e-5)
+    both = preprocess(s, target_size=(64, 16), target_spacing=0.5)
+    w = Grid.whole(s, spacing=0.5)
+    final = w.centre_crop_or_pad((64, 16))
+    assert Grid.of_image(both) == final
+    # z-score over the whole resampled image, then the crop/pad with zeros
+    np.testing.assert_allclose(both.image, on_sub_grid(normalize_intensity(resample(s, w)), w, final), atol=1e-5)
+    same = preprocess(s, normalize=None)
+    assert Grid.of_image(same) == Grid.of_image(s)
+    np.testing.assert_array_equal(same.image, s.image)
