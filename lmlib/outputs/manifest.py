@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ def utc_now() -> str:
 
 
 def git_state(repo: Path | str = ".") -> dict[str, Any]:
-    """Commit hash and dirty flag of the repository containing ``repo`` (None outside git)."""
+    """Commit hash and dirty flag of the repository containing ``repo``; outside git, the commit named
+    by ``$LMLIB_GIT_COMMIT`` (a copied working tree), else None."""
     def git(*args: str) -> str | None:
         try:
             res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -35,6 +37,8 @@ def git_state(repo: Path | str = ".") -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
+    if commit is None and os.environ.get("LMLIB_GIT_COMMIT"):  # a copied tree (cluster node, container)
+        return {"git_commit": os.environ["LMLIB_GIT_COMMIT"], "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
