@@ -107,3 +107,14 @@ def test_method_runs_follow_the_contract(pipeline: tuple[str, Path]) -> None:
         preds, metrics = read_run(folder)
         assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] >= 0, folder.name
         assert metrics["n_images"] == preds["image_id"].nunique()
+
+
+def test_same_seed_gives_byte_identical_predictions(pipeline: tuple[str, Path], tmp_path: Path) -> None:
+    """Determinism on the CPU: the dilation-erosion notebook run again with the same seed."""
+    dataset, root = pipeline
+    job = next(j for j in JOBS if j.method == "dilation_erosion")
+    if dataset not in job.datasets:
+        pytest.skip(f"{job.method} does not run on {dataset}")
+    again = run_job(job, dataset, profile="smoke", results_dir=tmp_path, device="cpu", seed=0)
+    first = (root / job.method / "predictions.csv").read_bytes()
+    assert (again / "predictions.csv").read_bytes() == first
