@@ -33,6 +33,7 @@ def _mre(predictions, test) -> float:
 
 CASES = {  # method -> (constructor keywords, epochs)
     "dilation_erosion": ({"max_epochs": 50}, 50),
+    "heatmap_unet": ({"sigma": 2.0, "foreground_weight": 10.0}, 150),
 }
 
 

@@ -81,3 +81,33 @@ def test_dilation_erosion_exact_masks_are_closer_than_rounded():
         coords, _ = m.decode(mask * 20 - 10, 349)
         errs[centre] = (coords - lm).norm(dim=-1).mean().item()
     assert errs["exact"] < errs["round"] < 0.5
+
+
+class _ImageAsMaps(torch.nn.Module):
+    """A 'network' that returns its input: channel k is the heatmap of landmark k."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+
+def _blobs(points: list[tuple[float, float]], size: tuple[int, int]) -> torch.Tensor:
+    from lmlib.methods.targets import gaussian_heatmaps
+
+    lm = torch.tensor([points], dtype=torch.float32)
+    return gaussian_heatmaps(lm, size, 2.0, torch.ones(1, len(points), dtype=torch.bool), 100.0)
+
+
+def test_test_time_flip_mirrors_back_and_swaps_pairs():
+    size = (48, 40)
+    image = _blobs([(10.3, 20.6), (30.0, 12.4)], size)  # (1, 2, 48, 40)
+    plain = build_method("heatmap_unet", spatial_dims=2, n_landmarks=2)
+    coords, _, _ = plain.predict_coords(_ImageAsMaps(), {"image": image}, epoch=0)
+    # without pairs the mirrored prediction maps back onto the same point: the mean is unchanged
+    flip = build_method("heatmap_unet", spatial_dims=2, n_landmarks=2, test_time_flip=True)
+    torch.testing.assert_close(flip.predict_coords(_ImageAsMaps(), {"image": image}, epoch=0)[0], coords,
+                               atol=1e-3, rtol=0)
+    # with (0, 1) declared a left/right pair, the mirrored channel 0 answers for landmark 1 and vice versa
+    paired = build_method("heatmap_unet", spatial_dims=2, n_landmarks=2, test_time_flip=True, flip_pairs=[(0, 1)])
+    mixed = paired.predict_coords(_ImageAsMaps(), {"image": image}, epoch=0)[0]
+    expected = 0.5 * (coords + coords[:, [1, 0]])
+    torch.testing.assert_close(mixed, expected, atol=1e-3, rtol=0)

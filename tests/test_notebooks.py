@@ -78,6 +78,8 @@ def test_method_values(pipeline: tuple[str, Path]) -> None:
         assert metrics["n_images"] == n_test, method
         assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < bound, (method, metrics["mre_mm"])
         assert metrics["train_seconds"] > 0 and metrics["peak_rss_mb"] > 0
+        params = _json(root / method / "manifest.json")["parameters"]  # effective: defaults + overrides
+        assert params["max_epochs"] == 2 and params["batch_size"] == 4 and params["output_dir"].endswith(method)
         for name in files:
             assert (root / method / name).exists(), f"{method}: {name} missing"
 

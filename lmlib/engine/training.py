@@ -75,7 +75,7 @@ class LandmarkModule(pl.LightningModule):
 
     Built from plain, JSON-safe arguments so that Lightning's ``load_from_checkpoint`` rebuilds it
     from the checkpoint alone: ``method`` / ``method_config`` (``build_method(method, **config)``),
-    ``landmark_names``, ``view`` / ``eval_view`` (:class:`ViewSpec` dicts), ``max_epochs`` (schedule
+    ``landmark_names`` (all of the dataset's; items say which they hold), ``view`` / ``eval_view`` (:class:`ViewSpec` dicts), ``max_epochs`` (schedule
     horizon) and ``data`` (dataset name, spacing policy: provenance checked at prediction).
     """
 
@@ -90,8 +90,9 @@ class LandmarkModule(pl.LightningModule):
         self.save_hyperparameters()
         self.method: LandmarkMethod = build_method(method, **method_config)
         self.net = self.method.build_network()
+        # the dataset's landmarks; a stage serving a subset or one landmark per item predicts fewer channels
         self.landmark_names = tuple(landmark_names)
-        if len(self.landmark_names) != self.method.n_landmarks:
+        if len(self.landmark_names) < self.method.n_landmarks:
             raise ValueError(f"{len(self.landmark_names)} landmark names for {self.method.n_landmarks} outputs")
         # the epoch whose target state decoding assumes; a buffer, so it is saved with the weights
         self.register_buffer("method_epoch", torch.zeros((), dtype=torch.long))
