@@ -31,3 +31,24 @@ def test_manifest_fields(tmp_path) -> None:
     assert data["seed"] == 3 and data["parameters"]["max_epochs"] == 2
     assert data["data_checksum"] == checksum_samples([_sample()])
     assert data["environment"]["torch"].startswith("2.")
+
+
+def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):
+    import subprocess
+
+    from lmlib.outputs.manifest import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text("{}")
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "results" / "metrics.json").write_text('{"mre_mm": 1}')
+    assert git_state(tmp_path / "pkg") == {"git_commit": git_state(tmp_path)["git_commit"], "git_dirty": False}
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path / "pkg")["git_dirty"] is True

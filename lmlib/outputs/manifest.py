@@ -36,7 +36,8 @@ def git_state(repo: Path | str = ".") -> dict[str, Any]:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # results/ holds the runs' own outputs: rewriting them does not make the code "dirty"
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     if commit is None and os.environ.get("LMLIB_GIT_COMMIT"):  # a copied tree (cluster node, container)
         return {"git_commit": os.environ["LMLIB_GIT_COMMIT"], "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
