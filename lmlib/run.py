@@ -8,7 +8,8 @@
 Each job writes ``results/<dataset>/<method>/`` holding the executed notebook beside its outputs.
 It runs in ``results/<dataset>/.tmp-<method>`` and is moved into place only on success, so a
 failed or interrupted run leaves nothing that looks complete (the partial notebook stays in the
-``.tmp-`` folder for debugging) and the exit status is non-zero.
+``.tmp-`` folder for debugging) and the exit status is non-zero. ``--resume`` keeps that folder and
+continues a notebook that declares ``resume`` from its ``checkpoints/last.ckpt``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmlib.data.datasets import SYNTHETIC, shared_data_dir
+from lmlib.data.datasets import SPECS, SYNTHETIC, shared_data_dir
 from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
@@ -70,6 +71,11 @@ JOBS: tuple[Job, ...] = (
 )
 
 
+def declared_datasets() -> list[str]:
+    """Every dataset name the driver accepts: the synthetic ones, then the registered specs."""
+    return [*SYNTHETIC, *sorted(SPECS)]
+
+
 def repo_root() -> Path:
     """The project folder: the working directory if it has notebooks/, else lmlib's parent."""
     cwd = Path.cwd()
@@ -102,8 +108,13 @@ def _portable(path: Path, root: Path) -> str:
 def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path | str = "results",
             data_dir: Path | str | None = None, device: str | None = None, seed: int | None = None,
             timeout_s: int | None = None, extra: dict[str, Any] | None = None,
-            root: Path | None = None) -> Path:
-    """Execute one job; return the final output folder. Raises on failure (nothing left in place)."""
+            root: Path | None = None, resume: bool = False) -> Path:
+    """Execute one job; return the final output folder. Raises on failure (nothing left in place).
+
+    ``resume``: for a notebook that declares a ``resume`` parameter, keep the scratch folder of an
+    interrupted run and pass ``resume=<scratch>/checkpoints/last.ckpt`` when that file exists (else, and
+    for other notebooks, the scratch folder is cleared and the job starts afresh).
+    """
     import papermill as pm
 
     root = root or repo_root()
@@ -130,8 +141,14 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     if "profile" in declared:  # the comparison compares runs of its own profile
         params.setdefault("profile", profile)
 
-    shutil.rmtree(root / tmp, ignore_errors=True)
-    (root / tmp).mkdir(parents=True)
+    resumable = resume and "resume" in declared
+    last = resume_checkpoint(root, tmp) if resumable else None
+    if last is not None:
+        params.setdefault("resume", str(last))
+        print(f"[lmlib.run] {dataset}/{job.method}: resuming from {last}", flush=True)
+    if not resumable:
+        shutil.rmtree(root / tmp, ignore_errors=True)
+    (root / tmp).mkdir(parents=True, exist_ok=True)
     for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
         os.environ.setdefault(key, value)
     start = time.time()
@@ -140,6 +157,16 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
                         progress_bar=False, report_mode=False)
     _finalise(root / tmp, root / final, params, job, profile, time.time() - start)
     return root / final
+
+
+def resume_checkpoint(root: Path, tmp: Path) -> Path | None:
+    """The checkpoint an interrupted run in ``root/tmp`` continues from: ``tmp/checkpoints/last.ckpt``, else
+    (a cascade, whose stages each resume from their own) the first ``tmp/<stage>/checkpoints/last.ckpt``;
+    None when there is none. Returned relative to ``root`` like ``tmp`` (the kernel runs in ``root``)."""
+    candidates = [tmp / "checkpoints" / "last.ckpt",
+                  *(p.relative_to(root) if not tmp.is_absolute() else p
+                    for p in sorted((root / tmp).glob("*/checkpoints/last.ckpt")))]
+    return next((c for c in candidates if (root / c).is_file()), None)
 
 
 def _retarget(value: Any, tmp: str, final: str) -> Any:
@@ -214,6 +241,19 @@ def select(jobs: Sequence[Job], datasets: Sequence[str], only: Sequence[str]) ->
     return chosen
 
 
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed job: the failing cell's exception for a notebook error (papermill's own
+    message starts with a line of dashes), else the exception's type and first line."""
+    import papermill as pm
+
+    if isinstance(exc, pm.PapermillExecutionError):
+        cell = f"cell [{exc.exec_count}]" if exc.exec_count is not None else f"cell #{exc.cell_index}"
+        lines = str(exc.evalue or "").strip().splitlines()
+        return f"in {cell}: {exc.ename}: {lines[0]}" if lines else f"in {cell}: {exc.ename}"
+    lines = str(exc).strip().splitlines()
+    return f"({type(exc).__name__}: {lines[0]})" if lines else f"({type(exc).__name__})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmlib.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,10 +266,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default: each notebook's default)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=int, help="seconds per notebook cell")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted jobs from their .tmp-<method>/checkpoints/last.ckpt "
+                             "(notebooks with a resume parameter)")
     parser.add_argument("--list", action="store_true", help="list the jobs and exit")
     args = parser.parse_args(argv)
 
+    unknown = [d for d in args.dataset if d not in declared_datasets()]
+    if unknown and not args.list:
+        print(f"[lmlib.run] unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+              f"declared: {', '.join(declared_datasets())}", file=sys.stderr)
+        return 2
+    names = {n for job in JOBS for n in (job.method, job.notebook, Path(job.notebook).stem)}
+    if unknown_only := [o for o in args.only if o not in names]:
+        print(f"[lmlib.run] --only: unknown {', '.join(map(repr, unknown_only))}; declared: "
+              f"{', '.join(job.method for job in JOBS)} (or a notebook name)", file=sys.stderr)
+        return 2
     pairs = select(JOBS, args.dataset, args.only)
+    if not pairs and not args.list:
+        print(f"[lmlib.run] no declared job runs on {', '.join(args.dataset)}"
+              f"{' for ' + ', '.join(args.only) if args.only else ''}; the jobs:", file=sys.stderr)
     if args.list or not pairs:
         for job in JOBS:
             print(f"{job.method:<14} notebooks/{job.notebook:<36} datasets: {', '.join(job.datasets)}")
@@ -241,16 +297,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         try:
             out = run_job(job, dataset, args.profile, args.results_dir, args.data_dir, args.device,
-                          args.seed, args.timeout)
+                          args.seed, args.timeout, resume=args.resume)
         except KeyboardInterrupt:
-            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset}/.tmp-{job.method}")
+            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset}/.tmp-{job.method} "
+                  f"(run again with --resume to continue it)")
             return 130
         except Exception as exc:  # noqa: BLE001 - report every failure, run the rest
             failed.append(label)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            print(f"[lmlib.run] {label}: FAILED ({type(exc).__name__}: {first_line})", flush=True)
+            print(f"[lmlib.run] {label}: FAILED {describe_failure(exc)}", flush=True)
             partial = Path(args.results_dir) / dataset / f".tmp-{job.method}"
-            if partial.exists():
+            if not partial.is_absolute() and Path.cwd().resolve() != repo_root().resolve():
+                partial = repo_root() / partial  # run_job resolves a relative results dir against the project
+            if (partial / job.notebook).is_file():
+                print(f"[lmlib.run] {label}: partial notebook: {partial / job.notebook}", flush=True)
+            elif partial.exists():
                 print(f"[lmlib.run] {label}: partial output kept in {partial}", flush=True)
             continue
         print(f"[lmlib.run] {label}: done in {time.time() - t0:.0f} s -> {out.relative_to(repo_root()) if out.is_relative_to(repo_root()) else out}", flush=True)

@@ -1,6 +1,7 @@
 """Run-time setup shared by every notebook: device choice, seeds, CPU speed settings, memory.
 
-- :func:`setup` resolves the ``device`` parameter ("auto", "cpu", "cuda", "cuda:1", "mps"), seeds
+- :func:`setup` resolves the ``device`` parameter ("auto", "cpu", "cuda", "cuda:1", "mps"; a device this
+  machine lacks is a one-line error from :func:`check_device`), seeds
   Python/NumPy/torch, and on CPU turns on flush-to-zero for denormals (which slowed CPU training
   here by up to 30x).
 - :data:`MALLOC_ENV` are glibc allocator settings that made large-tensor CPU training ~1.6x faster
@@ -29,18 +30,54 @@ REPORTED_PACKAGES: tuple[str, ...] = (
 )
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
+
+
+def _available_devices() -> str:
+    """The ``device`` values that work on this machine, for messages."""
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
+
+
+def check_device(device: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``device`` is a well-formed device that this machine has."""
+    text = str(device).strip()
+    try:
+        dev = None if text == "auto" else torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = False
+    if dev is False or (dev is not None and dev.type not in ("cpu", "cuda", "mps")):
+        raise ValueError(f"device={device!r}: not a device; allowed: {DEVICE_FORMS} (here: {_available_devices()})")
+    if dev is None or dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available (torch {torch.__version__}); "
+                             f"allowed here: {_available_devices()}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s); "
+                             f"allowed here: {_available_devices()}")
+    elif not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: MPS is not available (torch {torch.__version__}); "
+                         f"allowed here: {_available_devices()}")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """Map a ``device`` parameter to a torch device; 'auto' = CUDA if available, else MPS, else CPU."""
+    """Map a ``device`` parameter to a torch device; 'auto' = CUDA if available, else MPS, else CPU.
+    Raises a one-line ``ValueError`` (see :func:`check_device`) for a device this machine lacks."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} requested but CUDA is not available (torch {torch.__version__})")
-    return dev
+    check_device(device)
+    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -185,3 +185,112 @@ def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypa
     executed = nbformat.read(tmp_path / "results" / "synthetic2d" / "cmp" / "with_profile.ipynb", as_version=4)
     assert 'profile = "full"' in executed.cells[1].source
     assert 'output_dir = "results/synthetic2d/cmp"' in executed.cells[1].source
+
+
+def test_notebook_failure_names_the_exception_and_the_partial_notebook(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import papermill as pm
+
+    job = next(j for j in JOBS if j.method == "dilation_erosion")
+    partial = tmp_path / "synthetic2d" / ".tmp-dilation_erosion" / job.notebook
+
+    def fail(*args, **kwargs):
+        partial.parent.mkdir(parents=True)
+        partial.write_text("{}")
+        raise pm.PapermillExecutionError(3, 4, "result = run_method(...)", "ValueError",
+                                         "max_epochs=0: must be an integer >= 1", ["Traceback ...", "ValueError: ..."])
+
+    monkeypatch.setattr(run, "run_job", fail)
+    assert main(["--only", "dilation_erosion", "--dataset", "synthetic2d", "--results-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED in cell [4]: ValueError: max_epochs=0: must be an integer >= 1" in out
+    assert f"partial notebook: {partial}" in out
+    assert "-----" not in out
+
+
+def test_unknown_dataset_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: calls.append(a) or Path("x"))
+    for argv in (["--dataset", "nosuch"], ["--dataset", "synthetic2d", "nosuch"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unknown dataset" in err and "'nosuch'" in err
+        assert "synthetic2d" in err and "synthetic3d" in err and "hamedan-ceph" in err
+    assert calls == []
+
+
+def _resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A toy notebook that declares ``resume``, and papermill replaced by a fake recording its parameters."""
+    import papermill as pm
+
+    seen: list[dict] = []
+
+    def fake_execute(input_path: str, output_path: str, parameters: dict, **kwargs) -> None:
+        seen.append(dict(parameters))
+        out = Path(kwargs["cwd"]) / parameters["output_dir"]
+        _fake_executed(out, Path(output_path).name, parameters)
+        (out / "manifest.json").write_text(json.dumps({"parameters": dict(parameters)}))
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    _write_notebook(tmp_path, "toy.ipynb", BODY)
+    nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
+    nb.cells[0].source += '\nresume: str = ""'
+    nbformat.write(nb, tmp_path / "notebooks" / "toy.ipynb")
+    return seen
+
+
+def _interrupted(tmp_path: Path) -> Path:
+    tmp = tmp_path / "results" / "synthetic2d" / ".tmp-toy"
+    (tmp / "checkpoints").mkdir(parents=True)
+    (tmp / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (tmp / "from_before.txt").write_text("kept")
+    return tmp
+
+
+def test_resume_continues_an_interrupted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _resumable(tmp_path, monkeypatch)
+    _interrupted(tmp_path)
+    final = run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path, resume=True)
+    assert seen[-1]["resume"] == "results/synthetic2d/.tmp-toy/checkpoints/last.ckpt"
+    assert (final / "from_before.txt").read_text() == "kept" and (final / "checkpoints" / "last.ckpt").is_file()
+    manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["parameters"]["resume"] == "results/synthetic2d/toy/checkpoints/last.ckpt"
+
+
+def test_without_resume_an_interrupted_job_starts_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _resumable(tmp_path, monkeypatch)
+    _interrupted(tmp_path)
+    final = run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path)
+    assert "resume" not in seen[-1] and not (final / "from_before.txt").exists()
+    # --resume with nothing to resume from: an ordinary run
+    final = run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path, resume=True)
+    assert "resume" not in seen[-1]
+
+
+def test_main_passes_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[dict] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: seen.append(k) or tmp_path)
+    assert main(["--only", "exploration", "--dataset", "synthetic2d", "--resume"]) == 0
+    assert main(["--only", "exploration", "--dataset", "synthetic2d"]) == 0
+    assert [k.get("resume") for k in seen] == [True, False]
+
+
+def test_unknown_only_name_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: calls.append(a) or Path("x"))
+    assert main(["--dataset", "synthetic2d", "--only", "exploration", "nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "'nothing'" in err and "dilation_erosion" in err and calls == []
+    assert main(["--dataset", "afids-mni", "--only", "dilation_erosion"]) == 2  # declared names, no such job
+    assert "no declared job runs on afids-mni for dilation_erosion" in capsys.readouterr().err
+
+
+def test_resume_checkpoint_of_a_cascade(tmp_path: Path) -> None:
+    tmp = Path("results/synthetic2d/.tmp-toy")
+    assert run.resume_checkpoint(tmp_path, tmp) is None
+    (tmp_path / tmp / "coarse" / "checkpoints").mkdir(parents=True)
+    (tmp_path / tmp / "coarse" / "checkpoints" / "last.ckpt").write_bytes(b"w")
+    assert run.resume_checkpoint(tmp_path, tmp) == tmp / "coarse" / "checkpoints" / "last.ckpt"
+    (tmp_path / tmp / "checkpoints").mkdir()
+    (tmp_path / tmp / "checkpoints" / "last.ckpt").write_bytes(b"w")
+    assert run.resume_checkpoint(tmp_path, tmp) == tmp / "checkpoints" / "last.ckpt"

@@ -12,26 +12,30 @@ defaults plus papermill's overrides, as collected by :func:`notebook_parameters`
 
 Shared parameter names (every method notebook declares those it uses; see :data:`SHARED_PARAMETERS`);
 everything else must be one of the method's own parameters (``METHOD.parameters``), else a clear error.
+Before any work, :func:`validate_parameters` checks the shared values (e.g. ``max_epochs`` >= 1, ``device``
+available here) and :func:`check_output_dir` that the run folder can be written: one line each on failure.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import Dataset, load_dataset
+from lmlib.data.datasets import SPECS, SYNTHETIC, Dataset, load_dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
 from lmlib.engine.training import FitResult, Predictions, fit, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
-from lmlib.methods.base import LandmarkMethod, method_class
+from lmlib.methods.base import OPTIMIZERS, SCHEDULES, LandmarkMethod, method_class
 from lmlib.outputs.contract import predictions_frame, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
-from lmlib.runtime import peak_rss_mb, print_environment, setup
+from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 #: parameter name -> what it means (units); the engine consumes these, methods the rest
 SHARED_PARAMETERS: dict[str, str] = {
@@ -114,6 +118,108 @@ def check_parameters(method: type[LandmarkMethod], params: Mapping[str, Any]) ->
                          f"{method.name}: {sorted(method.parameters)})")
 
 
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is one (also 3.0 or "3"), else None (bools are not numbers here)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a number (also "3e-3"), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: (n := _as_int(v)) is not None and n >= low
+
+
+def _number_above(low: float, inclusive: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (x := _as_number(v)) is not None and (x >= low if inclusive else x > low)
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _grid(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(_int_at_least(1)(v) for v in value)
+
+
+#: parameter -> (accepts the value?, what is allowed); checked by :func:`validate_parameters` when present
+PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_epochs": (_int_at_least(1), "an integer >= 1"),
+    "batch_size": (_int_at_least(1), "an integer >= 1"),
+    "learning_rate": (_number_above(0.0), "a number > 0"),
+    "image_size": (lambda v: not v or _grid(v), "empty (the default grid) or 2 or 3 integers >= 1"),
+    "num_workers": (_int_at_least(0), "an integer >= 0"),
+    "max_train_images": (_int_at_least(0), "an integer >= 0 (0 = all)"),
+    "seed": (_int_at_least(0), "an integer >= 0"),
+    "weight_decay": (_number_above(0.0, inclusive=True), "a number >= 0"),
+    "warmup_epochs": (_int_at_least(0), "an integer >= 0"),
+    "overlay_every": (_int_at_least(1), "an integer >= 1 (epochs)"),
+    "gif_fps": (_number_above(0.0), "a number > 0"),
+    "lr_schedule": (_one_of(SCHEDULES), f"one of {', '.join(map(repr, SCHEDULES))}"),
+    "optimizer": (_one_of(OPTIMIZERS), f"one of {', '.join(map(repr, OPTIMIZERS))}"),
+}
+
+
+def _dataset_ndim(name: str) -> int:
+    """2 or 3 for a declared dataset (synthetic or a registered spec), without loading it."""
+    return 3 if name == "synthetic3d" else 2 if name == "synthetic2d" else SPECS[name].ndim
+
+
+def validate_parameters(params: Mapping[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` naming the first shared parameter whose value cannot work, the value and
+    what is allowed (:data:`PARAMETER_RULES`, the dataset name, ``image_size`` vs the dataset's dimension,
+    ``device`` vs this machine). Parameters that are absent keep their defaults and are not checked."""
+    if "dataset" in params:
+        known = [*SYNTHETIC, *sorted(SPECS)]
+        if params["dataset"] not in known:
+            raise ValueError(f"dataset={params['dataset']!r}: not a declared dataset; allowed: {', '.join(known)}")
+    for name, (accepts, allowed) in PARAMETER_RULES.items():
+        if name in params and not accepts(params[name]):
+            raise ValueError(f"{name}={params[name]!r}: must be {allowed}")
+    grid, dataset = params.get("image_size"), params.get("dataset")
+    if grid and dataset is not None and len(grid) != (ndim := _dataset_ndim(dataset)):
+        raise ValueError(f"image_size={list(grid)!r}: must be {ndim} integers >= 1 (or empty) because "
+                         f"{dataset} is {ndim}D")
+    if "device" in params:
+        check_device(str(params["device"]))
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` and write (then delete) a probe file in it; raise ``OSError`` naming the folder
+    when either fails, so an unwritable run folder is reported before any training."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"output_dir={str(folder)!r}: cannot create the folder ({exc.strerror or exc})") from exc
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output_dir={str(folder)!r}: cannot write into the folder ({exc.strerror or exc})") from exc
+    return folder
+
+
 def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
     """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs)."""
     optimizer = {k: params[p] for p, k in (("learning_rate", "lr"), ("lr_schedule", "schedule"),
@@ -143,6 +249,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     """Run ``method`` end to end with notebook parameters ``params`` (see the module docstring)."""
     cls = method_class(method)
     check_parameters(cls, params)
+    validate_parameters(params)  # before any work: one clear line per bad value
+    check_output_dir(params["output_dir"])
     started = utc_now()
     seed, output_dir = int(params.get("seed", 0)), Path(params["output_dir"])
     dev = setup(seed, str(params.get("device", "auto")))

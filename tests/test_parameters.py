@@ -1,0 +1,124 @@
+"""Notebook parameters are checked before any work: one clear line naming the parameter, value and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmlib.engine import runner
+from lmlib.engine.runner import run_method, validate_parameters
+from lmlib.runtime import check_device
+
+GOOD: dict[str, Any] = {"dataset": "synthetic2d", "output_dir": "out", "seed": 0, "device": "cpu", "max_epochs": 2,
+                        "batch_size": 4, "image_size": [64, 96], "learning_rate": 3e-3, "num_workers": 0,
+                        "max_train_images": 0, "overlay_every": 10, "gif_fps": 10.0, "lr_schedule": "cosine"}
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"max_epochs": 0}, r"max_epochs=0: .*integer >= 1"),
+    ({"max_epochs": -1}, r"max_epochs=-1: .*integer >= 1"),
+    ({"max_epochs": None}, r"max_epochs=None: .*integer >= 1"),
+    ({"max_epochs": 2.5}, r"max_epochs=2.5: .*integer >= 1"),
+    ({"max_epochs": True}, r"max_epochs=True: .*integer >= 1"),
+    ({"batch_size": 0}, r"batch_size=0: .*integer >= 1"),
+    ({"batch_size": -4}, r"batch_size=-4: .*integer >= 1"),
+    ({"learning_rate": 0.0}, r"learning_rate=0.0: .*number > 0"),
+    ({"learning_rate": -1e-3}, r"learning_rate=-0.001: .*number > 0"),
+    ({"learning_rate": float("nan")}, r"learning_rate=nan: .*number > 0"),
+    ({"learning_rate": "fast"}, r"learning_rate='fast': .*number > 0"),
+    ({"image_size": [64, 0]}, r"image_size=\[64, 0\]: .*integers >= 1"),
+    ({"image_size": [64, -8]}, r"image_size=\[64, -8\]: .*integers >= 1"),
+    ({"image_size": 64}, r"image_size=64: .*integers >= 1"),
+    ({"image_size": [64, 64, 64]}, r"image_size=\[64, 64, 64\]: .*2 integers >= 1 .*synthetic2d is 2D"),
+    ({"dataset": "synthetic3d", "image_size": [64, 64]}, r"image_size=\[64, 64\]: .*3 integers >= 1 .*synthetic3d is 3D"),
+    ({"num_workers": -1}, r"num_workers=-1: .*integer >= 0"),
+    ({"max_train_images": -2}, r"max_train_images=-2: .*integer >= 0"),
+    ({"overlay_every": 0}, r"overlay_every=0: .*integer >= 1"),
+    ({"gif_fps": 0}, r"gif_fps=0: .*number > 0"),
+    ({"weight_decay": -0.1}, r"weight_decay=-0.1: .*number >= 0"),
+    ({"warmup_epochs": -1}, r"warmup_epochs=-1: .*integer >= 0"),
+    ({"lr_schedule": "step"}, r"lr_schedule='step': .*'cosine', 'constant'"),
+    ({"optimizer": "sgd"}, r"optimizer='sgd': .*'adam', 'adamw'"),
+    ({"dataset": "nosuch"}, r"dataset='nosuch': .*synthetic2d.*hamedan-ceph"),
+    ({"device": "gpu"}, r"device='gpu': .*auto, cpu, cuda, cuda:N, mps"),
+]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend this machine has neither CUDA nor MPS (whatever it has)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[f"{next(iter(c))}={c[next(iter(c))]!r}" for c, _ in BAD])
+def test_bad_parameter_is_one_clear_line(change: dict[str, Any], message: str, no_gpu: None) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        validate_parameters({**GOOD, **change})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("change", [{}, {"image_size": []}, {"image_size": None}, {"max_epochs": 1, "batch_size": 1},
+                                    {"learning_rate": "3e-3"}, {"max_epochs": 3.0}, {"device": "auto"},
+                                    {"dataset": "hamedan-ceph", "image_size": [256, 320]}])
+def test_good_parameters_pass(change: dict[str, Any], no_gpu: None) -> None:
+    validate_parameters({**GOOD, **change})
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda", r"device='cuda': CUDA is not available .*allowed here: auto, cpu"),
+    ("cuda:1", r"device='cuda:1': CUDA is not available"),
+    ("mps", r"device='mps': MPS is not available"),
+    ("tpu", r"device='tpu': .*auto, cpu, cuda, cuda:N, mps"),
+])
+def test_unavailable_device(device: str, message: str, no_gpu: None) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_device(device)
+
+
+def test_cuda_index_beyond_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1': .*1 CUDA device.*cuda:0"):
+        check_device("cuda:1")
+    check_device("cuda:0")
+    check_device("cuda")
+
+
+@pytest.fixture
+def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading data means the checks came too late."""
+    def load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("data loaded before the parameters were checked")
+
+    monkeypatch.setattr(runner, "load_dataset", load)
+
+
+def test_run_method_checks_before_loading_data(tmp_path: Path, no_data: None, no_gpu: None) -> None:
+    base = {"dataset": "synthetic2d", "output_dir": str(tmp_path / "run"), "device": "cpu"}
+    with pytest.raises(ValueError, match=r"max_epochs=0"):
+        run_method("heatmap_unet", {**base, "max_epochs": 0})
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available"):
+        run_method("dilation_erosion", {**base, "device": "cuda"})
+
+
+def test_unwritable_output_dir_is_reported_before_training(tmp_path: Path, no_data: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    folder = blocker / "run"
+    with pytest.raises(OSError, match=rf"output_dir='{folder}': cannot create the folder"):
+        run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(folder), "device": "cpu"})
+    # a folder that exists but refuses files (chmod does not stop root, so the probe write is refused here)
+    real_write = Path.write_bytes
+
+    def refuse(self: Path, data: bytes) -> int:
+        if self.parent == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(OSError, match=rf"output_dir='{tmp_path / 'ro'}': cannot write into the folder"):
+        run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(tmp_path / "ro"), "device": "cpu"})
