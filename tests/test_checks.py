@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmlib.data.checks import (REPORT_COLUMNS, Issue, check_inside, check_size, check_spacing, make_report,
-                          resolve_landmarks, summarize_report)
+from lmlib.data.checks import (MASKING_ISSUES, OUTSIDE_TOLERANCE_PX, REPORT_COLUMNS, Issue, check_inside, check_size,
+                               check_spacing, make_report, mask_image, masked_by, masked_counts, resolve_landmarks,
+                               summarize_report)
 from lmlib.data.readers import RawAnnotation
 
 
@@ -53,9 +54,15 @@ def test_resolve_without_warnings_and_dimension_errors() -> None:
 
 
 def test_inside_size_spacing() -> None:
-    idx = np.array([[-0.5, 0.0], [39.5, 29.5], [39.6, 3.0], [np.nan, np.nan], [2.0, -1.0]])
-    out = check_inside("i", idx, (40, 30), ["a", "b", "c", "d", "e"], "A", "f.json")
-    assert [(o.landmark, o.issue) for o in out] == [("c", "outside"), ("e", "outside")]
+    # pixel edges at index -0.5 and size - 0.5; tolerated up to 0.5 px beyond: index in [-1, size]
+    assert OUTSIDE_TOLERANCE_PX == 0.5
+    idx = np.array([[-1.0, 0.0], [40.0, 30.0], [40.1, 3.0], [np.nan, np.nan], [2.0, -1.01], [np.inf, 0.0],
+                    [1e6, 5.0]])
+    out = check_inside("i", idx, (40, 30), ["a", "b", "c", "d", "e", "f", "g"], "A", "f.json")
+    assert [(o.landmark, o.issue) for o in out] == [("c", "outside"), ("e", "outside"), ("g", "outside")]
+    assert "outside" in MASKING_ISSUES and "(40.10, 3.00)" in out[0].detail and "(40, 30)" in out[0].detail
+    np.testing.assert_array_equal(masked_by(out, ["a", "c", "e", "g"]), [False, True, True, True])
+    assert [o.landmark for o in check_inside("i", idx, (40, 30), list("abcdefg"), tolerance=0.0)] == list("abceg")
     ann = _ann()
     assert check_size(ann, (40, 30)) == []
     (mismatch,) = check_size(ann, (41, 30), "A")
@@ -64,6 +71,45 @@ def test_inside_size_spacing() -> None:
     assert check_spacing("i", "img.mha", spacing_given=False) == []
     (ns,) = check_spacing("i", "img.PNG", spacing_given=False)
     assert ns.issue == "no_spacing" and ns.file == "img.PNG"
+
+
+def test_non_finite_points_are_masked_with_one_row_each() -> None:
+    ann = RawAnnotation("003", source=Path("/data/a1/003.json"))
+    ann.add("l1", [np.nan, 2.0])  # a null coordinate
+    ann.add("l2", [np.inf, 2.0])
+    ann.add("l3", [1.0, 2.0])
+    ann.add("l4", [np.nan, np.nan])
+    ann.add("l4", [1.0, 1.0])  # NaN next to a number: still masked, one row
+    with pytest.warns(UserWarning) as rec:
+        pts, valid, issues = resolve_landmarks(ann, ["l1", "l2", "l3", "l4"], annotator="A")
+    assert valid.tolist() == [False, False, True, False] and np.isnan(pts[[0, 1, 3]]).all()
+    assert [(i.landmark, i.issue) for i in issues] == [("l1", "non_finite"), ("l2", "non_finite"), ("l4", "non_finite")]
+    assert "(nan, 2.00)" in issues[0].detail and "(inf, 2.00)" in issues[1].detail
+    assert len(rec) == 3 and all("/data/a1/003.json" in str(w.message) and "masked" in str(w.message) for w in rec)
+
+
+def test_shapes_that_are_not_points_are_reported() -> None:
+    ann = RawAnnotation("004", source=Path("/data/a1/004.json"))
+    ann.add("l1", [1.0, 2.0])
+    ann.other_shapes = {"l1": ["shape 1: rectangle"], "l2": ["shape 2: polygon", "shape 3: line"],
+                        "jaw": ["shape 4: polygon"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pts, valid, issues = resolve_landmarks(ann, ["l1", "l2"], annotator="A")
+    assert valid.tolist() == [True, False]
+    got = [(i.landmark, i.issue) for i in issues]
+    assert got == [("l1", "shape_ignored"), ("l2", "not_a_point"), ("jaw", "shape_ignored")]
+    assert "polygon" in issues[1].detail and "line" in issues[1].detail and "not_a_point" in MASKING_ISSUES
+    assert "shape_ignored" not in MASKING_ISSUES
+
+
+def test_image_level_masking_gives_one_row_per_landmark() -> None:
+    rows = mask_image("9", ["l1", "l2", "l3"], "duplicate_image", "2 records (line 2, line 5)", "a.csv", "A")
+    assert [(r.landmark, r.issue) for r in rows] == [("l1", "duplicate_image"), ("l2", "duplicate_image"),
+                                                     ("l3", "duplicate_image")]
+    assert masked_by(rows, ["l1", "l2", "l3"]).all()
+    with pytest.raises(ValueError, match="image-level"):
+        mask_image("9", ["l1"], "missing", "", "f")
 
 
 def test_report_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,6 +122,9 @@ def test_report_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     assert text in printed and "2 issues in 2 images" in text and "a: duplicate: 1" in text
     assert "[b] 2 l1: missing" in text
+    assert "masked landmarks: a: 1, b: 1" in text and masked_counts(report) == {"a": 1, "b": 1}
+    unmasked = make_report([Issue("2", "b", "l1", "repeated", "", "f2"), Issue("2", "b", "", "no_spacing", "", "f2")])
+    assert "masked landmarks: none" in summarize_report(unmasked, print_it=False)
     empty = make_report([])
     assert empty.empty and tuple(empty.columns) == REPORT_COLUMNS
     assert summarize_report(empty, print_it=False) == "annotation checks: no issues"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.data.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, DatasetSpec, get_spec, load_dataset,
-                            load_from_spec, paired_landmarks, shared_data_dir)
+from lmlib.data.checks import MASKING_ISSUES, masked_counts
+from lmlib.data.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, Dataset, DatasetSpec, get_spec, load_dataset,
+                                 load_from_spec, paired_landmarks, shared_data_dir)
 from lmlib.evaluation.metrics import radial_errors, summarize
 
 SHARED = shared_data_dir()
@@ -19,11 +20,23 @@ realdata = pytest.mark.skipif(not (SHARED / "hamedan-ceph").is_dir() or not (SHA
 LABELS = [f"l{k}" for k in range(1, 20)]
 
 
-def _labelme(path: Path, shapes: list[tuple[str, list[float]]], size: tuple[int, int] = (40, 30)) -> None:
+def _labelme(path: Path, shapes: list[tuple[str, list[float | None]]], size: tuple[int, int] = (40, 30),
+             extra: tuple[dict, ...] = ()) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"version": "5.0.1", "imageWidth": size[0], "imageHeight": size[1], "imageData": None,
                                 "shapes": [{"label": lab, "points": [xy], "shape_type": "point"}
-                                           for lab, xy in shapes]}))
+                                           for lab, xy in shapes] + list(extra)}))
+
+
+def _assert_every_masked_landmark_has_one_row(ds: Dataset) -> dict[str, int]:
+    """Per annotator of ``ds``: masked landmarks == masking report rows, and they name the same ones."""
+    rows = ds.report[(ds.report["annotator"] == ds.annotator) & ds.report["issue"].isin(MASKING_ISSUES)]
+    labels = ds.samples[0].meta["landmark_labels"]
+    masked = sorted((s.image_id, labels[k]) for s in ds for k in np.flatnonzero(~s.valid))
+    assert sorted(zip(rows["image_id"], rows["landmark"])) == masked
+    assert masked_counts(ds.report).get(ds.annotator, 0) == len(masked)
+    assert f"{ds.annotator}: {len(masked)}" in ds.summary(print_it=False).splitlines()[1]
+    return {"masked": len(masked), "rows": len(rows)}
 
 
 def _points(k0: float) -> list[tuple[str, list[float]]]:
@@ -58,8 +71,8 @@ def test_hamedan_spec_on_a_small_copy(mini_hamedan: Path) -> None:
     assert not any("123" in m for m in msgs)  # annotator2's exclusion is reported, not warned, for annotator1
     assert ds.annotator == "annotator1" and len(ds) == 4 and ds.landmark_names == CEPH_ISBI_NAMES
     got = set(ds.report[["annotator", "image_id", "landmark", "issue"]].itertuples(index=False, name=None))
-    assert got == {("annotator1", "002", "l11", "duplicate"), ("annotator1", "001", "l16", "missing"),
-                   ("annotator2", "123", "", "excluded")}
+    assert got == {("annotator1", "002", "l11", "duplicate"), ("annotator1", "001", "l16", "missing")} | {
+        ("annotator2", "123", lab, "excluded") for lab in LABELS}  # one row per masked landmark
     s = ds["002"]
     assert s.meta["split"] == "val" and s.meta["annotation_file"].endswith("002.json")
     assert s.meta["landmark_labels"] == tuple(LABELS) and s.size == (40, 50) and s.image[0, 0] == 2
@@ -77,6 +90,7 @@ def test_second_annotator_exclusion_and_header_only(mini_hamedan: Path) -> None:
     with pytest.warns(UserWarning, match=r"123\.json: all landmarks of image 123 masked"):
         a2 = load_dataset("hamedan-ceph", data_dir=mini_hamedan, annotator="annotator2", load_images=False)
     assert not a2["123"].valid.any() and a2["122"].valid.all()
+    assert _assert_every_masked_landmark_has_one_row(a2) == {"masked": 19, "rows": 19}
     assert a2["001"].size == (40, 50) and a2["001"].meta["image_loaded"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,15 +124,82 @@ def test_custom_spec_reports_size_outside_spacing_and_orphans(tmp_path: Path) ->
     spec = DatasetSpec("toy", 2, "img/*.png", "labelme", {"me": "ann/{image_id}.json"}, ("p", "q"), ("P", "Q"),
                        lr_pairs=(("P", "Q"),))
     assert spec.pair_indices() == [(0, 1)]
-    with pytest.warns(UserWarning, match="no annotation"):
+    with pytest.warns(UserWarning) as rec:
         ds = load_from_spec(spec, tmp_path)
+    messages = [str(w.message) for w in rec]
+    assert any("a.json: landmark 'p' outside" in m for m in messages) and any("no annotation" in m for m in messages)
     issues = sorted(ds.report[["image_id", "landmark", "issue"]].itertuples(index=False, name=None))
     assert issues == [("a", "", "no_spacing"), ("a", "", "size_mismatch"), ("a", "p", "outside"),
-                      ("b", "", "no_annotation"), ("b", "", "no_spacing"), ("c", "", "no_image")]
-    assert ds["a"].valid.all() and not ds["b"].valid.any()  # outside points are kept and reported
+                      ("b", "", "no_spacing"), ("b", "p", "no_annotation"), ("b", "q", "no_annotation"),
+                      ("c", "", "no_image")]
+    assert ds["a"].valid.tolist() == [False, True] and not ds["b"].valid.any()  # outside: masked and reported
+    assert np.isnan(ds["a"].landmarks_mm[0]).all()
     assert ds["a"].geometry.spacing.tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="unknown landmarks"):
         DatasetSpec("bad", 2, "*", "labelme", {}, ("p",), ("P",), lr_pairs=(("P", "X"),))
+    with pytest.raises(ValueError, match=r"bad: spacing_mm \(0\.1, -0\.1\) must be 2 positive numbers"):
+        DatasetSpec("bad", 2, "*", "labelme", {}, ("p",), ("P",), spacing_mm=(0.1, -0.1))
+    with pytest.raises(ValueError, match=r"bad: landmark labels \['p'\] are given more than once"):
+        DatasetSpec("bad", 2, "*", "labelme", {}, ("p", "p"), ("P", "Q"))
+
+
+def test_every_masked_landmark_has_exactly_one_report_row(mini_hamedan: Path) -> None:
+    """Null, infinite, far-outside, polygon-only and missing points, per annotator, on the small copy."""
+    a1 = _points(1.5)
+    a1[2] = ("l3", [None, 4.0])
+    a1[3] = ("l4", [float("inf"), 4.0])
+    a1[4] = ("l5", [400.0, 4.0])
+    a1[6] = ("l7", [40.4, 50.4])  # 0.4 px beyond the corner: within the tolerance, kept
+    del a1[5]  # l6: a polygon only
+    _labelme(mini_hamedan / "annotations" / "annotator1" / "122.json", a1, size=(40, 50),
+             extra=({"label": "l6", "points": [[1, 1], [3, 3], [1, 3]], "shape_type": "polygon"},))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds1 = load_dataset("hamedan-ceph", data_dir=mini_hamedan, load_images=False)
+        ds2 = load_dataset("hamedan-ceph", data_dir=mini_hamedan, annotator="annotator2", load_images=False)
+    got = {(r.landmark, r.issue) for r in ds1.report.itertuples() if r.image_id == "122"}
+    assert got == {("l3", "non_finite"), ("l4", "non_finite"), ("l5", "outside"), ("l6", "not_a_point")}
+    assert ds1["122"].valid.sum() == 15 and ds1["122"].valid[6]
+    assert _assert_every_masked_landmark_has_one_row(ds1) == {"masked": 6, "rows": 6}  # + 001 l16, 002 l11
+    assert _assert_every_masked_landmark_has_one_row(ds2) == {"masked": 19, "rows": 19}  # 123 excluded
+    text = ds1.summary(print_it=False)
+    assert "masked landmarks: annotator1: 6, annotator2: 19" in text
+    assert "annotator1: non_finite: 2 (masked)" in text and "annotator1: outside: 1 (masked)" in text
+
+
+def _wide_csv(tmp_path: Path, rows: list[str]) -> DatasetSpec:
+    (tmp_path / "img").mkdir(parents=True, exist_ok=True)
+    for i in ("a", "b", "c"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40), np.uint8)), str(tmp_path / "img" / f"{i}.png"))
+    (tmp_path / "lm.csv").write_text("image_name,image_width,image_height,n_landmarks,landmark_1_x,landmark_1_y,"
+                                     "landmark_2_x,landmark_2_y\n" + "".join(r + "\n" for r in rows))
+    return DatasetSpec("wide", 2, "img/*.png", "landmark_csv", {"me": "lm.csv"}, ("landmark_1", "landmark_2"),
+                       ("P", "Q"), spacing_mm=(0.2, 0.2))
+
+
+def test_one_file_csv_duplicate_and_missing_rows_are_masked_and_reported(tmp_path: Path) -> None:
+    spec = _wide_csv(tmp_path, ["a.png,40,30,2,1,2,3,4", "b.png,40,30,2,5,6,7,8", "a.png,40,30,2,1,2,3,5"])
+    with pytest.warns(UserWarning) as rec:
+        ds = load_from_spec(spec, tmp_path)
+    messages = [str(w.message) for w in rec]
+    assert any("lm.csv: all landmarks of image a masked (2, duplicate_image)" in m for m in messages)
+    assert any("lm.csv: all landmarks of image c masked (2, no_annotation)" in m for m in messages)
+    rows = sorted(ds.report[["image_id", "landmark", "issue"]].itertuples(index=False, name=None))
+    assert rows == [("a", "landmark_1", "duplicate_image"), ("a", "landmark_2", "duplicate_image"),
+                    ("c", "landmark_1", "no_annotation"), ("c", "landmark_2", "no_annotation")]
+    assert "line 2, line 4" in ds.report["detail"][0] and ds.report["file"][0].endswith("lm.csv")
+    assert not ds["a"].valid.any() and ds["b"].valid.all() and not ds["c"].valid.any()
+    np.testing.assert_allclose(ds["b"].landmarks_mm, [[1.0, 1.2], [1.4, 1.6]])
+    assert _assert_every_masked_landmark_has_one_row(ds) == {"masked": 4, "rows": 4}
+
+
+def test_header_only_csv_masks_and_reports_every_image(tmp_path: Path) -> None:
+    spec = _wide_csv(tmp_path / "h", [])
+    with pytest.warns(UserWarning, match="no records at all"):
+        ds = load_from_spec(spec, tmp_path / "h")
+    assert len(ds.report) == 6 and set(ds.report["issue"]) == {"no_annotation"}
+    assert not any(s.valid.any() for s in ds)
+    assert "masked landmarks: me: 6" in ds.summary(print_it=False)
 
 
 def test_isbi_layout_takes_spacing_from_the_format(tmp_path: Path) -> None:
@@ -181,6 +262,7 @@ KNOWN_DEFECTS = {("annotator1", i, lab, "duplicate") for i, lab in
                   ("109", "l14"), ("137", "l16"), ("140", "l1")]} | {
     ("annotator2", "002", "l17", "duplicate"), ("annotator2", "002", "l18", "missing"),
     ("annotator1", "086", "l16", "missing")}
+EXCLUDED_123 = {("annotator2", "123", lab, "excluded") for lab in LABELS}  # one row per masked landmark
 
 
 @pytest.mark.realdata
@@ -192,9 +274,10 @@ def test_hamedan_report_and_interobserver_figures() -> None:
         warnings.simplefilter("ignore")
         a2 = load_dataset("hamedan-ceph", data_dir=SHARED / "hamedan-ceph", annotator="annotator2", load_images=False)
     rows = set(a1.report[["annotator", "image_id", "landmark", "issue"]].itertuples(index=False, name=None))
-    assert rows - {("annotator2", "123", "", "excluded")} == KNOWN_DEFECTS
-    assert ("annotator2", "123", "", "excluded") in rows and len(a1.report) == len(KNOWN_DEFECTS) + 1
+    assert rows == KNOWN_DEFECTS | EXCLUDED_123 and len(a1.report) == len(KNOWN_DEFECTS) + 19
     assert a2.report.equals(a1.report) and not a2["123"].valid.any()
+    assert _assert_every_masked_landmark_has_one_row(a1) == {"masked": 10, "rows": 10}
+    assert _assert_every_masked_landmark_has_one_row(a2) == {"masked": 21, "rows": 21}
     assert len(a1) == 150 and [len(a1.split(k)) for k in ("train", "val", "test")] == [100, 20, 30]
     assert all(s.size == (1340, 1671) for s in a1)
     ref, other, _ = paired_landmarks(a1, a2)

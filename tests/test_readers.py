@@ -23,6 +23,12 @@ def _labelme(path: Path, shapes: list[tuple[str, list[float]]], width: int = 40,
     return path
 
 
+FCSV_ROWS = ("vtkMRMLMarkupsFiducialNode_1,-0.2,2.7,-4.9,0,0,0,1,1,1,0,1,AC,vtkMRMLScalarVolumeNode1\n"
+             "vtkMRMLMarkupsFiducialNode_2,13.3,-25.9,-9.7,0,0,0,1,1,1,0,6,R superior LMS,vtkMRMLScalarVolumeNode1\n")
+FCSV_HEAD = ("# Markups fiducial file version = 4.6\n# CoordinateSystem = {cs}\n"
+             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+
+
 # ----------------------------------------------------------------------------- labelme
 def test_labelme_points_duplicates_and_corner_convention(tmp_path: Path) -> None:
     poly = {"label": "jaw", "points": [[1, 1], [2, 2], [3, 1]], "shape_type": "polygon"}
@@ -37,7 +43,7 @@ def test_labelme_points_duplicates_and_corner_convention(tmp_path: Path) -> None
     np.testing.assert_allclose(ann.points["l2"][0], [-0.5, -0.5])
     assert ann.image_size == (40, 30)
     assert ann.image_path == (tmp_path / "../images/img.png").resolve()
-    assert ann.meta["ignored_shapes"] == ["jaw:polygon"]
+    assert ann.other_shapes == {"jaw": ["shape 3: polygon"]}  # reported by the checks, never a point
     raw = read_labelme(path, corner_origin=False)
     np.testing.assert_allclose(raw.points["l1"][0], [10.5, 20.5])
 
@@ -53,6 +59,41 @@ def test_labelme_errors_name_the_file(tmp_path: Path) -> None:
         read_labelme(other)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         read_labelme(tmp_path / "missing.json")
+
+
+def test_labelme_keeps_null_and_infinite_coordinates_and_other_shapes_for_the_checks(tmp_path: Path) -> None:
+    path = _labelme(tmp_path / "n.json", [("l1", [None, 3.0]), ("l2", [float("inf"), 1.0])],
+                    extra=[{"label": "l3", "points": [[1, 1], [5, 5]], "shape_type": "rectangle"},
+                           {"label": "l3", "points": [[1, 1], [5, 5]], "shape_type": "line"}])
+    ann = read_labelme(path)
+    assert np.isnan(ann.points["l1"][0][0]) and np.isinf(ann.points["l2"][0][0])
+    assert ann.other_shapes == {"l3": ["shape 2: rectangle", "shape 3: line"]} and "l3" not in ann.points
+
+
+def _shape(label: object, points: object, kind: str = "point") -> dict:
+    return {"label": label, "points": points, "shape_type": kind}
+
+
+@pytest.mark.parametrize("shape, message", [
+    (_shape("l2", [["12a", 3]]), r"shape 1 \('l2'\): x: '12a' is not a number"),
+    (_shape("l2", [[1, True]]), r"shape 1 \('l2'\): y: True is not a number"),
+    (_shape("l2", [[1.0], [2.0, 3.0]]), r"shape 1 \('l2'\): a point needs exactly one \(x, y\)"),
+    (_shape("l2", [[1.0, 2.0, 3.0]]), r"shape 1 \('l2'\): a point needs exactly one \(x, y\)"),
+    (_shape("l2", []), r"shape 1 \('l2'\): a point needs exactly one \(x, y\)"),
+    (_shape(None, [[1, 2]]), r"shape 1: point shape with no label"),
+    (_shape("", [[1, 2]], "polygon"), r"shape 1 \(''\): polygon shape with no label"),
+    ("not a shape", r"shape 1: not a JSON object"),
+])
+def test_labelme_errors_name_file_shape_and_problem(tmp_path: Path, shape: object, message: str) -> None:
+    path = _labelme(tmp_path / "s.json", [("l1", [1.0, 2.0])], extra=[shape])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=message) as info:
+        read_labelme(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_labelme_bad_image_size_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"w\.json: imageHeight: -3 is not a positive integer"):
+        read_labelme(_labelme(tmp_path / "w.json", [("l1", [1.0, 2.0])], height=-3))
 
 
 # ----------------------------------------------------------------------------- CSV layouts
@@ -95,7 +136,7 @@ def test_points_csv_with_mha_spacing(tmp_path: Path) -> None:
     size, spacing, origin, direction = read_image_info(tmp_path / "3001.mha")
     assert size == (20, 30)
     np.testing.assert_allclose(spacing, [0.2, 0.25])
-    with pytest.raises(ValueError, match=r"odd\.csv: row 1: odd number"):
+    with pytest.raises(ValueError, match=r"odd\.csv: line 1: odd number"):
         read_points_csv(_write(tmp_path / "odd.csv", "1,2,3,4\n"))
 
 
@@ -112,6 +153,48 @@ def test_long_csv_index_and_world(tmp_path: Path) -> None:
         read_long_csv(_write(tmp_path / "x.csv", "img,lm,x,y\n"))
     with pytest.raises(ValueError, match="units"):
         read_long_csv(p2, units="mm")  # type: ignore[arg-type]
+
+
+WIDE = "image_name,image_width,image_height,n_landmarks,landmark_1_x,landmark_1_y\n"
+
+
+@pytest.mark.parametrize("reader, text, message", [
+    (read_landmark_csv, WIDE + "a.png,40,30,1,1,2\nb.png,40\n", r"line 3: 2 cells, expected at least 4"),
+    (read_landmark_csv, WIDE + "\na.png,40,30,1,abc,2\n", r"line 3: landmark_1_x: 'abc' is not a number"),
+    (read_landmark_csv, WIDE + "a.png,40,30,one,1,2\n", r"line 2: n_landmarks: 'one' is not a non-negative integer"),
+    (read_landmark_csv, WIDE + "a.png,40.5,30,1,1,2\n", r"line 2: image_width: '40.5' is not a positive integer"),
+    (read_landmark_csv, WIDE + "a.png,40,0,1,1,2\n", r"line 2: image_height: '0' is not a positive integer"),
+    (read_landmark_csv, WIDE + "a.png,40,30,1,1,2,3,4\n", r"line 2: n_landmarks=1 but values beyond landmark_1_y"),
+    (read_points_csv, "id,x1,y1\n7,1,2\n8,x,2\n", r"line 3: point 1 \('1'\) x: 'x' is not a number"),
+    (read_points_csv, "7,1,two\n", r"line 1: point 1 \('1'\) y: 'two' is not a number"),
+    (read_long_csv, "image,landmark,x,y\n\nA,s,1\n", r"line 3: 3 values, expected 4 \(image,landmark,x,y\)"),
+    (read_long_csv, "image,landmark,x,y\nA,s,1,why\n", r"line 2: y: 'why' is not a number"),
+    (read_long_csv, "image,landmark,x,y\n,s,1,2\n", r"line 2: empty image or landmark name"),
+    (read_isbi_txt, "1,2\n\n3,x\n" + "1,2\n" * 17, r"line 3: 'x' is not a number"),
+    (read_isbi_txt, "1,2\n3\n" + "1,2\n" * 17, r"line 2: expected 'x,y', got '3'"),
+    (read_slicer_fcsv, FCSV_HEAD.format(cs="LPS") + "n1,1,2\n", r"line 4: 3 values, expected 14"),
+    (read_slicer_fcsv, FCSV_HEAD.format(cs="LPS") + FCSV_ROWS.replace("-25.9", "far"),
+     r"line 5: y: 'far' is not a number"),
+])
+def test_csv_errors_name_file_line_and_problem(tmp_path: Path, reader: object, text: str, message: str) -> None:
+    path = _write(tmp_path / "bad.fcsv" if reader is read_slicer_fcsv else tmp_path / "bad.csv", text)
+    with pytest.raises(ValueError, match=message) as info:
+        reader(path)  # type: ignore[operator]
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_csv_readers_keep_infinite_values_and_record_lines(tmp_path: Path) -> None:
+    (a, b, a2) = read_landmark_csv(_write(tmp_path / "w.csv", WIDE + "a.png,40,30,1,inf,2\n\nb.png,4,3,1,,\n"
+                                                                     "a.png,40,30,1,1,2\n"))
+    assert np.isinf(a.points["landmark_1"][0][0]) and b.labels == [] and a2.image_id == "a"
+    assert [a.meta["line"], b.meta["line"], a2.meta["line"]] == [2, 4, 5]
+    (p,) = read_points_csv(_write(tmp_path / "p.csv", "\n9,-inf,1\n"))
+    assert p.meta["line"] == 2 and np.isneginf(p.points["1"][0][0])
+    (q,) = read_long_csv(_write(tmp_path / "l.csv", "image,landmark,x,y\nA,s,nan,NaN\nA,t,inf,0\nA,u,1,\n"))
+    assert q.labels == ["t", "u"]  # an all-nan row = not given (reported as missing by the checks)
+    assert np.isnan(q.points["u"][0][1])  # half given: NaN there (reported as non-finite by the checks)
+    (h,) = read_landmark_csv(_write(tmp_path / "h.csv", WIDE + "a.png,40,30,1,,7\n"))
+    assert np.isnan(h.points["landmark_1"][0][0]) and h.points["landmark_1"][0][1] == 7.0
 
 
 # ----------------------------------------------------------------------------- ISBI 2015
@@ -134,10 +217,6 @@ def test_isbi_txt_and_layout(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- Slicer markups
-FCSV_ROWS = ("vtkMRMLMarkupsFiducialNode_1,-0.2,2.7,-4.9,0,0,0,1,1,1,0,1,AC,vtkMRMLScalarVolumeNode1\n"
-             "vtkMRMLMarkupsFiducialNode_2,13.3,-25.9,-9.7,0,0,0,1,1,1,0,6,R superior LMS,vtkMRMLScalarVolumeNode1\n")
-FCSV_HEAD = ("# Markups fiducial file version = 4.6\n# CoordinateSystem = {cs}\n"
-             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
 
 
 @pytest.mark.parametrize("cs, sign", [("0", -1.0), ("RAS", -1.0), ("1", 1.0), ("LPS", 1.0)])
@@ -175,6 +254,15 @@ def test_mrk_json(tmp_path: Path) -> None:
     np.testing.assert_allclose(read_slicer_markups(lps).points["AC"][1], [4.0, 5.0, 6.0])
     with pytest.raises(ValueError, match=r"c\.mrk\.json: invalid JSON"):
         read_slicer_json(_write(tmp_path / "c.mrk.json", "[1,"))
+    bad = doc("LPS")
+    bad["markups"][0]["controlPoints"][2]["position"] = [4.0, "five", 6.0]
+    with pytest.raises(ValueError, match=r"d\.mrk\.json: control point 2 \('AC'\): position: y: 'five' is not a"):
+        read_slicer_json(_write(tmp_path / "d.mrk.json", json.dumps(bad)))
+    bad["markups"][0]["controlPoints"][2]["position"] = [4.0, 5.0]
+    with pytest.raises(ValueError, match=r"e\.mrk\.json: control point 2 \('AC'\): position: \[4.0, 5.0\] is not"):
+        read_slicer_json(_write(tmp_path / "e.mrk.json", json.dumps(bad)))
+    bad["markups"][0]["controlPoints"][2]["position"] = [4.0, None, 6.0]
+    assert np.isnan(read_slicer_json(_write(tmp_path / "f.mrk.json", json.dumps(bad))).points["AC"][1][1])
 
 
 # ----------------------------------------------------------------------------- images
@@ -249,3 +337,23 @@ def test_read_image_errors_name_the_file(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="no DICOM series"):
         read_image(empty)
+
+
+@pytest.mark.parametrize("spacing, message", [
+    ("0.5 -1", r"spacing \(0\.5, -1\.0\) in the image header is not positive"),
+    ("0 1", r"spacing \(0\.0, 1\.0\) in the image header is not positive")])
+def test_image_header_with_bad_spacing_names_the_file(tmp_path: Path, spacing: str, message: str) -> None:
+    path = tmp_path / "s.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4), np.uint8)), str(path))
+    path.write_bytes(path.read_bytes().replace(b"ElementSpacing = 1 1", b"ElementSpacing = " + spacing.encode()))
+    for read in (read_image_info, read_image):
+        with pytest.raises(ValueError, match=message) as info:
+            read(path)
+        assert str(info.value).startswith(f"{path}: ")
+    with pytest.raises(ValueError, match=r"spacing \(-1\.0, -1\.0\) in the spacing override is not positive"):
+        read_image(_png(tmp_path), spacing_override=-1.0)
+
+
+def _png(tmp_path: Path) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4), np.uint8)), str(tmp_path / "ok.png"))
+    return tmp_path / "ok.png"

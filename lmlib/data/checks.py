@@ -1,22 +1,36 @@
 """Annotation checks: a report of every defect, and landmarks resolved without guessing.
 
-A landmark given more than once with different points (ambiguous) or not given at all is MASKED
-(``valid=False``) for that image, with a ``warnings.warn`` naming the file and the label. Every
-check adds rows to one report (a pandas DataFrame with :data:`REPORT_COLUMNS`); issue names:
+Every check adds rows to one report (a pandas DataFrame with :data:`REPORT_COLUMNS`). A landmark
+that cannot be trusted is MASKED (``valid=False``, NaN) for that image, with a ``warnings.warn``
+naming the file and the label, and **every masked landmark has exactly one report row** whose
+issue is in :data:`MASKING_ISSUES` (image-level causes give one row per landmark). Issue names:
 
-- ``duplicate``: a label given several times with different points (masked);
-- ``repeated``: a label given several times at the same point (kept, once);
-- ``missing``: an expected label not given (masked);
+masking (one row per masked landmark):
+
+- ``duplicate``: a label given several times with different points;
+- ``missing``: an expected label not given (empty / ``nan`` CSV cells included);
+- ``non_finite``: a coordinate that is NaN, ``null`` or infinite;
+- ``not_a_point``: a label given only as another shape (labelme polygon, line, rectangle, ...);
+- ``outside``: a point more than :data:`OUTSIDE_TOLERANCE_PX` (0.5 px) beyond the image's pixel
+  edges, i.e. a continuous index below ``-1`` or above ``size`` on some axis (``detail`` has it);
+- ``no_annotation``: an image without annotation file or without a row in a one-file annotation;
+- ``duplicate_image``: an image given by several records (rows) of a one-file annotation;
+- ``excluded``: an (annotator, image) excluded by the dataset description;
+
+not masking (reported, the landmark is kept):
+
+- ``repeated``: a label given several times at the same point (kept once);
 - ``unknown``: a label that is not one of the dataset's labels (ignored);
-- ``outside``: a point outside the image (kept; ``detail`` has the index);
+- ``shape_ignored``: a non-point shape beside a point of the same label, or with a label that is
+  not the dataset's (ignored);
 - ``size_mismatch``: the size stated by the annotation differs from the image's;
 - ``no_spacing``: the image format carries no spacing and none was given (mm = pixels);
-- ``no_annotation`` / ``no_image``: an image without annotation file, an annotation without image;
-- ``excluded``: an (annotator, image) excluded by the dataset description (all masked).
+- ``no_image``: an annotation without image.
 """
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +41,14 @@ import pandas as pd
 from lmlib.data.readers import FORMATS_WITHOUT_SPACING, RawAnnotation
 
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "annotator", "landmark", "issue", "detail", "file")
-MASKING_ISSUES: frozenset[str] = frozenset({"duplicate", "missing", "no_annotation", "excluded"})
+#: Issues whose row masks the landmark it names (exactly one such row per masked landmark).
+MASKING_ISSUES: frozenset[str] = frozenset({"duplicate", "missing", "non_finite", "not_a_point", "outside",
+                                            "no_annotation", "duplicate_image", "excluded"})
+#: Issues about a whole image: one row per landmark of the image, all masked.
+IMAGE_MASKING_ISSUES: frozenset[str] = frozenset({"no_annotation", "duplicate_image", "excluded"})
+#: How far (pixels) a point may lie beyond the image's pixel edges before it is ``outside`` (masked):
+#: clicks on the border are kept, a point clearly off the image is not.
+OUTSIDE_TOLERANCE_PX: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,22 +71,31 @@ def resolve_landmarks(ann: RawAnnotation, labels: Sequence[str], annotator: str 
                       warn: bool = True, atol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, list[Issue]]:
     """Points of ``labels`` (in this order) from one annotation, in the annotation's units.
 
-    Returns ``(points (N, D), valid (N,), issues)``: duplicates with different points and missing
-    labels are NaN/invalid (and warned about), identical repeats are kept once, unknown labels are
-    reported and ignored. ``D`` is ``ndim`` or the points' dimension.
+    Returns ``(points (N, D), valid (N,), issues)``: non-finite points, duplicates with different
+    points, labels given only as non-point shapes and missing labels are NaN/invalid with one
+    masking row each (and warned about); identical repeats are kept once; unknown labels and other
+    shapes are reported and ignored. ``D`` is ``ndim`` or the points' dimension.
     """
     labels = list(labels)
     dims = {p.size for pts in ann.points.values() for p in pts}
     d = ndim or (dims.pop() if len(dims) == 1 else 2)
     if any(k != d for k in dims):
-        raise ValueError(f"{ann.source}: points of {sorted(dims)} coordinates, expected {d}")
+        bad = sorted(lab for lab, pts in ann.points.items() if any(p.size != d for p in pts))
+        raise ValueError(f"{ann.source}: points of {sorted(dims)} coordinates, expected {d} (labels {bad})")
     pts = np.full((len(labels), d), np.nan)
     issues: list[Issue] = []
     src = str(ann.source)
     for k, label in enumerate(labels):
         given = ann.points.get(label, [])
-        if not given:
+        shapes = ann.other_shapes.get(label, [])
+        if not given and shapes:
+            issues.append(Issue(ann.image_id, annotator, label, "not_a_point",
+                                f"given only as {', '.join(shapes)}, not as a point", src))
+        elif not given:
             issues.append(Issue(ann.image_id, annotator, label, "missing", "label not given", src))
+        elif not all(np.isfinite(g).all() for g in given):
+            issues.append(Issue(ann.image_id, annotator, label, "non_finite",
+                                f"coordinates {_fmt(given)} ({ann.units}) are not finite", src))
         elif len(given) > 1 and not all(np.allclose(g, given[0], atol=atol) for g in given[1:]):
             issues.append(Issue(ann.image_id, annotator, label, "duplicate",
                                 f"given {len(given)} times at {_fmt(given)} ({ann.units})", src))
@@ -74,30 +104,65 @@ def resolve_landmarks(ann: RawAnnotation, labels: Sequence[str], annotator: str 
                 issues.append(Issue(ann.image_id, annotator, label, "repeated",
                                     f"given {len(given)} times at the same point (kept once)", src))
             pts[k] = given[0]
+        if given and shapes:
+            issues.append(Issue(ann.image_id, annotator, label, "shape_ignored",
+                                f"{', '.join(shapes)} ignored (the label's point is used)", src))
     for label in ann.points:
         if label not in labels:
             issues.append(Issue(ann.image_id, annotator, label, "unknown",
                                 f"label not in the dataset's {len(labels)} labels (ignored)", src))
-    valid = ~np.isnan(pts).any(axis=1)
+    for label, shapes in ann.other_shapes.items():
+        if label not in labels:
+            issues.append(Issue(ann.image_id, annotator, label, "shape_ignored",
+                                f"{', '.join(shapes)} ignored (label not in the dataset's {len(labels)} labels)", src))
+    valid = np.isfinite(pts).all(axis=1)
     if warn:
-        for i in issues:
-            if i.issue in MASKING_ISSUES:
-                warnings.warn(f"{i.file}: landmark {i.landmark!r} {i.issue} ({i.detail}); masked for image "
-                              f"{i.image_id}", stacklevel=2)
+        warn_masked(issues)
     return pts, valid, issues
 
 
 def check_inside(image_id: str, index_points: np.ndarray, size: Sequence[int], labels: Sequence[str],
-                 annotator: str = "", file: str = "") -> list[Issue]:
-    """Points (continuous index, NaN skipped) outside the image ``[-0.5, size - 0.5]`` per axis."""
+                 annotator: str = "", file: str = "", tolerance: float = OUTSIDE_TOLERANCE_PX) -> list[Issue]:
+    """``outside`` rows (masking) for points (continuous index; non-finite skipped: reported elsewhere)
+    more than ``tolerance`` pixels beyond the image's pixel edges ``[-0.5, size - 0.5]`` on some axis."""
     idx = np.atleast_2d(np.asarray(index_points, dtype=np.float64))
-    hi = np.asarray(size, dtype=np.float64) - 0.5
+    lo = -0.5 - tolerance
+    hi = np.asarray(size, dtype=np.float64) - 0.5 + tolerance
     out = []
     for label, p in zip(labels, idx):
-        if not np.isnan(p).any() and (np.any(p < -0.5) or np.any(p > hi)):
+        if np.isfinite(p).all() and (np.any(p < lo) or np.any(p > hi)):
             out.append(Issue(image_id, annotator, label, "outside",
-                             f"index {_fmt([p])} outside image of size {tuple(int(s) for s in size)}", file))
+                             f"index {_fmt([p])} more than {tolerance:g} px outside image of size "
+                             f"{tuple(int(s) for s in size)}", file))
     return out
+
+
+def mask_image(image_id: str, labels: Sequence[str], issue: str, detail: str, file: str,
+               annotator: str = "") -> list[Issue]:
+    """One masking row per landmark for an image-level cause (``no_annotation``, ``duplicate_image``,
+    ``excluded``)."""
+    if issue not in IMAGE_MASKING_ISSUES:
+        raise ValueError(f"{issue!r} is not an image-level masking issue ({sorted(IMAGE_MASKING_ISSUES)})")
+    return [Issue(image_id, annotator, label, issue, detail, file) for label in labels]
+
+
+def masked_by(issues: Sequence[Issue], labels: Sequence[str]) -> np.ndarray:
+    """``(N,)`` bool: True where a masking issue names the label."""
+    named = {i.landmark for i in issues if i.issue in MASKING_ISSUES}
+    return np.array([label in named for label in labels], dtype=bool)
+
+
+def warn_masked(issues: Sequence[Issue]) -> None:
+    """One ``warnings.warn`` per masked landmark (per image for image-level causes), naming the file."""
+    whole: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    for i in issues:
+        if i.issue in IMAGE_MASKING_ISSUES:
+            whole[(i.file, i.image_id, i.issue, i.detail)] += 1
+        elif i.issue in MASKING_ISSUES:
+            warnings.warn(f"{i.file}: landmark {i.landmark!r} {i.issue} ({i.detail}); masked for image "
+                          f"{i.image_id}", stacklevel=3)
+    for (file, image_id, issue, detail), n in whole.items():
+        warnings.warn(f"{file}: all landmarks of image {image_id} masked ({n}, {issue}): {detail}", stacklevel=3)
 
 
 def check_size(ann: RawAnnotation, size: Sequence[int], annotator: str = "") -> list[Issue]:
@@ -123,14 +188,25 @@ def make_report(issues: Sequence[Issue]) -> pd.DataFrame:
     return df.sort_values(["annotator", "image_id", "landmark", "issue"], kind="stable").reset_index(drop=True)
 
 
+def masked_counts(report: pd.DataFrame) -> dict[str, int]:
+    """Masked landmarks per annotator (= the number of its masking rows)."""
+    rows = report[report["issue"].isin(MASKING_ISSUES)]
+    return {str(k): int(v) for k, v in rows.groupby("annotator").size().items()}
+
+
 def summarize_report(report: pd.DataFrame, max_rows: int = 50, print_it: bool = True) -> str:
-    """A readable summary: counts per (annotator, issue), then the rows (at most ``max_rows``)."""
+    """A readable summary: masked landmarks per annotator, counts per (annotator, issue), then the rows
+    (at most ``max_rows``)."""
     if report.empty:
         text = "annotation checks: no issues"
     else:
         counts = report.groupby(["annotator", "issue"]).size().rename("n").reset_index()
+        masked = masked_counts(report)
         lines = [f"annotation checks: {len(report)} issues in {report['image_id'].nunique()} images"]
-        lines += [f"  {r.annotator or '-'}: {r.issue}: {r.n}" for r in counts.itertuples()]
+        lines.append("masked landmarks: " + (", ".join(f"{k or '-'}: {v}" for k, v in masked.items()) or "none")
+                     + (" (one report row each)" if masked else ""))
+        lines += [f"  {r.annotator or '-'}: {r.issue}: {r.n}{' (masked)' if r.issue in MASKING_ISSUES else ''}"
+                  for r in counts.itertuples()]
         shown = report.head(max_rows)
         lines += [f"  [{r.annotator or '-'}] {r.image_id} {r.landmark or '(image)'}: {r.issue}: {r.detail}"
                   for r in shown.itertuples()]

@@ -4,7 +4,10 @@ A :class:`DatasetSpec` says where the images and each annotator's landmarks are,
 them, the landmark labels (as in the files) and display names, a spacing override, left/right
 pairs and the splits file. :func:`load_dataset` reads every annotator's files, runs the checks of
 :mod:`lmlib.data.checks` on all of them (``Dataset.report``), and returns the samples of one annotator
-with landmarks in world mm ``(x, y[, z])`` (ambiguous/missing ones masked, never guessed).
+with landmarks in world mm ``(x, y[, z])``. Bad annotations (ambiguous, missing, non-finite, not a
+point, outside the image, images without or with several annotation records) are masked, never
+guessed, and every masked landmark has exactly one report row saying why (counted by
+``Dataset.summary()``); malformed files raise an error naming the file, the line/shape and the problem.
 
 Real data lives outside the project: ``data_dir`` defaults to ``$LMLIB_SHARED_DATA/<name>`` or
 ``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,8 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from lmlib.data.checks import (Issue, check_inside, check_size, check_spacing, make_report, resolve_landmarks,
-                          summarize_report)
+from lmlib.data.checks import (MASKING_ISSUES, Issue, check_inside, check_size, check_spacing, make_report,
+                               mask_image, masked_by, resolve_landmarks, summarize_report, warn_masked)
 from lmlib.data.geometry import Geometry
 from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
 from lmlib.data.sample import Sample, image_from_sitk
@@ -70,6 +72,12 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if len(self.landmark_labels) != len(self.landmark_names):
             raise ValueError(f"{self.name}: {len(self.landmark_labels)} labels but {len(self.landmark_names)} names")
+        repeated = sorted({x for x in self.landmark_labels if list(self.landmark_labels).count(x) > 1})
+        if repeated:
+            raise ValueError(f"{self.name}: landmark labels {repeated} are given more than once")
+        if self.spacing_mm is not None and (len(self.spacing_mm) != self.ndim or
+                                            not all(np.isfinite(v) and v > 0 for v in self.spacing_mm)):
+            raise ValueError(f"{self.name}: spacing_mm {tuple(self.spacing_mm)} must be {self.ndim} positive numbers")
         unknown = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
         if unknown:
             raise ValueError(f"{self.name}: left/right pairs name unknown landmarks {sorted(unknown)}")
@@ -186,26 +194,30 @@ def _read_splits(spec: DatasetSpec, root: Path) -> dict[str, str]:
 
 
 def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[str]
-                      ) -> tuple[dict[str, RawAnnotation], list[Issue]]:
+                      ) -> tuple[dict[str, list[RawAnnotation]], dict[str, Issue], list[Issue]]:
+    """Annotations per image id (several records for one image are kept: the caller masks them), the
+    reason an image has none (a template ``no_annotation`` row), and the other issues (orphans)."""
     reader = READERS[spec.reader]
     template = spec.annotations[annotator]
-    out: dict[str, RawAnnotation] = {}
+    out: dict[str, list[RawAnnotation]] = {}
+    absent: dict[str, Issue] = {}
     issues: list[Issue] = []
     if "{image_id}" in template:
         for i in ids:
             path = root / template.format(image_id=i, annotator=annotator)
             if path.exists():
-                out[i] = reader(path, **spec.reader_kwargs)
-                out[i].image_id = i
+                ann = reader(path, **spec.reader_kwargs)
+                ann.image_id = i
+                out[i] = [ann]
             else:
-                issues.append(Issue(i, annotator, "", "no_annotation", "annotation file not found", str(path)))
+                absent[i] = Issue(i, annotator, "", "no_annotation", "no annotation: file not found", str(path))
         folder = (root / template).parent
         suffix = Path(template).suffix
         for extra in sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []:
             if extra.name.split(".")[0] not in ids:
                 issues.append(Issue(extra.name.split(".")[0], annotator, "", "no_image",
                                     "annotation without image", str(extra)))
-        return out, issues
+        return out, absent, issues
     path = root / template.format(annotator=annotator)
     if not path.exists():
         raise FileNotFoundError(f"{path}: annotations of {annotator!r} for dataset {spec.name!r} not found")
@@ -217,10 +229,29 @@ def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[s
         records = [records]
     for r in records:
         if r.image_id in ids:
-            out[r.image_id] = r
+            out.setdefault(r.image_id, []).append(r)
         else:
             issues.append(Issue(r.image_id, annotator, "", "no_image", "annotation without image", str(path)))
-    return out, issues
+    for i in ids:
+        if i not in out:
+            what = "no record" if records else "no records at all (empty or header-only file)"
+            absent[i] = Issue(i, annotator, "", "no_annotation", f"no annotation: {what} for this image", str(path))
+    return out, absent, issues
+
+
+def _where(ann: RawAnnotation) -> str:
+    line = ann.meta.get("line")
+    return f"line {line}" if line is not None else "a record"
+
+
+def _check_accounted(spec: DatasetSpec, image_id: str, annotator: str, labels: tuple[str, ...], valid: np.ndarray,
+                     issues: list[Issue]) -> None:
+    """Invariant: each masked landmark has exactly one masking row, and no valid landmark has one."""
+    rows = [i.landmark for i in issues if i.issue in MASKING_ISSUES]
+    per_label = np.array([rows.count(label) for label in labels])
+    if len(rows) != per_label.sum() or not np.array_equal(per_label, (~valid).astype(int)):
+        raise RuntimeError(f"{spec.name}: image {image_id} ({annotator}): masked landmarks "
+                           f"{[lab for lab, v in zip(labels, valid) if not v]} do not match the report rows {rows}")
 
 
 def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | None = None,
@@ -250,33 +281,37 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     issues: list[Issue] = []
     labels, chosen = spec.landmark_labels, {}
     for who in spec.annotations:
-        anns, extra = _read_annotations(spec, root, who, ids)
+        anns, absent, extra = _read_annotations(spec, root, who, ids)
         issues += extra
-        warn = who == annotator
         for i, p in zip(ids, paths):
             size, spacing, origin, direction = infos[i]
-            ann = anns.get(i)
+            records = anns.get(i, [])
+            ann = records[0] if records else None
             format_spacing = ann.spacing if ann is not None else None
             sp = spec.spacing_mm or format_spacing or spacing
             geom = Geometry(np.asarray(sp, dtype=np.float64), origin, direction)
             pts, valid = np.full((len(labels), spec.ndim), np.nan), np.zeros(len(labels), bool)
             reason = spec.exclude.get((who, i))
             if reason is not None:
-                issues.append(Issue(i, who, "", "excluded", reason, str(ann.source if ann else p)))
-                if warn:
-                    warnings.warn(f"{ann.source if ann else p}: all landmarks of image {i} masked: {reason}",
-                                  stacklevel=2)
-            elif ann is not None:
-                raw, valid, found = resolve_landmarks(ann, labels, who, spec.ndim, warn=warn)
+                found = mask_image(i, labels, "excluded", reason, str(ann.source if ann else p), who)
+            elif ann is None:
+                found = mask_image(i, labels, "no_annotation", absent[i].detail, absent[i].file, who)
+            elif len(records) > 1:
+                found = mask_image(i, labels, "duplicate_image",
+                                   f"{len(records)} records for this image ({', '.join(map(_where, records))}): "
+                                   "all its landmarks masked, not guessed", str(ann.source), who)
+            else:
+                raw, valid, found = resolve_landmarks(ann, labels, who, spec.ndim, warn=False)
                 world = geom.index_to_world(raw) if ann.units == "index" else raw
                 index = raw if ann.units == "index" else geom.world_to_index(raw)
                 found += check_inside(i, index, size, labels, who, str(ann.source)) + check_size(ann, size, who)
-                issues += found
-                pts = world
-            elif warn:
-                warnings.warn(f"{p}: no annotation by {who!r}; all landmarks masked", stacklevel=2)
+                valid &= ~masked_by(found, labels)
+                pts = np.where(valid[:, None], world, np.nan)
+            _check_accounted(spec, i, who, labels, valid, found)
             if who == annotator:
+                warn_masked(found)
                 chosen[i] = (geom, pts, valid, ann, format_spacing)
+            issues += found
 
     samples = []
     for i, p in zip(ids, paths):

@@ -16,7 +16,13 @@ Pixel conventions per format (stated once, here):
 - 3D Slicer markups: world mm in RAS or LPS (from the file header); RAS is converted to LPS by
   negating x and y.
 
-Unreadable files raise ``FileNotFoundError`` / ``ValueError`` whose message starts with the path.
+Unreadable or malformed files raise ``FileNotFoundError`` / ``ValueError`` whose message starts with
+the path, then names where (CSV/text: ``line N`` of the file, with the column where there is one;
+labelme: ``shape K ('label')``; Slicer JSON: ``control point K ('label')``) and the problem: a value
+that is not a number, a row with too few cells, a point that is not one ``(x, y[, z])``, an image
+header whose spacing is not positive or whose origin/direction is not finite. Values that *are*
+numbers but not usable points (NaN, null, inf, far outside the image) and non-point shapes are not
+errors here: they reach :mod:`lmlib.data.checks`, which masks and reports them.
 """
 from __future__ import annotations
 
@@ -50,7 +56,10 @@ class RawAnnotation:
         image_size: image size ``(x, y[, z])`` stated by the file, if any (checked against the image).
         spacing: pixel spacing (mm) stated by the format, if any (e.g. ISBI 2015: 0.1 mm).
         image_path: image named by the file, if any.
-        meta: extra per-format information (e.g. Slicer descriptions, coordinate system).
+        other_shapes: label -> descriptions of shapes that are not points (labelme polygons, lines,
+            rectangles, ...), e.g. ``"shape 3: polygon"``; reported by the checks, never used as points.
+        meta: extra per-format information (e.g. Slicer descriptions, coordinate system, ``line``:
+            the line of a one-row-per-image CSV record).
     """
 
     image_id: str
@@ -60,6 +69,7 @@ class RawAnnotation:
     image_size: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
     image_path: Path | None = None
+    other_shapes: dict[str, list[str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def add(self, label: str, point: Sequence[float]) -> None:
@@ -83,11 +93,35 @@ def _exists(path: str | Path) -> Path:
     return p
 
 
-def _float(path: Path, value: str, where: str) -> float:
+def _float(path: Path, value: Any, where: str) -> float:
+    """``float(value)``; otherwise an error naming the file, ``where`` and the value. NaN/inf pass
+    (the checks mask and report them)."""
+    if isinstance(value, bool):
+        raise _fail(path, f"{where}: {value!r} is not a number")
     try:
         return float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise _fail(path, f"{where}: {value!r} is not a number") from None
+
+
+def _int(path: Path, value: Any, where: str, minimum: int = 0) -> int:
+    """An integer-valued cell (``"40"``, ``"40.0"``, ``40``) >= ``minimum``; otherwise an error naming it."""
+    kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else "an integer"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not np.isfinite(v) or v != int(v) or v < minimum:
+        raise _fail(path, f"{where}: {value!r} is not {kind}")
+    return int(v)
+
+
+def _point(path: Path, values: Any, d: int, where: str) -> np.ndarray:
+    """One JSON point of ``d`` numbers; ``null`` becomes NaN (masked and reported by the checks)."""
+    axes = "xyz"[:d]
+    if not isinstance(values, (list, tuple)) or len(values) != d:
+        raise _fail(path, f"{where}: {values!r} is not ({', '.join(axes)})")
+    return np.array([np.nan if v is None else _float(path, v, f"{where}: {a}") for a, v in zip(axes, values)])
 
 
 # --------------------------------------------------------------------------- labelme JSON
@@ -106,91 +140,135 @@ def read_labelme(path: str | Path, image_id: str | None = None, corner_origin: b
     """labelme JSON: every ``shape_type == "point"`` shape becomes a point of its ``label``.
 
     Coordinates are pixels ``(x, y)`` with the image's top-left corner at (0, 0); with
-    ``corner_origin`` the returned index is ``xy - 0.5`` (pixel centres). Other shape types are
-    listed in ``meta["ignored_shapes"]``. ``image_size`` is ``(imageWidth, imageHeight)``.
+    ``corner_origin`` the returned index is ``xy - 0.5`` (pixel centres). Other shape types
+    (polygon, line, rectangle, ...) go to ``other_shapes`` (reported by the checks). ``null``
+    coordinates become NaN (masked and reported by the checks). ``image_size`` is
+    ``(imageWidth, imageHeight)``. Errors name the shape (``shape K ('label')``) and the problem.
     """
     p = _exists(path)
     doc = _json_with_list(p, "shapes", "labelme file")
     ann = RawAnnotation(image_id or p.stem, units="index", source=p)
-    ignored: list[str] = []
     for k, shape in enumerate(doc["shapes"]):
-        kind = shape.get("shape_type", "point")
+        if not isinstance(shape, dict):
+            raise _fail(p, f"shape {k}: not a JSON object ({shape!r})")
+        label = shape.get("label")
+        where = f"shape {k} ({label!r})" if label is not None else f"shape {k}"
+        kind = shape.get("shape_type") or "point"
+        if label is None or str(label) == "":
+            raise _fail(p, f"{where}: {kind} shape with no label")
         if kind != "point":
-            ignored.append(f"{shape.get('label')}:{kind}")
+            ann.other_shapes.setdefault(str(label), []).append(f"shape {k}: {kind}")
             continue
-        pts = np.asarray(shape.get("points", []), dtype=np.float64)
-        if pts.shape != (1, 2) or "label" not in shape:
-            raise _fail(p, f"shape {k}: a point needs a label and one (x, y), got {shape.get('points')!r}")
-        ann.add(str(shape["label"]), pts[0] - (0.5 if corner_origin else 0.0))
+        pts = shape.get("points")
+        if not isinstance(pts, list) or len(pts) != 1 or not isinstance(pts[0], list) or len(pts[0]) != 2:
+            raise _fail(p, f"{where}: a point needs exactly one (x, y), got {pts!r}")
+        ann.add(str(label), _point(p, pts[0], 2, where) - (0.5 if corner_origin else 0.0))
     w, h = doc.get("imageWidth"), doc.get("imageHeight")
     if w is not None and h is not None:
-        ann.image_size = (int(w), int(h))
+        ann.image_size = (_int(p, w, "imageWidth", 1), _int(p, h, "imageHeight", 1))
     if doc.get("imagePath"):
         ann.image_path = (p.parent / str(doc["imagePath"])).resolve()
-    ann.meta["ignored_shapes"] = ignored
     return ann
 
 
 # --------------------------------------------------------------------------- CSV formats
-def _csv_rows(path: Path) -> list[list[str]]:
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """Non-blank rows with their line number in the file (stripped cells)."""
+    out = []
     with path.open(newline="", encoding="utf-8-sig") as f:
-        return [[c.strip() for c in row] for row in csv.reader(f) if row and any(c.strip() for c in row)]
+        reader = csv.reader(f)
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                out.append((reader.line_num, [c.strip() for c in row]))
+    return out
+
+
+def _not_given(value: str) -> bool:
+    return value == "" or value.lower() == "nan"
+
+
+def _cells_to_point(path: Path, cells: Sequence[str], axes: str, where: str) -> np.ndarray | None:
+    """``None`` when every cell is empty/``nan`` (= label not given; reported as missing); otherwise the
+    point, an empty cell beside numbers becoming NaN and ``inf`` kept (both masked and reported by the
+    checks as non-finite). ``where`` names the cell, with ``{axis}`` for the axis."""
+    if all(_not_given(c) for c in cells):
+        return None
+    return np.array([np.nan if c == "" else _float(path, c, where.format(axis=a)) for a, c in zip(axes, cells)])
 
 
 def _add_xy(ann: RawAnnotation, path: Path, label: str, xs: str, ys: str, where: str) -> None:
-    if xs == "" or ys == "" or xs.lower() == "nan" or ys.lower() == "nan":
-        return  # an empty coordinate = label not given
-    ann.add(label, [_float(path, xs, where), _float(path, ys, where)])
+    """Add ``(x, y)`` from two cells (see :func:`_cells_to_point`)."""
+    point = _cells_to_point(path, [xs, ys], "xy", where)
+    if point is not None:
+        ann.add(label, point)
 
 
 def read_landmark_csv(path: str | Path, labels: Sequence[str] | None = None) -> list[RawAnnotation]:
     """CSV ``image_name,image_width,image_height,n_landmarks,landmark_1_x,landmark_1_y,...`` (pixels).
 
-    One record per row; ``image_id`` is the image name's stem; labels are ``landmark_<k>`` (k from 1)
+    One record per row (``meta["line"]``: its line; an image on several rows is kept several times
+    for the checks); ``image_id`` is the image name's stem; labels are ``landmark_<k>`` (k from 1)
     unless ``labels`` is given; empty coordinates mean "not given"; ``index = xy``.
     """
     p = _exists(path)
     rows = _csv_rows(p)
-    if not rows or [c.lower() for c in rows[0][:4]] != ["image_name", "image_width", "image_height", "n_landmarks"]:
+    if not rows or [c.lower() for c in rows[0][1][:4]] != ["image_name", "image_width", "image_height", "n_landmarks"]:
         raise _fail(p, "expected header image_name,image_width,image_height,n_landmarks,landmark_1_x,...")
     out = []
-    for r, row in enumerate(rows[1:], start=2):
-        n = int(_float(p, row[3], f"line {r} n_landmarks"))
-        if len(row) < 4 + 2 * n:
-            raise _fail(p, f"line {r}: n_landmarks={n} but {len(row) - 4} coordinate values")
+    for r, row in rows[1:]:
+        if len(row) < 4:
+            raise _fail(p, f"line {r}: {len(row)} cells, expected at least 4 "
+                           "(image_name,image_width,image_height,n_landmarks)")
+        n = _int(p, row[3], f"line {r}: n_landmarks")
+        values = row[4:4 + 2 * n]
+        if len(values) < 2 * n:
+            raise _fail(p, f"line {r}: n_landmarks={n} but {len(values)} coordinate values")
+        if any(c != "" for c in row[4 + 2 * n:]):
+            raise _fail(p, f"line {r}: n_landmarks={n} but values beyond landmark_{n}_y: {row[4 + 2 * n:]}")
         names = list(labels) if labels is not None else [f"landmark_{k + 1}" for k in range(n)]
-        ann = RawAnnotation(Path(row[0]).stem, units="index", source=p, meta={"image_name": row[0]},
-                            image_size=(int(_float(p, row[1], f"line {r}")), int(_float(p, row[2], f"line {r}"))))
+        if len(names) < n:
+            raise _fail(p, f"line {r}: n_landmarks={n} but {len(names)} labels given")
+        size = (_int(p, row[1], f"line {r}: image_width", 1), _int(p, row[2], f"line {r}: image_height", 1))
+        ann = RawAnnotation(Path(row[0]).stem, units="index", source=p, image_size=size,
+                            meta={"image_name": row[0], "line": r})
         for k in range(n):
-            _add_xy(ann, p, names[k], row[4 + 2 * k], row[5 + 2 * k], f"line {r}")
+            _add_xy(ann, p, names[k], values[2 * k], values[2 * k + 1], f"line {r}: landmark_{k + 1}_{{axis}}")
         out.append(ann)
     return out
 
 
 def read_points_csv(path: str | Path, labels: Sequence[str] | None = None) -> list[RawAnnotation]:
-    """CSV with one row per image ``id,x1,y1,x2,y2,...`` in pixels (hand X-ray layout; header optional).
+    """CSV with one row per image ``id,x1,y1,x2,y2,...`` in pixels (hand X-ray layout; header optional:
+    a first row whose non-empty value cells are all non-numeric).
 
     The spacing comes from the images (e.g. ``.mha`` headers), not from this file. Labels are
-    ``"1".."N"`` unless given; ``index = xy``.
+    ``"1".."N"`` unless given; ``index = xy``; ``meta["line"]``: the record's line.
     """
     p = _exists(path)
     rows = _csv_rows(p)
-    if rows and len(rows[0]) > 1:
+
+    def numeric(v: str) -> bool:
         try:
-            float(rows[0][1])
+            float(v)
+            return True
         except ValueError:
-            rows = rows[1:]  # a header line
+            return False
+
+    first = [v for v in rows[0][1][1:] if v != ""] if rows else []
+    if first and not any(numeric(v) for v in first):
+        rows = rows[1:]  # a header line
     out = []
-    for r, row in enumerate(rows, start=1):
+    for r, row in rows:
         if (len(row) - 1) % 2:
-            raise _fail(p, f"row {r}: odd number of coordinate values ({len(row) - 1})")
+            raise _fail(p, f"line {r}: odd number of coordinate values ({len(row) - 1})")
         n = (len(row) - 1) // 2
         names = list(labels) if labels is not None else [str(k + 1) for k in range(n)]
         if len(names) < n:
-            raise _fail(p, f"row {r}: {n} points but {len(names)} labels")
-        ann = RawAnnotation(row[0], units="index", source=p)
+            raise _fail(p, f"line {r}: {n} points but {len(names)} labels")
+        ann = RawAnnotation(row[0], units="index", source=p, meta={"line": r})
         for k in range(n):
-            _add_xy(ann, p, names[k], row[1 + 2 * k], row[2 + 2 * k], f"row {r}")
+            where = f"line {r}: point {k + 1} ({names[k]!r}) {{axis}}"
+            _add_xy(ann, p, names[k], row[1 + 2 * k], row[2 + 2 * k], where)
         out.append(ann)
     return out
 
@@ -199,42 +277,50 @@ def read_long_csv(path: str | Path, units: Literal["index", "pixel", "world"] = 
     """Long CSV ``image,landmark,x,y[,z]``, one point per row (header required).
 
     ``units``: ``"index"``/``"pixel"`` (pixel index, ``index = xy``) or ``"world"`` (LPS mm).
+    A row whose coordinates are all empty/``nan`` means "not given"; a partly empty one gives NaN there
+    (masked and reported by the checks).
     """
     if units not in ("index", "pixel", "world"):
         raise ValueError(f"units must be 'index', 'pixel' or 'world', got {units!r}")
     p = _exists(path)
     rows = _csv_rows(p)
-    head = [c.lower() for c in rows[0]] if rows else []
+    head = [c.lower() for c in rows[0][1]] if rows else []
     if head[:4] != ["image", "landmark", "x", "y"] or len(head) > 5 or (len(head) == 5 and head[4] != "z"):
         raise _fail(p, "expected header image,landmark,x,y[,z]")
     anns: dict[str, RawAnnotation] = {}
-    for r, row in enumerate(rows[1:], start=2):
+    for r, row in rows[1:]:
         if len(row) != len(head):
-            raise _fail(p, f"line {r}: {len(row)} values, expected {len(head)}")
-        if any(v == "" or v.lower() == "nan" for v in row[2:]):
+            raise _fail(p, f"line {r}: {len(row)} values, expected {len(head)} ({','.join(head)})")
+        if row[0] == "" or row[1] == "":
+            raise _fail(p, f"line {r}: empty image or landmark name")
+        point = _cells_to_point(p, row[2:], "".join(head[2:]), f"line {r}: {{axis}}")
+        if point is None:
             continue
         ann = anns.setdefault(row[0], RawAnnotation(row[0], units="world" if units == "world" else "index", source=p))
-        ann.add(row[1], [_float(p, v, f"line {r}") for v in row[2:]])
+        ann.add(row[1], point)
     return list(anns.values())
 
 
 # --------------------------------------------------------------------------- ISBI 2015 cephalometric
 def read_isbi_txt(path: str | Path, n_landmarks: int = 19, labels: Sequence[str] | None = None) -> RawAnnotation:
-    """ISBI 2015 annotation txt: the first ``n_landmarks`` lines are ``x,y`` pixels; later lines are
-    ignored (the challenge files append classification values). Labels ``"1".."19"`` unless given;
-    ``index = xy``; ``spacing = (0.1, 0.1)`` mm.
+    """ISBI 2015 annotation txt: the first ``n_landmarks`` non-blank lines are ``x,y`` pixels; later
+    lines are ignored (the challenge files append classification values). Labels ``"1".."19"`` unless
+    given; ``index = xy``; ``spacing = (0.1, 0.1)`` mm. Errors name the line of the file.
     """
     p = _exists(path)
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    lines = [(k + 1, ln.strip()) for k, ln in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines())
+             if ln.strip()]
     if len(lines) < n_landmarks:
         raise _fail(p, f"expected {n_landmarks} 'x,y' lines, found {len(lines)}")
     names = list(labels) if labels is not None else [str(k + 1) for k in range(n_landmarks)]
+    if len(names) < n_landmarks:
+        raise _fail(p, f"{n_landmarks} landmarks but {len(names)} labels given")
     ann = RawAnnotation(p.stem, units="index", source=p, spacing=(ISBI2015_SPACING_MM,) * 2)
-    for k in range(n_landmarks):
-        vals = [v for v in re.split(r"[,\s]+", lines[k]) if v]
+    for k, (r, line) in enumerate(lines[:n_landmarks]):
+        vals = [v for v in re.split(r"[,\s]+", line) if v]
         if len(vals) != 2:
-            raise _fail(p, f"line {k + 1}: expected 'x,y', got {lines[k]!r}")
-        ann.add(names[k], [_float(p, v, f"line {k + 1}") for v in vals])
+            raise _fail(p, f"line {r}: expected 'x,y', got {line!r}")
+        ann.add(names[k], [_float(p, v, f"line {r}") for v in vals])
     return ann
 
 
@@ -261,7 +347,8 @@ def _coordinate_system(path: Path, value: str) -> str:
 
 def read_slicer_fcsv(path: str | Path, image_id: str | None = None) -> RawAnnotation:
     """3D Slicer ``.fcsv`` markups: world mm, converted to LPS (``# CoordinateSystem`` = RAS/0 or
-    LPS/1; RAS when absent, as in Slicer < 4.11). ``meta["descriptions"]``: label -> desc column."""
+    LPS/1; RAS when absent, as in Slicer < 4.11). ``meta["descriptions"]``: label -> desc column.
+    Errors name the line of the file; ``nan``/``inf`` coordinates are kept for the checks."""
     p = _exists(path)
     system, columns = "RAS", ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
                               "associatedNodeID"]
@@ -278,11 +365,17 @@ def read_slicer_fcsv(path: str | Path, image_id: str | None = None) -> RawAnnota
     col = {c: k for k, c in enumerate(columns)}
     if not {"x", "y", "z", "label"} <= col.keys():
         raise _fail(p, f"columns {columns} lack x, y, z or label")
-    for r, row in enumerate(csv.reader(ln for ln in lines if ln.strip() and not ln.startswith("#")), start=1):
-        if len(row) < len(columns) - 1:
-            raise _fail(p, f"point {r}: {len(row)} values, expected {len(columns)}")
-        label = row[col["label"]].strip() or row[col.get("id", 0)].strip()
-        xyz = np.array([_float(p, row[col[a]], f"point {r} {a}") for a in "xyz"])
+    needed = max(col[c] for c in ("x", "y", "z", "label", *(("id",) if "id" in col else ()))) + 1
+    for r, ln in enumerate(lines, start=1):
+        if not ln.strip() or ln.startswith("#"):
+            continue
+        row = next(csv.reader([ln]))
+        if len(row) < needed:
+            raise _fail(p, f"line {r}: {len(row)} values, expected {len(columns)} ({','.join(columns)})")
+        label = row[col["label"]].strip() or (row[col["id"]].strip() if "id" in col else "")
+        if not label:
+            raise _fail(p, f"line {r}: point without label or id")
+        xyz = np.array([_float(p, row[col[a]].strip(), f"line {r}: {a}") for a in "xyz"])
         ann.add(label, _to_lps(xyz, system))
         if "desc" in col and col["desc"] < len(row):
             ann.meta["descriptions"][label] = row[col["desc"]]
@@ -293,19 +386,22 @@ def read_slicer_fcsv(path: str | Path, image_id: str | None = None) -> RawAnnota
 def read_slicer_json(path: str | Path, image_id: str | None = None) -> RawAnnotation:
     """3D Slicer ``.mrk.json``: ``markups[].controlPoints[]`` (``label``, ``position``), converted
     from the markup's ``coordinateSystem`` (default LPS, Slicer >= 5) to LPS. Points whose
-    ``positionStatus`` is ``missing``/``undefined`` are left out (= label not given)."""
+    ``positionStatus`` is ``missing``/``undefined`` are left out (= label not given); ``null``
+    coordinates become NaN (masked and reported by the checks). Errors name the control point."""
     p = _exists(path)
     doc = _json_with_list(p, "markups", "Slicer markups file")
     ann = RawAnnotation(image_id or p.name.split(".")[0], units="world", source=p, meta={"descriptions": {}})
     for m in doc["markups"]:
+        if not isinstance(m, dict):
+            raise _fail(p, f"markup {m!r} is not a JSON object")
         system = _coordinate_system(p, str(m.get("coordinateSystem", "LPS")))
-        for k, cp in enumerate(m.get("controlPoints", [])):
+        for k, cp in enumerate(m.get("controlPoints") or []):
+            if not isinstance(cp, dict):
+                raise _fail(p, f"control point {k}: not a JSON object ({cp!r})")
             if cp.get("positionStatus", "defined") in ("missing", "undefined"):
                 continue
-            pos = np.asarray(cp.get("position", []), dtype=np.float64)
-            if pos.shape != (3,):
-                raise _fail(p, f"control point {k}: position {cp.get('position')!r} is not (x, y, z)")
             label = str(cp.get("label") or cp.get("id") or k + 1)
+            pos = _point(p, cp.get("position"), 3, f"control point {k} ({label!r}): position")
             ann.add(label, _to_lps(pos, system))
             ann.meta["descriptions"][label] = cp.get("description", "")
         ann.meta["coordinate_system"] = system
@@ -336,15 +432,34 @@ def _to_gray(image: sitk.Image) -> sitk.Image:
     return sitk.VectorIndexSelectionCast(image, 0)
 
 
+def _check_geometry(path: Path, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float],
+                    what: str = "image header") -> None:
+    """Spacing > 0 and finite, origin finite, direction finite with ``|det| = 1`` (as
+    :class:`~lmlib.data.geometry.Geometry` requires); otherwise an error naming the file and the values."""
+    sp = tuple(float(v) for v in spacing)
+    if not all(np.isfinite(v) and v > 0 for v in sp):
+        raise _fail(path, f"spacing {sp} in the {what} is not positive (every pixel spacing must be > 0 mm)")
+    org = tuple(float(v) for v in origin)
+    if not all(np.isfinite(org)):
+        raise _fail(path, f"origin {org} in the {what} is not finite")
+    d = len(sp)
+    dr = np.asarray(direction, dtype=np.float64).reshape(d, d)
+    if not np.isfinite(dr).all() or abs(abs(np.linalg.det(dr)) - 1.0) > 1e-3:
+        raise _fail(path, f"direction {dr.reshape(-1).tolist()} in the {what} is not a rotation (|det| != 1)")
+
+
 def read_image(path: str | Path, spacing_override: Sequence[float] | float | None = None,
                ndim: int | None = None) -> sitk.Image:
     """Read an image with SimpleITK: PNG/TIFF/BMP/JPEG, MHA/MHD, NIfTI, NRRD, or a DICOM series
     (``path`` a directory; the first series found). RGB(A) becomes grayscale. ``spacing_override``
     (mm, ``(x, y[, z])`` or one number) replaces the spacing (needed for formats that carry none).
-    ``ndim=2`` drops a trailing axis of size 1 (single-slice 3D files)."""
+    ``ndim=2`` drops a trailing axis of size 1 (single-slice 3D files). A header spacing that is not
+    positive, or an origin/direction that is not finite, raises ``ValueError`` naming the file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: image file or DICOM directory not found")
+    if not p.is_dir():
+        read_image_info(p)  # checks the header before SimpleITK silently repairs or refuses it
     try:
         if p.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -361,17 +476,21 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
         msg = str(e).strip().splitlines()
         raise _fail(p, f"cannot read image ({msg[-1] if msg else 'unknown error'})") from None
     image = _to_gray(image)
+    if p.is_dir():
+        _check_geometry(p, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), "DICOM series")
     if ndim == 2 and image.GetDimension() == 3 and image.GetSize()[2] == 1:
         image = image[:, :, 0]
     if spacing_override is not None:
         s = np.broadcast_to(np.asarray(spacing_override, dtype=np.float64), (image.GetDimension(),))
+        _check_geometry(p, s, image.GetOrigin(), image.GetDirection(), "spacing override")
         image.SetSpacing([float(v) for v in s])
     return image
 
 
 def read_image_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]:
     """Size ``(x, y[, z])``, spacing, origin and direction ``(D, D)`` from the header only (no pixels).
-    A DICOM directory is read in full."""
+    A DICOM directory is read in full. A spacing that is not positive, or an origin/direction that is
+    not finite, raises ``ValueError`` naming the file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: image file or DICOM directory not found")
@@ -387,6 +506,7 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, np.n
             msg = str(e).strip().splitlines()
             raise _fail(p, f"cannot read image header ({msg[-1] if msg else 'unknown error'})") from None
         size, sp, org, dr = reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+        _check_geometry(p, sp, org, dr)
     d = len(size)
     return tuple(int(s) for s in size), np.array(sp), np.array(org), np.array(dr).reshape(d, d)
 

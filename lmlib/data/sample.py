@@ -48,6 +48,10 @@ class Sample:
         if self.landmarks_mm.shape != (n, dim) or self.valid.shape != (n,):
             raise ValueError(f"{self.image_id}: landmarks {self.landmarks_mm.shape} / valid {self.valid.shape} "
                              f"do not match {n} names in {dim}D")
+        bad = self.valid & ~np.isfinite(self.landmarks_mm).all(axis=1)
+        if bad.any():  # a valid landmark must be a usable point: mask (and report) it upstream instead
+            raise ValueError(f"{self.image_id}: landmarks {[self.landmark_names[k] for k in np.flatnonzero(bad)]} "
+                             "are marked valid but are not finite")
         self.landmarks_mm[~self.valid] = np.nan
 
     @property
@@ -72,10 +76,12 @@ class Sample:
     def from_index(cls, image_id: str, image: np.ndarray, geometry: Geometry,
                    landmarks_index: np.ndarray, landmark_names: Sequence[str],
                    valid: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> "Sample":
-        """Build a sample from pixel/voxel landmark indices (converted to world mm here)."""
+        """Build a sample from pixel/voxel landmark indices (converted to world mm here); without
+        ``valid``, non-finite rows are invalid."""
         idx = np.array(landmarks_index, dtype=np.float64, ndmin=2)
-        ok = ~np.isnan(idx).any(axis=1) if valid is None else np.asarray(valid, dtype=bool)
-        return cls(image_id, image, geometry, geometry.index_to_world(idx), ok,
+        ok = np.isfinite(idx).all(axis=1) if valid is None else np.asarray(valid, dtype=bool)
+        world = geometry.index_to_world(np.where(np.isfinite(idx), idx, np.nan))  # inf -> NaN, no inf * 0
+        return cls(image_id, image, geometry, world, ok,
                    tuple(landmark_names), dict(meta or {}))
 
     def with_landmarks_mm(self, landmarks_mm: np.ndarray) -> "Sample":
