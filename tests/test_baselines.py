@@ -12,6 +12,7 @@ from lmlib.data.datasets import load_dataset
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 from lmlib.evaluation import baselines
+from lmlib.outputs import reference_runs
 from lmlib.evaluation.metrics import radial_errors
 from lmlib.outputs.contract import read_run
 
@@ -78,7 +79,7 @@ def test_write_mean_shape_run_follows_the_contract(tmp_path: Path) -> None:
     test = [_sample(f"te{i}", (40, 30), geo, rng.uniform(5, 25, (3, 2)).tolist(), [True, True, True])
             for i in range(2)]
     out = tmp_path / "reference" / "mean_shape"
-    metrics = baselines.write_mean_shape_run(train, test, out, {"dataset": "toy", "seed": 3})
+    metrics = reference_runs.write_mean_shape_run(train, test, out, {"dataset": "toy", "seed": 3})
     preds, stored = read_run(out)
     assert stored["kind"] == "reference" and stored["method"] == "mean_shape" and stored["n_train_images"] == 4
     assert stored["train_seconds"] == 0.0 and metrics["n_images"] == 2 and len(preds) == 6
@@ -93,7 +94,7 @@ def test_write_inter_observer_run_writes_a_manifest(tmp_path: Path) -> None:
     ref = [_sample("a", (8, 8), geo, [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], [True, True, True])]
     other = [_sample("a", (8, 8), geo, [[1.0, 4.0], [2.0, 2.0], [3.0, 3.0]], [True, True, False]),
              _sample("b", (8, 8), geo, [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], [True, True, True])]
-    metrics = baselines.write_inter_observer_run(ref, other, tmp_path / "inter-observer", {"dataset": "toy"})
+    metrics = reference_runs.write_inter_observer_run(ref, other, tmp_path / "inter-observer", {"dataset": "toy"})
     preds, stored = read_run(tmp_path / "inter-observer")
     np.testing.assert_allclose(preds["error_mm"], [3.0, 0.0, np.nan])
     assert stored["kind"] == "reference" and stored["method"] == "inter-observer"
@@ -112,5 +113,5 @@ def test_reference_rows_on_hamedan_ceph(shared_data: Path) -> None:
     train, test = data.split("train"), data.split("test")
     assert (len(train), len(test)) == (100, 30)
     assert _mre(baselines.mean_shape_predictions(train, test), test) == pytest.approx(7.58, abs=0.1)
-    refs, points = baselines.match_annotator(test, second)
+    refs, points = reference_runs.match_annotator(test, second)
     assert _mre(points, refs) == pytest.approx(1.40, abs=0.05)  # README: inter-observer MRE on test

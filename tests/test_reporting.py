@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib.evaluation import baselines
+from lmlib.outputs import reference_runs
 from lmlib.evaluation import metrics as M
 from lmlib.reporting import comparison as reporting
 from lmlib.reporting import figures as plots
@@ -81,7 +81,7 @@ def results(tmp_path: Path) -> tuple[Path, list[Sample]]:
     reporting.write_reference_run(samples, other, root / "inter-observer")
     manifest(root / "inter-observer", profile="smoke")  # references are compared whatever their profile
     # 05_reference_rows: output_dir reference/ holding the mean-shape sub-run (own manifest, no driver)
-    baselines.write_mean_shape_run(samples[::2], samples, root / "reference" / "mean_shape", {"dataset": "synthetic2d"})
+    reference_runs.write_mean_shape_run(samples[::2], samples, root / "reference" / "mean_shape", {"dataset": "synthetic2d"})
     manifest(root / "reference", profile="full")
     (root / "exploration").mkdir()
     (root / "exploration" / "manifest.json").write_text("{}")
@@ -275,7 +275,7 @@ def test_reference_rows_do_not_squeeze_the_figures(results: tuple[Path, list[Sam
     results_dir, samples = results
     root = results_dir / "synthetic2d"
     far = [s.landmarks_mm + 60.0 for s in samples]  # a reference row far off every method
-    baselines.write_reference_predictions(root / "reference" / "far", samples, far, "far", {"dataset": "synthetic2d"})
+    reference_runs.write_reference_predictions(root / "reference" / "far", samples, far, "far", {"dataset": "synthetic2d"})
     comp = reporting.load_comparison(results_dir, "synthetic2d")
     assert "reference/far" in comp.reference_methods
     long = comp.errors_long()

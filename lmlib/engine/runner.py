@@ -349,7 +349,7 @@ def write_run_outputs(output_dir: Path, test: Sequence[Sample], pred: Prediction
 def worst_image_figure(output_dir: Path, test: Sequence[Sample], predictions: pd.DataFrame, pred: Predictions,
                        label: str) -> dict[str, Path]:
     """The test image with the largest mean error, ground truth and prediction drawn."""
-    from lmlib.reporting.figures import fig_qualitative
+    from lmlib.outputs.qualitative import fig_qualitative
 
     per_image = predictions.groupby("image_id")["error_mm"].mean()
     if per_image.dropna().empty:

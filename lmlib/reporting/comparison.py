@@ -28,7 +28,7 @@ import pandas as pd
 
 from lmlib.evaluation import metrics as M
 from lmlib.evaluation import statistics as stats
-from lmlib.evaluation.baselines import MEAN_SHAPE, match_annotator
+from lmlib.outputs.reference_runs import MEAN_SHAPE, match_annotator
 from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
                                     read_manifest, read_run, write_json, write_outputs)
 from lmlib.data.sample import Sample
@@ -481,9 +481,9 @@ def write_reference_run(samples_reference: Sequence[Sample], samples_other: Sequ
     """Write a second annotator as if it were a method run, scored against the reference annotator.
 
     Samples are matched by ``image_id`` and landmarks by name (a name the other annotator lacks is
-    an unpredicted landmark; :func:`lmlib.evaluation.baselines.match_annotator`). Timings are 0 and
+    an unpredicted landmark; :func:`lmlib.outputs.reference_runs.match_annotator`). Timings are 0 and
     ``metrics.json`` has ``"kind": "reference"``. Writes predictions.csv and metrics.json only
-    (:func:`lmlib.evaluation.baselines.write_inter_observer_run` also writes the manifest).
+    (:func:`lmlib.outputs.reference_runs.write_inter_observer_run` also writes the manifest).
     """
     refs, points = match_annotator(samples_reference, samples_other)
     extra = {"kind": REFERENCE_KIND, "method": method_name,

@@ -19,16 +19,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
-from lmlib.data.sample import Sample
 from lmlib.evaluation.statistics import significance_matrix
-from lmlib.outputs.figure_files import DPI, MAX_BYTES, save_figure  # noqa: F401 (re-exported)
-
-
-def _finish(fig: Figure, path: Path | str | None, dpi: int) -> Figure:
-    plt.close(fig)
-    if path is not None:
-        save_figure(fig, path, dpi)
-    return fig
+from lmlib.outputs.figure_files import DPI, save_figure  # noqa: F401 (save_figure re-exported)
+from lmlib.outputs.qualitative import fig_qualitative, finish as _finish, method_colors  # noqa: F401 (re-exported)
 
 
 def _method_errors(errors_long: pd.DataFrame, reference_methods: Iterable[str]) -> np.ndarray:
@@ -37,19 +30,6 @@ def _method_errors(errors_long: pd.DataFrame, reference_methods: Iterable[str]) 
     mask = ~errors_long["method"].isin(refs)
     err = errors_long.loc[mask if mask.any() else slice(None), "error_mm"].to_numpy(dtype=np.float64)
     return err[np.isfinite(err)]
-
-
-def method_colors(methods: Sequence[str], reference_methods: Iterable[str] = ()) -> dict[str, tuple]:
-    """One colour per method, by position: tab10 without its green (the ground truth marker colour);
-    reference methods (the mean shape, the inter-observer run) get black and greys."""
-    refs = set(reference_methods)
-    tab = [c for k, c in enumerate(sns.color_palette("tab10", 10)) if k != 2]
-    greys = [(0.0, 0.0, 0.0), (0.4, 0.4, 0.4), (0.6, 0.6, 0.6)]
-    out: dict[str, tuple] = {}
-    for method in methods:
-        pool, used = (greys, [m for m in out if m in refs]) if method in refs else (tab, [m for m in out if m not in refs])
-        out[method] = tuple(pool[len(used) % len(pool)])
-    return out
 
 
 def fig_error_boxplot(errors_long: pd.DataFrame, methods: Sequence[str] | None = None,
@@ -185,72 +165,4 @@ def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = Non
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     ax.tick_params(axis="y", rotation=0, labelsize=8)
     ax.set_title(f"Wilcoxon signed-rank, Holm-corrected (alpha {alpha:g}); Δ = mean error A - B (mm)", fontsize=9)
-    return _finish(fig, path, dpi)
-
-
-REFERENCE_MARKER_COLORS: tuple[str, ...] = ("yellow", "cyan", "white")  # reference rows, visible on dark images
-
-
-def _markers(ax: plt.Axes, pts: dict[str, np.ndarray], colors: dict[str, tuple], cols: tuple[int, int],
-             refs: set[str]) -> None:
-    ref_colors = {name: REFERENCE_MARKER_COLORS[k % len(REFERENCE_MARKER_COLORS)]
-                  for k, name in enumerate(n for n in pts if n in refs)}
-    for name, xy in pts.items():
-        ok = ~np.isnan(xy).any(axis=1)
-        if name == "ground truth":
-            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=40, facecolors="none", edgecolors="lime",
-                       linewidths=1.2, label=name, zorder=3)
-        elif name in refs:  # a reference row (second annotator, mean shape): a light plus
-            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=30, marker="+", color=ref_colors[name],
-                       linewidths=1.0, label=name, zorder=4)
-        else:
-            ax.scatter(xy[ok, cols[0]], xy[ok, cols[1]], s=22, marker="x", color=colors[name],
-                       linewidths=1.0, label=name, zorder=4)
-
-
-def _show(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float], origin: str) -> None:
-    ax.imshow(plane, cmap="gray", vmin=lohi[0], vmax=lohi[1], aspect=aspect, origin=origin,
-              interpolation="antialiased")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Path | str | None = None,
-                    title: str | None = None, reference_methods: Iterable[str] = (), dpi: int = DPI) -> Figure:
-    """Ground truth (green circles) and each method's predictions (crosses) on one image.
-
-    ``predictions``: method -> (N, D) world mm in ``sample.landmark_names`` order. 2D: the image
-    with markers. 3D: axial, coronal and sagittal slices through the centroid of the valid ground
-    truth landmarks, with every point projected onto each slice. Reference methods: a plus in yellow,
-    cyan, white (in order).
-    """
-    geo = sample.geometry
-    pts = {"ground truth": geo.world_to_index(sample.landmarks_mm)}
-    pts.update({m: geo.world_to_index(np.asarray(p, dtype=np.float64).reshape(-1, sample.ndim))
-                for m, p in predictions.items()})
-    refs = set(reference_methods)
-    colors = method_colors(list(predictions), refs)
-    img = sample.image
-    lohi = tuple(float(v) for v in np.percentile(img, [1, 99.5]))
-    sp = geo.spacing
-    if sample.ndim == 2:
-        h_in = min(7.0, 6.0 * (img.shape[1] * sp[1]) / max(img.shape[0] * sp[0], 1e-6))
-        fig, ax = plt.subplots(figsize=(6.0, max(h_in, 3.0)))
-        _show(ax, img.T, sp[1] / sp[0], lohi, "upper")
-        _markers(ax, pts, colors, (0, 1), refs)
-        axes = [ax]
-    else:
-        gt = pts["ground truth"]
-        centre = np.nanmean(gt, axis=0) if np.isfinite(gt).any() else np.array(img.shape) / 2.0
-        c = np.clip(np.round(centre).astype(int), 0, np.array(img.shape) - 1)
-        fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.5))
-        views = [("axial z=%d" % c[2], img[:, :, c[2]].T, sp[1] / sp[0], (0, 1)),
-                 ("coronal y=%d" % c[1], img[:, c[1], :].T, sp[2] / sp[0], (0, 2)),
-                 ("sagittal x=%d" % c[0], img[c[0], :, :].T, sp[2] / sp[1], (1, 2))]
-        for ax, (name, plane, aspect, cols) in zip(axes, views):
-            _show(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
-            _markers(ax, pts, colors, cols, refs)
-            ax.set_title(f"{name} (points projected)", fontsize=9)
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title or f"image {sample.image_id}: ground truth and predictions", fontsize=10)
     return _finish(fig, path, dpi)
