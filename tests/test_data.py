@@ -1,7 +1,10 @@
 """LandmarkDataset / LandmarkDataModule: splits, determinism, per-worker streams, caching, collation;
 views (whole / crop / patch, 2D and 3D): items map back to world mm, patch centres and jitter, subsets,
-per-landmark items, keep_outside, seeded random streams, ViewSpec JSON."""
+per-landmark items, keep_outside, seeded random streams (from (seed, epoch): a resumed loader continues),
+ViewSpec JSON."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from scipy.spatial.transform import Rotation
 
 import lmlib.data.loaders as data_mod
 from lmlib.data.grids import Grid
-from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks
+from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks, epoch_seed
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
@@ -88,6 +91,41 @@ def test_workers_get_different_streams() -> None:
     batches = list(dm.train_dataloader())  # worker 0 loads batches 0, 2, 4; worker 1 loads 1, 3, 5
     assert not torch.equal(batches[0]["image"], batches[1]["image"])
     assert not torch.equal(batches[0]["landmarks"], batches[1]["landmarks"])
+
+
+def _at_epoch(dm: LandmarkDataModule, epoch: int) -> LandmarkDataModule:
+    """``dm`` as attached to a trainer about to run ``epoch`` (e.g. resumed from a checkpoint)."""
+    current = SimpleNamespace(processed=epoch)
+    dm.trainer = SimpleNamespace(current_epoch=epoch, fit_loop=SimpleNamespace(
+        epoch_progress=SimpleNamespace(current=current)))
+    return dm
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x["image_id"] == y["image_id"] and torch.equal(x["image"], y["image"])
+                                    and torch.equal(x["landmarks"], y["landmarks"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_streams_depend_on_seed_and_epoch_only(num_workers: int) -> None:
+    """A loader started at epoch 2 (a resumed run) serves what an uninterrupted loader serves in its
+    third pass: order, augmentation and worker streams derive from (seed, epoch)."""
+    full = epochs(make_dm(num_workers), 3)
+    n = len(full) // 3
+    resumed = _at_epoch(make_dm(num_workers), 2)
+    loader = resumed.train_dataloader()
+    it = iter(loader)  # Lightning's order in the first epoch of a fit: iterator, then set_epoch
+    loader.sampler.set_epoch(2)
+    assert _same_batches(list(it), full[2 * n:])
+    loader.sampler.set_epoch(1)  # any epoch, any time
+    assert _same_batches(list(loader), full[n:2 * n])
+    assert not _same_batches(full[:n], full[n:2 * n])
+
+
+def test_epoch_seed_streams_are_distinct() -> None:
+    seeds = {epoch_seed(s, e, k) for s in (0, 1) for e in range(50) for k in range(4)}
+    assert len(seeds) == 2 * 50 * 4 and all(0 <= x < 2**32 for x in seeds)
+    assert epoch_seed(3, 7, 1) == epoch_seed(3, 7, 1)
 
 
 def test_preprocess_cached(monkeypatch: pytest.MonkeyPatch) -> None:

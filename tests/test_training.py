@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.phantoms import make_phantom_dataset
+from lmlib.data.transforms import build_augmentation
 from lmlib.engine.training import CheckpointMismatch, LandmarkModule, fit, load_checkpoint, predict, trainer_device
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves, read_history
 from lmlib.methods import build_method
@@ -145,9 +147,118 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     assert first.epochs == 2
     second = fit(method, _dm(samples), tmp_path / "b", max_epochs=3, device="cpu", resume=first.last_checkpoint)
     hist = pd.read_csv(second.history_csv)
-    assert sorted(hist["epoch"].dropna().astype(int).unique()) == [2]  # only the new epoch ran
+    # only the new epoch ran; the history of the resumed run (another folder here) is carried over
+    assert sorted(hist.dropna(subset=["train/loss"])["epoch"].astype(int)) == [0, 1, 2]
+    old = pd.read_csv(first.history_csv)
+    pd.testing.assert_frame_equal(hist.iloc[:len(old)][old.columns], old, check_dtype=False)
     assert second.epochs == 3
     assert second.train_seconds > first.train_seconds  # training time summed across the resume
+
+
+# ------------------------------------------------------------------ exact resume
+RESUME_EPOCHS, KILL_AT = 4, 2
+
+
+class Killed(RuntimeError):
+    """Raised by :class:`KillAt` in place of a kill."""
+
+
+class KillAt(Callback):
+    """Stands in for a killed job: raises at the start of epoch ``epoch`` (``last.ckpt`` then holds the
+    epoch before), with the same ``max_epochs`` (schedule horizon) as the uninterrupted run."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Killed(f"killed at epoch {self.epoch}")
+
+
+class EpochTimes(Callback):
+    """Wall time from the start of the first training epoch to the end of the last one of a fit."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter() if self.start is None else self.start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.end = time.perf_counter()
+
+
+def _aug_fit(samples, out, resume="", callbacks=()):
+    """A tiny run with augmentation (affine + intensity) and shuffling on."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    dm = LandmarkDataModule(samples, target_size=SIZE, batch_size=4, seed=0, shuffle=True,
+                            augmentation=build_augmentation(2, seed=0))
+    return fit(method, dm, out, max_epochs=RESUME_EPOCHS, learning_rate=3e-3, device="cpu", seed=0,
+               resume=resume, callbacks=callbacks)
+
+
+@pytest.fixture(scope="module")
+def resumed(samples, tmp_path_factory):
+    """An uninterrupted run, a run killed at epoch KILL_AT and resumed from its last.ckpt (same folder)."""
+    full = _aug_fit(samples, tmp_path_factory.mktemp("full"))
+    out = tmp_path_factory.mktemp("killed")
+    with pytest.raises(Killed):
+        _aug_fit(samples, out, callbacks=[KillAt(KILL_AT)])
+    last = out / "checkpoints" / "last.ckpt"
+    before = {"history": pd.read_csv(out / "training_log" / "metrics.csv"),
+              "ckpt": torch.load(last, map_location="cpu", weights_only=False)}
+    times = EpochTimes()
+    second = _aug_fit(samples, out, resume=last, callbacks=[times])
+    return full, before, second, times
+
+
+def _test_predictions(result, samples) -> np.ndarray:
+    return np.stack(predict(result.module, [s for s in samples if s.meta["split"] == "test"]).world_mm)
+
+
+def test_resume_continues_the_random_streams(resumed, samples):
+    """Killed and resumed from last.ckpt = uninterrupted (data order, augmentation, crop streams)."""
+    full, before, second, _ = resumed
+    assert before["ckpt"]["epoch"] == KILL_AT - 1 and second.epochs == RESUME_EPOCHS
+    a, b = read_history(full.history_csv).loc[KILL_AT:], read_history(second.history_csv).loc[KILL_AT:]
+    print("val/mre_mm uninterrupted", a["val/mre_mm"].tolist(), "resumed", b["val/mre_mm"].tolist())
+    assert list(b.index) == list(range(KILL_AT, RESUME_EPOCHS))
+    np.testing.assert_allclose(b["train/loss"].to_numpy(), a["train/loss"].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(b["val/mre_mm"].to_numpy(), a["val/mre_mm"].to_numpy(), rtol=1e-6, atol=1e-6)
+    assert second.best_score == pytest.approx(full.best_score, rel=1e-6, abs=1e-6)
+    np.testing.assert_allclose(_test_predictions(second, samples), _test_predictions(full, samples), atol=1e-6,
+                               equal_nan=True)
+
+
+def test_same_seed_same_run(resumed, samples, tmp_path):
+    full, *_ = resumed
+    again = _aug_fit(samples, tmp_path)
+    pd.testing.assert_frame_equal(read_history(again.history_csv).drop(columns="step"),
+                                  read_history(full.history_csv).drop(columns="step"))
+    np.testing.assert_array_equal(_test_predictions(again, samples), _test_predictions(full, samples))
+
+
+def test_resume_keeps_the_whole_history(resumed):
+    """metrics.csv after the resume holds every epoch once; the rows before the kill are unchanged."""
+    _, before, second, _ = resumed
+    hist = pd.read_csv(second.history_csv)
+    assert sorted(read_history(second.history_csv).index) == list(range(RESUME_EPOCHS))
+    for column in ("train/loss", "val/mre_mm"):  # one value per epoch, none twice
+        assert sorted(hist.dropna(subset=[column])["epoch"].astype(int)) == list(range(RESUME_EPOCHS))
+    old = before["history"]
+    pd.testing.assert_frame_equal(hist.iloc[:len(old)][old.columns].reset_index(drop=True), old,
+                                  check_dtype=False)
+
+
+def test_train_seconds_summed_across_resumes(resumed):
+    _, before, second, times = resumed
+    first_seconds = float(before["ckpt"]["train_seconds"])
+    assert first_seconds > 0
+    resumed_part = times.end - times.start
+    assert second.train_seconds >= first_seconds + resumed_part
+    last = torch.load(second.last_checkpoint, map_location="cpu", weights_only=False)
+    assert first_seconds + resumed_part <= last["train_seconds"] <= second.train_seconds
 
 
 def test_optimizer_warmup_then_cosine():
@@ -178,3 +289,17 @@ def test_module_rebuilds_from_plain_arguments():
     with pytest.raises(ValueError, match="2 outputs"):
         LandmarkModule("heatmap_unet", {"spatial_dims": 2, "n_landmarks": 2, "network": NET}, ["a"],
                        {"kind": "whole", "size": [32, 32]})
+
+
+def test_per_landmark_means_keep_values_and_ids_aligned_with_nans():
+    """NaN values (e.g. Dice of a patch whose target left the grid) were dropped by the metric while
+    their landmark ids were kept, so the two no longer lined up (broadcast error in the cascade)."""
+    module = LandmarkModule("heatmap_unet", {"spatial_dims": 2, "n_landmarks": 3, "network": NET}, ["a", "b", "c"],
+                            {"kind": "whole", "size": [32, 32]})
+    values = torch.tensor([[1.0, float("nan"), 3.0], [float("nan"), 5.0, 7.0]])
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    module._val_dice.update(values.reshape(-1))
+    module._val_dice_ids.update(torch.where(torch.isfinite(values), ids, -1).reshape(-1).float())
+    mean, per = module._per_landmark(module._val_dice, module._val_dice_ids)
+    assert mean == pytest.approx(4.0)
+    np.testing.assert_allclose(per, [1.0, 5.0, 5.0])

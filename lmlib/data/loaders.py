@@ -30,12 +30,12 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.grids import Grid, SourceImage, crop_array, normalize_intensity, on_sub_grid, preprocess, \
@@ -47,6 +47,8 @@ TargetEncoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str
 SPLITS = ("train", "val", "test")
 VIEW_KINDS = ("whole", "crop", "patch")
 JITTER_KINDS = ("none", "normal", "uniform")
+# independent random streams derived from (seed, epoch): see epoch_seed / EpochSampler
+STREAM_ORDER, STREAM_DATA, STREAM_WORKERS, STREAM_GLOBAL = 0, 1, 2, 3
 
 
 def identity_encoder(image: torch.Tensor, landmarks: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
@@ -54,12 +56,21 @@ def identity_encoder(image: torch.Tensor, landmarks: torch.Tensor, valid: torch.
     return {}
 
 
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """A 32-bit seed derived from ``(seed, epoch, *stream)`` (NumPy ``SeedSequence``): well separated
+    streams for every epoch, which a resumed run re-derives from the epoch alone."""
+    entropy = [int(seed) % 2**32, int(epoch), *(int(k) for k in stream)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: give each worker its own augmentation / crop / jitter stream.
 
     PyTorch seeds worker ``k`` with ``base_seed + k`` (``torch.initial_seed()`` inside the worker),
-    where ``base_seed`` is drawn from the loader's generator at each epoch; without this every worker
-    would hold a copy of the same random state and repeat the same augmentations.
+    where ``base_seed`` is drawn from the loader's generator when the epoch's iterator starts; the
+    :class:`EpochSampler` reseeds that generator from ``(seed, epoch)``, so worker ``k`` of epoch ``e``
+    is seeded from ``(seed, e, k)``. Without this every worker would hold a copy of the same random
+    state and repeat the same augmentations.
     """
     info = get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
@@ -76,6 +87,47 @@ def collate_landmarks(items: list[dict[str, Any]]) -> dict[str, Any]:
     if len(shapes) > 1:
         raise ValueError(f"images of different shapes {sorted(shapes)} cannot be batched; set target_size")
     return default_collate(items)
+
+
+class EpochSampler(Sampler[int]):
+    """Training order and random streams of an epoch, all derived from ``(seed, epoch)``.
+
+    A pass (``iter``) over epoch ``e`` shuffles (if ``shuffle``) with a generator seeded from
+    ``(seed, e)``, reseeds ``dataset`` (augmentation, crop positions, jitter; ``set_random_state``)
+    from ``(seed, e)`` before its first item is loaded (``num_workers=0``), and then selects epoch
+    ``e + 1`` for the next pass. :meth:`set_epoch` selects an epoch (Lightning calls it before every
+    training epoch) and reseeds the loader's ``generator``, from which the worker base seed of the
+    next iterator is drawn (workers: :func:`seed_worker`). A run resumed at epoch ``e`` therefore sees
+    the same batches as an uninterrupted one. Persistent workers keep their streams across epochs
+    (not reseeded per epoch): a resume is exact with ``num_workers=0`` or non-persistent workers.
+    """
+
+    def __init__(self, dataset: "LandmarkDataset", seed: int = 0, shuffle: bool = True,
+                 generator: torch.Generator | None = None, epoch: int = 0) -> None:
+        self.dataset, self.seed, self.shuffle = dataset, int(seed), bool(shuffle)
+        self.generator = generator if generator is not None else torch.Generator()
+        self.epoch = 0
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch`` for the next pass and reseed the worker base-seed generator."""
+        self.epoch = int(epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, STREAM_WORKERS))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, n = self.epoch, len(self.dataset)
+        if hasattr(self.dataset, "set_random_state"):
+            self.dataset.set_random_state(epoch_seed(self.seed, epoch, STREAM_DATA))
+        if self.shuffle:
+            order = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, STREAM_ORDER))
+            indices = torch.randperm(n, generator=order).tolist()
+        else:
+            indices = list(range(n))
+        self.set_epoch(epoch + 1)  # a plain second pass is the next epoch
+        yield from indices
 
 
 # ------------------------------------------------------------------------------------------ ViewSpec
@@ -370,10 +422,11 @@ class LandmarkDataModule(pl.LightningDataModule):
     ``centres`` = ``{split: {image_id: (N, D) world mm}}`` for eval patch views (see
     :class:`LandmarkDataset`).
 
-    Determinism: the train loader shuffles with a ``torch.Generator`` seeded by ``seed``, which also
-    draws the per-epoch worker base seed; with ``num_workers=0`` the augmentation and the dataset's
-    crop/jitter stream are seeded once with ``seed``. Two runs with the same seed and ``num_workers``
-    give identical batches.
+    Determinism and resume: the train loader's :class:`EpochSampler` derives the epoch's order, the
+    augmentation / crop / jitter stream and the worker seeds from ``(seed, epoch)``; attached to a
+    trainer, :meth:`train_dataloader` starts at the trainer's epoch (a resumed run continues the
+    streams of the interrupted one). Two runs with the same seed and ``num_workers`` give identical
+    batches, and a run resumed at epoch ``e`` the same batches as an uninterrupted one.
     """
 
     def __init__(self, samples: Sequence[Sample], target_size: Sequence[int] | None = None,
@@ -416,16 +469,30 @@ class LandmarkDataModule(pl.LightningDataModule):
                     view=self.view if train else self.eval_view, centres=None if train else self.centres.get(split),
                     train=train)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, epoch: int = 0) -> DataLoader:
         self.setup()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train and self.shuffle, num_workers=self.num_workers,
-                          collate_fn=collate_landmarks, worker_init_fn=seed_worker,
-                          generator=self._generator if train else torch.Generator().manual_seed(self.seed),
-                          persistent_workers=self.persistent_workers, drop_last=False)
+        dataset = self.datasets[split]
+        generator = self._generator if train else torch.Generator().manual_seed(self.seed)
+        # train: order and streams of each epoch from (seed, epoch); val/test: in order, no randomness
+        sampler = EpochSampler(dataset, self.seed, self.shuffle, generator, epoch) if train else None
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=sampler, shuffle=False if sampler is None else None,
+                          num_workers=self.num_workers, collate_fn=collate_landmarks, worker_init_fn=seed_worker,
+                          generator=generator, persistent_workers=self.persistent_workers, drop_last=False)
+
+    def _trainer_epoch(self) -> int:
+        """The epoch the attached trainer starts next (restored on resume; 0 without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        loop = getattr(trainer, "fit_loop", None)
+        if loop is not None:  # what Lightning passes to the sampler's set_epoch (current_epoch lags on resume)
+            return int(loop.epoch_progress.current.processed)
+        return int(trainer.current_epoch)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        """Training loader starting at the trainer's epoch (see the class docstring)."""
+        return self._loader("train", True, self._trainer_epoch())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False)

@@ -6,8 +6,10 @@ loss, its ``decode_batch`` the coordinates on each item's grid, its ``configure_
 optimizer and schedule. Validation errors are measured in **world mm** for every view (whole image,
 crop, patch) through the item's own grid (``index_to_world``) against the sample's original landmarks
 (``reference_mm``), accumulated with torchmetrics. Logged per epoch (CSVLogger,
-``training_log/metrics.csv``): ``train/loss``, ``val/loss``, ``val/mre_mm``, per landmark
-``val/err_mm/<name>``, Dice where the method defines it, ``lr`` and the method's ``epoch_info``.
+``training_log/metrics.csv``, kept across resumes): ``train/loss``, ``val/loss``, ``val/mre_mm``, per
+landmark ``val/err_mm/<name>``, Dice where the method defines it, ``lr`` and the method's ``epoch_info``.
+A resumed run continues exactly (random streams derived from (seed, epoch)); ``train_seconds`` sums
+the runs.
 
 Checkpoints describe themselves (Lightning hyper-parameters): method name and configuration, the
 training and evaluation views (grid size, spacing, padding, normalisation), landmark names, the
@@ -18,8 +20,11 @@ loaded anywhere else. :func:`predict` needs only a checkpoint (or module) and sa
 """
 from __future__ import annotations
 
+import csv
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,7 +37,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.aggregation import CatMetric
 
 import lmlib
-from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks
+from lmlib.data.loaders import STREAM_GLOBAL, LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks, \
+    epoch_seed
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
 from lmlib.runtime import setup
@@ -96,10 +102,11 @@ class LandmarkModule(pl.LightningModule):
             raise ValueError(f"{len(self.landmark_names)} landmark names for {self.method.n_landmarks} outputs")
         # the epoch whose target state decoding assumes; a buffer, so it is saved with the weights
         self.register_buffer("method_epoch", torch.zeros((), dtype=torch.long))
-        self._val_err = CatMetric(nan_strategy="ignore")
-        self._val_ids = CatMetric(nan_strategy="ignore")
-        self._val_dice = CatMetric(nan_strategy="ignore")
-        self._val_dice_ids = CatMetric(nan_strategy="ignore")
+        # NaNs kept ("disable"): values and landmark ids must stay aligned; _per_landmark drops them
+        self._val_err = CatMetric(nan_strategy="disable")
+        self._val_ids = CatMetric(nan_strategy="disable")
+        self._val_dice = CatMetric(nan_strategy="disable")
+        self._val_dice_ids = CatMetric(nan_strategy="disable")
 
     @classmethod
     def from_method(cls, method: LandmarkMethod, landmark_names: Sequence[str], view: ViewSpec,
@@ -205,8 +212,25 @@ class LandmarkModule(pl.LightningModule):
         return self.method.predict_coords(self.net, batch, self.decode_epoch)
 
 
+class _EpochSeeds(Callback):
+    """Reseeds Python's, NumPy's and torch's global generators from ``(seed, epoch)`` at the start of
+    every training epoch (dropout, anything a method draws there), so a resumed run continues them
+    exactly; the data streams are the train loader's (:class:`~lmlib.data.loaders.EpochSampler`)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = epoch_seed(self.seed, int(trainer.current_epoch), STREAM_GLOBAL)
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+
 class _Clock(Callback):
-    """Training time in seconds, summed over resumed runs (read back from the checkpoint)."""
+    """Training time in seconds, summed over resumed runs: the running total is written into every
+    checkpoint (``train_seconds``, :meth:`LandmarkModule.on_save_checkpoint`) and read back on resume
+    (:meth:`LandmarkModule.on_load_checkpoint`, before ``on_train_start``)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
@@ -223,6 +247,50 @@ class _Clock(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed checkpoint is restored between on_fit_start and on_train_start
         self.before = float(getattr(pl_module, "_loaded_train_seconds", self.before))
+
+
+def _resume_epoch(checkpoint: str | Path) -> int:
+    """The first epoch a resume from ``checkpoint`` trains (the epochs before it are done)."""
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(ckpt.get("epoch", -1)) + 1
+
+
+def _earlier_history(out: Path, resume: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of the epochs before the resume, from ``training_log/metrics.csv`` of the
+    checkpoint's run folder (``<run>/checkpoints/x.ckpt``), else of ``out``: rows of later epochs
+    (logged after the checkpoint was written, e.g. the killed epoch) are dropped, since the resumed
+    run logs them again."""
+    for csv_path in (Path(resume).parent.parent / "training_log" / "metrics.csv",
+                     out / "training_log" / "metrics.csv"):
+        if csv_path.is_file():
+            break
+    else:
+        return [], []
+    first = _resume_epoch(resume)
+    with open(csv_path, newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [row for row in reader if row.get("epoch") not in (None, "") and float(row["epoch"]) < first]
+        return list(reader.fieldnames or []), rows
+
+
+def _history_logger(out: Path, resume: str | Path) -> CSVLogger:
+    """``training_log/metrics.csv`` logger that writes every log at once (a killed run keeps what it
+    logged) and, on resume, starts from the earlier epochs' rows (Lightning's writer would delete them)."""
+    header, rows = _earlier_history(out, resume) if resume else ([], [])
+    logger = CSVLogger(save_dir=str(out), name="", version="training_log", flush_logs_every_n_steps=1)
+    with warnings.catch_warnings():  # "previous log files will be deleted": the history is kept below
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # created now: it deletes an existing metrics.csv
+    if rows:
+        with open(writer.metrics_file_path, "w", newline="") as file:
+            out_csv = csv.DictWriter(file, fieldnames=header)
+            out_csv.writeheader()
+            out_csv.writerows(rows)
+        writer.metrics_keys = list(header)  # new rows are appended under this header (widened if needed)
+    return logger
 
 
 def trainer_device(device: torch.device) -> tuple[str, Any]:
@@ -291,7 +359,10 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
     ``checkpoints/{best,last}.ckpt`` (or into ``checkpoint_dir``). ``resume``: a checkpoint to continue
-    from (its epoch, optimizer and scheduler state); the run then trains up to ``max_epochs`` in total.
+    from (its epoch, optimizer and scheduler state); the run then trains up to ``max_epochs`` in total,
+    exactly as an uninterrupted run would (random streams derived from (seed, epoch): data order,
+    augmentation, crops, jitter, global generators), keeps the earlier epochs in ``metrics.csv`` and
+    sums ``train_seconds`` over the runs.
     ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings.
     ``data``: provenance stored in the checkpoint (dataset name, spacing policy).
     ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch).
@@ -324,9 +395,9 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     accelerator, devices = trainer_device(dev)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
-        logger=CSVLogger(save_dir=str(out), name="", version="training_log"),
-        callbacks=[clock, checkpoint, latest, EpochProgressBar(refresh_rate=progress_refresh_rate or n_batches),
-                   *callbacks],
+        logger=_history_logger(out, resume),
+        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest,
+                   EpochProgressBar(refresh_rate=progress_refresh_rate or n_batches), *callbacks],
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out))
