@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmlib.data.datasets import SPECS, SYNTHETIC, shared_data_dir
-from lmlib.runtime import MALLOC_ENV
+from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 
 KERNEL_NAME = "lmlib"
 REAL = ("hamedan-ceph", "afids-mni")
@@ -151,6 +151,7 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     (root / tmp).mkdir(parents=True, exist_ok=True)
     for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
         os.environ.setdefault(key, value)
+    os.environ.setdefault(PROGRESS_ENV, "lines")  # stored notebooks get epoch lines, not a live bar
     start = time.time()
     pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
                         kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,

@@ -24,6 +24,7 @@ MALLOC_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 31),   # bytes; do not hand freed memory back every step
 }
 
+PROGRESS_ENV = "LMLIB_PROGRESS"  # "lines": training prints a line every few epochs instead of a live bar
 REPORTED_PACKAGES: tuple[str, ...] = (
     "lmlib", "torch", "monai", "lightning", "SimpleITK", "numpy", "scipy", "pandas",
     "matplotlib", "seaborn", "papermill", "tqdm",

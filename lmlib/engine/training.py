@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import time
 import warnings
@@ -41,7 +42,7 @@ from lmlib.data.loaders import STREAM_GLOBAL, LandmarkDataModule, LandmarkDatase
     epoch_seed
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
-from lmlib.runtime import setup
+from lmlib.runtime import PROGRESS_ENV, setup
 
 MONITOR = "val/mre_mm"
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
@@ -59,6 +60,37 @@ class EpochProgressBar(TQDMProgressBar):
         bar = super().init_validation_tqdm()
         bar.disable = True
         return bar
+
+
+class EpochLines(Callback):
+    """Progress as short lines (for batch runs whose output is stored, e.g. papermill notebooks):
+    about ``n_lines`` lines over the run plus the last epoch, each with the training loss, the
+    validation mean radial error (mm) and the elapsed time. A live bar in such a notebook would
+    store hundreds of carriage-return updates."""
+
+    def __init__(self, n_lines: int = 20) -> None:
+        self.n_lines, self.start = int(n_lines), 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, total = int(trainer.current_epoch) + 1, int(trainer.max_epochs or 0)
+        every = max(1, total // max(1, self.n_lines))
+        if epoch % every and epoch != total and epoch != 1:
+            return
+        m = trainer.callback_metrics
+        loss, mre = m.get("train/loss"), m.get(MONITOR)
+        print(f"epoch {epoch:>4}/{total}  train loss {float(loss) if loss is not None else float('nan'):.4g}  "
+              f"val MRE {float(mre) if mre is not None else float('nan'):.3f} mm  "
+              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+
+def progress_callback(n_batches: int, refresh_rate: int | None) -> Callback:
+    """The live TQDM bar, or :class:`EpochLines` when ``$LMLIB_PROGRESS`` is ``lines`` (the driver sets it)."""
+    if os.environ.get(PROGRESS_ENV) == "lines":
+        return EpochLines()
+    return EpochProgressBar(refresh_rate=refresh_rate or n_batches)
 
 
 def errors_mm(coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -396,8 +428,9 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
         logger=_history_logger(out, resume),
-        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest,
-                   EpochProgressBar(refresh_rate=progress_refresh_rate or n_batches), *callbacks],
+        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate),
+                   *callbacks],
+        enable_progress_bar=os.environ.get(PROGRESS_ENV) != "lines",
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out))
