@@ -26,7 +26,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -346,8 +346,7 @@ class FitResult:
     epochs: int
     history_csv: Path
     device: torch.device
-    best_score: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    best_score: float | None = None  # best validation MRE (mm)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
@@ -443,7 +442,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     module.to(dev).eval()
     score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
     return FitResult(module, trainer, best, last, seconds, int(trainer.current_epoch),
-                     out / "training_log" / "metrics.csv", dev, score, {"best_score": score})
+                     out / "training_log" / "metrics.csv", dev, score)
 
 
 @dataclass
