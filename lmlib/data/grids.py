@@ -193,6 +193,8 @@ class Grid:
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline,
                  "lanczos": sitk.sitkLanczosWindowedSinc}
 
+DISCRETE_GAUSSIAN_MAX_PX = 8.0  # wider Gaussians use SimpleITK's recursive filter
+
 
 def antialias_sigma_mm(source: Grid, grid: Grid) -> np.ndarray:
     """Gaussian sigma (mm, along each source axis) that anti-aliases sampling ``source`` onto ``grid``.
@@ -237,12 +239,15 @@ class SourceImage:
         key = tuple(np.round(sig, 9).tolist())
         if key in self._smoothed:
             return self._smoothed[key]
-        f = sitk.DiscreteGaussianImageFilter()
-        f.SetVariance((sig ** 2).tolist())
-        f.SetUseImageSpacing(True)
-        f.SetMaximumError(1e-3)
-        f.SetMaximumKernelWidth(4096)
-        out = f.Execute(self.image)
+        if np.max(sig / self.grid.spacing) <= DISCRETE_GAUSSIAN_MAX_PX:
+            f = sitk.DiscreteGaussianImageFilter()
+            f.SetVariance((sig ** 2).tolist())
+            f.SetUseImageSpacing(True)
+            f.SetMaximumError(1e-3)
+            f.SetMaximumKernelWidth(4096)
+            out = f.Execute(self.image)
+        else:  # a wide discrete kernel overflows to NaN (seen at ~28 px): the recursive filter is exact there
+            out = sitk.SmoothingRecursiveGaussian(self.image, sig.tolist())
         if self.cache:
             self._smoothed[key] = out
         return out
