@@ -463,7 +463,8 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     needed: the checkpoint holds the method, its views and landmark names). Each image is resampled
     onto the evaluation view's grid exactly as in validation, decoded to sub-pixel grid indices, and
     mapped back through that grid to world mm. ``centres``: ``{image_id: (N, D) world mm}`` for patch
-    views (a previous stage's predictions). Timing includes resampling.
+    views (a previous stage's predictions). Each image is prepared once (normalised, smoothed) even when
+    it yields one patch per landmark. Timing includes resampling.
     """
     source = str(model) if not isinstance(model, LandmarkModule) else "model"
     module = model if isinstance(model, LandmarkModule) else load_checkpoint(model)
@@ -475,7 +476,7 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     conf = [np.full(n, np.nan) for _ in samples]
     start = time.perf_counter()
     ds = LandmarkDataset(samples, view=view or module.eval_view,
-                         centres=dict(centres) if centres is not None else None, cache=False)
+                         centres=dict(centres) if centres is not None else None, cache=True)
     for lo in range(0, len(ds), batch_size):
         batch = collate_landmarks([ds[k] for k in range(lo, min(lo + batch_size, len(ds)))])
         coords, c, _ = module.predict_batch(batch)
