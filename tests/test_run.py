@@ -162,7 +162,8 @@ def test_finalise_refuses_a_run_without_manifest(tmp_path: Path) -> None:
     assert tmp.exists()
 
 
-def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fake_papermill(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """papermill replaced by a fake that records the parameters and writes an executed notebook + manifest."""
     import papermill as pm
 
     seen: list[dict] = []
@@ -174,6 +175,11 @@ def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypa
         (out / "manifest.json").write_text(json.dumps({"parameters": dict(parameters)}))
 
     monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    return seen
+
+
+def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _fake_papermill(monkeypatch)
     _write_notebook(tmp_path, "toy.ipynb", BODY)
     nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
     nb.cells[0].source += '\nprofile: str = ""\nresults_dir: str = "results"'
@@ -221,17 +227,7 @@ def test_unknown_dataset_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
 def _resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """A toy notebook that declares ``resume``, and papermill replaced by a fake recording its parameters."""
-    import papermill as pm
-
-    seen: list[dict] = []
-
-    def fake_execute(input_path: str, output_path: str, parameters: dict, **kwargs) -> None:
-        seen.append(dict(parameters))
-        out = Path(kwargs["cwd"]) / parameters["output_dir"]
-        _fake_executed(out, Path(output_path).name, parameters)
-        (out / "manifest.json").write_text(json.dumps({"parameters": dict(parameters)}))
-
-    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    seen = _fake_papermill(monkeypatch)
     _write_notebook(tmp_path, "toy.ipynb", BODY)
     nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
     nb.cells[0].source += '\nresume: str = ""'
