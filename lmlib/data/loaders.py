@@ -27,7 +27,6 @@ Batches stack these: image ``(B, C, ...)``, landmarks ``(B, K, D)``, valid ``(B,
 """
 from __future__ import annotations
 
-import inspect
 import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -208,13 +207,6 @@ class ViewSpec:
         return cls(**kw)
 
 
-def _make_item_keeps_outside() -> bool:
-    try:
-        return "keep_outside" in inspect.signature(make_item).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
 # ------------------------------------------------------------------------------------------- Dataset
 class LandmarkDataset(Dataset):
     """Views of samples (see the module docstring), augmented (train) and target-encoded.
@@ -268,7 +260,6 @@ class LandmarkDataset(Dataset):
                 self._items += [(i, (k,)) for k in self.served if not self.train or s.valid[k]]
             else:
                 self._items.append((i, self.served))
-        self._keep_outside_kw = _make_item_keeps_outside()
         self._cache: list[Any] | None = [self._prepare(s) for s in self.samples] if cache else None
         self.set_random_state(seed)
 
@@ -379,14 +370,7 @@ class LandmarkDataset(Dataset):
         return resample(self._prepared(si), grid), grid, centre
 
     def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
-        if not self.view.keep_outside:
-            return make_item(image, idx, valid)
-        if self._keep_outside_kw:
-            return make_item(image, idx, valid, keep_outside=True)
-        lm = np.array(idx, dtype=np.float64)
-        lm[~valid] = np.nan
-        return {"image": torch.as_tensor(image, dtype=torch.float32)[None], "landmarks": lm,
-                "valid": np.asarray(valid, dtype=bool).copy(), "keep_outside": True}
+        return make_item(image, idx, valid, keep_outside=self.view.keep_outside)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         si, ids = self._items[index]

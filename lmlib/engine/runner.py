@@ -226,17 +226,24 @@ def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
                                            ("weight_decay", "weight_decay"), ("optimizer", "name"),
                                            ("warmup_epochs", "warmup_epochs")) if p in params}
     return {"optimizer": optimizer, "test_time_flip": bool(params.get("flip_test", False)),
-            "flip_pairs": data.spec.pair_indices() if hasattr(data.spec, "pair_indices") else [],
+            "flip_pairs": data.spec.pair_indices(),
             "max_epochs": int(params.get("max_epochs", 100))}
 
 
-def spacing_policy(data: Dataset) -> str:
-    """How the dataset's pixel spacing is known (stored in checkpoints)."""
-    sp = getattr(data.spec, "spacing_mm", None)
-    return f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"
+def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
+    """What checkpoints record about the data: dataset, how its pixel spacing is known, annotator."""
+    sp = data.spec.spacing_mm
+    return {"dataset": params["dataset"], "annotator": params.get("annotator") or "",
+            "spacing": f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"}
 
 
-def augmentation(params: Mapping[str, Any], ndim: int, data: Dataset, seed: int) -> Any:
+def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
+    """The training-overlay callback (frames every ``overlay_every`` epochs, GIF at ``gif_fps``)."""
+    return [OverlayCallback(folder, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
+                            fps=float(params.get("gif_fps", 10.0)))]
+
+
+def augmentation(params: Mapping[str, Any], ndim: int, seed: int) -> Any:
     """The training augmentation the parameters ask for (None when ``augment`` is false)."""
     if not params.get("augment", True):
         return None
@@ -265,18 +272,16 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
     if hasattr(cls, "build_stages"):
-        return _run_cascade(cls, params, effective, data, train, val, test, grid, shared, dev, started)
+        return _run_cascade(cls, params, effective, data, train, val, test, grid, shared, dev, started, seed)
     model = cls.from_parameters(ndim, len(names), params, **shared)
     print(model)
-    provenance = {"dataset": params["dataset"], "spacing": spacing_policy(data), "annotator": params.get("annotator") or ""}
     view = ViewSpec(kind="whole", size=tuple(grid))
     datamodule = LandmarkDataModule(train + val + test, view=view, batch_size=int(params.get("batch_size", 4)),
                                     num_workers=int(params.get("num_workers", 0)), seed=seed,
-                                    augmentation=augmentation(params, ndim, data, seed))
-    callbacks = [OverlayCallback(output_dir, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
-                                 fps=float(params.get("gif_fps", 10.0)))]
+                                    augmentation=augmentation(params, ndim, seed))
     result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(params.get("device", "auto")),
-                 seed=seed, resume=params.get("resume") or "", callbacks=callbacks, data=provenance)
+                 seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
+                 data=provenance(params, data))
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
           f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(params.get("batch_size", 4)))
@@ -291,26 +296,21 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
 
 def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
                  train: list[Sample], val: list[Sample], test: list[Sample], grid: list[int],
-                 shared: dict[str, Any], dev: Any, started: str) -> RunResult:
+                 shared: dict[str, Any], dev: Any, started: str, seed: int) -> RunResult:
     """A method made of stages (``cls.build_stages(spatial_dims, n_landmarks, params, grid, shared)``):
     each stage trained by :func:`fit_cascade` into ``<output_dir>/<stage>/`` with its own contract
-    outputs and manifest; the top folder gets the last stage's outputs and the manifest."""
+    outputs and manifest; the top folder holds the run's manifest and the worst test image (no
+    predictions of its own, so the comparison shows one row per stage)."""
     from lmlib.engine.cascade import fit_cascade
 
-    output_dir, seed = Path(params["output_dir"]), int(params.get("seed", 0))
+    output_dir = Path(params["output_dir"])
     stages = cls.build_stages(data.spec.ndim, len(data.landmark_names), params, grid, shared)
-    aug = augmentation(params, data.spec.ndim, data, seed)
+    aug = augmentation(params, data.spec.ndim, seed)
     for stage in stages:
         stage.augmentation = stage.augmentation if stage.augmentation is not None else aug
-    provenance = {"dataset": params["dataset"], "spacing": spacing_policy(data), "annotator": params.get("annotator") or ""}
-
-    def overlays(stage: Any, folder: Path) -> list[OverlayCallback]:
-        return [OverlayCallback(folder, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
-                                fps=float(params.get("gif_fps", 10.0)))]
-
     results = fit_cascade(stages, train + val + test, output_dir, device=str(params.get("device", "auto")), seed=seed,
                           num_workers=int(params.get("num_workers", 0)), resume=bool(params.get("resume")),
-                          callbacks=overlays, data=provenance)
+                          callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data))
     figures: dict[str, Path] = {}
     stage_metrics: dict[str, dict[str, Any]] = {}
     for r in results:

@@ -113,8 +113,9 @@ class LandmarkModule(pl.LightningModule):
 
     Built from plain, JSON-safe arguments so that Lightning's ``load_from_checkpoint`` rebuilds it
     from the checkpoint alone: ``method`` / ``method_config`` (``build_method(method, **config)``),
-    ``landmark_names`` (all of the dataset's; items say which they hold), ``view`` / ``eval_view`` (:class:`ViewSpec` dicts), ``max_epochs`` (schedule
-    horizon) and ``data`` (dataset name, spacing policy: provenance checked at prediction).
+    ``landmark_names`` (all of the dataset's; items say which they hold), ``view`` / ``eval_view``
+    (:class:`ViewSpec` dicts), ``max_epochs`` (schedule horizon) and ``data`` (dataset name, spacing
+    policy: provenance stored with the weights).
     """
 
     def __init__(self, method: str, method_config: dict[str, Any], landmark_names: Sequence[str],
@@ -272,13 +273,12 @@ class _Clock(Callback):
         return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.before = float(getattr(pl_module, "_loaded_train_seconds", 0.0))
         self.start = time.perf_counter()
         pl_module._clock = self  # type: ignore[attr-defined]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a resumed checkpoint is restored between on_fit_start and on_train_start
-        self.before = float(getattr(pl_module, "_loaded_train_seconds", self.before))
+        # a resumed checkpoint has been restored by now, whatever Lightning's order before this hook
+        self.before = float(getattr(pl_module, "_loaded_train_seconds", 0.0))
 
 
 def _resume_epoch(checkpoint: str | Path) -> int:
