@@ -57,24 +57,24 @@ class DilationErosionUNet(LandmarkMethod):
 
     @classmethod
     def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Notebook parameters: radii in the seed's 512-px units (``radius_start/step/stop``), ``mask_centre``."""
+        """Notebook parameters besides the radii: ``channels``, ``decoder``, ``mask_centre``."""
         out = super().parameter_config(params)
         if "mask_centre" in params:
             out["mask_centre"] = params["mask_centre"]
-        out["radii"] = {k: int(params[k]) for k in ("radius_start", "radius_step", "radius_stop") if k in params}
         return out
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
                         **shared: Any) -> "DilationErosionUNet":
-        """The seven radii spread over ``max_epochs`` (a shared engine setting)."""
+        """The seven radii (``radius_start/step/stop``, seed 512-px units) spread over ``max_epochs``
+        (a shared engine setting)."""
         kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
-        radii = kwargs.pop("radii")
-        max_epochs = int(shared.pop("max_epochs", 350))
-        schedule = ShrinkSchedule.fit_to(max_epochs, start=radii.get("radius_start", 65),
-                                         step=radii.get("radius_step", 10), stop=radii.get("radius_stop", 5))
+        max_epochs = int(shared.get("max_epochs", 350))
+        radii = {k.removeprefix("radius_"): int(params[k]) for k in ("radius_start", "radius_step", "radius_stop")
+                 if k in params}
         base = {k: shared[k] for k in ("optimizer", "test_time_flip", "flip_pairs") if k in shared}
-        return cls(spatial_dims, n_landmarks, max_epochs=max_epochs, schedule=schedule, **kwargs, **base)
+        return cls(spatial_dims, n_landmarks, max_epochs=max_epochs, schedule=ShrinkSchedule.fit_to(max_epochs, **radii),
+                   **kwargs, **base)
 
     def radius(self, epoch: int, size: Sequence[int]) -> int:
         """Mask radius in grid pixels at ``epoch``."""
