@@ -57,6 +57,16 @@ JOBS: tuple[Job, ...] = (
         smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
     # reference rows (no training): writes <method>/mean_shape and, with a second annotator, <method>/inter-observer
     Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": 10}}),
+    # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
+    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + ("hamedan-ceph",),
+        smoke={"max_epochs": 2, "local_epochs": 1, "max_train_images": 8, "global_channels": [8, 8, 16, 32, 64],
+               "local_channels": [8, 16], "local_batch_size": 16},
+        # full: 0.8 mm global grid (212 x 264 px, padded to 224 x 272), 12.8-mm cells, local patches from 0.25 mm;
+        # measured here on one thread: 6.5 s per global epoch, 9 s per local epoch, 2 min of predictions: ~35 min
+        full={"global_spacing_mm": 0.8, "image_size": [224, 272], "global_crop": [192, 224], "output_stride": 16,
+              "max_epochs": 200, "batch_size": 4, "local_epochs": 60, "local_batch_size": 32, "local_spacing_mm": 0.25},
+        per_dataset={"synthetic2d": {"output_stride": 8},  # 4x4 cells at stride 32 on 128-px phantoms: 4.2 vs 2.5 mm
+                     "synthetic3d": {"global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32]}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + ("hamedan-ceph",),
         smoke={"max_epochs": 2, "max_train_images": 8},
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
