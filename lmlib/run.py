@@ -29,6 +29,7 @@ from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 KERNEL_NAME = "lmlib"
 REAL = ("hamedan-ceph", "afids-mni")
 PROFILES = ("default", "smoke", "full")
+AFIDS_DEFORMED = 30  # afids-mni: deformations of the template (18 train, 6 val, 6 test + the template), every job
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class Job:
     """One notebook and the datasets it runs on.
 
     ``smoke``/``full`` are parameter overrides per profile; ``default`` uses the notebook's own
-    defaults. ``per_dataset`` adds overrides for one dataset (all profiles).
+    defaults. ``per_dataset`` adds overrides for one dataset (key ``"<dataset>"``: all profiles) or for one
+    dataset and profile (key ``"<dataset>:<profile>"``, applied last).
     """
 
     notebook: str
@@ -48,7 +50,7 @@ class Job:
 
     def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
         over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
-        return {**over, **self.per_dataset.get(dataset, {})}
+        return {**over, **self.per_dataset.get(dataset, {}), **self.per_dataset.get(f"{dataset}:{profile}", {})}
 
 
 # The declared list. Order matters: the comparison reads what the methods wrote.
@@ -56,9 +58,9 @@ JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
         smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
     # reference rows (no training): writes <method>/mean_shape and, with a second annotator, <method>/inter-observer
-    Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": 10}}),
+    Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": AFIDS_DEFORMED}}),
     # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
-    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + ("hamedan-ceph",),
+    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL,
         smoke={"max_epochs": 2, "local_epochs": 1, "max_train_images": 8, "global_channels": [8, 8, 16, 32, 64],
                "local_channels": [8, 16], "local_batch_size": 16},
         # full: 0.8 mm global grid (212 x 264 px, padded to 224 x 272), 12.8-mm cells, local patches from 0.25 mm;
@@ -66,7 +68,14 @@ JOBS: tuple[Job, ...] = (
         full={"global_spacing_mm": 0.8, "image_size": [224, 272], "global_crop": [192, 224], "output_stride": 16,
               "max_epochs": 200, "batch_size": 4, "local_epochs": 60, "local_batch_size": 32, "local_spacing_mm": 0.25},
         per_dataset={"synthetic2d": {"output_stride": 8},  # 4x4 cells at stride 32 on 128-px phantoms: 4.2 vs 2.5 mm
-                     "synthetic3d": {"global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32]}}),
+                     "synthetic3d": {"global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32]},
+                     # 3D MR: a 3-mm global grid (192 x 240 x 192 mm holds the 193 x 229 x 193-mm template), 24-mm
+                     # cells, alpha 2 (the paper's MR value); local patches from 1 mm
+                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [64, 80, 64], "global_spacing_mm": 3.0,
+                                   "global_crop": [], "output_stride": 8, "global_channels": [8, 16, 32, 64, 64],
+                                   "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32], "local_spacing_mm": 1.0,
+                                   "local_batch_size": 32},
+                     "afids-mni:full": {"max_epochs": 150, "local_epochs": 40}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + ("hamedan-ceph",),
         smoke={"max_epochs": 2, "max_train_images": 8},
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
@@ -76,7 +85,7 @@ JOBS: tuple[Job, ...] = (
     Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph"),
         smoke={"max_epochs": 2, "max_train_images": 8},
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
-    Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + ("hamedan-ceph",),
+    Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
 )
 

@@ -331,6 +331,21 @@ def test_afids_mni_geometry_and_ras_to_lps() -> None:
 def test_afids_deformed_copies() -> None:
     pytest.importorskip("lmlib.data.deformations")
     ds = load_dataset("afids-mni", data_dir=SHARED / "afids-mni", deformed=4, seed=1)
-    assert len(ds) == 4 and ds.template is not None
+    assert len(ds) == 5 and ds.template is ds.samples[-1]  # the template is scored as one more test image
+    assert ds.template.meta["split"] == "test" and ds.template in ds.split("test")
     assert {s.meta["split"] for s in ds} <= {"train", "val", "test"}
     assert all(s.size == ds.template.size for s in ds)
+
+
+@pytest.mark.realdata
+@realdata
+def test_afids_run_data_is_the_deformation_set_plus_the_template() -> None:
+    from lmlib.engine.runner import load_run_data
+
+    ds = load_run_data({"dataset": "afids-mni", "data_dir": str(SHARED / "afids-mni"), "n_deformed": 5})
+    splits = [s.meta["split"] for s in ds]
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (3, 1, 2)
+    template = ds.samples[-1]
+    assert "_def" not in template.image_id and template.meta["split"] == "test"
+    # deformed copies moved the landmarks: none equals the template's layout
+    assert all(np.abs(s.landmarks_mm - template.landmarks_mm).max() > 0.5 for s in ds.samples[:-1])

@@ -59,12 +59,15 @@ def test_exploration_values(pipeline: tuple[str, Path]) -> None:
         assert (root / "exploration" / name).stat().st_size > 5_000
 
 
-# method -> (files its run folder must hold, MRE bound in mm reachable in a 2-epoch smoke run)
+# run (a method, or method/stage for a cascade) -> (files its folder must hold, MRE bound in mm reachable in a
+# 2-epoch smoke run)
 METHOD_OUTPUTS = {
     "heatmap_unet": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif",
                       "checkpoints/best.ckpt"), 80.0),
     "dilation_erosion": (("predictions.csv", "fig_dice.png", "fig_dice_per_landmark.png",
                           "fig_training_progress.gif", "overlays/epoch_001.png"), 60.0),
+    "global_local/global": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt"), 80.0),
+    "global_local/local": (("predictions.csv", "fig_loss.png", "checkpoints/best.ckpt"), 80.0),
 }
 
 

@@ -34,6 +34,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"dataset": "synthetic3d", "image_size": [64, 64]}, r"image_size=\[64, 64\]: .*3 integers >= 1 .*synthetic3d is 3D"),
     ({"num_workers": -1}, r"num_workers=-1: .*integer >= 0"),
     ({"max_train_images": -2}, r"max_train_images=-2: .*integer >= 0"),
+    ({"n_deformed": -1}, r"n_deformed=-1: .*integer >= 0"),
     ({"overlay_every": 0}, r"overlay_every=0: .*integer >= 1"),
     ({"gif_fps": 0}, r"gif_fps=0: .*number > 0"),
     ({"weight_decay": -0.1}, r"weight_decay=-0.1: .*number >= 0"),
@@ -122,3 +123,12 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path: Path, no_da
     monkeypatch.setattr(Path, "write_bytes", refuse)
     with pytest.raises(OSError, match=rf"output_dir='{tmp_path / 'ro'}': cannot write into the folder"):
         run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(tmp_path / "ro"), "device": "cpu"})
+
+
+def test_afids_needs_its_deformation_set(tmp_path: Path, no_data: None, no_gpu: None) -> None:
+    """afids-mni is one template: a run without deformations of it is refused before any loading."""
+    base = {"dataset": "afids-mni", "output_dir": str(tmp_path / "run"), "device": "cpu"}
+    with pytest.raises(ValueError, match=r"afids-mni.*single template: set n_deformed >= 5 \(got 0\)"):
+        run_method("heatmap_unet", base)
+    with pytest.raises(ValueError, match=r"n_deformed >= 5 \(got 3\)"):
+        run_method("global_local", {**base, "n_deformed": 3})

@@ -322,3 +322,13 @@ def test_comparison_notebook(results: tuple[Path, list[Sample]], tmp_path: Path)
         assert len(overlays) == 2, said
     else:
         assert "qualitative overlays skipped" in text
+
+
+def test_dataset_options_rebuild_the_afids_deformation_set() -> None:
+    from lmlib.reporting.comparison import Comparison
+
+    manifests = {"a": {"parameters": {"n_deformed": 30}}, "reference/mean_shape": {"parameters": {"n_deformed": 30}},
+                 "b": {"parameters": {}}}
+    comp = Comparison("afids-mni", {}, {}, pd.DataFrame(), manifests=manifests)
+    assert comp.dataset_options() == {"deformed": 30}
+    assert Comparison("hamedan-ceph", {}, {}, pd.DataFrame(), manifests=manifests).dataset_options() == {}

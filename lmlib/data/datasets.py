@@ -131,7 +131,7 @@ class Dataset:
     report: pd.DataFrame
     annotator: str | None = None
     data_dir: Path | None = None
-    template: Sample | None = None  # afids-mni with deformed > 0: the real template
+    template: Sample | None = None  # afids-mni with deformed > 0: the real template (also the last test sample)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -357,7 +357,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
     always covers every annotator. ``load_images=False`` reads headers only (fast; images become
     zero placeholders of the right shape). afids-mni takes ``deformed: int = 0`` (number of randomly
     deformed copies of the template from :func:`lmlib.data.deformations.deformed_copies`, which assigns their
-    splits; 0 = only the template, split ``test``), ``seed`` and further keywords for it.
+    splits; the undeformed template follows them as one more ``test`` image; 0 = only the template),
+    ``seed`` and further keywords for it.
     Synthetic datasets pass ``kwargs`` to :func:`lmlib.data.phantoms.make_phantom_dataset`.
     """
     if name in SYNTHETIC:
@@ -383,7 +384,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
         if deformed > 0:
             from lmlib.data.deformations import deformed_copies
             copies = deformed_copies(template, n=deformed, seed=seed, **kwargs)
-            ds.samples, ds.template = copies, template
+            ds.samples, ds.template = [*copies, template], template
     if split is not None:
         ds.samples = ds.split(split)
     return ds

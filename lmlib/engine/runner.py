@@ -63,6 +63,8 @@ SHARED_PARAMETERS: dict[str, str] = {
     "gif_fps": "frames per second of fig_training_progress.gif",
     "resume": "checkpoint (.ckpt) to continue training from",
     "max_train_images": "0 = all; trims the train split only",
+    "n_deformed": "afids-mni: random deformations of the template (train/val/test 60/20/20 %, seed 0; "
+                  "the template itself is one more test image)",
 }
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
@@ -102,6 +104,21 @@ class RunResult:
         frame = pd.DataFrame([{k: m.get(k) for k in keys} for m in rows.values()], index=list(rows))
         frame.index.name = "stage"
         return frame
+
+
+def load_run_data(params: Mapping[str, Any]) -> Dataset:
+    """The dataset a run trains and tests on. afids-mni is one annotated template: its train/val/test images
+    are ``n_deformed`` random smooth deformations of it (the data layer's fixed set, seed 0, shared with
+    the reference rows), and the template itself is scored as one more test image."""
+    name = params["dataset"]
+    options: dict[str, Any] = {}
+    if name == "afids-mni":
+        n = _as_int(params.get("n_deformed", 0)) or 0
+        if n < 5:
+            raise ValueError(f"dataset='afids-mni' is a single template: set n_deformed >= 5 (got {n}) to train on "
+                             "random deformations of it (60/20/20 % train/val/test)")
+        options = {"deformed": n}
+    return load_dataset(name, params.get("data_dir") or None, annotator=params.get("annotator") or None, **options)
 
 
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
@@ -169,6 +186,7 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": (lambda v: not v or _grid(v), "empty (the default grid) or 2 or 3 integers >= 1"),
     "num_workers": (_int_at_least(0), "an integer >= 0"),
     "max_train_images": (_int_at_least(0), "an integer >= 0 (0 = all)"),
+    "n_deformed": (_int_at_least(0), "an integer >= 0"),
     "seed": (_int_at_least(0), "an integer >= 0"),
     "weight_decay": (_number_above(0.0, inclusive=True), "a number >= 0"),
     "warmup_epochs": (_int_at_least(0), "an integer >= 0"),
@@ -262,7 +280,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     seed, output_dir = int(params.get("seed", 0)), Path(params["output_dir"])
     dev = setup(seed, str(params.get("device", "auto")))
     print_environment(dev)
-    data = load_dataset(params["dataset"], params.get("data_dir") or None, annotator=params.get("annotator") or None)
+    data = load_run_data(params)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(params.get("max_train_images", 0)))
     val, test = _split(data, "val"), _split(data, "test")

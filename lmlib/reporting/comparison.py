@@ -116,6 +116,12 @@ class Comparison:
         """The device of ``method``'s run (``-`` if unknown)."""
         return run_device(self.manifests.get(method, {}))
 
+    def dataset_options(self) -> dict[str, Any]:
+        """Keywords of ``load_dataset`` that rebuild the images the runs were scored on: for afids-mni the
+        deformation set (``n_deformed`` of the runs' manifests; the largest where they differ)."""
+        counts = {int(m.get("parameters", {}).get("n_deformed") or 0) for m in self.manifests.values()} - {0}
+        return {"deformed": max(counts)} if self.dataset == "afids-mni" and counts else {}
+
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
         wide = self.errors[method].unstack("landmark")
@@ -453,19 +459,20 @@ def predictions_for_image(comp: Comparison, image_id: str, landmark_names: Seque
     return out
 
 
-def qualitative_samples(dataset: str, data_dir: str | None, image_ids: Iterable[str], n: int = 3
-                        ) -> tuple[list[Sample], str]:
+def qualitative_samples(dataset: str, data_dir: str | None, image_ids: Iterable[str], n: int = 3,
+                        **options: Any) -> tuple[list[Sample], str]:
     """Up to ``n`` test samples of ``dataset`` whose ids are in ``image_ids``, and a status message.
 
-    Uses ``lmlib.data.datasets.load_dataset(dataset, data_dir or None, split="test")``; when that is not
-    available or fails, returns no sample and a message saying why (overlays are optional).
+    Uses ``lmlib.data.datasets.load_dataset(dataset, data_dir or None, split="test", **options)`` (options:
+    :meth:`Comparison.dataset_options`); when that is not available or fails, returns no sample and a
+    message saying why (overlays are optional).
     """
     try:
         from lmlib.data.datasets import load_dataset
     except ImportError as exc:
         return [], f"qualitative overlays skipped: lmlib.data.datasets is not available ({exc})"
     try:
-        loaded = load_dataset(dataset, data_dir or None, split="test")
+        loaded = load_dataset(dataset, data_dir or None, split="test", **options)
     except Exception as exc:  # noqa: BLE001 - overlays must not stop the comparison
         return [], f"qualitative overlays skipped: could not load {dataset!r} ({type(exc).__name__}: {exc})"
     wanted = [str(i) for i in image_ids]
