@@ -231,6 +231,50 @@ def test_patch_rule_covers_the_global_errors():
     assert evaluate.jitter == ("none", 0.0) and evaluate.size == (20, 20)
 
 
+def test_per_landmark_patches_follow_each_landmarks_error():
+    """Each landmark's patch covers factor x its own error; the px are those the worst landmark needs."""
+    rule = PatchRule(2, spacing_mm=0.25, factor=2.5, max_px=20, max_spacing_mm=0.8)
+    errors = {"sella": 1.0, "gonion": 3.5, "menton": 0.2}
+    choice = rule.choose(errors, ["menton", "sella", "gonion"])
+    per = choice["landmark_spacing_mm"]
+    assert list(per) == ["menton", "sella", "gonion"] and choice["size_px"] == 20
+    assert per["sella"] == pytest.approx(2 * 2.5 * 1.0 / 19)  # 5 mm across 19 px steps
+    assert per["menton"] == 0.25  # never finer than local_spacing_mm
+    assert per["gonion"] == 0.8 and not choice["covers_wanted"]  # never coarser than the global stage
+    train, evaluate = rule.views(choice)
+    assert train.jitter == ("inside", 0.0) and train.landmark_spacing == (0.25, pytest.approx(5 / 19), 0.8)
+    assert evaluate.landmark_spacing == train.landmark_spacing and evaluate.jitter == ("none", 0.0)
+    worst_only = PatchRule(2, 0.25, factor=2.5, max_px=20, max_spacing_mm=0.8, per_landmark=False)
+    assert "landmark_spacing_mm" not in worst_only.choose(errors, ["menton", "sella", "gonion"])
+
+
+def test_per_landmark_patch_grids_and_inside_jitter():
+    """Patch items of a per-landmark view have their landmark's spacing, and with "inside" jitter the
+    landmark lies anywhere inside its patch (never outside)."""
+    from lmlib.data.loaders import LandmarkDataset, ViewSpec
+    from lmlib.data.phantoms import make_phantom_dataset
+
+    samples = make_phantom_dataset(2, n_images=3, seed=0)
+    n = len(samples[0].landmark_names)
+    own = tuple(0.2 + 0.1 * k for k in range(n))
+    ds = LandmarkDataset(samples, view=ViewSpec("patch", size=(16, 16), per_landmark=True, jitter=("inside", 0.0),
+                                                landmark_spacing=own), train=True, seed=1)
+    seen = []
+    for i in range(len(ds)):
+        item = ds[i]
+        k = int(item["landmark_ids"][0])
+        steps = np.linalg.norm(item["index_to_world"][:, :2].numpy(), axis=0)
+        assert steps == pytest.approx([own[k], own[k]])
+        xy = item["landmarks"][0].numpy()
+        assert ((xy >= -0.5) & (xy <= 15.5)).all() and bool(item["valid"][0])
+        seen.append(np.abs(xy - 7.5).max())
+    assert max(seen) > 5.0  # spread over the patch, not only near its centre
+    with pytest.raises(ValueError, match="landmark_spacing has 2 values"):
+        LandmarkDataset(samples, view=ViewSpec("patch", size=(16, 16), per_landmark=True, landmark_spacing=(1, 1)))
+    with pytest.raises(ValueError, match="per_landmark patch views only"):
+        ViewSpec("patch", size=(16, 16), landmark_spacing=(1.0,))
+
+
 def test_global_validation_errors_of_the_selected_epoch(tmp_path):
     csv = tmp_path / "metrics.csv"
     csv.write_text("epoch,step,val/mre_mm,val/err_mm/a,val/err_mm/b,train/loss\n"

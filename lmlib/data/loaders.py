@@ -6,7 +6,8 @@ A :class:`ViewSpec` says which grid a network sees (see :mod:`lmlib.data.grids`)
 - ``"crop"``: an integer crop of ``size`` px of the whole image at ``spacing`` (train: random position;
   val/test: the centre crop);
 - ``"patch"``: ``size`` px at ``spacing`` mm centred on a point in world mm (train: the ground truth
-  + jitter; val/test: the previous stage's predictions ``centres``, else the ground truth).
+  + jitter; val/test: the previous stage's predictions ``centres``, else the ground truth); with
+  ``per_landmark``, ``landmark_spacing`` may give each landmark's patch its own (isotropic) spacing.
 
 Each item is a dict (default-collatable):
 - ``"image"``: float32 ``(C, *size)`` on the view grid, after augmentation (train only);
@@ -45,7 +46,7 @@ from lmlib.data.transforms import make_item
 TargetEncoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, Any]]
 SPLITS = ("train", "val", "test")
 VIEW_KINDS = ("whole", "crop", "patch")
-JITTER_KINDS = ("none", "normal", "uniform")
+JITTER_KINDS = ("none", "normal", "uniform", "inside")
 # independent random streams derived from (seed, epoch): see epoch_seed / EpochSampler
 STREAM_ORDER, STREAM_DATA, STREAM_WORKERS, STREAM_GLOBAL = 0, 1, 2, 3
 
@@ -150,7 +151,10 @@ class ViewSpec:
         landmarks: subset of landmark indices served (None = all).
         per_landmark: patch only: one item per (sample, served landmark), centred on that landmark.
         jitter: training patch centres = ground truth + jitter, in world mm along each world axis:
-            ``("normal", sigma_mm)`` | ``("uniform", half_width_mm)`` | ``("none", 0)``.
+            ``("normal", sigma_mm)`` | ``("uniform", half_width_mm)`` | ``("inside", 0)`` (uniform over the
+            patch's own half extent ``(size - 1) / 2 * spacing``: the landmark anywhere in it) | ``("none", 0)``.
+        landmark_spacing: per_landmark patch views: the isotropic spacing (mm/px) of each dataset
+            landmark's patch (one value per landmark; overrides ``spacing``).
         keep_outside: landmarks outside the grid stay valid (methods regressing landmarks outside a
             crop); default: outside -> invalid.
     """
@@ -164,11 +168,13 @@ class ViewSpec:
     per_landmark: bool = False
     jitter: tuple[str, float] = ("none", 0.0)
     keep_outside: bool = False
+    landmark_spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _opt_tuple(self.size, int))
         object.__setattr__(self, "spacing", _opt_tuple(self.spacing, float))
         object.__setattr__(self, "landmarks", _opt_tuple(self.landmarks, int))
+        object.__setattr__(self, "landmark_spacing", _opt_tuple(self.landmark_spacing, float))
         object.__setattr__(self, "pad_multiple", int(self.pad_multiple))
         object.__setattr__(self, "per_landmark", bool(self.per_landmark))
         object.__setattr__(self, "keep_outside", bool(self.keep_outside))
@@ -186,6 +192,11 @@ class ViewSpec:
             raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         if self.spacing is not None and min(self.spacing) <= 0:
             raise ValueError(f"spacing must be positive, got {self.spacing}")
+        if self.landmark_spacing is not None:
+            if not self.per_landmark:
+                raise ValueError("landmark_spacing applies to per_landmark patch views only")
+            if min(self.landmark_spacing) <= 0:
+                raise ValueError(f"landmark_spacing must be positive, got {self.landmark_spacing}")
 
     def spacing_for(self, ndim: int) -> np.ndarray | None:
         """(D,) spacing in mm, or None."""
@@ -197,7 +208,8 @@ class ViewSpec:
                 "spacing": None if self.spacing is None else list(self.spacing), "pad_multiple": self.pad_multiple,
                 "normalize": self.normalize, "landmarks": None if self.landmarks is None else list(self.landmarks),
                 "per_landmark": self.per_landmark, "jitter": [self.jitter[0], self.jitter[1]],
-                "keep_outside": self.keep_outside}
+                "keep_outside": self.keep_outside,
+                "landmark_spacing": None if self.landmark_spacing is None else list(self.landmark_spacing)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ViewSpec":
@@ -254,6 +266,8 @@ class LandmarkDataset(Dataset):
         self.served: tuple[int, ...] = tuple(range(n)) if self.view.landmarks is None else self.view.landmarks
         if any(not 0 <= k < n for k in self.served) and self.samples:
             raise ValueError(f"served landmarks {self.served} out of range for {n} landmarks")
+        if self.view.landmark_spacing is not None and self.samples and len(self.view.landmark_spacing) != n:
+            raise ValueError(f"landmark_spacing has {len(self.view.landmark_spacing)} values for {n} landmarks")
         self._items: list[tuple[int, tuple[int, ...]]] = []
         for i, s in enumerate(self.samples):
             if self.view.per_landmark:
@@ -307,19 +321,28 @@ class LandmarkDataset(Dataset):
             return pts[ok].mean(axis=0)
         return s.geometry.index_to_world((np.asarray(s.size, dtype=np.float64) - 1) / 2)[0]
 
-    def _jitter(self, ndim: int) -> np.ndarray:
+    def _jitter(self, ndim: int, spacing: np.ndarray) -> np.ndarray:
+        """Offset (D,) mm of a training patch centre; ``spacing`` (D,) is the patch's (for ``"inside"``)."""
         kind, value = self.view.jitter
+        if kind == "inside":
+            return self._rng.uniform(-1.0, 1.0, ndim) * (np.asarray(self.view.size) - 1) / 2.0 * spacing
         if kind == "normal" and value > 0:
             return self._rng.normal(0.0, value, ndim)
         if kind == "uniform" and value > 0:
             return self._rng.uniform(-value, value, ndim)
         return np.zeros(ndim)
 
-    def _patch_grid(self, sample_index: int, centre: np.ndarray) -> Grid:
+    def _patch_spacing(self, sample_index: int, ids: tuple[int, ...]) -> np.ndarray:
+        """(D,) mm/px of the patch serving landmarks ``ids``: the landmark's own, the view's, or the source's."""
+        s, v = self.samples[sample_index], self.view
+        if v.landmark_spacing is not None:
+            return np.full(s.ndim, v.landmark_spacing[ids[0]])
+        spacing = v.spacing_for(s.ndim)
+        return np.asarray(s.geometry.spacing, dtype=np.float64) if spacing is None else spacing
+
+    def _patch_grid(self, sample_index: int, centre: np.ndarray, ids: tuple[int, ...]) -> Grid:
         s = self.samples[sample_index]
-        spacing = self.view.spacing_for(s.ndim)
-        return Grid.centred(centre, self.view.size, s.geometry.spacing if spacing is None else spacing,
-                            s.geometry.direction)
+        return Grid.centred(centre, self.view.size, self._patch_spacing(sample_index, ids), s.geometry.direction)
 
     def grid(self, item_index: int) -> Grid:
         """The view grid of item ``item_index`` (px (x, y[, z]) <-> world mm).
@@ -333,7 +356,7 @@ class LandmarkDataset(Dataset):
             return preprocessing_grids(s, v.size, v.spacing)[1].padded_to_multiple(v.pad_multiple)
         if v.kind == "crop":
             return Grid.whole(s, spacing=v.spacing_for(s.ndim)).centre_crop_or_pad(v.size)
-        return self._patch_grid(si, self._centre(si, ids))
+        return self._patch_grid(si, self._centre(si, ids), ids)
 
     def preprocessed(self, index: int) -> Sample:
         """Whole views: the sample on the view grid (image, geometry; landmarks still in world mm).
@@ -365,8 +388,8 @@ class LandmarkDataset(Dataset):
             return on_sub_grid(base.image, grid, sub), sub, centre
         centre = self._centre(si, ids)
         if self.train:
-            centre = centre + self._jitter(s.ndim)
-        grid = self._patch_grid(si, centre)
+            centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids))
+        grid = self._patch_grid(si, centre, ids)
         return resample(self._prepared(si), grid), grid, centre
 
     def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> dict[str, Any]:

@@ -239,12 +239,13 @@ def check_output_dir(output_dir: str | Path) -> Path:
 
 
 def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
-    """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs)."""
+    """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs) and the data
+    (landmark names, dataset order)."""
     optimizer = {k: params[p] for p, k in (("learning_rate", "lr"), ("lr_schedule", "schedule"),
                                            ("weight_decay", "weight_decay"), ("optimizer", "name"),
                                            ("warmup_epochs", "warmup_epochs")) if p in params}
     return {"optimizer": optimizer, "test_time_flip": bool(params.get("flip_test", False)),
-            "flip_pairs": data.spec.pair_indices(),
+            "flip_pairs": data.spec.pair_indices(), "landmark_names": list(data.landmark_names),
             "max_epochs": int(params.get("max_epochs", 100))}
 
 

@@ -322,7 +322,7 @@ class GlobalLocalFCNN(LandmarkMethod):
                   "local_alpha")
     #: cascade parameters: views and training of each stage
     extra_parameters = ("global_spacing_mm", "global_crop", "local_epochs", "local_batch_size", "local_spacing_mm",
-                        "local_patch_mm", "local_patch_factor", "local_max_patch_px")
+                        "local_patch_mm", "local_patch_factor", "local_max_patch_px", "local_patch_per_landmark")
 
     def __init__(self, spatial_dims: int, n_landmarks: int, stage: str = "global",
                  network: dict[str, Any] | None = None, displacement: str = "log", alpha: float | None = None,
@@ -452,10 +452,11 @@ class GlobalLocalFCNN(LandmarkMethod):
             raise ValueError(f"local_spacing_mm must be > 0, got {local_spacing}")
         rule = PatchRule(spatial_dims, local_spacing, float(params.get("local_patch_mm", 0.0) or 0.0),
                          float(params.get("local_patch_factor", 2.5)), int(params.get("local_max_patch_px", 20)),
-                         max_spacing_mm=spacing)
+                         max_spacing_mm=spacing, per_landmark=bool(params.get("local_patch_per_landmark", True)))
         folder = Path(params["output_dir"]) / "global" if params.get("output_dir") else None
         stages.append(LocalStage("local", local, None, None, max_epochs=int(params.get("local_epochs", 30)),
-                                 batch_size=int(params.get("local_batch_size", 32)), rule=rule, global_folder=folder))
+                                 batch_size=int(params.get("local_batch_size", 32)), rule=rule, global_folder=folder,
+                                 landmark_names=shared.get("landmark_names", ())))
         return stages
 
 
@@ -487,8 +488,9 @@ class PatchRule:
 
     def __init__(self, spatial_dims: int, spacing_mm: float, patch_mm: float = 0.0, factor: float = 2.5,
                  max_px: int = 20, max_spacing_mm: float | None = None, min_px: int = MIN_LOCAL_PATCH_PX,
-                 multiple: int = LocalFCNN.output_stride) -> None:
+                 multiple: int = LocalFCNN.output_stride, per_landmark: bool = True) -> None:
         self.spatial_dims, self.spacing_mm, self.patch_mm = spatial_dims, float(spacing_mm), float(patch_mm)
+        self.per_landmark = bool(per_landmark)
         self.max_spacing_mm = max(self.spacing_mm, float(max_spacing_mm)) if max_spacing_mm else math.inf
         self.factor, self.min_px, self.multiple = float(factor), int(min_px), int(multiple)
         self.max_px = int(max_px) // self.multiple * self.multiple
@@ -505,8 +507,11 @@ class PatchRule:
             return px, self.spacing_mm
         return self.max_px, min(2.0 * half_width_mm / (self.max_px - 1), self.max_spacing_mm)
 
-    def choose(self, errors_mm: Mapping[str, float] | None) -> dict[str, Any]:
-        """The patch (``size_px``, ``spacing_mm``, ``jitter_mm``) and why, as a JSON-safe dict."""
+    def choose(self, errors_mm: Mapping[str, float] | None, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The patch (``size_px``, ``spacing_mm``, ``jitter_mm``) and why, as a JSON-safe dict. With
+        ``per_landmark`` and the landmark ``names`` (dataset order), each landmark's patch covers its own
+        ``factor`` x error: all have the px the worst needs (at most ``max_px``) and the spacing their
+        extent needs, between ``spacing_mm`` and ``max_spacing_mm`` (``landmark_spacing_mm``)."""
         if self.patch_mm > 0:
             half, why = self.patch_mm / 2.0, f"local_patch_mm = {self.patch_mm:g} mm (fixed)"
         else:
@@ -519,14 +524,30 @@ class PatchRule:
                    f"({worst:.2f} mm, {max(errors_mm, key=errors_mm.get)}) on each side")
         px, spacing = self.patch(half)
         jitter = (px - 1) / 2.0 * spacing  # the landmark anywhere inside the patch (official)
-        return {"size_px": px, "spacing_mm": spacing, "extent_mm": px * spacing, "wanted_half_width_mm": half,
-                "jitter_mm": jitter, "reason": why, "coarsened": bool(spacing > self.spacing_mm),
-                "covers_wanted": bool(jitter >= half - 1e-9),
-                "global_val_errors_mm": dict(errors_mm or {})}
+        choice = {"size_px": px, "spacing_mm": spacing, "extent_mm": px * spacing, "wanted_half_width_mm": half,
+                  "jitter_mm": jitter, "reason": why, "coarsened": bool(spacing > self.spacing_mm),
+                  "covers_wanted": bool(jitter >= half - 1e-9), "global_val_errors_mm": dict(errors_mm or {})}
+        if self.per_landmark and names and errors_mm and self.patch_mm <= 0:
+            halves = {n: self.factor * float(errors_mm.get(n, max(errors_mm.values()))) for n in names}
+            spacings = {n: min(max(2.0 * h / (px - 1), self.spacing_mm), self.max_spacing_mm) for n, h in halves.items()}
+            choice.update(landmark_spacing_mm=spacings, reason=f"per landmark: {self.factor:g} x its own mean global "
+                          f"validation error on each side; px set by the worst ({max(errors_mm.values()):.2f} mm, "
+                          f"{max(errors_mm, key=errors_mm.get)})",
+                          spacing_mm=max(spacings.values()), extent_mm=px * max(spacings.values()),
+                          coarsened=bool(max(spacings.values()) > self.spacing_mm),
+                          covers_wanted=all((px - 1) / 2.0 * spacings[n] >= halves[n] - 1e-9 for n in names),
+                          jitter_mm=(px - 1) / 2.0 * max(spacings.values()))
+        return choice
 
     def views(self, choice: Mapping[str, Any]) -> tuple[ViewSpec, ViewSpec]:
         """(training view: landmark uniformly inside the patch, evaluation view: centred patches)."""
         size, spacing = (int(choice["size_px"]),) * self.spatial_dims, float(choice["spacing_mm"])
+        per = choice.get("landmark_spacing_mm")
+        if per:  # each landmark's own spacing; the landmark anywhere inside its patch
+            own = tuple(float(v) for v in per.values())
+            train = ViewSpec("patch", size=size, spacing=spacing, per_landmark=True, jitter=("inside", 0.0),
+                             landmark_spacing=own)
+            return train, ViewSpec("patch", size=size, spacing=spacing, per_landmark=True, landmark_spacing=own)
         train = ViewSpec("patch", size=size, spacing=spacing, per_landmark=True,
                          jitter=("uniform", float(choice["jitter_mm"])))
         return train, ViewSpec("patch", size=size, spacing=spacing, per_landmark=True)
@@ -539,8 +560,9 @@ class LocalStage(Stage):
     ``global_folder``'s training log or given by ``errors()``. Pass ``view=None, eval_view=None``."""
 
     def __init__(self, *args: Any, rule: PatchRule, global_folder: Path | None = None,
-                 errors: Callable[[], Mapping[str, float]] | None = None, **kwargs: Any) -> None:
-        self._rule, self._folder, self._errors = rule, global_folder, errors
+                 errors: Callable[[], Mapping[str, float]] | None = None, landmark_names: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        self._rule, self._folder, self._errors, self._names = rule, global_folder, errors, list(landmark_names)
         self._view = self._eval_view = None
         super().__init__(*args, **kwargs)
 
@@ -553,15 +575,17 @@ class LocalStage(Stage):
                 errors = self._errors()
             elif self._folder is not None and (self._folder / "training_log" / "metrics.csv").is_file():
                 errors = global_validation_errors(self._folder / "training_log" / "metrics.csv")
-        choice = self._rule.choose(errors)
+        choice = self._rule.choose(errors, self._names)
         self.method.patch_choice = choice
         self._view, self._eval_view = self._rule.views(choice)
         notes = "; spacing coarsened to keep local_max_patch_px" if choice["coarsened"] else ""
         if not choice["covers_wanted"]:
             notes += "; limited to the global spacing: does not cover the wanted half-width"
-        print(f"local patch: {choice['size_px']} px at {choice['spacing_mm']:.3g} mm = {choice['extent_mm']:.1f} mm "
-              f"({choice['reason']}{notes}); "
-              f"training jitter +-{choice['jitter_mm']:.2f} mm")
+        per = choice.get("landmark_spacing_mm")
+        at = (f"{min(per.values()):.3g}-{choice['spacing_mm']:.3g} mm (per landmark)" if per
+              else f"{choice['spacing_mm']:.3g} mm")
+        print(f"local patch: {choice['size_px']} px at {at} = up to {choice['extent_mm']:.1f} mm "
+              f"({choice['reason']}{notes}); training jitter up to +-{choice['jitter_mm']:.2f} mm")
 
     def __repr__(self) -> str:  # without settling the views
         state = "settled" if self._view is not None else "settled after the global stage"
