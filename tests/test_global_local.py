@@ -326,7 +326,7 @@ def test_run_method_writes_both_stages(tmp_path, one_thread):
 
 def test_figures_from_a_run(tmp_path, one_thread):
     from lmlib.engine.runner import run_method
-    from lmlib.methods.global_local_figures import fig_global_to_local, fig_votes, global_to_local
+    from lmlib.reporting.global_local_figures import fig_global_to_local, fig_votes, global_to_local
 
     out = tmp_path / "gl3d"
     params = {**TINY, "max_epochs": 1, "max_train_images": 3, "global_channels": [2, 2, 4, 4, 4],

@@ -18,25 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.sample import Sample
 from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict
-from lmlib.methods.base import LandmarkMethod
+from lmlib.methods.stages import Stage  # re-exported: the cascade's unit
 
 Centres = dict[str, np.ndarray]  # image_id -> (N, D) world mm
-
-
-@dataclass
-class Stage:
-    """One stage: a method, the view it trains on (and is evaluated on), and its training settings."""
-
-    name: str
-    method: LandmarkMethod
-    view: ViewSpec
-    eval_view: ViewSpec | None = None
-    max_epochs: int = 50
-    batch_size: int = 4
-    augmentation: Any = None
 
 
 @dataclass

@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.engine.cascade import Stage  # build_stages returns the engine's stages (the core's cascade API)
 from lmlib.methods.base import LandmarkMethod, Outputs
 from lmlib.methods.networks import PerLandmark
+from lmlib.methods.stages import Stage
 
 DISPLACEMENT_CODES: tuple[str, ...] = ("log", "linear")
 LOCAL_NETS: tuple[str, ...] = ("per_landmark", "shared")
@@ -554,7 +554,7 @@ class PatchRule:
 
 
 class LocalStage(Stage):
-    """A :class:`~lmlib.engine.cascade.Stage` whose views are settled on first access, i.e. by
+    """A :class:`~lmlib.methods.stages.Stage` whose views are settled on first access, i.e. by
     :func:`~lmlib.engine.cascade.fit_cascade` after the previous stage trained: the patch of ``rule``
     (:class:`PatchRule`) from the per-landmark validation errors of the global stage, read from
     ``global_folder``'s training log or given by ``errors()``. Pass ``view=None, eval_view=None``."""
