@@ -197,12 +197,39 @@ def test_resample_matches_sitk_and_antialiases() -> None:
     assert abs(smooth.std() / (1 / (2 * np.sqrt(np.pi) * 1.5)) - 1) < 0.15  # white noise through a 1.5 px Gaussian
     # anisotropic: only the coarser axis is smoothed
     np.testing.assert_allclose(antialias_sigma_mm(Grid.of_image(s), Grid.whole(s, size=(200, 40))), [0.0, 0.75])
-    # a SourceImage smooths once per spacing, however many patches are sampled from it
+    # a SourceImage smooths once per spacing for large grids (cached) ...
     src = SourceImage(s)
+    np.testing.assert_allclose(resample(src, down), smooth, atol=1e-6)
+    np.testing.assert_allclose(resample(src, down), smooth, atol=1e-6)
+    assert len(src._smoothed) == 1
+    # ... and small grids (patches) smooth their own region only, uncached, with the same values
+    full = src.smoothed(np.array([0.75, 0.75]))  # the 2-mm patches' sigma: (4 - 1) / 2 px of 0.5 mm
     for c in rng.uniform(20, 60, (5, 2)):
         patch = Grid.centred(c, (8, 8), (2.0, 2.0))
-        np.testing.assert_allclose(resample(src, patch), resample(s, patch), atol=1e-6)
-    assert len(src._smoothed) == 1
+        np.testing.assert_allclose(antialias_sigma_mm(src.grid, patch), [0.75, 0.75])
+        np.testing.assert_allclose(resample(src, patch), resample(full, patch, antialias=False), atol=1e-5)
+        np.testing.assert_allclose(resample(src, patch), resample(s, patch), atol=1e-5)
+    assert len(src._smoothed) == 1  # the patches used the cached copy of the same sigma and added nothing
+    fresh = SourceImage(s)
+    for c in rng.uniform(20, 60, (5, 2)):
+        patch = Grid.centred(c, (8, 8), (2.0, 2.0))
+        np.testing.assert_allclose(resample(fresh, patch), resample(full, patch, antialias=False), atol=1e-5)
+    assert fresh._smoothed == {}  # without one, each patch smooths its own region, uncached
+
+
+def test_patches_at_many_spacings_keep_no_full_copies() -> None:
+    """Per-landmark 3D patches, each at its own spacing: the region smoothing equals the full-volume one
+    inside the patch and caches nothing (a full copy per spacing ran a 3D training out of memory)."""
+    rng = np.random.default_rng(3)
+    g = Grid((60, 70, 50), Geometry([1.0, 1.0, 1.2]))
+    s = Sample("v", rng.random(g.size).astype(np.float32), g.geometry, np.zeros((1, 3)), [True], ["a"])
+    src = SourceImage(s)
+    for k, spacing in enumerate((1.3, 1.7, 2.2, 2.9)):
+        patch = Grid.centred(rng.uniform(20, 40, 3), (8, 8, 8), spacing)
+        sigma = antialias_sigma_mm(src.grid, patch)
+        full = SourceImage(s).smoothed(sigma)
+        np.testing.assert_allclose(resample(src, patch), resample(full, patch, antialias=False), atol=1e-5)
+    assert src._smoothed == {}
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -233,8 +233,9 @@ class LandmarkDataset(Dataset):
         target_encoder: maps (image, landmarks px, valid) -> dict of targets merged into the item.
         cache: keep the prepared images in memory (computed in the constructor, i.e. in the main
             process, so workers inherit them): whole: the image on the view grid; crop: the whole
-            image at the crop spacing; patch: the normalised source (plus one smoothed copy per
-            coarser spacing, made on first use). Otherwise they are recomputed on every access.
+            image at the crop spacing; patch: the normalised source (small patches anti-alias their
+            own region, see :class:`~lmlib.data.grids.SourceImage`). Otherwise they are recomputed on
+            every access.
         seed: seed of the dataset's random stream (crop positions, jitter) and of ``transform``.
         view: the :class:`ViewSpec` (default: a whole view from the shorthand arguments).
         centres: val/test patch centres ``{image_id: (N, D) world mm}`` for all N dataset landmarks
