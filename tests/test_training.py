@@ -153,6 +153,10 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     pd.testing.assert_frame_equal(hist.iloc[:len(old)][old.columns], old, check_dtype=False)
     assert second.epochs == 3
     assert second.train_seconds > first.train_seconds  # training time summed across the resume
+    # resuming a run that had finished trains nothing and keeps its time (it reported ~0 s before)
+    again = fit(method, _dm(samples), tmp_path / "c", max_epochs=3, device="cpu", resume=second.last_checkpoint)
+    saved = float(torch.load(second.last_checkpoint, map_location="cpu", weights_only=False)["train_seconds"])
+    assert again.epochs == 3 and again.train_seconds >= saved > 0.5 * second.train_seconds
 
 
 # ------------------------------------------------------------------ exact resume

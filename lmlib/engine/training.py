@@ -267,18 +267,17 @@ class _Clock(Callback):
 
     def __init__(self) -> None:
         self.start: float | None = None
-        self.before = 0.0
+        self.module: pl.LightningModule | None = None
 
     def total(self) -> float:
-        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+        # the resumed total is read when asked, not in a training hook: resuming a run that had already
+        # finished restores the checkpoint but trains no epoch (no on_train_start), and still has its time
+        before = float(getattr(self.module, "_loaded_train_seconds", 0.0)) if self.module is not None else 0.0
+        return before + (time.perf_counter() - self.start if self.start is not None else 0.0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
+        self.start, self.module = time.perf_counter(), pl_module
         pl_module._clock = self  # type: ignore[attr-defined]
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a resumed checkpoint has been restored by now, whatever Lightning's order before this hook
-        self.before = float(getattr(pl_module, "_loaded_train_seconds", 0.0))
 
 
 def _resume_epoch(checkpoint: str | Path) -> int:
