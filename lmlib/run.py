@@ -79,7 +79,7 @@ JOBS: tuple[Job, ...] = (
                                    "global_crop": [], "output_stride": 8, "global_channels": [8, 16, 32, 64, 64],
                                    "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32], "local_spacing_mm": 1.0,
                                    "local_batch_size": 32},
-                     "afids-mni:full": {"max_epochs": 300, "local_epochs": 60}}),
+                     "afids-mni:full": {"max_epochs": 300, "local_epochs": 120}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + ("hamedan-ceph",),
         smoke={"max_epochs": 2, "max_train_images": 8},
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
