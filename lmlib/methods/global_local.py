@@ -518,25 +518,29 @@ class PatchRule:
             if not errors_mm:
                 raise ValueError("the local patch size is chosen from the global stage's validation errors, which "
                                  "are not available: train the global stage first or set local_patch_mm > 0")
-            worst = max(errors_mm.values())
+            worst_name = max(errors_mm, key=errors_mm.get)
+            worst = errors_mm[worst_name]
             half = self.factor * worst
-            why = (f"{self.factor:g} x the worst per-landmark mean global validation error "
-                   f"({worst:.2f} mm, {max(errors_mm, key=errors_mm.get)}) on each side")
+            why = f"{self.factor:g} x the worst per-landmark mean global validation error ({worst:.2f} mm, {worst_name})"
+            if self.per_landmark and names:
+                why = f"per landmark: {self.factor:g} x its own mean global validation error on each side; px set " \
+                      f"by the worst ({worst:.2f} mm, {worst_name})"
+            else:
+                why += " on each side"
         px, spacing = self.patch(half)
+        if self.per_landmark and names and errors_mm and self.patch_mm <= 0:
+            halves = {n: self.factor * float(errors_mm.get(n, worst)) for n in names}
+            own = {n: min(max(2.0 * h / (px - 1), self.spacing_mm), self.max_spacing_mm) for n, h in halves.items()}
+            spacing = max(own.values())  # the coarsest patch, for the summary fields below
+            covers = all((px - 1) / 2.0 * own[n] >= halves[n] - 1e-9 for n in names)
+        else:
+            own, covers = None, (px - 1) / 2.0 * spacing >= half - 1e-9
         jitter = (px - 1) / 2.0 * spacing  # the landmark anywhere inside the patch (official)
         choice = {"size_px": px, "spacing_mm": spacing, "extent_mm": px * spacing, "wanted_half_width_mm": half,
                   "jitter_mm": jitter, "reason": why, "coarsened": bool(spacing > self.spacing_mm),
-                  "covers_wanted": bool(jitter >= half - 1e-9), "global_val_errors_mm": dict(errors_mm or {})}
-        if self.per_landmark and names and errors_mm and self.patch_mm <= 0:
-            halves = {n: self.factor * float(errors_mm.get(n, max(errors_mm.values()))) for n in names}
-            spacings = {n: min(max(2.0 * h / (px - 1), self.spacing_mm), self.max_spacing_mm) for n, h in halves.items()}
-            choice.update(landmark_spacing_mm=spacings, reason=f"per landmark: {self.factor:g} x its own mean global "
-                          f"validation error on each side; px set by the worst ({max(errors_mm.values()):.2f} mm, "
-                          f"{max(errors_mm, key=errors_mm.get)})",
-                          spacing_mm=max(spacings.values()), extent_mm=px * max(spacings.values()),
-                          coarsened=bool(max(spacings.values()) > self.spacing_mm),
-                          covers_wanted=all((px - 1) / 2.0 * spacings[n] >= halves[n] - 1e-9 for n in names),
-                          jitter_mm=(px - 1) / 2.0 * max(spacings.values()))
+                  "covers_wanted": bool(covers), "global_val_errors_mm": dict(errors_mm or {})}
+        if own is not None:
+            choice["landmark_spacing_mm"] = own
         return choice
 
     def views(self, choice: Mapping[str, Any]) -> tuple[ViewSpec, ViewSpec]:
