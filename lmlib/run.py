@@ -47,11 +47,31 @@ class Job:
     smoke: dict[str, Any] = field(default_factory=dict)
     full: dict[str, Any] = field(default_factory=dict)
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+    needs_gpu: bool = False  # skipped unless a CUDA device is available (or --device names one)
 
     def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
         over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
         return {**over, **self.per_dataset.get(dataset, {}), **self.per_dataset.get(f"{dataset}:{profile}", {})}
 
+
+# Multiresolution HTC: the two-head method and its training ablation (one head each), all at the same
+# settings. full (CPU): the heatmap U-Net's 256 x 320 grid (0.66 mm/px on hamedan-ceph), reduced widths;
+# measured here (2 cores): 16 s per epoch, about 30 minutes per run.
+_HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmup_epochs": 10, "batch_size": 4,
+                             "learning_rate": 1e-3, "widths": [32, 64, 160, 256], "ffn_ratios": [4, 4, 4, 4],
+                             "neck_channels": 128, "head_channels": 64}
+_HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
+HTC_JOBS: tuple[Job, ...] = (
+    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph"), smoke=_HTC_SMOKE, full=_HTC_FULL),
+    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"),
+          smoke={**_HTC_SMOKE, "heads": head}, full={**_HTC_FULL, "heads": head}, per_dataset={"synthetic2d": {"heads": head}})
+      for head in ("quarter", "half")),
+    # the paper's sizes at ~1024 px (832 x 1024): for a machine with a GPU (skipped without one)
+    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), needs_gpu=True,
+        full={"image_size": [832, 1024], "max_epochs": 180, "warmup_epochs": 50, "batch_size": 8,
+              "learning_rate": 4.5e-4, "widths": [64, 128, 320, 512], "ffn_ratios": [8, 8, 4, 4],
+              "neck_channels": 256, "head_channels": 256, "flip_prob": 0.5, "flip_test": True}),
+)
 
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
@@ -89,6 +109,7 @@ JOBS: tuple[Job, ...] = (
     Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph"),
         smoke={"max_epochs": 2, "max_train_images": 8},
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
+    *HTC_JOBS,
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
 )
@@ -265,6 +286,19 @@ def select(jobs: Sequence[Job], datasets: Sequence[str], only: Sequence[str]) ->
     return chosen
 
 
+def gpu_requested(device: str | None) -> bool:
+    """Whether GPU-only jobs should run: ``--device cuda...`` given, or (no device / auto) CUDA available."""
+    if device:
+        return device.startswith("cuda") or (device == "auto" and _cuda_available())
+    return _cuda_available()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed job: the failing cell's exception for a notebook error (papermill's own
     message starts with a line of dashes), else the exception's type and first line."""
@@ -307,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', '.join(job.method for job in JOBS)} (or a notebook name)", file=sys.stderr)
         return 2
     pairs = select(JOBS, args.dataset, args.only)
+    if any(job.needs_gpu for job, _ in pairs) and not gpu_requested(args.device):
+        skipped = sorted({f"{d}/{job.method}" for job, d in pairs if job.needs_gpu})
+        print(f"[lmlib.run] skipping {', '.join(skipped)}: needs a GPU (none here; --device cuda to insist)", flush=True)
+        pairs = [(job, d) for job, d in pairs if not job.needs_gpu]
     if not pairs and not args.list:
         print(f"[lmlib.run] no declared job runs on {', '.join(args.dataset)}"
               f"{' for ' + ', '.join(args.only) if args.only else ''}; the jobs:", file=sys.stderr)

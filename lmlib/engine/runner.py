@@ -32,7 +32,7 @@ from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
 from lmlib.engine.training import FitResult, Predictions, fit, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
-from lmlib.methods.base import OPTIMIZERS, SCHEDULES, LandmarkMethod, method_class
+from lmlib.methods.base import OPTIMIZERS, SCHEDULES, LandmarkMethod, build_method, method_class
 from lmlib.outputs.contract import predictions_frame, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
@@ -58,6 +58,7 @@ SHARED_PARAMETERS: dict[str, str] = {
     "rotation_deg": "augmentation: max rotation (degrees)",
     "scale_range": "augmentation: scale 1 +- this",
     "elastic": "augmentation: add a smooth elastic deformation",
+    "flip_prob": "augmentation: probability of mirroring along x (left/right pairs swapped)",
     "flip_test": "test-time flip averaging (left/right pairs swapped)",
     "overlay_every": "epochs between overlay frames (GT blue, prediction red)",
     "gif_fps": "frames per second of fig_training_progress.gif",
@@ -95,10 +96,12 @@ class RunResult:
     figures: dict[str, Path] = field(default_factory=dict)
     fits: dict[str, FitResult] = field(default_factory=dict)  # stage name ("" for one stage) -> fit
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its metrics (cascades)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # decoding variant -> its metrics
 
     def summary(self) -> pd.DataFrame:
-        """One row per stage: MRE, median, SDR, times, memory (mm, %, s, MB)."""
-        rows = self.stages or {"": self.metrics}
+        """One row per stage (or the run, then one per decoding variant): MRE, median, SDR, times, memory
+        (mm, %, s, MB)."""
+        rows = {**(self.stages or {"": self.metrics}), **self.variants}
         keys = ["mre_mm", "sd_mm", "median_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm", "max_mm",
                 "train_seconds", "infer_seconds_per_image", "peak_rss_mb", "best_val_mre_mm", "epochs"]
         frame = pd.DataFrame([{k: m.get(k) for k in keys} for m in rows.values()], index=list(rows))
@@ -181,6 +184,7 @@ def _grid(value: Any) -> bool:
 #: parameter -> (accepts the value?, what is allowed); checked by :func:`validate_parameters` when present
 PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_epochs": (_int_at_least(1), "an integer >= 1"),
+    "flip_prob": (lambda v: (x := _as_number(v)) is not None and 0 <= x <= 1, "a number in [0, 1]"),
     "batch_size": (_int_at_least(1), "an integer >= 1"),
     "learning_rate": (_number_above(0.0), "a number > 0"),
     "image_size": (lambda v: not v or _grid(v), "empty (the default grid) or 2 or 3 integers >= 1"),
@@ -262,11 +266,14 @@ def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
                             fps=float(params.get("gif_fps", 10.0)))]
 
 
-def augmentation(params: Mapping[str, Any], ndim: int, seed: int) -> Any:
-    """The training augmentation the parameters ask for (None when ``augment`` is false)."""
+def augmentation(params: Mapping[str, Any], ndim: int, seed: int,
+                 left_right_pairs: Sequence[tuple[int, int]] = ()) -> Any:
+    """The training augmentation the parameters ask for (None when ``augment`` is false); a mirror along x
+    with probability ``flip_prob`` swaps ``left_right_pairs``."""
     if not params.get("augment", True):
         return None
-    return build_augmentation(ndim, rotation_deg=float(params.get("rotation_deg", 10.0)),
+    return build_augmentation(ndim, left_right_pairs, flip_prob=float(params.get("flip_prob", 0.0)),
+                              rotation_deg=float(params.get("rotation_deg", 10.0)),
                               scale=float(params.get("scale_range", 0.1)), elastic=bool(params.get("elastic", False)),
                               seed=seed)
 
@@ -297,7 +304,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     view = ViewSpec(kind="whole", size=tuple(grid))
     datamodule = LandmarkDataModule(train + val + test, view=view, batch_size=int(params.get("batch_size", 4)),
                                     num_workers=int(params.get("num_workers", 0)), seed=seed,
-                                    augmentation=augmentation(params, ndim, seed))
+                                    augmentation=augmentation(params, ndim, seed, shared["flip_pairs"]))
     result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(params.get("device", "auto")),
                  seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
                  data=provenance(params, data))
@@ -307,10 +314,34 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
     figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir)}
     figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
+    variants = {}
+    for name, overrides in result.module.method.decoding_variants().items():
+        folder = output_dir / name
+        variants[name] = predict_variant(result, test, overrides, folder, grid, int(params.get("batch_size", 4)))
+        write_manifest(folder, {**effective, "output_dir": str(folder)}, samples=train + val + test, seed=seed,
+                       device=dev, started=started,
+                       extra={"method": model.name, "variant": name, "method_config": {**model.config(), **overrides},
+                              "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs})
     write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
                    extra={"method": model.name, "method_config": model.config(),
-                          "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs})
-    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result})
+                          "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs,
+                          **({"variants": list(variants)} if variants else {})})
+    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result}, variants=variants)
+
+
+def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mapping[str, Any], folder: Path,
+                    grid: Sequence[int], batch_size: int = 4) -> dict[str, Any]:
+    """Predict ``test`` with the trained weights decoded by the method rebuilt with ``overrides`` (see
+    :meth:`~lmlib.methods.base.LandmarkMethod.decoding_variants`); write its output contract into ``folder``."""
+    module = result.module
+    original = module.method
+    module.method = build_method(original.name, **{**original.config(), **overrides})
+    try:
+        pred = predict(module, test, batch_size=batch_size)
+        metrics, _ = write_run_outputs(folder, test, pred, result, module.method, grid)
+    finally:
+        module.method = original
+    return metrics
 
 
 def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
@@ -324,7 +355,7 @@ def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective
 
     output_dir = Path(params["output_dir"])
     stages = cls.build_stages(data.spec.ndim, len(data.landmark_names), params, grid, shared)
-    aug = augmentation(params, data.spec.ndim, seed)
+    aug = augmentation(params, data.spec.ndim, seed, shared["flip_pairs"])
     for stage in stages:
         stage.augmentation = stage.augmentation if stage.augmentation is not None else aug
     results = fit_cascade(stages, train + val + test, output_dir, device=str(params.get("device", "auto")), seed=seed,

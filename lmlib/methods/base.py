@@ -41,7 +41,7 @@ from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
-METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion", "global_local")
+METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion", "global_local", "htc")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine",
@@ -195,6 +195,11 @@ class LandmarkMethod:
     def dice(self, output: Outputs, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
         """Dice per landmark ``(B, N)`` of the thresholded output vs. target region (NaN = not defined)."""
         return None
+
+    def decoding_variants(self) -> dict[str, dict[str, Any]]:
+        """Other ways to decode the same trained weights, scored as extra rows ``<method>/<name>``:
+        name -> overrides of :meth:`config` (e.g. one head of a multi-head net). Default: none."""
+        return {}
 
     def epoch_info(self, epoch: int, size: Sequence[int]) -> dict[str, float]:
         """Scalars to log at each epoch (e.g. the mask radius)."""

@@ -99,7 +99,9 @@ def time_network(net: nn.Module, input_shape: Sequence[int], n_iter: int = 3, tr
     def step() -> None:
         if opt is not None:
             opt.zero_grad()
-            net(x).float().pow(2).mean().backward()
+            out = net(x)
+            parts = out.values() if isinstance(out, dict) else [out]
+            sum(v.float().pow(2).mean() for v in parts).backward()
             opt.step()
         else:
             with torch.no_grad():
