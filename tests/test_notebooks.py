@@ -68,6 +68,12 @@ METHOD_OUTPUTS = {
                           "fig_training_progress.gif", "overlays/epoch_001.png"), 60.0),
     "global_local/global": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt"), 80.0),
     "global_local/local": (("predictions.csv", "fig_loss.png", "checkpoints/best.ckpt"), 80.0),
+    "htc": (("predictions.csv", "fig_heatmaps.png", "fig_attention.png", "fig_mean_error.png", "checkpoints/best.ckpt",
+             "quarter_head/predictions.csv", "half_head/manifest.json"), 80.0),
+    "htc/quarter_head": (("predictions.csv", "metrics.json"), 80.0),
+    "htc/half_head": (("predictions.csv", "metrics.json"), 80.0),
+    "htc_quarter_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
+    "htc_half_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
 }
 
 

@@ -225,6 +225,19 @@ def test_unknown_dataset_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert calls == []
 
 
+def test_gpu_only_jobs_are_skipped_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(run, "run_job", lambda job, *a, **k: calls.append(job.method) or Path("x"))
+    monkeypatch.setattr(run, "_cuda_available", lambda: False)
+    assert main(["--dataset", "hamedan-ceph", "--profile", "full", "--only", "htc", "htc_gpu"]) == 0
+    assert calls == ["htc"] and "skipping hamedan-ceph/htc_gpu: needs a GPU" in capsys.readouterr().out
+    assert main(["--dataset", "hamedan-ceph", "--only", "htc_gpu", "--device", "cuda"]) == 0
+    assert calls == ["htc", "htc_gpu"]
+    monkeypatch.setattr(run, "_cuda_available", lambda: True)
+    assert main(["--dataset", "hamedan-ceph", "--only", "htc_gpu"]) == 0 and calls[-1] == "htc_gpu"
+
+
 def _resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """A toy notebook that declares ``resume``, and papermill replaced by a fake recording its parameters."""
     seen = _fake_papermill(monkeypatch)

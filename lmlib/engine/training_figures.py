@@ -42,7 +42,9 @@ def read_history(history_csv: str | Path) -> pd.DataFrame:
 
 
 def _line_figure(history: pd.DataFrame, columns: dict[str, str], ylabel: str, title: str,
-                 logy: bool = False) -> Figure | None:
+                 logy: bool = False, mark_min: str = "") -> Figure | None:
+    """One line per present column; ``mark_min`` (a unit) marks and labels each line's minimum (the
+    selected epoch when the column is the selection metric)."""
     present = {c: label for c, label in columns.items() if c in history.columns and history[c].notna().any()}
     if not present:
         return None
@@ -50,6 +52,10 @@ def _line_figure(history: pd.DataFrame, columns: dict[str, str], ylabel: str, ti
     for col, label in present.items():
         s = history[col].dropna()
         ax.plot(s.index + 1, s.to_numpy(), marker="o" if len(s) < 30 else None, ms=3, label=label)
+        if mark_min and len(s):
+            best = s.idxmin()
+            ax.plot(best + 1, s[best], "*", color="red", ms=9,
+                    label=f"best {s[best]:.3g} {mark_min} (epoch {best + 1})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -94,8 +100,8 @@ def plot_training_curves(history_csv: str | Path, output_dir: str | Path | None 
     h = read_history(history_csv)
     figs = {
         "fig_loss.png": _line_figure(h, {"train/loss": "train", "val/loss": "validation"}, "loss", "Loss", logy=True),
-        "fig_mean_error.png": _line_figure(h, {"val/mre_mm": "validation"}, "mean radial error (mm)",
-                                           "Mean landmark error"),
+        "fig_mean_error.png": _line_figure(h, {"val/mre_mm": "validation"}, "mean radial error (mm, log scale)",
+                                           "Mean landmark error", logy=True, mark_min="mm"),
         "fig_dice.png": _line_figure(h, {"val/dice": "validation"}, "Dice", "Dice (thresholded output vs target)"),
         "fig_mean_error_per_landmark.png": _per_landmark_figure(h, "val/err_mm/", "mean radial error (mm)",
                                                                 "Validation error per landmark"),
