@@ -56,7 +56,7 @@ class Job:
 
 # Multiresolution HTC: the two-head method and its training ablation (one head each), all at the same
 # settings. full (CPU): the heatmap U-Net's 256 x 320 grid (0.66 mm/px on hamedan-ceph), reduced widths;
-# measured here (2 cores): 16 s per epoch, about 30 minutes per run.
+# measured here (2 cores): 17 s per epoch, 31 minutes of training per run.
 _HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmup_epochs": 10, "batch_size": 4,
                              "learning_rate": 1e-3, "widths": [32, 64, 160, 256], "ffn_ratios": [4, 4, 4, 4],
                              "neck_channels": 128, "head_channels": 64}
