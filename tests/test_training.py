@@ -157,6 +157,14 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     again = fit(method, _dm(samples), tmp_path / "c", max_epochs=3, device="cpu", resume=second.last_checkpoint)
     saved = float(torch.load(second.last_checkpoint, map_location="cpu", weights_only=False)["train_seconds"])
     assert again.epochs == 3 and again.train_seconds >= saved > 0.5 * second.train_seconds
+    # ... and the peak memory of its training, not the smaller one of the resuming process (it reported
+    # the latter before): a checkpoint saying 10 TB must come back as the run's peak
+    ckpt = torch.load(second.last_checkpoint, map_location="cpu", weights_only=False)
+    assert 0 < ckpt["peak_rss_mb"] < 1e6
+    ckpt["peak_rss_mb"] = 1e7
+    torch.save(ckpt, tmp_path / "big.ckpt")
+    again = fit(method, _dm(samples), tmp_path / "d", max_epochs=3, device="cpu", resume=tmp_path / "big.ckpt")
+    assert again.peak_rss_mb == 1e7
 
 
 # ------------------------------------------------------------------ exact resume

@@ -390,7 +390,7 @@ def write_run_outputs(output_dir: Path, test: Sequence[Sample], pred: Prediction
     metrics = write_outputs(output_dir, predictions,
                             {"train_seconds": result.train_seconds if train_seconds is None else train_seconds,
                              "infer_seconds_per_image": pred.seconds_per_image if infer_seconds is None else infer_seconds,
-                             "peak_rss_mb": peak_rss_mb()},
+                             "peak_rss_mb": max(peak_rss_mb(), result.peak_rss_mb)},
                             extra_metrics={"best_val_mre_mm": result.best_score, "epochs": result.epochs,
                                            "image_size": list(grid), "method": model.name})
     return metrics, predictions

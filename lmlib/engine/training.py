@@ -42,7 +42,7 @@ from lmlib.data.loaders import STREAM_GLOBAL, LandmarkDataModule, LandmarkDatase
     epoch_seed
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
-from lmlib.runtime import PROGRESS_ENV, setup
+from lmlib.runtime import PROGRESS_ENV, peak_rss_mb, setup
 
 MONITOR = "val/mre_mm"
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
@@ -232,9 +232,16 @@ class LandmarkModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         clock = getattr(self, "_clock", None)
         checkpoint["train_seconds"] = clock.total() if clock is not None else 0.0
+        checkpoint["peak_rss_mb"] = self.peak_rss_mb()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._loaded_train_seconds = float(checkpoint.get("train_seconds", 0.0))
+        self._loaded_peak_rss_mb = float(checkpoint.get("peak_rss_mb", 0.0))
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (MiB) of the training so far: this process's, or that of the run it was
+        resumed from when larger (a resumed run that trains little would otherwise report its own small peak)."""
+        return max(peak_rss_mb(), float(getattr(self, "_loaded_peak_rss_mb", 0.0)))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -346,6 +353,7 @@ class FitResult:
     history_csv: Path
     device: torch.device
     best_score: float | None = None  # best validation MRE (mm)
+    peak_rss_mb: float = 0.0  # peak resident memory of the training (MiB), over resumed runs
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
@@ -433,7 +441,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    seconds = clock.total()
+    seconds, peak = clock.total(), module.peak_rss_mb()
     best = checkpoint.best_model_path or latest.best_model_path
     last = latest.best_model_path
     if best:  # the selected weights AND the decoding state saved with them
@@ -441,7 +449,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     module.to(dev).eval()
     score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
     return FitResult(module, trainer, best, last, seconds, int(trainer.current_epoch),
-                     out / "training_log" / "metrics.csv", dev, score)
+                     out / "training_log" / "metrics.csv", dev, score, peak)
 
 
 @dataclass
