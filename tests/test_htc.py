@@ -159,9 +159,9 @@ def test_run_method_writes_the_run_and_one_row_per_head(tmp_path):
         rows[folder.name] = preds.set_index(["image_id", "landmark"])[["x_mm", "y_mm"]]
     manifest = json.loads((out / "quarter_head" / "manifest.json").read_text())
     assert manifest["variant"] == "quarter_head" and manifest["method_config"]["decode_from"] == "quarter"
-    # the run's points are the mean of the two heads' points (flip-test averaging is linear too)
+    # the run's points are the mean of the two heads' points (flip-test averaging is linear too; the CSV keeps 1e-4 mm)
     mean = (rows["quarter_head"] + rows["half_head"]) / 2
-    np.testing.assert_allclose(rows["htc"].to_numpy(), mean.to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(rows["htc"].to_numpy(), mean.to_numpy(), atol=1.01e-4)
     assert len(result.summary()) == 3
     fig_heatmaps(result, 2, out / "fig_heatmaps.png")
     fig_attention(result, n_maps=2, path=out / "fig_attention.png")
