@@ -1,6 +1,8 @@
 """Dataset specs and load_dataset: small layouts written here, then the real data when present."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import warnings
 from pathlib import Path
@@ -102,6 +104,15 @@ def test_second_annotator_exclusion_and_header_only(mini_hamedan: Path) -> None:
     assert np.isnan(err).sum() == 2 + 19  # 001 l16, 002 l11, all of 123
     with pytest.raises(ValueError, match="unknown annotator"):
         load_dataset("hamedan-ceph", data_dir=mini_hamedan, annotator="annotator3")
+
+
+def test_landmark_groups_must_name_landmarks_of_the_dataset() -> None:
+    spec = SPECS["afids-mni"]
+    with pytest.raises(ValueError, match="group 'plane'.*'nose'"):
+        dataclasses.replace(spec, landmark_groups={"plane": ("AC", "nose")})
+    with pytest.raises(ValueError, match="at least 2 distinct"):
+        dataclasses.replace(spec, landmark_groups={"plane": ("AC", "AC")})
+    assert SPECS["hamedan-ceph"].group_indices() == {}
 
 
 def test_missing_data_dir_and_unknown_names(tmp_path: Path) -> None:
@@ -324,6 +335,12 @@ def test_afids_mni_geometry_and_ras_to_lps() -> None:
     fg = np.argwhere(img > 0.2 * img.max())
     world_centroid = s.geometry.index_to_world(fg.mean(axis=0))[0]
     assert abs(s.landmarks_mm[:, 1].mean() - world_centroid[1]) < 15
+    # the midsagittal group: ten AFIDs on one plane, x = 0 in MNI space (within 0.25 mm in the file)
+    group = ds.spec.group_indices()["midsagittal"]
+    assert len(group) == 10 and [s.landmark_names[k] for k in group][:2] == ["AC", "PC"]
+    assert np.abs(s.landmarks_mm[group, 0]).max() < 0.5
+    others = [k for k in range(32) if k not in group]
+    assert np.abs(s.landmarks_mm[others, 0]).min() > 1.5  # every other AFID is lateral (mammillary bodies: 2 mm)
 
 
 @pytest.mark.realdata

@@ -42,6 +42,11 @@ AFIDS_NAMES: tuple[str, ...] = (
     "L indusium griseum origin", "R ventral occipital horn", "L ventral occipital horn",
     "R olfactory sulcal fundus", "L olfactory sulcal fundus")
 
+# AFIDs the protocol places on the midsagittal plane (names as in the fiducial file's descriptions; in the
+# MNI template all ten lie within 0.25 mm of x = 0)
+AFIDS_MIDSAGITTAL: tuple[str, ...] = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa",
+                                      "culmen", "intermammillary sulcus", "pineal gland", "genu of CC", "splenium of CC")
+
 
 @dataclass
 class DatasetSpec:
@@ -51,7 +56,9 @@ class DatasetSpec:
     file for all images (or for the only image). The first annotator is the reference.
     ``landmark_labels`` are the labels in the files, ``landmark_names`` the display names (same order).
     ``spacing_mm`` overrides the image spacing ``(x, y[, z])``; ``lr_pairs`` are (left, right) display
-    names; ``exclude`` maps (annotator, image_id) -> reason (that annotation is masked entirely).
+    names; ``exclude`` maps (annotator, image_id) -> reason (that annotation is masked entirely);
+    ``landmark_groups`` maps a group name -> display names of landmarks that the annotation protocol places
+    on one shared plane (refined jointly by the prior-guided 3D method).
     """
 
     name: str
@@ -68,6 +75,7 @@ class DatasetSpec:
     exclude: dict[tuple[str, str], str] = field(default_factory=dict)
     reader_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    landmark_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.landmark_labels) != len(self.landmark_names):
@@ -81,6 +89,11 @@ class DatasetSpec:
         unknown = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
         if unknown:
             raise ValueError(f"{self.name}: left/right pairs name unknown landmarks {sorted(unknown)}")
+        for group, members in self.landmark_groups.items():
+            unknown = sorted(set(members) - set(self.landmark_names))
+            if unknown or len(set(members)) < 2:
+                raise ValueError(f"{self.name}: landmark group {group!r} must name at least 2 distinct landmarks of "
+                                 f"the dataset (unknown: {unknown}, members: {list(members)})")
 
     @property
     def reference(self) -> str | None:
@@ -91,6 +104,11 @@ class DatasetSpec:
         """Left/right pairs as landmark indices."""
         pos = {n: k for k, n in enumerate(self.landmark_names)}
         return [(pos[a], pos[b]) for a, b in self.lr_pairs]
+
+    def group_indices(self) -> dict[str, list[int]]:
+        """Landmark groups as landmark indices (in the dataset's order)."""
+        pos = {n: k for k, n in enumerate(self.landmark_names)}
+        return {g: sorted(pos[n] for n in members) for g, members in self.landmark_groups.items()}
 
 
 _AFIDS_PAIRS = tuple((AFIDS_NAMES[k + 1], AFIDS_NAMES[k]) for k, n in enumerate(AFIDS_NAMES)
@@ -111,6 +129,7 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
         annotations={"groundtruth": "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"},
         landmark_labels=tuple(str(k) for k in range(1, 33)), landmark_names=AFIDS_NAMES,
         lr_pairs=_AFIDS_PAIRS, image_id_regex=r"tpl-([^_]+)_",
+        landmark_groups={"midsagittal": AFIDS_MIDSAGITTAL},
         description="MNI152NLin2009cAsym T1w template (193x229x193, 1 mm) with the 32 AFIDs (Slicer RAS -> LPS)"),
     DatasetSpec(
         name="isbi2015-ceph", ndim=2, images="RawImage/*/*.bmp", reader="isbi_txt",
