@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 
 from lmlib.data.loaders import LandmarkDataset, collate_landmarks
 from lmlib.methods.global_local import votes
+from lmlib.outputs.figure_files import DPI
+from lmlib.outputs.qualitative import finish
 
 GT_COLOR, PRED_COLOR = "tab:blue", "red"
 
@@ -103,11 +105,7 @@ def fig_votes(result: Any, n_images: int = 3, path: str | Path | None = None) ->
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.colorbar(shown, ax=axes[1].tolist(), shrink=0.7, label="presence probability")
     fig.suptitle("Global stage: every output cell votes for every landmark (marker area ~ presence)", fontsize=9)
-    plt.close(fig)
-    if path is not None:
-        from lmlib.outputs.figure_files import save_figure
-        save_figure(fig, path)
-    return fig
+    return finish(fig, path, DPI)
 
 
 def stage_predictions(output_dir: str | Path) -> dict[str, pd.DataFrame]:
@@ -157,11 +155,7 @@ def fig_global_to_local(result: Any, path: str | Path | None = None) -> Figure:
     for ax in (a1, a2):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    plt.close(fig)
-    if path is not None:
-        from lmlib.outputs.figure_files import save_figure
-        save_figure(fig, path)
-    return fig
+    return finish(fig, path, DPI)
 
 
 def show_global_local(result: Any, n_images: int = 3) -> dict[str, Path]:

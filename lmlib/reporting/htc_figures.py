@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from lmlib.data.loaders import LandmarkDataset, collate_landmarks
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.htc import HEAD_STRIDES, to_input_index
+from lmlib.outputs.figure_files import DPI
+from lmlib.outputs.qualitative import finish
 
 GT_COLOR, PRED_COLOR = "tab:blue", "red"
 
@@ -101,8 +103,7 @@ def fig_heatmaps(result: Any, n_images: int = 3, path: str | Path | None = None)
     if shown is not None:
         fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="heatmap (max over landmarks)")
     fig.suptitle("Predicted heatmaps at both resolutions (x: each head's decoded points)", fontsize=9)
-    plt.close(fig)
-    return _save(fig, path)
+    return finish(fig, path, DPI)
 
 
 def _entropy(maps: torch.Tensor) -> torch.Tensor:
@@ -137,15 +138,7 @@ def fig_attention(result: Any, n_maps: int = 4, image: int = 0, path: str | Path
             _frame(ax, img, f"stage {i + 1} (stride {stride}), map {order[j] if j < len(order) else '-'}")
     fig.suptitle(f"{batch['image_id'][0]}: most concentrated spatial attention maps of each stage's double "
                  "attention (normalised to their maximum)", fontsize=9)
-    plt.close(fig)
-    return _save(fig, path)
-
-
-def _save(fig: Figure, path: str | Path | None) -> Figure:
-    if path is not None:
-        from lmlib.outputs.figure_files import save_figure
-        save_figure(fig, path)
-    return fig
+    return finish(fig, path, DPI)
 
 
 def show_htc(result: Any, n_images: int = 3) -> dict[str, Path]:
