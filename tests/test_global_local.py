@@ -15,8 +15,9 @@ import torch
 from lmlib.methods import build_method
 from lmlib.methods.global_local import (GlobalFCNN, GlobalLocalFCNN, LocalFCNN, LocalStage, PatchRule,
                                         decode_displacement, displacement_targets, encode_displacement,
-                                        fcnn_loss, global_validation_errors, patch_centres, patch_of,
+                                        fcnn_loss, patch_centres, patch_of,
                                         presence_targets, vote)
+from lmlib.methods.stages import stage_validation_errors
 
 
 @pytest.fixture()
@@ -275,11 +276,11 @@ def test_per_landmark_patch_grids_and_inside_jitter():
         ViewSpec("patch", size=(16, 16), landmark_spacing=(1.0,))
 
 
-def test_global_validation_errors_of_the_selected_epoch(tmp_path):
+def test_stage_validation_errors_of_the_selected_epoch(tmp_path):
     csv = tmp_path / "metrics.csv"
     csv.write_text("epoch,step,val/mre_mm,val/err_mm/a,val/err_mm/b,train/loss\n"
                    "0,1,5.0,4.0,6.0,\n0,1,,,,2.0\n1,3,3.0,2.5,3.5,\n2,5,4.0,1.0,7.0,\n")
-    assert global_validation_errors(csv) == {"a": 2.5, "b": 3.5}
+    assert stage_validation_errors(csv) == {"a": 2.5, "b": 3.5}
 
 
 def test_local_stage_settles_its_views_from_the_errors():
@@ -291,7 +292,7 @@ def test_local_stage_settles_its_views_from_the_errors():
         return {"a": 3.4}
 
     stage = LocalStage("local", method, None, None, max_epochs=3, rule=PatchRule(2, 1.0), errors=errors)
-    assert "after the global stage" in repr(stage) and not calls  # nothing chosen yet
+    assert "after the previous stage" in repr(stage) and not calls  # nothing chosen yet
     assert stage.view.size == (18, 18) and stage.eval_view.size == (18, 18) and len(calls) == 1
     assert method.config()["patch_choice"]["size_px"] == 18
     assert stage.max_epochs == 3 and stage.name == "local"

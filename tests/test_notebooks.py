@@ -74,6 +74,10 @@ METHOD_OUTPUTS = {
     "htc/half_head": (("predictions.csv", "metrics.json"), 80.0),
     "htc_quarter_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
     "htc_half_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
+    "prior_guided/coarse": (("predictions.csv", "fig_loss.png", "checkpoints/best.ckpt"), 80.0),
+    "prior_guided/independent": (("predictions.csv", "checkpoints/best.ckpt"), 80.0),
+    "prior_guided/correlated": (("predictions.csv", "checkpoints/best.ckpt", "../fig_stage_slices_0.png",
+                                 "../fig_stage_errors.png", "../correlated_gain.csv"), 80.0),
 }
 
 

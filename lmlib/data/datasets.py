@@ -357,8 +357,12 @@ def _load_synthetic(name: str, split: str | None, **kwargs: Any) -> Dataset:
     ndim = 2 if name == "synthetic2d" else 3
     samples = make_phantom_dataset(ndim=ndim, **kwargs)
     names = tuple(samples[0].landmark_names) if samples else ()
+    # the 3D layout's landmarks 2-5 lie on one plane of the shape frame (x = 0; tilted by each pose), up to
+    # the phantoms' per-landmark jitter (0.03 shape units)
+    groups = {"shape_plane": names[2:6]} if ndim == 3 and len(names) >= 6 else {}
     spec = DatasetSpec(name=name, ndim=ndim, images="", reader="", annotations={}, landmark_labels=names,
-                       landmark_names=names, description=f"synthetic {ndim}D phantoms (lmlib.data.phantoms)")
+                       landmark_names=names, description=f"synthetic {ndim}D phantoms (lmlib.data.phantoms)",
+                       landmark_groups=groups)
     ds = Dataset(spec, samples, make_report([]))
     if split is not None:
         ds.samples = ds.split(split)

@@ -7,7 +7,10 @@ A :class:`ViewSpec` says which grid a network sees (see :mod:`lmlib.data.grids`)
   val/test: the centre crop);
 - ``"patch"``: ``size`` px at ``spacing`` mm centred on a point in world mm (train: the ground truth
   + jitter; val/test: the previous stage's predictions ``centres``, else the ground truth); with
-  ``per_landmark``, ``landmark_spacing`` may give each landmark's patch its own (isotropic) spacing.
+  ``per_landmark``, ``landmark_spacing`` may give each landmark's patch its own (isotropic) spacing;
+  with ``stacked``, one item holds one patch per served landmark as its channels (a group of landmarks
+  refined jointly), each centred on its own landmark except along ``shared_axis``, where all share the
+  group's mean (landmarks on one plane then share the plane's index in every patch).
 
 Each item is a dict (default-collatable):
 - ``"image"``: float32 ``(C, *size)`` on the view grid, after augmentation (train only);
@@ -18,7 +21,8 @@ Each item is a dict (default-collatable):
   outside the grid (before or after augmentation);
 - ``"landmark_ids"``: int64 ``(K,)`` dataset landmark index of each row;
 - ``"index_to_world"``: float64 ``(D, D+1)`` affine of the view grid (before augmentation):
-  ``world = A[:, :D] @ idx + A[:, D]`` (idx px, world mm);
+  ``world = A[:, :D] @ idx + A[:, D]`` (idx px, world mm); stacked patches: ``(K, D, D+1)``, one per
+  landmark's patch (channel);
 - ``"reference_mm"``: float64 ``(K, D)`` the sample's original landmarks in world mm, NaN where masked;
 - ``"image_id"``: str, ``"index"``: int (position of the sample), ``"item_index"``: int (position of
   the item), ``"centre_mm"``: float64 ``(D,)`` (patch views; zeros otherwise);
@@ -157,6 +161,10 @@ class ViewSpec:
             landmark's patch (one value per landmark; overrides ``spacing``).
         keep_outside: landmarks outside the grid stay valid (methods regressing landmarks outside a
             crop); default: outside -> invalid.
+        stacked: patch only (not per_landmark): one item per sample holding one patch per served landmark,
+            stacked as channels ``(K, *size)``; landmark k is in channel k's grid.
+        shared_axis: stacked only: the patch-grid axis along which every patch of the item is centred on
+            the mean of the served landmarks' centres (None: each patch on its own landmark).
     """
 
     kind: str = "whole"
@@ -169,6 +177,8 @@ class ViewSpec:
     jitter: tuple[str, float] = ("none", 0.0)
     keep_outside: bool = False
     landmark_spacing: tuple[float, ...] | None = None
+    stacked: bool = False
+    shared_axis: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _opt_tuple(self.size, int))
@@ -192,6 +202,14 @@ class ViewSpec:
             raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         if self.spacing is not None and min(self.spacing) <= 0:
             raise ValueError(f"spacing must be positive, got {self.spacing}")
+        object.__setattr__(self, "stacked", bool(self.stacked))
+        if self.stacked and (self.kind != "patch" or self.per_landmark):
+            raise ValueError("stacked applies to patch views that are not per_landmark")
+        if self.shared_axis is not None:
+            object.__setattr__(self, "shared_axis", int(self.shared_axis))
+            if not self.stacked or not 0 <= self.shared_axis < len(self.size or ()):
+                raise ValueError(f"shared_axis applies to stacked patch views and must be a grid axis, "
+                                 f"got {self.shared_axis}")
         if self.landmark_spacing is not None:
             if not self.per_landmark:
                 raise ValueError("landmark_spacing applies to per_landmark patch views only")
@@ -209,7 +227,8 @@ class ViewSpec:
                 "normalize": self.normalize, "landmarks": None if self.landmarks is None else list(self.landmarks),
                 "per_landmark": self.per_landmark, "jitter": [self.jitter[0], self.jitter[1]],
                 "keep_outside": self.keep_outside,
-                "landmark_spacing": None if self.landmark_spacing is None else list(self.landmark_spacing)}
+                "landmark_spacing": None if self.landmark_spacing is None else list(self.landmark_spacing),
+                "stacked": self.stacked, "shared_axis": self.shared_axis}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ViewSpec":
@@ -353,11 +372,41 @@ class LandmarkDataset(Dataset):
         """
         si, ids = self._items[item_index]
         s, v = self.samples[si], self.view
+        if v.stacked:
+            raise NotImplementedError("stacked patch items have one grid per landmark: use grids(item)")
         if v.kind == "whole":
             return preprocessing_grids(s, v.size, v.spacing)[1].padded_to_multiple(v.pad_multiple)
         if v.kind == "crop":
             return Grid.whole(s, spacing=v.spacing_for(s.ndim)).centre_crop_or_pad(v.size)
         return self._patch_grid(si, self._centre(si, ids), ids)
+
+    def grids(self, item_index: int, jitter: bool = False) -> list[Grid]:
+        """Stacked patch views: the grid of each served landmark's patch (channel), in served order.
+
+        Centres: each landmark's ground truth (train) or ``centres`` row (val/test); a NaN row takes the
+        mean of the others. ``jitter`` (training): each centre moves independently by the view's jitter.
+        With ``shared_axis`` every centre then moves along that patch-grid axis (its world direction
+        ``u``) onto the mean centre's position: ``c_k + u (u . (mean - c_k))``."""
+        si, ids = self._items[item_index]
+        s, v = self.samples[si], self.view
+        if not v.stacked:
+            return [self.grid(item_index)]
+        pts = s.landmarks_mm[list(ids)]
+        if not self.train and self.centres is not None and s.image_id in self.centres:
+            pts = self.centres[s.image_id][list(ids)]
+        pts = np.array(pts, dtype=np.float64)
+        ok = ~np.isnan(pts).any(axis=1)
+        fill = pts[ok].mean(axis=0) if ok.any() else \
+            s.geometry.index_to_world((np.asarray(s.size, dtype=np.float64) - 1) / 2)[0]
+        pts[~ok] = fill
+        spacing = self._patch_spacing(si, ids)
+        if jitter:
+            pts = pts + np.stack([self._jitter(s.ndim, spacing) for _ in ids])
+        direction = np.asarray(s.geometry.direction, dtype=np.float64).reshape(s.ndim, s.ndim)
+        if v.shared_axis is not None:
+            u = direction[:, v.shared_axis]
+            pts = pts + np.outer((pts.mean(axis=0) - pts) @ u, u)
+        return [Grid.centred(c, v.size, spacing, direction) for c in pts]
 
     def preprocessed(self, index: int) -> Sample:
         """Whole views: the sample on the view grid (image, geometry; landmarks still in world mm).
@@ -399,10 +448,18 @@ class LandmarkDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         si, ids = self._items[index]
         s = self.samples[si]
-        image, grid, centre = self._view_image(si, ids)
         ids_a = np.asarray(ids, dtype=np.int64)
         reference = s.landmarks_mm[ids_a]
-        data = self._make_item(image, grid.world_to_index(reference), s.valid[ids_a])
+        if self.view.stacked:  # one patch per landmark as channels, each landmark in its own patch's grid
+            grids = self.grids(index, jitter=self.train)
+            image = np.stack([resample(self._prepared(si), g) for g in grids])
+            idx = np.concatenate([g.world_to_index(reference[k:k + 1]) for k, g in enumerate(grids)])
+            affine = np.stack([g.affine() for g in grids])
+            centre = np.mean([g.index_to_world((np.asarray(g.size, float)[None] - 1) / 2)[0] for g in grids], axis=0)
+        else:
+            image, grid, centre = self._view_image(si, ids)
+            idx, affine = grid.world_to_index(reference), grid.affine()
+        data = self._make_item(image, idx, s.valid[ids_a])
         if self.transform is not None:
             data = self.transform(data)
         image_t = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()
@@ -412,7 +469,7 @@ class LandmarkDataset(Dataset):
         landmarks[~valid] = 0.0
         item: dict[str, Any] = {"image": image_t, "landmarks": landmarks, "valid": valid,
                                 "landmark_ids": torch.as_tensor(ids_a),
-                                "index_to_world": torch.as_tensor(grid.affine(), dtype=torch.float64),
+                                "index_to_world": torch.as_tensor(affine, dtype=torch.float64),
                                 "reference_mm": torch.as_tensor(reference, dtype=torch.float64),
                                 "image_id": s.image_id, "index": si, "item_index": index,
                                 "centre_mm": torch.as_tensor(centre, dtype=torch.float64)}

@@ -250,6 +250,7 @@ def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
                                            ("warmup_epochs", "warmup_epochs")) if p in params}
     return {"optimizer": optimizer, "test_time_flip": bool(params.get("flip_test", False)),
             "flip_pairs": data.spec.pair_indices(), "landmark_names": list(data.landmark_names),
+            "landmark_groups": data.spec.group_indices(),
             "max_epochs": int(params.get("max_epochs", 100))}
 
 

@@ -102,9 +102,12 @@ def errors_mm(coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def to_world(coords: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Grid indices ``(B, K, D)`` -> world mm ``(B, K, D)`` with per-item affines ``(B, D, D+1)``."""
+    """Grid indices ``(B, K, D)`` -> world mm ``(B, K, D)`` with per-item affines ``(B, D, D+1)``, or
+    per-landmark affines ``(B, K, D, D+1)`` (stacked patches: landmark k on its own patch's grid)."""
     a = torch.as_tensor(affine, dtype=torch.float64).to(coords.device)
     d = a.shape[-2]
+    if a.ndim == 4:
+        return torch.einsum("bkij,bkj->bki", a[..., :d], coords.double()) + a[..., d]
     return torch.einsum("bij,bkj->bki", a[..., :d], coords.double()) + a[..., None, :, d]
 
 

@@ -207,9 +207,12 @@ class OverlayCallback(Callback):
             err = errors_mm(coords.cpu(), batch)[0].numpy()
             gt = batch["landmarks"][0].double().numpy()
             gt[~batch["valid"][0].numpy()] = np.nan
+            pred = coords[0].cpu().double().numpy()
+            if batch["index_to_world"].ndim == 4:  # stacked patches: channel 0 shows landmark 0 only
+                gt[1:], pred[1:] = np.nan, np.nan
             images.append(batch["image"][0, 0].cpu().numpy())
             gts.append(gt)
-            preds.append(coords[0].cpu().double().numpy())
+            preds.append(pred)
             titles.append(f"{batch['image_id'][0]}: {np.nanmean(err):.2f} mm")
         fig = fig_training_overlay(images, gts, preds, titles, suptitle=f"epoch {epoch + 1}")
         self.frame_dir.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ from torch import nn
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import LandmarkMethod, Outputs
 from lmlib.methods.networks import PerLandmark
-from lmlib.methods.stages import Stage
+from lmlib.methods.stages import DeferredStage, Stage, stage_validation_errors
 
 DISPLACEMENT_CODES: tuple[str, ...] = ("log", "linear")
 LOCAL_NETS: tuple[str, ...] = ("per_landmark", "shared")
@@ -461,20 +461,6 @@ class GlobalLocalFCNN(LandmarkMethod):
 
 
 # -------------------------------------------------------------------------------- local patch size
-def global_validation_errors(history_csv: str | Path) -> dict[str, float]:
-    """Per-landmark mean validation error (mm) of the selected (lowest ``val/mre_mm``) epoch of a
-    stage's training log (``training_log/metrics.csv``)."""
-    import pandas as pd
-
-    df = pd.read_csv(history_csv)
-    if "val/mre_mm" not in df.columns or df["val/mre_mm"].dropna().empty:
-        raise ValueError(f"{history_csv}: no validation error logged")
-    row = df.loc[df["val/mre_mm"].astype(float).idxmin()]
-    prefix = "val/err_mm/"
-    per = {c[len(prefix):]: float(row[c]) for c in df.columns if c.startswith(prefix) and np.isfinite(row[c])}
-    return per or {"all": float(row["val/mre_mm"])}
-
-
 class PatchRule:
     """The local patch: its extent in mm is fixed (``patch_mm`` > 0) or set from the global stage's
     validation errors (``factor`` x the worst per-landmark mean error on each side of the centre); its
@@ -557,31 +543,26 @@ class PatchRule:
         return train, ViewSpec("patch", size=size, spacing=spacing, per_landmark=True)
 
 
-class LocalStage(Stage):
-    """A :class:`~lmlib.methods.stages.Stage` whose views are settled on first access, i.e. by
-    :func:`~lmlib.engine.cascade.fit_cascade` after the previous stage trained: the patch of ``rule``
-    (:class:`PatchRule`) from the per-landmark validation errors of the global stage, read from
-    ``global_folder``'s training log or given by ``errors()``. Pass ``view=None, eval_view=None``."""
+class LocalStage(DeferredStage):
+    """A :class:`~lmlib.methods.stages.DeferredStage`: the patch of ``rule`` (:class:`PatchRule`) from
+    the per-landmark validation errors of the global stage, read from ``global_folder``'s training log
+    or given by ``errors()``. Pass ``view=None, eval_view=None``."""
 
     def __init__(self, *args: Any, rule: PatchRule, global_folder: Path | None = None,
                  errors: Callable[[], Mapping[str, float]] | None = None, landmark_names: Sequence[str] = (),
                  **kwargs: Any) -> None:
         self._rule, self._folder, self._errors, self._names = rule, global_folder, errors, list(landmark_names)
-        self._view = self._eval_view = None
         super().__init__(*args, **kwargs)
 
-    def _settle(self) -> None:
-        if self._view is not None:
-            return
+    def settle(self) -> tuple[ViewSpec, ViewSpec]:
         errors = None
         if self._rule.patch_mm <= 0:
             if self._errors is not None:
                 errors = self._errors()
             elif self._folder is not None and (self._folder / "training_log" / "metrics.csv").is_file():
-                errors = global_validation_errors(self._folder / "training_log" / "metrics.csv")
+                errors = stage_validation_errors(self._folder / "training_log" / "metrics.csv")
         choice = self._rule.choose(errors, self._names)
         self.method.patch_choice = choice
-        self._view, self._eval_view = self._rule.views(choice)
         notes = "; spacing coarsened to keep local_max_patch_px" if choice["coarsened"] else ""
         if not choice["covers_wanted"]:
             notes += "; limited to the global spacing: does not cover the wanted half-width"
@@ -590,28 +571,7 @@ class LocalStage(Stage):
               else f"{choice['spacing_mm']:.3g} mm")
         print(f"local patch: {choice['size_px']} px at {at} = up to {choice['extent_mm']:.1f} mm "
               f"({choice['reason']}{notes}); training jitter up to +-{choice['jitter_mm']:.2f} mm")
-
-    def __repr__(self) -> str:  # without settling the views
-        state = "settled" if self._view is not None else "settled after the global stage"
-        return f"LocalStage(name={self.name!r}, method={self.method!r}, views {state}, max_epochs={self.max_epochs})"
-
-    @property  # type: ignore[override]
-    def view(self) -> Any:
-        self._settle()
-        return self._view
-
-    @view.setter
-    def view(self, value: Any) -> None:
-        self._view = value
-
-    @property  # type: ignore[override]
-    def eval_view(self) -> Any:
-        self._settle()
-        return self._eval_view
-
-    @eval_view.setter
-    def eval_view(self, value: Any) -> None:
-        self._eval_view = value
+        return self._rule.views(choice)
 
 
 METHOD = GlobalLocalFCNN

@@ -5,7 +5,10 @@ the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import LandmarkMethod
@@ -22,3 +25,59 @@ class Stage:
     max_epochs: int = 50
     batch_size: int = 4
     augmentation: Any = None
+
+
+class DeferredStage(Stage):
+    """A :class:`Stage` whose views are settled on first access, i.e. by
+    :func:`~lmlib.engine.cascade.fit_cascade` after the previous stage trained (e.g. a patch size or a
+    training jitter set from the previous stage's measured validation errors). Subclasses define
+    :meth:`settle`; pass ``view=None, eval_view=None``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._view = self._eval_view = None
+        super().__init__(*args, **kwargs)
+
+    def settle(self) -> tuple[ViewSpec, ViewSpec]:
+        """(training view, evaluation view), computed once the previous stage has trained."""
+        raise NotImplementedError
+
+    def _settle(self) -> None:
+        if self._view is None:
+            self._view, self._eval_view = self.settle()
+
+    def __repr__(self) -> str:  # without settling the views
+        state = "settled" if self._view is not None else "settled after the previous stage"
+        return f"{type(self).__name__}(name={self.name!r}, method={self.method!r}, views {state}, " \
+               f"max_epochs={self.max_epochs})"
+
+    @property  # type: ignore[override]
+    def view(self) -> Any:
+        self._settle()
+        return self._view
+
+    @view.setter
+    def view(self, value: Any) -> None:
+        self._view = value
+
+    @property  # type: ignore[override]
+    def eval_view(self) -> Any:
+        self._settle()
+        return self._eval_view
+
+    @eval_view.setter
+    def eval_view(self, value: Any) -> None:
+        self._eval_view = value
+
+
+def stage_validation_errors(history_csv: str | Path) -> dict[str, float]:
+    """Per-landmark mean validation error (mm) of the selected (lowest ``val/mre_mm``) epoch of a
+    stage's training log (``training_log/metrics.csv``); ``{"all": MRE}`` when none is logged per landmark."""
+    import pandas as pd
+
+    df = pd.read_csv(history_csv)
+    if "val/mre_mm" not in df.columns or df["val/mre_mm"].dropna().empty:
+        raise ValueError(f"{history_csv}: no validation error logged")
+    row = df.loc[df["val/mre_mm"].astype(float).idxmin()]
+    prefix = "val/err_mm/"
+    per = {c[len(prefix):]: float(row[c]) for c in df.columns if c.startswith(prefix) and np.isfinite(row[c])}
+    return per or {"all": float(row["val/mre_mm"])}
