@@ -73,6 +73,14 @@ HTC_JOBS: tuple[Job, ...] = (
               "neck_channels": 256, "head_channels": 256, "flip_prob": 0.5, "flip_test": True}),
 )
 
+_PG_SMOKE: dict[str, Any] = {"max_epochs": 2, "fine_epochs": 1, "correlated_epochs": 1, "max_train_images": 8}
+_PG_DATA: dict[str, dict[str, Any]] = {
+    "synthetic3d": {"image_size": [32, 32, 32], "coarse_spacing_mm": 2.0, "fine_patch_px": 16,
+                    "coarse_channels": [8, 16, 32, 64], "fine_channels": [8, 16, 32], "correlated_channels": [8, 16, 32]},
+    # the whole 193 x 229 x 193-mm template at 4 mm for the coarse stage; 32-px patches at 1 mm
+    "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [48, 60, 48], "coarse_spacing_mm": 4.0, "batch_size": 2},
+    "afids-mni:full": {"max_epochs": 300, "fine_epochs": 60, "correlated_epochs": 60}}
+
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
     Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
@@ -116,14 +124,10 @@ JOBS: tuple[Job, ...] = (
     *HTC_JOBS,
     # a cascade of three stages: writes <method>/coarse, <method>/independent, <method>/correlated
     Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni"),
-        smoke={"max_epochs": 2, "fine_epochs": 1, "correlated_epochs": 1, "max_train_images": 8},
-        per_dataset={"synthetic3d": {"image_size": [32, 32, 32], "coarse_spacing_mm": 2.0, "fine_patch_px": 16,
-                                     "coarse_channels": [8, 16, 32, 64], "fine_channels": [8, 16, 32],
-                                     "correlated_channels": [8, 16, 32]},
-                     # the whole 193 x 229 x 193-mm template at 4 mm for the coarse stage; 32-px patches at 1 mm
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [48, 60, 48], "coarse_spacing_mm": 4.0,
-                                   "batch_size": 2},
-                     "afids-mni:full": {"max_epochs": 300, "fine_epochs": 60, "correlated_epochs": 60}}),
+        smoke=_PG_SMOKE, per_dataset=_PG_DATA),
+    # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
+    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE,
+        per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmlib.data.datasets import load_dataset
-from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks
+from lmlib.data.loaders import LandmarkDataset, ViewSpec, collate_landmarks
 from lmlib.data.phantoms import make_phantom_dataset
 from lmlib.engine.cascade import fit_cascade, predict_cascade
 from lmlib.engine.training import errors_mm, to_world

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec

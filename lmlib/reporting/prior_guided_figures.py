@@ -15,7 +15,7 @@ from a finished run's stage folders (``coarse/``, ``independent/``, ``correlated
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
