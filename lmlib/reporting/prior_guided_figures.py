@@ -136,7 +136,8 @@ def show_prior_guided(result: Any, n_images: int = 2) -> dict[str, Path]:
     gain = correlated_gain(folder)
     if not gain.empty:
         print("What the correlated model adds (test split; diff = correlated - independent, mm):")
-        print(gain.round(4).to_string())
+        print(gain.to_string(float_format="{:.3f}".format, formatters={"n": "{:.0f}".format,
+                                                                       "p_value": "{:.2g}".format}))
         gain.to_csv(folder / "correlated_gain.csv")
     for path in paths.values():
         display(Image(filename=str(path)))
