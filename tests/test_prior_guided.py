@@ -105,6 +105,8 @@ def test_coarse_regressor_starts_at_the_grid_centre_and_normalises_exactly():
     out = m.build_network()(torch.randn(2, 1, 16, 20, 12))
     coords, _ = m.decode_batch(out, {"image": torch.zeros(2, 1, 16, 20, 12)}, 0)
     torch.testing.assert_close(coords, torch.tensor([7.5, 9.5, 5.5]).expand(2, 5, 3))
+    with pytest.raises(ValueError, match="built for a \\[16, 20, 12\\]-px grid"):
+        m.build_network()(torch.randn(1, 1, 16, 20, 16))
     idx = torch.rand(3, 5, 3) * 10
     torch.testing.assert_close(from_normalised(normalised(idx, (16, 20, 12)), (16, 20, 12)), idx)
 

@@ -60,6 +60,7 @@ PLANE_MODES: tuple[str, ...] = ("shared", "per_landmark")
 COARSE_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 128)
 FINE_CHANNELS: tuple[int, ...] = (16, 32, 64)
 CORRELATED_CHANNELS: tuple[int, ...] = (16, 32, 64)
+DEFAULT_COARSE_SIZE = 64  # coarse grid px per axis when none is given (the run path passes image_size)
 AMPLITUDE = 100.0  # heatmap peak (the heatmap U-Net's)
 #: mean radial error of an isotropic normal error N(0, s^2 I_D) is this times s (Rayleigh / Maxwell)
 RADIAL_MEAN_FACTOR: dict[int, float] = {2: math.sqrt(math.pi / 2), 3: 2 * math.sqrt(2 / math.pi)}
@@ -81,8 +82,11 @@ class CoarseRegressor(nn.Module):
         linear = self.net.final[-1]
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
+        self.size = tuple(int(s) for s in size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"the coarse regressor was built for a {list(self.size)}-px grid, got {list(x.shape[2:])}")
         return self.net(x)
 
 
@@ -260,8 +264,9 @@ class PriorGuided(LandmarkMethod):
         net = dict(network or {})
         if stage == "coarse":
             net = {"channels": list(COARSE_CHANNELS), "num_res_units": 2, "dropout": 0.0, **net}
-            if not net.get("size"):
-                raise ValueError("the coarse stage needs network['size'] (its grid in px)")
+            net["size"] = [int(v) for v in net.get("size") or [DEFAULT_COARSE_SIZE] * int(spatial_dims)]
+            if len(net["size"]) != int(spatial_dims):
+                raise ValueError(f"the coarse grid needs {spatial_dims} sizes (px), got {net['size']}")
         elif stage == "independent":
             net = {"channels": list(FINE_CHANNELS), "kind": "per_landmark", **net}
             if net["kind"] not in FINE_NETS:
