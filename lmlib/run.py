@@ -3,6 +3,7 @@
     python -m lmlib.run                          # every job on the synthetic datasets
     python -m lmlib.run --dataset hamedan-ceph --profile full
     python -m lmlib.run --only exploration --profile smoke
+    python -m lmlib.run --only heatmap_unet --set max_epochs=20 --set image_size=[128,192]
     python -m lmlib.run --list
 
 Each job writes ``results/<dataset>/<method>/`` holding the executed notebook beside its outputs.
@@ -158,6 +159,24 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, An
         raise ValueError(f"{notebook}: parameters {unknown} are not declared in its parameters cell "
                          f"(declared: {sorted(declared)})")
     return declared
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["max_epochs=20", "image_size=[128, 192]", "dataset=x"]`` -> parameters; each value is a Python
+    literal (number, list, bool, quoted string) or, failing that, the plain string."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ValueError(f"{item!r}: expected NAME=VALUE with a parameter name, e.g. max_epochs=20")
+        try:
+            out[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[name] = text.strip()
+    return out
 
 
 def _portable(path: Path, root: Path) -> str:
@@ -345,8 +364,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted jobs from their .tmp-<method>/checkpoints/last.ckpt "
                              "(notebooks with a resume parameter)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
+                        help="override one notebook parameter for every selected job, after the profile's "
+                             "(a Python literal: --set max_epochs=20 --set image_size=[128,192]; else a string); "
+                             "checked against each notebook's parameters cell")
     parser.add_argument("--list", action="store_true", help="list the jobs and exit")
     args = parser.parse_args(argv)
+    try:
+        extra = parse_overrides(args.overrides)
+    except ValueError as exc:
+        print(f"[lmlib.run] --set: {exc}", file=sys.stderr)
+        return 2
 
     unknown = [d for d in args.dataset if d not in declared_datasets()]
     if unknown and not args.list:
@@ -370,6 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for job in JOBS:
             print(f"{job.method:<14} notebooks/{job.notebook:<36} datasets: {', '.join(job.datasets)}")
         return 0 if args.list else 2
+    for notebook in sorted({job.notebook for job, _ in pairs}) if extra else ():
+        try:
+            check_parameters(repo_root() / "notebooks" / notebook, extra)
+        except ValueError as exc:
+            print(f"[lmlib.run] --set: {exc}", file=sys.stderr)
+            return 2
     failed: list[str] = []
     for job, dataset in pairs:
         label = f"{dataset}/{job.method}"
@@ -377,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         try:
             out = run_job(job, dataset, args.profile, args.results_dir, args.data_dir, args.device,
-                          args.seed, args.timeout, resume=args.resume)
+                          args.seed, args.timeout, extra=extra, resume=args.resume)
         except KeyboardInterrupt:
             print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset}/.tmp-{job.method} "
                   f"(run again with --resume to continue it)")

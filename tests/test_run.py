@@ -303,3 +303,22 @@ def test_resume_checkpoint_of_a_cascade(tmp_path: Path) -> None:
     (tmp_path / tmp / "checkpoints").mkdir()
     (tmp_path / tmp / "checkpoints" / "last.ckpt").write_bytes(b"w")
     assert run.resume_checkpoint(tmp_path, tmp) == tmp / "checkpoints" / "last.ckpt"
+
+
+def test_set_overrides_reach_every_selected_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[dict] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: seen.append(k) or tmp_path)
+    assert main(["--only", "heatmap_unet", "--dataset", "synthetic2d", "--set", "max_epochs=20",
+                 "--set", "image_size=[128, 192]", "--set", "device=cpu"]) == 0
+    assert seen[0]["extra"] == {"max_epochs": 20, "image_size": [128, 192], "device": "cpu"}
+
+
+def test_set_is_checked_against_the_parameters_cell_before_any_run(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: calls.append(a) or Path("x"))
+    assert main(["--only", "heatmap_unet", "--dataset", "synthetic2d", "--set", "max_epoch=20"]) == 2
+    err = capsys.readouterr().err
+    assert "'max_epoch'" in err and "15_heatmap_unet.ipynb" in err and calls == []
+    assert main(["--only", "heatmap_unet", "--set", "20"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err and calls == []
