@@ -132,3 +132,17 @@ def test_afids_needs_its_deformation_set(tmp_path: Path, no_data: None, no_gpu: 
         run_method("heatmap_unet", base)
     with pytest.raises(ValueError, match=r"n_deformed >= 5 \(got 3\)"):
         run_method("global_local", {**base, "n_deformed": 3})
+
+
+def test_an_empty_split_is_named_with_its_cause(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before: such a run failed only when training started, naming neither the dataset nor where its splits come from."""
+    from lmlib.data.datasets import load_dataset
+
+    data = load_dataset("synthetic2d", n_images=10)
+    for s in data.samples:
+        s.meta["split"] = "train" if s.meta["split"] != "test" else "test"
+    monkeypatch.setattr(runner, "load_run_data", lambda params: data)
+    with pytest.raises(ValueError, match=r"synthetic2d: the val split is empty \(train \d+, val 0, test \d+ of 10 "
+                                         r"images\).*phantom generator"):
+        run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(tmp_path / "run"), "device": "cpu"})
+    assert not any((tmp_path / "run").glob("checkpoints/*"))

@@ -129,6 +129,25 @@ def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
     return samples[: limit or None]
 
 
+def check_splits(name: str, data: Dataset, splits: Mapping[str, Sequence[Sample]]) -> None:
+    """Raise naming every empty split, the counts, and where this dataset's splits come from."""
+    empty = [k for k, v in splits.items() if not v]
+    if not empty:
+        return
+    counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    if data.spec.splits_file:
+        source = f"the split file {data.spec.splits_file!r} in the data folder (columns image_id, split)"
+    elif name == "afids-mni":
+        source = "n_deformed random deformations of the template (60/20/20 % train/val/test)"
+    elif name in SYNTHETIC:
+        source = "the phantom generator (60/20/20 % train/val/test)"
+    else:
+        source = "each sample's meta['split'] (this dataset declares no split file)"
+    plural = "splits are" if len(empty) > 1 else "split is"
+    raise ValueError(f"{name}: the {' and '.join(empty)} {plural} empty ({counts} of {len(data.samples)} images); "
+                     f"a run needs images in train, val and test; here the splits come from {source}")
+
+
 def check_parameters(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
     """Raise naming every parameter that neither the engine nor the method uses."""
     known = set(SHARED_PARAMETERS) | set(method.parameters) | set(getattr(method, "extra_parameters", ()))
@@ -293,6 +312,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(params.get("max_train_images", 0)))
     val, test = _split(data, "val"), _split(data, "test")
+    check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
     effective = {**params, "image_size": grid}
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
