@@ -170,9 +170,11 @@ def test_run_method_writes_the_run_and_one_row_per_head(tmp_path):
         run_method("htc", {**params, "alpha": 2.0})
 
 
-def test_split_errors_rescore_the_runs_checkpoint_on_every_split(tmp_path):
+def test_split_errors_and_conformal_regions_rescore_the_runs_checkpoint(tmp_path):
     from lmlib.engine.runner import run_method
-    from lmlib.reporting.diagnostics import split_errors
+    from lmlib.evaluation.conformal import conformal_radii
+    from lmlib.reporting.diagnostics import conformal_coverage, split_error_arrays, split_errors
+    from lmlib.reporting.diagnostics import main as diagnostics_main
 
     out = tmp_path / "htc"
     params = {"dataset": "synthetic2d", "output_dir": str(out), "max_epochs": 1, "max_train_images": 4,
@@ -183,3 +185,11 @@ def test_split_errors_rescore_the_runs_checkpoint_on_every_split(tmp_path):
     assert frame.loc["test", "mre_mm"] == pytest.approx(result.metrics["mre_mm"], rel=1e-6)
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         split_errors(tmp_path)
+    # regions calibrated on val: each landmark's radius is one of its val errors, coverage counted on test
+    cover = conformal_coverage(out, (0.8,))
+    arrays, _ = split_error_arrays(out, splits=("val", "test"))
+    radii = conformal_radii(arrays["val"], 0.2)
+    assert all(np.isin(r, arrays["val"][:, k]) for k, r in enumerate(radii))
+    inside = (arrays["test"] <= radii).mean() * 100
+    assert cover.loc["80 %", "coverage_pct"] == pytest.approx(inside) and cover.loc["80 %", "n_test"] == arrays["test"].size
+    assert diagnostics_main([str(tmp_path / "nothing")]) == 2

@@ -1,10 +1,13 @@
 """Where a trained model's error comes from: the same checkpoint scored on every split.
 
     python -m lmlib.reporting.diagnostics results/hamedan-ceph/htc
+    python -m lmlib.reporting.diagnostics results/hamedan-ceph/htc --conformal 0.9 0.95
 
 A train-split error far below the validation/test error says the model fits its training images but
 does not generalise (more data, augmentation or regularisation help more than resolution or epochs); a
 train error close to them says it underfits (capacity, epochs or the output resolution limit it).
+``--conformal``: per-landmark prediction regions calibrated on the validation split and their coverage on
+the test split (:mod:`lmlib.evaluation.conformal`).
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ import pandas as pd
 
 from lmlib.engine.runner import load_run_data
 from lmlib.engine.training import load_checkpoint, predict
+from lmlib.evaluation.conformal import coverage_table
 from lmlib.evaluation.metrics import summarize
 
 
-def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
-    """MRE, median and SDR 2 mm (mm, %) of ``run_dir``'s checkpoint on its dataset's train, val and test
-    splits (the dataset and its options from the run's ``manifest.json``); one row per split."""
+def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+                       splits: Sequence[str] = ("train", "val", "test")) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Radial errors ``(n_images, N)`` (mm, NaN = masked) of ``run_dir``'s checkpoint on each split of its
+    dataset (the dataset and its options from the run's ``manifest.json``), and the landmark names."""
     run = Path(run_dir)
     manifest_path = run / "manifest.json"
     if not manifest_path.is_file():
@@ -32,17 +37,34 @@ def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt",
     params = json.loads(manifest_path.read_text(encoding="utf-8"))["parameters"]
     data = load_run_data(params)
     module = load_checkpoint(run / checkpoint)
-    rows = {}
-    for split in ("train", "val", "test"):
+    out = {}
+    for split in splits:
         samples = data.split(split)
         pred = predict(module, samples, batch_size=batch_size)
-        errors = np.concatenate([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred.world_mm, samples)])
-        stats = summarize(errors)
-        rows[split] = {"n_images": len(samples), "mre_mm": stats["mre_mm"], "median_mm": stats["median_mm"],
+        out[split] = np.stack([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred.world_mm, samples)])
+    return out, list(data.landmark_names)
+
+
+def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
+    """MRE, median and SDR 2 mm (mm, %) of ``run_dir``'s checkpoint on its dataset's train, val and test
+    splits; one row per split."""
+    arrays, _ = split_error_arrays(run_dir, checkpoint, batch_size)
+    rows = {}
+    for split, errors in arrays.items():
+        stats = summarize(errors.reshape(-1))
+        rows[split] = {"n_images": len(errors), "mre_mm": stats["mre_mm"], "median_mm": stats["median_mm"],
                        "sdr_2mm": stats["sdr_2mm"]}
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "split"
     return frame
+
+
+def conformal_coverage(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95),
+                       checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
+    """Per-landmark prediction regions calibrated on the validation split (split conformal, radial errors)
+    and their empirical coverage and mean radius on the test split (:func:`lmlib.evaluation.conformal.coverage_table`)."""
+    arrays, names = split_error_arrays(run_dir, checkpoint, batch_size, ("val", "test"))
+    return coverage_table(arrays["val"], arrays["test"], levels, names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,8 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a method's run folder (holding manifest.json and checkpoints/)")
     parser.add_argument("--checkpoint", default="checkpoints/best.ckpt", help="relative to the run folder")
+    parser.add_argument("--conformal", type=float, nargs="+", metavar="LEVEL",
+                        help="instead: per-landmark regions calibrated on val at these levels (e.g. 0.9 0.95), "
+                             "their coverage and mean radius on test")
     args = parser.parse_args(argv)
-    print(split_errors(args.run_dir, args.checkpoint).round(3).to_string())
+    try:
+        if args.conformal:
+            table = conformal_coverage(args.run_dir, args.conformal, args.checkpoint)
+        else:
+            table = split_errors(args.run_dir, args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table.round(3).to_string())
     return 0
 
 
