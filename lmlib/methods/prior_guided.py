@@ -240,8 +240,8 @@ class PriorGuided(LandmarkMethod):
         stage: which stage.
         network: coarse: ``size`` (the coarse grid, px), ``channels``, ``num_res_units``, ``dropout``;
             independent: ``channels``, ``kind`` (per_landmark | shared); correlated: ``channels``.
-        sigma: Gaussian sigma (px of the patch) of the fine stages' heatmaps.
-        foreground_weight: the fine stages' MSE weighting (see :func:`weighted_mse`).
+        sigma: Gaussian sigma (px) of the fine stages' targets (heatmaps; correlated: distributions).
+        foreground_weight: the independent stage's MSE weighting (see :func:`weighted_mse`).
         group: correlated: the dataset indices of the group's landmarks (the items' order).
         plane_axis / plane: correlated: the plane's normal grid axis and ``shared`` | ``per_landmark``.
         jitter_choice: how the training jitter was chosen (provenance only).
