@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -173,6 +173,23 @@ class Dataset:
     def split(self, name: str) -> list[Sample]:
         """Samples whose ``meta["split"]`` is ``name``."""
         return [s for s in self.samples if s.meta.get("split") == name]
+
+    def assign_seeded_split(self, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, str]:
+        """Give every sample a ``meta["split"]`` from a seeded shuffle: ``round(f * n)`` images for val and
+        test, the rest train (``fractions`` = train, val, test; they must sum to 1). Returns image_id -> split
+        (write it beside the results: the split file format, columns ``image_id,split``)."""
+        f = [float(v) for v in fractions]
+        if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {f}")
+        n = len(self.samples)
+        order = np.random.default_rng(int(seed)).permutation(n)
+        n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
+        names = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
+        out = {}
+        for rank, i in enumerate(order):
+            self.samples[i].meta["split"] = names[rank]
+            out[self.samples[i].image_id] = names[rank]
+        return {s.image_id: out[s.image_id] for s in self.samples}
 
     def summary(self, print_it: bool = True) -> str:
         """Printed summary of the check report."""

@@ -66,6 +66,8 @@ SHARED_PARAMETERS: dict[str, str] = {
     "max_train_images": "0 = all; trims the train split only",
     "n_deformed": "afids-mni: random deformations of the template (train/val/test 60/20/20 %, seed 0; "
                   "the template itself is one more test image)",
+    "split_fractions": "train/val/test fractions of the seeded split made for a dataset without one (written to "
+                       "<output_dir>/splits.csv)",
 }
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
@@ -127,6 +129,23 @@ def load_run_data(params: Mapping[str, Any]) -> Dataset:
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
     samples = data.split(name)
     return samples[: limit or None]
+
+
+def ensure_splits(data: Dataset, params: Mapping[str, Any], output_dir: Path, seed: int) -> Path | None:
+    """A dataset whose images carry no split gets a seeded one (``split_fractions``, ``seed``), written to
+    ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announced; returns
+    that file, or None when the dataset has its own splits."""
+    if any(s.meta.get("split") for s in data.samples):
+        return None
+    fractions = params.get("split_fractions") or (0.6, 0.2, 0.2)
+    splits = data.assign_seeded_split(fractions, seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "splits.csv"
+    pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
+    counts = {k: list(splits.values()).count(k) for k in ("train", "val", "test")}
+    print(f"{params['dataset']}: no split file; seeded split (seed {seed}, fractions {list(fractions)}): "
+          f"{counts} -> {path}")
+    return path
 
 
 def check_splits(name: str, data: Dataset, splits: Mapping[str, Sequence[Sample]]) -> None:
@@ -309,12 +328,13 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     dev = setup(seed, str(params.get("device", "auto")))
     print_environment(dev)
     data = load_run_data(params)
+    seeded = ensure_splits(data, params, output_dir, seed)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(params.get("max_train_images", 0)))
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
-    effective = {**params, "image_size": grid}
+    effective = {**params, "image_size": grid, **({"seeded_split_file": seeded.name} if seeded else {})}
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
