@@ -13,7 +13,6 @@ renamed to ``DIR`` at the end, so an interrupted run leaves no half-written outp
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lmlib.data.readers import read_image
 from lmlib.data.sample import Sample, image_from_sitk
+from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
@@ -50,8 +50,7 @@ def model_checkpoints(model: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
     if (p / "checkpoints" / "best.ckpt").is_file():
         return [p / "checkpoints" / "best.ckpt"]
-    manifest = p / "manifest.json"
-    stages = json.loads(manifest.read_text(encoding="utf-8")).get("stages") if manifest.is_file() else None
+    stages = (read_manifest(p) or {}).get("stages")
     if not stages:
         raise FileNotFoundError(f"{p}: not a run folder (no checkpoints/best.ckpt, no manifest.json listing stages)")
     ckpts = [p / str(s) / "checkpoints" / "best.ckpt" for s in stages]

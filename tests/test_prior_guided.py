@@ -213,3 +213,22 @@ def test_cascade_beats_the_mean_shape_and_each_stage_its_predecessor(phantoms3d,
     again = predict_cascade([tmp_path / name / "checkpoints" / "best.ckpt" for name in ("coarse", "independent", "correlated")],
                             test)
     np.testing.assert_allclose(np.stack(again.world_mm), np.stack(results[-1].test.world_mm), atol=1e-4)
+
+
+def test_stage_figures_keep_numeric_image_ids(tmp_path):
+    """Image ids such as "001" (hamedan-ceph style): the stage predictions are read with string ids, so the
+    slices show every stage's points. Before, ``pd.read_csv`` made them 1 and the figure drew no prediction."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from lmlib.outputs.contract import predictions_frame, write_outputs
+    from lmlib.reporting.prior_guided_figures import fig_stage_slices, stage_errors
+
+    s = replace(make_phantom_dataset(3, n_images=1, seed=0, size=(24, 24, 24), n_landmarks=4)[0], image_id="001")
+    timings = {"train_seconds": 1.0, "infer_seconds_per_image": 0.1, "peak_rss_mb": 1.0}
+    for k, stage in enumerate(("coarse", "independent")):
+        write_outputs(tmp_path / stage, predictions_frame([s], [s.landmarks_mm + 0.5 / (k + 1)]), timings)
+    assert set(stage_errors(tmp_path)["image_id"]) == {"001"}
+    fig = fig_stage_slices(SimpleNamespace(output_dir=tmp_path, test_samples=[s]), n_images=1)[0]
+    title = fig._suptitle.get_text()
+    assert "coarse 0.87 mm" in title and "independent 0.43 mm" in title and "nan" not in title

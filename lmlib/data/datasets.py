@@ -42,6 +42,8 @@ AFIDS_NAMES: tuple[str, ...] = (
     "L indusium griseum origin", "R ventral occipital horn", "L ventral occipital horn",
     "R olfactory sulcal fundus", "L olfactory sulcal fundus")
 
+DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
+
 # AFIDs the protocol places on the midsagittal plane (names as in the fiducial file's descriptions; in the
 # MNI template all ten lie within 0.25 mm of x = 0)
 AFIDS_MIDSAGITTAL: tuple[str, ...] = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa",
@@ -174,7 +176,8 @@ class Dataset:
         """Samples whose ``meta["split"]`` is ``name``."""
         return [s for s in self.samples if s.meta.get("split") == name]
 
-    def assign_seeded_split(self, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, str]:
+    def assign_seeded_split(self, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+                            seed: int = 0) -> dict[str, str]:
         """Give every sample a ``meta["split"]`` from a seeded shuffle: ``round(f * n)`` images for val and
         test, the rest train (``fractions`` = train, val, test; they must sum to 1). Returns image_id -> split
         (write it beside the results: the split file format, columns ``image_id,split``)."""
@@ -185,11 +188,9 @@ class Dataset:
         order = np.random.default_rng(int(seed)).permutation(n)
         n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
         names = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
-        out = {}
         for rank, i in enumerate(order):
             self.samples[i].meta["split"] = names[rank]
-            out[self.samples[i].image_id] = names[rank]
-        return {s.image_id: out[s.image_id] for s in self.samples}
+        return {s.image_id: s.meta["split"] for s in self.samples}
 
     def summary(self, print_it: bool = True) -> str:
         """Printed summary of the check report."""

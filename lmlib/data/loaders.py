@@ -330,12 +330,18 @@ class LandmarkDataset(Dataset):
         return self._items[item_index]
 
     # ---------------------------------------------------------------------------------- grids
+    def _centre_points(self, sample_index: int, ids: tuple[int, ...]) -> np.ndarray:
+        """The points (K, D) world mm that patches of landmarks ``ids`` are centred on (NaN rows possible):
+        the ground truth, or at val/test the ``centres`` rows of the image when given."""
+        s = self.samples[sample_index]
+        if not self.train and self.centres is not None and s.image_id in self.centres:
+            return self.centres[s.image_id][list(ids)]
+        return s.landmarks_mm[list(ids)]
+
     def _centre(self, sample_index: int, ids: tuple[int, ...]) -> np.ndarray:
         """Patch centre in world mm (D,) before jitter (see the class docstring)."""
         s = self.samples[sample_index]
-        pts = s.landmarks_mm[list(ids)]
-        if not self.train and self.centres is not None and s.image_id in self.centres:
-            pts = self.centres[s.image_id][list(ids)]
+        pts = self._centre_points(sample_index, ids)
         ok = ~np.isnan(pts).any(axis=1)
         if ok.any():
             return pts[ok].mean(axis=0)
@@ -391,14 +397,8 @@ class LandmarkDataset(Dataset):
         s, v = self.samples[si], self.view
         if not v.stacked:
             return [self.grid(item_index)]
-        pts = s.landmarks_mm[list(ids)]
-        if not self.train and self.centres is not None and s.image_id in self.centres:
-            pts = self.centres[s.image_id][list(ids)]
-        pts = np.array(pts, dtype=np.float64)
-        ok = ~np.isnan(pts).any(axis=1)
-        fill = pts[ok].mean(axis=0) if ok.any() else \
-            s.geometry.index_to_world((np.asarray(s.size, dtype=np.float64) - 1) / 2)[0]
-        pts[~ok] = fill
+        pts = np.array(self._centre_points(si, ids), dtype=np.float64)
+        pts[np.isnan(pts).any(axis=1)] = self._centre(si, ids)
         spacing = self._patch_spacing(si, ids)
         if jitter:
             pts = pts + np.stack([self._jitter(s.ndim, spacing) for _ in ids])

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import SPECS, SYNTHETIC, Dataset, load_dataset
+from lmlib.data.datasets import DEFAULT_SPLIT_FRACTIONS, SPECS, SYNTHETIC, Dataset, load_dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
@@ -137,7 +137,7 @@ def ensure_splits(data: Dataset, params: Mapping[str, Any], output_dir: Path, se
     that file, or None when the dataset has its own splits."""
     if any(s.meta.get("split") for s in data.samples):
         return None
-    fractions = params.get("split_fractions") or (0.6, 0.2, 0.2)
+    fractions = params.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS
     splits = data.assign_seeded_split(fractions, seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "splits.csv"

@@ -31,9 +31,9 @@ Stages (:meth:`GlobalLocalFCNN.build_stages`, run by :func:`lmlib.engine.cascade
   conv3x3(64)-BN-ReLU, 1x1 heads; output stride 2), all held in one
   :class:`~lmlib.methods.networks.PerLandmark` module (``local_net="per_landmark"``), or one shared
   trunk whose heads have one channel per landmark, the item's landmark id selecting its channel
-  (``local_net="shared"``, :class:`SharedLocalFCNN`). Trained on per-landmark patches at
-  ``local_spacing_mm`` with the landmark uniformly at random inside the patch, evaluated on patches
-  centred on the global stage's predictions.
+  (``local_net="shared"``, :class:`~lmlib.methods.networks.SharedByLandmark`). Trained on per-landmark
+  patches at ``local_spacing_mm`` with the landmark uniformly at random inside the patch, evaluated on
+  patches centred on the global stage's predictions.
 - **Local patch size from the global stage's measured errors**: with ``local_patch_mm = 0`` the patch
   must cover ``local_patch_factor`` (2.5) x the worst per-landmark mean validation error of the global
   stage (its selected epoch, read from ``<output_dir>/global/training_log/metrics.csv``) on each side of
@@ -58,7 +58,7 @@ from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import LandmarkMethod, Outputs
-from lmlib.methods.networks import PerLandmark
+from lmlib.methods.networks import PerLandmark, SharedByLandmark
 from lmlib.methods.stages import DeferredStage, Stage, stage_validation_errors
 
 DISPLACEMENT_CODES: tuple[str, ...] = ("log", "linear")
@@ -278,22 +278,6 @@ class LocalFCNN(nn.Module):
         return _head_outputs(self.heads, self.features(x), self.n_landmarks, self.spatial_dims)
 
 
-class SharedLocalFCNN(nn.Module):
-    """One local net for all landmarks: heads with a channel per landmark; ``forward(image, ids)``
-    returns, for item ``b``, the channel of landmark ``ids[b]`` (``(B, 1, ...)``)."""
-
-    def __init__(self, spatial_dims: int, n_landmarks: int, channels: Sequence[int] = LOCAL_CHANNELS,
-                 convs: Sequence[int] = LOCAL_CONVS) -> None:
-        super().__init__()
-        self.net = LocalFCNN(spatial_dims, n_landmarks, channels, convs)
-
-    def forward(self, image: torch.Tensor, landmark_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.net(image)
-        ids = landmark_ids.reshape(image.shape[0], -1).to(image.device)
-        rows = torch.arange(image.shape[0], device=image.device)[:, None]
-        return {key: value[rows, ids] for key, value in out.items()}
-
-
 # -------------------------------------------------------------------------------------------- method
 def _default_network(stage: str, spatial_dims: int) -> dict[str, Any]:
     if stage == "global":
@@ -365,7 +349,7 @@ class GlobalLocalFCNN(LandmarkMethod):
             return GlobalFCNN(d, n, **{k: self.network[k] for k in keys if k in self.network})
         chans, convs = self.network["channels"], self.network["convs"]
         if self.network["kind"] == "shared":
-            return SharedLocalFCNN(d, n, chans, convs)
+            return SharedByLandmark(LocalFCNN(d, n, chans, convs))
         return PerLandmark([LocalFCNN(d, 1, chans, convs) for _ in range(n)])
 
     def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:

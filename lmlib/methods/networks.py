@@ -150,3 +150,21 @@ class PerLandmark(nn.Module):
         if isinstance(first, dict):
             return {key: assemble(lambda v, key=key: v[key]) for key in first}
         return assemble(lambda v: v)
+
+
+class SharedByLandmark(nn.Module):
+    """One network for all landmarks, its outputs holding a channel per landmark (a tensor ``(B, N, ...)``
+    or a dict of them); ``forward(image, landmark_ids)`` returns, for item ``b``, the channel(s) of its
+    landmark(s) ``landmark_ids[b]`` (``(B, K, ...)``; the alternative to :class:`PerLandmark`)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        out = self.net(image)
+        ids = landmark_ids.reshape(image.shape[0], -1).to(image.device)
+        rows = torch.arange(image.shape[0], device=image.device)[:, None]
+        if isinstance(out, dict):
+            return {key: value[rows, ids] for key, value in out.items()}
+        return out[rows, ids]

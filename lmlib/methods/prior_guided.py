@@ -50,7 +50,7 @@ from torch import nn
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import LandmarkMethod, Outputs, masked_mean
 from lmlib.methods.decoding import decode_maps
-from lmlib.methods.networks import PerLandmark, build_network
+from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
 from lmlib.methods.stages import DeferredStage, Stage, stage_validation_errors
 from lmlib.methods.targets import gaussian_heatmaps
 
@@ -88,21 +88,6 @@ class CoarseRegressor(nn.Module):
         if tuple(x.shape[2:]) != self.size:
             raise ValueError(f"the coarse regressor was built for a {list(self.size)}-px grid, got {list(x.shape[2:])}")
         return self.net(x)
-
-
-class SharedFineNet(nn.Module):
-    """One U-Net for all landmarks: a channel per landmark; ``forward(image, ids)`` returns, for item
-    ``b``, the channel of landmark ``ids[b]`` (``(B, 1, *size)``)."""
-
-    def __init__(self, spatial_dims: int, n_landmarks: int, channels: Sequence[int] = FINE_CHANNELS) -> None:
-        super().__init__()
-        self.net = build_network(spatial_dims, n_landmarks, channels=channels, num_res_units=1)
-
-    def forward(self, image: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor:
-        out = self.net(image)
-        ids = landmark_ids.reshape(image.shape[0], -1).to(image.device)
-        rows = torch.arange(image.shape[0], device=image.device)[:, None]
-        return out[rows, ids]
 
 
 def _block(dims: int, cin: int, cout: int, stride: int = 1) -> nn.Module:
@@ -300,7 +285,7 @@ class PriorGuided(LandmarkMethod):
             return CoarseRegressor(d, n, net["size"], net["channels"], net["num_res_units"], net["dropout"])
         if self.stage == "independent":
             if net["kind"] == "shared":
-                return SharedFineNet(d, n, net["channels"])
+                return SharedByLandmark(build_network(d, n, channels=net["channels"], num_res_units=1))
             return PerLandmark([build_network(d, 1, channels=net["channels"], num_res_units=1) for _ in range(n)])
         return CorrelatedNet(d, len(self.group), net["channels"], self.plane_axis, self.plane)
 

@@ -133,6 +133,13 @@ def read_run(run_dir: Path | str) -> tuple[pd.DataFrame, dict[str, Any]]:
     return preds, metrics
 
 
+def read_stage_predictions(run_dir: Path | str, stages: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """``{stage: predictions}`` of a cascade's stage folders ``<run_dir>/<stage>/`` that hold a run, in the
+    order of ``stages`` (each validated by :func:`read_run`; image ids stay strings, e.g. ``"001"``)."""
+    run = Path(run_dir)
+    return {stage: read_run(run / stage)[0] for stage in stages if (run / stage / "predictions.csv").is_file()}
+
+
 def read_manifest(run_dir: Path | str) -> dict[str, Any] | None:
     """A run folder's ``manifest.json`` as a dict, None when absent; :class:`ContractError` when unreadable."""
     path = Path(run_dir) / "manifest.json"

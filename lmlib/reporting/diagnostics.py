@@ -12,7 +12,6 @@ the test split (:mod:`lmlib.evaluation.conformal`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from lmlib.engine.runner import load_run_data
 from lmlib.engine.training import load_checkpoint, predict
 from lmlib.evaluation.conformal import coverage_table
 from lmlib.evaluation.metrics import summarize
+from lmlib.outputs.contract import read_manifest
 
 
 def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
@@ -31,11 +31,10 @@ def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.
     """Radial errors ``(n_images, N)`` (mm, NaN = masked) of ``run_dir``'s checkpoint on each split of its
     dataset (the dataset and its options from the run's ``manifest.json``), and the landmark names."""
     run = Path(run_dir)
-    manifest_path = run / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: missing (not a run folder)")
-    params = json.loads(manifest_path.read_text(encoding="utf-8"))["parameters"]
-    data = load_run_data(params)
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
+    data = load_run_data(manifest["parameters"])
     module = load_checkpoint(run / checkpoint)
     out = {}
     for split in splits:

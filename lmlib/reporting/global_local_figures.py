@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from lmlib.data.loaders import LandmarkDataset, collate_landmarks
 from lmlib.methods.global_local import votes
+from lmlib.outputs.contract import read_stage_predictions
 from lmlib.outputs.figure_files import DPI
 from lmlib.outputs.qualitative import finish
 
@@ -108,20 +109,10 @@ def fig_votes(result: Any, n_images: int = 3, path: str | Path | None = None) ->
     return finish(fig, path, DPI)
 
 
-def stage_predictions(output_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``{stage: predictions.csv}`` of the run's stage folders (``global``, ``local``)."""
-    out = {}
-    for stage in ("global", "local"):
-        csv = Path(output_dir) / stage / "predictions.csv"
-        if csv.is_file():
-            out[stage] = pd.read_csv(csv)
-    return out
-
-
 def global_to_local(output_dir: str | Path) -> pd.DataFrame:
     """Per (image, landmark): the local stage's move from the global estimate (``moved_mm``) and both
     stages' errors (``global_mm``, ``local_mm``), test split."""
-    preds = stage_predictions(output_dir)
+    preds = read_stage_predictions(output_dir, ("global", "local"))
     if set(preds) != {"global", "local"}:
         raise FileNotFoundError(f"{output_dir}: needs global/ and local/ predictions.csv")
     g, loc = preds["global"], preds["local"]

@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from lmlib.evaluation.statistics import wilcoxon_paired
+from lmlib.outputs.contract import read_manifest, read_stage_predictions
 from lmlib.outputs.figure_files import DPI
 from lmlib.outputs.qualitative import finish, fig_qualitative
 
@@ -30,28 +31,20 @@ STAGE_ORDER: tuple[str, ...] = ("coarse", "independent", "correlated")
 
 
 def stage_frames(output_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``{stage: predictions.csv}`` of the stages the run wrote, in cascade order."""
-    out = {}
-    for stage in STAGE_ORDER:
-        csv = Path(output_dir) / stage / "predictions.csv"
-        if csv.is_file():
-            out[stage] = pd.read_csv(csv)
+    """``{stage: predictions}`` of the stages the run wrote, in cascade order."""
+    out = read_stage_predictions(output_dir, STAGE_ORDER)
     if not out:
         raise FileNotFoundError(f"{output_dir}: no stage predictions (coarse/predictions.csv, ...)")
     return out
 
 
-def _group(output_dir: Path) -> list[str]:
+def _group(output_dir: Path, frames: dict[str, pd.DataFrame]) -> list[str]:
     """Names of the correlated group's landmarks (from the correlated stage's manifest), else []."""
-    import json
-
-    manifest = output_dir / "correlated" / "manifest.json"
-    if not manifest.is_file():
+    manifest = read_manifest(output_dir / "correlated")
+    if manifest is None or "correlated" not in frames:
         return []
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    group = data.get("method_config", {}).get("group") or []
-    names = list(dict.fromkeys(pd.read_csv(output_dir / "correlated" / "predictions.csv")["landmark"]))
-    return [names[k] for k in group]
+    names = list(dict.fromkeys(frames["correlated"]["landmark"]))
+    return [names[k] for k in manifest.get("method_config", {}).get("group") or []]
 
 
 def stage_errors(output_dir: str | Path) -> pd.DataFrame:
@@ -63,7 +56,7 @@ def stage_errors(output_dir: str | Path) -> pd.DataFrame:
     for stage, df in frames.items():
         part = df[keys + ["error_mm"]].rename(columns={"error_mm": f"{stage}_mm"})
         table = part if table is None else table.merge(part, on=keys)
-    group = set(_group(folder))
+    group = set(_group(folder, frames))
     table["in_group"] = table["landmark"].isin(group)
     return table
 
