@@ -4,8 +4,13 @@
     python -m lmlib.run --dataset hamedan-ceph --profile full
     python -m lmlib.run --only exploration --profile smoke
     python -m lmlib.run --only heatmap_unet --set max_epochs=20 --set image_size=[128,192]
+    python -m lmlib.run --dataset my_data.yaml               # every method that fits its dimension
     python -m lmlib.run --list
 
+``--dataset`` takes declared names and dataset declaration files (``.yaml``, see
+:mod:`lmlib.data.dataset_spec`). A job runs on the datasets it lists; on a dataset it does not list it runs
+when ``--only`` names it, or, for a declaration file, when it is a main job (not an ablation or GPU-only
+job); a method built for the other dimension (a 3D-only method on 2D images) is refused with a message.
 Each job writes ``results/<dataset>/<method>/`` holding the executed notebook beside its outputs.
 It runs in ``results/<dataset>/.tmp-<method>`` and is moved into place only on success, so a
 failed or interrupted run leaves nothing that looks complete (the partial notebook stays in the
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmlib.data.datasets import SPECS, SYNTHETIC, shared_data_dir
+from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, dataset_ndim, get_spec, is_dataset_file, shared_data_dir
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 
 KERNEL_NAME = "lmlib"
@@ -49,10 +54,31 @@ class Job:
     full: dict[str, Any] = field(default_factory=dict)
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
     needs_gpu: bool = False  # skipped unless a CUDA device is available (or --device names one)
+    main: bool = True  # runs on a user's dataset file by default (False: ablations, paper-scale GPU runs)
 
     def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
         over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
-        return {**over, **self.per_dataset.get(dataset, {}), **self.per_dataset.get(f"{dataset}:{profile}", {})}
+        key = dataset_name(dataset)
+        return {**over, **self.per_dataset.get(key, {}), **self.per_dataset.get(f"{key}:{profile}", {})}
+
+    @property
+    def lmlib_method(self) -> str | None:
+        """The ``lmlib.methods`` method the notebook runs (None for exploration, reference rows, comparison)."""
+        from lmlib.methods.base import METHOD_NAMES
+
+        return next((m for m in METHOD_NAMES if self.method == m or self.method.startswith(m + "_")), None)
+
+    def refusal(self, dataset: str) -> str | None:
+        """Why this job cannot run on ``dataset`` (its method is built for the other dimension), else None."""
+        if self.lmlib_method is None:
+            return None
+        from lmlib.methods.base import method_class
+
+        dims, ndim = method_class(self.lmlib_method).supported_dims, dataset_ndim(dataset)
+        if ndim in dims:
+            return None
+        return (f"{self.method} (notebooks/{self.notebook}) works on {' or '.join(f'{d}D' for d in dims)} images; "
+                f"dataset {dataset!r} is {ndim}D")
 
 
 # Multiresolution HTC: the two-head method and its training ablation (one head each), all at the same
@@ -64,11 +90,11 @@ _HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmu
 _HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
 HTC_JOBS: tuple[Job, ...] = (
     Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph"), smoke=_HTC_SMOKE, full=_HTC_FULL),
-    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"),
+    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), main=False,
           smoke={**_HTC_SMOKE, "heads": head}, full={**_HTC_FULL, "heads": head}, per_dataset={"synthetic2d": {"heads": head}})
       for head in ("quarter", "half")),
     # the paper's sizes at ~1024 px (832 x 1024): for a machine with a GPU (skipped without one)
-    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), needs_gpu=True,
+    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), needs_gpu=True, main=False,
         full={"image_size": [832, 1024], "max_epochs": 180, "warmup_epochs": 50, "batch_size": 8,
               "learning_rate": 4.5e-4, "widths": [64, 128, 320, 512], "ffn_ratios": [8, 8, 4, 4],
               "neck_channels": 256, "head_channels": 256, "flip_prob": 0.5, "flip_test": True}),
@@ -127,7 +153,7 @@ JOBS: tuple[Job, ...] = (
     Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni"),
         smoke=_PG_SMOKE, per_dataset=_PG_DATA),
     # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
-    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE,
+    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE, main=False,
         per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
@@ -135,8 +161,14 @@ JOBS: tuple[Job, ...] = (
 
 
 def declared_datasets() -> list[str]:
-    """Every dataset name the driver accepts: the synthetic ones, then the registered specs."""
+    """Every dataset name the driver accepts: the synthetic ones, then the built-in declared ones (and any
+    dataset declaration file, ``*.yaml``, by path)."""
     return [*SYNTHETIC, *sorted(SPECS)]
+
+
+def is_builtin(dataset: str) -> bool:
+    """A synthetic or built-in declared dataset (not a user's declaration file)."""
+    return dataset in SYNTHETIC or dataset in SPECS
 
 
 def repo_root() -> Path:
@@ -200,13 +232,17 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
 
     root = root or repo_root()
     results = Path(results_dir)
-    final = results / dataset / job.method
-    tmp = results / dataset / f".tmp-{job.method}"
+    final = results / dataset_name(dataset) / job.method
+    tmp = results / dataset_name(dataset) / f".tmp-{job.method}"
     notebook = root / "notebooks" / job.notebook
     if not notebook.is_file():
         raise FileNotFoundError(f"{notebook}: notebook not found")
-    params: dict[str, Any] = {"dataset": dataset, "output_dir": str(tmp), **job.parameters(dataset, profile)}
-    if dataset not in SYNTHETIC:
+    params: dict[str, Any] = {"dataset": _portable(Path(dataset), root) if is_dataset_file(dataset) else dataset,
+                              "output_dir": str(tmp), **job.parameters(dataset, profile)}
+    if is_dataset_file(dataset):  # the file names its data folder; --data-dir overrides it
+        if data_dir:
+            params["data_dir"] = _portable(Path(data_dir), root)
+    elif dataset not in SYNTHETIC:
         path = Path(data_dir) if data_dir else shared_data_dir() / dataset
         if not path.exists():
             raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_SHARED_DATA)")
@@ -314,12 +350,26 @@ def _injected_source(metadata: dict[str, Any], parameters: dict[str, Any]) -> st
 
 
 def select(jobs: Sequence[Job], datasets: Sequence[str], only: Sequence[str]) -> list[tuple[Job, str]]:
-    """(job, dataset) pairs in declared order, filtered by dataset and by method/notebook names."""
-    chosen = []
+    """(job, dataset) pairs in declared order, filtered by dataset and by method/notebook names (see the module
+    docstring: a job runs on the datasets it lists, on any dataset when ``only`` names it, and on a user's
+    declaration file when it is a main job). Raises ``ValueError`` listing the pairs ``only`` asks for whose
+    method is built for the other dimension; main jobs that do not fit a declaration file are left out."""
+    chosen, refused = [], []
     for job in jobs:
-        if only and not any(o in (job.method, job.notebook, Path(job.notebook).stem) for o in only):
+        named = any(o in (job.method, job.notebook, Path(job.notebook).stem) for o in only)
+        if only and not named:
             continue
-        chosen.extend((job, d) for d in datasets if d in job.datasets)
+        for d in datasets:
+            if dataset_name(d) in job.datasets and not is_dataset_file(d):
+                chosen.append((job, d))
+            elif named or (job.main and not is_builtin(d)):
+                reason = job.refusal(d)
+                if reason is None:
+                    chosen.append((job, d))
+                elif named:
+                    refused.append(reason)
+    if refused:
+        raise ValueError("; ".join(refused))
     return chosen
 
 
@@ -376,17 +426,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[lmlib.run] --set: {exc}", file=sys.stderr)
         return 2
 
-    unknown = [d for d in args.dataset if d not in declared_datasets()]
+    unknown = [d for d in args.dataset if d not in declared_datasets() and not is_dataset_file(d)]
     if unknown and not args.list:
         print(f"[lmlib.run] unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-              f"declared: {', '.join(declared_datasets())}", file=sys.stderr)
+              f"declared: {', '.join(declared_datasets())}, or a dataset declaration file (.yaml)", file=sys.stderr)
         return 2
+    for d in args.dataset if not args.list else ():
+        if is_dataset_file(d):
+            try:
+                get_spec(d)
+            except (OSError, ValueError) as exc:
+                print(f"[lmlib.run] --dataset: {exc}", file=sys.stderr)
+                return 2
     names = {n for job in JOBS for n in (job.method, job.notebook, Path(job.notebook).stem)}
     if unknown_only := [o for o in args.only if o not in names]:
         print(f"[lmlib.run] --only: unknown {', '.join(map(repr, unknown_only))}; declared: "
               f"{', '.join(job.method for job in JOBS)} (or a notebook name)", file=sys.stderr)
         return 2
-    pairs = select(JOBS, args.dataset, args.only)
+    try:
+        pairs = select(JOBS, args.dataset, args.only)
+    except ValueError as exc:
+        print(f"[lmlib.run] refused: {exc}", file=sys.stderr)
+        return 2
     if any(job.needs_gpu for job, _ in pairs) and not gpu_requested(args.device):
         skipped = sorted({f"{d}/{job.method}" for job, d in pairs if job.needs_gpu})
         print(f"[lmlib.run] skipping {', '.join(skipped)}: needs a GPU (none here; --device cuda to insist)", flush=True)
@@ -406,20 +467,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     failed: list[str] = []
     for job, dataset in pairs:
-        label = f"{dataset}/{job.method}"
+        label = f"{dataset_name(dataset)}/{job.method}"
         print(f"[lmlib.run] {label}: notebooks/{job.notebook} ({args.profile})", flush=True)
         t0 = time.time()
         try:
             out = run_job(job, dataset, args.profile, args.results_dir, args.data_dir, args.device,
                           args.seed, args.timeout, extra=extra, resume=args.resume)
         except KeyboardInterrupt:
-            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset}/.tmp-{job.method} "
+            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset_name(dataset)}/.tmp-{job.method} "
                   f"(run again with --resume to continue it)")
             return 130
         except Exception as exc:  # noqa: BLE001 - report every failure, run the rest
             failed.append(label)
             print(f"[lmlib.run] {label}: FAILED {describe_failure(exc)}", flush=True)
-            partial = Path(args.results_dir) / dataset / f".tmp-{job.method}"
+            partial = Path(args.results_dir) / dataset_name(dataset) / f".tmp-{job.method}"
             if not partial.is_absolute() and Path.cwd().resolve() != repo_root().resolve():
                 partial = repo_root() / partial  # run_job resolves a relative results dir against the project
             if (partial / job.notebook).is_file():

@@ -146,30 +146,3 @@ def test_an_empty_split_is_named_with_its_cause(monkeypatch: pytest.MonkeyPatch,
                                          r"images\).*phantom generator"):
         run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(tmp_path / "run"), "device": "cpu"})
     assert not any((tmp_path / "run").glob("checkpoints/*"))
-
-
-def test_a_dataset_without_splits_gets_a_seeded_one_written_beside_the_results(monkeypatch: pytest.MonkeyPatch,
-                                                                                tmp_path: Path) -> None:
-    import json
-
-    import pandas as pd
-
-    from lmlib.data.datasets import load_dataset
-
-    data = load_dataset("synthetic2d", n_images=20)
-    for s in data.samples:
-        s.meta.pop("split")
-    monkeypatch.setattr(runner, "load_run_data", lambda params: data)
-    out = tmp_path / "run"
-    run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(out), "device": "cpu", "max_epochs": 1,
-                                "image_size": [64, 64], "channels": [4, 8, 16], "split_fractions": [0.5, 0.25, 0.25],
-                                "seed": 3, "overlay_every": 100})
-    table = pd.read_csv(out / "splits.csv", dtype=str)
-    assert table["split"].value_counts().to_dict() == {"train": 10, "val": 5, "test": 5}
-    assert dict(zip(table["image_id"], table["split"])) == {s.image_id: s.meta["split"] for s in data.samples}
-    again = load_dataset("synthetic2d", n_images=20)
-    assert again.assign_seeded_split((0.5, 0.25, 0.25), 3) == dict(zip(table["image_id"], table["split"]))  # seeded
-    assert json.loads((out / "manifest.json").read_text())["parameters"]["seeded_split_file"] == "splits.csv"
-    assert json.loads((out / "metrics.json").read_text())["n_images"] == 5
-    with pytest.raises(ValueError, match="summing to 1"):
-        again.assign_seeded_split((0.5, 0.5, 0.5))

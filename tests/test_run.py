@@ -7,6 +7,7 @@ import pytest
 
 from lmlib import run
 from lmlib.run import JOBS, Job, check_parameters, main, run_job, select
+from lmlib.engine.runner import run_method
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -290,8 +291,26 @@ def test_unknown_only_name_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: p
     assert main(["--dataset", "synthetic2d", "--only", "exploration", "nothing"]) == 2
     err = capsys.readouterr().err
     assert "'nothing'" in err and "dilation_erosion" in err and calls == []
-    assert main(["--dataset", "afids-mni", "--only", "dilation_erosion"]) == 2  # declared names, no such job
-    assert "no declared job runs on afids-mni for dilation_erosion" in capsys.readouterr().err
+
+
+def test_any_method_runs_on_any_dataset_unless_built_for_the_other_dimension(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmlib.methods.base import method_class
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(run, "run_job", lambda *a, **k: calls.append(a) or Path("x"))
+    # dilation_erosion lists 2D datasets only; named, it runs on the 3D one (with the profile's parameters)
+    assert main(["--dataset", "afids-mni", "--only", "dilation_erosion"]) == 0
+    assert [(job.method, d) for job, d, *_ in calls] == [("dilation_erosion", "afids-mni")]
+    assert select(JOBS, ["afids-mni"], []) == [p for p in select(JOBS, ["afids-mni"], []) if "afids-mni" in p[0].datasets]
+    # a method built for one dimension is refused, naming both, before anything runs
+    monkeypatch.setattr(method_class("htc"), "supported_dims", (2,))
+    calls.clear()
+    assert main(["--dataset", "synthetic3d", "--only", "htc"]) == 2
+    err = capsys.readouterr().err
+    assert "htc (notebooks/20_multires_htc.ipynb) works on 2D images; dataset 'synthetic3d' is 3D" in err and calls == []
+    with pytest.raises(ValueError, match="htc works on 2D images; dataset 'synthetic3d' is 3D"):
+        run_method("htc", {"dataset": "synthetic3d", "output_dir": "never-written", "device": "cpu"})
 
 
 def test_resume_checkpoint_of_a_cascade(tmp_path: Path) -> None:

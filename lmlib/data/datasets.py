@@ -1,22 +1,23 @@
-"""Declarative dataset descriptions and one loader: files -> checked :class:`~lmlib.data.sample.Sample` s.
+"""Declared datasets and one loader: files -> checked :class:`~lmlib.data.sample.Sample` s.
 
-A :class:`DatasetSpec` says where the images and each annotator's landmarks are, which reader parses
-them, the landmark labels (as in the files) and display names, a spacing override, left/right
-pairs and the splits file. :func:`load_dataset` reads every annotator's files, runs the checks of
+A :class:`~lmlib.data.dataset_spec.DatasetSpec`, read from a declaration file (YAML: the built-in ones in
+``lmlib/data/declared/``, a user's by path), says where the images and each annotator's landmarks are,
+which reader parses them, the landmark labels (as in the files) and display names, a spacing override,
+left/right pairs, landmark groups and the splits (a split file, else a seeded split). :func:`load_dataset` reads every annotator's files, runs the checks of
 :mod:`lmlib.data.checks` on all of them (``Dataset.report``), and returns the samples of one annotator
 with landmarks in world mm ``(x, y[, z])``. Bad annotations (ambiguous, missing, non-finite, not a
 point, outside the image, images without or with several annotation records) are masked, never
 guessed, and every masked landmark has exactly one report row saying why (counted by
 ``Dataset.summary()``); malformed files raise an error naming the file, the line/shape and the problem.
 
-Real data lives outside the project: ``data_dir`` defaults to ``$LMLIB_SHARED_DATA/<name>`` or
-``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
+Real data lives outside the project: ``data_dir`` defaults to the folder a declaration file names (its
+own folder), and for a built-in dataset to ``$LMLIB_SHARED_DATA/<name>`` or ``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,122 +26,16 @@ import pandas as pd
 
 from lmlib.data.checks import (MASKING_ISSUES, Issue, check_inside, check_size, check_spacing, make_report,
                                mask_image, masked_by, resolve_landmarks, summarize_report, warn_masked)
+from lmlib.data.dataset_spec import (DEFAULT_SPLIT_FRACTIONS, DatasetSpec, declared_files, is_dataset_file,
+                                     read_dataset_file)
 from lmlib.data.geometry import Geometry
 from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
 from lmlib.data.sample import Sample, image_from_sitk
 
-CEPH_ISBI_NAMES: tuple[str, ...] = (
-    "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton", "gnathion",
-    "gonion", "lower_incisal_incision", "upper_incisal_incision", "upper_lip", "lower_lip", "subnasale",
-    "soft_tissue_pogonion", "posterior_nasal_spine", "anterior_nasal_spine", "articulare")
-AFIDS_NAMES: tuple[str, ...] = (
-    "AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa", "R superior LMS",
-    "L superior LMS", "R inferior LMS", "L inferior LMS", "culmen", "intermammillary sulcus", "R MB", "L MB",
-    "pineal gland", "R LV at AC", "L LV at AC", "R LV at PC", "L LV at PC", "genu of CC", "splenium of CC",
-    "R AL temporal horn", "L AL temporal horn", "R superior AM temporal horn", "L superior AM temporal horn",
-    "R inferior AM temporal horn", "L inferior AM temporal horn", "R indusium griseum origin",
-    "L indusium griseum origin", "R ventral occipital horn", "L ventral occipital horn",
-    "R olfactory sulcal fundus", "L olfactory sulcal fundus")
-
-DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
-
-# AFIDs the protocol places on the midsagittal plane (names as in the fiducial file's descriptions; in the
-# MNI template all ten lie within 0.25 mm of x = 0)
-AFIDS_MIDSAGITTAL: tuple[str, ...] = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa",
-                                      "culmen", "intermammillary sulcus", "pineal gland", "genu of CC", "splenium of CC")
-
-
-@dataclass
-class DatasetSpec:
-    """What a dataset is made of (paths relative to its ``data_dir``).
-
-    ``annotations`` maps annotator -> path template: with ``{image_id}`` one file per image, else one
-    file for all images (or for the only image). The first annotator is the reference.
-    ``landmark_labels`` are the labels in the files, ``landmark_names`` the display names (same order).
-    ``spacing_mm`` overrides the image spacing ``(x, y[, z])``; ``lr_pairs`` are (left, right) display
-    names; ``exclude`` maps (annotator, image_id) -> reason (that annotation is masked entirely);
-    ``landmark_groups`` maps a group name -> display names of landmarks that the annotation protocol places
-    on one shared plane (refined jointly by the prior-guided 3D method).
-    """
-
-    name: str
-    ndim: int
-    images: str
-    reader: str
-    annotations: dict[str, str]
-    landmark_labels: tuple[str, ...]
-    landmark_names: tuple[str, ...]
-    spacing_mm: tuple[float, ...] | None = None
-    lr_pairs: tuple[tuple[str, str], ...] = ()
-    splits_file: str | None = None
-    image_id_regex: str | None = None
-    exclude: dict[tuple[str, str], str] = field(default_factory=dict)
-    reader_kwargs: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    landmark_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if len(self.landmark_labels) != len(self.landmark_names):
-            raise ValueError(f"{self.name}: {len(self.landmark_labels)} labels but {len(self.landmark_names)} names")
-        repeated = sorted({x for x in self.landmark_labels if list(self.landmark_labels).count(x) > 1})
-        if repeated:
-            raise ValueError(f"{self.name}: landmark labels {repeated} are given more than once")
-        if self.spacing_mm is not None and (len(self.spacing_mm) != self.ndim or
-                                            not all(np.isfinite(v) and v > 0 for v in self.spacing_mm)):
-            raise ValueError(f"{self.name}: spacing_mm {tuple(self.spacing_mm)} must be {self.ndim} positive numbers")
-        unknown = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
-        if unknown:
-            raise ValueError(f"{self.name}: left/right pairs name unknown landmarks {sorted(unknown)}")
-        for group, members in self.landmark_groups.items():
-            unknown = sorted(set(members) - set(self.landmark_names))
-            if unknown or len(set(members)) < 2:
-                raise ValueError(f"{self.name}: landmark group {group!r} must name at least 2 distinct landmarks of "
-                                 f"the dataset (unknown: {unknown}, members: {list(members)})")
-
-    @property
-    def reference(self) -> str | None:
-        """The reference annotator (the first one)."""
-        return next(iter(self.annotations), None)
-
-    def pair_indices(self) -> list[tuple[int, int]]:
-        """Left/right pairs as landmark indices."""
-        pos = {n: k for k, n in enumerate(self.landmark_names)}
-        return [(pos[a], pos[b]) for a, b in self.lr_pairs]
-
-    def group_indices(self) -> dict[str, list[int]]:
-        """Landmark groups as landmark indices (in the dataset's order)."""
-        pos = {n: k for k, n in enumerate(self.landmark_names)}
-        return {g: sorted(pos[n] for n in members) for g, members in self.landmark_groups.items()}
-
-
-_AFIDS_PAIRS = tuple((AFIDS_NAMES[k + 1], AFIDS_NAMES[k]) for k, n in enumerate(AFIDS_NAMES)
-                     if n.startswith("R ") and k + 1 < len(AFIDS_NAMES) and AFIDS_NAMES[k + 1] == "L " + n[2:])
-
-SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
-    DatasetSpec(
-        name="hamedan-ceph", ndim=2, images="images/*.png", reader="labelme",
-        annotations={"annotator1": "annotations/annotator1/{image_id}.json",
-                     "annotator2": "annotations/annotator2/{image_id}.json"},
-        landmark_labels=tuple(f"l{k}" for k in range(1, 20)), landmark_names=CEPH_ISBI_NAMES,
-        spacing_mm=(0.1264, 0.1264), splits_file="splits.csv",
-        exclude={("annotator2", "123"): "annotator2 123.json was drawn on image 122: its points do not belong to 123"},
-        description="150 lateral cephalograms (1340x1671 PNG), 19 landmarks, 2 annotators; "
-                    "0.1264 mm/px measured on the ruler (approximate)"),
-    DatasetSpec(
-        name="afids-mni", ndim=3, images="tpl-*_T1w.nii.gz", reader="fcsv",
-        annotations={"groundtruth": "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"},
-        landmark_labels=tuple(str(k) for k in range(1, 33)), landmark_names=AFIDS_NAMES,
-        lr_pairs=_AFIDS_PAIRS, image_id_regex=r"tpl-([^_]+)_",
-        landmark_groups={"midsagittal": AFIDS_MIDSAGITTAL},
-        description="MNI152NLin2009cAsym T1w template (193x229x193, 1 mm) with the 32 AFIDs (Slicer RAS -> LPS)"),
-    DatasetSpec(
-        name="isbi2015-ceph", ndim=2, images="RawImage/*/*.bmp", reader="isbi_txt",
-        annotations={"senior": "AnnotationsByMD/400_senior/{image_id}.txt",
-                     "junior": "AnnotationsByMD/400_junior/{image_id}.txt"},
-        landmark_labels=tuple(str(k) for k in range(1, 20)), landmark_names=CEPH_ISBI_NAMES,
-        description="ISBI 2015 cephalometric challenge layout (BMP, 0.1 mm/px from the format); not shipped"),
-)}
+SPECS: dict[str, DatasetSpec] = {name: read_dataset_file(path, READERS) for name, path in declared_files().items()}
 SYNTHETIC = ("synthetic2d", "synthetic3d")
+CEPH_ISBI_NAMES: tuple[str, ...] = SPECS["hamedan-ceph"].landmark_names
+AFIDS_NAMES: tuple[str, ...] = SPECS["afids-mni"].landmark_names
 
 
 @dataclass
@@ -181,16 +76,10 @@ class Dataset:
         """Give every sample a ``meta["split"]`` from a seeded shuffle: ``round(f * n)`` images for val and
         test, the rest train (``fractions`` = train, val, test; they must sum to 1). Returns image_id -> split
         (write it beside the results: the split file format, columns ``image_id,split``)."""
-        f = [float(v) for v in fractions]
-        if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {f}")
-        n = len(self.samples)
-        order = np.random.default_rng(int(seed)).permutation(n)
-        n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
-        names = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
-        for rank, i in enumerate(order):
-            self.samples[i].meta["split"] = names[rank]
-        return {s.image_id: s.meta["split"] for s in self.samples}
+        splits = seeded_splits([s.image_id for s in self.samples], fractions, seed)
+        for s in self.samples:
+            s.meta["split"] = splits[s.image_id]
+        return splits
 
     def summary(self, print_it: bool = True) -> str:
         """Printed summary of the check report."""
@@ -203,11 +92,43 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """The registered spec of a file-based dataset."""
+def seeded_splits(ids: Sequence[str], fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+                  seed: int = 0) -> dict[str, str]:
+    """image_id -> ``train``/``val``/``test`` from a seeded shuffle of ``ids`` in the given order: ``round(f * n)``
+    images for val and test, the rest train (``fractions`` = train, val, test, summing to 1)."""
+    f = [float(v) for v in fractions]
+    if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {f}")
+    n = len(ids)
+    order = np.random.default_rng(int(seed)).permutation(n)
+    n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
+    names = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
+    return {ids[i]: names[rank] for rank, i in enumerate(order)}
+
+
+def get_spec(name: str | Path) -> DatasetSpec:
+    """The spec of a file-based dataset: a built-in name, or the path of a declaration file (``.yaml``)."""
+    if is_dataset_file(name):
+        return read_dataset_file(name, READERS)
     if name not in SPECS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPECS) + list(SYNTHETIC)}")
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join([*SYNTHETIC, *sorted(SPECS)])}, "
+                         "or the path of a dataset declaration file (.yaml)")
     return SPECS[name]
+
+
+def dataset_name(name: str | Path) -> str:
+    """The name a dataset's results are filed under (``results/<name>/``): a declaration file's ``name``."""
+    return get_spec(name).name if is_dataset_file(name) else str(name)
+
+
+def dataset_ndim(name: str | Path) -> int:
+    """2 or 3 for a declared dataset (synthetic, built-in or a declaration file), without loading it."""
+    return {"synthetic2d": 2, "synthetic3d": 3}.get(str(name)) or get_spec(name).ndim
+
+
+def is_single_template(name: str | Path) -> bool:
+    """Whether the dataset is one annotated template whose deformations are the train/val/test images."""
+    return str(name) not in SYNTHETIC and get_spec(name).single_template
 
 
 def _image_id(spec: DatasetSpec, path: Path) -> str:
@@ -305,7 +226,8 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     ids = [_image_id(spec, p) for p in paths]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{root}: image ids from {spec.images!r} are not unique")
-    splits = _read_splits(spec, root)
+    splits = _read_splits(spec, root) if spec.splits_file or spec.single_template else \
+        seeded_splits(ids, spec.split_fractions, spec.split_seed)
     infos = {}
     for i, p in zip(ids, paths):
         size, spacing, origin, direction = read_image_info(p)
@@ -360,11 +282,22 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
             image, geom = image_from_sitk(read_image(p, spec.spacing_mm or format_spacing, ndim=spec.ndim))
         else:  # header only: a zero-stride placeholder with the right shape (no pixel memory)
             image = np.broadcast_to(np.float32(0.0), infos[i][0])
-        meta = {"split": splits.get(i), "annotator": annotator, "image_path": str(p), "image_loaded": load_images,
+        meta = {"split": splits.get(i), "split_source": _split_source(spec), "annotator": annotator,
+                "image_path": str(p), "image_loaded": load_images,
                 "annotation_file": str(ann.source) if ann is not None else None,
                 "landmark_labels": labels, "dataset": spec.name}
         samples.append(Sample(i, image, geom, pts, valid, spec.landmark_names, meta))
     return Dataset(spec, samples, make_report(issues), annotator, root)
+
+
+def _split_source(spec: DatasetSpec) -> str:
+    """Where the samples' splits come from, in words (for messages and manifests)."""
+    if spec.single_template:
+        return "random deformations of the template (60/20/20 % train/val/test)"
+    if spec.splits_file:
+        return f"the split file {spec.splits_file!r} (columns image_id,split)"
+    return (f"a seeded split (fractions {list(spec.split_fractions)} train/val/test, seed {spec.split_seed}; "
+            "declare splits: or seeded_split: in the dataset file)")
 
 
 def _load_synthetic(name: str, split: str | None, **kwargs: Any) -> Dataset:
@@ -387,39 +320,42 @@ def _load_synthetic(name: str, split: str | None, **kwargs: Any) -> Dataset:
     return ds
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, split: str | None = None,
+def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: str | None = None,
                  annotator: str | None = None, load_images: bool = True, **kwargs: Any) -> Dataset:
-    """Load a dataset by name: ``hamedan-ceph``, ``afids-mni``, ``isbi2015-ceph``, ``synthetic2d``,
-    ``synthetic3d``.
+    """Load a dataset by name (``hamedan-ceph``, ``afids-mni``, ``isbi2015-ceph``, ``synthetic2d``,
+    ``synthetic3d``) or by the path of its declaration file (``my_data.yaml``; see
+    :mod:`lmlib.data.dataset_spec`).
 
-    ``data_dir``: the dataset's folder, or the folder holding it (default ``shared_data_dir()/name``).
-    ``split``: keep only
-    ``train``/``val``/``test``. ``annotator``: whose landmarks (default: the reference); the report
-    always covers every annotator. ``load_images=False`` reads headers only (fast; images become
-    zero placeholders of the right shape). afids-mni takes ``deformed: int = 0`` (number of randomly
-    deformed copies of the template from :func:`lmlib.data.deformations.deformed_copies`, which assigns their
-    splits; the undeformed template follows them as one more ``test`` image; 0 = only the template),
-    ``seed`` and further keywords for it.
-    Synthetic datasets pass ``kwargs`` to :func:`lmlib.data.phantoms.make_phantom_dataset`.
+    ``data_dir``: the dataset's folder, or the folder holding it (default: the folder a declaration file
+    names, else ``shared_data_dir()/name``). ``split``: keep only ``train``/``val``/``test``.
+    ``annotator``: whose landmarks (default: the reference); the report always covers every annotator.
+    ``load_images=False`` reads headers only (fast; images become zero placeholders of the right shape).
+    A single-template dataset (afids-mni) takes ``deformed: int = 0`` (number of randomly deformed copies
+    of the template from :func:`lmlib.data.deformations.deformed_copies`, which assigns their splits; the
+    undeformed template follows them as one more ``test`` image; 0 = only the template), ``seed`` and
+    further keywords for it. Synthetic datasets pass ``kwargs`` to
+    :func:`lmlib.data.phantoms.make_phantom_dataset`.
     """
     if name in SYNTHETIC:
-        return _load_synthetic(name, split, **kwargs)
+        return _load_synthetic(str(name), split, **kwargs)
     spec = get_spec(name)
     if split not in (None, "train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    deformed = int(kwargs.pop("deformed", 0)) if name == "afids-mni" else 0
-    seed = int(kwargs.pop("seed", 0)) if name == "afids-mni" else 0
+    deformed = int(kwargs.pop("deformed", 0)) if spec.single_template else 0
+    seed = int(kwargs.pop("seed", 0)) if spec.single_template else 0
     if kwargs and not deformed:
-        raise TypeError(f"load_dataset({name!r}) got unexpected keyword arguments {sorted(kwargs)}")
-    root = Path(data_dir) if data_dir is not None else shared_data_dir() / name
-    if (root / name).is_dir() and not any(root.glob(spec.images)):
-        root = root / name  # the shared data root was given
+        raise TypeError(f"load_dataset({str(name)!r}) got unexpected keyword arguments {sorted(kwargs)}")
+    default = Path(spec.data_dir) if spec.data_dir else shared_data_dir() / spec.name
+    root = Path(data_dir) if data_dir is not None else default
+    if (root / spec.name).is_dir() and not any(root.glob(spec.images)):
+        root = root / spec.name  # the shared data root was given
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data folder not found; expected dataset {name!r} there "
-                                f"({spec.description}). Pass data_dir=... or set LMLIB_SHARED_DATA.")
+        hint = (f"data_dir: in {spec.source}" if spec.data_dir else "Pass data_dir=... or set LMLIB_SHARED_DATA.")
+        raise FileNotFoundError(f"{root}: data folder not found; expected dataset {spec.name!r} there "
+                                f"({spec.description or spec.images}). {hint}")
     ds = load_from_spec(spec, root, annotator, load_images or deformed > 0,
-                        split if spec.splits_file else None)
-    if name == "afids-mni":
+                        None if spec.single_template else split)
+    if spec.single_template:
         template = ds.samples[0]
         template.meta["split"] = "test"
         if deformed > 0:

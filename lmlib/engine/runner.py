@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import DEFAULT_SPLIT_FRACTIONS, SPECS, SYNTHETIC, Dataset, load_dataset
+from lmlib.data.datasets import SYNTHETIC, Dataset, dataset_ndim, get_spec, is_single_template, load_dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
@@ -39,7 +39,7 @@ from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 #: parameter name -> what it means (units); the engine consumes these, methods the rest
 SHARED_PARAMETERS: dict[str, str] = {
-    "dataset": "dataset name (synthetic2d, synthetic3d, hamedan-ceph, afids-mni, ...)",
+    "dataset": "dataset name (synthetic2d, synthetic3d, hamedan-ceph, afids-mni, ...) or a declaration file (.yaml)",
     "data_dir": "folder of a real dataset (empty: the shared default location)",
     "output_dir": "run folder (results/<dataset>/<method>)",
     "annotator": "reference annotator (empty: the dataset's first)",
@@ -66,8 +66,6 @@ SHARED_PARAMETERS: dict[str, str] = {
     "max_train_images": "0 = all; trims the train split only",
     "n_deformed": "afids-mni: random deformations of the template (train/val/test 60/20/20 %, seed 0; "
                   "the template itself is one more test image)",
-    "split_fractions": "train/val/test fractions of the seeded split made for a dataset without one (written to "
-                       "<output_dir>/splits.csv)",
 }
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
@@ -117,10 +115,10 @@ def load_run_data(params: Mapping[str, Any]) -> Dataset:
     the reference rows), and the template itself is scored as one more test image."""
     name = params["dataset"]
     options: dict[str, Any] = {}
-    if name == "afids-mni":
+    if is_single_template(name):
         n = _as_int(params.get("n_deformed", 0)) or 0
         if n < 5:
-            raise ValueError(f"dataset='afids-mni' is a single template: set n_deformed >= 5 (got {n}) to train on "
+            raise ValueError(f"dataset={name!r} is a single template: set n_deformed >= 5 (got {n}) to train on "
                              "random deformations of it (60/20/20 % train/val/test)")
         options = {"deformed": n}
     return load_dataset(name, params.get("data_dir") or None, annotator=params.get("annotator") or None, **options)
@@ -131,20 +129,20 @@ def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
     return samples[: limit or None]
 
 
-def ensure_splits(data: Dataset, params: Mapping[str, Any], output_dir: Path, seed: int) -> Path | None:
-    """A dataset whose images carry no split gets a seeded one (``split_fractions``, ``seed``), written to
-    ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announced; returns
-    that file, or None when the dataset has its own splits."""
-    if any(s.meta.get("split") for s in data.samples):
+def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Path) -> Path | None:
+    """For a dataset split by a seed (its declaration names no split file), write the split this run used to
+    ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announce it; returns
+    that file, or None when the splits come from a file, the generator or the template's deformations."""
+    spec = data.spec
+    if not spec.reader or spec.splits_file or spec.single_template:
         return None
-    fractions = params.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS
-    splits = data.assign_seeded_split(fractions, seed)
+    splits = {s.image_id: s.meta.get("split") or "" for s in data.samples}
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "splits.csv"
     pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
     counts = {k: list(splits.values()).count(k) for k in ("train", "val", "test")}
-    print(f"{params['dataset']}: no split file; seeded split (seed {seed}, fractions {list(fractions)}): "
-          f"{counts} -> {path}")
+    print(f"{spec.name}: no split file; seeded split (fractions {list(spec.split_fractions)}, seed {spec.split_seed}, "
+          f"from the dataset declaration): {counts} -> {path}")
     return path
 
 
@@ -154,14 +152,11 @@ def check_splits(name: str, data: Dataset, splits: Mapping[str, Sequence[Sample]
     if not empty:
         return
     counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    if data.spec.splits_file:
-        source = f"the split file {data.spec.splits_file!r} in the data folder (columns image_id, split)"
-    elif name == "afids-mni":
-        source = "n_deformed random deformations of the template (60/20/20 % train/val/test)"
-    elif name in SYNTHETIC:
+    if name in SYNTHETIC:
         source = "the phantom generator (60/20/20 % train/val/test)"
     else:
-        source = "each sample's meta['split'] (this dataset declares no split file)"
+        source = next((s.meta["split_source"] for s in data.samples if s.meta.get("split_source")),
+                      "each sample's meta['split']")
     plural = "splits are" if len(empty) > 1 else "split is"
     raise ValueError(f"{name}: the {' and '.join(empty)} {plural} empty ({counts} of {len(data.samples)} images); "
                      f"a run needs images in train, val and test; here the splits come from {source}")
@@ -239,28 +234,32 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _dataset_ndim(name: str) -> int:
-    """2 or 3 for a declared dataset (synthetic or a registered spec), without loading it."""
-    return 3 if name == "synthetic3d" else 2 if name == "synthetic2d" else SPECS[name].ndim
-
-
 def validate_parameters(params: Mapping[str, Any]) -> None:
     """Raise a one-line ``ValueError`` naming the first shared parameter whose value cannot work, the value and
     what is allowed (:data:`PARAMETER_RULES`, the dataset name, ``image_size`` vs the dataset's dimension,
     ``device`` vs this machine). Parameters that are absent keep their defaults and are not checked."""
     if "dataset" in params:
-        known = [*SYNTHETIC, *sorted(SPECS)]
-        if params["dataset"] not in known:
-            raise ValueError(f"dataset={params['dataset']!r}: not a declared dataset; allowed: {', '.join(known)}")
+        try:
+            get_spec(params["dataset"]) if params["dataset"] not in SYNTHETIC else None
+        except (ValueError, FileNotFoundError) as exc:
+            raise type(exc)(f"dataset={params['dataset']!r}: {exc}") from None
     for name, (accepts, allowed) in PARAMETER_RULES.items():
         if name in params and not accepts(params[name]):
             raise ValueError(f"{name}={params[name]!r}: must be {allowed}")
     grid, dataset = params.get("image_size"), params.get("dataset")
-    if grid and dataset is not None and len(grid) != (ndim := _dataset_ndim(dataset)):
+    if grid and dataset is not None and len(grid) != (ndim := dataset_ndim(dataset)):
         raise ValueError(f"image_size={list(grid)!r}: must be {ndim} integers >= 1 (or empty) because "
                          f"{dataset} is {ndim}D")
     if "device" in params:
         check_device(str(params["device"]))
+
+
+def check_dimension(method: type[LandmarkMethod], dataset: str) -> None:
+    """Raise when ``method`` is not built for the dataset's dimension (e.g. a 3D-only method on 2D images)."""
+    ndim = dataset_ndim(dataset)
+    if ndim not in method.supported_dims:
+        allowed = " or ".join(f"{d}D" for d in method.supported_dims)
+        raise ValueError(f"{method.name} works on {allowed} images; dataset {dataset!r} is {ndim}D")
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
@@ -322,13 +321,14 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     cls = method_class(method)
     check_parameters(cls, params)
     validate_parameters(params)  # before any work: one clear line per bad value
+    check_dimension(cls, params["dataset"])
     check_output_dir(params["output_dir"])
     started = utc_now()
     seed, output_dir = int(params.get("seed", 0)), Path(params["output_dir"])
     dev = setup(seed, str(params.get("device", "auto")))
     print_environment(dev)
     data = load_run_data(params)
-    seeded = ensure_splits(data, params, output_dir, seed)
+    seeded = write_seeded_split(data, params, output_dir)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(params.get("max_train_images", 0)))
     val, test = _split(data, "val"), _split(data, "test")

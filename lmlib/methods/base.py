@@ -62,6 +62,8 @@ class LandmarkMethod:
     """
 
     name: str = "base"
+    #: image dimensions the method is built for (the driver and run_method refuse others)
+    supported_dims: tuple[int, ...] = (2, 3)
     #: notebook parameters this method's ``from_parameters`` consumes (beyond the shared ones)
     parameters: tuple[str, ...] = ("channels", "decoder")
 

@@ -31,6 +31,7 @@ from lmlib.evaluation import statistics as stats
 from lmlib.outputs.reference_runs import MEAN_SHAPE, match_annotator
 from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
                                     read_manifest, read_run, write_json, write_outputs)
+from lmlib.data.datasets import dataset_name, is_single_template
 from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration")  # not method runs
@@ -120,7 +121,7 @@ class Comparison:
         """Keywords of ``load_dataset`` that rebuild the images the runs were scored on: for afids-mni the
         deformation set (``n_deformed`` of the runs' manifests; the largest where they differ)."""
         counts = {int(m.get("parameters", {}).get("n_deformed") or 0) for m in self.manifests.values()} - {0}
-        return {"deformed": max(counts)} if self.dataset == "afids-mni" and counts else {}
+        return {"deformed": max(counts)} if counts and is_single_template(self.dataset) else {}
 
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
@@ -163,12 +164,20 @@ def read_contract_run(folder: Path, name: str, dataset: str, parent_manifest: di
         raise ContractError("manifest.json: missing (cannot tell which dataset and profile the run is of)")
     params = manifest.get("parameters")
     run_dataset = params.get("dataset") if isinstance(params, dict) else None
-    if run_dataset != dataset:
+    if run_dataset != dataset and _filed_under(run_dataset) != _filed_under(dataset):
         raise ContractError(f"run of dataset {run_dataset!r}, not {dataset!r} (manifest.json parameters.dataset)")
     reason = _check_predictions(preds)
     if reason:
         raise ContractError(reason)
     return Run(name, folder, preds, met, manifest)
+
+
+def _filed_under(dataset: Any) -> str | None:
+    """The results folder name of ``dataset`` (a name, or a declaration file that may no longer exist)."""
+    try:
+        return dataset_name(dataset) if dataset is not None else None
+    except (OSError, ValueError):
+        return str(dataset)
 
 
 def discover_runs(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS
@@ -181,7 +190,7 @@ def discover_runs(results_dir: Path | str, dataset: str, exclude: Iterable[str] 
     and no stage sub-run is skipped as missing files. Folders named in ``exclude`` and hidden ones
     (``.tmp-*`` of the driver) are not runs and are ignored silently.
     """
-    root = Path(results_dir) / dataset
+    root = Path(results_dir) / dataset_name(dataset)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no results folder for dataset {dataset!r}")
     runs: dict[str, Run] = {}

@@ -1,0 +1,243 @@
+"""What a dataset is made of, and its declaration file (YAML) -> :class:`DatasetSpec`.
+
+A dataset is declared by a small YAML file: the built-in ones (``hamedan-ceph``, ``afids-mni``,
+``isbi2015-ceph``) by the files in ``lmlib/data/declared/``, a user's by its path, accepted wherever a
+dataset name is (``load_dataset``, the notebooks' ``dataset`` parameter, ``python -m lmlib.run --dataset``).
+Paths inside the file are relative to the data folder, which is ``data_dir`` (relative to the file;
+default: the file's own folder) for a user file and the shared data folder for a built-in one.
+
+Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmarks`` are required)::
+
+    name: hand-xray                  # folder name of the results: results/<name>/<method>
+    description: 37 landmarks on hand radiographs
+    ndim: 2                          # 2 or 3
+    data_dir: .                      # the data folder, relative to this file (default: its folder)
+    images: images/*.mha             # glob, relative to the data folder
+    image_id_regex: null             # regex whose group 1 is the image id (default: the name before the first '.')
+    reader: points_csv               # landmark reader (lmlib.data.readers.READERS)
+    reader_options: {}               # keyword arguments of that reader
+    annotations:                     # annotator -> file; {image_id} = one file per image; the first is the reference
+      expert: annotations.csv
+    spacing_mm: null                 # override (x, y[, z]) mm/px for images whose headers carry none
+    landmarks:                       # label in the files + display name (a plain string: both)
+      - {label: "1", name: thumb tip}
+    left_right_pairs: []             # [left name, right name] pairs (swapped by mirror augmentation)
+    landmark_groups: {}              # group -> names on one shared plane (the prior-guided 3D method)
+    splits: splits.csv               # CSV image_id,split (train/val/test); absent: a seeded split
+    seeded_split: {fractions: [0.6, 0.2, 0.2], seed: 0}   # used only when there is no splits file
+    exclude: []                      # [{annotator, image_id, reason}]: that annotation masked entirely
+    single_template: false           # one annotated template; training images are random deformations of it
+
+An unknown key, a missing required key, or a value of the wrong kind raises an error naming the file
+and the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
+DECLARED_DIR = Path(__file__).with_name("declared")  # the built-in declaration files
+FILE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class DatasetSpec:
+    """What a dataset is made of (paths relative to its data folder).
+
+    ``annotations`` maps annotator -> path template: with ``{image_id}`` one file per image, else one
+    file for all images (or for the only image). The first annotator is the reference.
+    ``landmark_labels`` are the labels in the files, ``landmark_names`` the display names (same order).
+    ``spacing_mm`` overrides the image spacing ``(x, y[, z])``; ``lr_pairs`` are (left, right) display
+    names; ``exclude`` maps (annotator, image_id) -> reason (that annotation is masked entirely);
+    ``landmark_groups`` maps a group name -> display names of landmarks that the annotation protocol places
+    on one shared plane (refined jointly by the prior-guided 3D method). Without ``splits_file`` the loader
+    makes a seeded split (``split_fractions`` train/val/test, ``split_seed``), the same for every notebook.
+    ``single_template``: one annotated image whose random deformations are the train/val/test images.
+    ``source``: the declaration file; ``data_dir``: the data folder it names (absolute), if any.
+    """
+
+    name: str
+    ndim: int
+    images: str
+    reader: str
+    annotations: dict[str, str]
+    landmark_labels: tuple[str, ...]
+    landmark_names: tuple[str, ...]
+    spacing_mm: tuple[float, ...] | None = None
+    lr_pairs: tuple[tuple[str, str], ...] = ()
+    splits_file: str | None = None
+    image_id_regex: str | None = None
+    exclude: dict[tuple[str, str], str] = field(default_factory=dict)
+    reader_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    landmark_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    split_seed: int = 0
+    single_template: bool = False
+    source: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name
+        if self.ndim not in (2, 3):
+            raise ValueError(f"{where}: ndim must be 2 or 3, got {self.ndim!r}")
+        if len(self.landmark_labels) != len(self.landmark_names):
+            raise ValueError(f"{where}: {len(self.landmark_labels)} labels but {len(self.landmark_names)} names")
+        repeated = sorted({x for x in self.landmark_labels if list(self.landmark_labels).count(x) > 1})
+        if repeated:
+            raise ValueError(f"{where}: landmark labels {repeated} are given more than once")
+        if self.spacing_mm is not None and (len(self.spacing_mm) != self.ndim or
+                                            not all(np.isfinite(v) and v > 0 for v in self.spacing_mm)):
+            raise ValueError(f"{where}: spacing_mm {tuple(self.spacing_mm)} must be {self.ndim} positive numbers")
+        unknown = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
+        if unknown:
+            raise ValueError(f"{where}: left/right pairs name unknown landmarks {sorted(unknown)}")
+        for group, members in self.landmark_groups.items():
+            unknown = sorted(set(members) - set(self.landmark_names))
+            if unknown or len(set(members)) < 2:
+                raise ValueError(f"{where}: landmark group {group!r} must name at least 2 distinct landmarks of "
+                                 f"the dataset (unknown: {unknown}, members: {list(members)})")
+        f = [float(v) for v in self.split_fractions]
+        if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
+            raise ValueError(f"{where}: seeded split fractions must be three numbers >= 0 (train, val, test) "
+                             f"summing to 1, got {f}")
+
+    @property
+    def reference(self) -> str | None:
+        """The reference annotator (the first one)."""
+        return next(iter(self.annotations), None)
+
+    def pair_indices(self) -> list[tuple[int, int]]:
+        """Left/right pairs as landmark indices."""
+        pos = {n: k for k, n in enumerate(self.landmark_names)}
+        return [(pos[a], pos[b]) for a, b in self.lr_pairs]
+
+    def group_indices(self) -> dict[str, list[int]]:
+        """Landmark groups as landmark indices (in the dataset's order)."""
+        pos = {n: k for k, n in enumerate(self.landmark_names)}
+        return {g: sorted(pos[n] for n in members) for g, members in self.landmark_groups.items()}
+
+
+REQUIRED = ("name", "ndim", "images", "reader", "annotations", "landmarks")
+OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "left_right_pairs",
+            "landmark_groups", "splits", "seeded_split", "exclude", "single_template")
+
+
+def is_dataset_file(name: str | Path) -> bool:
+    """Whether ``name`` names a declaration file (``.yaml``/``.yml``) rather than a built-in dataset."""
+    return str(name).lower().endswith(FILE_SUFFIXES)
+
+
+def declared_files() -> dict[str, Path]:
+    """Built-in dataset name -> its declaration file (``lmlib/data/declared/*.yaml``)."""
+    return {p.stem: p for p in sorted(DECLARED_DIR.glob("*.yaml"))}
+
+
+def read_dataset_file(path: str | Path, readers: Mapping[str, Any] | None = None) -> DatasetSpec:
+    """Parse and check a dataset declaration file; errors name the file and the key. ``readers``: the
+    known reader names (checked when given)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: dataset declaration file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"{p}: {where}not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    return spec_from_mapping(raw, p, readers)
+
+
+def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = None) -> DatasetSpec:
+    """The :class:`DatasetSpec` a parsed declaration describes (see the module docstring for the keys)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys (name, ndim, images, ...), got {type(raw).__name__}")
+    missing = [k for k in REQUIRED if k not in raw]
+    unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
+    if missing or unknown:
+        raise ValueError(f"{path}: " + "; ".join(
+            ([f"missing key(s) {missing}"] if missing else []) + ([f"unknown key(s) {unknown}"] if unknown else [])) +
+            f" (keys: {list(REQUIRED)} required, {list(OPTIONAL)} optional)")
+
+    def need(key: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: {key}: must be {what}, got {raw.get(key)!r}")
+
+    need("name", isinstance(raw["name"], str) and raw["name"].strip() != "" and "/" not in raw["name"],
+         "a non-empty name without '/'")
+    need("ndim", raw["ndim"] in (2, 3) and not isinstance(raw["ndim"], bool), "2 or 3")
+    need("images", isinstance(raw["images"], str) and raw["images"] != "", "a glob relative to the data folder")
+    need("reader", isinstance(raw["reader"], str) and (readers is None or raw["reader"] in readers),
+         f"one of {sorted(readers)}" if readers is not None else "a reader name")
+    ann = raw["annotations"]
+    need("annotations", isinstance(ann, dict) and ann and all(isinstance(v, str) for v in ann.values()),
+         "a mapping annotator -> file (with {image_id} for one file per image)")
+    labels, names = _landmarks(raw["landmarks"], path)
+    spacing = raw.get("spacing_mm")
+    need("spacing_mm", spacing is None or (isinstance(spacing, list) and all(_number(v) for v in spacing)),
+         f"null or a list of {raw['ndim']} numbers (mm)")
+    pairs = raw.get("left_right_pairs") or []
+    need("left_right_pairs", isinstance(pairs, list) and all(isinstance(q, list) and len(q) == 2 for q in pairs),
+         "a list of [left name, right name] pairs")
+    groups = raw.get("landmark_groups") or {}
+    need("landmark_groups", isinstance(groups, dict) and all(isinstance(v, list) for v in groups.values()),
+         "a mapping group -> list of landmark names")
+    seeded = raw.get("seeded_split") or {}
+    need("seeded_split", isinstance(seeded, dict) and set(seeded) <= {"fractions", "seed"} and
+         (isinstance(seeded.get("seed", 0), int) and seeded.get("seed", 0) >= 0),
+         "a mapping with fractions: [train, val, test] and seed: an integer >= 0")
+    exclude = raw.get("exclude") or []
+    need("exclude", isinstance(exclude, list) and all(isinstance(e, dict) and set(e) == {"annotator", "image_id",
+                                                                                           "reason"} for e in exclude),
+         "a list of {annotator, image_id, reason}")
+    options = raw.get("reader_options") or {}
+    need("reader_options", isinstance(options, dict), "a mapping of the reader's keyword arguments")
+    need("single_template", isinstance(raw.get("single_template", False), bool), "true or false")
+    for key in ("description", "image_id_regex", "splits", "data_dir"):
+        need(key, raw.get(key) is None or isinstance(raw[key], str), "a string")
+    data_dir = None
+    if raw.get("data_dir") is not None or not path.resolve().is_relative_to(DECLARED_DIR.resolve()):
+        data_dir = str((path.parent / (raw.get("data_dir") or ".")).resolve())
+    try:
+        return DatasetSpec(
+            name=raw["name"].strip(), ndim=int(raw["ndim"]), images=raw["images"], reader=raw["reader"],
+            annotations={str(k): v for k, v in ann.items()}, landmark_labels=labels, landmark_names=names,
+            spacing_mm=tuple(float(v) for v in spacing) if spacing is not None else None,
+            lr_pairs=tuple((str(a), str(b)) for a, b in pairs), splits_file=raw.get("splits"),
+            image_id_regex=raw.get("image_id_regex"),
+            exclude={(str(e["annotator"]), str(e["image_id"])): str(e["reason"]) for e in exclude},
+            reader_kwargs=dict(options), description=str(raw.get("description") or ""),
+            landmark_groups={str(g): tuple(str(n) for n in v) for g, v in groups.items()},
+            split_fractions=tuple(float(v) for v in seeded.get("fractions", DEFAULT_SPLIT_FRACTIONS)),
+            split_seed=int(seeded.get("seed", 0)), single_template=bool(raw.get("single_template", False)),
+            source=str(path), data_dir=data_dir)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _landmarks(items: Any, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``landmarks:`` entries -> (labels, names): each a ``{label, name}`` mapping or one string for both."""
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: landmarks: must be a non-empty list of {{label, name}} entries or strings")
+    labels, names = [], []
+    for k, item in enumerate(items, start=1):
+        if isinstance(item, (str, int)) and not isinstance(item, bool):
+            labels.append(str(item))
+            names.append(str(item))
+        elif isinstance(item, dict) and set(item) <= {"label", "name"} and "label" in item:
+            labels.append(str(item["label"]))
+            names.append(str(item.get("name", item["label"])))
+        else:
+            raise ValueError(f"{path}: landmarks: entry {k} ({item!r}) must be a string or {{label: ..., name: ...}}")
+    return tuple(labels), tuple(names)

@@ -1,0 +1,130 @@
+"""A dataset the project has never seen, declared by a file: parsing and its errors, the seeded split, and
+(marked ``notebook``) the whole path a user takes through documented commands only: the driver trains on it
+(``python -m lmlib.run --dataset my.yaml``), then ``python -m lmlib.predict`` runs the model on unannotated
+images. The fixture (:mod:`lmlib.data.example_dataset`, the README's example) mimics a public hand X-ray set:
+``.mha`` images whose spacing and origin are in their headers, one CSV of pixel coordinates, no split file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lmlib.data.dataset_spec import read_dataset_file
+from lmlib.data.datasets import SPECS, dataset_name, get_spec, load_dataset
+from lmlib.data.example_dataset import NAMES, ORIGIN_MM, write_example_dataset
+from lmlib.data.readers import READERS, read_labelme
+
+N_IMAGES, N_NEW = 40, 4
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """The example dataset of the README (python -m lmlib.data.example_dataset) and the new images' truth."""
+    path = write_example_dataset(tmp_path_factory.mktemp("data") / "toy-hands", N_IMAGES, N_NEW)
+    truth = pd.read_csv(path.parent / "new" / "truth.csv", dtype={"image_id": str})
+    return path, {i: g.set_index("landmark").loc[list(NAMES), ["x_mm", "y_mm"]].to_numpy() for i, g in truth.groupby("image_id")}
+
+
+def test_built_in_datasets_are_declared_by_files_of_the_same_kind() -> None:
+    assert sorted(SPECS) == ["afids-mni", "hamedan-ceph", "isbi2015-ceph"]
+    ceph = SPECS["hamedan-ceph"]
+    assert ceph.source.endswith("lmlib/data/declared/hamedan-ceph.yaml") and ceph.data_dir is None
+    assert ceph.spacing_mm == (0.1264, 0.1264) and ceph.landmark_labels[0] == "l1" and ceph.landmark_names[0] == "sella"
+    assert ceph.exclude == {("annotator2", "123"): "annotator2 123.json was drawn on image 122: its points do not "
+                                                    "belong to 123"}
+    afids = SPECS["afids-mni"]
+    assert afids.single_template and len(afids.landmark_names) == 32 and len(afids.lr_pairs) == 11
+    assert len(afids.landmark_groups["midsagittal"]) == 10
+    assert read_dataset_file(ceph.source, READERS) == ceph
+
+
+def test_a_declared_dataset_loads_in_world_mm_with_a_seeded_split(toy) -> None:
+    path, _ = toy
+    spec = get_spec(str(path))
+    assert spec.name == "toy-hands" and dataset_name(str(path)) == "toy-hands"
+    assert spec.data_dir == str(path.parent.resolve())  # paths relative to the file's folder
+    ds = load_dataset(str(path))
+    assert len(ds) == N_IMAGES and ds.landmark_names == NAMES and ds.report.empty
+    s = ds.samples[0]
+    np.testing.assert_allclose(s.landmarks_mm, np.asarray(ORIGIN_MM) + s.landmarks_index * s.geometry.spacing)
+    counts = pd.Series([x.meta["split"] for x in ds]).value_counts().to_dict()
+    assert counts == {"train": 24, "val": 8, "test": 8}
+    again = load_dataset(str(path), split="test", load_images=False)  # the same split in every notebook
+    assert [x.image_id for x in again] == [x.image_id for x in ds.split("test")]
+    assert "seeded split" in s.meta["split_source"] and "seed 7" in s.meta["split_source"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\nsplit: s.csv\n",
+     r"unknown key\(s\) \['split'\]"),
+    ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nlandmarks: [p]\n", r"missing key\(s\) \['annotations'\]"),
+    ("name: x\nndim: 2\nimages: '*.png'\nreader: dicom_sr\nannotations: {a: a.json}\nlandmarks: [p]\n",
+     r"reader: must be one of \[.*'labelme'"),
+    ("name: x\nndim: 4\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\n",
+     r"ndim: must be 2 or 3"),
+    ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p, q]\n"
+     "left_right_pairs: [[p, z]]\n", r"left/right pairs name unknown landmarks \['z'\]"),
+    ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\n"
+     "seeded_split: {fractions: [0.5, 0.5, 0.5]}\n", r"summing to 1"),
+    ("name: x\nndim: 2\n  images: [\n", r"line \d+: not valid YAML"),
+])
+def test_a_bad_declaration_names_the_file_and_the_key(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        get_spec(str(path))
+    assert str(info.value).startswith(str(path))
+    with pytest.raises(FileNotFoundError, match="dataset declaration file not found"):
+        get_spec(str(tmp_path / "absent.yaml"))
+
+
+def test_a_run_writes_the_seeded_split_beside_its_results(toy, tmp_path: Path) -> None:
+    from lmlib.engine.runner import run_method
+
+    path, _ = toy
+    out = tmp_path / "run"
+    run_method("heatmap_unet", {"dataset": str(path), "output_dir": str(out), "device": "cpu", "max_epochs": 1,
+                                "image_size": [64, 64], "channels": [4, 8, 16], "overlay_every": 100})
+    table = pd.read_csv(out / "splits.csv", dtype=str)
+    assert dict(zip(table["image_id"], table["split"])) == {s.image_id: s.meta["split"] for s in load_dataset(str(path))}
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["seeded_split_file"] == "splits.csv"
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 8
+
+
+@pytest.mark.notebook
+def test_a_never_seen_dataset_trains_and_predicts_through_documented_commands(toy, tmp_path: Path) -> None:
+    from lmlib import predict, run
+
+    path, truth = toy
+    results = tmp_path / "results"
+    common = ["--dataset", str(path), "--results-dir", str(results), "--device", "cpu"]
+    assert run.main([*common, "--only", "reference"]) == 0
+    assert run.main([*common, "--only", "heatmap_unet", "--set", "max_epochs=150", "--set", "image_size=[64,64]",
+                     "--set", "channels=[8,16,32,64]", "--set", "learning_rate=3e-3", "--set", "batch_size=4",
+                     "--set", "rotation_deg=5", "--set", "scale_range=0.05", "--set", "overlay_every=1000"]) == 0
+    assert run.main([*common, "--only", "comparison", "--set", "n_bootstrap=200"]) == 0
+    folder = results / "toy-hands"
+    mean_shape = json.loads((folder / "reference" / "mean_shape" / "metrics.json").read_text())["mre_mm"]
+    learned = json.loads((folder / "heatmap_unet" / "metrics.json").read_text())["mre_mm"]
+    assert learned < mean_shape / 3, f"heatmap U-Net {learned:.2f} mm vs mean shape {mean_shape:.2f} mm"
+    table = pd.read_csv(folder / "comparison" / "table_main.csv")
+    assert {"heatmap_unet", "reference/mean_shape"} <= set(table["method"])
+    assert (folder / "heatmap_unet" / "splits.csv").is_file()
+
+    new = sorted((path.parent / "new").glob("*.mha"))
+    out = tmp_path / "predicted"
+    assert predict.main([str(folder / "heatmap_unet"), *map(str, new), "--out", str(out)]) == 0
+    pred = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
+    assert len(pred) == N_NEW * len(NAMES)
+    errors = [np.linalg.norm(pred.loc[(pred.image_id == i) & (pred.landmark == n), ["x_mm", "y_mm"]].to_numpy()[0]
+                             - truth[i][k]) for i in truth for k, n in enumerate(NAMES)]
+    assert np.mean(errors) < mean_shape / 3, f"new images: {np.mean(errors):.2f} mm vs mean shape {mean_shape:.2f}"
+    for image_id in truth:  # the labelme exports read back through the project's reader (pixel index)
+        back = read_labelme(out / f"{image_id}.json")
+        rows = pred[pred.image_id == image_id].set_index("landmark")
+        assert back.units == "index"
+        for n in NAMES:
+            np.testing.assert_allclose(back.points[n][0], rows.loc[n, ["x_px", "y_px"]].to_numpy(float), atol=1e-6)
