@@ -1,23 +1,30 @@
-"""Run a trained model on images nobody has annotated (toward issue 13).
+"""Run a trained model on images nobody has annotated, with calibrated prediction regions.
 
-    python -m lmlib.predict MODEL IMAGE [IMAGE ...] --out DIR [--device cpu] [--batch-size 4] [--spacing MM ...]
+    python -m lmlib.predict MODEL IMAGE [IMAGE ...] --out DIR [--regions 0.9 0.95 --review-mm 3]
 
 ``MODEL``: a checkpoint (``.ckpt``), a run folder (``<run>/checkpoints/best.ckpt``) or a cascade's run
 folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained). ``IMAGE``: any file the
 readers take (PNG/TIFF/JPEG with ``--spacing``, MHA/MHD, NIfTI, NRRD) or a DICOM directory, 2D or 3D as
-the model. ``DIR`` (created; must not hold files) receives ``predictions.csv`` (world mm, pixel/voxel
-index, confidence per landmark), one labelme JSON per 2D image or one 3D Slicer ``.mrk.json`` per 3D
-image (:mod:`lmlib.outputs.exports`). Everything is written into a temporary sibling folder that is
-renamed to ``DIR`` at the end, so an interrupted run leaves no half-written output.
+the model. ``DIR`` (created; must not hold a ``predictions.csv`` already) receives ``predictions.csv`` (world mm, pixel/voxel
+index, the method's confidence and spread per landmark), one labelme JSON per 2D image or one 3D Slicer
+``.mrk.json`` per 3D image (:mod:`lmlib.outputs.exports`). With ``--regions`` (a run folder: its manifest
+names the dataset), per-landmark prediction regions are calibrated by split conformal prediction on that
+run's validation split (:mod:`lmlib.evaluation.conformal`; adaptive: ``radius = q * spread`` of each
+prediction): ``predictions.csv`` gets ``region_<level>_mm`` and ``review`` (the largest level's region is
+larger than ``--review-mm``), ``regions.csv`` the calibration and ``review.csv`` the landmarks to check by
+hand. Everything is written into a temporary sibling folder and moved into ``DIR`` at the end,
+``predictions.csv`` last, so an interrupted run leaves no half-written file and no ``predictions.csv``.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +32,8 @@ from tqdm.auto import tqdm
 
 from lmlib.data.readers import read_image
 from lmlib.data.sample import Sample, image_from_sitk
+from lmlib.engine.cascade import model_checkpoints
+from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
 
@@ -34,30 +43,16 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", "
 
 @dataclass
 class PredictResult:
-    """What :func:`predict_images` wrote: the folder, the prediction table and the export files."""
+    """What :func:`predict_images` wrote: the folder, the prediction table, the export files, the regions (if
+    calibrated), the landmarks listed for review, and the first images (for figures)."""
 
     out_dir: Path
     table: pd.DataFrame
     exports: list[Path]
-
-
-def model_checkpoints(model: str | Path) -> list[Path]:
-    """The checkpoints to chain for ``model`` (see the module docstring), first stage first."""
-    p = Path(model)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
-    if (p / "checkpoints" / "best.ckpt").is_file():
-        return [p / "checkpoints" / "best.ckpt"]
-    stages = (read_manifest(p) or {}).get("stages")
-    if not stages:
-        raise FileNotFoundError(f"{p}: not a run folder (no checkpoints/best.ckpt, no manifest.json listing stages)")
-    ckpts = [p / str(s) / "checkpoints" / "best.ckpt" for s in stages]
-    missing = [str(c) for c in ckpts if not c.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{p}: the cascade's stage checkpoints are missing: {missing}")
-    return ckpts
+    regions: ConformalRegions | None = None
+    review: pd.DataFrame = field(default_factory=pd.DataFrame)
+    samples: list[Sample] = field(default_factory=list)
+    coverage: pd.DataFrame = field(default_factory=pd.DataFrame)  # annotated images only (the test split)
 
 
 def image_id(path: Path) -> str:
@@ -87,43 +82,180 @@ def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim
     return samples
 
 
-def predict_images(model: str | Path, images: Sequence[str | Path], out_dir: str | Path, device: str | None = None,
-                   batch_size: int = 4, spacing_mm: Sequence[float] | None = None) -> PredictResult:
-    """Predict every landmark of ``images`` with ``model`` and write the exports into ``out_dir``."""
+def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files from a folder (every file with an image suffix, sorted), a glob pattern, or a list."""
+    if isinstance(images, (str, Path)):
+        p = Path(images)
+        if p.is_dir() and not any(p.glob("*.dcm")):
+            return sorted(q for q in p.iterdir() if q.is_file() and image_id(q) != q.name)
+        found = sorted(Path(q) for q in glob.glob(str(images)))
+        if not found:
+            raise FileNotFoundError(f"{images}: no image files (a folder, a glob pattern like 'scans/*.nii.gz', or files)")
+        return found
+    return [Path(q) for q in images]
+
+
+def calibrate_run(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95), data_dir: str | None = None,
+                  device: str | None = None, batch_size: int = 4) -> ConformalRegions:
+    """Per-landmark regions calibrated on the validation split of the run in ``run_dir`` (its manifest names
+    the dataset; ``data_dir`` overrides the data folder it names): fixed radii and spread multipliers."""
+    from lmlib.engine.runner import split_predictions
+
+    s = split_predictions(run_dir, batch_size=batch_size, splits=("val",), data_dir=data_dir, device=device)
+    if not np.isfinite(s.errors["val"]).any():
+        raise ValueError(f"{run_dir}: its dataset's validation split has no annotated landmark to calibrate on")
+    return calibrate(s.errors["val"], s.spread_mm["val"], levels, s.landmark_names, s.confidence["val"])
+
+
+def _with_regions(table: pd.DataFrame, regions: ConformalRegions | None, review_mm: float | None) -> pd.DataFrame:
+    """``table`` plus ``region_<level>_mm`` per level and ``review`` (the largest level's region > ``review_mm``)."""
+    if regions is None:
+        return table
+    names = list(regions.landmark_names)
+    n = len(table) // len(names)  # the table is image-major, landmarks in the model's order
+    if list(table["landmark"]) != names * n:
+        raise ValueError("the prediction table is not image-major in the regions' landmark order")
+    shape = (n, len(names))
+    spread = table["spread_mm"].to_numpy(dtype=np.float64).reshape(shape)
+    confidence = table["confidence"].to_numpy(dtype=np.float64).reshape(shape)
+    table["uncertainty_mm"] = regions.uncertainty(spread, confidence).reshape(-1)
+    for level in regions.levels:
+        table[f"region_{100 * level:g}_mm"] = regions.radii(level, spread, confidence).reshape(-1)
+    widest = table[f"region_{100 * max(regions.levels):g}_mm"]
+    table["review"] = (widest > review_mm) if review_mm is not None else False
+    return table
+
+
+def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out_dir: str | Path,
+                   device: str | None = None, batch_size: int = 4, spacing_mm: Sequence[float] | None = None,
+                   regions: ConformalRegions | None = None, review_mm: float | None = None,
+                   keep_samples: int = 0) -> PredictResult:
+    """Predict every landmark of ``images`` (files, or already loaded samples) with ``model`` and write the
+    exports into ``out_dir``; with ``regions``, each landmark's region radius per level and the review list
+    (see the module docstring). ``keep_samples``: how many of the first images to return for figures."""
     from lmlib.engine.cascade import predict_cascade
     from lmlib.engine.training import load_checkpoint
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: output folder exists and is not empty; choose another --out")
+    if (out / "predictions.csv").exists():
+        raise FileExistsError(f"{out}: holds predictions already (predictions.csv); choose another --out")
     if not images:
         raise ValueError("no images given")
     modules = [load_checkpoint(c) for c in model_checkpoints(model)]
     names, ndim = modules[0].landmark_names, modules[0].method.spatial_dims
+    if regions is not None and list(regions.landmark_names) != list(names):
+        raise ValueError(f"the regions were calibrated for landmarks {regions.landmark_names}, the model predicts {names}")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rows, exports = [], []
+    rows, exports, kept = [], [], []
     try:
         for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch"):
-            paths = [Path(p) for p in images[lo:lo + batch_size]]
-            samples = load_images(paths, names, ndim, spacing_mm)
+            chunk = list(images[lo:lo + batch_size])
+            if all(isinstance(x, Sample) for x in chunk):
+                samples = chunk
+                paths = [Path(str(s.meta.get("image_path") or s.image_id)) for s in samples]
+            else:
+                paths = [Path(p) for p in chunk]
+                samples = load_images(paths, names, ndim, spacing_mm)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
-            rows.append(prediction_table(samples, pred.world_mm, pred.confidence, paths))
+            part = prediction_table(samples, pred.world_mm, pred.confidence, paths)
+            part["spread_mm"] = np.concatenate(pred.spread_mm) if pred.spread_mm is not None else np.nan
+            rows.append(part)
+            kept += samples[:max(0, keep_samples - len(kept))]
             for s, w, p in zip(samples, pred.world_mm, paths):
                 if ndim == 2:
                     exports.append(write_labelme(s, w, tmp / f"{s.image_id}.json", p))
                 else:
                     exports.append(write_slicer_markups(s, w, tmp / f"{s.image_id}.mrk.json"))
-        table = pd.concat(rows, ignore_index=True)
+        table = _with_regions(pd.concat(rows, ignore_index=True), regions, review_mm)
         table.to_csv(tmp / "predictions.csv", index=False)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        review = table[table["review"]] if "review" in table else table.iloc[:0]
+        if regions is not None:
+            regions.to_frame().to_csv(tmp / "regions.csv")
+            review.to_csv(tmp / "review.csv", index=False)
+        out.mkdir(parents=True, exist_ok=True)  # files move in with predictions.csv last: it marks a complete folder
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "predictions.csv"):
+            f.replace(out / f.name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PredictResult(out, table, [out / p.name for p in exports])
+    return PredictResult(out, table, [out / p.name for p in exports], regions, review.reset_index(drop=True), kept)
+
+
+def default_model(dataset: str, results_dir: str | Path = "results", method: str = "heatmap_unet") -> Path:
+    """The run folder of ``method`` on ``dataset`` (a name or a declaration file): ``<results_dir>/<name>/<method>``."""
+    from lmlib.data.datasets import dataset_name
+
+    return Path(results_dir) / dataset_name(dataset) / method
+
+
+def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Path], output_dir: str | Path,
+                       levels: Sequence[float] = (0.9, 0.95), review_mm: float | None = 3.0, data_dir: str = "",
+                       spacing_mm: Sequence[float] | None = None, device: str = "auto", seed: int = 0,
+                       batch_size: int = 4, keep_samples: int = 4, parameters: dict[str, Any] | None = None
+                       ) -> PredictResult:
+    """The predict notebook's one call: regions calibrated on the model run's validation split (``levels``;
+    empty: none), then :func:`predict_images` on ``images`` -- a folder, a glob or files; empty: the test
+    split of the model's own dataset (annotated, so the regions' coverage is measured: ``result.coverage``,
+    ``coverage.csv``) -- into ``output_dir``, plus a ``manifest.json`` (parameters, model, versions)."""
+    from lmlib.engine.runner import load_run_data
+    from lmlib.outputs.manifest import utc_now, write_manifest
+    from lmlib.runtime import print_environment, setup
+
+    started = utc_now()
+    dev = setup(seed, device)
+    print_environment(dev)
+    model = Path(model)
+    if not model.exists():
+        raise FileNotFoundError(f"{model}: no trained model there; train one first (make results RUN_ARGS=\"--dataset "
+                                f"<dataset> --only <method>\" writes results/<dataset>/<method>)")
+    manifest = read_manifest(model) if model.is_dir() else None
+    regions = None
+    if levels:
+        if manifest is None:
+            raise ValueError(f"{model}: calibrating regions needs a run folder (with manifest.json), not a checkpoint")
+        regions = calibrate_run(model, levels, data_dir or None, str(dev), batch_size)
+    if images:
+        chosen: Sequence[str | Path | Sample] = image_paths(images)
+    else:
+        if manifest is None:
+            raise ValueError(f"{model}: images is empty and the model is not a run folder whose test split to use")
+        data = load_run_data({**manifest["parameters"], **({"data_dir": data_dir} if data_dir else {})})
+        chosen = data.split("test")
+    result = predict_images(model, chosen, output_dir, str(dev), batch_size, spacing_mm, regions, review_mm,
+                            keep_samples)
+    annotated = [s for s in chosen if isinstance(s, Sample)]
+    result.coverage = region_coverage(result, annotated)
+    if not result.coverage.empty:
+        result.coverage.to_csv(result.out_dir / "coverage.csv")
+    write_manifest(result.out_dir, {**(parameters or {}), "model": str(model)}, samples=annotated or None,
+                   seed=seed, device=str(dev), started=started)
+    return result
+
+
+def region_coverage(result: PredictResult, samples: Sequence[Sample]) -> pd.DataFrame:
+    """Where the images are annotated (the model's test split): per level, the share of true landmarks inside
+    their regions (%), the mean region radius (mm) and the mean error (mm)."""
+    truth = {(s.image_id, n): p for s in samples for n, p, ok in zip(s.landmark_names, s.landmarks_mm, s.valid) if ok}
+    t = result.table
+    key = list(zip(t["image_id"], t["landmark"]))
+    found = np.array([k in truth for k in key])
+    if result.regions is None or not found.any():
+        return pd.DataFrame()
+    cols = [c for c in ("x_mm", "y_mm", "z_mm") if t[c].notna().any()]
+    err = np.array([np.linalg.norm(np.asarray(truth[k]) - row) if k in truth else np.nan
+                    for k, row in zip(key, t[cols].to_numpy(dtype=np.float64))])
+    rows = {}
+    for level in result.regions.levels:
+        r = t[f"region_{100 * level:g}_mm"].to_numpy(dtype=np.float64)
+        ok = np.isfinite(err)
+        rows[f"{100 * level:g} %"] = {"coverage_pct": 100.0 * float((err[ok] <= r[ok]).mean()), "n_points": int(ok.sum()),
+                                      "mean_radius_mm": float(r[ok].mean()), "mre_mm": float(err[ok].mean())}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "nominal"
+    return frame
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,20 +263,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint (.ckpt), run folder, or cascade run folder")
     parser.add_argument("images", nargs="+", help="image files or DICOM folders")
-    parser.add_argument("--out", required=True, help="output folder (created; must be empty)")
+    parser.add_argument("--out", required=True, help="output folder (created; must not hold predictions.csv)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 | mps (default: where the model loads)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--spacing", type=float, nargs="+", default=None,
                         help="pixel spacing in mm (x y [z] or one value) for formats without one (PNG, JPEG)")
+    parser.add_argument("--regions", type=float, nargs="+", default=None, metavar="LEVEL",
+                        help="calibrated prediction regions at these levels (e.g. 0.9 0.95) from the run's validation split")
+    parser.add_argument("--review-mm", type=float, default=None,
+                        help="list landmarks whose (largest-level) region is larger than this (mm) in review.csv")
+    parser.add_argument("--data-dir", default=None, help="with --regions: the run's data folder, if it moved")
     args = parser.parse_args(argv)
     try:
-        result = predict_images(args.model, args.images, args.out, args.device, args.batch_size, args.spacing)
+        regions = calibrate_run(args.model, args.regions, args.data_dir, args.device, args.batch_size) \
+            if args.regions else None
+        result = predict_images(args.model, image_paths(args.images), args.out, args.device, args.batch_size,
+                                args.spacing, regions, args.review_mm)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     kind = "Slicer .mrk.json" if any(p.name.endswith(".mrk.json") for p in result.exports) else "labelme JSON"
     print(f"{result.table['image_id'].nunique()} images -> {result.out_dir / 'predictions.csv'} and "
-          f"{len(result.exports)} {kind} files")
+          f"{len(result.exports)} {kind} files" +
+          (f"; {len(result.review)} landmarks to review -> review.csv" if regions is not None else ""))
     return 0
 
 

@@ -155,6 +155,9 @@ JOBS: tuple[Job, ...] = (
     # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
     Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE, main=False,
         per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
+    # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
+    Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
+        per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
 )

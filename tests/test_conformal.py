@@ -36,3 +36,33 @@ def test_coverage_is_nominal_on_exchangeable_errors():
     assert radii[2] / radii[0] == pytest.approx(6.0, rel=0.15)  # Rayleigh 90 % quantile scales with sigma
     assert radii[0] == pytest.approx(0.5 * math.sqrt(-2 * math.log(0.1)), rel=0.1)
     assert table.loc["90 %", "largest"].startswith("c (")
+
+
+def test_adaptive_regions_follow_each_predictions_uncertainty():
+    """Errors whose scale varies per prediction (the method's spread u): regions radius q * u keep the nominal
+    coverage overall AND on the most uncertain third, where one fixed radius per landmark undercovers, and
+    are smaller on average."""
+    from lmlib.evaluation.conformal import calibrate, uncertainty_mm
+
+    rng = np.random.default_rng(1)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = np.exp(rng.normal(0.0, 0.6, size=(n, 2))) * np.array([1.0, 2.0])
+        return np.linalg.norm(rng.normal(size=(n, 2, 2)), axis=-1) * u, u
+
+    (cal, u_cal), (test, u_test) = draw(1000), draw(30000)
+    table = coverage_table(cal, test, (0.9,), ["a", "b"], u_cal, u_test)
+    assert table.loc["90 %", "coverage_pct"] == pytest.approx(90.0, abs=1.0)
+    assert table.loc["90 % adaptive", "coverage_pct"] == pytest.approx(90.0, abs=1.0)
+    assert table.loc["90 % adaptive", "mean_radius_mm"] < 0.9 * table.loc["90 %", "mean_radius_mm"]
+    regions = calibrate(cal, u_cal, (0.9,), ["a", "b"])
+    hard = u_test > np.quantile(u_test, 2 / 3, axis=0)
+    fixed = (test <= regions.radii(0.9)[None, :])[hard].mean()
+    adaptive = (test <= regions.radii(0.9, u_test))[hard].mean()
+    assert fixed < 0.80 and adaptive == pytest.approx(0.90, abs=0.02)
+    # no spread (a coordinate regressor): the fixed radius; confidence half the reference: twice the uncertainty
+    no_spread = regions.radii(0.9, np.full((1, 2), np.nan))
+    np.testing.assert_array_equal(no_spread[0], regions.radius_mm[0.9])
+    np.testing.assert_allclose(uncertainty_mm(np.array([[1.0, 1.0]]), np.array([[5.0, 10.0]]), np.array([10.0, 10.0])),
+                               [[2.0, 1.0]])
+    assert uncertainty_mm(np.array([1.0]), np.array([-3.0]), np.array([1.0]))[0] == pytest.approx(20.0)  # floored

@@ -67,3 +67,32 @@ def test_batch_and_numpy_consistency():
     coords, _ = decode_maps(h, 2, "quadratic")
     assert coords.shape == (3, 5, 2)
     assert (coords - lm).abs().max() < 1e-3
+
+
+def test_map_spread_is_the_maps_width_and_vote_spread_the_votes_dispersion():
+    import math
+
+    from lmlib.engine.training import spread_to_mm
+    from lmlib.methods.decoding import map_spread
+    from lmlib.methods.global_local import vote_spread
+    from lmlib.methods.targets import gaussian_heatmaps
+
+    for dims, size, sigma in ((2, (40, 36), 1.5), (3, (20, 22, 18), 1.0)):
+        lm = torch.tensor([[[10.3, 12.6, 8.2][:dims]]])
+        maps = gaussian_heatmaps(lm, size, sigma, torch.ones(1, 1, dtype=torch.bool))
+        np.testing.assert_allclose(map_spread(maps, dims, lm).numpy(), sigma, rtol=0.03)
+    flat = map_spread(torch.zeros(1, 1, 16, 16), 2, torch.tensor([[[8.0, 8.0]]]))
+    assert torch.isnan(flat).all()
+    # one patch votes (present), the others are absent: the dispersion is ~0; two equal clusters 6 px apart: 3 px
+    disp = torch.zeros(1, 1, 2, 2, 2)
+    presence = torch.full((1, 1, 2, 2), -30.0)
+    presence[0, 0, 0, 0] = 30.0
+    assert vote_spread(presence, disp, stride=8, code="linear").max() < 1e-3
+    both = torch.full((1, 1, 2, 2), -30.0)
+    both[0, 0, 0, 0] = both[0, 0, 1, 0] = 30.0  # cells 8 px apart along x, same y
+    disp2 = torch.zeros(1, 1, 2, 2, 2)
+    disp2[0, 0, 0, 1, 0] = -2.0  # the second vote moves 2 px towards the first: 6 px apart
+    np.testing.assert_allclose(vote_spread(both, disp2, stride=8, code="linear")[0, 0].numpy(), [3.0, 0.0], atol=1e-4)
+    # per-axis spreads in grid px -> one radius in mm through the grid's spacing (0.5 x 2 mm)
+    affine = torch.tensor([[[0.5, 0.0, 3.0], [0.0, 2.0, -1.0]]])
+    assert spread_to_mm(torch.tensor([[[1.0, 1.0]]]), affine).item() == pytest.approx(math.sqrt(0.25 + 4.0))

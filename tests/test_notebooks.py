@@ -118,10 +118,28 @@ def test_mean_shape_reference_row(pipeline: tuple[str, Path]) -> None:
 
 def test_method_runs_follow_the_contract(pipeline: tuple[str, Path]) -> None:
     _, root = pipeline
-    for folder in sorted(p.parent for p in root.rglob("predictions.csv")):
+    for folder in sorted(p.parent for p in root.rglob("predictions.csv") if "predict" not in p.relative_to(root).parts):
         preds, metrics = read_run(folder)
         assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] >= 0, folder.name
         assert metrics["n_images"] == preds["image_id"].nunique()
+
+
+def test_predict_notebook_values(pipeline: tuple[str, Path]) -> None:
+    """The predict notebook on the heatmap U-Net's test split: every landmark predicted, exports per image,
+    regions at both levels calibrated on the validation split, coverage measured, the review list consistent."""
+    dataset, root = pipeline
+    folder = root / "predict"
+    table = pd.read_csv(folder / "predictions.csv", dtype={"image_id": str})
+    test = pd.read_csv(root / "heatmap_unet" / "predictions.csv", dtype={"image_id": str})
+    assert set(table["image_id"]) == set(test["image_id"]) and len(table) == len(test)
+    suffix = ".json" if dataset == "synthetic2d" else ".mrk.json"
+    assert all((folder / f"{i}{suffix}").is_file() for i in set(table["image_id"]))
+    assert {"region_90_mm", "region_95_mm", "uncertainty_mm", "review"} <= set(table.columns)
+    assert (table["region_95_mm"] >= table["region_90_mm"]).all()
+    assert len(pd.read_csv(folder / "review.csv")) == int(table["review"].sum())
+    coverage = pd.read_csv(folder / "coverage.csv", index_col="nominal")
+    assert set(coverage.index) == {"90 %", "95 %"} and coverage["n_points"].min() == len(table)
+    assert len(list(folder.glob("fig_regions_*.png"))) == 2
 
 
 def test_same_seed_gives_byte_identical_predictions(pipeline: tuple[str, Path], tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from lmlib.data.readers import read_labelme, read_slicer_json
 from lmlib.engine.training import fit, predict
 from lmlib.methods import build_method
 from lmlib.outputs.exports import write_labelme, write_slicer_markups
-from lmlib.predict import main, model_checkpoints, predict_images
+from lmlib.engine.cascade import model_checkpoints
+from lmlib.predict import main, predict_images
 
 
 def _write_images(samples, folder, suffix):
@@ -100,9 +101,10 @@ def test_predict_refuses_bad_input_with_clear_errors(model2d, tmp_path, capsys):
     run, test = model2d
     paths = _write_images(test[:1], tmp_path / "images", ".mha")
     (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "x.txt").write_text("keep me")
+    (tmp_path / "busy" / "predictions.csv").write_text("keep me")
     assert main([str(run), str(paths[0]), "--out", str(tmp_path / "busy")]) == 2
-    assert "not empty" in capsys.readouterr().err and (tmp_path / "busy" / "x.txt").exists()
+    assert "holds predictions already" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "predictions.csv").read_text() == "keep me"
     assert main([str(tmp_path / "nothing"), str(paths[0]), "--out", str(tmp_path / "o")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     vol = make_phantom_dataset(3, n_images=1, seed=0, size=(16, 16, 16), n_landmarks=3)
@@ -110,3 +112,44 @@ def test_predict_refuses_bad_input_with_clear_errors(model2d, tmp_path, capsys):
     with pytest.raises(ValueError, match="3D image, but the model is 2D"):
         predict_images(run, three_d, tmp_path / "o2")
     assert not (tmp_path / "o2").exists() and not (tmp_path / ".o2.partial").exists()  # nothing half-written
+
+
+def test_regions_from_the_runs_validation_split_and_the_review_list(tmp_path, capsys):
+    """A run folder's regions are calibrated on its validation split: the same radii as calibrating its val
+    errors by hand; every prediction gets a region per level, and the review list is exactly the landmarks
+    whose widest region exceeds the threshold; the CLI writes regions.csv and review.csv."""
+    from lmlib.engine.runner import run_method, split_predictions
+    from lmlib.evaluation.conformal import calibrate
+    from lmlib.predict import calibrate_run, predict_new_images
+
+    run = tmp_path / "run"
+    run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(run), "device": "cpu", "max_epochs": 2,
+                                "image_size": [48, 48], "channels": [4, 8, 16], "overlay_every": 100})
+    regions = calibrate_run(run, (0.8, 0.9))
+    scored = split_predictions(run, splits=("val",))
+    by_hand = calibrate(scored.errors["val"], scored.spread_mm["val"], (0.8, 0.9), scored.landmark_names,
+                        scored.confidence["val"])
+    for level in (0.8, 0.9):
+        np.testing.assert_array_equal(regions.radius_mm[level], by_hand.radius_mm[level])
+        np.testing.assert_array_equal(regions.scale[level], by_hand.scale[level])
+    assert np.isfinite(regions.scale[0.8]).all()  # heatmaps give a spread for every landmark
+    threshold = float(np.median(regions.radius_mm[0.9]))
+    result = predict_new_images(run, "", tmp_path / "out", (0.8, 0.9), threshold, device="cpu", keep_samples=2)
+    t = result.table
+    assert (t["region_90_mm"] >= t["region_80_mm"]).all() and t["uncertainty_mm"].gt(0).all()
+    assert list(t["review"]) == list(t["region_90_mm"] > threshold) and len(result.review) == int(t["review"].sum())
+    assert set(result.coverage.index) == {"80 %", "90 %"} and len(result.samples) == 2
+    assert {"regions.csv", "review.csv", "coverage.csv", "manifest.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    test = _test_samples(run)
+    paths = _write_images(test[:2], tmp_path / "images", ".mha")
+    assert main([str(run), *map(str, paths), "--out", str(tmp_path / "cli"), "--regions", "0.9", "--review-mm", "0"]) == 0
+    assert "landmarks to review" in capsys.readouterr().out
+    review = pd.read_csv(tmp_path / "cli" / "review.csv")
+    assert len(review) == 2 * len(test[0].landmark_names)  # a 0 mm threshold lists every landmark
+
+
+def _test_samples(run):
+    from lmlib.engine.runner import load_run_data
+    from lmlib.outputs.contract import read_manifest
+
+    return load_run_data(read_manifest(run)["parameters"]).split("test")

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.sample import Sample
 from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict
+from lmlib.outputs.contract import read_manifest
 from lmlib.methods.stages import Stage  # re-exported: the cascade's unit
 
 Centres = dict[str, np.ndarray]  # image_id -> (N, D) world mm
@@ -49,7 +50,11 @@ def chain(previous: Predictions | None, current: Predictions) -> Predictions:
         return current
     world = [np.where(np.isnan(c), p, c) for p, c in zip(previous.world_mm, current.world_mm)]
     conf = [np.where(np.isnan(c), p, c) for p, c in zip(previous.confidence, current.confidence)]
-    return Predictions(world, conf, current.seconds_per_image)
+    spread = None
+    if previous.spread_mm is not None and current.spread_mm is not None:  # of the stage that gave the point
+        spread = [np.where(np.isnan(w[:, 0]), p, c)
+                  for p, c, w in zip(previous.spread_mm, current.spread_mm, current.world_mm)]
+    return Predictions(world, conf, current.seconds_per_image, spread)
 
 
 def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: str | Path, device: str = "auto",
@@ -102,5 +107,23 @@ def predict_cascade(checkpoints: Sequence[str | Path | LandmarkModule], samples:
         pred = chain(pred, current)
     if pred is None:
         raise ValueError("predict_cascade needs at least one checkpoint")
-    return Predictions(pred.world_mm, pred.confidence, seconds)
+    return Predictions(pred.world_mm, pred.confidence, seconds, pred.spread_mm)
 
+
+def model_checkpoints(model: str | Path) -> list[Path]:
+    """The checkpoints to chain for ``model`` (see the module docstring), first stage first."""
+    p = Path(model)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
+    if (p / "checkpoints" / "best.ckpt").is_file():
+        return [p / "checkpoints" / "best.ckpt"]
+    stages = (read_manifest(p) or {}).get("stages")
+    if not stages:
+        raise FileNotFoundError(f"{p}: not a run folder (no checkpoints/best.ckpt, no manifest.json listing stages)")
+    ckpts = [p / str(s) / "checkpoints" / "best.ckpt" for s in stages]
+    missing = [str(c) for c in ckpts if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{p}: the cascade's stage checkpoints are missing: {missing}")
+    return ckpts

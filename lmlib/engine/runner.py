@@ -30,10 +30,11 @@ from lmlib.data.datasets import SYNTHETIC, Dataset, dataset_ndim, get_spec, is_s
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
-from lmlib.engine.training import FitResult, Predictions, fit, predict
+from lmlib.engine.cascade import model_checkpoints, predict_cascade
+from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES, LandmarkMethod, build_method, method_class
-from lmlib.outputs.contract import predictions_frame, write_outputs
+from lmlib.outputs.contract import predictions_frame, read_manifest, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
@@ -462,3 +463,37 @@ def show_run(result: RunResult, figures: Sequence[str] = ("fig_loss.png", "fig_m
     for name in [*figures, *(n for n in result.figures if n.startswith("fig_qualitative"))]:
         if name in result.figures and result.figures[name].is_file():
             display(Image(filename=str(result.figures[name])))
+
+
+@dataclass
+class SplitPredictions:
+    """A finished run's checkpoint scored on splits of its dataset: per split ``(n_images, N)`` arrays of radial
+    errors (mm, NaN = masked), the predictions' own spreads (mm, NaN = none) and confidences."""
+
+    errors: dict[str, np.ndarray]
+    spread_mm: dict[str, np.ndarray]
+    confidence: dict[str, np.ndarray]
+    landmark_names: list[str]
+
+
+def split_predictions(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+                      splits: Sequence[str] = ("train", "val", "test"), data_dir: str | None = None,
+                      device: str | None = None) -> SplitPredictions:
+    """Score ``run_dir``'s checkpoint on each split of its dataset (the dataset and its options from the run's
+    ``manifest.json``; ``data_dir`` overrides its data folder). A cascade's run folder chains its stages."""
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
+    data = load_run_data({**manifest["parameters"], **({"data_dir": data_dir} if data_dir else {})})
+    chosen = run / checkpoint
+    modules = [load_checkpoint(chosen)] if chosen.is_file() else [load_checkpoint(c) for c in model_checkpoints(run)]
+    out = SplitPredictions({}, {}, {}, list(data.landmark_names))
+    for split in splits:
+        samples = data.split(split)
+        pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
+        errors = np.stack([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred.world_mm, samples)])
+        out.errors[split] = errors
+        out.spread_mm[split] = np.stack(pred.spread_mm) if pred.spread_mm is not None else np.full_like(errors, np.nan)
+        out.confidence[split] = np.stack(pred.confidence)
+    return out

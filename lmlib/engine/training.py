@@ -101,6 +101,16 @@ def errors_mm(coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.linalg.vector_norm(world - ref, dim=-1)
 
 
+def spread_to_mm(spread: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Per-axis spreads ``(B, K, D)`` in grid px -> one radius ``(B, K)`` in mm, ``sqrt(sum_a (s_a h_a)^2)`` with
+    ``h_a`` the grid's spacing along axis a (the affine's column norms; per-item or per-landmark affines)."""
+    a = torch.as_tensor(affine, dtype=torch.float64).to(spread.device)
+    d = a.shape[-2]
+    h = torch.linalg.norm(a[..., :d], dim=-2)  # (B, D) or (B, K, D)
+    h = h[:, None, :] if h.ndim == 2 else h
+    return ((spread.double() * h) ** 2).sum(-1).sqrt()
+
+
 def to_world(coords: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Grid indices ``(B, K, D)`` -> world mm ``(B, K, D)`` with per-item affines ``(B, D, D+1)``, or
     per-landmark affines ``(B, K, D, D+1)`` (stacked patches: landmark k on its own patch's grid)."""
@@ -462,6 +472,7 @@ class Predictions:
     world_mm: list[np.ndarray]  # per sample (N, D), world mm, (x, y[, z]); NaN where not predicted
     confidence: list[np.ndarray]  # per sample (N,)
     seconds_per_image: float  # resampling + network + decoding, per image
+    spread_mm: list[np.ndarray] | None = None  # per sample (N,): the output's own spread (mm), NaN where none
 
 
 def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch_size: int = 4,
@@ -484,16 +495,19 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     n, d = len(module.landmark_names), module.method.spatial_dims
     world = [np.full((n, d), np.nan) for _ in samples]
     conf = [np.full(n, np.nan) for _ in samples]
+    spread = [np.full(n, np.nan) for _ in samples]
     start = time.perf_counter()
     ds = LandmarkDataset(samples, view=view or module.eval_view,
                          centres=dict(centres) if centres is not None else None, cache=True)
     for lo in range(0, len(ds), batch_size):
         batch = collate_landmarks([ds[k] for k in range(lo, min(lo + batch_size, len(ds)))])
-        coords, c, _ = module.predict_batch(batch)
+        coords, c, outputs = module.predict_batch(batch)
         w = to_world(coords.cpu(), batch["index_to_world"]).numpy()
+        sp = spread_to_mm(module.method.spread(outputs, coords, batch).cpu(), batch["index_to_world"]).numpy()
         for b in range(len(w)):
             ids = batch["landmark_ids"][b].numpy()
             world[int(batch["index"][b])][ids] = w[b]
             conf[int(batch["index"][b])][ids] = c[b].cpu().double().numpy()
+            spread[int(batch["index"][b])][ids] = sp[b]
     seconds = (time.perf_counter() - start) / max(1, len(samples))
-    return Predictions(world, conf, seconds)
+    return Predictions(world, conf, seconds, spread)

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from lmlib.methods.decoding import decode_maps
+from lmlib.methods.decoding import decode_maps, map_spread
 from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
@@ -193,6 +193,19 @@ class LandmarkMethod:
     def decode(self, output: Outputs, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates ``(B, N, D)`` (network-grid index) and confidences ``(B, N)``."""
         return decode_maps(self.maps(output), self.spatial_dims, self.decoder, **self.decoder_kwargs)
+
+    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The output's own uncertainty around the decoded ``coords`` ``(B, K, D)``: a per-axis spread
+        ``(B, K, D)`` in px of each item's grid (default: :func:`~lmlib.methods.decoding.map_spread` of
+        :meth:`maps` when they are on the item's grid), NaN where the output gives none."""
+        nan = torch.full(coords.shape, float("nan"), device=coords.device)
+        try:
+            maps = self.maps(outputs)
+        except NotImplementedError:
+            return nan
+        if tuple(maps.shape[2:]) != tuple(batch["image"].shape[2:]):
+            return nan
+        return map_spread(maps, self.spatial_dims, coords)
 
     def dice(self, output: Outputs, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
         """Dice per landmark ``(B, N)`` of the thresholded output vs. target region (NaN = not defined)."""

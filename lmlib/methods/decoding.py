@@ -137,6 +137,27 @@ def quadratic_refine(maps: torch.Tensor, spatial_dims: int, eps: float = 1e-8, m
     return coords.reshape(*lead, spatial_dims), peak_val.reshape(lead)
 
 
+SPREAD_RADIUS: dict[int, int] = {2: 6, 3: 4}  # window (px) of map_spread per dimension
+
+
+def map_spread(maps: torch.Tensor, spatial_dims: int, coords: torch.Tensor, radius: int | None = None
+               ) -> torch.Tensor:
+    """How widely each map spreads around its decoded point: the per-axis standard deviation ``(..., N, D)``
+    (px of the map's grid) of the map's positive part in a ``(2r+1)^D`` window around ``coords``
+    ``(..., N, D)`` (map index), about ``coords``. A sharp peak gives ~its width, a flat or shifted map up to
+    ~r/sqrt(3); NaN where the window holds no positive value. Uncertainty for adaptive prediction regions
+    (:mod:`lmlib.evaluation.conformal`)."""
+    maps = maps.detach().float()
+    r = int(radius if radius is not None else SPREAD_RADIUS.get(spatial_dims, 4))
+    c = coords.detach().float().reshape(-1, spatial_dims).to(maps.device)
+    vals, pos, inside, _, lead = _window(maps, spatial_dims, r, centre=torch.round(c))
+    w = torch.where(inside, vals.clamp_min(0.0), torch.zeros_like(vals))  # (M, K)
+    total = w.sum(1, keepdim=True)
+    var = (w[..., None] * (pos - c[:, None, :]) ** 2).sum(1) / total.clamp_min(1e-12)
+    std = torch.where(total > 0, var.sqrt(), torch.full_like(var, float("nan")))
+    return std.reshape(*lead, spatial_dims)
+
+
 def decode_maps(maps: torch.Tensor, spatial_dims: int, method: str = "quadratic", radius: int = 3,
                 threshold: float = 0.0, beta: float = 10.0, iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode maps ``(..., N, *size)`` -> (coordinates ``(..., N, D)`` float index, confidence ``(..., N)``)."""

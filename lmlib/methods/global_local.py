@@ -154,6 +154,17 @@ def vote(presence_logits: torch.Tensor, displacement: torch.Tensor, stride: int,
     return coords, p.reshape(b, k, -1).amax(-1)
 
 
+def vote_spread(presence_logits: torch.Tensor, displacement: torch.Tensor, stride: int, code: str = "log"
+                ) -> torch.Tensor:
+    """Vote dispersion: the presence-weighted standard deviation ``(B, K, D)`` (input-grid px, per axis) of all
+    patch votes about their weighted mean (:func:`vote`)."""
+    b, k, dims = displacement.shape[:3]
+    w = torch.sigmoid(presence_logits.float()).reshape(b, k, 1, -1) + 1e-12
+    v = votes(displacement, stride, code).reshape(b, k, dims, -1)
+    mean = (w * v).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
+    return ((w * (v - mean) ** 2).sum(-1) / w.sum(-1)).sqrt()
+
+
 def fcnn_loss(outputs: Mapping[str, torch.Tensor], landmarks: torch.Tensor, valid: torch.Tensor, stride: int,
               code: str = "log", alpha: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L1(displacement) + alpha * BCE(presence)``, each averaged over patches (and axes) and over
@@ -364,6 +375,10 @@ class GlobalLocalFCNN(LandmarkMethod):
 
     def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return vote(outputs["presence"], outputs["displacement"], self.stride, self.displacement)
+
+    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Vote dispersion (:func:`vote_spread`)."""
+        return vote_spread(outputs["presence"], outputs["displacement"], self.stride, self.displacement)
 
     def maps(self, output: Outputs) -> torch.Tensor:
         """Presence probabilities ``(B, K, *P)`` on the grid of output cells."""

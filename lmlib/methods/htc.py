@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlib.methods.base import LandmarkMethod, Outputs, Targets, masked_mean
-from lmlib.methods.decoding import decode_maps
+from lmlib.methods.decoding import decode_maps, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 
 HEADS: tuple[str, ...] = ("both", "quarter", "half")
@@ -295,6 +295,12 @@ class MultiresHTC(LandmarkMethod):
             coords.append(to_input_index(c, HEAD_STRIDES[head]))
             conf.append(k)
         return torch.stack(coords).mean(0), torch.stack(conf).mean(0)
+
+    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Spread (input-grid px, per axis) of the finest decoded head's heatmap around the decoded point."""
+        head = "half" if "half" in self.decoded_heads() else "quarter"
+        s = HEAD_STRIDES[head]
+        return map_spread(outputs[head], self.spatial_dims, (coords + 0.5) / s - 0.5) * s
 
     def maps(self, output: Outputs) -> torch.Tensor:
         """The finest trained head's heatmaps (``half`` when trained)."""

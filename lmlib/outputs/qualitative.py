@@ -55,7 +55,7 @@ def _markers(ax: plt.Axes, pts: dict[str, np.ndarray], colors: dict[str, tuple],
                        linewidths=1.0, label=name, zorder=4)
 
 
-def _show(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float], origin: str) -> None:
+def show_plane(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float], origin: str) -> None:
     ax.imshow(plane, cmap="gray", vmin=lohi[0], vmax=lohi[1], aspect=aspect, origin=origin,
               interpolation="antialiased")
     ax.set_xticks([])
@@ -83,7 +83,7 @@ def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Pa
     if sample.ndim == 2:
         h_in = min(7.0, 6.0 * (img.shape[1] * sp[1]) / max(img.shape[0] * sp[0], 1e-6))
         fig, ax = plt.subplots(figsize=(6.0, max(h_in, 3.0)))
-        _show(ax, img.T, sp[1] / sp[0], lohi, "upper")
+        show_plane(ax, img.T, sp[1] / sp[0], lohi, "upper")
         _markers(ax, pts, colors, (0, 1), refs)
         axes = [ax]
     else:
@@ -95,7 +95,7 @@ def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Pa
                  ("coronal y=%d" % c[1], img[:, c[1], :].T, sp[2] / sp[0], (0, 2)),
                  ("sagittal x=%d" % c[0], img[c[0], :, :].T, sp[2] / sp[1], (1, 2))]
         for ax, (name, plane, aspect, cols) in zip(axes, views):
-            _show(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
+            show_plane(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
             _markers(ax, pts, colors, cols, refs)
             ax.set_title(f"{name} (points projected)", fontsize=9)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -19,29 +19,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lmlib.engine.runner import load_run_data
-from lmlib.engine.training import load_checkpoint, predict
+from lmlib.engine.runner import split_predictions
 from lmlib.evaluation.conformal import coverage_table
 from lmlib.evaluation.metrics import summarize
-from lmlib.outputs.contract import read_manifest
 
 
 def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
                        splits: Sequence[str] = ("train", "val", "test")) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Radial errors ``(n_images, N)`` (mm, NaN = masked) of ``run_dir``'s checkpoint on each split of its
-    dataset (the dataset and its options from the run's ``manifest.json``), and the landmark names."""
-    run = Path(run_dir)
-    manifest = read_manifest(run)
-    if manifest is None:
-        raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
-    data = load_run_data(manifest["parameters"])
-    module = load_checkpoint(run / checkpoint)
-    out = {}
-    for split in splits:
-        samples = data.split(split)
-        pred = predict(module, samples, batch_size=batch_size)
-        out[split] = np.stack([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred.world_mm, samples)])
-    return out, list(data.landmark_names)
+    """Radial errors ``(n_images, N)`` (mm, NaN = masked) of ``run_dir``'s checkpoint on each split (see
+    :func:`split_predictions`), and the landmark names."""
+    scored = split_predictions(run_dir, checkpoint, batch_size, splits)
+    return scored.errors, scored.landmark_names
 
 
 def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
@@ -59,11 +47,14 @@ def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt",
 
 
 def conformal_coverage(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95),
-                       checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
-    """Per-landmark prediction regions calibrated on the validation split (split conformal, radial errors)
-    and their empirical coverage and mean radius on the test split (:func:`lmlib.evaluation.conformal.coverage_table`)."""
-    arrays, names = split_error_arrays(run_dir, checkpoint, batch_size, ("val", "test"))
-    return coverage_table(arrays["val"], arrays["test"], levels, names)
+                       checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+                       review_mm: float | None = None) -> pd.DataFrame:
+    """Per-landmark prediction regions calibrated on the validation split (split conformal: fixed radii from
+    the radial errors, adaptive ones from the errors over the predictions' own uncertainty) and their empirical
+    coverage and mean radius on the test split (:func:`lmlib.evaluation.conformal.coverage_table`)."""
+    s = split_predictions(run_dir, checkpoint, batch_size, ("val", "test"))
+    return coverage_table(s.errors["val"], s.errors["test"], levels, s.landmark_names, s.spread_mm["val"],
+                          s.spread_mm["test"], review_mm, s.confidence["val"], s.confidence["test"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,11 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="checkpoints/best.ckpt", help="relative to the run folder")
     parser.add_argument("--conformal", type=float, nargs="+", metavar="LEVEL",
                         help="instead: per-landmark regions calibrated on val at these levels (e.g. 0.9 0.95), "
-                             "their coverage and mean radius on test")
+                             "their coverage and mean radius on test (fixed and adaptive regions)")
+    parser.add_argument("--review-mm", type=float, default=None,
+                        help="with --conformal: also the share of test points whose region is larger than this (mm)")
     args = parser.parse_args(argv)
     try:
         if args.conformal:
-            table = conformal_coverage(args.run_dir, args.conformal, args.checkpoint)
+            table = conformal_coverage(args.run_dir, args.conformal, args.checkpoint, review_mm=args.review_mm)
         else:
             table = split_errors(args.run_dir, args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
