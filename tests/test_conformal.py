@@ -66,3 +66,20 @@ def test_adaptive_regions_follow_each_predictions_uncertainty():
     np.testing.assert_allclose(uncertainty_mm(np.array([[1.0, 1.0]]), np.array([[5.0, 10.0]]), np.array([10.0, 10.0])),
                                [[2.0, 1.0]])
     assert uncertainty_mm(np.array([1.0]), np.array([-3.0]), np.array([1.0]))[0] == pytest.approx(20.0)  # floored
+
+
+def test_too_few_calibration_images_pool_the_landmarks():
+    """6 images cannot give a finite 90 % region per landmark (rank 7 > 6); pooled over 5 landmarks (30 scores)
+    the region is the pooled quantile, flagged, and covers ~90 % of new points on average."""
+    from lmlib.evaluation.conformal import calibrate
+
+    rng = np.random.default_rng(2)
+    cal = np.linalg.norm(rng.normal(size=(6, 5, 2)), axis=-1)
+    regions = calibrate(cal, levels=(0.9,))
+    assert regions.pooled[0.9].all() and np.isfinite(regions.radius_mm[0.9]).all()
+    assert regions.radius_mm[0.9][0] == conformal_radius(cal.reshape(-1), 0.1)
+    assert not calibrate(np.linalg.norm(rng.normal(size=(40, 5, 2)), axis=-1), levels=(0.9,)).pooled[0.9].any()
+    covered = np.mean([(np.linalg.norm(rng.normal(size=(200, 5, 2)), axis=-1) <=
+                        calibrate(np.linalg.norm(rng.normal(size=(6, 5, 2)), axis=-1), levels=(0.9,)).radius_mm[0.9])
+                       .mean() for _ in range(300)])
+    assert covered == pytest.approx(0.9, abs=0.02)

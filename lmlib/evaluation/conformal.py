@@ -6,7 +6,9 @@ and miscoverage ``alpha``, the region radius is the ``ceil((n + 1)(1 - alpha))``
 (infinite when that rank exceeds ``n``): a disc (2D) or ball (3D) of that radius around a new prediction
 then holds the true landmark with probability at least ``1 - alpha`` for an exchangeable new image
 (Vovk et al.; Angelopoulos & Bates, "A gentle introduction to conformal prediction", 2021). Masked
-(NaN) scores are left out.
+(NaN) scores are left out. With fewer than ``1/alpha - 1`` calibration images a per-landmark region would be
+infinite; those landmarks then get the quantile pooled over all landmarks' scores (``pooled``): the guarantee
+holds on average over landmarks instead of for each one.
 
 **Adaptive regions** (per image): the score is the error divided by the prediction's own uncertainty
 ``u = spread / max(c / c_k, 0.05)``: the method's spread around the point (``Predictions.spread_mm``: heatmap or
@@ -69,6 +71,7 @@ class ConformalRegions:
     scale: dict[float, np.ndarray]  # level -> (N,), radius = scale * uncertainty_mm
     n_calibration: int
     reference_confidence: np.ndarray | None = None  # (N,) median calibration confidence (None: spread only)
+    pooled: dict[float, np.ndarray] | None = None  # level -> (N,) True: too few images, pooled over landmarks
 
     def uncertainty(self, spread_mm: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
         """The adaptive regions' uncertainty (mm) of predictions with these spreads and confidences."""
@@ -94,6 +97,8 @@ class ConformalRegions:
         frame = pd.DataFrame(cols, index=pd.Index(self.landmark_names, name="landmark"))
         if self.reference_confidence is not None:
             frame["reference_confidence"] = self.reference_confidence
+        for level, pooled in (self.pooled or {}).items():
+            frame[f"pooled_{100 * level:g}"] = pooled
         return frame
 
 
@@ -109,15 +114,20 @@ def calibrate(errors: np.ndarray, spread_mm: np.ndarray | None = None, levels: S
         with np.errstate(all="ignore"):
             reference = np.array([np.nanmedian(np.where(c[:, k] > 0, c[:, k], np.nan)) if np.any(c[:, k] > 0)
                                   else np.nan for k in range(n_landmarks)])
-    radius, scale = {}, {}
+    radius, scale, pooled = {}, {}, {}
     for level in levels:
-        radius[float(level)] = conformal_radii(e, 1 - level)
+        lv = float(level)
+        radius[lv] = conformal_radii(e, 1 - lv)
+        pooled[lv] = ~np.isfinite(radius[lv])
+        radius[lv][pooled[lv]] = conformal_radius(e.reshape(-1), 1 - lv)
         if spread_mm is None:
-            scale[float(level)] = np.full(n_landmarks, np.nan)
+            scale[lv] = np.full(n_landmarks, np.nan)
         else:
-            scale[float(level)] = conformal_radii(e / uncertainty_mm(spread_mm, confidence, reference), 1 - level)
+            normalised = e / uncertainty_mm(spread_mm, confidence, reference)
+            scale[lv] = conformal_radii(normalised, 1 - lv)
+            scale[lv][pooled[lv]] = conformal_radius(normalised.reshape(-1), 1 - lv)
     return ConformalRegions(list(names) if names is not None else [str(k) for k in range(n_landmarks)],
-                            tuple(float(v) for v in levels), radius, scale, int(e.shape[0]), reference)
+                            tuple(float(v) for v in levels), radius, scale, int(e.shape[0]), reference, pooled)
 
 
 def coverage_table(calibration: np.ndarray, test: np.ndarray, levels: Sequence[float] = (0.9, 0.95),
