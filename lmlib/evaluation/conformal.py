@@ -126,6 +126,10 @@ def calibrate(errors: np.ndarray, spread_mm: np.ndarray | None = None, levels: S
             normalised = e / uncertainty_mm(spread_mm, confidence, reference)
             scale[lv] = conformal_radii(normalised, 1 - lv)
             scale[lv][pooled[lv]] = conformal_radius(normalised.reshape(-1), 1 - lv)
+    ordered = sorted(radius)
+    for lower, higher in zip(ordered, ordered[1:]):  # a higher level never gets a smaller region (a pooled
+        radius[higher] = np.fmax(radius[higher], radius[lower])  # quantile can undercut a per-landmark one):
+        scale[higher] = np.fmax(scale[higher], scale[lower])  # widening only adds coverage
     return ConformalRegions(list(names) if names is not None else [str(k) for k in range(n_landmarks)],
                             tuple(float(v) for v in levels), radius, scale, int(e.shape[0]), reference, pooled)
 
