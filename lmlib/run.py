@@ -236,7 +236,8 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     root = root or repo_root()
     results = Path(results_dir)
     final = results / dataset_name(dataset) / job.method
-    tmp = results / dataset_name(dataset) / f".tmp-{job.method}"
+    rank = launcher_rank()
+    tmp = results / dataset_name(dataset) / (f".tmp-{job.method}" if rank == 0 else f".rank{rank}-{job.method}")
     notebook = root / "notebooks" / job.notebook
     if not notebook.is_file():
         raise FileNotFoundError(f"{notebook}: notebook not found")
@@ -276,8 +277,20 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
                         kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,
                         progress_bar=False, report_mode=False)
+    if rank != 0:  # a launcher's other ranks trained with rank 0; only rank 0 keeps results
+        shutil.rmtree(root / tmp, ignore_errors=True)
+        return root / final
     _finalise(root / tmp, root / final, params, job, profile, time.time() - start)
     return root / final
+
+
+def launcher_rank() -> int:
+    """This process's global rank when a launcher (torchrun, SLURM srun) started several copies of the
+    driver for a multi-process training (0 otherwise): only rank 0 keeps its run folder."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 def resume_checkpoint(root: Path, tmp: Path) -> Path | None:

@@ -110,9 +110,10 @@ def setup(seed: int = 0, device: str = "auto", deterministic: bool = True) -> to
     return dev
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux/macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process so far (``children``: of its largest finished child process,
+    e.g. a DDP worker), in MiB (Linux/macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
 
 

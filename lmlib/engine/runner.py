@@ -46,6 +46,9 @@ SHARED_PARAMETERS: dict[str, str] = {
     "annotator": "reference annotator (empty: the dataset's first)",
     "seed": "random seed (data order, augmentation, initialisation)",
     "device": "auto | cpu | cuda | cuda:1 | mps",
+    "devices": "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is batch_size x devices x num_nodes",
+    "num_nodes": "nodes of a multi-node DDP run (launched by torchrun or SLURM srun)",
+    "strategy": "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under torchrun/srun) | ddp | ddp_spawn | ...",
     "num_workers": "data-loader worker processes",
     "max_epochs": "training epochs",
     "batch_size": "images per batch",
@@ -220,6 +223,8 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_epochs": (_int_at_least(1), "an integer >= 1"),
     "flip_prob": (lambda v: (x := _as_number(v)) is not None and 0 <= x <= 1, "a number in [0, 1]"),
     "batch_size": (_int_at_least(1), "an integer >= 1"),
+    "devices": (_int_at_least(1), "an integer >= 1 (training processes per node)"),
+    "num_nodes": (_int_at_least(1), "an integer >= 1"),
     "learning_rate": (_number_above(0.0), "a number > 0"),
     "image_size": (lambda v: not v or _grid(v), "empty (the default grid) or 2 or 3 integers >= 1"),
     "num_workers": (_int_at_least(0), "an integer >= 0"),
@@ -299,6 +304,12 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
             "spacing": f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"}
 
 
+def parallel_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``devices``, ``num_nodes``, ``strategy`` of :func:`~lmlib.engine.training.fit` from notebook parameters."""
+    return {"devices": int(params.get("devices", 1)), "num_nodes": int(params.get("num_nodes", 1)),
+            "strategy": str(params.get("strategy", "auto"))}
+
+
 def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
     """The training-overlay callback (frames every ``overlay_every`` epochs, GIF at ``gif_fps``)."""
     return [OverlayCallback(folder, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
@@ -349,7 +360,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
                                     augmentation=augmentation(params, ndim, seed, shared["flip_pairs"]))
     result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(params.get("device", "auto")),
                  seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
-                 data=provenance(params, data))
+                 data=provenance(params, data), **parallel_settings(params))
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
           f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(params.get("batch_size", 4)))
@@ -365,7 +376,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
                        extra={"method": model.name, "variant": name, "method_config": {**model.config(), **overrides},
                               "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs})
     write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
-                   extra={"method": model.name, "method_config": model.config(),
+                   extra={"method": model.name, "method_config": model.config(), "world_size": result.world_size,
                           "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs,
                           **({"variants": list(variants)} if variants else {})})
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result}, variants=variants)
@@ -402,7 +413,8 @@ def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective
         stage.augmentation = stage.augmentation if stage.augmentation is not None else aug
     results = fit_cascade(stages, train + val + test, output_dir, device=str(params.get("device", "auto")), seed=seed,
                           num_workers=int(params.get("num_workers", 0)), resume=bool(params.get("resume")),
-                          callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data))
+                          callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data),
+                          parallel=parallel_settings(params))
     figures: dict[str, Path] = {}
     stage_metrics: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -414,7 +426,8 @@ def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective
         write_manifest(folder, {**effective, "output_dir": str(folder), "stage": r.stage.name}, samples=train + val + test,
                        seed=seed, device=dev, started=started,
                        extra={"method": cls.name, "stage": r.stage.name, "method_config": r.stage.method.config(),
-                              "view": r.stage.view.to_dict(), "epochs_trained": r.fit.epochs})
+                              "view": r.stage.view.to_dict(), "epochs_trained": r.fit.epochs,
+                              "world_size": r.fit.world_size})
     last = results[-1]
     figures.update(worst_image_figure(output_dir, test, predictions, last.test, cls.name))
     write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
@@ -434,7 +447,8 @@ def write_run_outputs(output_dir: Path, test: Sequence[Sample], pred: Prediction
                              "infer_seconds_per_image": pred.seconds_per_image if infer_seconds is None else infer_seconds,
                              "peak_rss_mb": max(peak_rss_mb(), result.peak_rss_mb)},
                             extra_metrics={"best_val_mre_mm": result.best_score, "epochs": result.epochs,
-                                           "image_size": list(grid), "method": model.name})
+                                           "image_size": list(grid), "method": model.name,
+                                           "world_size": result.world_size})
     return metrics, predictions
 
 

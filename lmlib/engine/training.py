@@ -21,9 +21,11 @@ loaded anywhere else. :func:`predict` needs only a checkpoint (or module) and sa
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -344,6 +346,78 @@ def _history_logger(out: Path, resume: str | Path) -> CSVLogger:
     return logger
 
 
+def in_notebook_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (papermill runs notebooks in one)."""
+    return "ipykernel" in sys.modules and type(sys.stdout).__module__.startswith("ipykernel")
+
+
+def _fit_as_script(arguments: dict[str, Any]) -> FitResult:
+    """:func:`fit` with several processes, run from a notebook kernel: the arguments go to a file, a
+    ``python -m lmlib.engine.ddp_script`` process trains (Lightning launches its other ranks), and this
+    process reads the result and the best weights back (see :mod:`lmlib.engine.ddp_script`)."""
+    import subprocess
+
+    out = Path(arguments["output_dir"])
+    folder = out / ".ddp"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").unlink(missing_ok=True)
+    torch.save({**arguments, "strategy": "ddp_find_unused_parameters_true"}, folder / "arguments.pt")
+    dev = setup(arguments["seed"], arguments["device"])
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lmlib.engine.ddp_script", str(folder / "arguments.pt")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    print(proc.stdout[-4000:], end="")  # the ranks' output (epoch lines), shown in the notebook
+    if proc.returncode != 0 or not (folder / "result.json").is_file():
+        raise RuntimeError(f"DDP training ({arguments['devices']} x {arguments['num_nodes']} processes) failed with "
+                           f"exit status {proc.returncode}; its output ends: {proc.stdout[-800:]}")
+    r = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    module = LandmarkModule.load_from_checkpoint(r["best_checkpoint"], map_location="cpu").to(dev).eval()
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    return FitResult(module, None, r["best_checkpoint"], r["last_checkpoint"], float(r["train_seconds"]),  # type: ignore[arg-type]
+                     int(r["epochs"]), out / "training_log" / "metrics.csv", dev, r["best_score"],
+                     max(float(r["peak_rss_mb"]), peak_rss_mb(children=True)),
+                     int(arguments["devices"]) * int(arguments["num_nodes"]))
+
+
+def ddp_strategy(strategy: str, accelerator: str) -> str:
+    """The Lightning strategy for several processes: ``"ddp"`` when a launcher started them (``torchrun``,
+    SLURM ``srun``: every process runs the same notebook and joins), else this process starts them: fork on
+    the CPU (cheap, works inside a notebook kernel), spawn on GPUs (CUDA cannot be forked once initialised).
+    The process group uses gloo on the CPU and NCCL on GPUs (Lightning's choice). Unused parameters are
+    looked for: per-landmark networks train only the nets of the landmarks in a batch. An explicit
+    ``strategy`` other than ``"auto"`` is used as given."""
+    if strategy != "auto":
+        return strategy
+    launched = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = launched or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if launched:
+        return "ddp_find_unused_parameters_true"
+    return "ddp_fork_find_unused_parameters_true" if accelerator == "cpu" else "ddp_spawn_find_unused_parameters_true"
+
+
+def _load_ckpt(path: str | Path) -> dict[str, Any]:
+    return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+
+
+def _from_workers(ckpt_dir: Path, best: str) -> tuple[str, str, int, float | None]:
+    """Best and last checkpoint paths, epochs trained and best score when the training ran in worker
+    processes (their callbacks' state stays there; the checkpoints they wrote say it)."""
+    best_path = Path(best) if best else ckpt_dir / "best.ckpt"
+    last_path = ckpt_dir / "last.ckpt"
+    best_s = str(best_path) if best_path.is_file() else ""
+    last_s = str(last_path) if last_path.is_file() else ""
+    epochs, score = 0, None
+    if last_s:
+        epochs = int(_load_ckpt(last_s).get("epoch", -1)) + 1
+    if best_s:
+        for key, state in _load_ckpt(best_s).get("callbacks", {}).items():
+            if key.startswith("ModelCheckpoint") and MONITOR in key and state.get("best_model_score") is not None:
+                score = float(state["best_model_score"])
+    return best_s or last_s, last_s, epochs, score
+
+
 def trainer_device(device: torch.device) -> tuple[str, Any]:
     """Lightning ``(accelerator, devices)`` for a torch device."""
     if device.type == "cuda":
@@ -358,7 +432,7 @@ class FitResult:
     """What :func:`fit` returns: the module (best weights), paths and timings."""
 
     module: LandmarkModule
-    trainer: pl.Trainer
+    trainer: pl.Trainer | None  # None when the training ran in another process (DDP from a notebook)
     best_checkpoint: str
     last_checkpoint: str
     train_seconds: float  # summed over resumed runs
@@ -367,6 +441,7 @@ class FitResult:
     device: torch.device
     best_score: float | None = None  # best validation MRE (mm)
     peak_rss_mb: float = 0.0  # peak resident memory of the training (MiB), over resumed runs
+    world_size: int = 1  # training processes (DDP: devices x num_nodes)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
@@ -405,7 +480,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         lr_schedule: str | None = None, weight_decay: float | None = None, check_val_every_n_epoch: int = 1,
         progress_refresh_rate: int | None = None, gradient_clip_val: float | None = None,
         precision: str = "32-true", checkpoint_dir: str | Path | None = None,
-        data: dict[str, Any] | None = None) -> FitResult:
+        data: dict[str, Any] | None = None, devices: int = 1, num_nodes: int = 1, strategy: str = "auto") -> FitResult:
     """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``).
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
@@ -417,7 +492,14 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings.
     ``data``: provenance stored in the checkpoint (dataset name, spacing policy).
     ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch).
+    ``devices`` / ``num_nodes`` / ``strategy``: data-parallel training with Lightning DDP (processes per node,
+    nodes; see :func:`ddp_strategy`): each process sees ``datamodule.batch_size`` images per step, so the
+    global batch is ``batch_size * devices * num_nodes``; only rank 0 writes logs, checkpoints and figures, and
+    this process continues with the best weights.
     """
+    world = int(devices) * int(num_nodes)
+    if world > 1 and strategy == "auto" and in_notebook_kernel():
+        return _fit_as_script({k: v for k, v in locals().items() if k != "world"})
     overrides = {"lr": learning_rate, "schedule": lr_schedule, "weight_decay": weight_decay}
     method.optimizer.update({k: v for k, v in overrides.items() if v is not None})
     dev = setup(seed, device)
@@ -443,9 +525,11 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
                              save_on_train_epoch_end=True, enable_version_counter=False)
     clock = _Clock()
-    accelerator, devices = trainer_device(dev)
+    accelerator, device_ids = trainer_device(dev)
+    parallel = {} if world == 1 else {"devices": int(devices), "num_nodes": int(num_nodes),
+                                      "strategy": ddp_strategy(strategy, accelerator)}
     trainer = pl.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
+        max_epochs=max_epochs, accelerator=accelerator, precision=precision, **({"devices": device_ids} | parallel),
         logger=_history_logger(out, resume),
         callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate),
                    *callbacks],
@@ -453,16 +537,22 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out))
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds, peak = clock.total(), module.peak_rss_mb()
     best = checkpoint.best_model_path or latest.best_model_path
     last = latest.best_model_path
+    epochs = int(trainer.current_epoch)
+    score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    if clock.start is None:  # the epochs ran in worker processes (DDP): read what they saved
+        best, last, epochs, score = _from_workers(ckpt_dir, best)
+        before = float(_load_ckpt(resume).get("train_seconds", 0.0)) if resume else 0.0
+        seconds, peak = before + time.perf_counter() - started, max(peak, peak_rss_mb(children=True))
     if best:  # the selected weights AND the decoding state saved with them
         module = LandmarkModule.load_from_checkpoint(best, map_location="cpu")
     module.to(dev).eval()
-    score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
-    return FitResult(module, trainer, best, last, seconds, int(trainer.current_epoch),
-                     out / "training_log" / "metrics.csv", dev, score, peak)
+    return FitResult(module, trainer, best, last, seconds, epochs, out / "training_log" / "metrics.csv", dev, score,
+                     peak, world)
 
 
 @dataclass

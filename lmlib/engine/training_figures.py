@@ -190,7 +190,7 @@ class OverlayCallback(Callback):
         return self.output_dir / "overlays"
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # several processes: rank 0 draws
             return
         epoch = int(trainer.current_epoch)
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
@@ -224,4 +224,5 @@ class OverlayCallback(Callback):
         return sorted(paths, key=lambda p: int(p.stem.split("_")[1]))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        make_gif(self.frames(), self.output_dir / "fig_training_progress.gif", self.fps)
+        if trainer.is_global_zero:
+            make_gif(self.frames(), self.output_dir / "fig_training_progress.gif", self.fps)
