@@ -12,7 +12,7 @@ KERNEL := lmlib
 RUN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: setup results test test-fast lab clean-venv
+.PHONY: setup results paper test test-fast lab clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ $(STAMP): environment.yml pyproject.toml scripts/env_pip_args.py
 
 results: $(STAMP)
 	$(VPY) -m lmlib.run $(RUN_ARGS)
+
+# the comparison paper: every method's full setting and the comparisons on the real data
+paper: $(STAMP)
+	$(VPY) -m lmlib.run --dataset hamedan-ceph afids-mni --profile full $(RUN_ARGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(TEST_ARGS)
