@@ -158,9 +158,20 @@ JOBS: tuple[Job, ...] = (
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
         per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"}}),
+    # speed, memory and accuracy on this machine (the 2D methods at their full settings on hamedan-ceph)
+    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph"), smoke={"n_steps": 2},
+        per_dataset={"hamedan-ceph": {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),
 )
+
+
+def job_parameters(method: str, dataset: str, profile: str) -> dict[str, Any]:
+    """The parameters the driver gives the job of ``method`` on ``dataset`` with ``profile`` (its overrides only)."""
+    job = next((j for j in JOBS if j.method == method), None)
+    if job is None:
+        raise ValueError(f"no job {method!r}; declared: {', '.join(j.method for j in JOBS)}")
+    return job.parameters(dataset, profile)
 
 
 def declared_datasets() -> list[str]:

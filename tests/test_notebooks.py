@@ -142,6 +142,20 @@ def test_predict_notebook_values(pipeline: tuple[str, Path]) -> None:
     assert len(list(folder.glob("fig_regions_*.png"))) == 2
 
 
+def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
+    dataset, root = pipeline
+    if not (root / "benchmark").exists():
+        pytest.skip(f"no benchmark job on {dataset}")
+    speed = pd.read_csv(root / "benchmark" / "table_speed.csv", index_col="method")
+    assert set(speed.index) == {"heatmap_unet", "dilation_erosion", "global_local", "htc", "prior_guided"}
+    assert (speed["gflop_per_step"] > 0).all() and (speed["step_s"] > 0).all()
+    assert ((speed["pct_of_peak"] > 0) & (speed["pct_of_peak"] < 150)).all()
+    variants = pd.read_csv(root / "benchmark" / "table_variants.csv", index_col=0)
+    assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 3
+    runs = pd.read_csv(root / "benchmark" / "table_runs.csv", index_col="method")
+    assert {"heatmap_unet", "dilation_erosion"} <= set(runs.index) and (runs["mre_mm"] > 0).all()
+
+
 def test_the_whole_reproduction_twice_gives_identical_tables(pipeline: tuple[str, Path], tmp_path: Path) -> None:
     """Determinism on the CPU: every job run again with the same seed gives byte-identical predictions and the
     same comparison tables (timing columns aside)."""

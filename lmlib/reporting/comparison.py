@@ -34,7 +34,7 @@ from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractE
 from lmlib.data.datasets import dataset_name, is_single_template
 from lmlib.data.sample import Sample
 
-EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict")  # not method runs
+EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
 RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")  # a folder holding either is meant as a run
 TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
 KEY = ["image_id", "landmark"]

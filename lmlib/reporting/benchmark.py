@@ -1,0 +1,244 @@
+"""Where training time goes, and how far it is from the machine's limit (the benchmark notebook's speed section).
+
+For each method, a few training steps are timed in three parts: data (loading, resampling, augmentation:
+the loader's next batch), forward (network + loss) and backward (gradients + optimizer step). The
+floating-point work of one forward+backward is counted by PyTorch's ``FlopCounterMode`` (matmuls and
+convolutions); divided by the measured forward+backward time it gives the achieved rate, compared with this
+machine's peak measured in the same process: a large fp32 matmul, and a large 3x3 convolution (on this AMD
+EPYC the BLAS matmul stays near 210 GFLOP/s while a 256-channel convolution reaches ~460, so the larger of the two is
+the reference). Cascades are profiled on
+their first stage (global / coarse), which sees whole images. Timings are medians over the timed steps, after
+one warm-up step.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from lmlib.data.datasets import Dataset
+from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
+from lmlib.engine.training import LandmarkModule
+from lmlib.methods.base import method_class
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This process's best rate (GFLOP/s) on an ``n x n`` matmul: the practical peak of the CPU (or device)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def conv_peak_gflops(channels: int = 256, size: int = 64, repeats: int = 5) -> float:
+    """This process's best rate (GFLOP/s) on a large 3x3 fp32 convolution (oneDNN's kernels, which on some CPUs
+    outrun the BLAS matmul: on this AMD EPYC the matmul reached ~210 GFLOP/s, this convolution ~460)."""
+    x = torch.randn(4, channels, size, size)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv(x)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * 4 * channels * channels * 9 * size * size / best / 1e9
+
+
+def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequence[int]) -> tuple[Any, ViewSpec, int]:
+    """The method, view and batch size a training step of ``name`` uses (a cascade: its first stage)."""
+    cls = method_class(name)
+    shared = engine_settings(params, data)
+    ndim, n = data.spec.ndim, len(data.landmark_names)
+    if hasattr(cls, "build_stages"):
+        stage = cls.build_stages(ndim, n, params, list(grid), shared)[0]
+        return stage.method, stage.view, int(stage.batch_size)
+    return cls.from_parameters(ndim, n, params, **shared), ViewSpec(kind="whole", size=tuple(grid)), \
+        int(params.get("batch_size", 4))
+
+
+def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
+                     channels_last: bool = False, bf16: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
+    seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
+    GFLOP/s of forward+backward. ``channels_last`` / ``bf16``: the same with that memory format / autocast."""
+    torch.manual_seed(seed)
+    grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[data.spec.ndim]]
+    method, view, batch_size = _first_stage(name, params, data, grid)
+    dm = LandmarkDataModule(data.samples, view=view, batch_size=batch_size, seed=seed,
+                            augmentation=augmentation(params, data.spec.ndim, seed, data.spec.pair_indices()))
+    dm.setup()
+    module = LandmarkModule.from_method(method, data.landmark_names, view, view, max_epochs=100).train()
+    fmt = torch.channels_last if data.spec.ndim == 2 else torch.channels_last_3d
+    if channels_last:
+        module = module.to(memory_format=fmt)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+    loader = iter(dm.train_dataloader())
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step(batch: dict[str, Any]) -> tuple[float, float]:
+        if channels_last:
+            batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}
+        t0 = time.perf_counter()
+        with cast:
+            loss, _ = method.training_loss(module(batch), batch, 0)
+        t1 = time.perf_counter()
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return t1 - t0, time.perf_counter() - t1
+
+    times = []
+    for k in range(n_steps + 1):
+        t = time.perf_counter()
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(dm.train_dataloader())
+            batch = next(loader)
+        data_s = time.perf_counter() - t
+        fwd, bwd = step(batch)
+        if k > 0:  # the first step warms up allocators and kernels
+            times.append((data_s, fwd, bwd))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    data_s, fwd, bwd = (float(np.median(v)) for v in zip(*times))
+    flops = float(counter.get_total_flops())
+    return {"method": name, "batch": batch_size, "grid": "x".join(map(str, view.size or grid)),
+            "data_s": data_s, "forward_s": fwd, "backward_s": bwd, "step_s": data_s + fwd + bwd,
+            "images_per_s": batch_size / (data_s + fwd + bwd), "gflop_per_step": flops / 1e9,
+            "achieved_gflops": flops / 1e9 / (fwd + bwd)}
+
+
+def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_steps: int = 5,
+                    peak_gflops: float | None = None) -> pd.DataFrame:
+    """:func:`profile_training` for each method (name -> its parameters); ``pct_of_peak``: the achieved rate
+    as a share of ``peak_gflops`` (default: the larger of the matmul and convolution peaks, measured now)."""
+    peak = peak_gflops or max(matmul_peak_gflops(), conv_peak_gflops())
+    rows = [profile_training(name, params, data, n_steps) for name, params in methods.items()]
+    table = pd.DataFrame(rows).set_index("method")
+    table["pct_of_peak"] = 100.0 * table["achieved_gflops"] / peak
+    return table
+
+
+def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5) -> pd.DataFrame:
+    """The same training step as is, in channels-last memory format, and under bf16 autocast: seconds per
+    step and the speed-up over as-is."""
+    rows = {"as is (fp32)": profile_training(name, params, data, n_steps),
+            "channels_last": profile_training(name, params, data, n_steps, channels_last=True),
+            "bf16 autocast": profile_training(name, params, data, n_steps, bf16=True)}
+    table = pd.DataFrame(rows).T[["forward_s", "backward_s", "step_s", "achieved_gflops"]].astype(float)
+    table["speedup"] = table.loc["as is (fp32)", "step_s"] / table["step_s"]
+    return table
+
+
+def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
+    """Stacked seconds per training step (data, forward, backward) per method, and the achieved GFLOP/s
+    against the measured peak."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.5 * len(table) + 2.2))
+    left = np.zeros(len(table))
+    for col, color in (("data_s", "tab:gray"), ("forward_s", "tab:blue"), ("backward_s", "tab:orange")):
+        a.barh(table.index, table[col], left=left, color=color, label=col.replace("_s", ""))
+        left += table[col].to_numpy()
+    a.set_xlabel("seconds per training step")
+    a.legend(fontsize=8)
+    a.invert_yaxis()
+    b.barh(table.index, table["achieved_gflops"], color="tab:green")
+    b.axvline(peak_gflops, color="k", linestyle="--", label=f"measured peak {peak_gflops:.0f} GFLOP/s")
+    b.set_xlabel("achieved GFLOP/s (forward + backward)")
+    b.legend(fontsize=8)
+    b.invert_yaxis()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> pd.DataFrame:
+    """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
+    epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
+    inference seconds per image, peak memory (MB) and test MRE (mm)."""
+    from lmlib.reporting.comparison import load_comparison
+
+    comp = load_comparison(results_dir, dataset, profile=profile)
+    rows = []
+    for m in comp.methods:
+        metrics = comp.run_metrics[m]
+        if metrics.get("kind") == "reference":
+            continue
+        epochs = metrics.get("epochs") or np.nan
+        rows.append({"method": m, "device": comp.run_device(m), "epochs": epochs,
+                     "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
+                     "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
+                     "mre_mm": float(np.nanmean(comp.errors[m]))})
+    return pd.DataFrame(rows).set_index("method").sort_values("mre_mm")
+
+
+def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output_dir: str, results_dir: str = "results",
+                  data_dir: str = "", profile: str | None = None, n_steps: int = 5, variants_method: str = "heatmap_unet",
+                  seed: int = 0, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
+    (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
+    channels-last / bf16, and the finished runs of ``results_dir/<dataset>`` (time, memory, accuracy). Writes
+    ``table_speed.csv``, ``table_variants.csv``, ``table_runs.csv``, ``fig_step_breakdown.png`` and
+    ``manifest.json`` into ``output_dir``; returns them for display."""
+    from pathlib import Path
+
+    from lmlib.engine.runner import load_run_data
+    from lmlib.outputs.figure_files import save_figure
+    from lmlib.outputs.manifest import utc_now, write_manifest
+    from lmlib.runtime import print_environment, setup
+
+    started = utc_now()
+    print_environment(setup(seed, "cpu"))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_run_data({"dataset": dataset, "data_dir": data_dir, **({"n_deformed": 30} if dataset == "afids-mni" else {})})
+    data.samples = data.split("train")
+    matmul, conv = matmul_peak_gflops(), conv_peak_gflops()
+    peak = max(matmul, conv)
+    speed = profile_methods(methods, data, n_steps, peak)
+    variants = compare_variants(variants_method, methods.get(variants_method, {}), data, n_steps)
+    try:
+        runs = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"no finished runs to summarise: {exc}")
+        runs = pd.DataFrame()
+    speed.to_csv(out / "table_speed.csv", float_format="%.4f")
+    variants.to_csv(out / "table_variants.csv", float_format="%.4f")
+    if not runs.empty:
+        runs.to_csv(out / "table_runs.csv", float_format="%.4f")
+    fig = fig_step_breakdown(speed, peak)
+    save_figure(fig, out / "fig_step_breakdown.png")
+    write_manifest(out, dict(parameters or {}), samples=data.samples, seed=seed, device="cpu", started=started,
+                   extra={"matmul_peak_gflops": matmul, "conv_peak_gflops": conv, "torch_threads": torch.get_num_threads()})
+    pd.Series({"matmul_peak_gflops": matmul, "conv_peak_gflops": conv}).to_csv(out / "table_peak.csv", header=["gflops"])
+    return {"peak_gflops": peak, "matmul_gflops": matmul, "conv_gflops": conv, "speed": speed, "variants": variants,
+            "runs": runs, "figure": fig}
+
+
+def show_benchmark(result: Mapping[str, Any]) -> None:
+    """Display the benchmark (in a notebook)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"**Measured peaks** (fp32, {torch.get_num_threads()} threads): matmul {result['matmul_gflops']:.0f}, "
+                     f"3x3 convolution {result['conv_gflops']:.0f} GFLOP/s; `pct_of_peak` is against the larger"))
+    display(result["speed"].round(3))
+    display(result["figure"])
+    display(Markdown("**One training step as is, channels-last and under bf16 autocast** (speed-up over as is)"))
+    display(result["variants"].round(3))
+    if not result["runs"].empty:
+        display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
+        display(result["runs"].round(3))
