@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import shutil
 import sys
 from dataclasses import dataclass, field

@@ -363,9 +363,8 @@ def _fit_as_script(arguments: dict[str, Any]) -> FitResult:
     (folder / "result.json").unlink(missing_ok=True)
     torch.save({**arguments, "strategy": "ddp_find_unused_parameters_true"}, folder / "arguments.pt")
     dev = setup(arguments["seed"], arguments["device"])
-    started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lmlib.engine.ddp_script", str(folder / "arguments.pt")],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     print(proc.stdout[-4000:], end="")  # the ranks' output (epoch lines), shown in the notebook
     if proc.returncode != 0 or not (folder / "result.json").is_file():
         raise RuntimeError(f"DDP training ({arguments['devices']} x {arguments['num_nodes']} processes) failed with "
