@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from lmlib.data.readers import read_image
 from lmlib.data.sample import Sample, image_from_sitk
-from lmlib.engine.cascade import model_checkpoints
+from lmlib.engine.cascade import model_checkpoints, predict_cascade
+from lmlib.engine.training import load_checkpoint
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
@@ -132,9 +133,6 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     """Predict every landmark of ``images`` (files, or already loaded samples) with ``model`` and write the
     exports into ``out_dir``; with ``regions``, each landmark's region radius per level and the review list
     (see the module docstring). ``keep_samples``: how many of the first images to return for figures."""
-    from lmlib.engine.cascade import predict_cascade
-    from lmlib.engine.training import load_checkpoint
-
     out = Path(out_dir)
     if (out / "predictions.csv").exists():
         raise FileExistsError(f"{out}: holds predictions already (predictions.csv); choose another --out")
@@ -221,8 +219,7 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
     else:
         if manifest is None:
             raise ValueError(f"{model}: images is empty and the model is not a run folder whose test split to use")
-        data = load_run_data({**manifest["parameters"], **({"data_dir": data_dir} if data_dir else {})})
-        chosen = data.split("test")
+        chosen = load_run_data(manifest["parameters"], data_dir or None).split("test")
     result = predict_images(model, chosen, output_dir, str(dev), batch_size, spacing_mm, regions, review_mm,
                             keep_samples)
     annotated = [s for s in chosen if isinstance(s, Sample)]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, dataset_ndim, get_spec, is_dataset_file, shared_data_dir
+from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dataset_file, shared_data_dir
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 
 KERNEL_NAME = "lmlib"
@@ -72,13 +72,11 @@ class Job:
         """Why this job cannot run on ``dataset`` (its method is built for the other dimension), else None."""
         if self.lmlib_method is None:
             return None
+        from lmlib.engine.runner import dimension_refusal
         from lmlib.methods.base import method_class
 
-        dims, ndim = method_class(self.lmlib_method).supported_dims, dataset_ndim(dataset)
-        if ndim in dims:
-            return None
-        return (f"{self.method} (notebooks/{self.notebook}) works on {' or '.join(f'{d}D' for d in dims)} images; "
-                f"dataset {dataset!r} is {ndim}D")
+        reason = dimension_refusal(method_class(self.lmlib_method), dataset)
+        return None if reason is None else f"{self.method} (notebooks/{self.notebook}) {reason}"
 
 
 # Multiresolution HTC: the two-head method and its training ablation (one head each), all at the same

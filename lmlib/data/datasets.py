@@ -71,16 +71,6 @@ class Dataset:
         """Samples whose ``meta["split"]`` is ``name``."""
         return [s for s in self.samples if s.meta.get("split") == name]
 
-    def assign_seeded_split(self, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-                            seed: int = 0) -> dict[str, str]:
-        """Give every sample a ``meta["split"]`` from a seeded shuffle: ``round(f * n)`` images for val and
-        test, the rest train (``fractions`` = train, val, test; they must sum to 1). Returns image_id -> split
-        (write it beside the results: the split file format, columns ``image_id,split``)."""
-        splits = seeded_splits([s.image_id for s in self.samples], fractions, seed)
-        for s in self.samples:
-            s.meta["split"] = splits[s.image_id]
-        return splits
-
     def summary(self, print_it: bool = True) -> str:
         """Printed summary of the check report."""
         return summarize_report(self.report, print_it=print_it)

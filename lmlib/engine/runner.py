@@ -114,10 +114,11 @@ class RunResult:
         return frame
 
 
-def load_run_data(params: Mapping[str, Any]) -> Dataset:
+def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dataset:
     """The dataset a run trains and tests on. afids-mni is one annotated template: its train/val/test images
     are ``n_deformed`` random smooth deformations of it (the data layer's fixed set, seed 0, shared with
-    the reference rows), and the template itself is scored as one more test image."""
+    the reference rows), and the template itself is scored as one more test image. ``data_dir`` overrides the
+    parameters' data folder (a finished run's data that moved)."""
     name = params["dataset"]
     options: dict[str, Any] = {}
     if is_single_template(name):
@@ -126,7 +127,8 @@ def load_run_data(params: Mapping[str, Any]) -> Dataset:
             raise ValueError(f"dataset={name!r} is a single template: set n_deformed >= 5 (got {n}) to train on "
                              "random deformations of it (60/20/20 % train/val/test)")
         options = {"deformed": n}
-    return load_dataset(name, params.get("data_dir") or None, annotator=params.get("annotator") or None, **options)
+    return load_dataset(name, data_dir or params.get("data_dir") or None, annotator=params.get("annotator") or None,
+                        **options)
 
 
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
@@ -262,12 +264,20 @@ def validate_parameters(params: Mapping[str, Any]) -> None:
         check_device(str(params["device"]))
 
 
+def dimension_refusal(method: type[LandmarkMethod], dataset: str) -> str | None:
+    """Why ``method`` cannot run on ``dataset`` (``"works on 2D images; dataset 'x' is 3D"``), or None when it
+    is built for the dataset's dimension."""
+    ndim = dataset_ndim(dataset)
+    if ndim in method.supported_dims:
+        return None
+    return f"works on {' or '.join(f'{d}D' for d in method.supported_dims)} images; dataset {dataset!r} is {ndim}D"
+
+
 def check_dimension(method: type[LandmarkMethod], dataset: str) -> None:
     """Raise when ``method`` is not built for the dataset's dimension (e.g. a 3D-only method on 2D images)."""
-    ndim = dataset_ndim(dataset)
-    if ndim not in method.supported_dims:
-        allowed = " or ".join(f"{d}D" for d in method.supported_dims)
-        raise ValueError(f"{method.name} works on {allowed} images; dataset {dataset!r} is {ndim}D")
+    reason = dimension_refusal(method, dataset)
+    if reason is not None:
+        raise ValueError(f"{method.name} {reason}")
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
@@ -502,7 +512,7 @@ def split_predictions(run_dir: str | Path, checkpoint: str = "checkpoints/best.c
     manifest = read_manifest(run)
     if manifest is None:
         raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
-    data = load_run_data({**manifest["parameters"], **({"data_dir": data_dir} if data_dir else {})})
+    data = load_run_data(manifest["parameters"], data_dir)
     chosen = run / checkpoint
     modules = [load_checkpoint(chosen)] if chosen.is_file() else [load_checkpoint(c) for c in model_checkpoints(run)]
     out = SplitPredictions({}, {}, {}, list(data.landmark_names))

@@ -300,7 +300,7 @@ class MultiresHTC(LandmarkMethod):
         """Spread (input-grid px, per axis) of the finest decoded head's heatmap around the decoded point."""
         head = "half" if "half" in self.decoded_heads() else "quarter"
         s = HEAD_STRIDES[head]
-        return map_spread(outputs[head], self.spatial_dims, (coords + 0.5) / s - 0.5) * s
+        return map_spread(outputs[head], self.spatial_dims, to_heatmap_index(coords, s)) * s
 
     def maps(self, output: Outputs) -> torch.Tensor:
         """The finest trained head's heatmaps (``half`` when trained)."""

@@ -188,12 +188,13 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
 
 def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output_dir: str, results_dir: str = "results",
                   data_dir: str = "", profile: str | None = None, n_steps: int = 5, variants_method: str = "heatmap_unet",
-                  seed: int = 0, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  seed: int = 0, parameters: Mapping[str, Any] | None = None, n_deformed: int = 30) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
     channels-last / bf16, and the finished runs of ``results_dir/<dataset>`` (time, memory, accuracy). Writes
     ``table_speed.csv``, ``table_variants.csv``, ``table_runs.csv``, ``fig_step_breakdown.png`` and
-    ``manifest.json`` into ``output_dir``; returns them for display."""
+    ``manifest.json`` into ``output_dir``; returns them for display. ``n_deformed``: a single-template
+    dataset's deformations (as the driver's jobs)."""
     from pathlib import Path
 
     from lmlib.engine.runner import load_run_data
@@ -205,7 +206,7 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     print_environment(setup(seed, "cpu"))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_run_data({"dataset": dataset, "data_dir": data_dir, **({"n_deformed": 30} if dataset == "afids-mni" else {})})
+    data = load_run_data({"dataset": dataset, "data_dir": data_dir, "n_deformed": n_deformed})
     data.samples = data.split("train")
     matmul, conv = matmul_peak_gflops(), conv_peak_gflops()
     peak = max(matmul, conv)

@@ -102,7 +102,7 @@ def write_prediction_figures(result: "PredictResult", level: float | None = None
     level = level if level is not None else (min(levels) if levels else None)
     for sample in result.samples:
         rows = result.table[result.table["image_id"] == sample.image_id]
-        cols = [c for c in ("x_mm", "y_mm", "z_mm")[:sample.ndim]]
+        cols = list(("x_mm", "y_mm", "z_mm")[:sample.ndim])
         radius = rows[f"region_{100 * level:g}_mm"].to_numpy(float) if level is not None else np.full(len(rows), np.nan)
         review = rows["review"].to_numpy(bool) if "review" in rows else np.zeros(len(rows), bool)
         truth = np.where(sample.valid[:, None], sample.landmarks_mm, np.nan) if sample.valid.any() else None
