@@ -12,7 +12,7 @@ KERNEL := lmlib
 RUN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: setup results paper test test-fast lab clean-venv
+.PHONY: setup results paper peer-env test test-fast lab clean-venv
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ results: $(STAMP)
 # the comparison paper: every method's full setting and the comparisons on the real data
 paper: $(STAMP)
 	$(VPY) -m lmlib.run --dataset hamedan-ceph afids-mni --profile full $(RUN_ARGS)
+
+# the peer toolkit of the benchmark notebook (95), apart from ours: CPU torch first so that pip keeps it, then
+# landmarker with the torchvision release made for that torch (scripts/peer_landmarker.py explains its import)
+PEER_VENV ?= .venv-peer
+peer-env:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0 torchvision==0.28.0 landmarker==0.4.1
 
 test: $(STAMP)
 	$(VPY) -m pytest $(TEST_ARGS)

@@ -157,7 +157,7 @@ JOBS: tuple[Job, ...] = (
     Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
         per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"}}),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings on hamedan-ceph)
-    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph"), smoke={"n_steps": 2},
+    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph"), smoke={"n_steps": 2, "peer_budget_s": 30},
         per_dataset={"hamedan-ceph": {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}}),
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -166,37 +167,68 @@ def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
     return fig
 
 
-def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> pd.DataFrame:
+def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
-    inference seconds per image, peak memory (MB) and test MRE (mm)."""
+    inference seconds per image, peak memory (MB), test MRE (mm) and the input grid (px, (x, y[, z])); and each
+    run's test errors (images x landmarks, mm)."""
     from lmlib.reporting.comparison import load_comparison
 
     comp = load_comparison(results_dir, dataset, profile=profile)
-    rows = []
+    rows, errors = [], {}
     for m in comp.methods:
         metrics = comp.run_metrics[m]
         if metrics.get("kind") == "reference":
             continue
         epochs = metrics.get("epochs") or np.nan
+        size = comp.manifests.get(m, {}).get("parameters", {}).get("image_size")
         rows.append({"method": m, "device": comp.run_device(m), "epochs": epochs,
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
-                     "mre_mm": float(np.nanmean(comp.errors[m]))})
-    return pd.DataFrame(rows).set_index("method").sort_values("mre_mm")
+                     "mre_mm": float(np.nanmean(comp.errors[m])),
+                     "image_size": "x".join(map(str, size)) if size else ""})
+        errors[m] = comp.errors[m].unstack("landmark")
+    return pd.DataFrame(rows).set_index("method").sort_values("mre_mm"), errors
+
+
+def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: Dataset, out: Any,
+                  budget_s: float, python: str, seed: int) -> dict[str, Any]:
+    """Train the landmarker peer at our best CPU run's input size for its training time (or ``budget_s``),
+    and set the two side by side. Returns {} with a printed reason when the peer cannot be run."""
+    from lmlib.reporting.peer import our_candidates, peer_ratios, run_peer
+
+    cpu = our_candidates(runs, "cpu")
+    if data.spec.ndim != 2 or cpu.empty:
+        print("peer: skipped (it is run on 2D data, beside a finished CPU run of ours)")
+        return {}
+    best = cpu.iloc[0]
+    size = [int(v) for v in best["image_size"].split("x")] if best["image_size"] else DEFAULT_GRID[2]
+    budget = float(budget_s) if budget_s > 0 else float(best["train_s"])
+    if not Path(python).exists():
+        print(f"peer: skipped, no peer environment at {python} (make it with `make peer-env`)")
+        return {}
+    print(f"peer: landmarker SCN for {budget:.0f} s on a {size[0]}x{size[1]} grid, beside {cpu.index[0]}")
+    peer = run_peer(data, out, budget, size, python=python, seed=seed)
+    ratios = peer_ratios(runs, errors, peer)
+    ratios.to_csv(Path(out) / "table_peer.csv", float_format="%.4f")
+    return {"peer": peer, "ratios": ratios}
 
 
 def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output_dir: str, results_dir: str = "results",
                   data_dir: str = "", profile: str | None = None, n_steps: int = 5, variants_method: str = "heatmap_unet",
-                  seed: int = 0, parameters: Mapping[str, Any] | None = None, n_deformed: int = 30) -> dict[str, Any]:
+                  seed: int = 0, parameters: Mapping[str, Any] | None = None, n_deformed: int = 30,
+                  peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = ".venv-peer/bin/python"
+                  ) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
     channels-last / bf16, and the finished runs of ``results_dir/<dataset>`` (time, memory, accuracy). Writes
     ``table_speed.csv``, ``table_variants.csv``, ``table_runs.csv``, ``fig_step_breakdown.png`` and
     ``manifest.json`` into ``output_dir``; returns them for display. ``n_deformed``: a single-template
-    dataset's deformations (as the driver's jobs)."""
-    from pathlib import Path
+    dataset's deformations (as the driver's jobs).
 
+    ``peer``: also train the ``landmarker`` SCN (:mod:`lmlib.reporting.peer`, interpreter ``peer_python``) on
+    the same split, at the input size of our best CPU run and for its training time (``peer_budget_s`` > 0:
+    that many seconds instead), and write ``table_peer.csv`` (ratios) with the peer's predictions."""
     from lmlib.engine.runner import load_run_data
     from lmlib.outputs.figure_files import save_figure
     from lmlib.outputs.manifest import utc_now, write_manifest
@@ -207,27 +239,29 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_run_data({"dataset": dataset, "data_dir": data_dir, "n_deformed": n_deformed})
-    data.samples = data.split("train")
+    all_samples, data.samples = data.samples, data.split("train")
     matmul, conv = matmul_peak_gflops(), conv_peak_gflops()
     peak = max(matmul, conv)
     speed = profile_methods(methods, data, n_steps, peak)
     variants = compare_variants(variants_method, methods.get(variants_method, {}), data, n_steps)
     try:
-        runs = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
+        runs, errors = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
     except (FileNotFoundError, ValueError) as exc:
         print(f"no finished runs to summarise: {exc}")
-        runs = pd.DataFrame()
+        runs, errors = pd.DataFrame(), {}
     speed.to_csv(out / "table_speed.csv", float_format="%.4f")
     variants.to_csv(out / "table_variants.csv", float_format="%.4f")
     if not runs.empty:
         runs.to_csv(out / "table_runs.csv", float_format="%.4f")
     fig = fig_step_breakdown(speed, peak)
     save_figure(fig, out / "fig_step_breakdown.png")
+    data.samples = all_samples
+    peer_part = _peer_section(runs, errors, data, out, peer_budget_s, peer_python, seed) if peer else {}
     write_manifest(out, dict(parameters or {}), samples=data.samples, seed=seed, device="cpu", started=started,
                    extra={"matmul_peak_gflops": matmul, "conv_peak_gflops": conv, "torch_threads": torch.get_num_threads()})
     pd.Series({"matmul_peak_gflops": matmul, "conv_peak_gflops": conv}).to_csv(out / "table_peak.csv", header=["gflops"])
     return {"peak_gflops": peak, "matmul_gflops": matmul, "conv_gflops": conv, "speed": speed, "variants": variants,
-            "runs": runs, "figure": fig}
+            "runs": runs, "figure": fig, **peer_part}
 
 
 def show_benchmark(result: Mapping[str, Any]) -> None:
@@ -243,3 +277,12 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
         display(result["runs"].round(3))
+    if "ratios" in result:
+        from lmlib.reporting.peer import fig_peer
+
+        p = result["peer"].result
+        display(Markdown(f"**Peer: landmarker {p['landmarker_version']} SCN** on the same split and grid, "
+                         f"{p['epochs']} epochs in {p['train_seconds']:.0f} s; ours: `{result['ratios'].attrs['ours']}` "
+                         "(ratio = ours / peer, below 1 favours ours; MRE ratio with a paired bootstrap 95 % CI)"))
+        display(result["ratios"].round(3))
+        display(fig_peer(result["runs"], result["peer"]))
