@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from lmlib.outputs.contract import read_run
+from lmlib.reporting.peer import peer_python
 from lmlib.run import JOBS, SYNTHETIC, run_job
 
 pytestmark = pytest.mark.notebook
@@ -154,6 +155,14 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
     assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 3
     runs = pd.read_csv(root / "benchmark" / "table_runs.csv", index_col="method")
     assert {"heatmap_unet", "dilation_erosion"} <= set(runs.index) and (runs["mre_mm"] > 0).all()
+    peer = root / "benchmark" / "table_peer.csv"
+    if peer_python() is None:  # the peer section says it was skipped and leaves nothing half-written
+        assert not peer.exists() and not (root / "benchmark" / "peer_result.json").exists()
+    else:
+        table = pd.read_csv(peer, index_col="quantity")
+        assert list(table.index) == ["MRE (mm)", "training time (s)", "inference (s/image)"]
+        assert (table["ours"] > 0).all() and (table["peer"] > 0).all()
+        assert table.loc["MRE (mm)", "ratio_ci_low"] <= table.loc["MRE (mm)", "ratio"] <= table.loc["MRE (mm)", "ratio_ci_high"]
 
 
 def test_the_whole_reproduction_twice_gives_identical_tables(pipeline: tuple[str, Path], tmp_path: Path) -> None:

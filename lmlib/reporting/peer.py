@@ -18,6 +18,7 @@ of that image onto the grid (measured here), as our methods' inference time incl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,15 @@ def peer_python(env: str | Path = PEER_ENV) -> Path | None:
     """The peer environment's interpreter, or None when the environment has not been made."""
     exe = Path(env) / "bin" / "python"
     return exe if exe.exists() else None
+
+
+def peer_environment() -> dict[str, str]:
+    """Our process environment for the peer's, less what belongs to ours: a notebook kernel's inline
+    matplotlib backend (absent from the peer's packages), our venv and Python paths. The malloc settings
+    and thread counts stay, so both toolkits run under the same machine settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["MPLBACKEND"] = "Agg"
+    return env
 
 
 def export_for_peer(data: Dataset, image_size: Sequence[int], folder: str | Path,
@@ -127,7 +137,7 @@ def run_peer(data: Dataset, output_dir: str | Path, budget_s: float, image_size:
         cmd = [str(exe), str(PEER_SCRIPT), "--data", str(inputs), "--out", str(results),
                "--budget-s", str(budget_s), "--seed", str(seed), *map(str, extra_args)]
         print("peer:", " ".join(cmd[1:]), flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=peer_environment())
         tail: list[str] = []
         assert proc.stdout is not None
         for line in proc.stdout:  # stream the peer's epochs into the notebook
