@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     model = OriginalSpatialConfigurationNet(in_channels=1, out_channels=n_landmarks)
     generator = GaussianHeatmapGenerator(n_landmarks, sigmas=args.sigma, gamma=args.gamma, heatmap_size=size,
                                          learnable=True, na_zero=True)
+    # landmarker 0.4.1: with learnable sigmas, a masked (NaN) landmark gives a zero heatmap (na_zero) but a NaN
+    # gradient for its class's sigma, which then poisons every later heatmap (measured on hamedan-ceph: the first
+    # batch with a masked landmark turned the loss NaN for good and the test MRE went to 13 mm). Zeroing those
+    # NaN entries keeps every image and every other landmark's gradient.
+    generator.sigmas.register_hook(torch.nan_to_num)
+    generator.rotation.register_hook(torch.nan_to_num)
     criterion = GaussianHeatmapL2Loss(alpha=5)
     groups = [{"params": model.parameters(), "weight_decay": 1e-3}, {"params": [generator.sigmas], "weight_decay": 0.0},
               {"params": [generator.rotation], "weight_decay": 0.0}]
