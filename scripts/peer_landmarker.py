@@ -17,6 +17,7 @@ only). Training stops when the budget (wall seconds, validation included) is spe
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import sys
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")  # lives as long as the process
 
 
 def import_torchvision() -> None:
@@ -37,18 +41,16 @@ def import_torchvision() -> None:
     none), and nothing landmarker computes changes.
     """
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
         return
     except RuntimeError as exc:
         if "torchvision::" not in str(exc):
             raise
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    import_torchvision.library = lib  # keep the definitions alive
-    import torchvision  # noqa: F401
+    _SCHEMAS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _SCHEMAS.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    importlib.import_module("torchvision")
 
 
 def load_split(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

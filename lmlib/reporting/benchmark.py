@@ -28,6 +28,7 @@ from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
 from lmlib.engine.training import LandmarkModule
 from lmlib.methods.base import method_class
+from lmlib.reporting.peer import PEER_ENV
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -191,7 +192,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
     return pd.DataFrame(rows).set_index("method").sort_values("mre_mm"), errors
 
 
-def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: Dataset, out: Any,
+def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: Dataset, out: Path,
                   budget_s: float, python: str, seed: int) -> dict[str, Any]:
     """Train the landmarker peer at our best CPU run's input size for its training time (or ``budget_s``),
     and set the two side by side. Returns {} with a printed reason when the peer cannot be run."""
@@ -210,14 +211,14 @@ def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: 
     print(f"peer: landmarker SCN for {budget:.0f} s on a {size[0]}x{size[1]} grid, beside {cpu.index[0]}")
     peer = run_peer(data, out, budget, size, python=python, seed=seed)
     ratios = peer_ratios(runs, errors, peer)
-    ratios.to_csv(Path(out) / "table_peer.csv", float_format="%.4f")
+    ratios.to_csv(out / "table_peer.csv", float_format="%.4f")
     return {"peer": peer, "ratios": ratios}
 
 
 def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output_dir: str, results_dir: str = "results",
                   data_dir: str = "", profile: str | None = None, n_steps: int = 5, variants_method: str = "heatmap_unet",
                   seed: int = 0, parameters: Mapping[str, Any] | None = None, n_deformed: int = 30,
-                  peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = ".venv-peer/bin/python"
+                  peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = f"{PEER_ENV}/bin/python"
                   ) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
