@@ -33,7 +33,7 @@ from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dat
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 
 KERNEL_NAME = "lmlib"
-REAL = ("hamedan-ceph", "afids-mni")
+REAL = ("hamedan-ceph", "hand-xray", "afids-mni")
 PROFILES = ("default", "smoke", "full")
 AFIDS_DEFORMED = 30  # afids-mni: deformations of the template (18 train, 6 val, 6 test + the template), every job
 
@@ -90,7 +90,7 @@ _HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmu
                              "neck_channels": 128, "head_channels": 64}
 _HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
 HTC_JOBS: tuple[Job, ...] = (
-    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph"), smoke=_HTC_SMOKE, full=_HTC_FULL),
+    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), smoke=_HTC_SMOKE, full=_HTC_FULL),
     *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), main=False,
           smoke={**_HTC_SMOKE, "heads": head}, full={**_HTC_FULL, "heads": head}, per_dataset={"synthetic2d": {"heads": head}})
       for head in ("quarter", "half")),
@@ -135,7 +135,9 @@ JOBS: tuple[Job, ...] = (
                                    "global_crop": [], "output_stride": 8, "global_channels": [8, 16, 32, 64, 64],
                                    "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32], "local_spacing_mm": 1.0,
                                    "local_batch_size": 32},
-                     "afids-mni:full": {"max_epochs": 300, "local_epochs": 120}}),
+                     "afids-mni:full": {"max_epochs": 300, "local_epochs": 120},
+                     # hand radiographs are up to 286 x 331 mm (the 50-mm calibration): a 1.25-mm global grid holds them
+                     "hand-xray": {"global_spacing_mm": 1.25, "image_size": [240, 272]}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL,
         smoke={"max_epochs": 2, "max_train_images": 8},
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
@@ -148,7 +150,7 @@ JOBS: tuple[Job, ...] = (
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
     Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), main=False,
         smoke={"max_epochs": 2, "max_train_images": 8, "device": "cpu"}, full={**_UNET_FULL, "device": "cpu"}),
-    Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph"),
+    Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
         smoke={"max_epochs": 2, "max_train_images": 8},
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
     *HTC_JOBS,
@@ -158,6 +160,13 @@ JOBS: tuple[Job, ...] = (
     # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
     Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE, main=False,
         per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
+    # the classical baseline (no training): multi-atlas registration; its time per test image is its inference time
+    Job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL,
+        smoke={"n_atlases": 2, "levels": 2, "affine_iterations": 20, "demons_iterations": 10, "max_train_images": 8},
+        full={"n_atlases": 10, "image_size": [256, 256]},
+        per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
+                     # the 18 training deformations of the template as atlases, at 2.4 mm (229 mm / 96 px)
+                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96]}}),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
         per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"}}),

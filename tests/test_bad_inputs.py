@@ -138,9 +138,9 @@ def _mrk(k: int, position: Any) -> str:
 
 def _build(case: Case, root: Path) -> DatasetSpec:
     (root / "img").mkdir(parents=True)
-    for image in ("001", "002") if case.ndim == 2 else ("vol",):
+    for k, image in enumerate(("001", "002") if case.ndim == 2 else ("vol",)):
         size = SIZE_2D if case.ndim == 2 else SIZE_3D
-        img = sitk.GetImageFromArray(np.full(size[::-1], 3, np.uint8))
+        img = sitk.GetImageFromArray(np.full(size[::-1], 3 + k, np.uint8))  # two different pictures
         path = root / "img" / f"{image}.{case.image_ext}"
         sitk.WriteImage(img, str(path))
         if case.header_spacing is not None:

@@ -129,7 +129,7 @@ def test_missing_data_dir_and_unknown_names(tmp_path: Path) -> None:
 def test_custom_spec_reports_size_outside_spacing_and_orphans(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40), np.uint8)), str(tmp_path / "img" / "a.png"))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40), np.uint8)), str(tmp_path / "img" / "b.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((30, 40), np.uint8)), str(tmp_path / "img" / "b.png"))
     _labelme(tmp_path / "ann" / "a.json", [("p", [50.0, 5.0]), ("q", [1.0, 1.0])], size=(41, 30))
     _labelme(tmp_path / "ann" / "c.json", [("p", [1.0, 1.0])])
     spec = DatasetSpec("toy", 2, "img/*.png", "labelme", {"me": "ann/{image_id}.json"}, ("p", "q"), ("P", "Q"),
@@ -180,8 +180,8 @@ def test_every_masked_landmark_has_exactly_one_report_row(mini_hamedan: Path) ->
 
 def _wide_csv(tmp_path: Path, rows: list[str]) -> DatasetSpec:
     (tmp_path / "img").mkdir(parents=True, exist_ok=True)
-    for i in ("a", "b", "c"):
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 40), np.uint8)), str(tmp_path / "img" / f"{i}.png"))
+    for k, i in enumerate(("a", "b", "c")):
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((30, 40), k, np.uint8)), str(tmp_path / "img" / f"{i}.png"))
     (tmp_path / "lm.csv").write_text("image_name,image_width,image_height,n_landmarks,landmark_1_x,landmark_1_y,"
                                      "landmark_2_x,landmark_2_y\n" + "".join(r + "\n" for r in rows))
     return DatasetSpec("wide", 2, "img/*.png", "landmark_csv", {"me": "lm.csv"}, ("landmark_1", "landmark_2"),
@@ -215,8 +215,8 @@ def test_header_only_csv_masks_and_reports_every_image(tmp_path: Path) -> None:
 
 def test_isbi_layout_takes_spacing_from_the_format(tmp_path: Path) -> None:
     (tmp_path / "RawImage" / "TrainingData").mkdir(parents=True)
-    for i in ("001", "002"):
-        rgb = np.full((30, 40, 3), 7, np.uint8)  # grayscale stored as 24-bit BMP
+    for k, i in enumerate(("001", "002")):
+        rgb = np.full((30, 40, 3), 7 + k, np.uint8)  # grayscale stored as 24-bit BMP (two different pictures)
         path = tmp_path / "RawImage" / "TrainingData" / f"{i}.bmp"
         sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
     for who, dx in (("senior", 0), ("junior", 2)):
@@ -285,11 +285,14 @@ def test_hamedan_report_and_interobserver_figures() -> None:
         warnings.simplefilter("ignore")
         a2 = load_dataset("hamedan-ceph", data_dir=SHARED / "hamedan-ceph", annotator="annotator2", load_images=False)
     rows = set(a1.report[["annotator", "image_id", "landmark", "issue"]].itertuples(index=False, name=None))
-    assert rows == KNOWN_DEFECTS | EXCLUDED_123 and len(a1.report) == len(KNOWN_DEFECTS) + 19
+    copies = {("", i, "", "identical_image") for i in ("014", "087", "057", "134", "075", "129", "109", "144")}
+    assert rows == KNOWN_DEFECTS | EXCLUDED_123 | copies and len(a1.report) == len(KNOWN_DEFECTS) + 19 + 8
+    assert a1.duplicates == [["014", "087"], ["057", "134"], ["075", "129"], ["109", "144"]]  # shared/data/README.md
     assert a2.report.equals(a1.report) and not a2["123"].valid.any()
     assert _assert_every_masked_landmark_has_one_row(a1) == {"masked": 10, "rows": 10}
     assert _assert_every_masked_landmark_has_one_row(a2) == {"masked": 21, "rows": 21}
-    assert len(a1) == 150 and [len(a1.split(k)) for k in ("train", "val", "test")] == [100, 20, 30]
+    # the corrected split (2026-12-03): the copies 087, 109, 129 moved from val/test to train
+    assert len(a1) == 150 and [len(a1.split(k)) for k in ("train", "val", "test")] == [103, 19, 28]
     assert all(s.size == (1340, 1671) for s in a1)
     ref, other, _ = paired_landmarks(a1, a2)
     stats = summarize(radial_errors(other, ref))
@@ -304,7 +307,7 @@ def test_hamedan_images_load() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = load_dataset("hamedan-ceph", data_dir=SHARED / "hamedan-ceph", split="val")
-    assert len(ds) == 20 and all(s.meta["split"] == "val" for s in ds)
+    assert len(ds) == 19 and all(s.meta["split"] == "val" for s in ds)
     s = ds[0]
     assert s.image.shape == (1340, 1671) and s.image.dtype == np.float32 and s.image.max() > 100
     assert s.geometry.spacing.tolist() == [0.1264, 0.1264]

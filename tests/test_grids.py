@@ -251,7 +251,7 @@ def test_preprocess_is_grid_plus_resample() -> None:
     g = Geometry(np.array([0.4, 0.7]), np.array([1.0, -3.0]), rotation(2, 10))
     img = np.random.default_rng(2).random((90, 60)).astype(np.float32) * 5 + 3
     s = Sample("s", img, g, np.array([[10.0, 5.0]]), [True], ["a"])
-    out = preprocess(s, target_size=(40, 30))
+    out = preprocess(s, target_size=(40, 30), keep_aspect=False)
     whole = Grid.whole(s, size=(40, 30))
     assert Grid.of_image(out) == whole
     np.testing.assert_allclose(out.image, normalize_intensity(resample(s, whole)), atol=1e-5)
@@ -264,6 +264,34 @@ def test_preprocess_is_grid_plus_resample() -> None:
     same = preprocess(s, normalize=None)
     assert Grid.of_image(same) == Grid.of_image(s)
     np.testing.assert_array_equal(same.image, s.image)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_preprocess_keeps_the_aspect_ratio_and_pads(ndim: int) -> None:
+    """A non-square image on a square grid: isotropic spacing, the whole field of view inside, the anatomy's
+    shape kept (a bright pixel lands where its landmark's index says), zero padding on the short axis."""
+    size = (90, 40, 30)[:ndim]
+    spacing = np.array([0.4, 0.5, 0.8])[:ndim]
+    g = Geometry(spacing, np.array([1.0, -3.0, 2.0])[:ndim], rotation(ndim, 10))
+    img = np.zeros(size, np.float32)
+    spot = (70, 12, 20)[:ndim]
+    img[spot] = 1.0
+    world = g.index_to_world(np.array([spot], dtype=np.float64))
+    s = Sample("s", img, g, world, [True], ["a"])
+    target = (32,) * ndim
+    out = preprocess(s, target_size=target, normalize=None)
+    grid = Grid.of_image(out)
+    assert grid.size == target
+    np.testing.assert_allclose(grid.spacing, np.full(ndim, 90 * 0.4 / 32))  # the longest extent fits exactly
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size], indexing="ij")).reshape(ndim, -1).T
+    inside = grid.world_to_index(g.index_to_world(corners))
+    assert np.all(inside >= -0.5 - 1e-6) and np.all(inside <= np.array(target) - 0.5 + 1e-6)
+    peak = np.unravel_index(np.argmax(out.image), out.image.shape)
+    np.testing.assert_allclose(peak, grid.world_to_index(world)[0], atol=1.0)
+    pad_axis = 1  # 16 mm (2D) or 20 mm (3D) of 36 mm: about half the grid is padding on axis 1
+    assert np.all(np.take(out.image, [0, target[1] - 1], axis=pad_axis) == 0)
+    squashed = Grid.of_image(preprocess(s, target_size=target, normalize=None, keep_aspect=False))
+    assert not np.allclose(squashed.spacing, squashed.spacing[0])  # the old behaviour, still available
 
 
 def test_wide_smoothing_stays_finite_and_keeps_the_mean():

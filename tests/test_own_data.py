@@ -29,7 +29,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.nd
 
 
 def test_built_in_datasets_are_declared_by_files_of_the_same_kind() -> None:
-    assert sorted(SPECS) == ["afids-mni", "hamedan-ceph", "isbi2015-ceph"]
+    assert sorted(SPECS) == ["afids-mni", "hamedan-ceph", "hand-xray", "isbi2015-ceph"]
     ceph = SPECS["hamedan-ceph"]
     assert ceph.source.endswith("lmlib/data/declared/hamedan-ceph.yaml") and ceph.data_dir is None
     assert ceph.spacing_mm == (0.1264, 0.1264) and ceph.landmark_labels[0] == "l1" and ceph.landmark_names[0] == "sella"

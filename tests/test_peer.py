@@ -40,7 +40,7 @@ def _sample(image_id: str, split: str, spot_xy: tuple[int, int], size: tuple[int
 def test_export_is_in_the_peers_convention_and_predictions_come_back_to_world_mm(tmp_path: Path) -> None:
     spots = {"train": (7, 17), "val": (30, 3), "test": (12, 20)}
     data = _dataset([_sample(f"{k}1", k, xy) for k, xy in spots.items()])
-    exported = export_for_peer(data, (40, 24), tmp_path)  # the image's own size: no resampling
+    exported = export_for_peer(data, (40, 24), tmp_path, keep_aspect=False)  # its own size: no resampling
     for split, (x, y) in spots.items():
         images = np.load(tmp_path / f"{split}_images.npy")
         landmarks = np.load(tmp_path / f"{split}_landmarks.npy")

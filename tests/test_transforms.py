@@ -335,7 +335,7 @@ def oblique_sample(ndim: int, size: tuple[int, ...], spacing: tuple[float, ...],
 @pytest.mark.parametrize("config", ["size", "spacing", "spacing+crop", "spacing+pad"])
 def test_preprocess_round_trip(ndim: int, size: tuple, spacing: tuple, config: str) -> None:
     s = oblique_sample(ndim, size, spacing)
-    kw = {"size": dict(target_size=tuple(int(n * 1.7) for n in size)),
+    kw = {"size": dict(target_size=tuple(int(n * 1.7) for n in size), keep_aspect=False),
           "spacing": dict(target_spacing=(0.5,) * ndim),
           "spacing+crop": dict(target_spacing=(0.5,) * ndim, target_size=(40,) * ndim),
           "spacing+pad": dict(target_spacing=(0.6,) * ndim, target_size=(96, 96) if ndim == 2 else (72,) * 3)}[config]
@@ -364,10 +364,10 @@ def test_preprocess_downsample_blob_and_normalise() -> None:
     pts = np.array([[50.0, 60.0], [150.3, 200.7], [100.6, 131.2]])
     s = Sample.from_index("c", blob_image(size, pts, sigma=5.0) * 1000 + 50, Geometry(np.array([0.1, 0.1])),
                           pts, ["a", "b", "c"])
-    out = preprocess(s, target_size=target)
+    out = preprocess(s, target_size=target, keep_aspect=False)
     assert abs(out.image.mean()) < 1e-4 and abs(out.image.std() - 1) < 1e-3
     np.testing.assert_allclose(out.geometry.spacing, 0.1 * np.array(size) / np.array(target))
     for p in out.landmarks_index:
         assert np.linalg.norm(blob_peak(out.image - out.image.min(), p) - p) < 0.5
-    pct = preprocess(s, target_size=target, normalize="percentile").image
+    pct = preprocess(s, target_size=target, normalize="percentile", keep_aspect=False).image
     assert pct.min() == 0.0 and pct.max() == 1.0

@@ -25,7 +25,9 @@ not masking (reported, the landmark is kept):
   not the dataset's (ignored);
 - ``size_mismatch``: the size stated by the annotation differs from the image's;
 - ``no_spacing``: the image format carries no spacing and none was given (mm = pixels);
-- ``no_image``: an annotation without image.
+- ``no_image``: an annotation without image;
+- ``identical_image``: the image holds the same pixels as another one (``detail`` names it and its split;
+  a split file that puts copies on two sides is refused, a seeded split keeps them together).
 """
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     annotations:                     # annotator -> file; {image_id} = one file per image; the first is the reference
       expert: annotations.csv
     spacing_mm: null                 # override (x, y[, z]) mm/px for images whose headers carry none
+    spacing_from_landmarks: null     # {landmarks: [label a, label b], distance_mm: 50}: isotropic spacing per image
+                                     # = distance_mm / the reference annotator's pixel distance a-b (calibration)
     landmarks:                       # label in the files + display name (a plain string: both)
-      - {label: "1", name: thumb tip}
+      - {label: "1", name: thumb tip}  # or a count: `landmarks: 37` = labels and names "1".."37"
     left_right_pairs: []             # [left name, right name] pairs (swapped by mirror augmentation)
     landmark_groups: {}              # group -> names on one shared plane (the prior-guided 3D method)
     splits: splits.csv               # CSV image_id,split (train/val/test); absent: a seeded split
@@ -57,6 +59,9 @@ class DatasetSpec:
     on one shared plane (refined jointly by the prior-guided 3D method). Without ``splits_file`` the loader
     makes a seeded split (``split_fractions`` train/val/test, ``split_seed``), the same for every notebook.
     ``single_template``: one annotated image whose random deformations are the train/val/test images.
+    ``calibration``: ``(label a, label b, distance_mm)``: each image's spacing is isotropic, ``distance_mm``
+    divided by the pixel distance between landmarks a and b of the reference annotator in that image (the hand
+    X-ray protocol of Payer et al.: landmarks 2 and 6 are 50 mm apart); an image where either is masked fails.
     ``source``: the declaration file; ``data_dir``: the data folder it names (absolute), if any.
     """
 
@@ -80,6 +85,7 @@ class DatasetSpec:
     single_template: bool = False
     source: str | None = None
     data_dir: str | None = None
+    calibration: tuple[str, str, float] | None = None
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -101,6 +107,14 @@ class DatasetSpec:
             if unknown or len(set(members)) < 2:
                 raise ValueError(f"{where}: landmark group {group!r} must name at least 2 distinct landmarks of "
                                  f"the dataset (unknown: {unknown}, members: {list(members)})")
+        if self.calibration is not None:
+            a, b, mm = self.calibration
+            unknown = sorted({a, b} - set(self.landmark_labels))
+            if unknown or a == b or not (np.isfinite(mm) and mm > 0):
+                raise ValueError(f"{where}: spacing_from_landmarks must name two different landmark labels of the "
+                                 f"dataset and a distance_mm > 0 (unknown labels: {unknown}, distance_mm: {mm})")
+            if self.spacing_mm is not None:
+                raise ValueError(f"{where}: spacing_mm and spacing_from_landmarks both give the spacing: keep one")
         f = [float(v) for v in self.split_fractions]
         if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
             raise ValueError(f"{where}: seeded split fractions must be three numbers >= 0 (train, val, test) "
@@ -123,8 +137,8 @@ class DatasetSpec:
 
 
 REQUIRED = ("name", "ndim", "images", "reader", "annotations", "landmarks")
-OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "left_right_pairs",
-            "landmark_groups", "splits", "seeded_split", "exclude", "single_template")
+OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "spacing_from_landmarks",
+            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template")
 
 
 def is_dataset_file(name: str | Path) -> bool:
@@ -182,6 +196,11 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
     spacing = raw.get("spacing_mm")
     need("spacing_mm", spacing is None or (isinstance(spacing, list) and all(_number(v) for v in spacing)),
          f"null or a list of {raw['ndim']} numbers (mm)")
+    calib = raw.get("spacing_from_landmarks")
+    need("spacing_from_landmarks", calib is None or (
+        isinstance(calib, dict) and set(calib) == {"landmarks", "distance_mm"} and _number(calib["distance_mm"])
+        and isinstance(calib["landmarks"], list) and len(calib["landmarks"]) == 2),
+        "null or {landmarks: [label a, label b], distance_mm: number}")
     pairs = raw.get("left_right_pairs") or []
     need("left_right_pairs", isinstance(pairs, list) and all(isinstance(q, list) and len(q) == 2 for q in pairs),
          "a list of [left name, right name] pairs")
@@ -216,7 +235,9 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
             landmark_groups={str(g): tuple(str(n) for n in v) for g, v in groups.items()},
             split_fractions=tuple(float(v) for v in seeded.get("fractions", DEFAULT_SPLIT_FRACTIONS)),
             split_seed=int(seeded.get("seed", 0)), single_template=bool(raw.get("single_template", False)),
-            source=str(path), data_dir=data_dir)
+            source=str(path), data_dir=data_dir,
+            calibration=(str(calib["landmarks"][0]), str(calib["landmarks"][1]), float(calib["distance_mm"]))
+            if calib is not None else None)
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -228,8 +249,11 @@ def _number(value: Any) -> bool:
 
 def _landmarks(items: Any, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``landmarks:`` entries -> (labels, names): each a ``{label, name}`` mapping or one string for both."""
+    if isinstance(items, int) and not isinstance(items, bool) and items >= 1:
+        return tuple(str(k) for k in range(1, items + 1)), tuple(str(k) for k in range(1, items + 1))
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: landmarks: must be a non-empty list of {{label, name}} entries or strings")
+        raise ValueError(f"{path}: landmarks: must be a count (e.g. 37: labels '1'..'37') or a non-empty list of "
+                         "{label, name} entries or strings")
     labels, names = [], []
     for k, item in enumerate(items, start=1):
         if isinstance(item, (str, int)) and not isinstance(item, bool):

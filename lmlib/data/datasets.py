@@ -28,6 +28,7 @@ from lmlib.data.checks import (MASKING_ISSUES, Issue, check_inside, check_size, 
                                mask_image, masked_by, resolve_landmarks, summarize_report, warn_masked)
 from lmlib.data.dataset_spec import (DEFAULT_SPLIT_FRACTIONS, DatasetSpec, declared_files, is_dataset_file,
                                      read_dataset_file)
+from lmlib.data.duplicates import check_split_duplicates, duplicate_groups, keep_groups_together
 from lmlib.data.geometry import Geometry
 from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
 from lmlib.data.sample import Sample, image_from_sitk
@@ -48,6 +49,7 @@ class Dataset:
     annotator: str | None = None
     data_dir: Path | None = None
     template: Sample | None = None  # afids-mni with deformed > 0: the real template (also the last test sample)
+    duplicates: list[list[str]] | None = None  # groups of image ids holding the same pixels (all splits)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -216,8 +218,13 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     ids = [_image_id(spec, p) for p in paths]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{root}: image ids from {spec.images!r} are not unique")
-    splits = _read_splits(spec, root) if spec.splits_file or spec.single_template else \
-        seeded_splits(ids, spec.split_fractions, spec.split_seed)
+    path_of = dict(zip(ids, paths))
+    copies = duplicate_groups(path_of) if not spec.single_template else []
+    if spec.splits_file or spec.single_template:
+        splits = _read_splits(spec, root)
+        check_split_duplicates(copies, splits, path_of, f"{spec.name} ({root / (spec.splits_file or '')})")
+    else:
+        splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed), copies)
     infos = {}
     for i, p in zip(ids, paths):
         size, spacing, origin, direction = read_image_info(p)
@@ -227,17 +234,22 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
             raise ValueError(f"{p}: image has {len(size)} dimensions, dataset {spec.name!r} expects {spec.ndim}")
         infos[i] = (size, spacing, origin, direction)
 
-    issues: list[Issue] = []
+    issues: list[Issue] = [Issue(i, "", "", "identical_image", "same pixels as " + ", ".join(
+        f"{j} ({splits.get(j) or 'no split'})" for j in group if j != i), str(path_of[i]))
+        for group in copies for i in group]
     labels, chosen = spec.landmark_labels, {}
+    read = {who: _read_annotations(spec, root, who, ids) for who in spec.annotations}
+    calibrated = calibrated_spacing(spec, read[spec.reference][0], ids, infos) if spec.calibration else {}
     for who in spec.annotations:
-        anns, absent, extra = _read_annotations(spec, root, who, ids)
+        anns, absent, extra = read[who]
         issues += extra
         for i, p in zip(ids, paths):
             size, spacing, origin, direction = infos[i]
             records = anns.get(i, [])
             ann = records[0] if records else None
             format_spacing = ann.spacing if ann is not None else None
-            sp = spec.spacing_mm or format_spacing or spacing
+            given = calibrated[i][0] if spec.calibration else (spec.spacing_mm or format_spacing)
+            sp = given or spacing
             geom = Geometry(np.asarray(sp, dtype=np.float64), origin, direction)
             pts, valid = np.full((len(labels), spec.ndim), np.nan), np.zeros(len(labels), bool)
             reason = spec.exclude.get((who, i))
@@ -259,25 +271,62 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
             _check_accounted(spec, i, who, labels, valid, found)
             if who == annotator:
                 warn_masked(found)
-                chosen[i] = (geom, pts, valid, ann, format_spacing)
+                chosen[i] = (geom, pts, valid, ann, given)
             issues += found
 
     samples = []
     for i, p in zip(ids, paths):
-        geom, pts, valid, ann, format_spacing = chosen[i]
-        issues += check_spacing(i, p, spec.spacing_mm is not None or format_spacing is not None)
+        geom, pts, valid, ann, given = chosen[i]
+        issues += check_spacing(i, p, given is not None)
         if split is not None and splits.get(i) != split:
             continue
         if load_images:
-            image, geom = image_from_sitk(read_image(p, spec.spacing_mm or format_spacing, ndim=spec.ndim))
+            image, geom = image_from_sitk(read_image(p, given, ndim=spec.ndim))
         else:  # header only: a zero-stride placeholder with the right shape (no pixel memory)
             image = np.broadcast_to(np.float32(0.0), infos[i][0])
         meta = {"split": splits.get(i), "split_source": _split_source(spec), "annotator": annotator,
                 "image_path": str(p), "image_loaded": load_images,
                 "annotation_file": str(ann.source) if ann is not None else None,
-                "landmark_labels": labels, "dataset": spec.name}
+                "landmark_labels": labels, "dataset": spec.name,
+                "spacing_source": calibrated[i][1] if spec.calibration else
+                ("declared spacing_mm" if spec.spacing_mm else "annotation format" if given is not None
+                 else "image header")}
         samples.append(Sample(i, image, geom, pts, valid, spec.landmark_names, meta))
-    return Dataset(spec, samples, make_report(issues), annotator, root)
+    return Dataset(spec, samples, make_report(issues), annotator, root, duplicates=copies)
+
+
+def calibrated_spacing(spec: DatasetSpec, annotations: dict[str, list[RawAnnotation]], ids: Sequence[str],
+                       infos: dict[str, tuple]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """image id -> (isotropic spacing (mm/px), how it was derived) from ``spec.calibration``: the declared distance
+    (mm) between two landmarks divided by their pixel distance in the reference annotation of that image. An image
+    whose annotation is missing, ambiguous or excluded, or where either landmark is masked, raises an error naming
+    the file and the landmark (its spacing would otherwise be a guess)."""
+    assert spec.calibration is not None
+    a, b, mm = spec.calibration
+    out = {}
+    for i in ids:
+        records = annotations.get(i, [])
+        where = f"{spec.name}: image {i!r}"
+        if len(records) != 1 or (spec.reference, i) in spec.exclude:
+            what = ("has no annotation" if not records else f"has {len(records)} annotation records"
+                    if len(records) > 1 else "is excluded")
+            raise ValueError(f"{where} {what} by {spec.reference!r}, so its spacing cannot be derived from the "
+                             f"distance of landmarks {a!r} and {b!r} (spacing_from_landmarks in {spec.source}); "
+                             "remove the image or fix its annotation")
+        ann = records[0]
+        raw, valid, _ = resolve_landmarks(ann, [a, b], spec.reference or "", spec.ndim, warn=False)
+        if not valid.all():
+            bad = [lab for lab, v in zip((a, b), valid) if not v]
+            raise ValueError(f"{ann.source} ({_where(ann)}): {where}: calibration landmark(s) {bad} missing or masked, "
+                             f"so the spacing cannot be derived ({mm:g} mm between {a!r} and {b!r}, "
+                             f"spacing_from_landmarks in {spec.source}); fix the annotation or remove the image")
+        size, spacing, origin, direction = infos[i]
+        index = raw if ann.units == "index" else Geometry(spacing, origin, direction).world_to_index(raw)
+        px = float(np.linalg.norm(index[0] - index[1]))
+        if not px > 0:
+            raise ValueError(f"{ann.source} ({_where(ann)}): {where}: calibration landmarks {a!r} and {b!r} coincide")
+        out[i] = ((mm / px,) * spec.ndim, f"{mm:g} mm between landmarks {a} and {b} ({px:.1f} px)")
+    return out
 
 
 def _split_source(spec: DatasetSpec) -> str:

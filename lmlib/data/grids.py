@@ -342,10 +342,33 @@ def normalize_intensity(image: np.ndarray, method: str | None = "zscore",
     return convert_to_numpy(out)[0].astype(np.float32)
 
 
+#: ``target_size`` alone keeps the image's physical aspect ratio (isotropic spacing, zero padding) rather than
+#: squashing the field of view onto the grid; the default of :func:`preprocess` and of every method's view.
+KEEP_ASPECT: bool = True
+
+
+def fit_spacing(grid: Grid, target_size: Sequence[int]) -> np.ndarray:
+    """(D,) isotropic spacing (mm/px) at which ``grid``'s whole field of view fits into ``target_size`` px."""
+    extent = np.asarray(grid.size, dtype=np.float64) * grid.spacing
+    s = float(np.max(extent / np.asarray(target_size, dtype=np.float64).reshape(grid.ndim)))
+    return np.full(grid.ndim, s)
+
+
 def preprocessing_grids(sample: Sample | Grid, target_size: Sequence[int] | None = None,
-                        target_spacing: Sequence[float] | float | None = None) -> tuple[Grid, Grid]:
+                        target_spacing: Sequence[float] | float | None = None,
+                        keep_aspect: bool = KEEP_ASPECT) -> tuple[Grid, Grid]:
     """(resampling grid, final grid) of :func:`preprocess`: the whole FOV at size or spacing, then (both
-    given) the centre crop/pad of ``target_size`` px of it; otherwise the two are the same."""
+    given) the centre crop/pad of ``target_size`` px of it; otherwise the two are the same. ``target_size``
+    alone with ``keep_aspect``: the FOV at the isotropic spacing that fits it (:func:`fit_spacing`), centred
+    and zero-padded to ``target_size``."""
+    if target_spacing is None and target_size is not None and keep_aspect:
+        src = Grid.of_image(sample)
+        sp = fit_spacing(src, target_size)
+        extent = np.asarray(src.size, dtype=np.float64) * src.spacing
+        size = np.minimum(np.ceil(extent / sp - 1e-6), np.asarray(target_size)).astype(int)
+        centre = src.index_to_world(((np.asarray(src.size, dtype=np.float64) - 1) / 2)[None])[0]
+        whole = Grid.centred(centre, size, sp, src.direction)  # exactly isotropic, the FOV's centre kept
+        return whole, whole.centre_crop_or_pad(target_size)
     whole = Grid.whole(sample, spacing=target_spacing) if target_spacing is not None else \
         Grid.whole(sample, size=target_size)
     final = whole.centre_crop_or_pad(target_size) if (target_spacing is not None and target_size is not None) \
@@ -354,10 +377,14 @@ def preprocessing_grids(sample: Sample | Grid, target_size: Sequence[int] | None
 
 
 def preprocess(sample: Sample, target_size: Sequence[int] | None = None,
-               target_spacing: Sequence[float] | None = None, normalize: str | None = "zscore") -> Sample:
+               target_spacing: Sequence[float] | None = None, normalize: str | None = "zscore",
+               keep_aspect: bool = KEEP_ASPECT) -> Sample:
     """Resample ``sample`` onto the network grid; landmarks keep their world mm coordinates.
 
-    - ``target_size`` only: resize the whole field of view to ``target_size`` pixels (x, y[, z]);
+    - ``target_size`` only, ``keep_aspect`` (default): the whole field of view at the isotropic spacing that
+      fits it into ``target_size`` pixels (x, y[, z]), centred, zero-padded (after normalisation) on the
+      short axes: the anatomy keeps its shape (pad, never squash).
+    - ``target_size`` only, ``keep_aspect=False``: resize the whole field of view to ``target_size`` pixels;
       spacing becomes ``spacing * size / target_size`` (anisotropic if aspect ratios differ).
     - ``target_spacing`` only (mm): resize to ``round(size * spacing / target_spacing)`` pixels; the
       field of view is kept exactly, so the realised spacing may differ from the target by < 1/2 pixel
@@ -369,12 +396,13 @@ def preprocess(sample: Sample, target_size: Sequence[int] | None = None,
     integer crop/pad. The direction is kept (no reorientation). Landmarks now outside the grid keep their
     world position; data loaders mark them invalid (see :func:`mark_outside`).
     """
-    whole, final = preprocessing_grids(sample, target_size, target_spacing)
+    whole, final = preprocessing_grids(sample, target_size, target_spacing, keep_aspect)
     image = sample.image if whole == Grid.of_image(sample) else resample(sample, whole)
     image = normalize_intensity(image, normalize)
     if final is not whole:
         image = on_sub_grid(image, whole, final)
     meta = {**sample.meta, "preprocess": {"target_size": target_size, "target_spacing": target_spacing,
-                                          "normalize": normalize, "source_size": sample.size}}
+                                          "normalize": normalize, "source_size": sample.size,
+                                          "keep_aspect": keep_aspect}}
     return replace(sample, image=image, geometry=final.geometry, landmarks_mm=sample.landmarks_mm.copy(),
                    valid=sample.valid.copy(), meta=meta)

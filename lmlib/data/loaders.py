@@ -42,8 +42,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from lmlib.data.geometry import Geometry
-from lmlib.data.grids import Grid, SourceImage, crop_array, normalize_intensity, on_sub_grid, preprocess, \
-    preprocessing_grids, resample
+from lmlib.data.grids import KEEP_ASPECT, Grid, SourceImage, crop_array, normalize_intensity, on_sub_grid, \
+    preprocess, preprocessing_grids, resample
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import make_item
 
@@ -165,6 +165,9 @@ class ViewSpec:
             stacked as channels ``(K, *size)``; landmark k is in channel k's grid.
         shared_axis: stacked only: the patch-grid axis along which every patch of the item is centred on
             the mean of the served landmarks' centres (None: each patch on its own landmark).
+        keep_aspect: whole with size only: keep the physical aspect ratio (isotropic spacing, zero padding)
+            instead of squashing the field of view (see :func:`lmlib.data.grids.preprocess`). Views stored
+            before this field existed were squashed: :meth:`from_dict` reads a missing value as False.
     """
 
     kind: str = "whole"
@@ -179,6 +182,7 @@ class ViewSpec:
     landmark_spacing: tuple[float, ...] | None = None
     stacked: bool = False
     shared_axis: int | None = None
+    keep_aspect: bool = KEEP_ASPECT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _opt_tuple(self.size, int))
@@ -228,11 +232,11 @@ class ViewSpec:
                 "per_landmark": self.per_landmark, "jitter": [self.jitter[0], self.jitter[1]],
                 "keep_outside": self.keep_outside,
                 "landmark_spacing": None if self.landmark_spacing is None else list(self.landmark_spacing),
-                "stacked": self.stacked, "shared_axis": self.shared_axis}
+                "stacked": self.stacked, "shared_axis": self.shared_axis, "keep_aspect": self.keep_aspect}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ViewSpec":
-        kw = dict(d)
+        kw = {"keep_aspect": False, **d}  # checkpoints written before keep_aspect existed were squashed
         if kw.get("jitter") is not None:
             kw["jitter"] = tuple(kw["jitter"])
         return cls(**kw)
@@ -303,7 +307,7 @@ class LandmarkDataset(Dataset):
         image at the crop spacing; patch -> normalised :class:`SourceImage`."""
         v = self.view
         if v.kind == "whole":
-            s = preprocess(sample, v.size, v.spacing, v.normalize)
+            s = preprocess(sample, v.size, v.spacing, v.normalize, v.keep_aspect)
             if v.pad_multiple > 1:
                 grid = Grid.of_image(s).padded_to_multiple(v.pad_multiple)
                 if grid.size != s.size:
@@ -381,7 +385,7 @@ class LandmarkDataset(Dataset):
         if v.stacked:
             raise NotImplementedError("stacked patch items have one grid per landmark: use grids(item)")
         if v.kind == "whole":
-            return preprocessing_grids(s, v.size, v.spacing)[1].padded_to_multiple(v.pad_multiple)
+            return preprocessing_grids(s, v.size, v.spacing, v.keep_aspect)[1].padded_to_multiple(v.pad_multiple)
         if v.kind == "crop":
             return Grid.whole(s, spacing=v.spacing_for(s.ndim)).centre_crop_or_pad(v.size)
         return self._patch_grid(si, self._centre(si, ids), ids)

@@ -363,6 +363,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
+    if not getattr(cls, "trainable", True):
+        return _run_without_training(cls, params, effective, data, train, test, grid, dev, started, seed)
     if hasattr(cls, "build_stages"):
         return _run_cascade(cls, params, effective, data, train, val, test, grid, shared, dev, started, seed)
     model = cls.from_parameters(ndim, len(names), params, **shared)
@@ -393,6 +395,36 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
                           "best_checkpoint": Path(result.best_checkpoint).name, "epochs_trained": result.epochs,
                           **({"variants": list(variants)} if variants else {})})
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result}, variants=variants)
+
+
+def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any],
+                          data: Dataset, train: list[Sample], test: list[Sample], grid: list[int], dev: Any,
+                          started: str, seed: int) -> RunResult:
+    """A method with nothing to train (``cls.trainable = False``, e.g. multi-atlas registration): it predicts the
+    test split from the training images (``predict_samples(train_atlases, test, grid)``); its time per test image
+    is its inference time, its training time 0. The same output contract, figures and manifest as a trained run."""
+    import time
+
+    output_dir = Path(params["output_dir"])
+    model = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
+    print(model)
+    atlases = model.choose_atlases(train)
+    print(f"atlases ({len(atlases)} of {len(train)} training images): {', '.join(a.image_id for a in atlases)}")
+    t0 = time.perf_counter()
+    world_mm, spread_mm = model.predict_samples(atlases, test, grid)
+    per_image = (time.perf_counter() - t0) / max(1, len(test))
+    print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
+    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], per_image, spread_mm)
+    predictions = predictions_frame(test, pred.world_mm)
+    metrics = write_outputs(output_dir, predictions, {"train_seconds": 0.0, "infer_seconds_per_image": per_image,
+                                                      "peak_rss_mb": peak_rss_mb()},
+                            extra_metrics={"method": model.name, "image_size": list(grid), "epochs": 0,
+                                           "atlases": [a.image_id for a in atlases], "world_size": 1})
+    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
+    write_manifest(output_dir, effective, samples=train + test, seed=seed, device=dev, started=started,
+                   extra={"method": model.name, "method_config": model.config(),
+                          "atlases": [a.image_id for a in atlases]})
+    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 
 def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mapping[str, Any], folder: Path,

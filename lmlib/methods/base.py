@@ -41,7 +41,8 @@ from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
-METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion", "global_local", "htc", "prior_guided")
+METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion", "global_local", "htc", "prior_guided",
+                                  "registration")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine",

@@ -34,7 +34,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from lmlib.data.datasets import Dataset
-from lmlib.data.grids import Grid, preprocess
+from lmlib.data.grids import KEEP_ASPECT, Grid, preprocess
 from lmlib.evaluation.metrics import radial_errors
 from lmlib.evaluation.statistics import resample_indices
 
@@ -82,10 +82,10 @@ def peer_environment() -> dict[str, str]:
 
 
 def export_for_peer(data: Dataset, image_size: Sequence[int], folder: str | Path,
-                    splits: Sequence[str] = SPLITS) -> dict[str, ExportedSplit]:
+                    splits: Sequence[str] = SPLITS, keep_aspect: bool = KEEP_ASPECT) -> dict[str, ExportedSplit]:
     """Write ``<split>_images.npy`` (N, 1, H, W) and ``<split>_landmarks.npy`` (N, C, 2) pixel ``(y, x)``
     (NaN where masked) and ``<split>_spacing.npy`` (N, 2) mm per pixel ``(y, x)`` for a 2D dataset, each image
-    on its network grid of ``image_size`` px ``(x, y)``."""
+    on its network grid of ``image_size`` px ``(x, y)`` (the grid our methods use: ``keep_aspect`` as theirs)."""
     if data.spec.ndim != 2:
         raise ValueError(f"the landmarker peer is run on 2D data; {data.spec.name} is {data.spec.ndim}D")
     folder = Path(folder)
@@ -98,7 +98,7 @@ def export_for_peer(data: Dataset, image_size: Sequence[int], folder: str | Path
         images, landmarks, grids, truth = [], [], [], []
         start = time.perf_counter()
         for s in samples:
-            p = preprocess(s, target_size=image_size, normalize=None)
+            p = preprocess(s, target_size=image_size, normalize=None, keep_aspect=keep_aspect)
             grid = Grid.of_image(p)
             images.append(p.image.T[None].astype(np.float32))  # (x, y) -> (1, H=y, W=x)
             landmarks.append(grid.world_to_index(p.landmarks_mm)[:, ::-1])  # (x, y) -> (y, x); NaN stays NaN

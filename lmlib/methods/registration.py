@@ -1,0 +1,193 @@
+"""Multi-atlas registration: the classical baseline, with no training (2D and 3D).
+
+Each test image is registered with SimpleITK to ``n_atlases`` annotated training images: an affine transform
+(Mattes mutual information, three resolution levels, centres of mass aligned first), then optionally a
+deformable one (diffeomorphic demons on the affinely aligned, histogram-matched images, coarse to fine). Each
+atlas's landmarks are mapped through its transform and the atlases are fused by the median of each coordinate.
+
+Registration runs on a working copy of each image: its whole field of view resampled (anti-aliased) onto an
+isotropic grid whose longest side is ``image_size`` px, z-scored (the same grid rule as every method's view:
+:func:`lmlib.data.grids.preprocessing_grids` with the aspect ratio kept). The fixed image is the atlas, the
+moving one the test image, so a transform maps atlas points (world mm) straight to test-image points (world mm);
+no inverse is needed. Coordinates are world mm ``(x, y[, z])`` throughout.
+
+Its time per test image (all atlases) is its inference time; its training time is 0. The parameters are fixed
+in advance (nothing is tuned on ``test``); ``val`` is not needed.
+
+Why by hand: SimpleITK is the registration library; the multi-atlas loop (atlas choice, point mapping, median
+fusion) is a few lines that no library offers in this form for landmarks.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from lmlib.data.grids import normalize_intensity, preprocessing_grids, resample
+from lmlib.data.sample import Sample
+from lmlib.methods.base import LandmarkMethod
+
+DEFORMABLE = ("demons", "none")
+
+
+class MultiAtlasRegistration(LandmarkMethod):
+    """Affine (+ demons) registration of ``n_atlases`` training images onto each test image; median fusion.
+
+    Args:
+        spatial_dims / n_landmarks: as every method.
+        n_atlases: training images used as atlases (a seeded choice among those with every landmark valid).
+        deformable: ``"demons"`` (diffeomorphic demons after the affine) or ``"none"`` (affine only).
+        levels: resolution levels of each stage (shrink factors 2^(levels-1) ... 1).
+        affine_iterations: optimiser iterations per level of the affine stage.
+        demons_iterations: demons iterations per level.
+        demons_sigma_mm: Gaussian smoothing of the demons displacement field (mm, regularisation).
+        seed: atlas choice and the metric's sampling.
+    """
+
+    name = "registration"
+    trainable = False
+    parameters = ("n_atlases", "deformable", "levels", "affine_iterations", "demons_iterations", "demons_sigma_mm")
+
+    def __init__(self, spatial_dims: int, n_landmarks: int, n_atlases: int = 5, deformable: str = "demons",
+                 levels: int = 3, affine_iterations: int = 100, demons_iterations: int = 50,
+                 demons_sigma_mm: float = 2.0, seed: int = 0, **_: Any) -> None:
+        super().__init__(spatial_dims, n_landmarks)
+        if deformable not in DEFORMABLE:
+            raise ValueError(f"deformable must be one of {DEFORMABLE}, got {deformable!r}")
+        for key, value in (("n_atlases", n_atlases), ("levels", levels), ("affine_iterations", affine_iterations),
+                           ("demons_iterations", demons_iterations)):
+            if int(value) < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if not float(demons_sigma_mm) > 0:
+            raise ValueError(f"demons_sigma_mm must be > 0 mm, got {demons_sigma_mm!r}")
+        self.n_atlases, self.deformable, self.levels = int(n_atlases), deformable, int(levels)
+        self.affine_iterations, self.demons_iterations = int(affine_iterations), int(demons_iterations)
+        self.demons_sigma_mm, self.seed = float(demons_sigma_mm), int(seed)
+
+    def config(self) -> dict[str, Any]:
+        return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "n_atlases": self.n_atlases,
+                "deformable": self.deformable, "levels": self.levels, "affine_iterations": self.affine_iterations,
+                "demons_iterations": self.demons_iterations, "demons_sigma_mm": self.demons_sigma_mm,
+                "seed": self.seed}
+
+    @classmethod
+    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
+                        **shared: Any) -> "MultiAtlasRegistration":
+        own = {k: params[k] for k in cls.parameters if k in params}
+        return cls(spatial_dims, n_landmarks, seed=int(params.get("seed", 0)), **own)
+
+    def build_network(self) -> Any:
+        raise TypeError("registration has no network: it is run by predict_samples(atlases, samples, size)")
+
+    # ------------------------------------------------------------------------------------------------ atlases
+    def choose_atlases(self, train: Sequence[Sample]) -> list[Sample]:
+        """``n_atlases`` training samples (seeded), preferring those with every landmark valid."""
+        complete = [s for s in train if s.valid.all()]
+        pool = complete if len(complete) >= self.n_atlases else list(train)
+        if not pool:
+            raise ValueError("registration needs at least one annotated training image as an atlas")
+        order = np.random.default_rng(self.seed).permutation(len(pool))[: self.n_atlases]
+        return [pool[i] for i in sorted(order)]
+
+    # ------------------------------------------------------------------------------------------------ predict
+    def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int],
+                        progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """World-mm predictions ``(N, D)`` for each of ``samples`` and the atlases' spread around them (``(N,)``
+        mm: the median distance of the mapped atlas points to the fused point; NaN with one atlas)."""
+        from tqdm.auto import tqdm
+
+        fixed = [(working_image(a, size), a.landmarks_mm) for a in atlases]
+        preds, spreads = [], []
+        for s in tqdm(samples, desc=f"registration ({len(atlases)} atlases)", unit="image", disable=not progress):
+            moving = working_image(s, size)
+            mapped = np.stack([map_points(self.register(f, moving), pts) for f, pts in fixed])  # (A, N, D)
+            fused = np.nanmedian(mapped, axis=0)
+            preds.append(fused)
+            dist = np.linalg.norm(mapped - fused[None], axis=2)
+            spreads.append(np.nanmedian(dist, axis=0) if len(fixed) > 1 else np.full(len(fused), np.nan))
+        return preds, spreads
+
+    def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+        """The transform mapping ``fixed`` (atlas) points in world mm to ``moving`` (test image) points."""
+        affine = affine_registration(fixed, moving, self.levels, self.affine_iterations, self.seed)
+        if self.deformable == "none":
+            return affine
+        field = demons_registration(fixed, sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0),
+                                    self.levels, self.demons_iterations, self.demons_sigma_mm)
+        return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])  # field first, then affine
+
+
+def working_image(sample: Sample, size: Sequence[int]) -> sitk.Image:
+    """The sample's whole field of view on an isotropic grid of at most ``size`` px, z-scored, as SimpleITK."""
+    grid = preprocessing_grids(sample, tuple(int(v) for v in size), keep_aspect=True)[0]
+    pixels = normalize_intensity(resample(sample, grid), "zscore")
+    return grid.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(pixels.T)))
+
+
+def map_points(transform: sitk.Transform, points_mm: np.ndarray) -> np.ndarray:
+    """``(N, D)`` world mm through ``transform``; NaN rows stay NaN."""
+    out = np.full_like(points_mm, np.nan, dtype=np.float64)
+    for k, p in enumerate(points_mm):
+        if np.isfinite(p).all():
+            out[k] = transform.TransformPoint([float(v) for v in p])
+    return out
+
+
+def _pyramid(levels: int) -> tuple[list[int], list[float]]:
+    shrink = [2 ** k for k in range(levels - 1, -1, -1)]
+    return shrink, [float(max(0, f - 1)) for f in shrink]  # smoothing sigmas in px of each level
+
+
+def affine_registration(fixed: sitk.Image, moving: sitk.Image, levels: int = 3, iterations: int = 100,
+                        seed: int = 0) -> sitk.Transform:
+    """Affine transform (fixed -> moving points, world mm): centres of mass aligned, then Mattes mutual information
+    with regular-step gradient descent, scales from physical shifts, ``levels`` resolution levels."""
+    d = fixed.GetDimension()
+    positive = [sitk.RescaleIntensity(sitk.Cast(im, sitk.sitkFloat32), 0.0, 1.0) for im in (fixed, moving)]
+    initial = sitk.CenteredTransformInitializer(*positive, sitk.AffineTransform(d),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricSamplingPercentage(0.5, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=int(iterations),
+                                                 relaxationFactor=0.7, gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    shrink, sigmas = _pyramid(levels)
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(sigmas)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(initial, inPlace=False)
+    return reg.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
+
+
+def demons_registration(fixed: sitk.Image, moved: sitk.Image, levels: int = 3, iterations: int = 50,
+                        sigma_mm: float = 2.0) -> sitk.Image:
+    """Displacement field (vector image on ``fixed``'s grid, mm) of diffeomorphic demons from ``fixed`` to ``moved``
+    (already affinely aligned onto fixed's grid), coarse to fine; ``moved``'s histogram is matched to fixed's."""
+    moved = sitk.HistogramMatching(sitk.Cast(moved, sitk.sitkFloat32), sitk.Cast(fixed, sitk.sitkFloat32),
+                                   numberOfHistogramLevels=256, numberOfMatchPoints=15, thresholdAtMeanIntensity=True)
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(int(iterations))
+    demons.SetSmoothDisplacementField(True)
+    field: sitk.Image | None = None
+    for shrink in _pyramid(levels)[0]:
+        f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, 0.5 * shrink * fixed.GetSpacing()[0]) if shrink > 1
+                        else fixed, [shrink] * fixed.GetDimension())
+        m = sitk.Resample(moved if shrink == 1 else sitk.SmoothingRecursiveGaussian(moved, 0.5 * shrink *
+                                                                                   fixed.GetSpacing()[0]), f)
+        demons.SetStandardDeviations(max(0.5, sigma_mm / f.GetSpacing()[0]))  # in px of this level
+        if field is None:
+            field = demons.Execute(f, m)
+        else:
+            start = sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+            field = demons.Execute(f, m, start)
+    assert field is not None
+    return sitk.Cast(sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID()),
+                     sitk.sitkVectorFloat64)
+
+
+METHOD = MultiAtlasRegistration

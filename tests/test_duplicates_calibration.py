@@ -1,0 +1,113 @@
+"""Identical images across a split (by pixels, not names), spacing from a calibration distance, landmark counts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lmlib.data.datasets import load_dataset, seeded_splits
+from lmlib.data.duplicates import duplicate_groups, keep_groups_together
+
+
+def _image(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.arange(size[0] * size[1]).reshape(size[1], size[0]) * 7 + value * 31) % 251
+    sitk.WriteImage(sitk.GetImageFromArray(pixels.astype(np.uint8)), str(path))
+
+
+def _layout(root: Path, values: dict[str, int], splits: dict[str, str] | None, points: dict[str, list] | None = None,
+            calibration: str = "", landmarks: str = "3") -> Path:
+    """Images with the given pixel seeds (equal seed = same pixels), one points CSV, a split file if given."""
+    for image_id, v in values.items():
+        _image(root / "images" / f"{image_id}.png", v)
+    rows = [f"{i}," + ",".join(str(c) for p in (points or {}).get(i, [[5, 5], [10, 12], [20, 5]]) for c in p)
+            for i in values]
+    (root / "points.csv").write_text("\n".join(rows) + "\n")
+    if splits is not None:
+        (root / "splits.csv").write_text("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in splits.items()))
+    decl = root / "toy.yaml"
+    decl.write_text(f"name: toy\nndim: 2\nimages: images/*.png\nreader: points_csv\nannotations:\n  a: points.csv\n"
+                    f"landmarks: {landmarks}\nspacing_mm: [0.5, 0.5]\n" if not calibration else
+                    f"name: toy\nndim: 2\nimages: images/*.png\nreader: points_csv\nannotations:\n  a: points.csv\n"
+                    f"landmarks: {landmarks}\n{calibration}")
+    if splits is not None:
+        decl.write_text(decl.read_text() + "splits: splits.csv\n")
+    return decl
+
+
+def test_a_copy_on_two_sides_of_the_split_is_refused_naming_the_files(tmp_path: Path) -> None:
+    # b is a copy of a (same pixels, another name); c differs
+    decl = _layout(tmp_path, {"a": 1, "b": 1, "c": 2, "d": 3}, {"a": "train", "b": "test", "c": "val", "d": "test"})
+    with pytest.raises(ValueError, match=r"a\.png \(train\) = b\.png \(test\)"):
+        load_dataset(decl)
+
+
+def test_copies_on_one_side_are_reported_and_kept(tmp_path: Path) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 1, "c": 2, "d": 3}, {"a": "train", "b": "train", "c": "val", "d": "test"})
+    ds = load_dataset(decl)
+    assert ds.duplicates == [["a", "b"]]
+    rows = ds.report[ds.report["issue"] == "identical_image"]
+    assert sorted(rows["image_id"]) == ["a", "b"] and "same pixels as b (train)" in set(rows["detail"])
+    assert all(s.valid.all() for s in ds)  # reported, nothing masked
+
+
+def test_a_seeded_split_keeps_copies_together(tmp_path: Path) -> None:
+    values = {f"{k:02d}": k for k in range(20)} | {"99": 0}  # 99 is a copy of 00
+    decl = _layout(tmp_path, values, None)
+    plain = seeded_splits(sorted(values), (0.6, 0.2, 0.2), 0)
+    ds = load_dataset(decl)
+    got = {s.image_id: s.meta["split"] for s in ds}
+    assert got["99"] == got["00"]
+    assert keep_groups_together(plain, [["00", "99"]]) == got
+
+
+def test_duplicates_are_found_by_pixels_not_by_file_or_header(tmp_path: Path) -> None:
+    _image(tmp_path / "x.png", 4)
+    img = sitk.ReadImage(str(tmp_path / "x.png"))
+    img.SetSpacing((0.3, 0.3))
+    sitk.WriteImage(img, str(tmp_path / "y.mha"))  # same pixels, other format and header
+    _image(tmp_path / "z.png", 5)
+    _image(tmp_path / "w.png", 4, size=(30, 40))  # other size
+    groups = duplicate_groups({k: tmp_path / f for k, f in (("x", "x.png"), ("y", "y.mha"), ("z", "z.png"),
+                                                                ("w", "w.png"))})
+    assert groups == [["x", "y"]]
+
+
+def test_spacing_from_a_calibration_distance(tmp_path: Path) -> None:
+    points = {"a": [[5, 5], [10, 12], [25, 5]], "b": [[5, 5], [10, 12], [15, 5]]}
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"}, points,
+                   calibration="spacing_from_landmarks: {landmarks: ['1', '3'], distance_mm: 50}\n")
+    ds = load_dataset(decl)
+    np.testing.assert_allclose(ds["a"].geometry.spacing, [2.5, 2.5])  # 50 mm / 20 px
+    np.testing.assert_allclose(ds["b"].geometry.spacing, [5.0, 5.0])  # 50 mm / 10 px
+    for s in ds:
+        assert np.linalg.norm(s.landmarks_mm[0] - s.landmarks_mm[2]) == pytest.approx(50.0)
+        assert "50 mm between landmarks 1 and 3" in s.meta["spacing_source"]
+    assert not (ds.report["issue"] == "no_spacing").any()
+
+
+def test_a_masked_calibration_landmark_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    points = {"a": [[5, 5], [10, 12], [25, 5]], "b": [[5, 5], [10, 12], ["", ""]]}
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"}, points,
+                   calibration="spacing_from_landmarks: {landmarks: ['1', '3'], distance_mm: 50}\n")
+    with pytest.raises(ValueError, match=r"points\.csv \(line 2\).*image 'b'.*calibration landmark\(s\) \['3'\]"):
+        load_dataset(decl)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("spacing_from_landmarks: {landmarks: ['1', '9'], distance_mm: 50}\n", "unknown labels: \\['9'\\]"),
+    ("spacing_from_landmarks: {landmarks: ['1'], distance_mm: 50}\n", "spacing_from_landmarks: must be"),
+    ("spacing_from_landmarks: {landmarks: ['1', '2'], distance_mm: -1}\n", "distance_mm"),
+    ("spacing_from_landmarks: {landmarks: ['1', '2'], distance_mm: 50}\nspacing_mm: [1, 1]\n", "keep one"),
+])
+def test_bad_calibration_declarations(tmp_path: Path, entry: str, message: str) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"}, calibration=entry)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(decl)
+
+
+def test_landmarks_by_count(tmp_path: Path) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    assert load_dataset(decl).landmark_names == ("1", "2", "3")

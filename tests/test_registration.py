@@ -1,0 +1,57 @@
+"""The multi-atlas registration baseline: no training, beats the mean shape on phantoms, points mapped exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lmlib.data.datasets import load_dataset
+from lmlib.evaluation.baselines import mean_shape_predictions
+from lmlib.methods.base import method_class
+from lmlib.methods.registration import MultiAtlasRegistration, map_points
+
+
+def _mre(pred: list[np.ndarray], samples: list) -> float:
+    return float(np.nanmean(np.concatenate([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in
+                                            zip(pred, samples)])))
+
+
+@pytest.mark.parametrize("ndim, size, deformable", [(2, (128, 128), "demons"), (2, (128, 128), "none"),
+                                                     (3, (40, 40, 40), "demons")])
+def test_registration_beats_the_mean_shape_on_phantoms(ndim: int, size: tuple, deformable: str) -> None:
+    data = load_dataset(f"synthetic{ndim}d", n_images=24 if ndim == 2 else 16, seed=1)
+    train, test = data.split("train"), data.split("test")[:4]
+    method = MultiAtlasRegistration(ndim, len(data.landmark_names), n_atlases=3, deformable=deformable,
+                                    affine_iterations=60, demons_iterations=20)
+    atlases = method.choose_atlases(train)
+    assert len(atlases) == 3 and {a.image_id for a in atlases} <= {s.image_id for s in train}
+    pred, spread = method.predict_samples(atlases, test, size, progress=False)
+    ours, baseline = _mre(pred, test), _mre(mean_shape_predictions(train, test), test)
+    assert ours < 0.5 * baseline, (ours, baseline)
+    assert all(np.isfinite(s).all() and (s >= 0).all() for s in spread)
+
+
+def test_an_image_registered_to_itself_keeps_its_landmarks() -> None:
+    data = load_dataset("synthetic2d", n_images=10, seed=2)
+    s = data.split("test")[0]
+    method = MultiAtlasRegistration(2, len(data.landmark_names), n_atlases=1)
+    pred, _ = method.predict_samples([s], [s], (128, 128), progress=False)
+    np.testing.assert_allclose(pred[0], s.landmarks_mm, atol=0.3 * s.geometry.spacing.max())
+
+
+def test_points_follow_a_known_transform_and_nan_stays_nan() -> None:
+    t = sitk.AffineTransform(2)
+    t.SetMatrix([0.0, -1.0, 1.0, 0.0])
+    t.SetTranslation([3.0, 4.0])
+    out = map_points(t, np.array([[1.0, 2.0], [np.nan, np.nan]]))
+    np.testing.assert_allclose(out[0], [-2.0 + 3.0, 1.0 + 4.0])
+    assert np.isnan(out[1]).all()
+
+
+def test_registration_is_a_method_without_training_and_checks_its_parameters() -> None:
+    cls = method_class("registration")
+    assert cls is MultiAtlasRegistration and cls.trainable is False
+    with pytest.raises(ValueError, match="deformable"):
+        MultiAtlasRegistration(2, 3, deformable="bspline")
+    with pytest.raises(ValueError, match="n_atlases"):
+        MultiAtlasRegistration(2, 3, n_atlases=0)
