@@ -332,3 +332,46 @@ def test_dataset_options_rebuild_the_afids_deformation_set() -> None:
     comp = Comparison("afids-mni", {}, {}, pd.DataFrame(), manifests=manifests)
     assert comp.dataset_options() == {"deformed": 30}
     assert Comparison("hamedan-ceph", {}, {}, pd.DataFrame(), manifests=manifests).dataset_options() == {}
+
+
+def test_rows_of_images_outside_the_current_test_split_are_left_out_with_a_note(
+        results: tuple[Path, list[Sample]]) -> None:
+    root, samples = results
+    keep = [s.image_id for s in samples[1:]]
+    comp = reporting.load_comparison(root, "synthetic2d", test_ids=keep)
+    assert set(comp.errors.index.get_level_values("image_id")) == set(keep)
+    assert any(samples[0].image_id in n and "current test split" in n for n in comp.notes)
+    full = reporting.load_comparison(root, "synthetic2d")
+    assert set(full.errors.index.get_level_values("image_id")) == {s.image_id for s in samples}
+
+
+def test_an_intra_observer_row_is_shown_beside_the_others_but_never_aligned(
+        results: tuple[Path, list[Sample]]) -> None:
+    root, samples = results
+    # two "copies" of one picture: the same grid, the second annotation 0.5 mm off
+    a, b = samples[0], samples[1]
+    copy = Sample(b.image_id, a.image, a.geometry, a.landmarks_mm + 0.5, a.valid.copy(), a.landmark_names,
+                  {"split": "train"})
+    first = Sample(a.image_id, a.image, a.geometry, a.landmarks_mm, a.valid.copy(), a.landmark_names,
+                   {"split": "train"})
+    metrics = reference_runs.write_intra_observer_run([first, copy], [[a.image_id, b.image_id]],
+                                                      root / "synthetic2d" / "reference" / "intra-observer",
+                                                      {"dataset": "synthetic2d"})
+    assert metrics["mre_mm"] == pytest.approx(0.5 * np.sqrt(2), abs=1e-3)
+    assert metrics["scored_on"] == reference_runs.OWN_IMAGES and metrics["n_pairs"] == 1
+    comp = reporting.load_comparison(root, "synthetic2d")
+    assert "reference/intra-observer" not in comp.methods and "reference/intra-observer" in comp.own_images
+    assert len(comp.errors) == len(samples) * len(samples[0].landmark_names)  # the others still align on all
+    table = reporting.table_main(comp, n_bootstrap=50)
+    assert table.loc["reference/intra-observer", "n_images"] == 1
+    assert table.loc["reference/intra-observer", "mre_mm"] == pytest.approx(0.5 * np.sqrt(2), abs=1e-3)
+    reporting.write_comparison_summary(comp, root / "out", table, pd.DataFrame())
+
+
+def test_intra_observer_pairs_refuse_copies_on_different_grids() -> None:
+    s = synthetic_samples(2)
+    moved = Sample(s[1].image_id, s[0].image, Geometry(s[0].geometry.spacing * 2), s[0].landmarks_mm, s[0].valid,
+                   s[0].landmark_names)
+    with pytest.raises(ValueError, match="different grids"):
+        reference_runs.intra_observer_pairs([s[0], moved], [[s[0].image_id, s[1].image_id]])
+    assert reference_runs.intra_observer_pairs(s, [["absent", s[0].image_id]]) == ([], [])

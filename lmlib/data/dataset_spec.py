@@ -29,6 +29,7 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     seeded_split: {fractions: [0.6, 0.2, 0.2], seed: 0}   # used only when there is no splits file
     exclude: []                      # [{annotator, image_id, reason}]: that annotation masked entirely
     single_template: false           # one annotated template; training images are random deformations of it
+    notes: []                        # sentences every comparison of this dataset repeats (known caveats)
 
 An unknown key, a missing required key, or a value of the wrong kind raises an error naming the file
 and the key.
@@ -59,7 +60,7 @@ class DatasetSpec:
     on one shared plane (refined jointly by the prior-guided 3D method). Without ``splits_file`` the loader
     makes a seeded split (``split_fractions`` train/val/test, ``split_seed``), the same for every notebook.
     ``single_template``: one annotated image whose random deformations are the train/val/test images.
-    ``calibration``: ``(label a, label b, distance_mm)``: each image's spacing is isotropic, ``distance_mm``
+    ``notes``: caveats every comparison of the dataset repeats. ``calibration``: ``(label a, label b, distance_mm)``: each image's spacing is isotropic, ``distance_mm``
     divided by the pixel distance between landmarks a and b of the reference annotator in that image (the hand
     X-ray protocol of Payer et al.: landmarks 2 and 6 are 50 mm apart); an image where either is masked fails.
     ``source``: the declaration file; ``data_dir``: the data folder it names (absolute), if any.
@@ -86,6 +87,7 @@ class DatasetSpec:
     source: str | None = None
     data_dir: str | None = None
     calibration: tuple[str, str, float] | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -138,7 +140,7 @@ class DatasetSpec:
 
 REQUIRED = ("name", "ndim", "images", "reader", "annotations", "landmarks")
 OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "spacing_from_landmarks",
-            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template")
+            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template", "notes")
 
 
 def is_dataset_file(name: str | Path) -> bool:
@@ -201,6 +203,8 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
         isinstance(calib, dict) and set(calib) == {"landmarks", "distance_mm"} and _number(calib["distance_mm"])
         and isinstance(calib["landmarks"], list) and len(calib["landmarks"]) == 2),
         "null or {landmarks: [label a, label b], distance_mm: number}")
+    notes = raw.get("notes") or []
+    need("notes", isinstance(notes, list) and all(isinstance(n, str) for n in notes), "a list of sentences")
     pairs = raw.get("left_right_pairs") or []
     need("left_right_pairs", isinstance(pairs, list) and all(isinstance(q, list) and len(q) == 2 for q in pairs),
          "a list of [left name, right name] pairs")
@@ -237,7 +241,7 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
             split_seed=int(seeded.get("seed", 0)), single_template=bool(raw.get("single_template", False)),
             source=str(path), data_dir=data_dir,
             calibration=(str(calib["landmarks"][0]), str(calib["landmarks"][1]), float(calib["distance_mm"]))
-            if calib is not None else None)
+            if calib is not None else None, notes=tuple(notes))
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None

@@ -113,6 +113,11 @@ def dataset_name(name: str | Path) -> str:
     return get_spec(name).name if is_dataset_file(name) else str(name)
 
 
+def dataset_notes(name: str | Path) -> list[str]:
+    """The caveats a dataset's declaration asks every comparison to repeat (``notes:``); none for synthetic data."""
+    return [] if str(name) in SYNTHETIC else list(get_spec(name).notes)
+
+
 def dataset_ndim(name: str | Path) -> int:
     """2 or 3 for a declared dataset (synthetic, built-in or a declaration file), without loading it."""
     return {"synthetic2d": 2, "synthetic3d": 3}.get(str(name)) or get_spec(name).ndim

@@ -17,6 +17,10 @@ from lmlib.outputs.manifest import write_manifest
 
 MEAN_SHAPE = "mean_shape"  # run folder / method name of the mean-shape reference row
 INTER_OBSERVER = "inter-observer"  # run folder / method name of the second-annotator reference row
+INTRA_OBSERVER = "intra-observer"  # run folder / method name of the annotator-against-itself reference row
+#: ``metrics.json`` ``scored_on`` of a reference row scored on other images than the test split (the comparison
+#: shows it beside the others, with its own images, and never aligns the methods on it)
+OWN_IMAGES = "own_images"
 
 
 def write_reference_predictions(output_dir: Path | str, test_samples: Sequence[Sample],
@@ -79,3 +83,40 @@ def write_inter_observer_run(reference_samples: Sequence[Sample], other_samples:
     return write_reference_predictions(output_dir, refs, points, INTER_OBSERVER, parameters,
                                        manifest_samples=list(other_samples), started=started,
                                        extra_metrics={"n_unmatched_images": unmatched})
+
+
+def intra_observer_pairs(samples: Sequence[Sample], duplicates: Sequence[Sequence[str]]
+                         ) -> tuple[list[Sample], list[np.ndarray]]:
+    """One annotator against itself on copies of one image (``duplicates``: groups of ids holding the same
+    pixels, each annotated independently): per group, its first image as the reference and each other copy's
+    points as the "prediction" (world mm; the copies share one pixel grid, checked). Groups with an image absent
+    from ``samples`` are skipped."""
+    by_id = {s.image_id: s for s in samples}
+    refs, points = [], []
+    for group in duplicates:
+        if not all(i in by_id for i in group):
+            continue
+        first = by_id[group[0]]
+        for other in (by_id[i] for i in group[1:]):
+            same_grid = (first.size == other.size and np.allclose(first.geometry.spacing, other.geometry.spacing)
+                         and np.allclose(first.geometry.origin, other.geometry.origin))
+            if not same_grid:
+                raise ValueError(f"identical images {first.image_id} and {other.image_id} have different grids: "
+                                 "their annotations cannot be compared in mm")
+            refs.append(first)
+            points.append(np.where(other.valid[:, None], other.landmarks_mm, np.nan))
+    return refs, points
+
+
+def write_intra_observer_run(samples: Sequence[Sample], duplicates: Sequence[Sequence[str]], output_dir: Path | str,
+                             parameters: dict[str, Any], started: str | None = None) -> dict[str, Any] | None:
+    """Score the annotator against itself on identical images (:func:`intra_observer_pairs`) and write it as a
+    reference run scored on its own images (``scored_on``: :data:`OWN_IMAGES`); None when no pair is annotated."""
+    refs, points = intra_observer_pairs(samples, duplicates)
+    if not refs:
+        return None
+    splits = sorted({str(s.meta.get("split")) for s in refs})
+    return write_reference_predictions(output_dir, refs, points, INTRA_OBSERVER, parameters,
+                                       manifest_samples=refs, started=started,
+                                       extra_metrics={"scored_on": OWN_IMAGES, "n_pairs": len(refs),
+                                                      "pair_splits": splits})

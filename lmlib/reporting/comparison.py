@@ -28,10 +28,10 @@ import pandas as pd
 
 from lmlib.evaluation import metrics as M
 from lmlib.evaluation import statistics as stats
-from lmlib.outputs.reference_runs import MEAN_SHAPE, match_annotator
+from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
                                     read_manifest, read_run, write_json, write_outputs)
-from lmlib.data.datasets import dataset_name, is_single_template
+from lmlib.data.datasets import dataset_name, dataset_notes, is_single_template
 from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
@@ -100,6 +100,16 @@ class Comparison:
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     profile: str = UNKNOWN
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    own_images: dict[str, Run] = field(default_factory=dict)  # reference rows scored on other images (intra-observer)
+    roles: dict[str, str] = field(default_factory=dict)  # row -> main | ablation | reference (see row_role)
+
+    def main_methods(self, order: Sequence[str] | None = None) -> list[str]:
+        """The rows of the main figures, one series per method: ``main`` and ``reference`` rows (in ``order``)."""
+        return [m for m in (order or self.methods) if self.roles.get(m, MAIN) != ABLATION and m in self.errors]
+
+    def ablation_methods(self, order: Sequence[str] | None = None) -> list[str]:
+        """Variants (decoding heads, intermediate cascade stages, ablation and other-setting jobs), in ``order``."""
+        return [m for m in (order or self.methods) if self.roles.get(m) == ABLATION and m in self.errors]
 
     @property
     def methods(self) -> list[str]:
@@ -170,6 +180,33 @@ def read_contract_run(folder: Path, name: str, dataset: str, parent_manifest: di
     if reason:
         raise ContractError(reason)
     return Run(name, folder, preds, met, manifest)
+
+
+MAIN, ABLATION = "main", "ablation"
+
+
+def row_role(run: Run) -> str:
+    """``reference`` (no training), ``ablation`` (a decoding variant, a cascade stage before the last, or a run of a
+    driver job that is not a main job: one-head HTC, the shared-plane prior, the CPU copy of a GPU setting, the
+    paper-scale GPU run) or ``main`` (one row per method: its run, or its cascade's last stage)."""
+    if run.kind == REFERENCE_KIND:
+        return REFERENCE_KIND
+    top, _, sub = run.name.partition("/")
+    from lmlib.run import JOBS  # the driver declares which jobs are main jobs (runs of a user's own folders are)
+
+    job = next((j for j in JOBS if j.method == top), None)
+    if job is not None and not job.main:
+        return ABLATION
+    if sub:
+        if run.manifest.get("variant"):
+            return ABLATION
+        try:
+            stages = (read_manifest(run.folder.parent) or {}).get("stages") or []
+        except ContractError:
+            stages = []
+        if stages and sub != stages[-1]:
+            return ABLATION
+    return MAIN
 
 
 def _filed_under(dataset: Any) -> str | None:
@@ -318,27 +355,67 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
     return pd.DataFrame(cols, index=common), notes
 
 
+def restrict_to_test_split(runs: dict[str, Run], test_ids: Iterable[str]) -> list[str]:
+    """Keep only the rows of images in the dataset's current test split (a corrected split file moves images
+    out of it); return notes naming the images left out and of which runs."""
+    keep = set(test_ids)
+    dropped: dict[tuple[str, ...], list[str]] = {}
+    for name, run in runs.items():
+        ids = run.predictions["image_id"].astype(str)
+        gone = tuple(sorted(set(ids) - keep))
+        if gone:
+            run.predictions = run.predictions[ids.isin(keep).to_numpy()].reset_index(drop=True)
+            dropped.setdefault(gone, []).append(name)
+    return [f"images {', '.join(gone)} are not in the dataset's current test split: their rows are left out of "
+            f"{', '.join(names)}" for gone, names in dropped.items()]
+
+
 def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str] = EXCLUDED_FOLDERS,
-                    profile: str | None = None) -> Comparison:
+                    profile: str | None = None, test_ids: Iterable[str] | None = None) -> Comparison:
     """Discover, validate and align every run of ``dataset`` of one profile; raise if none is usable.
 
     ``profile``: default / smoke / full; empty or None = the most common profile of the method runs
     (:func:`choose_profile`). Reference runs are always included; the notes say when the mean-shape
-    reference row is missing.
+    reference row is missing. ``test_ids``: the dataset's current test split (:func:`current_test_ids`); rows
+    of other images are left out, with a note. Reference rows scored on their own images (``scored_on``, the
+    intra-observer row) are kept apart (``Comparison.own_images``) and never aligned with the others.
     """
     found, skipped = discover_runs(results_dir, dataset, exclude)
     found, duplicate_notes = drop_duplicate_tops(found)
+    own = {m: r for m, r in found.items() if r.metrics.get("scored_on") == OWN_IMAGES}
+    found = {m: r for m, r in found.items() if m not in own}
     chosen = choose_profile(found, profile)
     runs, excluded, notes = filter_profile(found, chosen)
-    notes = duplicate_notes + notes
+    notes = [*dataset_notes(dataset), *duplicate_notes, *notes,
+             *(restrict_to_test_split(runs, test_ids) if test_ids is not None else [])]
     if not runs:
         raise ValueError(f"no usable run under {Path(results_dir) / dataset}; skipped: {skipped}; excluded: {excluded}")
     if not any(r.metrics.get("method") == MEAN_SHAPE and r.kind == REFERENCE_KIND for r in runs.values()):
         notes.append(f"no {MEAN_SHAPE} reference run of {dataset} (written by notebooks/05_reference_rows.ipynb)")
     preds = {m: r.predictions for m, r in runs.items()}
     errors, align_notes = align_runs(preds)
+    notes += [f"{m}: scored on its own images ({r.metrics.get('n_images')} images, "
+              f"{r.metrics.get('n_points')} points), not on the test split" for m, r in own.items()]
     return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
-                      notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded)
+                      notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded, own,
+                      {m: row_role(r) for m, r in runs.items()})
+
+
+def current_test_ids(dataset: str, data_dir: str | None = None) -> list[str] | None:
+    """Image ids of a file-based dataset's current test split (headers only), or None for synthetic and
+    single-template datasets and when the data folder is absent (then every run's rows are kept)."""
+    from lmlib.data.datasets import SYNTHETIC, load_dataset
+
+    if dataset in SYNTHETIC or is_single_template(dataset):
+        return None
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loader's annotation report is the exploration's business
+            return [s.image_id for s in load_dataset(dataset, data_dir or None, split="test", load_images=False)]
+    except FileNotFoundError:
+        return None
 
 
 def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
@@ -364,6 +441,15 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
         for key in ci.index:
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
         row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
+        rows.append(row)
+    for method, run in comp.own_images.items():  # on its own images: own CIs, never in the ranking's pairs
+        row = {"method": method, "kind": run.kind, "profile": run.profile, "device": run.device}
+        row.update(M.overall_metrics(run.predictions, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
+        wide = run.predictions.pivot_table(index="image_id", columns="landmark", values="error_mm", dropna=False)
+        ci = stats.bootstrap_ci(wide, n_bootstrap=n_bootstrap, seed=seed, thresholds_mm=thresholds_mm)
+        for key in ci.index:
+            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
+        row.update({k: run.metrics.get(k, np.nan) for k in TIMING_KEYS})
         rows.append(row)
     table = pd.DataFrame(rows).set_index("method")
     counts = [c for c in table.columns if c.startswith("n_")]
@@ -513,8 +599,10 @@ def write_comparison_summary(comp: Comparison, output_dir: Path | str, table: pd
     excluded runs with reasons, notes, tests."""
     data = {"dataset": comp.dataset, "profile": comp.profile, "methods": list(table.index),
             "reference_methods": comp.reference_methods,
-            "runs": {m: {"kind": comp.run_metrics[m].get("kind", "method"), "profile": comp.run_profile(m),
-                         "device": comp.run_device(m)} for m in table.index},
+            "runs": {m: {"kind": str(table.loc[m, "kind"]), "profile": str(table.loc[m, "profile"]),
+                         "device": str(table.loc[m, "device"])} for m in table.index},
+            "scored_on_own_images": list(comp.own_images),
+            "roles": {m: comp.roles.get(m, REFERENCE_KIND if m in comp.own_images else MAIN) for m in table.index},
             "skipped": [{"method": m, "reason": r} for m, r in comp.skipped],
             "excluded": [{"method": m, "reason": r} for m, r in comp.excluded], "notes": comp.notes,
             "n_pairs": int(len(comp.errors)),

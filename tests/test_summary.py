@@ -1,0 +1,83 @@
+"""The cross-data-set summary: main rows only, ranks per data set, sentences from the Holm-corrected tests, and the
+README block rewritten only from the results beside it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmlib.reporting import summary
+
+ROWS = {  # row -> (role, MRE per data set a / b)
+    "heatmap_unet": ("main", 1.0, 2.0), "htc": ("main", 1.1, 1.5), "htc/half_head": ("ablation", 0.9, 1.4),
+    "registration": ("main", 3.0, 1.6), "reference/mean_shape": ("reference", 8.0, 9.0),
+    "reference/inter-observer": ("reference", 1.4, None)}
+
+
+def _comparison(root: Path, dataset: str, column: int, p_holm: dict[tuple[str, str], float]) -> None:
+    folder = root / dataset / "comparison"
+    folder.mkdir(parents=True)
+    rows = {m: v for m, v in ROWS.items() if v[column] is not None}
+    table = pd.DataFrame({"mre_mm": [v[column] for v in rows.values()], "mre_mm_ci_low": [v[column] - 0.1 for v in rows.values()],
+                          "mre_mm_ci_high": [v[column] + 0.1 for v in rows.values()], "sdr_2mm": 80.0, "n_images": 20},
+                         index=pd.Index(list(rows), name="method"))
+    table.to_csv(folder / "table_main.csv")
+    (folder / "comparison.json").write_text(json.dumps({"roles": {m: v[0] for m, v in rows.items()}}))
+    pd.DataFrame([{"method_a": a, "method_b": b, "p_holm": p} for (a, b), p in p_holm.items()]).to_csv(
+        folder / "table_significance.csv", index=False)
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    _comparison(root, "set-a", 1, {("heatmap_unet", "htc"): 0.2, ("heatmap_unet", "registration"): 0.0001,
+                                   ("htc", "registration"): 0.001, ("heatmap_unet", "reference/mean_shape"): 0.0001})
+    _comparison(root, "set-b", 2, {("htc", "registration"): 0.4, ("htc", "heatmap_unet"): 0.01,
+                                   ("heatmap_unet", "registration"): 0.02, ("htc", "reference/mean_shape"): 0.0001})
+    _comparison(root, "synthetic2d", 1, {})
+    return root
+
+
+def test_main_rows_ranked_per_data_set_and_on_average(results: Path) -> None:
+    long = summary.summary_table(results)
+    assert set(long["dataset"]) == {"set-a", "set-b"}  # synthetic sets left out
+    assert "htc/half_head" not in set(long["row"])  # an ablation: not a main row
+    rank = long.set_index(["dataset", "method"])["rank"]
+    assert rank[("set-a", "heatmap_unet")] == 1 and rank[("set-b", "htc")] == 1 and rank[("set-b", "registration")] == 2
+    assert pd.isna(rank[("set-a", "inter-observer")])  # observers are not ranked
+    wide = summary.wide_table(long)
+    assert list(wide.index[:2]) == ["htc", "heatmap_unet"]  # mean ranks 1.5 and 2.0
+    assert wide.loc["heatmap_unet", "mean rank"] == "2.00 (2)" and wide.index[-1] == "inter-observer"
+
+
+def test_sentences_say_what_the_ranking_shows_and_what_it_does_not(results: Path) -> None:
+    text = summary.ranking_sentences(results, summary.summary_table(results))
+    assert "heatmap_unet ranks first" in text["set-a"] and "not distinguishable from htc" in text["set-a"]
+    assert "heatmap_unet, htc beat it" in text["set-a"]
+    assert "htc ranks first" in text["set-b"] and "not distinguishable from registration" in text["set-b"]
+    assert "no learned method beats it" in text["set-b"]  # heatmap_unet (2.0 mm) is worse than registration (1.6)
+
+
+def test_the_readme_block_is_rewritten_only_from_the_results_beside_it(results: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{summary.README_START}\nold\n{summary.README_END}\nrest\n")
+    out = summary.write_summary(results, readme=readme)
+    assert out is not None and (out / "fig_summary.png").is_file()
+    table = (out / "table_summary.md").read_text().strip()
+    assert readme.read_text() == f"intro\n{summary.README_START}\n{table}\n{summary.README_END}\nrest\n"
+    other = tmp_path / "elsewhere" / "README.md"
+    other.parent.mkdir()
+    other.write_text(f"{summary.README_START}\nold\n{summary.README_END}\n")
+    summary.write_summary(results, readme=other)
+    assert "old" in other.read_text()
+
+
+def test_the_committed_readme_shows_the_generated_summary(repo_root: Path) -> None:
+    generated = repo_root / "results" / summary.SUMMARY_DIR / "table_summary.md"
+    if not generated.is_file():
+        pytest.skip("no results/summary yet")
+    text = (repo_root / "README.md").read_text()
+    block = text.split(summary.README_START, 1)[1].split(summary.README_END, 1)[0]
+    assert block.strip() == generated.read_text().strip()
