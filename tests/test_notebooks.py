@@ -98,10 +98,20 @@ def test_method_values(pipeline: tuple[str, Path]) -> None:
             assert (root / method / name).exists(), f"{method}: {name} missing"
 
 
+def test_registration_values(pipeline: tuple[str, Path]) -> None:
+    """The classical baseline: no training, its atlases from the train split, beats the mean shape clearly."""
+    dataset, root = pipeline
+    metrics = _json(root / "registration" / "metrics.json")
+    mean_shape = _json(root / "reference" / "mean_shape" / "metrics.json")["mre_mm"]
+    assert metrics["train_seconds"] == 0 and metrics["infer_seconds_per_image"] > 0 and metrics["epochs"] == 0
+    assert len(metrics["atlases"]) == 2 and metrics["n_images"] == {"synthetic2d": 12, "synthetic3d": 6}[dataset]
+    assert metrics["mre_mm"] < 0.85 * mean_shape, (metrics["mre_mm"], mean_shape)
+
+
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    methods = {m for m in METHOD_OUTPUTS if (root / m).exists()}
+    methods = {m for m in (*METHOD_OUTPUTS, "registration") if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"
     assert set(table.loc[table["kind"] == "method", "profile"]) == {"smoke"}
