@@ -68,3 +68,17 @@ def test_a_rerun_gives_the_same_points_exactly() -> None:
     again, _ = method.predict_samples(atlases, test, (96, 96), progress=False)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
+
+
+def test_registration_runs_through_the_shared_run_path(tmp_path) -> None:
+    from lmlib.engine.runner import run_method
+    from lmlib.outputs.contract import read_manifest, read_run
+
+    out = tmp_path / "registration"
+    result = run_method("registration", {"dataset": "synthetic2d", "output_dir": str(out), "seed": 0, "device": "cpu",
+                                         "n_atlases": 2, "levels": 2, "affine_iterations": 20, "demons_iterations": 10,
+                                         "max_train_images": 6})
+    predictions, metrics = read_run(out)
+    assert metrics["train_seconds"] == 0 and metrics["infer_seconds_per_image"] > 0 and len(metrics["atlases"]) == 2
+    assert predictions["image_id"].nunique() == len(result.test_samples) and predictions["x_mm"].notna().all()
+    assert read_manifest(out)["method_config"]["n_atlases"] == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -403,8 +404,6 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     """A method with nothing to train (``cls.trainable = False``, e.g. multi-atlas registration): it predicts the
     test split from the training images (``predict_samples(train_atlases, test, grid)``); its time per test image
     is its inference time, its training time 0. The same output contract, figures and manifest as a trained run."""
-    import time
-
     output_dir = Path(params["output_dir"])
     model = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
     print(model)

@@ -19,13 +19,16 @@ AXES = ("x", "y", "z")
 
 
 def summary_table(samples: Sequence[Sample]) -> pd.DataFrame:
-    """One row per image: id, split, size (px), spacing (mm), physical extent (mm), landmarks, intensities."""
+    """One row per image: id, split, size (px), spacing (mm) and where it comes from (header, declaration, or the
+    calibration distance of ``spacing_from_landmarks`` with its pixel length), physical extent (mm), landmarks,
+    intensities."""
     rows = []
     for s in samples:
         rows.append({
             "image_id": s.image_id, "split": s.meta.get("split", ""),
             "size_px": "x".join(map(str, s.size)),
             "spacing_mm": "x".join(f"{v:.4g}" for v in s.geometry.spacing),
+            "spacing_source": s.meta.get("spacing_source", ""),
             "extent_mm": "x".join(f"{v:.1f}" for v in np.array(s.size) * s.geometry.spacing),
             "n_valid": int(s.valid.sum()), "n_masked": int((~s.valid).sum()),
             "min": float(s.image.min()), "mean": float(s.image.mean()), "max": float(s.image.max()),
