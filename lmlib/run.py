@@ -220,6 +220,11 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, An
     return declared
 
 
+#: parameters the driver sets for every job (a ``--set`` of them would file a run where the driver does not look)
+DRIVER_OWNED: dict[str, str] = {"dataset": "use --dataset", "output_dir": "use --results-dir",
+                                "data_dir": "use --data-dir"}
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["max_epochs=20", "image_size=[128, 192]", "dataset=x"]`` -> parameters; each value is a Python
     literal (number, list, bool, quoted string) or, failing that, the plain string."""
@@ -231,6 +236,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         name = name.strip()
         if not sep or not name.isidentifier():
             raise ValueError(f"{item!r}: expected NAME=VALUE with a parameter name, e.g. max_epochs=20")
+        if name in DRIVER_OWNED:
+            raise ValueError(f"{item!r}: the driver sets {name} itself ({DRIVER_OWNED[name]}); it cannot be overridden")
         try:
             out[name] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):

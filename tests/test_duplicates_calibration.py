@@ -111,3 +111,51 @@ def test_bad_calibration_declarations(tmp_path: Path, entry: str, message: str) 
 def test_landmarks_by_count(tmp_path: Path) -> None:
     decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
     assert load_dataset(decl).landmark_names == ("1", "2", "3")
+
+
+# ---- declarations and split files that silently did nothing or wrote elsewhere before (issue 25 part)
+@pytest.mark.parametrize("name", ["synthetic2d", "hamedan-ceph", "..", "a/b", "my data"])
+def test_a_declared_name_must_be_a_plain_folder_name_of_its_own(tmp_path: Path, name: str) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    decl.write_text(decl.read_text().replace("name: toy", f"name: '{name}'"))
+    with pytest.raises(ValueError, match="name: must be a plain folder name"):
+        load_dataset(decl)
+
+
+def test_duplicate_landmark_names_and_unknown_exclusions_are_refused(tmp_path: Path) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    text = decl.read_text()
+    decl.write_text(text.replace("landmarks: 3", "landmarks: [{label: '1', name: tip}, {label: '2', name: tip}, '3']"))
+    with pytest.raises(ValueError, match=r"landmark names \['tip'\]"):
+        load_dataset(decl)
+    decl.write_text(text + "exclude: [{annotator: A, image_id: a, reason: x}]\n")  # the annotator is 'a'
+    with pytest.raises(ValueError, match=r"exclude names annotator\(s\) \['A'\]"):
+        load_dataset(decl)
+    decl.write_text(text + "exclude: [{annotator: a, image_id: A, reason: x}]\n")  # the image is 'a'
+    with pytest.raises(ValueError, match=r"exclude names image\(s\) \['A'\]"):
+        load_dataset(decl)
+
+
+@pytest.mark.parametrize("rows, message", [("a,Test\nb,train\n", r"split 'Test' is not one of"),
+                                           ("a,validation\nb,train\n", r"split 'validation'"),
+                                           ("a,train\na,test\nb,val\n", r"\['a'\] listed more than once")])
+def test_bad_split_files_are_refused_naming_the_line(tmp_path: Path, rows: str, message: str) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    (tmp_path / "splits.csv").write_text("image_id,split\n" + rows)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(decl)
+
+
+def test_split_rows_without_an_image_are_reported(tmp_path: Path) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test", "C": "val"})
+    rows = load_dataset(decl).report
+    assert list(rows.loc[rows["issue"] == "split_without_image", "image_id"]) == ["C"]
+
+
+def test_the_driver_refuses_to_override_the_names_it_owns() -> None:
+    from lmlib.run import main, parse_overrides
+
+    for item in ("dataset=synthetic3d", "output_dir=/tmp/x", "data_dir=x"):
+        with pytest.raises(ValueError, match="the driver sets"):
+            parse_overrides([item])
+    assert main(["--dataset", "synthetic2d", "--only", "exploration", "--set", "dataset=synthetic3d"]) == 2

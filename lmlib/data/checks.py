@@ -26,6 +26,7 @@ not masking (reported, the landmark is kept):
 - ``size_mismatch``: the size stated by the annotation differs from the image's;
 - ``no_spacing``: the image format carries no spacing and none was given (mm = pixels);
 - ``no_image``: an annotation without image;
+- ``split_without_image``: the split file names an id that no image has (the row is not used);
 - ``identical_image``: the image holds the same pixels as another one (``detail`` names it and its split;
   a split file that puts copies on two sides is refused, a seeded split keeps them together).
 """

@@ -36,6 +36,7 @@ and the key.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +44,9 @@ from typing import Any, Mapping
 import numpy as np
 
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
+SYNTHETIC: tuple[str, ...] = ("synthetic2d", "synthetic3d")  # generated data sets (lmlib.data.phantoms)
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")  # the values of a split file's split column
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a dataset name: one plain folder name under results/
 DECLARED_DIR = Path(__file__).with_name("declared")  # the built-in declaration files
 FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -98,6 +102,14 @@ class DatasetSpec:
         repeated = sorted({x for x in self.landmark_labels if list(self.landmark_labels).count(x) > 1})
         if repeated:
             raise ValueError(f"{where}: landmark labels {repeated} are given more than once")
+        repeated = sorted({x for x in self.landmark_names if list(self.landmark_names).count(x) > 1})
+        if repeated:
+            raise ValueError(f"{where}: landmark names {repeated} are given to more than one landmark (each name "
+                             "heads a column of the per-landmark tables: make them distinct)")
+        unknown = sorted({a for a, _ in self.exclude} - set(self.annotations)) if self.annotations else []
+        if unknown:
+            raise ValueError(f"{where}: exclude names annotator(s) {unknown}, not among the annotators "
+                             f"{list(self.annotations)} (names are case-sensitive)")
         if self.spacing_mm is not None and (len(self.spacing_mm) != self.ndim or
                                             not all(np.isfinite(v) and v > 0 for v in self.spacing_mm)):
             raise ValueError(f"{where}: spacing_mm {tuple(self.spacing_mm)} must be {self.ndim} positive numbers")
@@ -185,8 +197,11 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
         if not ok:
             raise ValueError(f"{path}: {key}: must be {what}, got {raw.get(key)!r}")
 
-    need("name", isinstance(raw["name"], str) and raw["name"].strip() != "" and "/" not in raw["name"],
-         "a non-empty name without '/'")
+    builtin = {*SYNTHETIC, *declared_files()} if not path.resolve().is_relative_to(DECLARED_DIR.resolve()) else set()
+    need("name", isinstance(raw["name"], str) and PLAIN_NAME.match(raw["name"].strip()) is not None
+         and raw["name"].strip() not in builtin,
+         "a plain folder name (letters, digits, '.', '_', '-'; results go to results/<name>/) that is not a "
+         f"built-in data set's ({', '.join(sorted(builtin))})")
     need("ndim", raw["ndim"] in (2, 3) and not isinstance(raw["ndim"], bool), "2 or 3")
     need("images", isinstance(raw["images"], str) and raw["images"] != "", "a glob relative to the data folder")
     need("reader", isinstance(raw["reader"], str) and (readers is None or raw["reader"] in readers),

@@ -26,15 +26,14 @@ import pandas as pd
 
 from lmlib.data.checks import (MASKING_ISSUES, Issue, check_inside, check_size, check_spacing, make_report,
                                mask_image, masked_by, resolve_landmarks, summarize_report, warn_masked)
-from lmlib.data.dataset_spec import (DEFAULT_SPLIT_FRACTIONS, DatasetSpec, declared_files, is_dataset_file,
-                                     read_dataset_file)
+from lmlib.data.dataset_spec import (DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, SYNTHETIC, DatasetSpec, declared_files,
+                                     is_dataset_file, read_dataset_file)
 from lmlib.data.duplicates import check_split_duplicates, duplicate_groups, keep_groups_together
 from lmlib.data.geometry import Geometry
 from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
 from lmlib.data.sample import Sample, image_from_sitk
 
 SPECS: dict[str, DatasetSpec] = {name: read_dataset_file(path, READERS) for name, path in declared_files().items()}
-SYNTHETIC = ("synthetic2d", "synthetic3d")
 CEPH_ISBI_NAMES: tuple[str, ...] = SPECS["hamedan-ceph"].landmark_names
 AFIDS_NAMES: tuple[str, ...] = SPECS["afids-mni"].landmark_names
 
@@ -142,10 +141,18 @@ def _read_splits(spec: DatasetSpec, root: Path) -> dict[str, str]:
     path = root / spec.splits_file
     if not path.exists():
         raise FileNotFoundError(f"{path}: splits file of dataset {spec.name!r} not found")
-    df = pd.read_csv(path, dtype=str)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
     if not {"image_id", "split"} <= set(df.columns):
         raise ValueError(f"{path}: expected columns image_id,split, got {list(df.columns)}")
-    return dict(zip(df["image_id"].str.strip(), df["split"].str.strip()))
+    ids, values = df["image_id"].str.strip(), df["split"].str.strip()
+    bad = [(k + 2, v) for k, v in enumerate(values) if v not in SPLIT_NAMES]
+    if bad:
+        raise ValueError(f"{path}: line {bad[0][0]}: split {bad[0][1]!r} is not one of {list(SPLIT_NAMES)} "
+                         f"(case-sensitive; {len(bad)} such line(s))")
+    twice = sorted(set(ids[ids.duplicated()]))
+    if twice:
+        raise ValueError(f"{path}: image id(s) {twice[:10]} listed more than once: each image belongs to one split")
+    return dict(zip(ids, values))
 
 
 def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[str]
@@ -228,8 +235,14 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     if spec.splits_file or spec.single_template:
         splits = _read_splits(spec, root)
         check_split_duplicates(copies, splits, path_of, f"{spec.name} ({root / (spec.splits_file or '')})")
+        orphans = sorted(set(splits) - set(ids))
     else:
         splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed), copies)
+        orphans = []
+    unknown = sorted({i for _, i in spec.exclude} - set(ids))
+    if unknown:
+        raise ValueError(f"{spec.source or spec.name}: exclude names image(s) {unknown} that are not among the "
+                         f"{len(ids)} images of {spec.images!r} (ids are case-sensitive)")
     infos = {}
     for i, p in zip(ids, paths):
         size, spacing, origin, direction = read_image_info(p)
@@ -242,6 +255,9 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     issues: list[Issue] = [Issue(i, "", "", "identical_image", "same pixels as " + ", ".join(
         f"{j} ({splits.get(j) or 'no split'})" for j in group if j != i), str(path_of[i]))
         for group in copies for i in group]
+    issues += [Issue(i, "", "", "split_without_image", f"the split file assigns {i!r} to {splits[i]!r} but no image "
+                     f"matching {spec.images!r} has this id (ids are case-sensitive)", str(root / str(spec.splits_file)))
+               for i in orphans]
     labels, chosen = spec.landmark_labels, {}
     read = {who: _read_annotations(spec, root, who, ids) for who in spec.annotations}
     calibrated = calibrated_spacing(spec, read[spec.reference][0], ids, infos) if spec.calibration else {}
