@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lmlib.data.readers import read_image
+from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image
 from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.engine.cascade import model_checkpoints, predict_cascade
 from lmlib.engine.training import load_checkpoint
@@ -71,14 +71,25 @@ def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise ValueError(f"images with the same name {repeated}: their outputs would overwrite each other")
-    samples = []
+    samples, filled = [], []
     for p, i in zip(paths, ids):
-        image, geometry = image_from_sitk(read_image(p, spacing_mm, ndim=ndim))
+        stores_none = not Path(p).is_dir() and Path(p).suffix.lower() in FORMATS_WITHOUT_SPACING
+        if stores_none and spacing_mm is None:
+            raise ValueError(f"{p}: a {Path(p).suffix} file stores no pixel spacing, so its millimetres cannot be "
+                             "known; pass --spacing MM (x y[ z], or one value) for the images without one, or save "
+                             "it in a format that stores its spacing (.mha, .nrrd, .nii.gz)")
+        # --spacing only fills in images without a stored spacing: a header's own spacing is never overridden
+        image, geometry = image_from_sitk(read_image(p, spacing_mm if stores_none else None, ndim=ndim))
+        if stores_none:
+            filled.append(i)
         if image.ndim != ndim:
             raise ValueError(f"{p}: a {image.ndim}D image, but the model is {ndim}D")
         n = len(landmark_names)
         samples.append(Sample(i, image, geometry, np.full((n, image.ndim), np.nan), np.zeros(n, bool),
                               tuple(landmark_names), {"source": str(p)}))
+    if filled:
+        print(f"--spacing {list(np.atleast_1d(spacing_mm))} mm applied to {len(filled)} image(s) without a stored "
+              f"spacing: {', '.join(filled[:10])}{' ...' if len(filled) > 10 else ''}")
     return samples
 
 
@@ -263,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 | mps (default: where the model loads)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--spacing", type=float, nargs="+", default=None,
-                        help="pixel spacing in mm (x y [z] or one value) for formats without one (PNG, JPEG)")
+                        help="pixel spacing in mm (x y [z] or one value) for the images whose format stores none "
+                             "(PNG, JPEG, TIFF, BMP); images with a stored spacing keep theirs")
     parser.add_argument("--regions", type=float, nargs="+", default=None, metavar="LEVEL",
                         help="calibrated prediction regions at these levels (e.g. 0.9 0.95) from the run's validation split")
     parser.add_argument("--review-mm", type=float, default=None,

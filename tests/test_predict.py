@@ -153,3 +153,21 @@ def _test_samples(run):
     from lmlib.outputs.contract import read_manifest
 
     return load_run_data(read_manifest(run)["parameters"]).split("test")
+
+
+def test_spacing_only_fills_images_without_one_and_is_required_for_them(model2d, tmp_path, capsys):
+    """Issue 24: --spacing overrode .mha headers (mm moved by up to 24.5 mm) and a PNG without it was scored at
+    1 mm/px, silently."""
+    run, test = model2d
+    mha = _write_images(test[:1], tmp_path / "images", ".mha")[0]  # its header spacing is the phantom's
+    png = tmp_path / "images" / "plain.png"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(test[1].to_sitk(), 0, 255), sitk.sitkUInt8), str(png))
+    assert main([str(run), str(png), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "plain.png" in err and "stores no pixel spacing" in err and "--spacing" in err
+    assert main([str(run), str(mha), str(png), "--out", str(tmp_path / "out"), "--spacing", "0.15"]) == 0
+    assert "applied to 1 image(s) without a stored spacing: plain" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    direct = predict(run / "checkpoints" / "best.ckpt", test[:1]).world_mm[0]  # the header's spacing, not 0.15
+    np.testing.assert_allclose(table[table["image_id"] == test[0].image_id][["x_mm", "y_mm"]].to_numpy(), direct,
+                               atol=1e-6)
