@@ -419,6 +419,18 @@ def read_slicer_markups(path: str | Path, image_id: str | None = None) -> RawAnn
 
 
 # --------------------------------------------------------------------------- images
+def _check_finite(path: Path, image: sitk.Image) -> None:
+    """Raise naming the file when a floating-point image holds NaN or infinite voxels (a training image with one
+    turned every loss NaN and every prediction into the origin, with exit 0)."""
+    pixels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(pixels.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        if bad:
+            first = np.argwhere(~np.isfinite(pixels))[0][::-1]  # (z, y, x) -> (x, y, z)
+            raise _fail(path, f"{bad} pixel(s) are NaN or infinite (the first at index {tuple(int(v) for v in first)}): "
+                              "fix or mask the image before using it")
+
+
 def _to_gray(image: sitk.Image) -> sitk.Image:
     """RGB(A) -> luminance (ITU-R 601 weights, float32), or the exact first channel when R = G = B
     (grayscale stored as RGB, e.g. 24-bit BMP); other multi-component -> first component."""
@@ -452,7 +464,8 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
                ndim: int | None = None) -> sitk.Image:
     """Read an image with SimpleITK: PNG/TIFF/BMP/JPEG, MHA/MHD, NIfTI, NRRD, or a DICOM series
     (``path`` a directory; the first series found). RGB(A) becomes grayscale. ``spacing_override``
-    (mm, ``(x, y[, z])`` or one number) replaces the spacing (needed for formats that carry none).
+    (mm, ``(x, y[, z])`` or one number) replaces the spacing (needed for formats that carry none). NaN or
+    infinite pixel values raise ``ValueError`` naming the file.
     ``ndim=2`` drops a trailing axis of size 1 (single-slice 3D files). A header spacing that is not
     positive, or an origin/direction that is not finite, raises ``ValueError`` naming the file."""
     p = Path(path)
@@ -476,6 +489,7 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
         msg = str(e).strip().splitlines()
         raise _fail(p, f"cannot read image ({msg[-1] if msg else 'unknown error'})") from None
     image = _to_gray(image)
+    _check_finite(p, image)
     if p.is_dir():
         _check_geometry(p, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), "DICOM series")
     if ndim == 2 and image.GetDimension() == 3 and image.GetSize()[2] == 1:

@@ -182,6 +182,10 @@ class LandmarkModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, extras = self.method.training_loss(self(batch), batch, int(self.current_epoch))
+        if not torch.isfinite(loss):  # every later step would be NaN too, and the run would still end with exit 0
+            raise FloatingPointError(f"epoch {int(self.current_epoch) + 1}, batch {batch_idx}: the training loss is "
+                                     f"{float(loss)} (images {list(batch.get('image_id', []))}); lower learning_rate or "
+                                     "check these images")
         n = len(batch["image"])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         for key, value in extras.get("log", {}).items():
