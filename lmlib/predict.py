@@ -5,7 +5,7 @@
 ``MODEL``: a checkpoint (``.ckpt``), a run folder (``<run>/checkpoints/best.ckpt``) or a cascade's run
 folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained). ``IMAGE``: any file the
 readers take (PNG/TIFF/JPEG with ``--spacing``, MHA/MHD, NIfTI, NRRD) or a DICOM directory, 2D or 3D as
-the model. ``DIR`` (created; must not hold a ``predictions.csv`` already) receives ``predictions.csv`` (world mm, pixel/voxel
+the model. ``DIR`` (created; must not hold prediction outputs or exports already) receives ``predictions.csv`` (world mm, pixel/voxel
 index, the method's confidence and spread per landmark), one labelme JSON per 2D image or one 3D Slicer
 ``.mrk.json`` per 3D image (:mod:`lmlib.outputs.exports`). With ``--regions`` (a run folder: its manifest
 names the dataset), per-landmark prediction regions are calibrated by split conformal prediction on that
@@ -37,6 +37,8 @@ from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
 
+OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv")  # what a run writes besides exports
+EXPORT_SUFFIXES = (".json",)  # labelme .json and Slicer .mrk.json exports
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
                   ".bmp", ".dcm")
 
@@ -145,10 +147,20 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     exports into ``out_dir``; with ``regions``, each landmark's region radius per level and the review list
     (see the module docstring). ``keep_samples``: how many of the first images to return for figures."""
     out = Path(out_dir)
-    if (out / "predictions.csv").exists():
-        raise FileExistsError(f"{out}: holds predictions already (predictions.csv); choose another --out")
+    leftovers = sorted(f.name for f in out.glob("*") if f.name in OUTPUT_FILES or f.name.endswith(EXPORT_SUFFIXES)) \
+        if out.is_dir() else []
+    if leftovers:  # a finished run's outputs, or an interrupted one's exports: never mix them with new ones
+        raise FileExistsError(f"{out}: holds prediction outputs already ({', '.join(leftovers[:5])}"
+                              f"{' ...' if len(leftovers) > 5 else ''}); choose another --out or empty it")
     if not images:
         raise ValueError("no images given")
+    files = [Path(p) for p in images if not isinstance(p, Sample)]
+    ids = [image_id(p) for p in files]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:  # checked over the whole list: per batch, one export overwrote another across batches
+        clash = [str(p) for p, i in zip(files, ids) if i == repeated[0]]
+        raise ValueError(f"images with the same name {repeated} ({', '.join(clash)}): their outputs would "
+                         "overwrite each other; rename them or predict them into separate --out folders")
     modules = [load_checkpoint(c) for c in model_checkpoints(model)]
     names, ndim = modules[0].landmark_names, modules[0].method.spatial_dims
     if regions is not None and list(regions.landmark_names) != list(names):

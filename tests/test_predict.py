@@ -103,7 +103,7 @@ def test_predict_refuses_bad_input_with_clear_errors(model2d, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "predictions.csv").write_text("keep me")
     assert main([str(run), str(paths[0]), "--out", str(tmp_path / "busy")]) == 2
-    assert "holds predictions already" in capsys.readouterr().err
+    assert "holds prediction outputs already (predictions.csv)" in capsys.readouterr().err
     assert (tmp_path / "busy" / "predictions.csv").read_text() == "keep me"
     assert main([str(tmp_path / "nothing"), str(paths[0]), "--out", str(tmp_path / "o")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
@@ -171,3 +171,18 @@ def test_spacing_only_fills_images_without_one_and_is_required_for_them(model2d,
     direct = predict(run / "checkpoints" / "best.ckpt", test[:1]).world_mm[0]  # the header's spacing, not 0.15
     np.testing.assert_allclose(table[table["image_id"] == test[0].image_id][["x_mm", "y_mm"]].to_numpy(), direct,
                                atol=1e-6)
+
+
+def test_an_interrupted_runs_exports_and_names_clashing_across_batches_are_refused(model2d, tmp_path, capsys):
+    """Issue 25: exports left by a killed run stayed beside a later run's predictions.csv; two images of one name in
+    two folders overwrote each other's export across batches (--batch-size 1) while the summary counted both."""
+    run, test = model2d
+    a = _write_images(test[:1], tmp_path / "a", ".mha")[0]
+    b = _write_images(test[:1], tmp_path / "b", ".mha")[0]  # same file name, another folder
+    assert main([str(run), str(a), str(b), "--out", str(tmp_path / "o"), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "same name" in err and str(a) in err and str(b) in err and not (tmp_path / "o").exists()
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / f"{test[0].image_id}.json").write_text("{}")  # an export of a killed run
+    assert main([str(run), str(a), "--out", str(tmp_path / "left")]) == 2
+    assert f"{test[0].image_id}.json" in capsys.readouterr().err
