@@ -34,10 +34,10 @@ def test_the_driver_runs_on_hand_xray(tmp_path: Path) -> None:
         if job.method in ("exploration", "reference", "registration", "heatmap_unet", "comparison"):
             run_job(job, "hand-xray", profile="smoke", results_dir=tmp_path, device="cpu", seed=0)
     root = tmp_path / "hand-xray"
-    images = (root / "exploration" / "table_images.csv").read_text()
+    images = (root / "exploration" / "table_images.csv").read_text(encoding="utf-8")
     assert "50 mm between landmarks 2 and 6" in images  # the derived spacing per image
-    mean_shape = json.loads((root / "reference" / "mean_shape" / "metrics.json").read_text())["mre_mm"]
-    registration = json.loads((root / "registration" / "metrics.json").read_text())
+    mean_shape = json.loads((root / "reference" / "mean_shape" / "metrics.json").read_text(encoding="utf-8"))["mre_mm"]
+    registration = json.loads((root / "registration" / "metrics.json").read_text(encoding="utf-8"))
     assert registration["n_images"] == 21 and registration["mre_mm"] < 0.95 * mean_shape
-    table = (root / "comparison" / "table_main.md").read_text()
+    table = (root / "comparison" / "table_main.md").read_text(encoding="utf-8")
     assert "registration" in table and "heatmap_unet" in table

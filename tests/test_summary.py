@@ -65,19 +65,19 @@ def test_the_readme_block_is_rewritten_only_from_the_results_beside_it(results: 
     readme.write_text(f"intro\n{summary.README_START}\nold\n{summary.README_END}\nrest\n")
     out = summary.write_summary(results, readme=readme)
     assert out is not None and (out / "fig_summary.png").is_file()
-    table = (out / "table_summary.md").read_text().strip()
-    assert readme.read_text() == f"intro\n{summary.README_START}\n{table}\n{summary.README_END}\nrest\n"
+    table = (out / "table_summary.md").read_text(encoding="utf-8").strip()
+    assert readme.read_text(encoding="utf-8") == f"intro\n{summary.README_START}\n{table}\n{summary.README_END}\nrest\n"
     other = tmp_path / "elsewhere" / "README.md"
     other.parent.mkdir()
     other.write_text(f"{summary.README_START}\nold\n{summary.README_END}\n")
     summary.write_summary(results, readme=other)
-    assert "old" in other.read_text()
+    assert "old" in other.read_text(encoding="utf-8")
 
 
 def test_the_committed_readme_shows_the_generated_summary(repo_root: Path) -> None:
     generated = repo_root / "results" / summary.SUMMARY_DIR / "table_summary.md"
     if not generated.is_file():
         pytest.skip("no results/summary yet")
-    text = (repo_root / "README.md").read_text()
+    text = (repo_root / "README.md").read_text(encoding="utf-8")
     block = text.split(summary.README_START, 1)[1].split(summary.README_END, 1)[0]
-    assert block.strip() == generated.read_text().strip()
+    assert block.strip() == generated.read_text(encoding="utf-8").strip()

@@ -45,7 +45,7 @@ def comparisons(results_dir: Path | str, datasets: Sequence[str] | None = None) 
 
 def _main_rows(folder: Path) -> pd.DataFrame:
     table = pd.read_csv(folder / "table_main.csv", index_col=0)
-    roles = json.loads((folder / "comparison.json").read_text()).get("roles", {})
+    roles = json.loads((folder / "comparison.json").read_text(encoding="utf-8")).get("roles", {})
     keep = [m for m in table.index if roles.get(m, MAIN) == MAIN or m in BASELINES or m in OBSERVERS]
     return table.loc[keep]
 
