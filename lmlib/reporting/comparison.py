@@ -18,6 +18,7 @@ on the (image, landmark) pairs that every run has.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from lmlib.evaluation import statistics as stats
 from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
                                     read_manifest, read_run, write_json, write_outputs)
-from lmlib.data.datasets import dataset_name, dataset_notes, is_single_template
+from lmlib.data.datasets import SYNTHETIC, dataset_name, dataset_notes, is_single_template, load_dataset
 from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
@@ -404,13 +405,9 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
 def current_test_ids(dataset: str, data_dir: str | None = None) -> list[str] | None:
     """Image ids of a file-based dataset's current test split (headers only), or None for synthetic and
     single-template datasets and when the data folder is absent (then every run's rows are kept)."""
-    from lmlib.data.datasets import SYNTHETIC, load_dataset
-
     if dataset in SYNTHETIC or is_single_template(dataset):
         return None
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the loader's annotation report is the exploration's business
             return [s.image_id for s in load_dataset(dataset, data_dir or None, split="test", load_images=False)]
