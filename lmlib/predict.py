@@ -69,6 +69,9 @@ def image_id(path: Path) -> str:
 def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim: int,
                 spacing_mm: Sequence[float] | None = None) -> list[Sample]:
     """Read images as unannotated samples (landmarks NaN, not valid) with the model's landmark names."""
+    if spacing_mm is not None and len(np.atleast_1d(spacing_mm)) not in (1, ndim):
+        raise ValueError(f"--spacing {list(np.atleast_1d(spacing_mm))}: give one value or {ndim} (x y"
+                         f"{' z' if ndim == 3 else ''}) for this {ndim}D model, in mm")
     ids = [image_id(Path(p)) for p in paths]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
@@ -167,7 +170,10 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
         raise ValueError(f"the regions were calibrated for landmarks {regions.landmark_names}, the model predicts {names}")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # the partial folder is a sibling of --out: name --out, not the hidden folder
+        raise ValueError(f"{out}: cannot write the output folder here ({exc.strerror or exc})") from None
     rows, exports, kept = [], [], []
     try:
         for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch"):
@@ -294,6 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="list landmarks whose (largest-level) region is larger than this (mm) in review.csv")
     parser.add_argument("--data-dir", default=None, help="with --regions: the run's data folder, if it moved")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.regions and not all(0.0 < a < 1.0 for a in args.regions):
+        parser.error(f"--regions takes coverage levels between 0 and 1 (e.g. 0.9 0.95), got {args.regions}")
+    if args.review_mm is not None and not args.regions:
+        parser.error("--review-mm needs --regions (the review list compares each landmark's region with it)")
+    if args.review_mm is not None and not args.review_mm > 0:
+        parser.error(f"--review-mm must be > 0 (mm), got {args.review_mm}")
+    if args.spacing is not None and not all(np.isfinite(v) and v > 0 for v in args.spacing):
+        parser.error(f"--spacing must be positive numbers (mm), got {args.spacing}")
     try:
         regions = calibrate_run(args.model, args.regions, args.data_dir, args.device, args.batch_size) \
             if args.regions else None

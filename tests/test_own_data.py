@@ -57,6 +57,9 @@ def test_a_declared_dataset_loads_in_world_mm_with_a_seeded_split(toy) -> None:
     assert "seeded split" in s.meta["split_source"] and "seed 7" in s.meta["split_source"]
 
 
+BASE = "name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\n"
+
+
 @pytest.mark.parametrize("text, match", [
     ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\nsplit: s.csv\n",
      r"unknown key\(s\) \['split'\]"),
@@ -70,6 +73,13 @@ def test_a_declared_dataset_loads_in_world_mm_with_a_seeded_split(toy) -> None:
     ("name: x\nndim: 2\nimages: '*.png'\nreader: labelme\nannotations: {a: a.json}\nlandmarks: [p]\n"
      "seeded_split: {fractions: [0.5, 0.5, 0.5]}\n", r"summing to 1"),
     ("name: x\nndim: 2\n  images: [\n", r"line \d+: not valid YAML"),
+    # issue 25: entries that failed only inside the run, or with a message naming neither file nor key
+    (BASE + "reader_options: {corner_orign: false}\n", r"reader_options: \['corner_orign'\] not accepted by reader "
+     r"'labelme' \(its options: \['image_id', 'corner_origin'\]\)"),
+    (BASE + "image_id_regex: '^img_'\n", r"image_id_regex: must be a regular expression whose group 1 is the image id"),
+    (BASE + "image_id_regex: '^(img'\n", r"image_id_regex: '\^\(img' is not a valid regular expression"),
+    (BASE.replace("'*.png'", "'/data/*.png'"), r"images: must be a glob relative to the data folder"),
+    (BASE + "seeded_split: {fractions: [a, b, c]}\n", r"seeded_split: must be .*three numbers"),
 ])
 def test_a_bad_declaration_names_the_file_and_the_key(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.yaml"

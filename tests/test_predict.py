@@ -186,3 +186,50 @@ def test_an_interrupted_runs_exports_and_names_clashing_across_batches_are_refus
     (tmp_path / "left" / f"{test[0].image_id}.json").write_text("{}")  # an export of a killed run
     assert main([str(run), str(a), "--out", str(tmp_path / "left")]) == 2
     assert f"{test[0].image_id}.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+    (["--regions", "1.5"], r"--regions takes coverage levels between 0 and 1"),
+    (["--review-mm", "3"], "--review-mm needs --regions"),
+    (["--spacing", "0"], "--spacing must be positive numbers"),
+])
+def test_predict_options_out_of_range_are_refused_by_name(model2d, tmp_path, capsys, extra, message):
+    run, test = model2d
+    paths = _write_images(test[:1], tmp_path / "images", ".mha")
+    with pytest.raises(SystemExit) as info:
+        main([str(run), str(paths[0]), "--out", str(tmp_path / "o"), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_names_the_file_for_a_broken_model_image_spacing_or_folder(model2d, tmp_path, capsys):
+    """Each case printed a traceback or a misleading reason before (issue 25)."""
+    run, test = model2d
+    paths = _write_images(test[:1], tmp_path / "images", ".mha")
+    # a truncated checkpoint (a full disk, an interrupted copy) and a file that is no checkpoint
+    good = (run / "checkpoints" / "best.ckpt").read_bytes()
+    for name, data in (("torn.ckpt", good[: len(good) // 2]), ("notes.ckpt", b"not a model")):
+        (tmp_path / name).write_bytes(data)
+        assert main([str(tmp_path / name), str(paths[0]), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}: not a readable checkpoint" in err and "Traceback" not in err
+    # a truncated image: ITK's stale errno said "No such file or directory" for a file that is there
+    data = paths[0].read_bytes()
+    torn = tmp_path / "images" / "torn.mha"
+    torn.write_bytes(data[: len(data) - 200])
+    assert main([str(run), str(torn), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{torn}: cannot read image" in err and "truncated or corrupt" in err and "No such file" not in err
+    # three spacing values for a 2D model (a numpy broadcast error before)
+    png = tmp_path / "images" / "flat.png"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(test[0].to_sitk()), sitk.sitkUInt8), str(png))
+    assert main([str(run), str(png), "--out", str(tmp_path / "o"), "--spacing", "0.1", "0.1", "0.1"]) == 2
+    assert "give one value or 2 (x y) for this 2D model, in mm" in capsys.readouterr().err
+    # an --out that cannot be created names --out, not the hidden partial folder beside it
+    (tmp_path / "file").write_text("a file, not a folder")
+    out = tmp_path / "file" / "o"
+    assert main([str(run), str(paths[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: cannot write the output folder here" in err and "Traceback" not in err

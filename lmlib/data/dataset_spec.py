@@ -203,7 +203,8 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
          "a plain folder name (letters, digits, '.', '_', '-'; results go to results/<name>/) that is not a "
          f"built-in data set's ({', '.join(sorted(builtin))})")
     need("ndim", raw["ndim"] in (2, 3) and not isinstance(raw["ndim"], bool), "2 or 3")
-    need("images", isinstance(raw["images"], str) and raw["images"] != "", "a glob relative to the data folder")
+    need("images", isinstance(raw["images"], str) and raw["images"] != "" and not Path(raw["images"]).is_absolute()
+         and not Path(raw["images"]).drive, "a glob relative to the data folder (set data_dir: for another folder)")
     need("reader", isinstance(raw["reader"], str) and (readers is None or raw["reader"] in readers),
          f"one of {sorted(readers)}" if readers is not None else "a reader name")
     ann = raw["annotations"]
@@ -228,17 +229,32 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
          "a mapping group -> list of landmark names")
     seeded = raw.get("seeded_split") or {}
     need("seeded_split", isinstance(seeded, dict) and set(seeded) <= {"fractions", "seed"} and
-         (isinstance(seeded.get("seed", 0), int) and seeded.get("seed", 0) >= 0),
-         "a mapping with fractions: [train, val, test] and seed: an integer >= 0")
+         (isinstance(seeded.get("seed", 0), int) and seeded.get("seed", 0) >= 0) and
+         isinstance(seeded.get("fractions", []), list) and all(_number(v) for v in seeded.get("fractions", [])),
+         "a mapping with fractions: [train, val, test] (three numbers) and seed: an integer >= 0")
     exclude = raw.get("exclude") or []
     need("exclude", isinstance(exclude, list) and all(isinstance(e, dict) and set(e) == {"annotator", "image_id",
                                                                                            "reason"} for e in exclude),
          "a list of {annotator, image_id, reason}")
     options = raw.get("reader_options") or {}
     need("reader_options", isinstance(options, dict), "a mapping of the reader's keyword arguments")
+    if readers is not None:
+        accepted = _keyword_names(readers[raw["reader"]])
+        unknown = sorted(set(map(str, options)) - set(accepted))
+        if unknown:
+            raise ValueError(f"{path}: reader_options: {unknown} not accepted by reader {raw['reader']!r} "
+                             f"(its options: {accepted or 'none'})")
     need("single_template", isinstance(raw.get("single_template", False), bool), "true or false")
     for key in ("description", "image_id_regex", "splits", "data_dir"):
         need(key, raw.get(key) is None or isinstance(raw[key], str), "a string")
+    if raw.get("image_id_regex") is not None:
+        try:
+            n_groups = re.compile(raw["image_id_regex"]).groups
+        except re.error as exc:
+            raise ValueError(f"{path}: image_id_regex: {raw['image_id_regex']!r} is not a valid regular "
+                             f"expression ({exc})") from None
+        need("image_id_regex", n_groups >= 1, "a regular expression whose group 1 is the image id, e.g. "
+             "'^(\\d+)_' (it has no group)")
     data_dir = None
     if raw.get("data_dir") is not None or not path.resolve().is_relative_to(DECLARED_DIR.resolve()):
         data_dir = str((path.parent / (raw.get("data_dir") or ".")).resolve())
@@ -260,6 +276,14 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def _keyword_names(reader: Any) -> list[str]:
+    """The options a reader takes besides the file path (its keyword parameters after the first)."""
+    import inspect
+
+    params = list(inspect.signature(reader).parameters.values())[1:]
+    return [q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
 
 
 def _number(value: Any) -> bool:

@@ -419,6 +419,17 @@ def read_slicer_markups(path: str | Path, image_id: str | None = None) -> RawAnn
 
 
 # --------------------------------------------------------------------------- images
+def _itk_reason(path: Path, error: RuntimeError) -> str:
+    """The last line of an ITK read error; ITK reports a stale ``errno`` ("No such file or directory") for a
+    file that exists but whose data ends early, so that case is named as what it is."""
+    lines = str(error).strip().splitlines()
+    reason = lines[-1] if lines else "unknown error"
+    if path.exists() and "No such file or directory" in reason:
+        size = path.stat().st_size if path.is_file() else 0
+        reason = f"the file exists ({size} bytes) but its data cannot be decoded: truncated or corrupt"
+    return reason
+
+
 def _check_finite(path: Path, image: sitk.Image) -> None:
     """Raise naming the file when a floating-point image holds NaN or infinite voxels (a training image with one
     turned every loss NaN and every prediction into the origin, with exit 0)."""
@@ -486,8 +497,7 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
         else:
             image = sitk.ReadImage(str(p))
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()
-        raise _fail(p, f"cannot read image ({msg[-1] if msg else 'unknown error'})") from None
+        raise _fail(p, f"cannot read image ({_itk_reason(p, e)})") from None
     image = _to_gray(image)
     _check_finite(p, image)
     if p.is_dir():
@@ -517,8 +527,7 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, np.n
         try:
             reader.ReadImageInformation()
         except RuntimeError as e:
-            msg = str(e).strip().splitlines()
-            raise _fail(p, f"cannot read image header ({msg[-1] if msg else 'unknown error'})") from None
+            raise _fail(p, f"cannot read image header ({_itk_reason(p, e)})") from None
         size, sp, org, dr = reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
         _check_geometry(p, sp, org, dr)
     d = len(size)

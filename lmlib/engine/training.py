@@ -453,8 +453,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    meta = torch.load(str(path), map_location="cpu", weights_only=False)
-    hp = meta.get("hyper_parameters", {})
+    try:
+        meta = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by what is wrong
+        raise CheckpointMismatch(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); truncated by a full "
+                                 "disk or an interrupted copy, or not a checkpoint at all") from None
+    hp = meta.get("hyper_parameters", {}) if isinstance(meta, dict) else {}
     if "method" not in hp or "view" not in hp:
         raise CheckpointMismatch(f"{path}: not an lmlib checkpoint of format {CHECKPOINT_FORMAT} "
                                  f"(written by an older lmlib, or by another program); retrain it")
