@@ -43,6 +43,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"optimizer": "sgd"}, r"optimizer='sgd': .*'adam', 'adamw'"),
     ({"dataset": "nosuch"}, r"dataset='nosuch': .*synthetic2d.*hamedan-ceph"),
     ({"device": "gpu"}, r"device='gpu': .*auto, cpu, cuda, cuda:N, mps"),
+    ({"rotation_deg": -1000}, r"rotation_deg=-1000: .*degrees in \[0, 180\]"),
+    ({"rotation_deg": 400}, r"rotation_deg=400: .*degrees in \[0, 180\]"),
+    ({"scale_range": 1.5}, r"scale_range=1.5: .*\[0, 1\)"),
+    ({"scale_range": -0.1}, r"scale_range=-0.1: .*\[0, 1\)"),
+    ({"augment": "no"}, r"augment='no': .*true or false"),
 ]
 
 

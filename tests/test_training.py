@@ -167,6 +167,33 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     assert again.peak_rss_mb == 1e7
 
 
+def test_a_full_disk_mid_checkpoint_keeps_the_last_good_one_resumable(samples, tmp_path, monkeypatch):
+    """Lightning wrote last.ckpt in place: a full disk left it torn and --resume failed "checkpoint file is
+    corrupted" (issue 25). Writes now go to a temporary file renamed over the target."""
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    real, calls = torch_io._atomic_save, []
+
+    def disk_full_on_the_second_last(checkpoint, path):  # epoch 0 writes last; epoch 1's last fails half-way
+        calls.append(str(path))
+        if sum("last.ckpt" in c for c in calls) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"torn")  # what a full disk leaves half-way
+            raise OSError(28, "No space left on device")
+        real(checkpoint, path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", disk_full_on_the_second_last)
+    with pytest.raises(OSError, match="No space left"):
+        fit(method, _dm(samples), tmp_path / "a", max_epochs=3, device="cpu")
+    monkeypatch.setattr(torch_io, "_atomic_save", real)
+    folder = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary file left
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+    again = fit(method, _dm(samples), tmp_path / "a", max_epochs=3, device="cpu", resume=folder / "last.ckpt")
+    assert again.epochs == 3
+
+
 # ------------------------------------------------------------------ exact resume
 RESUME_EPOCHS, KILL_AT = 4, 2
 

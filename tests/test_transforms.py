@@ -371,3 +371,12 @@ def test_preprocess_downsample_blob_and_normalise() -> None:
         assert np.linalg.norm(blob_peak(out.image - out.image.min(), p) - p) < 0.5
     pct = preprocess(s, target_size=target, normalize="percentile", keep_aspect=False).image
     assert pct.min() == 0.0 and pct.max() == 1.0
+
+
+@pytest.mark.parametrize("kwargs, name", [({"rotation_deg": -1000}, "rotation_deg=-1000"), ({"scale": 1.2}, "scale=1.2"),
+                                          ({"flip_prob": 2}, "flip_prob=2"), ({"translation_frac": -0.1},
+                                                                              "translation_frac=-0.1")])
+def test_augmentation_ranges_out_of_bounds_are_refused_by_name(kwargs: dict, name: str) -> None:
+    """A negative or huge range was drawn from silently (issue 25)."""
+    with pytest.raises(ValueError, match=f"augmentation ranges out of bounds: {name} "):
+        build_augmentation(2, **kwargs)

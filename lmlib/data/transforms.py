@@ -174,6 +174,14 @@ class RandSpatialLandmarksd(_LandmarkTransform):
                  elastic_prob: float = 0.0, elastic_sigma_frac: float = 0.1, elastic_magnitude_frac: float = 0.02,
                  padding_mode: str = "zeros", iterations: int = 50, tol: float = 1e-3) -> None:
         super().__init__(prob=1.0)
+        ranges = {"flip_prob": (flip_prob, 0, 1), "affine_prob": (affine_prob, 0, 1), "elastic_prob": (elastic_prob, 0, 1),
+                  "rotation_deg": (rotation_deg, 0, 180), "scale": (scale, 0, 0.999), "shear": (shear, 0, 1),
+                  "translation_frac": (translation_frac, 0, 0.5), "elastic_sigma_frac": (elastic_sigma_frac, 1e-6, 1),
+                  "elastic_magnitude_frac": (elastic_magnitude_frac, 0, 0.5)}
+        bad = [f"{k}={v!r} (allowed [{lo:g}, {hi:g}])" for k, (v, lo, hi) in ranges.items()
+               if not (isinstance(v, (int, float)) and lo <= v <= hi)]
+        if bad:
+            raise ValueError(f"augmentation ranges out of bounds: {', '.join(bad)}")
         self.pairs = [tuple(p) for p in left_right_pairs]
         self.flip_prob, self.flip_axis = flip_prob, flip_axis
         self.affine_prob, self.translation_frac = affine_prob, translation_frac

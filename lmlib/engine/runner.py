@@ -242,6 +242,11 @@ PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_schedule": (_one_of(SCHEDULES), f"one of {', '.join(map(repr, SCHEDULES))}"),
     "optimizer": (_one_of(OPTIMIZERS), f"one of {', '.join(map(repr, OPTIMIZERS))}"),
     "precision": (_one_of(("32-true", "bf16-mixed", "16-mixed", "64-true")), "32-true, bf16-mixed, 16-mixed (GPU) or 64-true"),
+    # augmentation ranges (a negative or huge range was drawn from silently: rotation_deg=-1000 trained)
+    "rotation_deg": (lambda v: (x := _as_number(v)) is not None and 0 <= x <= 180, "a number of degrees in [0, 180]"),
+    "scale_range": (lambda v: (x := _as_number(v)) is not None and 0 <= x < 1, "a number in [0, 1) (scale 1 +- it)"),
+    "augment": (lambda v: isinstance(v, bool), "true or false"),
+    "elastic": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

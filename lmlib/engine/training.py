@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics.aggregation import CatMetric
 
 import lmlib
@@ -284,6 +285,26 @@ class _EpochSeeds(Callback):
         random.seed(value)
         np.random.seed(value)
         torch.manual_seed(value)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: each checkpoint is written to a hidden temporary file in
+    the same folder, flushed to disk and renamed over the target (``os.replace``). A full disk or a kill
+    mid-write leaves the previous ``last.ckpt``/``best.ckpt`` intact (Lightning writes the target file in
+    place, so a full disk left a torn ``last.ckpt`` that ``--resume`` could not read) and no temporary file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class _Clock(Callback):
@@ -544,7 +565,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         enable_progress_bar=os.environ.get(PROGRESS_ENV) != "lines",
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
-        default_root_dir=str(out))
+        default_root_dir=str(out), plugins=[AtomicCheckpointIO()])
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds, peak = clock.total(), module.peak_rss_mb()
