@@ -20,14 +20,16 @@ continues a notebook that declares ``resume`` from its ``checkpoints/last.ckpt``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dataset_file, shared_data_dir
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
@@ -262,8 +264,6 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     interrupted run and pass ``resume=<scratch>/checkpoints/last.ckpt`` when that file exists (else, and
     for other notebooks, the scratch folder is cleared and the job starts afresh).
     """
-    import papermill as pm
-
     root = root or repo_root()
     results = Path(results_dir)
     final = results / dataset_name(dataset) / job.method
@@ -293,6 +293,17 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
     if "profile" in declared:  # the comparison compares runs of its own profile
         params.setdefault("profile", profile)
 
+    with job_lock(root / tmp):
+        _execute(job, dataset, params, declared, root, tmp, final, profile, rank, resume, timeout_s)
+    return root / final
+
+
+def _execute(job: Job, dataset: str, params: dict[str, Any], declared: dict[str, Any], root: Path, tmp: Path,
+             final: Path, profile: str, rank: int, resume: bool, timeout_s: int | None) -> None:
+    """Run the notebook into the scratch folder ``tmp`` and move it into place (the lock is held)."""
+    import papermill as pm
+
+    notebook = root / "notebooks" / job.notebook
     resumable = resume and "resume" in declared
     last = resume_checkpoint(root, tmp) if resumable else None
     if last is not None:
@@ -310,9 +321,47 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
                         progress_bar=False, report_mode=False)
     if rank != 0:  # a launcher's other ranks trained with rank 0; only rank 0 keeps results
         shutil.rmtree(root / tmp, ignore_errors=True)
-        return root / final
+        return
     _finalise(root / tmp, root / final, params, job, profile, time.time() - start)
-    return root / final
+
+
+class JobLocked(RuntimeError):
+    """Another driver process is running the same job into the same results folder."""
+
+
+@contextlib.contextmanager
+def job_lock(scratch: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the job's scratch folder ``scratch`` (a ``.lock`` file beside it, locked with
+    ``flock``: released by the system when the process dies, so a killed driver leaves no stale lock).
+
+    Two drivers running one job into one results folder cleared and rewrote each other's files (a
+    ``ParserError`` on the training log, a manifest with foreign fields); the second now stops at once,
+    naming the process that holds the job."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run one driver per results folder there
+        yield
+        return
+    path = scratch.with_name(scratch.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise JobLocked(f"{scratch}: this job is running already ({holder}); wait for it to finish, stop it, "
+                            "or give this run another --results-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def launcher_rank() -> int:

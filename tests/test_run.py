@@ -341,3 +341,22 @@ def test_set_is_checked_against_the_parameters_cell_before_any_run(monkeypatch: 
     assert "'max_epoch'" in err and "15_heatmap_unet.ipynb" in err and calls == []
     assert main(["--only", "heatmap_unet", "--set", "20"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err and calls == []
+
+
+def test_a_second_driver_on_the_same_job_stops_at_once_naming_the_first(tmp_path: Path) -> None:
+    """Two drivers on one results folder cleared and rewrote each other's scratch files, failing later with
+    a ParserError or foreign manifest fields (issue 25); the second now stops before touching anything."""
+    import os
+
+    from lmlib.run import JobLocked, job_lock
+
+    job = next(j for j in JOBS if j.method == "exploration")
+    scratch = tmp_path / "synthetic2d" / ".tmp-exploration"
+    scratch.mkdir(parents=True)
+    (scratch / "training_log.csv").write_text("the first driver's file")
+    with job_lock(scratch):
+        with pytest.raises(JobLocked, match=rf"\.tmp-exploration: this job is running already \(process {os.getpid()} "):
+            run_job(job, "synthetic2d", results_dir=tmp_path)
+        assert (scratch / "training_log.csv").read_text() == "the first driver's file"
+    with job_lock(scratch):  # released when the holder finishes (or dies: flock)
+        pass
