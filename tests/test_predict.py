@@ -222,6 +222,15 @@ def test_predict_names_the_file_for_a_broken_model_image_spacing_or_folder(model
     assert main([str(run), str(torn), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{torn}: cannot read image" in err and "truncated or corrupt" in err and "No such file" not in err
+    # a NaN voxel: every landmark was written at pixel (0, 0) with NaN confidence and review False
+    pixels = sitk.GetArrayFromImage(test[0].to_sitk()).astype(np.float32)
+    pixels[5, 7] = np.nan
+    nan_image = sitk.GetImageFromArray(pixels)
+    nan_image.CopyInformation(test[0].to_sitk())
+    sitk.WriteImage(nan_image, str(tmp_path / "images" / "nan.mha"))
+    assert main([str(run), str(tmp_path / "images" / "nan.mha"), "--out", str(tmp_path / "o")]) == 2
+    assert "nan.mha" in (err := capsys.readouterr().err) and "NaN or infinite" in err
+    assert not (tmp_path / "o").exists()
     # three spacing values for a 2D model (a numpy broadcast error before)
     png = tmp_path / "images" / "flat.png"
     sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(test[0].to_sitk()), sitk.sitkUInt8), str(png))
