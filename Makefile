@@ -33,7 +33,7 @@ results: $(STAMP)
 
 # the comparison paper: every method's full setting and the comparisons on the real data
 paper: $(STAMP)
-	$(VPY) -m lmlib.run --dataset hamedan-ceph hand-xray afids-mni --profile full $(RUN_ARGS)
+	$(VPY) -m lmlib.run --dataset hamedan-ceph hand-xray afids-mni afids-templates --profile full $(RUN_ARGS)
 
 # the peer toolkit of the benchmark notebook (95), apart from ours: CPU torch first so that pip keeps it, then
 # landmarker with the torchvision release made for that torch (scripts/peer_landmarker.py explains its import)

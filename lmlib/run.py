@@ -35,7 +35,7 @@ from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dat
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
 
 KERNEL_NAME = "lmlib"
-REAL = ("hamedan-ceph", "hand-xray", "afids-mni")
+REAL = ("hamedan-ceph", "hand-xray", "afids-mni", "afids-templates")
 PROFILES = ("default", "smoke", "full")
 AFIDS_DEFORMED = 30  # afids-mni: deformations of the template (18 train, 6 val, 6 test + the template), every job
 
@@ -104,12 +104,26 @@ HTC_JOBS: tuple[Job, ...] = (
 )
 
 _PG_SMOKE: dict[str, Any] = {"max_epochs": 2, "fine_epochs": 1, "correlated_epochs": 1, "max_train_images": 8}
+# the brain templates (afids-mni's deformations, afids-templates' posed copies): per-method grids, one place each
+_BRAIN_PG = {"image_size": [48, 60, 48], "coarse_spacing_mm": 4.0, "batch_size": 2}
+_BRAIN_PG_FULL = {"max_epochs": 300, "fine_epochs": 60, "correlated_epochs": 60}
 _PG_DATA: dict[str, dict[str, Any]] = {
     "synthetic3d": {"image_size": [32, 32, 32], "coarse_spacing_mm": 2.0, "fine_patch_px": 16,
                     "coarse_channels": [8, 16, 32, 64], "fine_channels": [8, 16, 32], "correlated_channels": [8, 16, 32]},
     # the whole 193 x 229 x 193-mm template at 4 mm for the coarse stage; 32-px patches at 1 mm
-    "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [48, 60, 48], "coarse_spacing_mm": 4.0, "batch_size": 2},
-    "afids-mni:full": {"max_epochs": 300, "fine_epochs": 60, "correlated_epochs": 60}}
+    "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_PG}, "afids-mni:full": _BRAIN_PG_FULL,
+    "afids-templates": _BRAIN_PG, "afids-templates:full": _BRAIN_PG_FULL}
+# 3D MR: a 3-mm global grid (192 x 240 x 192 mm holds the 193 x 229 x 193-mm template), 24-mm cells, alpha 2 (the
+# paper's MR value); local patches per landmark from 1 mm (one shared local net learnt slower: val 4.1 mm after 36
+# epochs against 3.2 mm per landmark)
+_BRAIN_GL = {"image_size": [64, 80, 64], "global_spacing_mm": 3.0, "global_crop": [], "output_stride": 8,
+             "global_channels": [8, 16, 32, 64, 64], "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32],
+             "local_spacing_mm": 1.0, "local_batch_size": 32}
+_BRAIN_GL_FULL = {"max_epochs": 300, "local_epochs": 120}
+# 3D MR: the whole 193 x 229 x 193-mm template on a 3-mm grid; measured here 8.5 s per epoch on afids-mni
+_BRAIN_UNET = {"image_size": [64, 80, 64], "batch_size": 2, "learning_rate": 1e-3, "sigma": 2.0,
+               "foreground_weight": 30.0}
+_BRAIN_UNET_FULL = {"max_epochs": 150}
 
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
@@ -130,14 +144,8 @@ JOBS: tuple[Job, ...] = (
                      # per-landmark patches (0.32-0.8 mm) gave 1.25 mm, the same within noise, at 3.7 instead of 5.1 GB
                      "hamedan-ceph": {"local_patch_per_landmark": False},
                      "synthetic3d": {"global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32]},
-                     # 3D MR: a 3-mm global grid (192 x 240 x 192 mm holds the 193 x 229 x 193-mm template), 24-mm
-                     # cells, alpha 2 (the paper's MR value); local patches per landmark from 1 mm (one shared local
-                     # net learnt slower: val 4.1 mm after 36 epochs against 3.2 mm per landmark)
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [64, 80, 64], "global_spacing_mm": 3.0,
-                                   "global_crop": [], "output_stride": 8, "global_channels": [8, 16, 32, 64, 64],
-                                   "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32], "local_spacing_mm": 1.0,
-                                   "local_batch_size": 32},
-                     "afids-mni:full": {"max_epochs": 300, "local_epochs": 120},
+                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_GL}, "afids-mni:full": _BRAIN_GL_FULL,
+                     "afids-templates": _BRAIN_GL, "afids-templates:full": _BRAIN_GL_FULL,
                      # hand radiographs are up to 286 x 331 mm (the 50-mm calibration): a 1.25-mm global grid holds them
                      "hand-xray": {"global_spacing_mm": 1.25, "image_size": [240, 272]}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL,
@@ -145,10 +153,8 @@ JOBS: tuple[Job, ...] = (
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
         full=_UNET_FULL,
         per_dataset={"synthetic3d": {"image_size": [64, 64, 64], "learning_rate": 1e-3},
-                     # 3D MR: the whole 193 x 229 x 193-mm template on a 3-mm grid; measured here 8.5 s per epoch
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [64, 80, 64], "batch_size": 2,
-                                   "learning_rate": 1e-3, "sigma": 2.0, "foreground_weight": 30.0},
-                     "afids-mni:full": {"max_epochs": 150}}),
+                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_UNET}, "afids-mni:full": _BRAIN_UNET_FULL,
+                     "afids-templates": _BRAIN_UNET, "afids-templates:full": _BRAIN_UNET_FULL}),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
     Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), main=False,
         smoke={"max_epochs": 2, "max_train_images": 8, "device": "cpu"}, full={**_UNET_FULL, "device": "cpu"}),
@@ -157,7 +163,7 @@ JOBS: tuple[Job, ...] = (
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
     *HTC_JOBS,
     # a cascade of three stages: writes <method>/coarse, <method>/independent, <method>/correlated
-    Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni"),
+    Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni", "afids-templates"),
         smoke=_PG_SMOKE, per_dataset=_PG_DATA),
     # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
     Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE, main=False,
@@ -168,10 +174,13 @@ JOBS: tuple[Job, ...] = (
         full={"n_atlases": 10, "image_size": [256, 256]},
         per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
                      # 5 of the 18 training deformations of the template as atlases, at 2.4 mm (229 mm / 96 px)
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96], "n_atlases": 5}}),
+                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96], "n_atlases": 5},
+                     # atlases: posed copies of the training templates
+                     "afids-templates": {"image_size": [96, 96, 96], "n_atlases": 5}}),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
-        per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"}}),
+        per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"},
+                     "afids-templates": {"method": "prior_guided"}}),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings on hamedan-ceph)
     Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph"), smoke={"n_steps": 2, "peer_budget_s": 30},
         per_dataset={"hamedan-ceph": {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}}),

@@ -29,7 +29,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.nd
 
 
 def test_built_in_datasets_are_declared_by_files_of_the_same_kind() -> None:
-    assert sorted(SPECS) == ["afids-mni", "hamedan-ceph", "hand-xray", "isbi2015-ceph"]
+    assert sorted(SPECS) == ["afids-mni", "afids-templates", "hamedan-ceph", "hand-xray", "isbi2015-ceph"]
     ceph = SPECS["hamedan-ceph"]
     assert ceph.source.endswith("lmlib/data/declared/hamedan-ceph.yaml") and ceph.data_dir is None
     assert ceph.spacing_mm == (0.1264, 0.1264) and ceph.landmark_labels[0] == "l1" and ceph.landmark_names[0] == "sella"
@@ -38,6 +38,9 @@ def test_built_in_datasets_are_declared_by_files_of_the_same_kind() -> None:
     afids = SPECS["afids-mni"]
     assert afids.single_template and len(afids.landmark_names) == 32 and len(afids.lr_pairs) == 11
     assert len(afids.landmark_groups["midsagittal"]) == 10
+    templates = SPECS["afids-templates"]  # the same fiducials, pairs and groups; split by subject, posed copies
+    assert templates.landmark_names == afids.landmark_names and templates.lr_pairs == afids.lr_pairs
+    assert templates.landmark_groups == afids.landmark_groups and templates.posed is not None
     assert read_dataset_file(ceph.source, READERS) == ceph
 
 

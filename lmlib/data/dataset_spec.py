@@ -13,7 +13,8 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     ndim: 2                          # 2 or 3
     data_dir: .                      # the data folder, relative to this file (default: its folder)
     images: images/*.mha             # glob, relative to the data folder
-    image_id_regex: null             # regex whose group 1 is the image id (default: the name before the first '.')
+    image_id_regex: null             # regex whose group 1 is the image id (default: the name before the first '.');
+                                     # its named groups, e.g. (?P<template>...), may appear in annotation file names
     reader: points_csv               # landmark reader (lmlib.data.readers.READERS)
     reader_options: {}               # keyword arguments of that reader
     annotations:                     # annotator -> file; {image_id} = one file per image; the first is the reference
@@ -26,6 +27,13 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     left_right_pairs: []             # [left name, right name] pairs (swapped by mirror augmentation)
     landmark_groups: {}              # group -> names on one shared plane (the prior-guided 3D method)
     splits: splits.csv               # CSV image_id,split (train/val/test); absent: a seeded split
+    subjects: {}                     # subject -> [image ids]: images of one subject (anatomy) stay on one side
+    subject_splits: {}               # {train: [subjects], val: [...], test: [...]}: the split, by subject
+    landmarks_from: null             # another declaration file (relative to this one) whose landmarks,
+                                     # left_right_pairs and landmark_groups this data set shares
+    posed_copies: null               # {train: n, val: n, test: n, seed, rotation_deg, translation_mm, scale,
+                                     #  elastic_mm}: each image is replaced by n random posed copies (val/test
+                                     #  keep the unposed original too); see lmlib.data.deformations.posed_copies
     seeded_split: {fractions: [0.6, 0.2, 0.2], seed: 0}   # used only when there is no splits file
     exclude: []                      # [{annotator, image_id, reason}]: that annotation masked entirely
     single_template: false           # one annotated template; training images are random deformations of it
@@ -68,6 +76,9 @@ class DatasetSpec:
     divided by the pixel distance between landmarks a and b of the reference annotator in that image (the hand
     X-ray protocol of Payer et al.: landmarks 2 and 6 are 50 mm apart); an image where either is masked fails.
     ``source``: the declaration file; ``data_dir``: the data folder it names (absolute), if any.
+    ``subjects``: subject -> image ids (images of one subject are never on two sides of a split);
+    ``subject_splits``: split -> subjects (the split, declared by subject); ``posed``: the posed-copy
+    settings (:data:`POSED_KEYS`; counts per split, seed, pose and deformation ranges).
     """
 
     name: str
@@ -92,6 +103,9 @@ class DatasetSpec:
     data_dir: str | None = None
     calibration: tuple[str, str, float] | None = None
     notes: tuple[str, ...] = ()
+    subjects: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    subject_splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    posed: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -129,6 +143,30 @@ class DatasetSpec:
                                  f"dataset and a distance_mm > 0 (unknown labels: {unknown}, distance_mm: {mm})")
             if self.spacing_mm is not None:
                 raise ValueError(f"{where}: spacing_mm and spacing_from_landmarks both give the spacing: keep one")
+        listed = [i for ids in self.subjects.values() for i in ids]
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        if twice:
+            raise ValueError(f"{where}: subjects: image id(s) {twice} belong to more than one subject")
+        if self.subject_splits:
+            if set(self.subject_splits) - set(SPLIT_NAMES):
+                raise ValueError(f"{where}: subject_splits: keys must be among {list(SPLIT_NAMES)}, got "
+                                 f"{sorted(self.subject_splits)}")
+            named = [x for xs in self.subject_splits.values() for x in xs]
+            unknown = sorted(set(named) - set(self.subjects))
+            twice = sorted({x for x in named if named.count(x) > 1})
+            if unknown or twice:
+                raise ValueError(f"{where}: subject_splits: " + "; ".join(
+                    ([f"unknown subject(s) {unknown} (declared: {sorted(self.subjects)})"] if unknown else []) +
+                    ([f"subject(s) {twice} on more than one side"] if twice else [])))
+            if self.splits_file:
+                raise ValueError(f"{where}: splits and subject_splits both give the split: keep one")
+        if self.posed is not None:
+            bad = {k: v for k, v in self.posed.items() if k not in POSED_KEYS or not _number(v) or v < 0}
+            if bad or not any(self.posed.get(k, 0) for k in SPLIT_NAMES):
+                raise ValueError(f"{where}: posed_copies: {bad or self.posed} must be numbers >= 0 among "
+                                 f"{list(POSED_KEYS)}, with copies for at least one split")
+            if self.single_template:
+                raise ValueError(f"{where}: single_template and posed_copies both make the images: keep one")
         f = [float(v) for v in self.split_fractions]
         if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
             raise ValueError(f"{where}: seeded split fractions must be three numbers >= 0 (train, val, test) "
@@ -150,9 +188,16 @@ class DatasetSpec:
         return {g: sorted(pos[n] for n in members) for g, members in self.landmark_groups.items()}
 
 
+#: posed_copies keys: copies per image of each split, the seed, and the pose/deformation ranges (see
+#: :func:`lmlib.data.deformations.posed_copies` for their defaults and units)
+POSED_KEYS = ("train", "val", "test", "seed", "rotation_deg", "translation_mm", "scale", "elastic_mm",
+              "elastic_spacing_mm")
+
 REQUIRED = ("name", "ndim", "images", "reader", "annotations", "landmarks")
 OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "spacing_from_landmarks",
-            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template", "notes")
+            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template", "notes",
+            "subjects", "subject_splits", "posed_copies", "landmarks_from")
+SHARED_BY_LANDMARKS_FROM = ("landmarks", "left_right_pairs", "landmark_groups")
 
 
 def is_dataset_file(name: str | Path) -> bool:
@@ -186,6 +231,8 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
     """The :class:`DatasetSpec` a parsed declaration describes (see the module docstring for the keys)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of keys (name, ndim, images, ...), got {type(raw).__name__}")
+    if raw.get("landmarks_from") is not None:
+        raw = _with_shared_landmarks(raw, path)
     missing = [k for k in REQUIRED if k not in raw]
     unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
     if missing or unknown:
@@ -236,6 +283,15 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
     need("exclude", isinstance(exclude, list) and all(isinstance(e, dict) and set(e) == {"annotator", "image_id",
                                                                                            "reason"} for e in exclude),
          "a list of {annotator, image_id, reason}")
+    subjects = raw.get("subjects") or {}
+    need("subjects", isinstance(subjects, dict) and all(isinstance(v, list) and v for v in subjects.values()),
+         "a mapping subject -> list of image ids")
+    subject_splits = raw.get("subject_splits") or {}
+    need("subject_splits", isinstance(subject_splits, dict) and all(isinstance(v, list) for v in
+                                                                    subject_splits.values()),
+         "a mapping split (train/val/test) -> list of subjects")
+    posed = raw.get("posed_copies")
+    need("posed_copies", posed is None or isinstance(posed, dict), f"null or a mapping of {list(POSED_KEYS)}")
     options = raw.get("reader_options") or {}
     need("reader_options", isinstance(options, dict), "a mapping of the reader's keyword arguments")
     if readers is not None:
@@ -272,10 +328,28 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
             split_seed=int(seeded.get("seed", 0)), single_template=bool(raw.get("single_template", False)),
             source=str(path), data_dir=data_dir,
             calibration=(str(calib["landmarks"][0]), str(calib["landmarks"][1]), float(calib["distance_mm"]))
-            if calib is not None else None, notes=tuple(notes))
+            if calib is not None else None, notes=tuple(notes),
+            subjects={str(k): tuple(str(i) for i in v) for k, v in subjects.items()},
+            subject_splits={str(k): tuple(str(x) for x in v) for k, v in subject_splits.items()},
+            posed=dict(posed) if posed is not None else None)
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def _with_shared_landmarks(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``raw`` with the landmark keys (:data:`SHARED_BY_LANDMARKS_FROM`) of the declaration ``landmarks_from``
+    names (one list of names for data sets of the same protocol); keys ``raw`` gives itself are an error."""
+    import yaml
+
+    other = path.parent / str(raw["landmarks_from"])
+    if not other.is_file():
+        raise ValueError(f"{path}: landmarks_from: {other} not found (a declaration file, relative to this one)")
+    given = sorted(k for k in SHARED_BY_LANDMARKS_FROM if k in raw)
+    if given:
+        raise ValueError(f"{path}: landmarks_from gives {list(SHARED_BY_LANDMARKS_FROM)}: remove {given} here")
+    source = yaml.safe_load(other.read_text(encoding="utf-8")) or {}
+    return {**{k: source[k] for k in SHARED_BY_LANDMARKS_FROM if k in source}, **raw}
 
 
 def _keyword_names(reader: Any) -> list[str]:

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -135,6 +135,12 @@ def _image_id(spec: DatasetSpec, path: Path) -> str:
     return path.name.split(".")[0]
 
 
+def _name_fields(spec: DatasetSpec, path: Path) -> dict[str, str]:
+    """The named groups of ``image_id_regex`` in an image's file name (usable in annotation file names)."""
+    m = re.search(spec.image_id_regex, path.name) if spec.image_id_regex else None
+    return {k: v for k, v in m.groupdict().items() if v is not None} if m else {}
+
+
 def _read_splits(spec: DatasetSpec, root: Path) -> dict[str, str]:
     if not spec.splits_file:
         return {}
@@ -155,18 +161,28 @@ def _read_splits(spec: DatasetSpec, root: Path) -> dict[str, str]:
     return dict(zip(ids, values))
 
 
-def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[str]
+def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[str],
+                      fields: Mapping[str, Mapping[str, str]] | None = None
                       ) -> tuple[dict[str, list[RawAnnotation]], dict[str, Issue], list[Issue]]:
     """Annotations per image id (several records for one image are kept: the caller masks them), the
-    reason an image has none (a template ``no_annotation`` row), and the other issues (orphans)."""
+    reason an image has none (a template ``no_annotation`` row), and the other issues (orphans).
+    ``fields``: per image id, the named groups of ``image_id_regex`` a per-image file name may use."""
     reader = READERS[spec.reader]
     template = spec.annotations[annotator]
     out: dict[str, list[RawAnnotation]] = {}
     absent: dict[str, Issue] = {}
     issues: list[Issue] = []
-    if "{image_id}" in template:
+    per_image = "{image_id}" in template or bool(re.search(r"\{(?!annotator\})\w+\}", template))
+    if per_image:
+        expected = set()
         for i in ids:
-            path = root / template.format(image_id=i, annotator=annotator)
+            try:
+                path = root / template.format(**{**(fields or {}).get(i, {}), "image_id": i, "annotator": annotator})
+            except KeyError as exc:
+                raise ValueError(f"{spec.source or spec.name}: annotations: {template!r} names {{{exc.args[0]}}}, "
+                                 f"which is neither image_id, annotator nor a named group of image_id_regex that "
+                                 f"matched {i!r}") from None
+            expected.add(path)
             if path.exists():
                 ann = reader(path, **spec.reader_kwargs)
                 ann.image_id = i
@@ -176,7 +192,7 @@ def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[s
         folder = (root / template).parent
         suffix = Path(template).suffix
         for extra in sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []:
-            if extra.name.split(".")[0] not in ids:
+            if extra not in expected:
                 issues.append(Issue(extra.name.split(".")[0], annotator, "", "no_image",
                                     "annotation without image", str(extra)))
         return out, absent, issues
@@ -232,13 +248,19 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
         raise ValueError(f"{root}: image ids from {spec.images!r} are not unique")
     path_of = dict(zip(ids, paths))
     copies = duplicate_groups(path_of) if not spec.single_template else []
-    if spec.splits_file or spec.single_template:
+    subjects = _subject_groups(spec, ids)
+    if spec.subject_splits:
+        splits = {i: sp for sp, names in spec.subject_splits.items() for name in names for i in spec.subjects[name]}
+        orphans = sorted(set(splits) - set(ids))
+    elif spec.splits_file or spec.single_template:
         splits = _read_splits(spec, root)
-        check_split_duplicates(copies, splits, path_of, f"{spec.name} ({root / (spec.splits_file or '')})")
         orphans = sorted(set(splits) - set(ids))
     else:
-        splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed), copies)
+        splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed), [*copies, *subjects])
         orphans = []
+    origin_of_split = f"{spec.name} ({spec.source if spec.subject_splits else root / (spec.splits_file or '')})"
+    check_split_duplicates(copies, splits, path_of, origin_of_split)
+    check_split_duplicates(subjects, splits, path_of, origin_of_split, kind="images of one subject")
     unknown = sorted({i for _, i in spec.exclude} - set(ids))
     if unknown:
         raise ValueError(f"{spec.source or spec.name}: exclude names image(s) {unknown} that are not among the "
@@ -259,7 +281,8 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
                      f"matching {spec.images!r} has this id (ids are case-sensitive)", str(root / str(spec.splits_file)))
                for i in orphans]
     labels, chosen = spec.landmark_labels, {}
-    read = {who: _read_annotations(spec, root, who, ids) for who in spec.annotations}
+    fields = {i: _name_fields(spec, p) for i, p in zip(ids, paths)}
+    read = {who: _read_annotations(spec, root, who, ids, fields) for who in spec.annotations}
     calibrated = calibrated_spacing(spec, read[spec.reference][0], ids, infos) if spec.calibration else {}
     for who in spec.annotations:
         anns, absent, extra = read[who]
@@ -316,6 +339,23 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     return Dataset(spec, samples, make_report(issues), annotator, root, duplicates=copies)
 
 
+def _subject_groups(spec: DatasetSpec, ids: Sequence[str]) -> list[list[str]]:
+    """The declared subjects' image ids (groups of two or more, for the split checks); raises naming the
+    declaration when a subject names an image that does not exist, or when ``subject_splits`` leaves an
+    image without a split."""
+    unknown = sorted({i for members in spec.subjects.values() for i in members} - set(ids))
+    if unknown:
+        raise ValueError(f"{spec.source or spec.name}: subjects: image id(s) {unknown} match no image of "
+                         f"{spec.images!r} (ids: {list(ids)[:8]}{' ...' if len(ids) > 8 else ''})")
+    if spec.subject_splits:
+        placed = {i for names in spec.subject_splits.values() for name in names for i in spec.subjects[name]}
+        left = sorted(set(ids) - placed)
+        if left:
+            raise ValueError(f"{spec.source or spec.name}: subject_splits: image(s) {left} are in no split (give "
+                             "each a subject, and each subject a split)")
+    return [list(members) for members in spec.subjects.values() if len(members) > 1]
+
+
 def calibrated_spacing(spec: DatasetSpec, annotations: dict[str, list[RawAnnotation]], ids: Sequence[str],
                        infos: dict[str, tuple]) -> dict[str, tuple[tuple[float, ...], str]]:
     """image id -> (isotropic spacing (mm/px), how it was derived) from ``spec.calibration``: the declared distance
@@ -354,6 +394,9 @@ def _split_source(spec: DatasetSpec) -> str:
     """Where the samples' splits come from, in words (for messages and manifests)."""
     if spec.single_template:
         return "random deformations of the template (60/20/20 % train/val/test)"
+    if spec.subject_splits:
+        return "by subject, declared in the dataset file (" + "; ".join(
+            f"{sp}: {', '.join(names)}" for sp, names in spec.subject_splits.items()) + ")"
     if spec.splits_file:
         return f"the split file {spec.splits_file!r} (columns image_id,split)"
     return (f"a seeded split (fractions {list(spec.split_fractions)} train/val/test, seed {spec.split_seed}; "
@@ -390,6 +433,8 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: st
     names, else ``shared_data_dir()/name``). ``split``: keep only ``train``/``val``/``test``.
     ``annotator``: whose landmarks (default: the reference); the report always covers every annotator.
     ``load_images=False`` reads headers only (fast; images become zero placeholders of the right shape).
+    A dataset with ``posed_copies`` (afids-templates) takes ``posed``: True (the declared copies), False (the
+    originals only, e.g. to inspect them) or a mapping overriding declared counts (``{"train": 1, "test": 1}``).
     A single-template dataset (afids-mni) takes ``deformed: int = 0`` (number of randomly deformed copies
     of the template from :func:`lmlib.data.deformations.deformed_copies`, which assigns their splits; the
     undeformed template follows them as one more ``test`` image; 0 = only the template), ``seed`` and
@@ -403,6 +448,9 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: st
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     deformed = int(kwargs.pop("deformed", 0)) if spec.single_template else 0
     seed = int(kwargs.pop("seed", 0)) if spec.single_template else 0
+    posed_option = kwargs.pop("posed", True)
+    posed = bool(posed_option) and spec.posed is not None
+    posed_settings = {**(spec.posed or {}), **(posed_option if isinstance(posed_option, Mapping) else {})}
     if kwargs and not deformed:
         raise TypeError(f"load_dataset({str(name)!r}) got unexpected keyword arguments {sorted(kwargs)}")
     default = Path(spec.data_dir) if spec.data_dir else shared_data_dir() / spec.name
@@ -413,8 +461,10 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: st
         hint = (f"data_dir: in {spec.source}" if spec.data_dir else "Pass data_dir=... or set LMLIB_SHARED_DATA.")
         raise FileNotFoundError(f"{root}: data folder not found; expected dataset {spec.name!r} there "
                                 f"({spec.description or spec.images}). {hint}")
-    ds = load_from_spec(spec, root, annotator, load_images or deformed > 0,
+    ds = load_from_spec(spec, root, annotator, load_images or deformed > 0 or posed,
                         None if spec.single_template else split)
+    if posed:
+        ds.samples = with_posed_copies(ds.samples, posed_settings)
     if spec.single_template:
         template = ds.samples[0]
         template.meta["split"] = "test"
@@ -425,6 +475,30 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: st
     if split is not None:
         ds.samples = ds.split(split)
     return ds
+
+
+def with_posed_copies(samples: Sequence[Sample], settings: Mapping[str, Any]) -> list[Sample]:
+    """The samples a posed dataset is made of (``posed_copies:`` of its declaration): per image, as many
+    random posed copies as its split asks for (:func:`lmlib.data.deformations.posed_copies`; each copy's
+    seed depends only on the seed, the image id and the copy number); a training image is replaced by its
+    copies, a val/test image keeps its unposed original after them (an image of the template frame, as
+    published). Progress is shown per image (resampling a 1-mm brain takes seconds)."""
+    from tqdm.auto import tqdm
+
+    from lmlib.data.deformations import posed_copies
+
+    ranges = {k: float(v) for k, v in settings.items() if k not in ("train", "val", "test", "seed")}
+    out: list[Sample] = []
+    for s in tqdm(samples, desc="posed copies", unit="image", disable=len(samples) < 2):
+        split = s.meta.get("split")
+        copies = posed_copies(s, int(settings.get(split, 0)) if split else 0, int(settings.get("seed", 0)), **ranges)
+        for c in copies:
+            c.meta["split"] = split
+        out += copies
+        if split in ("val", "test"):
+            s.meta["posed_from"] = None  # the unposed original
+            out.append(s)
+    return out
 
 
 def paired_landmarks(a: Dataset, b: Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -9,6 +9,7 @@ All coordinates are world mm, ``(x, y[, z])``.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -154,5 +155,40 @@ def deformed_copies(template: Sample, n: int, seed: int,
         transform = random_deformation(template.geometry, template.size, tseed, **deformation_kwargs)
         s = deform_sample(template, transform, f"{template.image_id}_def{i:03d}")
         s.meta.update(split=splits[i], deformation_seed=tseed)
+        copies.append(s)
+    return copies
+
+
+#: posed copies' default ranges: a pose large enough that a landmark's world position alone does not find it
+#: (rotation about a random axis through the image centre, degrees; translation per axis, mm; per-axis scale
+#: 1 +- scale) composed with a smooth deformation (RMS mm, length scale mm)
+POSE_DEFAULTS: dict[str, float] = {"rotation_deg": 25.0, "translation_mm": 20.0, "scale": 0.1, "elastic_mm": 3.0,
+                                   "elastic_spacing_mm": 30.0}
+
+
+def copy_seed(seed: int, image_id: str, k: int) -> int:
+    """The seed of copy ``k`` of image ``image_id``: from the three alone (not from the other images or the
+    order they are loaded in), so any subset of copies is generated identically, on any machine."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(image_id.encode("utf-8")), int(k)]).generate_state(1)[0])
+
+
+def posed_copies(sample: Sample, n: int, seed: int = 0, rotation_deg: float = POSE_DEFAULTS["rotation_deg"],
+                 translation_mm: float = POSE_DEFAULTS["translation_mm"], scale: float = POSE_DEFAULTS["scale"],
+                 elastic_mm: float = POSE_DEFAULTS["elastic_mm"],
+                 elastic_spacing_mm: float = POSE_DEFAULTS["elastic_spacing_mm"]) -> list[Sample]:
+    """``n`` random posed copies of ``sample`` (ids ``{image_id}_pose00``...): each a random affine pose about
+    the image centre (rotation ``+-rotation_deg`` about a random axis, scale ``1 +- scale`` per axis,
+    translation ``+-translation_mm`` per axis) composed with a smooth elastic deformation (``elastic_mm``
+    RMS), resampled onto the image's own grid, so the anatomy no longer sits where its template frame put
+    it; landmarks move by the exact inverse (:func:`deform_sample`). ``meta``: the original's split,
+    ``posed_from`` and ``pose_seed``. Deterministic per ``(seed, image_id, k)`` (:func:`copy_seed`)."""
+    copies = []
+    for k in range(int(n)):
+        pseed = copy_seed(seed, sample.image_id, k)
+        transform = random_deformation(sample.geometry, sample.size, pseed, max_rotation_deg=rotation_deg,
+                                       max_scale=scale, max_translation_mm=translation_mm,
+                                       elastic_magnitude_mm=elastic_mm, elastic_spacing_mm=elastic_spacing_mm)
+        s = deform_sample(sample, transform, f"{sample.image_id}_pose{k:02d}")
+        s.meta.update(posed_from=sample.image_id, pose_seed=pseed)
         copies.append(s)
     return copies

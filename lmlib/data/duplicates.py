@@ -64,13 +64,13 @@ def keep_groups_together(splits: Mapping[str, str], groups: Sequence[Sequence[st
 
 
 def check_split_duplicates(groups: Sequence[Sequence[str]], splits: Mapping[str, str | None],
-                           paths: Mapping[str, str | Path], where: str) -> None:
-    """Raise ``ValueError`` naming the files when one group of identical images spans two splits (``where``:
-    the dataset and the origin of its splits, for the message)."""
+                           paths: Mapping[str, str | Path], where: str,
+                           kind: str = "identical images (same pixels)") -> None:
+    """Raise ``ValueError`` naming the files when one group of images (identical images, or one subject's
+    images: ``kind``) spans two splits (``where``: the dataset and the origin of its splits, for the message)."""
     bad = [g for g in groups if len({splits.get(i) for i in g}) > 1]
     if bad:
         lines = "; ".join(" = ".join(f"{Path(paths[i]).name} ({splits.get(i) or 'no split'})" for i in g)
                           for g in bad)
-        raise ValueError(f"{where}: identical images (same pixels) on two sides of the split: {lines}. Copies "
-                         "of one image must be in one split (else a test image is a training image): edit the "
-                         "split so that each group is in one split")
+        raise ValueError(f"{where}: {kind} on two sides of the split: {lines}. They must be in one split "
+                         "(else a test image is a training image): edit the split so that each group is in one split")

@@ -142,7 +142,7 @@ def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Pat
     ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announce it; returns
     that file, or None when the splits come from a file, the generator or the template's deformations."""
     spec = data.spec
-    if not spec.reader or spec.splits_file or spec.single_template:
+    if not spec.reader or spec.splits_file or spec.single_template or spec.subject_splits:
         return None
     splits = {s.image_id: s.meta.get("split") or "" for s in data.samples}
     output_dir.mkdir(parents=True, exist_ok=True)
