@@ -375,3 +375,13 @@ def test_intra_observer_pairs_refuse_copies_on_different_grids() -> None:
     with pytest.raises(ValueError, match="different grids"):
         reference_runs.intra_observer_pairs([s[0], moved], [[s[0].image_id, s[1].image_id]])
     assert reference_runs.intra_observer_pairs(s, [["absent", s[0].image_id]]) == ([], [])
+
+
+def test_a_run_made_with_set_overrides_is_named_so_in_the_profile_column() -> None:
+    """A --set run said "default" in the comparison as if run at the declared settings (issue 24)."""
+    from lmlib.reporting.comparison import profile_label
+
+    assert profile_label({"driver": {"profile": "default"}}) == "default"
+    assert profile_label({"driver": {"profile": "default", "overrides": {"max_epochs": 20, "device": "cpu"}}}) == \
+        "default + device=cpu, max_epochs=20"
+    assert profile_label({}) == "-"

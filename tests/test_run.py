@@ -332,13 +332,27 @@ def test_set_overrides_reach_every_selected_job(monkeypatch: pytest.MonkeyPatch,
     assert seen[0]["extra"] == {"max_epochs": 20, "image_size": [128, 192], "device": "cpu"}
 
 
+def test_set_applies_to_the_jobs_that_declare_it_and_names_the_others(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--only heatmap_unet reference comparison --set max_epochs=3`` failed because the reference notebook
+    has no max_epochs (issue 24); now each job gets the names its notebook declares."""
+    seen: dict[str, dict] = {}
+    monkeypatch.setattr(run, "run_job", lambda job, *a, **k: seen.setdefault(job.method, k["extra"]) and Path("x")
+                        or Path("x"))
+    assert main(["--only", "heatmap_unet", "reference", "--dataset", "synthetic2d", "--set", "max_epochs=3"]) == 0
+    assert seen == {"heatmap_unet": {"max_epochs": 3}, "reference": {}}
+    assert "synthetic2d/reference: --set max_epochs ignored (not a parameter of notebooks/05_reference_rows.ipynb)" \
+        in capsys.readouterr().out
+
+
 def test_set_is_checked_against_the_parameters_cell_before_any_run(monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[tuple] = []
     monkeypatch.setattr(run, "run_job", lambda *a, **k: calls.append(a) or Path("x"))
     assert main(["--only", "heatmap_unet", "--dataset", "synthetic2d", "--set", "max_epoch=20"]) == 2
     err = capsys.readouterr().err
-    assert "'max_epoch'" in err and "15_heatmap_unet.ipynb" in err and calls == []
+    assert "['max_epoch'] not a parameter of any selected notebook" in err and "15_heatmap_unet.ipynb" in err
+    assert calls == []
     assert main(["--only", "heatmap_unet", "--set", "20"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err and calls == []
 
@@ -360,3 +374,37 @@ def test_a_second_driver_on_the_same_job_stops_at_once_naming_the_first(tmp_path
         assert (scratch / "training_log.csv").read_text() == "the first driver's file"
     with job_lock(scratch):  # released when the holder finishes (or dies: flock)
         pass
+
+
+def test_the_driver_echoes_what_notebooks_print_to_its_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A terminal run was silent until the notebook ended (13 minutes for 80 epochs, issue 24): what the
+    kernel prints (epoch lines with the time left) is echoed line by line, prefixed with the job."""
+    import papermill as pm
+
+    from lmlib.run import ConsoleEcho
+
+    echo = ConsoleEcho("synthetic2d/heatmap_unet")
+    echo.write("epoch    1/80  val MRE 9.1 mm (20 s, 20.0 s/epoch, ~26 min 20 s left)\nepoch  ")
+    echo.write("  5/80 ...\n\n")
+    assert capsys.readouterr().out.splitlines() == [
+        "  [synthetic2d/heatmap_unet] epoch    1/80  val MRE 9.1 mm (20 s, 20.0 s/epoch, ~26 min 20 s left)",
+        "  [synthetic2d/heatmap_unet] epoch    5/80 ..."]
+    given = []
+
+    def fake_execute(input_path: str, output_path: str, parameters: dict, **kwargs) -> None:
+        given.append(kwargs.get("stdout_file"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    main(["--dataset", "synthetic2d", "--only", "exploration", "--results-dir", str(tmp_path)])
+    main(["--dataset", "synthetic2d", "--only", "exploration", "--results-dir", str(tmp_path), "--quiet"])
+    assert isinstance(given[0], ConsoleEcho) and given[0].label == "synthetic2d/exploration" and given[1] is None
+
+
+def test_the_manifest_records_set_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_papermill(monkeypatch)
+    _write_notebook(tmp_path, "toy.ipynb", BODY)
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path, extra={"seed": 3})
+    manifest = json.loads((tmp_path / "results" / "synthetic2d" / "toy" / "manifest.json").read_text())
+    assert manifest["driver"]["overrides"] == {"seed": 3}

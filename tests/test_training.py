@@ -352,4 +352,6 @@ def test_batch_runs_print_epoch_lines_instead_of_a_live_bar(samples, tmp_path, m
     fit(method, _dm(samples), tmp_path, max_epochs=3, device="cpu")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert all("val MRE" in line and line.rstrip().endswith("s)") for line in lines)
+    assert all("val MRE" in line and line.rstrip().endswith(")") and " s/epoch" in line for line in lines)
+    # the time left (issue 24: nothing estimated an epoch's time before committing to 200 epochs)
+    assert "left)" in lines[0] and "left)" in lines[1] and "left" not in lines[2]

@@ -72,10 +72,10 @@ class EpochLines(Callback):
     store hundreds of carriage-return updates."""
 
     def __init__(self, n_lines: int = 20) -> None:
-        self.n_lines, self.start = int(n_lines), 0.0
+        self.n_lines, self.start, self.first = int(n_lines), 0.0, 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
+        self.start, self.first = time.perf_counter(), int(trainer.current_epoch)  # > 0 when resumed
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, total = int(trainer.current_epoch) + 1, int(trainer.max_epochs or 0)
@@ -84,9 +84,22 @@ class EpochLines(Callback):
             return
         m = trainer.callback_metrics
         loss, mre = m.get("train/loss"), m.get(MONITOR)
+        elapsed = time.perf_counter() - self.start
+        per_epoch = elapsed / max(1, epoch - self.first)
+        left = f", ~{_duration(per_epoch * (total - epoch))} left" if epoch < total else ""
         print(f"epoch {epoch:>4}/{total}  train loss {float(loss) if loss is not None else float('nan'):.4g}  "
               f"val MRE {float(mre) if mre is not None else float('nan'):.3f} mm  "
-              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+              f"({elapsed:.0f} s, {per_epoch:.1f} s/epoch{left})", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``1 min 35 s``; ``4000`` -> ``1 h 7 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def progress_callback(n_batches: int, refresh_rate: int | None) -> Callback:

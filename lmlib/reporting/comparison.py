@@ -70,6 +70,17 @@ class Run:
         return run_device(self.manifest)
 
 
+def profile_label(manifest: dict[str, Any]) -> str:
+    """The profile as the tables show it: ``default + max_epochs=20`` for a run the driver made with ``--set``
+    overrides (it said ``default`` before, as if run at the declared settings)."""
+    driver = manifest.get("driver")
+    overrides = driver.get("overrides") if isinstance(driver, dict) else None
+    base = run_profile(manifest)
+    if not overrides:
+        return base
+    return f"{base} + " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
 def run_profile(manifest: dict[str, Any]) -> str:
     """``manifest["driver"]["profile"]``, or ``-`` when the run did not go through the driver."""
     driver = manifest.get("driver")
@@ -432,7 +443,8 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
         aligned = comp.predictions[method].set_index(KEY).loc[comp.errors.index].reset_index()
         aligned["error_mm"] = comp.errors[method].to_numpy()
         row: dict[str, Any] = {"method": method, "kind": comp.run_metrics[method].get("kind", "method"),
-                               "profile": comp.run_profile(method), "device": comp.run_device(method)}
+                               "profile": profile_label(comp.manifests.get(method, {})),
+                               "device": comp.run_device(method)}
         row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
         ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx)
         for key in ci.index:
@@ -440,7 +452,7 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
         row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
         rows.append(row)
     for method, run in comp.own_images.items():  # on its own images: own CIs, never in the ranking's pairs
-        row = {"method": method, "kind": run.kind, "profile": run.profile, "device": run.device}
+        row = {"method": method, "kind": run.kind, "profile": profile_label(run.manifest), "device": run.device}
         row.update(M.overall_metrics(run.predictions, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
         wide = run.predictions.pivot_table(index="image_id", columns="landmark", values="error_mm", dropna=False)
         ci = stats.bootstrap_ci(wide, n_bootstrap=n_bootstrap, seed=seed, thresholds_mm=thresholds_mm)
