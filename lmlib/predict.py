@@ -31,8 +31,6 @@ from tqdm.auto import tqdm
 
 from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image
 from lmlib.data.sample import Sample, image_from_sitk
-from lmlib.engine.cascade import model_checkpoints, predict_cascade
-from lmlib.engine.training import load_checkpoint
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
@@ -164,6 +162,9 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
         clash = [str(p) for p, i in zip(files, ids) if i == repeated[0]]
         raise ValueError(f"images with the same name {repeated} ({', '.join(clash)}): their outputs would "
                          "overwrite each other; rename them or predict them into separate --out folders")
+    from lmlib.engine.cascade import model_checkpoints, predict_cascade  # torch + Lightning: not for --help
+    from lmlib.engine.training import load_checkpoint
+
     modules = [load_checkpoint(c) for c in model_checkpoints(model)]
     names, ndim = modules[0].landmark_names, modules[0].method.spatial_dims
     if regions is not None and list(regions.landmark_names) != list(names):

@@ -130,3 +130,16 @@ def test_report_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert summarize_report(empty, print_it=False) == "annotation checks: no issues"
     many = make_report([Issue(str(k), "a", "l1", "missing", "", "f") for k in range(5)])
     assert "3 more rows" in summarize_report(many, max_rows=2, print_it=False)
+
+
+def test_summary_counts_the_data_sets_images_and_folds_image_level_rows() -> None:
+    """A 9-image sample with a 901-row CSV read "901 issues in 901 images", and a missing annotation file was
+    listed once per landmark (issue 24)."""
+    orphans = [Issue(f"x{k}", "a", "", "no_image", "annotation without image", "pts.csv") for k in range(900)]
+    missing = mask_image("7", ["l1", "l2", "l3"], "no_annotation", "no annotation: file not found", "ann/7.json", "a")
+    text = summarize_report(make_report(orphans + missing + [Issue("8", "a", "l1", "missing", "label not given", "f")]),
+                            print_it=False)
+    assert text.splitlines()[0] == ("annotation checks: 4 issues in 2 images; 900 annotation record(s) without an "
+                                    "image (e.g. x0, x1, x10)")
+    assert "[a] 7 (all 3 landmarks): no_annotation: no annotation: file not found" in text
+    assert "a: no_image: 900" in text and "x5" not in text.split("\n", 1)[1]

@@ -242,3 +242,14 @@ def test_predict_names_the_file_for_a_broken_model_image_spacing_or_folder(model
     assert main([str(run), str(paths[0]), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{out}: cannot write the output folder here" in err and "Traceback" not in err
+
+
+def test_predict_help_does_not_import_torch() -> None:
+    """``python -m lmlib.predict --help`` took 20 s: it imported torch and Lightning before parsing (issue 24)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lmlib.predict import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: python -m lmlib.predict" in out and out.strip().splitlines()[-1] == "False False"

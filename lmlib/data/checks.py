@@ -205,16 +205,28 @@ def summarize_report(report: pd.DataFrame, max_rows: int = 50, print_it: bool = 
     else:
         counts = report.groupby(["annotator", "issue"]).size().rename("n").reset_index()
         masked = masked_counts(report)
-        lines = [f"annotation checks: {len(report)} issues in {report['image_id'].nunique()} images"]
+        orphans = report[report["issue"] == "no_image"]
+        own = report[report["issue"] != "no_image"]
+        # the headline counts the data set's images; annotation records without an image are one line (a CSV
+        # of 901 rows for a 9-image sample read "901 issues in 901 images" before)
+        lines = [f"annotation checks: {len(own)} issues in {own['image_id'].nunique()} images"
+                 + (f"; {len(orphans)} annotation record(s) without an image (e.g. "
+                    f"{', '.join(map(str, orphans['image_id'].head(3)))})" if len(orphans) else "")]
         lines.append("masked landmarks: " + (", ".join(f"{k or '-'}: {v}" for k, v in masked.items()) or "none")
                      + (" (one report row each)" if masked else ""))
         lines += [f"  {r.annotator or '-'}: {r.issue}: {r.n}{' (masked)' if r.issue in MASKING_ISSUES else ''}"
                   for r in counts.itertuples()]
-        shown = report.head(max_rows)
-        lines += [f"  [{r.annotator or '-'}] {r.image_id} {r.landmark or '(image)'}: {r.issue}: {r.detail}"
-                  for r in shown.itertuples()]
-        if len(report) > max_rows:
-            lines.append(f"  ... {len(report) - max_rows} more rows")
+        # an image-level cause (no annotation file, excluded, ...) masks every landmark: one line, not one each
+        keys = ["annotator", "image_id", "issue", "detail"]
+        whole = own["issue"].isin(IMAGE_MASKING_ISSUES)
+        grouped = own[whole].groupby(keys, sort=False).size().rename("n").reset_index()
+        items = [f"  [{r.annotator or '-'}] {r.image_id} (all {r.n} landmarks): {r.issue}: {r.detail}"
+                 for r in grouped.itertuples()]
+        items += [f"  [{r.annotator or '-'}] {r.image_id} {r.landmark or '(image)'}: {r.issue}: {r.detail}"
+                  for r in own[~whole].itertuples()]
+        lines += items[:max_rows]
+        if len(items) > max_rows:
+            lines.append(f"  ... {len(items) - max_rows} more rows")
         text = "\n".join(lines)
     if print_it:
         print(text)
