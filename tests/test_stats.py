@@ -95,3 +95,20 @@ def test_bootstrap_shared_indices() -> None:
     idx = stats.resample_indices(12, 500, seed=4)
     assert idx.shape == (500, 12)
     pd.testing.assert_frame_equal(stats.bootstrap_ci(err, indices=idx), stats.bootstrap_ci(err, n_bootstrap=500, seed=4))
+
+
+def test_pairs_are_images_not_points_when_errors_are_indexed_by_image() -> None:
+    """74 points of 2 images were tested as 74 independent pairs (p ~ 1e-14, issue 24); the landmarks of one
+    image are correlated, so the test pairs the 2 per-image means (the smallest two-sided p with 2 pairs is 0.5)."""
+    rng = np.random.default_rng(3)
+    index = pd.MultiIndex.from_product([["img1", "img2"], [f"l{k}" for k in range(37)]], names=["image_id", "landmark"])
+    a = rng.gamma(2.0, 0.5, len(index))
+    errors = pd.DataFrame({"a": a, "b": a + 0.3}, index=index)
+    errors.iloc[0, 1] = np.nan  # a landmark only one method has is left out of that image's means
+    by_image = stats.pairwise_wilcoxon(errors).iloc[0]
+    by_point = stats.pairwise_wilcoxon(errors, by="point").iloc[0]
+    assert by_image.unit == "image" and by_image.n_pairs == 2 and by_image.p_value >= 0.5
+    assert by_point.unit == "point" and by_point.n_pairs == 73 and by_point.p_value < 1e-6
+    assert by_image.mean_diff_mm == pytest.approx(-0.3) and by_image.better == "a"
+    with pytest.raises(ValueError, match="by='image'"):
+        stats.pairwise_wilcoxon(errors.reset_index(drop=True), by="image")

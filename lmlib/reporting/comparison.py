@@ -408,6 +408,10 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     errors, align_notes = align_runs(preds)
     notes += [f"{m}: scored on its own images ({r.metrics.get('n_images')} images, "
               f"{r.metrics.get('n_points')} points), not on the test split" for m, r in own.items()]
+    n_images = errors.index.get_level_values("image_id").nunique() if len(errors) else 0
+    if 0 < n_images < stats.MIN_TEST_IMAGES:
+        notes.append(f"only {n_images} test image(s) (fewer than {stats.MIN_TEST_IMAGES}): the 95 % intervals "
+                     "(bootstrap over images) and the paired tests (by image) are indicative only")
     return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
                       notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded, own,
                       {m: row_role(r) for m, r in runs.items()})

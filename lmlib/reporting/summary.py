@@ -98,7 +98,7 @@ def _fmt_p(p: float) -> str:
 
 def ranking_sentences(results_dir: Path | str, long: pd.DataFrame) -> dict[str, str]:
     """Per data set: the best row, which rows it is not distinguishable from (Holm-corrected Wilcoxon, paired by
-    landmark point, 5 %), and whether the learned methods beat the registration baseline (with p-values)."""
+    image, 5 %), and whether the learned methods beat the registration baseline (with p-values)."""
     out: dict[str, str] = {}
     for dataset, folder in comparisons(results_dir, list(long["dataset"].unique())).items():
         rows = long[(long["dataset"] == dataset) & ~long["observer"]].sort_values("mre_mm")
