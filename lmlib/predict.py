@@ -36,7 +36,7 @@ from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
 
 OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv")  # what a run writes besides exports
-EXPORT_SUFFIXES = (".json",)  # labelme .json and Slicer .mrk.json exports
+EXPORT_SUFFIXES = (".json", ".png")  # labelme .json (+ a PNG for formats labelme cannot open), Slicer .mrk.json
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
                   ".bmp", ".dcm")
 
@@ -186,7 +186,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
                 paths = [Path(p) for p in chunk]
                 samples = load_images(paths, names, ndim, spacing_mm)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
-            part = prediction_table(samples, pred.world_mm, pred.confidence, paths)
+            part = prediction_table(samples, pred.world_mm, pred.confidence, paths, relative_to=out)
             part["spread_mm"] = np.concatenate(pred.spread_mm) if pred.spread_mm is not None else np.nan
             rows.append(part)
             kept += samples[:max(0, keep_samples - len(kept))]

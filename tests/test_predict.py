@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.phantoms import make_phantom_dataset
@@ -56,7 +57,19 @@ def test_predict_command_2d_writes_csv_and_labelme_that_read_back(model2d, tmp_p
         back = s.geometry.index_to_world(np.stack([ann.points[n][0] for n in s.landmark_names]))
         np.testing.assert_allclose(back, w, atol=1e-6)
         doc = json.loads((tmp_path / "out" / f"{s.image_id}.json").read_text())
-        assert doc["imagePath"] == f"../images/{s.image_id}.mha" and doc["imageWidth"] == 48
+        # labelme cannot open .mha (issue 24: "Failed opening image file"): a PNG beside the JSON, which Pillow
+        # (labelme's reader) opens at the image's size; predictions.csv's image_path resolves from the folder
+        assert doc["imagePath"] == f"{s.image_id}.png" and doc["imageWidth"] == 48 and doc["imageData"] is None
+        with Image.open(tmp_path / "out" / doc["imagePath"]) as png:
+            assert png.size == (doc["imageWidth"], doc["imageHeight"]) and png.mode == "L"
+        assert {(tmp_path / "out" / q).resolve() for q in rows["image_path"]} == {paths[test.index(s)].resolve()}
+    # an image labelme opens itself is named where it is, relative to the JSON
+    png_in = tmp_path / "flat" / "one.png"
+    png_in.parent.mkdir()
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(test[0].to_sitk()), sitk.sitkUInt8), str(png_in))
+    assert main([str(run), str(png_in), "--out", str(tmp_path / "out_png"), "--spacing", "0.5"]) == 0
+    doc = json.loads((tmp_path / "out_png" / "one.json").read_text())
+    assert doc["imagePath"] == "../flat/one.png" and not (tmp_path / "out_png" / "one.png").exists()
 
 
 def test_slicer_markups_round_trip_and_missing_points(tmp_path):

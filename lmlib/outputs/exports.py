@@ -5,7 +5,14 @@
   the first pixel) and the method's confidence; NaN where a landmark was not predicted.
 - :func:`write_labelme`: a labelme JSON per 2D image (one ``point`` shape per landmark, in labelme's
   pixel coordinates: the top-left *corner* of the image is (0, 0), i.e. index + 0.5), openable in
-  labelme next to the image and read back by :func:`lmlib.data.readers.read_labelme`.
+  labelme and read back by :func:`lmlib.data.readers.read_labelme`. labelme opens images with Pillow:
+  for a format it cannot read (``.mha``, ``.nrrd``, ``.nii.gz``, DICOM) an 8-bit PNG of the image is
+  written beside the JSON and named by its ``imagePath`` (labelme 5.2.1 failed "Failed opening image
+  file" on an ``imagePath`` naming the ``.mha``).
+
+Paths: ``imagePath`` in a labelme JSON is relative to the JSON's folder (labelme's convention);
+``image_path`` in ``predictions.csv`` is the input image relative to the folder holding that file
+(``relative_to``), so both resolve from the output folder wherever it is moved.
 - :func:`write_slicer_markups`: a 3D Slicer ``.mrk.json`` point list per 3D image (``coordinateSystem``
   LPS, mm), read back by :func:`lmlib.data.readers.read_slicer_json`.
 
@@ -27,17 +34,25 @@ from lmlib.data.sample import Sample
 SLICER_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
                  "Schema/markups-schema-v1.0.3.json#")
 LABELME_VERSION = "5.2.1"
+#: image suffixes labelme opens itself (Pillow); for any other a PNG is exported beside the JSON
+LABELME_READABLE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _relative(path: str | Path, folder: str | Path | None) -> str:
+    return str(path) if folder is None else os.path.relpath(Path(path).resolve(), Path(folder).resolve())
 
 
 def prediction_table(samples: Sequence[Sample], world_mm: Sequence[np.ndarray], confidence: Sequence[np.ndarray],
-                     image_paths: Sequence[str | Path] | None = None) -> pd.DataFrame:
-    """Long table of predictions: image, landmark, world mm, pixel/voxel index, confidence."""
+                     image_paths: Sequence[str | Path] | None = None,
+                     relative_to: str | Path | None = None) -> pd.DataFrame:
+    """Long table of predictions: image, landmark, world mm, pixel/voxel index, confidence. ``image_path``:
+    as given, or relative to ``relative_to`` (the folder the table is written to)."""
     rows = []
     for i, (s, w, c) in enumerate(zip(samples, world_mm, confidence)):
         w = np.asarray(w, dtype=np.float64).reshape(len(s.landmark_names), s.ndim)
         idx = s.geometry.world_to_index(w)
         for k, name in enumerate(s.landmark_names):
-            row = {"image_id": s.image_id, "image_path": str(image_paths[i]) if image_paths else "",
+            row = {"image_id": s.image_id, "image_path": _relative(image_paths[i], relative_to) if image_paths else "",
                    "landmark": name}
             for a, axis in enumerate("xyz"):
                 row[f"{axis}_mm"] = w[k, a] if a < s.ndim else np.nan
@@ -50,7 +65,8 @@ def prediction_table(samples: Sequence[Sample], world_mm: Sequence[np.ndarray], 
 
 def write_labelme(sample: Sample, world_mm: np.ndarray, path: str | Path, image_path: str | Path | None = None) -> Path:
     """labelme JSON of a 2D image's predicted points (NaN points left out); ``image_path`` is stored
-    relative to the JSON's folder (as labelme resolves it)."""
+    relative to the JSON's folder (as labelme resolves it), or, for a format labelme cannot open, an 8-bit
+    PNG of the image is written beside the JSON (``<json stem>.png``) and named instead."""
     if sample.ndim != 2:
         raise ValueError(f"{sample.image_id}: labelme files hold 2D points; this image is {sample.ndim}D")
     out = Path(path)
@@ -58,12 +74,27 @@ def write_labelme(sample: Sample, world_mm: np.ndarray, path: str | Path, image_
     shapes = [{"label": name, "points": [[float(p[0] + 0.5), float(p[1] + 0.5)]], "group_id": None,
                "description": "", "shape_type": "point", "flags": {}}
               for name, p in zip(sample.landmark_names, idx) if np.isfinite(p).all()]
-    rel = "" if image_path is None else os.path.relpath(Path(image_path).resolve(), out.parent.resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if image_path is not None and not str(image_path).lower().endswith(LABELME_READABLE):
+        rel = write_png(sample.image, out.with_name(f"{out.stem}.png")).name
+    else:
+        rel = "" if image_path is None else _relative(image_path, out.parent)
     doc = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": rel, "imageData": None,
            "imageHeight": int(sample.size[1]), "imageWidth": int(sample.size[0])}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
+
+
+def write_png(image: np.ndarray, path: Path, percentiles: tuple[float, float] = (0.5, 99.5)) -> Path:
+    """An 8-bit grey PNG of a 2D image indexed ``(x, y)``, windowed to the given intensity percentiles (a
+    viewing copy: the measurements stay on the original image)."""
+    import SimpleITK as sitk
+
+    pixels = np.asarray(image, dtype=np.float64).T  # (y, x) rows for the file
+    lo, hi = np.percentile(pixels, percentiles)
+    scaled = np.clip((pixels - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    sitk.WriteImage(sitk.GetImageFromArray(np.rint(255 * scaled).astype(np.uint8)), str(path))
+    return path
 
 
 def write_slicer_markups(sample: Sample, world_mm: np.ndarray, path: str | Path) -> Path:
