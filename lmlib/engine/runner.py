@@ -50,7 +50,7 @@ SHARED_PARAMETERS: dict[str, str] = {
     "devices": "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is batch_size x devices x num_nodes",
     "num_nodes": "nodes of a multi-node DDP run (launched by torchrun or SLURM srun)",
     "strategy": "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under torchrun/srun) | ddp | ddp_spawn | ...",
-    "precision": "32-true | bf16-mixed (bf16 autocast: a 1.24x faster heatmap U-Net step at 256x320 on this CPU)",
+    "precision": "32-true | bf16-mixed (bf16 autocast; its speed on this CPU: the benchmark notebook)",
     "num_workers": "data-loader worker processes",
     "max_epochs": "training epochs",
     "batch_size": "images per batch",

@@ -1,0 +1,136 @@
+"""mkdocs hooks of the lmlib documentation (named in ``mkdocs.yml``; not a documentation page).
+
+Three things the Markdown pages need and plain mkdocs does not do:
+
+- **Repository files.** Pages link to files outside ``docs/`` (generated tables and figures under
+  ``results/``, notebooks, sources) with ordinary relative links such as ``../../results/x/fig.png``, which
+  work where the Markdown is read on GitHub. mkdocs serves only files under ``docs_dir``, so each linked
+  repository file is added to the built site under ``_repo/<path>`` and the link is rewritten to it.
+  Nothing is copied into ``docs/``; a link to a missing file stays as it is and ``--strict`` reports it.
+- **Command-line help** generated from the parsers: a line ``<!-- cli-help: lmlib.run -->`` becomes the
+  output of ``python -m lmlib.run --help`` (only the modules in :data:`CLI_MODULES`).
+- **The dataset declaration keys** from the module docstring of ``lmlib/data/dataset_spec.py`` (the
+  authoritative list): a line ``<!-- dataset-spec-keys -->`` becomes its ``Keys`` block.
+- **Generated CSV tables** (the benchmark writes no Markdown): a line ``<!-- csv-table: results/x/table.csv -->``
+  (path from the repository root) becomes that file as a Markdown table, numbers to four significant digits.
+  A missing file fails the build.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files, InclusionLevel
+from mkdocs.structure.pages import Page
+
+REPO_PREFIX = "_repo"  # where linked repository files live in the built site
+LINK = re.compile(r"(\]\()([^)\s]+?)((?:#[^)\s]*)?\))")  # Markdown link or image target: ](target#anchor)
+CLI_MODULES = ("lmlib.run", "lmlib.predict", "lmlib.reporting.diagnostics", "lmlib.data.example_dataset")
+CLI_MARKER = re.compile(r"^<!-- cli-help: ([\w.]+) -->$", re.MULTILINE)
+KEYS_MARKER = "<!-- dataset-spec-keys -->"
+CSV_MARKER = re.compile(r"^<!-- csv-table: (\S+\.csv) -->$", re.MULTILINE)
+SPEC_MODULE = Path("lmlib") / "data" / "dataset_spec.py"
+
+
+def _root(config: Any) -> Path:
+    return Path(config["config_file_path"]).resolve().parent
+
+
+def _repo_target(target: str, page_dir: Path, docs_dir: Path, root: Path) -> Path | None:
+    """The repository file (outside ``docs_dir``) that a relative link ``target`` names, else None."""
+    if target.startswith(("http://", "https://", "mailto:", "#", "/")) or "://" in target:
+        return None
+    path = (page_dir / target).resolve()
+    if not path.is_file() or not path.is_relative_to(root) or path.is_relative_to(docs_dir):
+        return None
+    return path
+
+
+def on_files(files: Files, config: Any) -> Files:
+    """Add every repository file a page links to under ``_repo/`` (not listed in the navigation)."""
+    docs_dir, root = Path(config["docs_dir"]).resolve(), _root(config)
+    wanted: set[Path] = set()
+    for page in docs_dir.rglob("*.md"):
+        for match in LINK.finditer(page.read_text(encoding="utf-8")):
+            path = _repo_target(match.group(2), page.parent, docs_dir, root)
+            if path is not None:
+                wanted.add(path)
+    for path in sorted(wanted):
+        uri = f"{REPO_PREFIX}/{path.relative_to(root).as_posix()}"
+        if files.get_file_from_path(uri) is None:
+            files.append(File.generated(config, uri, abs_src_path=str(path), inclusion=InclusionLevel.NOT_IN_NAV))
+    return files
+
+
+def _cli_help(module: str, root: Path) -> str:
+    if module not in CLI_MODULES:
+        raise ValueError(f"cli-help: {module!r} is not one of {CLI_MODULES}")
+    env = {**os.environ, "COLUMNS": "100"}
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m {module} --help failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return f"```text\n{done.stdout.rstrip()}\n```"
+
+
+def _spec_keys(root: Path) -> str:
+    """The ``Keys (...)::`` block of the dataset_spec module docstring, as a YAML code block."""
+    doc = ast.get_docstring(ast.parse((root / SPEC_MODULE).read_text(encoding="utf-8"))) or ""
+    head, sep, rest = doc.partition("::\n")
+    if not sep or "Keys" not in head.rsplit("\n", 1)[-1]:
+        raise ValueError(f"{SPEC_MODULE}: its docstring has no 'Keys ...::' block")
+    block = []
+    for line in rest.split("\n")[1:] if rest.startswith("\n") else rest.split("\n"):
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "```yaml\n" + "\n".join(block).strip("\n") + "\n```"
+
+
+def _cell(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text.replace("|", "\\|")
+    return text if text.strip().lstrip("-").isdigit() else f"{value:.4g}"
+
+
+def _csv_table(relative: str, root: Path) -> str:
+    """A generated CSV file as a Markdown table (the first column is the row name when its header is empty)."""
+    path = (root / relative).resolve()
+    if not path.is_file() or not path.is_relative_to(root):
+        raise FileNotFoundError(f"csv-table: {relative} not found in the repository")
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise ValueError(f"csv-table: {relative} is empty")
+    head, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(h or " " for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> str:
+    """Rewrite links to repository files; expand the generated blocks."""
+    docs_dir, root = Path(config["docs_dir"]).resolve(), _root(config)
+    page_dir = (docs_dir / page.file.src_path).parent
+
+    def relink(match: re.Match[str]) -> str:
+        path = _repo_target(match.group(2), page_dir, docs_dir, root)
+        if path is None:
+            return match.group(0)
+        served = docs_dir / REPO_PREFIX / path.relative_to(root)
+        return f"{match.group(1)}{os.path.relpath(served, page_dir).replace(os.sep, '/')}{match.group(3)}"
+
+    markdown = LINK.sub(relink, markdown)
+    markdown = CLI_MARKER.sub(lambda m: _cli_help(m.group(1), root), markdown)
+    markdown = CSV_MARKER.sub(lambda m: _csv_table(m.group(1), root), markdown)
+    if KEYS_MARKER in markdown:
+        markdown = markdown.replace(KEYS_MARKER, _spec_keys(root))
+    return markdown
