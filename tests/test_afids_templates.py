@@ -218,3 +218,17 @@ def test_posed_copies_of_the_real_templates_defeat_position_alone_and_reproduce(
     assert np.nanmean(errors) >= 10.0
     again = load_dataset("afids-templates", ROOT, posed=few, split="test")
     assert checksum_samples(again.samples) == checksum_samples(ds.split("test"))
+
+
+def test_the_comparison_reports_each_test_subject() -> None:
+    """afids-templates is reported overall and per test anatomy (issue 23); posed copies count for their original."""
+    import pandas as pd
+
+    from lmlib.reporting.comparison import Comparison, table_subjects
+
+    ids = ["Colin27_res-01_pose00", "Colin27_res-02", "MNI305_res-02_pose01", "MNI305_res-02"]
+    index = pd.MultiIndex.from_product([ids, ["AC", "PC"]], names=["image_id", "landmark"])
+    errors = pd.DataFrame({"a": [1.0, 3.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]}, index=index)
+    table = table_subjects(Comparison("afids-templates", {}, {}, errors), ["a"])
+    assert table.to_dict() == {"n_images": {"Colin27": 2, "MNI305": 2}, "a": {"Colin27": 1.5, "MNI305": 3.0}}
+    assert table_subjects(Comparison("synthetic3d", {}, {}, errors), ["a"]) is None

@@ -477,6 +477,20 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None, split: st
     return ds
 
 
+def subject_of(name: str | Path, image_ids: Sequence[str]) -> dict[str, str]:
+    """image id -> subject (a declaration's ``subjects:``) for the given ids; a posed copy
+    (``<id>_poseNN``) belongs to its original's subject. Empty for a data set without subjects."""
+    if str(name) in SYNTHETIC:
+        return {}
+    members = {i: subject for subject, ids in get_spec(name).subjects.items() for i in ids}
+    out = {}
+    for image_id in image_ids:
+        original = re.sub(r"_pose\d+$", "", str(image_id))
+        if original in members:
+            out[str(image_id)] = members[original]
+    return out
+
+
 def with_posed_copies(samples: Sequence[Sample], settings: Mapping[str, Any]) -> list[Sample]:
     """The samples a posed dataset is made of (``posed_copies:`` of its declaration): per image, as many
     random posed copies as its split asks for (:func:`lmlib.data.deformations.posed_copies`; each copy's

@@ -32,7 +32,7 @@ from lmlib.evaluation import statistics as stats
 from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
                                     read_manifest, read_run, write_json, write_outputs)
-from lmlib.data.datasets import SYNTHETIC, dataset_name, dataset_notes, is_single_template, load_dataset
+from lmlib.data.datasets import SYNTHETIC, dataset_name, dataset_notes, is_single_template, load_dataset, subject_of
 from lmlib.data.sample import Sample
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
@@ -507,6 +507,22 @@ def table_landmarks(comp: Comparison, methods: Sequence[str] | None = None) -> p
     order = pd.unique(comp.errors.index.get_level_values("landmark"))
     table = comp.errors[methods].groupby(level="landmark", sort=False).mean().reindex(order)
     table.columns.name = "method"
+    return table
+
+
+def table_subjects(comp: Comparison, methods: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """MRE (mm) per test subject (rows; ``n_images`` counts its images, posed copies included) and method
+    (columns), for a data set that declares subjects (afids-templates: per test anatomy); None otherwise."""
+    methods = list(methods) if methods is not None else comp.methods
+    images = pd.unique(comp.errors.index.get_level_values("image_id"))
+    subjects = subject_of(comp.dataset, list(images)) if len(images) else {}
+    if not subjects:
+        return None
+    key = comp.errors.index.get_level_values("image_id").map(lambda i: subjects.get(i, "-"))
+    table = comp.errors[methods].groupby(key.to_numpy(), sort=True).mean()
+    counts = pd.Series(list(subjects.values())).value_counts()
+    table.insert(0, "n_images", [int(counts.get(k, 0)) for k in table.index])
+    table.index.name = "subject"
     return table
 
 
