@@ -92,8 +92,8 @@ _HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmu
                              "neck_channels": 128, "head_channels": 64}
 _HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
 HTC_JOBS: tuple[Job, ...] = (
-    # hand-xray: an epoch costs 2.6x hamedan-ceph's here (37 landmarks on the heads): 64 epochs keep the training
-    # within the 60-minute CPU budget (the epoch time is printed by every run)
+    # hand-xray: an epoch costs far more than on hamedan-ceph (37 landmarks on the heads; every run prints its
+    # time per epoch): 64 epochs keep the training within the 60-minute CPU budget
     Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), smoke=_HTC_SMOKE, full=_HTC_FULL,
         per_dataset={"hand-xray:full": {"max_epochs": 64, "warmup_epochs": 6}}),
     *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), main=False,
