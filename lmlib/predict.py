@@ -307,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--regions takes coverage levels between 0 and 1 (e.g. 0.9 0.95), got {args.regions}")
     if args.review_mm is not None and not args.regions:
         parser.error("--review-mm needs --regions (the review list compares each landmark's region with it)")
-    if args.review_mm is not None and not args.review_mm > 0:
-        parser.error(f"--review-mm must be > 0 (mm), got {args.review_mm}")
+    if args.review_mm is not None and not args.review_mm >= 0:
+        parser.error(f"--review-mm must be >= 0 (mm; 0 lists every landmark), got {args.review_mm}")
     if args.spacing is not None and not all(np.isfinite(v) and v > 0 for v in args.spacing):
         parser.error(f"--spacing must be positive numbers (mm), got {args.spacing}")
     try:
