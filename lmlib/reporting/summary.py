@@ -35,10 +35,18 @@ def method_series(row: str) -> str:
     return sub if top == "reference" else top
 
 
+#: data set -> the folder of a comparison still being written (the driver moves it into place only after the
+#: notebook ends): :func:`write_summary` called from that notebook must read it, not the previous comparison
+FRESH: dict[str, Path] = {}
+
+
 def comparisons(results_dir: Path | str, datasets: Sequence[str] | None = None) -> dict[str, Path]:
-    """Data set -> its comparison folder, for every real data set with a finished comparison (or those named)."""
+    """Data set -> its comparison folder, for every real data set with a finished comparison (or those named);
+    a data set in :data:`FRESH` maps to that folder."""
     root = Path(results_dir)
     found = {p.parent.name: p for p in sorted(root.glob("*/comparison")) if (p / "table_main.csv").is_file()}
+    found.update({d: Path(p) for d, p in FRESH.items() if (Path(p) / "table_main.csv").is_file()})
+    found = dict(sorted(found.items()))
     if datasets is not None:
         return {d: found[d] for d in datasets if d in found}
     return {d: p for d, p in found.items() if not d.startswith("synthetic")}
@@ -158,11 +166,13 @@ def fig_summary(long: pd.DataFrame, path: Path | str | None = None) -> Any:
 
 
 def write_summary(results_dir: Path | str, readme: Path | str | None = None,
-                  datasets: Sequence[str] | None = None) -> Path | None:
+                  datasets: Sequence[str] | None = None, fresh: dict[str, Path] | None = None) -> Path | None:
     """Write ``<results_dir>/summary/``: ``table_summary.csv`` (long, numeric), ``table_summary.md`` (the wide
     table and one sentence per data set) and ``fig_summary.png``; with ``readme`` (a README whose folder holds
     ``results_dir`` as ``results/``), replace its block between :data:`README_START` and :data:`README_END` by
     ``table_summary.md``. None when no comparison exists."""
+    FRESH.clear()
+    FRESH.update(fresh or {})  # the calling comparison's own folder (not yet in place): read it, not the old one
     long = summary_table(results_dir, datasets)
     if long.empty:
         return None
