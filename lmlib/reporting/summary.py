@@ -35,17 +35,14 @@ def method_series(row: str) -> str:
     return sub if top == "reference" else top
 
 
-#: data set -> the folder of a comparison still being written (the driver moves it into place only after the
-#: notebook ends): :func:`write_summary` called from that notebook must read it, not the previous comparison
-FRESH: dict[str, Path] = {}
-
-
-def comparisons(results_dir: Path | str, datasets: Sequence[str] | None = None) -> dict[str, Path]:
+def comparisons(results_dir: Path | str, datasets: Sequence[str] | None = None,
+                fresh: dict[str, Path] | None = None) -> dict[str, Path]:
     """Data set -> its comparison folder, for every real data set with a finished comparison (or those named);
-    a data set in :data:`FRESH` maps to that folder."""
+    ``fresh``: data set -> the folder of a comparison still being written (the driver moves it into place only
+    after its notebook ends), read instead of the previous one."""
     root = Path(results_dir)
     found = {p.parent.name: p for p in sorted(root.glob("*/comparison")) if (p / "table_main.csv").is_file()}
-    found.update({d: Path(p) for d, p in FRESH.items() if (Path(p) / "table_main.csv").is_file()})
+    found.update({d: Path(p) for d, p in (fresh or {}).items() if (Path(p) / "table_main.csv").is_file()})
     found = dict(sorted(found.items()))
     if datasets is not None:
         return {d: found[d] for d in datasets if d in found}
@@ -59,11 +56,12 @@ def _main_rows(folder: Path) -> pd.DataFrame:
     return table.loc[keep]
 
 
-def summary_table(results_dir: Path | str, datasets: Sequence[str] | None = None) -> pd.DataFrame:
+def summary_table(results_dir: Path | str, datasets: Sequence[str] | None = None,
+                  fresh: dict[str, Path] | None = None) -> pd.DataFrame:
     """Long numeric table: one row per (dataset, method) of the main rows, with mre_mm and its CI, sdr_2mm,
     n_images and the rank within the data set (observer rows unranked)."""
     rows = []
-    for dataset, folder in comparisons(results_dir, datasets).items():
+    for dataset, folder in comparisons(results_dir, datasets, fresh).items():
         table = _main_rows(folder)
         ranked = table.loc[[m for m in table.index if m not in OBSERVERS], "mre_mm"].rank(method="min")
         for row, r in table.iterrows():
@@ -104,11 +102,12 @@ def _fmt_p(p: float) -> str:
     return "n/a" if not np.isfinite(p) else ("< 0.001" if p < 0.001 else f"= {p:.3f}")
 
 
-def ranking_sentences(results_dir: Path | str, long: pd.DataFrame) -> dict[str, str]:
+def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
+                      fresh: dict[str, Path] | None = None) -> dict[str, str]:
     """Per data set: the best row, which rows it is not distinguishable from (Holm-corrected Wilcoxon, paired by
     image, 5 %), and whether the learned methods beat the registration baseline (with p-values)."""
     out: dict[str, str] = {}
-    for dataset, folder in comparisons(results_dir, list(long["dataset"].unique())).items():
+    for dataset, folder in comparisons(results_dir, list(long["dataset"].unique()), fresh).items():
         rows = long[(long["dataset"] == dataset) & ~long["observer"]].sort_values("mre_mm")
         sig_path = folder / "table_significance.csv"
         if rows.empty or not sig_path.is_file():
@@ -171,15 +170,13 @@ def write_summary(results_dir: Path | str, readme: Path | str | None = None,
     table and one sentence per data set) and ``fig_summary.png``; with ``readme`` (a README whose folder holds
     ``results_dir`` as ``results/``), replace its block between :data:`README_START` and :data:`README_END` by
     ``table_summary.md``. None when no comparison exists."""
-    FRESH.clear()
-    FRESH.update(fresh or {})  # the calling comparison's own folder (not yet in place): read it, not the old one
-    long = summary_table(results_dir, datasets)
+    long = summary_table(results_dir, datasets, fresh)  # fresh: the calling comparison's own, not yet in place
     if long.empty:
         return None
     out = Path(results_dir) / SUMMARY_DIR
     out.mkdir(parents=True, exist_ok=True)
     long.to_csv(out / "table_summary.csv", index=False, float_format="%.4f")
-    sentences = ranking_sentences(results_dir, long)
+    sentences = ranking_sentences(results_dir, long, fresh)
     text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images] · SDR at "
             "2 mm · rank within the data set (1 = lowest MRE; observer rows unranked). Mean rank over the data sets "
             "a method ran on (their number in brackets). Main rows only: ablations are in each comparison.\n\n"
