@@ -178,15 +178,20 @@ JOBS: tuple[Job, ...] = (
         per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
                      # 5 of the 18 training deformations of the template as atlases, at 2.4 mm (229 mm / 96 px)
                      "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96], "n_atlases": 5},
+                     # full: 1.2 mm (229 mm / 192 px), near the template's own 1 mm, with 3 atlases
+                     "afids-mni:full": {"image_size": [160, 192, 160], "n_atlases": 3},
                      # atlases: posed copies of the training templates
                      "afids-templates": {"image_size": [96, 96, 96], "n_atlases": 5}}),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
         per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"},
                      "afids-templates": {"method": "prior_guided"}}),
-    # speed, memory and accuracy on this machine (the 2D methods at their full settings on hamedan-ceph)
-    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph"), smoke={"n_steps": 2, "peer_budget_s": 30},
-        per_dataset={"hamedan-ceph": {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}}),
+    # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,
+    # its home data set, and on hamedan-ceph
+    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph", "hand-xray"),
+        smoke={"n_steps": 2, "peer_budget_s": 30},
+        per_dataset={d: {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}
+                     for d in ("hamedan-ceph", "hand-xray")}),
     # the last comparison of a full run also rewrites the README's cross-data-set block (results/summary/)
     Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
         smoke={"n_bootstrap": 200}, full={"readme": "README.md"}),
@@ -381,24 +386,34 @@ def job_lock(scratch: Path) -> Iterator[None]:
         return
     path = scratch.with_name(scratch.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as handle:
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise JobLocked(f"{scratch}: this job is running already ({holder}); wait for it to finish, stop it, "
                             "or give this run another --results-dir") from None
+        # the holder before us removes the file as it releases it: a lock taken on a file that is no
+        # longer at ``path`` locks nothing, so take it again on the file now there
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
         handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: the results folder keeps no lock files
+        handle.close()
 
 
 def launcher_rank() -> int:

@@ -374,6 +374,8 @@ def test_a_second_driver_on_the_same_job_stops_at_once_naming_the_first(tmp_path
         assert (scratch / "training_log.csv").read_text() == "the first driver's file"
     with job_lock(scratch):  # released when the holder finishes (or dies: flock)
         pass
+    # and removed then: CI found a .tmp-<job>.lock left in every results folder
+    assert sorted(p.name for p in scratch.parent.iterdir()) == [".tmp-exploration"]
 
 
 def test_the_driver_echoes_what_notebooks_print_to_its_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -202,8 +202,10 @@ def ratio_ci(ours: pd.DataFrame, peer: pd.DataFrame, n_bootstrap: int = 2000, se
 
 def our_candidates(runs: pd.DataFrame, device: str = "cpu") -> pd.DataFrame:
     """Our runs on ``device`` that a user would run: a method's own output, not the extra rows of one of its
-    heads (``htc/half_head`` when ``htc`` is a row); a cascade's stage rows stay (its last stage is its output)."""
-    mine = runs[runs["device"] == device] if not runs.empty else runs
+    heads (``htc/half_head`` when ``htc`` is a row); a cascade's stage rows stay (its last stage is its output).
+    Trained runs only: the peer's budget is our training time, and the registration baseline trains nothing
+    (on synthetic2d it was the best row and gave the peer a 0-second budget)."""
+    mine = runs[(runs["device"] == device) & (runs["train_s"] > 0)] if not runs.empty else runs
     keep = [m for m in mine.index if "/" not in str(m) or str(m).split("/")[0] not in mine.index]
     return mine.loc[keep].sort_values("mre_mm")
 
