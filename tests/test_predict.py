@@ -40,6 +40,14 @@ def model2d(tmp_path_factory):
     return out, [s for s in samples if s.meta["split"] == "test"]
 
 
+def labelme_file() -> type:
+    """labelme's ``LabelFile`` (labelme 5.2.1 of the ``dev`` extra; it imports Qt, headless here)."""
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    return pytest.importorskip("labelme.label_file", reason="labelme (dev extra) not installed").LabelFile
+
+
 def test_predict_command_2d_writes_csv_and_labelme_that_read_back(model2d, tmp_path, capsys):
     run, test = model2d
     paths = _write_images(test, tmp_path / "images", ".mha")  # spacing and origin in the header
@@ -62,6 +70,11 @@ def test_predict_command_2d_writes_csv_and_labelme_that_read_back(model2d, tmp_p
         assert doc["imagePath"] == f"{s.image_id}.png" and doc["imageWidth"] == 48 and doc["imageData"] is None
         with Image.open(tmp_path / "out" / doc["imagePath"]) as png:
             assert png.size == (doc["imageWidth"], doc["imageHeight"]) and png.mode == "L"
+        # and labelme's own loader opens it (before the PNG: LabelFileError, "Failed opening image file")
+        opened = labelme_file()(str(tmp_path / "out" / f"{s.image_id}.json"))
+        assert opened.imageData and [sh["label"] for sh in opened.shapes] == list(s.landmark_names)
+        np.testing.assert_allclose([sh["points"][0] for sh in opened.shapes],
+                                   [ann.points[n][0] + 0.5 for n in s.landmark_names], atol=1e-6)
         assert {(tmp_path / "out" / q).resolve() for q in rows["image_path"]} == {paths[test.index(s)].resolve()}
     # an image labelme opens itself is named where it is, relative to the JSON
     png_in = tmp_path / "flat" / "one.png"
