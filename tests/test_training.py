@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -165,6 +166,20 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     torch.save(ckpt, tmp_path / "big.ckpt")
     again = fit(method, _dm(samples), tmp_path / "d", max_epochs=3, device="cpu", resume=tmp_path / "big.ckpt")
     assert again.peak_rss_mb == 1e7
+
+
+def test_a_run_folder_moved_before_resume_finds_its_best_checkpoint(samples, tmp_path):
+    """A checkpoint names its best checkpoint by absolute path: after the scratch folder was moved, --resume
+    trained and then failed FileNotFoundError on the old path (seen moving a hand-xray run between worktrees)."""
+    import shutil
+
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    fit(method, _dm(samples), tmp_path / "a", max_epochs=1, device="cpu")
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "moved"))
+    folder = tmp_path / "moved" / "checkpoints"
+    # a finished stage of a cascade resumes without training (no new best is saved to replace the old path)
+    again = fit(method, _dm(samples), tmp_path / "moved", max_epochs=1, device="cpu", resume=folder / "last.ckpt")
+    assert again.epochs == 1 and Path(again.best_checkpoint).parent == folder
 
 
 def test_a_full_disk_mid_checkpoint_keeps_the_last_good_one_resumable(samples, tmp_path, monkeypatch):

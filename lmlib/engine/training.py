@@ -464,6 +464,18 @@ def trainer_device(device: torch.device) -> tuple[str, Any]:
     return "cpu", 1
 
 
+def _moved_here(path: str, *folders: Path) -> str:
+    """``path``, or the file of that name in one of ``folders`` when ``path`` is gone: Lightning restores the
+    best checkpoint's absolute path from a resumed checkpoint, so a run folder moved (or renamed) between the
+    interruption and ``--resume`` named a file that no longer exists (FileNotFoundError after training)."""
+    if not path or Path(path).is_file():
+        return path
+    for folder in folders:
+        if (Path(folder) / Path(path).name).is_file():
+            return str(Path(folder) / Path(path).name)
+    raise FileNotFoundError(f"{path}: the best checkpoint of the resumed run is gone (not in {', '.join(map(str, folders))})")
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns: the module (best weights), paths and timings."""
@@ -590,6 +602,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         best, last, epochs, score = _from_workers(ckpt_dir, best)
         before = float(_load_ckpt(resume).get("train_seconds", 0.0)) if resume else 0.0
         seconds, peak = before + time.perf_counter() - started, max(peak, peak_rss_mb(children=True))
+    best = _moved_here(best, ckpt_dir, Path(resume).parent if resume else ckpt_dir)
     if best:  # the selected weights AND the decoding state saved with them
         module = LandmarkModule.load_from_checkpoint(best, map_location="cpu")
     module.to(dev).eval()
