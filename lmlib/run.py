@@ -151,8 +151,8 @@ JOBS: tuple[Job, ...] = (
                      "afids-templates": _BRAIN_GL, "afids-templates:full": _BRAIN_GL_FULL,
                      # hand radiographs are up to 286 x 331 mm (the 50-mm calibration): a 1.25-mm global grid holds them
                      "hand-xray": {"global_spacing_mm": 1.25, "image_size": [240, 272]},
-                     # 37 per-landmark patches per image (42 s per local epoch): 40 local epochs keep the
-                     # training within 60 minutes on the 2-core CPU
+                     # 37 per-landmark patches per image: 40 local epochs (not 60) keep the whole training
+                     # within 60 minutes on the 2-core CPU
                      "hand-xray:full": {"local_epochs": 40}}),
     Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL,
         smoke={"max_epochs": 2, "max_train_images": 8},

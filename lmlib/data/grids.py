@@ -255,9 +255,9 @@ class SourceImage:
         :func:`shrink_factors`, cached like the smoothed copies) replaces the full resolution, and only the
         rest of the Gaussian's variance is applied to it: a box of ``k`` pixels has variance
         ``(k^2 - 1) / 12`` source px^2, and linear interpolation on the shrunk copy adds up to ``k^2 / 6``
-        on average, of which half is counted (closest to the full-resolution result on white noise and on
-        radiographs: 0.2-0.3 % of the image's standard deviation, RMS, on hand-xray). Smoothing a 1350 x 1950 px radiograph for a 240 x 272 grid cost about 7x more at full
-        resolution than the shrink plus the small residual Gaussian. Small grids (patches) smooth their own
+        on average, of which half is counted (the closest to the full-resolution result on white noise and
+        on radiographs; ``tests/test_grids.py`` holds it to 1 % of the image's spread). A large radiograph is
+        then never smoothed at full resolution for a whole-image grid. Small grids (patches) smooth their own
         region at full resolution, as before (:meth:`smoothed`)."""
         sigma = antialias_sigma_mm(self.grid, grid)
         k = shrink_factors(self.grid, grid)
