@@ -14,6 +14,9 @@ Three things the Markdown pages need and plain mkdocs does not do:
 - **Generated CSV tables** (the benchmark writes no Markdown): a line ``<!-- csv-table: results/x/table.csv -->``
   (path from the repository root) becomes that file as a Markdown table, numbers to four significant digits.
   A missing file fails the build.
+- **The result notebooks of a data set**: a line ``<!-- result-notebooks: hand-xray -->`` becomes links to the
+  executed notebooks committed under ``results/hand-xray/`` (one per run folder), so the list follows the
+  committed runs.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ CLI_MODULES = ("lmlib.run", "lmlib.predict", "lmlib.reporting.diagnostics", "lml
 CLI_MARKER = re.compile(r"^<!-- cli-help: ([\w.]+) -->$", re.MULTILINE)
 KEYS_MARKER = "<!-- dataset-spec-keys -->"
 CSV_MARKER = re.compile(r"^<!-- csv-table: (\S+\.csv) -->$", re.MULTILINE)
+NOTEBOOKS_MARKER = re.compile(r"^<!-- result-notebooks: ([\w.-]+) -->$", re.MULTILINE)
 SPEC_MODULE = Path("lmlib") / "data" / "dataset_spec.py"
 
 
@@ -57,7 +61,9 @@ def on_files(files: Files, config: Any) -> Files:
     docs_dir, root = Path(config["docs_dir"]).resolve(), _root(config)
     wanted: set[Path] = set()
     for page in docs_dir.rglob("*.md"):
-        for match in LINK.finditer(page.read_text(encoding="utf-8")):
+        text = NOTEBOOKS_MARKER.sub(lambda m: _result_notebooks(m.group(1), root, page.parent),
+                                    page.read_text(encoding="utf-8"))
+        for match in LINK.finditer(text):
             path = _repo_target(match.group(2), page.parent, docs_dir, root)
             if path is not None:
                 wanted.add(path)
@@ -116,6 +122,15 @@ def _csv_table(relative: str, root: Path) -> str:
     return "\n".join(lines)
 
 
+def _result_notebooks(dataset: str, root: Path, page_dir: Path) -> str:
+    """Links (relative to the page) to the executed notebook of each committed run folder of ``dataset``."""
+    found = sorted((root / "results" / dataset).glob("*/*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"result-notebooks: no executed notebook under results/{dataset}/")
+    links = [f"[{nb.parent.name}]({os.path.relpath(nb, page_dir).replace(os.sep, '/')})" for nb in found]
+    return "Result notebooks (executed, with their figures): " + ", ".join(links) + "."
+
+
 def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> str:
     """Rewrite links to repository files; expand the generated blocks."""
     docs_dir, root = Path(config["docs_dir"]).resolve(), _root(config)
@@ -128,6 +143,7 @@ def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> st
         served = docs_dir / REPO_PREFIX / path.relative_to(root)
         return f"{match.group(1)}{os.path.relpath(served, page_dir).replace(os.sep, '/')}{match.group(3)}"
 
+    markdown = NOTEBOOKS_MARKER.sub(lambda m: _result_notebooks(m.group(1), root, page_dir), markdown)
     markdown = LINK.sub(relink, markdown)
     markdown = CLI_MARKER.sub(lambda m: _cli_help(m.group(1), root), markdown)
     markdown = CSV_MARKER.sub(lambda m: _csv_table(m.group(1), root), markdown)
