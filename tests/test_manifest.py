@@ -46,9 +46,11 @@ def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "results" / "metrics.json").write_text("{}")
     (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("<!-- results -->\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     (tmp_path / "results" / "metrics.json").write_text('{"mre_mm": 1}')
+    (tmp_path / "README.md").write_text("<!-- results -->\n| table |\n")  # the comparison's generated block
     assert git_state(tmp_path / "pkg") == {"git_commit": git_state(tmp_path)["git_commit"], "git_dirty": False}
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path / "pkg")["git_dirty"] is True

@@ -36,8 +36,10 @@ def git_state(repo: Path | str = ".") -> dict[str, Any]:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # results/ holds the runs' own outputs: rewriting them does not make the code "dirty"
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
+    # results/ holds the runs' own outputs, and the comparison rewrites the README's generated results block
+    # (README.md): rewriting them does not make the code "dirty" (every comparison of a full run said it was)
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results",
+                 ":(top,exclude)README.md")
     if commit is None and os.environ.get("LMLIB_GIT_COMMIT"):  # a copied tree (cluster node, container)
         return {"git_commit": os.environ["LMLIB_GIT_COMMIT"], "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
