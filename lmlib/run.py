@@ -181,6 +181,9 @@ JOBS: tuple[Job, ...] = (
         per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
                      # 5 of the 18 training deformations of the template as atlases, at 2.4 mm (229 mm / 96 px)
                      "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96], "n_atlases": 5},
+                     # full: the template's own 1.2-mm grid (sub-millimetre fiducial shifts are below a 2.4-mm
+                     # voxel), 2 atlases (one per core of a 2-core machine; their mean is the median of two)
+                     "afids-mni:full": {"image_size": [160, 192, 160], "n_atlases": 2},
                      # atlases: posed copies of the training templates
                      "afids-templates": {"image_size": [96, 96, 96], "n_atlases": 5}}),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
