@@ -3,8 +3,8 @@ import json
 import numpy as np
 
 from lmlib.data.geometry import Geometry
-from lmlib.outputs.manifest import checksum_files, checksum_samples, write_manifest
 from lmlib.data.sample import Sample
+from lmlib.outputs.manifest import checksum_files, checksum_samples, write_manifest
 
 
 def _sample(value: float = 0.0) -> Sample:
@@ -54,3 +54,21 @@ def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):
     assert git_state(tmp_path / "pkg") == {"git_commit": git_state(tmp_path)["git_commit"], "git_dirty": False}
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path / "pkg")["git_dirty"] is True
+
+
+def test_a_slow_git_status_is_waited_for_not_recorded_as_unknown(monkeypatch) -> None:
+    """In a fresh worktree git status took 18 s; a 10-s limit recorded git_dirty null for a clean run."""
+    import subprocess
+
+    from lmlib.outputs import manifest
+
+    real = subprocess.run
+
+    def slow_git(args, **kwargs):
+        if kwargs.get("timeout", 0) < 60:  # as git would on a fresh worktree of a 2-core machine
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout"))
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(manifest.subprocess, "run", slow_git)
+    state = manifest.git_state(manifest.Path(__file__).parent)
+    assert state["git_commit"] and state["git_dirty"] is not None

@@ -9,15 +9,16 @@ import datetime as dt
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
+from lmlib.data.sample import Sample
 from lmlib.outputs.contract import write_json
 from lmlib.runtime import environment_summary, peak_rss_mb
-from lmlib.data.sample import Sample
 
 
 def utc_now() -> str:
@@ -25,12 +26,17 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: seconds ``git status`` may take: in a fresh worktree whose results/ files were just copied in, git re-reads
+#: every tracked file once (18 s on a 2-core machine), which a 10-s limit turned into "git_dirty: null"
+GIT_TIMEOUT_S = 300
+
+
 def git_state(repo: Path | str = ".") -> dict[str, Any]:
     """Commit hash and dirty flag of the repository containing ``repo``; outside git, the commit named
     by ``$LMLIB_GIT_COMMIT`` (a copied working tree), else None."""
     def git(*args: str) -> str | None:
         try:
-            res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+            res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return res.stdout.strip() if res.returncode == 0 else None
