@@ -46,8 +46,9 @@ peer-env:
 test: $(STAMP)
 	$(VPY) -m pytest $(TEST_ARGS)
 
+# the fast tier: everything but the tests marked slow (training, notebooks, the docs build)
 test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not notebook" $(TEST_ARGS)
+	$(VPY) -m pytest -m "not slow" $(TEST_ARGS)
 
 lab: $(STAMP)
 	env MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 $(VENV)/bin/jupyter lab notebooks/

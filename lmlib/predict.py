@@ -5,7 +5,8 @@
 ``MODEL``: a checkpoint (``.ckpt``), a run folder (``<run>/checkpoints/best.ckpt``) or a cascade's run
 folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained). ``IMAGE``: any file the
 readers take (PNG/TIFF/JPEG with ``--spacing``, MHA/MHD, NIfTI, NRRD) or a DICOM directory, 2D or 3D as
-the model. ``DIR`` (created; must not hold prediction outputs or exports already) receives ``predictions.csv`` (world mm, pixel/voxel
+the model. ``DIR`` (created; must not hold prediction outputs or exports already) receives ``predictions.csv``
+(world mm, pixel/voxel
 index, the method's confidence and spread per landmark), one labelme JSON per 2D image or one 3D Slicer
 ``.mrk.json`` per 3D image (:mod:`lmlib.outputs.exports`). With ``--regions`` (a run folder: its manifest
 names the dataset), per-landmark prediction regions are calibrated by split conformal prediction on that
@@ -21,9 +22,10 @@ import argparse
 import glob
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -27,9 +27,10 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dataset_file, shared_data_dir
 from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
@@ -44,9 +45,10 @@ AFIDS_DEFORMED = 30  # afids-mni: deformations of the template (18 train, 6 val,
 class Job:
     """One notebook and the datasets it runs on.
 
-    ``smoke``/``full`` are parameter overrides per profile; ``default`` uses the notebook's own
-    defaults. ``per_dataset`` adds overrides for one dataset (key ``"<dataset>"``: all profiles) or for one
-    dataset and profile (key ``"<dataset>:<profile>"``, applied last).
+    ``method`` names the job and its run folder; ``runs`` the ``lmlib.methods`` method it trains, when it trains
+    one (``htc_quarter_only`` runs ``htc``). ``smoke``/``full`` are parameter overrides per profile; ``default``
+    uses the notebook's own defaults. ``per_dataset`` adds overrides for one dataset (key ``"<dataset>"``: all
+    profiles) or for one dataset and profile (key ``"<dataset>:<profile>"``, applied last).
     """
 
     notebook: str
@@ -57,27 +59,21 @@ class Job:
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
     needs_gpu: bool = False  # skipped unless a CUDA device is available (or --device names one)
     main: bool = True  # runs on a user's dataset file by default (False: ablations, paper-scale GPU runs)
+    runs: str | None = None  # the lmlib.methods method its notebook trains (None: exploration, reference, ...)
 
     def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
         over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
         key = dataset_name(dataset)
         return {**over, **self.per_dataset.get(key, {}), **self.per_dataset.get(f"{key}:{profile}", {})}
 
-    @property
-    def lmlib_method(self) -> str | None:
-        """The ``lmlib.methods`` method the notebook runs (None for exploration, reference rows, comparison)."""
-        from lmlib.methods.base import METHOD_NAMES
-
-        return next((m for m in METHOD_NAMES if self.method == m or self.method.startswith(m + "_")), None)
-
     def refusal(self, dataset: str) -> str | None:
         """Why this job cannot run on ``dataset`` (its method is built for the other dimension), else None."""
-        if self.lmlib_method is None:
+        if self.runs is None:
             return None
         from lmlib.engine.runner import dimension_refusal
         from lmlib.methods.base import method_class
 
-        reason = dimension_refusal(method_class(self.lmlib_method), dataset)
+        reason = dimension_refusal(method_class(self.runs), dataset)
         return None if reason is None else f"{self.method} (notebooks/{self.notebook}) {reason}"
 
 
@@ -94,13 +90,14 @@ _HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
 HTC_JOBS: tuple[Job, ...] = (
     # hand-xray: an epoch costs far more than on hamedan-ceph (37 landmarks on the heads; every run prints its
     # time per epoch): 64 epochs keep the training within the 60-minute CPU budget
-    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), smoke=_HTC_SMOKE, full=_HTC_FULL,
+    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="htc", smoke=_HTC_SMOKE,
+        full=_HTC_FULL,
         per_dataset={"hand-xray:full": {"max_epochs": 64, "warmup_epochs": 6}}),
-    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), main=False,
+    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), runs="htc", main=False,
           smoke={**_HTC_SMOKE, "heads": head}, full={**_HTC_FULL, "heads": head}, per_dataset={"synthetic2d": {"heads": head}})
       for head in ("quarter", "half")),
     # the paper's sizes at ~1024 px (832 x 1024): for a machine with a GPU (skipped without one)
-    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), needs_gpu=True, main=False,
+    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), runs="htc", needs_gpu=True, main=False,
         full={"image_size": [832, 1024], "max_epochs": 180, "warmup_epochs": 50, "batch_size": 8,
               "learning_rate": 4.5e-4, "widths": [64, 128, 320, 512], "ffn_ratios": [8, 8, 4, 4],
               "neck_channels": 256, "head_channels": 256, "flip_prob": 0.5, "flip_test": True}),
@@ -135,7 +132,7 @@ JOBS: tuple[Job, ...] = (
     # reference rows (no training): writes <method>/mean_shape and, with a second annotator, <method>/inter-observer
     Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": AFIDS_DEFORMED}}),
     # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
-    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL,
+    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local",
         smoke={"max_epochs": 2, "local_epochs": 1, "max_train_images": 8, "global_channels": [8, 8, 16, 32, 64],
                "local_channels": [8, 16], "local_batch_size": 16},
         # full: 0.8 mm global grid (212 x 264 px, padded to 224 x 272), 12.8-mm cells, local patches from 0.25 mm;
@@ -154,7 +151,7 @@ JOBS: tuple[Job, ...] = (
                      # 37 per-landmark patches per image: 40 local epochs (not 60) keep the whole training
                      # within 60 minutes on the 2-core CPU
                      "hand-xray:full": {"local_epochs": 40}}),
-    Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL,
+    Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet",
         smoke={"max_epochs": 2, "max_train_images": 8},
         # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
         full=_UNET_FULL,
@@ -162,20 +159,22 @@ JOBS: tuple[Job, ...] = (
                      "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_UNET}, "afids-mni:full": _BRAIN_UNET_FULL,
                      "afids-templates": _BRAIN_UNET, "afids-templates:full": _BRAIN_UNET_FULL}),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
-    Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), main=False,
+    Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), runs="heatmap_unet", main=False,
         smoke={"max_epochs": 2, "max_train_images": 8, "device": "cpu"}, full={**_UNET_FULL, "device": "cpu"}),
     Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
+        runs="dilation_erosion",
         smoke={"max_epochs": 2, "max_train_images": 8},
         full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
     *HTC_JOBS,
     # a cascade of three stages: writes <method>/coarse, <method>/independent, <method>/correlated
-    Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni", "afids-templates"),
+    Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni", "afids-templates"), runs="prior_guided",
         smoke=_PG_SMOKE, per_dataset=_PG_DATA),
     # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
-    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), smoke=_PG_SMOKE, main=False,
+    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), runs="prior_guided", smoke=_PG_SMOKE,
+        main=False,
         per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
     # the classical baseline (no training): multi-atlas registration; its time per test image is its inference time
-    Job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL,
+    Job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration",
         smoke={"n_atlases": 2, "levels": 2, "affine_iterations": 20, "demons_iterations": 10, "max_train_images": 8},
         full={"n_atlases": 10, "image_size": [256, 256]},
         per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
@@ -560,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], help="method or notebook names to run")
     parser.add_argument("--profile", choices=PROFILES, default="default",
                         help="parameter set: notebook defaults, smoke (seconds), full (real results)")
-    parser.add_argument("--data-dir", help="folder of a real dataset (default: $LMLIB_SHARED_DATA/<dataset>, else ../shared/data/<dataset>)")
+    parser.add_argument("--data-dir", help="folder of a real dataset (default: $LMLIB_SHARED_DATA/<dataset>, "
+                                           "else ../shared/data/<dataset>)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default: each notebook's default)")
     parser.add_argument("--seed", type=int)
@@ -641,8 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = run_job(job, dataset, args.profile, args.results_dir, args.data_dir, args.device,
                           args.seed, args.timeout, extra=mine, resume=args.resume, echo=not args.quiet)
         except KeyboardInterrupt:
-            print(f"[lmlib.run] {label}: interrupted; partial output left in {args.results_dir}/{dataset_name(dataset)}/.tmp-{job.method} "
-                  f"(run again with --resume to continue it)")
+            print(f"[lmlib.run] {label}: interrupted; partial output left in "
+                  f"{args.results_dir}/{dataset_name(dataset)}/.tmp-{job.method} (run again with --resume to continue it)")
             return 130
         except Exception as exc:  # noqa: BLE001 - report every failure, run the rest
             failed.append(label)
@@ -655,7 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif partial.exists():
                 print(f"[lmlib.run] {label}: partial output kept in {partial}", flush=True)
             continue
-        print(f"[lmlib.run] {label}: done in {time.time() - t0:.0f} s -> {out.relative_to(repo_root()) if out.is_relative_to(repo_root()) else out}", flush=True)
+        shown = out.relative_to(repo_root()) if out.is_relative_to(repo_root()) else out
+        print(f"[lmlib.run] {label}: done in {time.time() - t0:.0f} s -> {shown}", flush=True)
     if failed:
         print(f"[lmlib.run] {len(failed)} failed: {', '.join(failed)}")
         return 1

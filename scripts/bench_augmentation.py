@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,14 @@ from monai.transforms import Compose, RandAffine, Resample
 from monai.utils import convert_to_numpy
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from lmlib.data.transforms import (_LandmarkTransform, _plain, build_augmentation, intensity_transforms, make_item,
-                                   mark_outside)
+from lmlib.data.transforms import (
+    _LandmarkTransform,
+    _plain,
+    build_augmentation,
+    intensity_transforms,
+    make_item,
+    mark_outside,
+)
 
 Data = dict[str, Any]
 

@@ -11,7 +11,8 @@ only numpy, torch, MONAI and ``landmarker``. ``lmlib.reporting.peer`` writes its
 
 The recipe is landmarker's documented one for its SCN (``OriginalSpatialConfigurationNet``, adaptive Gaussian
 heatmaps with learnable sigmas, ``GaussianHeatmapL2Loss(alpha=5)``, AdamW as in its training configs, its
-example's MONAI augmentation, its sub-pixel local soft-argmax decoder); the epoch with the best validation MRE is kept (selection on ``val``
+example's MONAI augmentation, its sub-pixel local soft-argmax decoder); the epoch with the best validation MRE is
+kept (selection on ``val``
 only). Training stops when the budget (wall seconds, validation included) is spent.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 
 _SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")  # lives as long as the process
 
@@ -86,17 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import_torchvision()
-    import monai
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
-                                  RandHistogramShiftd, RandScaleIntensityd, ScaleIntensityd)
-    from torch.utils.data import DataLoader
-
     import landmarker
+    import monai
     from landmarker.data import LandmarkDataset
     from landmarker.heatmap.decoder import heatmap_to_coord
     from landmarker.heatmap.generator import GaussianHeatmapGenerator
     from landmarker.losses import GaussianHeatmapL2Loss
     from landmarker.models import OriginalSpatialConfigurationNet
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandHistogramShiftd,
+        RandScaleIntensityd,
+        ScaleIntensityd,
+    )
+    from torch.utils.data import DataLoader
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     np.save(args.out / "test_predictions.npy", test_pred.numpy().astype(np.float64))
     with open(args.out / "val_curve.csv", "w") as f:
         f.write("epoch,seconds,train_loss,val_mre_mm\n")
-        f.writelines(f"{e},{s:.2f},{l:.6g},{m:.4f}\n" for e, s, l, m in curve)
+        f.writelines(f"{e},{s:.2f},{loss:.6g},{m:.4f}\n" for e, s, loss, m in curve)
     result = {"peer": "landmarker", "model": "OriginalSpatialConfigurationNet", "landmarker_version": landmarker.__version__,
               "torch_version": torch.__version__, "monai_version": monai.__version__, "epochs": epoch,
               "best_val_mre_mm": best, "train_seconds": train_seconds, "budget_seconds": args.budget_s,

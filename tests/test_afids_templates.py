@@ -204,6 +204,7 @@ def test_afids_templates_declaration_on_the_real_files() -> None:
     assert 0.5 < min(offsets) and max(offsets) < 5.0
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.skipif(not ROOT.is_dir(), reason=f"afids-templates data not found at {ROOT}")
 def test_posed_copies_of_the_real_templates_defeat_position_alone_and_reproduce() -> None:

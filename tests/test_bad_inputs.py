@@ -59,6 +59,7 @@ class Case:
     image_ext: str = "png"
     reader_kwargs: tuple[tuple[str, Any], ...] = ()
     header_spacing: str | None = None  # replaces the ElementSpacing of every .mha image
+    bad_pixel: float | None = None  # the first image is float32 with this value at index (3, 2[, 1])
 
 
 # ----------------------------------------------------------------------------- writers
@@ -140,7 +141,11 @@ def _build(case: Case, root: Path) -> DatasetSpec:
     (root / "img").mkdir(parents=True)
     for k, image in enumerate(("001", "002") if case.ndim == 2 else ("vol",)):
         size = SIZE_2D if case.ndim == 2 else SIZE_3D
-        img = sitk.GetImageFromArray(np.full(size[::-1], 3 + k, np.uint8))  # two different pictures
+        pixels = np.full(size[::-1], 3 + k, np.uint8)  # two different pictures
+        if case.bad_pixel is not None and k == 0:
+            pixels = pixels.astype(np.float32)
+            pixels[(1,) * (case.ndim - 2) + (2, 3)] = case.bad_pixel
+        img = sitk.GetImageFromArray(pixels)
         path = root / "img" / f"{image}.{case.image_ext}"
         sitk.WriteImage(img, str(path))
         if case.header_spacing is not None:
@@ -213,6 +218,14 @@ CASES: dict[str, Case] = {
     "mrk.json null coordinate (3D)": Case("mrk_json", {"v.mrk.json": _mrk(1, [1.0, None, 2.0])},
                                           Masked("vol", "b", "non_finite"), ndim=3, image_ext="mha"),
     # ---- clear errors: file, line or shape, problem
+    # a NaN pixel made every training loss NaN and every prediction the image origin, with exit 0
+    "NaN pixel in a 2D image": Case("labelme", _labelme(), Raises("img/001.mha", r"1 pixel\(s\) are NaN or infinite "
+                                                                  r"\(the first at index \(3, 2\)\)"),
+                                    image_ext="mha", bad_pixel=float("nan")),
+    "infinite voxel in a 3D image": Case("fcsv", {"v.fcsv": _fcsv_with(0, GOOD_3D[0])},
+                                         Raises("img/vol.mha", r"1 pixel\(s\) are NaN or infinite "
+                                                               r"\(the first at index \(3, 2, 1\)\)"),
+                                         ndim=3, image_ext="mha", bad_pixel=float("inf")),
     "labelme string coordinate": Case("labelme", _labelme(_lm(_pts(b=["12a", 3.0]))),
                                       Raises("ann/001.json", r"shape 1 \('b'\).*'12a'.*not a number")),
     "labelme ragged points": Case("labelme", _labelme(a2=_lm(_pts("002", a=None), (

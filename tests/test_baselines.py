@@ -12,8 +12,8 @@ from lmlib.data.datasets import load_dataset
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 from lmlib.evaluation import baselines
+from lmlib.evaluation.metrics import mean_radial_error
 from lmlib.outputs import reference_runs
-from lmlib.evaluation.metrics import radial_errors
 from lmlib.outputs.contract import read_run
 
 NAMES = ("P", "Q", "R")
@@ -23,10 +23,6 @@ def _sample(image_id: str, size: tuple[int, ...], geometry: Geometry, index: lis
             valid: list[bool]) -> Sample:
     return Sample.from_index(image_id, np.zeros(size, np.float32), geometry, np.array(index, float), NAMES,
                              np.array(valid))
-
-
-def _mre(predictions: list[np.ndarray], samples: list[Sample]) -> float:
-    return float(np.nanmean(np.concatenate([radial_errors(p, s.landmarks_mm) for p, s in zip(predictions, samples)])))
 
 
 def test_mean_shape_by_hand_different_sizes_spacings_and_geometry() -> None:
@@ -67,8 +63,8 @@ def test_mean_shape_on_synthetic_test_sets(dataset: str, mean_shape_mm: float, c
     data = load_dataset(dataset)
     train, test = data.split("train"), data.split("test")
     assert train and test
-    assert _mre(baselines.mean_shape_predictions(train, test), test) == pytest.approx(mean_shape_mm, abs=0.3)
-    assert _mre(baselines.image_centre_predictions(test), test) == pytest.approx(centre_mm, abs=0.3)
+    assert mean_radial_error(baselines.mean_shape_predictions(train, test), test) == pytest.approx(mean_shape_mm, abs=0.3)
+    assert mean_radial_error(baselines.image_centre_predictions(test), test) == pytest.approx(centre_mm, abs=0.3)
 
 
 def test_write_mean_shape_run_follows_the_contract(tmp_path: Path) -> None:
@@ -83,7 +79,7 @@ def test_write_mean_shape_run_follows_the_contract(tmp_path: Path) -> None:
     preds, stored = read_run(out)
     assert stored["kind"] == "reference" and stored["method"] == "mean_shape" and stored["n_train_images"] == 4
     assert stored["train_seconds"] == 0.0 and metrics["n_images"] == 2 and len(preds) == 6
-    assert stored["mre_mm"] == pytest.approx(_mre(baselines.mean_shape_predictions(train, test), test), abs=1e-3)
+    assert stored["mre_mm"] == pytest.approx(mean_radial_error(baselines.mean_shape_predictions(train, test), test), abs=1e-3)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["parameters"]["dataset"] == "toy" and manifest["parameters"]["output_dir"] == str(out)
     assert manifest["seed"] == 3 and manifest["device"] == "cpu" and manifest["data_checksum"]
@@ -112,6 +108,6 @@ def test_reference_rows_on_hamedan_ceph(shared_data: Path) -> None:
         second = load_dataset("hamedan-ceph", root, annotator="annotator2", load_images=False).split("test")
     train, test = data.split("train"), data.split("test")
     assert (len(train), len(test)) == (103, 28)  # the corrected split
-    assert _mre(baselines.mean_shape_predictions(train, test), test) == pytest.approx(7.48, abs=0.05)
+    assert mean_radial_error(baselines.mean_shape_predictions(train, test), test) == pytest.approx(7.48, abs=0.05)
     refs, points = reference_runs.match_annotator(test, second)
-    assert _mre(points, refs) == pytest.approx(1.40, abs=0.05)  # README: inter-observer MRE on test
+    assert mean_radial_error(points, refs) == pytest.approx(1.40, abs=0.05)  # README: inter-observer MRE on test

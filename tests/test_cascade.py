@@ -11,6 +11,7 @@ from lmlib.engine.cascade import Stage, as_centres, chain, fit_cascade, predict_
 from lmlib.engine.training import Predictions
 from lmlib.methods import build_method
 
+pytestmark = pytest.mark.slow  # its module fixture trains a cascade
 SIZE = (64, 64)
 NET = {"channels": (8, 16, 32), "num_res_units": 1}
 

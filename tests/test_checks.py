@@ -7,9 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmlib.data.checks import (MASKING_ISSUES, OUTSIDE_TOLERANCE_PX, REPORT_COLUMNS, Issue, check_inside, check_size,
-                               check_spacing, make_report, mask_image, masked_by, masked_counts, resolve_landmarks,
-                               summarize_report)
+from lmlib.data.checks import (
+    MASKING_ISSUES,
+    OUTSIDE_TOLERANCE_PX,
+    REPORT_COLUMNS,
+    Issue,
+    check_inside,
+    check_size,
+    check_spacing,
+    make_report,
+    mask_image,
+    masked_by,
+    masked_counts,
+    resolve_landmarks,
+    summarize_report,
+)
 from lmlib.data.readers import RawAnnotation
 
 

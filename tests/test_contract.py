@@ -4,10 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib.outputs.contract import (METRIC_KEYS, PREDICTION_COLUMNS, ContractError, predictions_frame, read_run,
-                            write_outputs)
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
+from lmlib.outputs.contract import (
+    METRIC_KEYS,
+    PREDICTION_COLUMNS,
+    ContractError,
+    predictions_frame,
+    read_run,
+    write_outputs,
+)
 
 TIMINGS = {"train_seconds": 1.5, "infer_seconds_per_image": 0.1, "peak_rss_mb": 100.0}
 

@@ -12,9 +12,9 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import lmlib.data.loaders as data_mod
+from lmlib.data.geometry import Geometry
 from lmlib.data.grids import Grid
 from lmlib.data.loaders import LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks, epoch_seed
-from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import warnings
 from pathlib import Path
@@ -12,8 +11,18 @@ import pytest
 import SimpleITK as sitk
 
 from lmlib.data.checks import MASKING_ISSUES, masked_counts
-from lmlib.data.datasets import (AFIDS_NAMES, CEPH_ISBI_NAMES, SPECS, Dataset, DatasetSpec, get_spec, load_dataset,
-                                 load_from_spec, paired_landmarks, shared_data_dir)
+from lmlib.data.datasets import (
+    AFIDS_NAMES,
+    CEPH_ISBI_NAMES,
+    SPECS,
+    Dataset,
+    DatasetSpec,
+    get_spec,
+    load_dataset,
+    load_from_spec,
+    paired_landmarks,
+    shared_data_dir,
+)
 from lmlib.evaluation.metrics import radial_errors, summarize
 
 SHARED = shared_data_dir()
@@ -346,6 +355,7 @@ def test_afids_mni_geometry_and_ras_to_lps() -> None:
     assert np.abs(s.landmarks_mm[others, 0]).min() > 1.5  # every other AFID is lateral (mammillary bodies: 2 mm)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @realdata
 def test_afids_deformed_copies() -> None:
@@ -357,6 +367,7 @@ def test_afids_deformed_copies() -> None:
     assert all(s.size == ds.template.size for s in ds)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @realdata
 def test_afids_run_data_is_the_deformation_set_plus_the_template() -> None:

@@ -7,17 +7,17 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lmlib.data.loaders import LandmarkDataModule
-from lmlib.data.phantoms import make_phantom_dataset
 from lmlib.data.transforms import build_augmentation
 from lmlib.engine.training import ddp_strategy, fit
 from lmlib.evaluation.baselines import mean_shape_predictions
+from lmlib.evaluation.metrics import mean_radial_error
 from lmlib.methods import build_method
 
-SIZE = (64, 64)
+pytestmark = pytest.mark.slow
+SIZE = (64, 64)  # the phantoms2d fixture's grid (tests/conftest.py)
 
 
 def _val_mre(samples, processes: int, batch: int, out: Path):
@@ -28,12 +28,9 @@ def _val_mre(samples, processes: int, batch: int, out: Path):
     return fit(method, dm, out, max_epochs=100, learning_rate=3e-3, device="cpu", seed=0, devices=processes)
 
 
-def test_two_gloo_processes_reach_the_error_of_one_at_the_same_global_batch(tmp_path: Path) -> None:
-    samples = make_phantom_dataset(2, n_images=60, seed=3, size=SIZE, n_landmarks=3)
-    train = [s for s in samples if s.meta["split"] == "train"]
-    val = [s for s in samples if s.meta["split"] == "val"]
-    baseline = float(np.nanmean([np.linalg.norm(p - s.landmarks_mm, axis=1)
-                                 for p, s in zip(mean_shape_predictions(train, val), val)]))
+def test_two_gloo_processes_reach_the_error_of_one_at_the_same_global_batch(tmp_path: Path, phantoms2d) -> None:
+    samples, train, val = phantoms2d["all"], phantoms2d["train"], phantoms2d["val"]
+    baseline = mean_radial_error(mean_shape_predictions(train, val), val)
     one = _val_mre(samples, 1, 4, tmp_path / "one")
     two = _val_mre(samples, 2, 2, tmp_path / "two")  # 2 processes x 2 images = the same global batch of 4
     assert one.world_size == 1 and two.world_size == 2 and two.epochs == 100

@@ -91,6 +91,7 @@ def test_every_relative_link_points_to_an_existing_file() -> None:
     assert not broken, "links to missing files:\n" + "\n".join(broken)
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.fail("mkdocs / mkdocs-material are not installed: install the dev extra "

@@ -13,10 +13,21 @@ import pytest
 import torch
 
 from lmlib.methods import build_method
-from lmlib.methods.global_local import (GlobalFCNN, GlobalLocalFCNN, LocalFCNN, LocalStage, PatchRule,
-                                        decode_displacement, displacement_targets, encode_displacement,
-                                        fcnn_loss, patch_centres, patch_of,
-                                        presence_targets, vote)
+from lmlib.methods.global_local import (
+    GlobalFCNN,
+    GlobalLocalFCNN,
+    LocalFCNN,
+    LocalStage,
+    PatchRule,
+    decode_displacement,
+    displacement_targets,
+    encode_displacement,
+    fcnn_loss,
+    patch_centres,
+    patch_of,
+    presence_targets,
+    vote,
+)
 from lmlib.methods.stages import stage_validation_errors
 
 
@@ -304,6 +315,7 @@ TINY = {"max_epochs": 2, "local_epochs": 1, "max_train_images": 6, "global_chann
         "overlay_every": 1}
 
 
+@pytest.mark.slow
 def test_run_method_writes_both_stages(tmp_path, one_thread):
     from lmlib.engine.runner import run_method
     from lmlib.outputs.contract import read_run
@@ -325,6 +337,7 @@ def test_run_method_writes_both_stages(tmp_path, one_thread):
         run_method("global_local", {"dataset": "synthetic2d", "output_dir": str(out), "sigma": 2.0})
 
 
+@pytest.mark.slow
 def test_figures_from_a_run(tmp_path, one_thread):
     from lmlib.engine.runner import run_method
     from lmlib.reporting.global_local_figures import fig_global_to_local, fig_votes, global_to_local
@@ -340,22 +353,19 @@ def test_figures_from_a_run(tmp_path, one_thread):
     assert len(table) == 6 * 6 and (table["moved_mm"] >= 0).all()
 
 
-def test_brief_training_beats_the_mean_shape_threefold(tmp_path, one_thread):
-    """Phantoms of tests/test_method_accuracy.py (64 px at 1 mm, 3 landmarks): global stage at output
-    stride 8 (8x8 cells), local 16-px patches. Measured: mean shape 3.84 mm, global about 1.4-1.7 mm,
-    local about 0.7-0.8 mm, 20 s on one thread."""
-    from lmlib.data.phantoms import make_phantom_dataset
+@pytest.mark.slow
+def test_brief_training_beats_the_mean_shape_threefold(tmp_path, one_thread, phantoms2d):
+    """The phantoms of tests/test_method_accuracy.py (64 px at 1 mm, 3 landmarks): the global stage at output
+    stride 8 (8 x 8 cells), then 16-px local patches; the local stage beats the mean shape 3x."""
     from lmlib.data.transforms import build_augmentation
     from lmlib.engine.cascade import fit_cascade
     from lmlib.evaluation.baselines import mean_shape_predictions
+    from lmlib.evaluation.metrics import mean_radial_error
 
-    samples = make_phantom_dataset(2, n_images=60, seed=3, size=(64, 64), n_landmarks=3)
-    train = [s for s in samples if s.meta["split"] == "train"]
-    test = [s for s in samples if s.meta["split"] == "test"]
+    samples, train, test = phantoms2d["all"], phantoms2d["train"], phantoms2d["test"]
 
     def mre(pred):
-        errors = [np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred, test)]
-        return float(np.nanmean(np.concatenate(errors)))
+        return mean_radial_error(pred, test)
 
     baseline = mre(mean_shape_predictions(train, test))
     assert 3.0 < baseline < 5.0

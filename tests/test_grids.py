@@ -10,8 +10,18 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from lmlib.data.geometry import Geometry
-from lmlib.data.grids import (Grid, SourceImage, antialias_sigma_mm, crop_array, normalize_intensity, on_sub_grid,
-                              preprocess, preprocessing_grids, resample, shrink_factors)
+from lmlib.data.grids import (
+    Grid,
+    SourceImage,
+    antialias_sigma_mm,
+    crop_array,
+    normalize_intensity,
+    on_sub_grid,
+    preprocess,
+    preprocessing_grids,
+    resample,
+    shrink_factors,
+)
 from lmlib.data.sample import Sample
 
 
@@ -249,7 +259,7 @@ def test_patches_at_many_spacings_keep_no_full_copies() -> None:
     g = Grid((60, 70, 50), Geometry([1.0, 1.0, 1.2]))
     s = Sample("v", rng.random(g.size).astype(np.float32), g.geometry, np.zeros((1, 3)), [True], ["a"])
     src = SourceImage(s)
-    for k, spacing in enumerate((1.3, 1.7, 2.2, 2.9)):
+    for spacing in (1.3, 1.7, 2.2, 2.9):
         patch = Grid.centred(rng.uniform(20, 40, 3), (8, 8, 8), spacing)
         sigma = antialias_sigma_mm(src.grid, patch)
         full = SourceImage(s).smoothed(sigma)

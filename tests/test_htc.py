@@ -141,6 +141,7 @@ def test_config_round_trip_parameters_and_variants():
 
 
 # ------------------------------------------------------------------------------------ run path
+@pytest.mark.slow
 def test_run_method_writes_the_run_and_one_row_per_head(tmp_path):
     from lmlib.engine.runner import run_method
     from lmlib.outputs.contract import read_run
@@ -170,6 +171,7 @@ def test_run_method_writes_the_run_and_one_row_per_head(tmp_path):
         run_method("htc", {**params, "alpha": 2.0})
 
 
+@pytest.mark.slow
 def test_split_errors_and_conformal_regions_rescore_the_runs_checkpoint(tmp_path):
     from lmlib.engine.runner import run_method
     from lmlib.evaluation.conformal import conformal_radii

@@ -1,7 +1,6 @@
 """Method parts (targets, loss, decoding round trip) and smoke runs of the two U-Net notebooks."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib.evaluation import metrics as M
-from lmlib.outputs.contract import predictions_frame
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
+from lmlib.evaluation import metrics as M
+from lmlib.outputs.contract import predictions_frame
 
 
 def test_radial_errors_345_triangle() -> None:

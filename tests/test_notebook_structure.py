@@ -48,3 +48,44 @@ def test_source_notebook_conventions(path: Path):
             assert not c.get("outputs") and c.get("execution_count") is None, f"{path.name}: committed with outputs"
             src = "".join(c["source"])
             assert "sys.path" not in src and "!pip" not in src and "/work/" not in src, f"{path.name}: {src[:80]}"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if any("notebook_parameters(" in s for s in _code_cells(p))],
+                         ids=lambda p: p.stem)
+def test_a_notebook_passes_its_declared_parameters_not_its_scratch_variables(path: Path):
+    """A variable typed while exploring (``n = 3``) made run_method fail with "parameters ['n'] are not used":
+    only the parameters cell's names (with papermill's injected values) are parameters."""
+    import papermill as pm
+
+    from lmlib.engine.runner import notebook_parameters
+
+    namespace = _parameters_cell(path)
+    exec("seed = 7\n", namespace)  # papermill's injected cell
+    exec("n = 3\nscratch = [1, 2]\n", namespace)  # exploring
+    params = notebook_parameters(namespace)
+    assert set(params) == set(pm.inspect_notebook(str(path))) and params["seed"] == 7
+
+
+def _parameters_cell(path: Path) -> dict:
+    """The values a notebook's parameters cell binds, run as the kernel runs it."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cell = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    namespace: dict = {}
+    exec(compile(cell, f"{path.name}:parameters", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if any("run_method(" in s for s in _code_cells(p))],
+                         ids=lambda p: p.stem)
+def test_a_training_notebooks_shared_defaults_are_the_models(path: Path):
+    """One source of truth: a shared parameter's default lives in lmlib.engine.parameters.SharedParameters; a
+    training notebook's parameters cell repeats it (papermill needs a literal) and must not disagree."""
+    from lmlib.engine.parameters import SET_BY_EACH_NOTEBOOK, SharedParameters, check_shared, shared_default
+
+    values = _parameters_cell(path)
+    shared = {k: v for k, v in values.items() if k in SharedParameters.model_fields}
+    check_shared(shared)  # the notebook's own defaults are valid
+    own = set(SET_BY_EACH_NOTEBOOK) | ({"device"} if path.stem == "50_registration_baseline" else set())  # CPU only
+    differ = {k: (v, shared_default(k)) for k, v in shared.items()
+              if k not in own and shared_default(k) is not None and v != shared_default(k)}
+    assert not differ, f"{path.name}: parameters cell vs SharedParameters (notebook, model): {differ}"

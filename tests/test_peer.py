@@ -13,8 +13,17 @@ import pytest
 from lmlib.data.datasets import Dataset, load_dataset
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
-from lmlib.reporting.peer import (PeerRun, export_for_peer, load_peer, our_candidates, peer_python, peer_ratios,
-                                  predictions_to_mm, ratio_ci, run_peer)
+from lmlib.reporting.peer import (
+    PeerRun,
+    export_for_peer,
+    load_peer,
+    our_candidates,
+    peer_python,
+    peer_ratios,
+    predictions_to_mm,
+    ratio_ci,
+    run_peer,
+)
 
 SYNTHETIC = load_dataset("synthetic2d")
 SPEC = SYNTHETIC.spec
@@ -104,6 +113,7 @@ def test_a_missing_peer_environment_says_how_to_make_it(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(peer_python() is None, reason="no peer environment (make peer-env)")
 def test_a_short_peer_run_writes_its_files_and_scores_in_mm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # as from a notebook kernel, whose inline backend the peer's matplotlib does not have

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lmlib.evaluation import statistics as stats
-from lmlib.reporting import figures as plots
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
+from lmlib.evaluation import statistics as stats
+from lmlib.reporting import figures as plots
 
 matplotlib.use("Agg")
 

@@ -13,10 +13,10 @@ from PIL import Image
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.phantoms import make_phantom_dataset
 from lmlib.data.readers import read_labelme, read_slicer_json
+from lmlib.engine.cascade import model_checkpoints
 from lmlib.engine.training import fit, predict
 from lmlib.methods import build_method
 from lmlib.outputs.exports import write_labelme, write_slicer_markups
-from lmlib.engine.cascade import model_checkpoints
 from lmlib.predict import main, predict_images
 
 
@@ -98,6 +98,7 @@ def test_slicer_markups_round_trip_and_missing_points(tmp_path):
         write_labelme(s, w, tmp_path / "a.json")
 
 
+@pytest.mark.slow
 def test_predict_cascade_run_folder_3d(tmp_path):
     """A cascade's run folder (manifest listing its stages) predicts 3D NIfTI images into Slicer files."""
     from lmlib.engine.runner import run_method
@@ -140,6 +141,7 @@ def test_predict_refuses_bad_input_with_clear_errors(model2d, tmp_path, capsys):
     assert not (tmp_path / "o2").exists() and not (tmp_path / ".o2.partial").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_regions_from_the_runs_validation_split_and_the_review_list(tmp_path, capsys):
     """A run folder's regions are calibrated on its validation split: the same radii as calibrating its val
     errors by hand; every prediction gets a region per level, and the review list is exactly the landmarks

@@ -13,8 +13,15 @@ from lmlib.engine.cascade import fit_cascade, predict_cascade
 from lmlib.engine.training import errors_mm, to_world
 from lmlib.evaluation.baselines import mean_shape_predictions
 from lmlib.methods import build_method
-from lmlib.methods.prior_guided import (RADIAL_MEAN_FACTOR, AxisAttention, CorrelatedNet, JitteredStage, PriorGuided,
-                                        from_normalised, normalised)
+from lmlib.methods.prior_guided import (
+    RADIAL_MEAN_FACTOR,
+    AxisAttention,
+    CorrelatedNet,
+    JitteredStage,
+    PriorGuided,
+    from_normalised,
+    normalised,
+)
 from lmlib.methods.targets import gaussian_heatmaps
 
 
@@ -151,8 +158,8 @@ def test_jitter_follows_the_previous_stage_errors_of_the_served_landmarks():
     rng = np.random.default_rng(0)  # the factor: sigma of an isotropic normal with that mean radial error
     assert np.linalg.norm(rng.normal(0, 1, (200000, 3)), axis=1).mean() == pytest.approx(RADIAL_MEAN_FACTOR[3], 1e-2)
     with pytest.raises(ValueError, match="train that stage first"):
-        JitteredStage("independent", method, None, None, previous=None,
-                      patch=ViewSpec("patch", size=(16,) * 3, per_landmark=True)).view
+        _ = JitteredStage("independent", method, None, None, previous=None,
+                          patch=ViewSpec("patch", size=(16,) * 3, per_landmark=True)).view
 
 
 def test_stages_follow_the_dataset_groups(tmp_path, capsys):
@@ -179,6 +186,7 @@ def test_synthetic3d_declares_a_plane_group_that_is_planar():
 
 
 # ------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_cascade_beats_the_mean_shape_and_each_stage_its_predecessor(phantoms3d, tmp_path):
     """On 3D phantoms (12 train images, 64^3 px at 1 mm; the coarse stage at 2 mm): the coarse stage beats
     the mean shape, the independent fine stage halves the coarse error, the correlated model (landmarks

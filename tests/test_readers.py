@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lmlib.data.readers import (ISBI2015_SPACING_MM, read_image, read_image_info, read_isbi2015, read_isbi_txt,
-                           read_labelme, read_landmark_csv, read_long_csv, read_points_csv, read_slicer_fcsv,
-                           read_slicer_json, read_slicer_markups)
+from lmlib.data.readers import (
+    ISBI2015_SPACING_MM,
+    read_image,
+    read_image_info,
+    read_isbi2015,
+    read_isbi_txt,
+    read_labelme,
+    read_landmark_csv,
+    read_long_csv,
+    read_points_csv,
+    read_slicer_fcsv,
+    read_slicer_json,
+    read_slicer_markups,
+)
 
 
 def _labelme(path: Path, shapes: list[tuple[str, list[float]]], width: int = 40, height: int = 30,

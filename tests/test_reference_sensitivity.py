@@ -5,12 +5,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_datasets import mini_hamedan  # noqa: F401  (fixture: 4 images, annotator2 = annotator1 + 1 px in x)
 
 from lmlib.data.datasets import load_dataset
 from lmlib.outputs.contract import predictions_frame
 from lmlib.reporting.comparison import Comparison, align_runs
 from lmlib.reporting.reference_sensitivity import MEAN_OF_ANNOTATORS, ranking_summary, reference_sensitivity
-from test_datasets import mini_hamedan  # noqa: F401  (fixture: 4 images, annotator2 = annotator1 + 1 px in x)
 
 SPACING = 0.1264
 

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmlib.outputs import reference_runs
-from lmlib.evaluation import metrics as M
-from lmlib.reporting import comparison as reporting
-from lmlib.reporting import figures as plots
-from lmlib.outputs.contract import predictions_frame, read_run, write_json, write_outputs
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
+from lmlib.evaluation import metrics as M
+from lmlib.outputs import reference_runs
+from lmlib.outputs.contract import predictions_frame, read_run, write_json, write_outputs
+from lmlib.reporting import comparison as reporting
+from lmlib.reporting import figures as plots
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "90_comparative_evaluation.ipynb"

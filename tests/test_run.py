@@ -6,8 +6,8 @@ import nbformat
 import pytest
 
 from lmlib import run
-from lmlib.run import JOBS, Job, check_parameters, main, run_job, select
 from lmlib.engine.runner import run_method
+from lmlib.run import JOBS, Job, check_parameters, main, run_job, select
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -83,6 +83,38 @@ def test_every_notebook_is_declared_and_its_parameters_exist() -> None:
                 check_parameters(NOTEBOOKS / job.notebook,
                                  {"dataset": dataset, "output_dir": "x", "data_dir": "", "seed": 0, "device": "cpu",
                                   **job.parameters(dataset, profile)})
+
+
+def test_every_method_is_run_by_a_job_that_names_it() -> None:
+    """A job names the method it trains (``runs``), never matched by a name prefix; every discovered method has a
+    job, and a job whose notebook trains (calls run_method) names one."""
+    from lmlib.methods.base import _module_methods
+
+    assert {j.runs for j in JOBS if j.runs} == set(_module_methods())
+    for job in JOBS:
+        trains = "run_method(" in (NOTEBOOKS / job.notebook).read_text(encoding="utf-8")
+        assert (job.runs is not None) == trains, job.method
+
+
+def test_methods_are_discovered_from_their_modules_and_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a method needs no list edited: a module with METHOD, or an installed package's entry point."""
+    from lmlib.methods import base
+    from lmlib.methods.heatmap_unet import HeatmapUNet
+
+    class Toy(HeatmapUNet):
+        name = "toy"
+
+    class EntryPoint:
+        name, value = "toy", "toy_package:Toy"
+
+        def load(self) -> type:
+            return Toy
+
+    assert "heatmap_unet" in base.method_names() and "base" not in base.method_names()
+    monkeypatch.setattr(base, "_entry_points", lambda: {"toy": EntryPoint()})
+    assert "toy" in base.method_names() and base.method_class("toy") is Toy
+    with pytest.raises(ValueError, match="unknown method 'nope'.*entry point"):
+        base.method_class("nope")
 
 
 def test_select_filters_in_declared_order() -> None:

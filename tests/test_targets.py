@@ -6,8 +6,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lmlib.methods.targets import (ShrinkSchedule, diamond_area, diamond_masks_np, dice_scores,
-                           gaussian_heatmaps, gaussian_heatmaps_np, mask_pos_weight)
+from lmlib.methods.targets import (
+    ShrinkSchedule,
+    diamond_area,
+    diamond_masks_np,
+    dice_scores,
+    gaussian_heatmaps,
+    gaussian_heatmaps_np,
+    mask_pos_weight,
+)
 
 
 def test_gaussian_peak_at_landmark_2d_and_values():

@@ -21,6 +21,7 @@ from lmlib.data.transforms import build_augmentation
 from lmlib.engine.training import CheckpointMismatch, LandmarkModule, fit, load_checkpoint, predict, trainer_device
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves, read_history
 from lmlib.methods import build_method
+from lmlib.methods.base import DEFAULT_OPTIMIZER
 
 SIZE = (64, 64)
 NET = {"channels": (8, 16, 32), "num_res_units": 1}
@@ -54,6 +55,8 @@ def trained(samples, tmp_path_factory):
                           schedule={"start": 64, "step": 8, "stop": 8, "every": 1})
     result = fit(method, _dm(samples), out, max_epochs=EPOCHS, learning_rate=3e-3, device="cpu", seed=0,
                  callbacks=[OverlayCallback(out, every_n_epochs=4, n_images=2), WorseAtTheEnd()])
+    assert method.optimizer["lr"] == DEFAULT_OPTIMIZER["lr"] != 3e-3  # fit overrode a copy, not the caller's method
+    assert result.module.method.optimizer["lr"] == 3e-3
     return out, result
 
 
@@ -77,6 +80,7 @@ def test_decoding_state_is_that_of_the_selected_weights(trained):
     assert method.radius(result.module.decode_epoch, SIZE) != method.radius(EPOCHS - 1, SIZE)
 
 
+@pytest.mark.slow
 def test_predictions_after_fit_equal_a_fresh_process_loading_best(trained, samples, tmp_path):
     _, result = trained
     test = [s for s in samples if s.meta["split"] == "test"]
@@ -85,7 +89,7 @@ def test_predictions_after_fit_equal_a_fresh_process_loading_best(trained, sampl
         "import json, sys, numpy as np\n"
         "from lmlib.data.phantoms import make_phantom_dataset\n"
         "from lmlib.engine.training import predict\n"
-        f"s = [x for x in make_phantom_dataset(2, **json.loads(sys.argv[2])) if x.meta['split'] == 'test']\n"
+        "s = [x for x in make_phantom_dataset(2, **json.loads(sys.argv[2])) if x.meta['split'] == 'test']\n"
         "np.save(sys.argv[3], np.stack(predict(sys.argv[1], s).world_mm))\n")
     phantoms = {**PHANTOMS, "size": list(SIZE)}
     subprocess.run([sys.executable, "-c", script, result.best_checkpoint, json.dumps(phantoms), str(tmp_path / "p.npy")],

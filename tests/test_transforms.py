@@ -8,17 +8,26 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.transforms import Affine, Resample
+from monai.transforms import Affine, Compose, Resample
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from lmlib.data.geometry import Geometry
-from lmlib.data.sample import Sample
-from lmlib.data.transforms import (RandAffineLandmarksd, RandElasticLandmarksd, RandFlipLandmarksd,
-                                   RandSpatialLandmarksd, SpatialParams, build_augmentation, dense_mean_square,
-                                   intensity_transforms, left_right_index_pairs, make_item, mark_outside)
 from lmlib.data.grids import preprocess
-from monai.transforms import Compose
+from lmlib.data.sample import Sample
+from lmlib.data.transforms import (
+    RandAffineLandmarksd,
+    RandElasticLandmarksd,
+    RandFlipLandmarksd,
+    RandSpatialLandmarksd,
+    SpatialParams,
+    build_augmentation,
+    dense_mean_square,
+    intensity_transforms,
+    left_right_index_pairs,
+    make_item,
+    mark_outside,
+)
 
 SIZES = {2: (64, 72), 3: (40, 42, 38)}
 N = 5

@@ -1,6 +1,6 @@
 """mkdocs hooks of the lmlib documentation (named in ``mkdocs.yml``; not a documentation page).
 
-Three things the Markdown pages need and plain mkdocs does not do:
+What the Markdown pages need and plain mkdocs does not do:
 
 - **Repository files.** Pages link to files outside ``docs/`` (generated tables and figures under
   ``results/``, notebooks, sources) with ordinary relative links such as ``../../results/x/fig.png``, which
@@ -11,6 +11,8 @@ Three things the Markdown pages need and plain mkdocs does not do:
   output of ``python -m lmlib.run --help`` (only the modules in :data:`CLI_MODULES`).
 - **The dataset declaration keys** from the module docstring of ``lmlib/data/dataset_spec.py`` (the
   authoritative list): a line ``<!-- dataset-spec-keys -->`` becomes its ``Keys`` block.
+- **The shared run parameters** from their typed model (``lmlib.engine.parameters.SharedParameters``): a line
+  ``<!-- shared-parameters -->`` becomes its table (name, default, what it accepts, meaning).
 - **Generated CSV tables** (the benchmark writes no Markdown): a line ``<!-- csv-table: results/x/table.csv -->``
   (path from the repository root) becomes that file as a Markdown table, numbers to four significant digits.
   A missing file fails the build.
@@ -37,6 +39,7 @@ LINK = re.compile(r"(\]\()([^)\s]+?)((?:#[^)\s]*)?\))")  # Markdown link or imag
 CLI_MODULES = ("lmlib.run", "lmlib.predict", "lmlib.reporting.diagnostics", "lmlib.data.example_dataset")
 CLI_MARKER = re.compile(r"^<!-- cli-help: ([\w.]+) -->$", re.MULTILINE)
 KEYS_MARKER = "<!-- dataset-spec-keys -->"
+PARAMETERS_MARKER = "<!-- shared-parameters -->"
 CSV_MARKER = re.compile(r"^<!-- csv-table: (\S+\.csv) -->$", re.MULTILINE)
 NOTEBOOKS_MARKER = re.compile(r"^<!-- result-notebooks: ([\w.-]+) -->$", re.MULTILINE)
 SPEC_MODULE = Path("lmlib") / "data" / "dataset_spec.py"
@@ -61,7 +64,7 @@ def on_files(files: Files, config: Any) -> Files:
     docs_dir, root = Path(config["docs_dir"]).resolve(), _root(config)
     wanted: set[Path] = set()
     for page in docs_dir.rglob("*.md"):
-        text = NOTEBOOKS_MARKER.sub(lambda m: _result_notebooks(m.group(1), root, page.parent),
+        text = NOTEBOOKS_MARKER.sub(lambda m, p=page: _result_notebooks(m.group(1), root, p.parent),
                                     page.read_text(encoding="utf-8"))
         for match in LINK.finditer(text):
             path = _repo_target(match.group(2), page.parent, docs_dir, root)
@@ -83,6 +86,16 @@ def _cli_help(module: str, root: Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"python -m {module} --help failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return f"```text\n{done.stdout.rstrip()}\n```"
+
+
+def _parameter_table(root: Path) -> str:
+    """``lmlib.engine.parameters.parameter_table()``, computed in a subprocess of this interpreter (as the CLI help)."""
+    code = "from lmlib.engine.parameters import parameter_table; print(parameter_table())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the shared parameter table failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout.rstrip()
 
 
 def _spec_keys(root: Path) -> str:
@@ -149,4 +162,6 @@ def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> st
     markdown = CSV_MARKER.sub(lambda m: _csv_table(m.group(1), root), markdown)
     if KEYS_MARKER in markdown:
         markdown = markdown.replace(KEYS_MARKER, _spec_keys(root))
+    if PARAMETERS_MARKER in markdown:
+        markdown = markdown.replace(PARAMETERS_MARKER, _parameter_table(root))
     return markdown

@@ -45,9 +45,10 @@ and the key.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,8 @@ class DatasetSpec:
     on one shared plane (refined jointly by the prior-guided 3D method). Without ``splits_file`` the loader
     makes a seeded split (``split_fractions`` train/val/test, ``split_seed``), the same for every notebook.
     ``single_template``: one annotated image whose random deformations are the train/val/test images.
-    ``notes``: caveats every comparison of the dataset repeats. ``calibration``: ``(label a, label b, distance_mm)``: each image's spacing is isotropic, ``distance_mm``
+    ``notes``: caveats every comparison of the dataset repeats. ``calibration``: ``(label a, label b,
+    distance_mm)``: each image's spacing is isotropic, ``distance_mm``
     divided by the pixel distance between landmarks a and b of the reference annotator in that image (the hand
     X-ray protocol of Payer et al.: landmarks 2 and 6 are 50 mm apart); an image where either is masked fails.
     ``source``: the declaration file; ``data_dir``: the data folder it names (absolute), if any.

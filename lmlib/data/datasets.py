@@ -3,7 +3,8 @@
 A :class:`~lmlib.data.dataset_spec.DatasetSpec`, read from a declaration file (YAML: the built-in ones in
 ``lmlib/data/declared/``, a user's by path), says where the images and each annotator's landmarks are,
 which reader parses them, the landmark labels (as in the files) and display names, a spacing override,
-left/right pairs, landmark groups and the splits (a split file, else a seeded split). :func:`load_dataset` reads every annotator's files, runs the checks of
+left/right pairs, landmark groups and the splits (a split file, else a seeded split). :func:`load_dataset`
+reads every annotator's files, runs the checks of
 :mod:`lmlib.data.checks` on all of them (``Dataset.report``), and returns the samples of one annotator
 with landmarks in world mm ``(x, y[, z])``. Bad annotations (ambiguous, missing, non-finite, not a
 point, outside the image, images without or with several annotation records) are masked, never
@@ -11,23 +12,43 @@ guessed, and every masked landmark has exactly one report row saying why (counte
 ``Dataset.summary()``); malformed files raise an error naming the file, the line/shape and the problem.
 
 Real data lives outside the project: ``data_dir`` defaults to the folder a declaration file names (its
-own folder), and for a built-in dataset to ``$LMLIB_SHARED_DATA/<name>`` or ``<repo>/../shared/data/<name>``. ``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
+own folder), and for a built-in dataset to ``$LMLIB_SHARED_DATA/<name>`` or ``<repo>/../shared/data/<name>``.
+``synthetic2d``/``synthetic3d`` come from :mod:`lmlib.data.phantoms`.
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lmlib.data.checks import (MASKING_ISSUES, Issue, check_inside, check_size, check_spacing, make_report,
-                               mask_image, masked_by, resolve_landmarks, summarize_report, warn_masked)
-from lmlib.data.dataset_spec import (DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, SYNTHETIC, DatasetSpec, declared_files,
-                                     is_dataset_file, read_dataset_file)
+from lmlib.data.checks import (
+    MASKING_ISSUES,
+    Issue,
+    check_inside,
+    check_size,
+    check_spacing,
+    make_report,
+    mask_image,
+    masked_by,
+    resolve_landmarks,
+    summarize_report,
+    warn_masked,
+)
+from lmlib.data.dataset_spec import (
+    DEFAULT_SPLIT_FRACTIONS,
+    SPLIT_NAMES,
+    SYNTHETIC,
+    DatasetSpec,
+    declared_files,
+    is_dataset_file,
+    read_dataset_file,
+)
 from lmlib.data.duplicates import check_split_duplicates, duplicate_groups, keep_groups_together
 from lmlib.data.geometry import Geometry
 from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info

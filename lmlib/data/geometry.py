@@ -41,7 +41,7 @@ class Geometry:
         return int(self.spacing.size)
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> "Geometry":
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
         dim = image.GetDimension()
         return cls(np.array(image.GetSpacing()), np.array(image.GetOrigin()),
                    np.array(image.GetDirection()).reshape(dim, dim))
@@ -63,7 +63,7 @@ class Geometry:
         pts = np.atleast_2d(np.asarray(world, dtype=np.float64))
         return np.linalg.solve(self.direction, (pts - self.origin).T).T / self.spacing
 
-    def scaled(self, factor: np.ndarray | float) -> "Geometry":
+    def scaled(self, factor: np.ndarray | float) -> Geometry:
         """Geometry of the same field of view resampled by ``factor`` (new_size = size * factor).
 
         Keeps the physical extent aligned on pixel *edges*, as resizing an image does:

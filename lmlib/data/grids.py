@@ -12,8 +12,9 @@ Grid + resample.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -101,14 +102,14 @@ class Grid:
                 "direction": self.direction.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
         return cls(tuple(d["size"]), Geometry(np.asarray(d["spacing"], dtype=np.float64),
                                               np.asarray(d["origin"], dtype=np.float64),
                                               np.asarray(d["direction"], dtype=np.float64)))
 
     # --------------------------------------------------------------------------------- constructors
     @classmethod
-    def of_image(cls, image: "Sample | sitk.Image | Grid | SourceImage") -> "Grid":
+    def of_image(cls, image: Sample | sitk.Image | Grid | SourceImage) -> Grid:
         """The image's own grid (a Sample, a SimpleITK image, a :class:`SourceImage` or a Grid)."""
         if isinstance(image, Grid):
             return image
@@ -121,8 +122,8 @@ class Grid:
         raise TypeError(f"cannot take a grid of {type(image).__name__}")
 
     @classmethod
-    def whole(cls, image: "Sample | sitk.Image | Grid | SourceImage", size: Sequence[int] | None = None,
-              spacing: Sequence[float] | float | None = None) -> "Grid":
+    def whole(cls, image: Sample | sitk.Image | Grid | SourceImage, size: Sequence[int] | None = None,
+              spacing: Sequence[float] | float | None = None) -> Grid:
         """The whole field of view of ``image`` at ``size`` px or at ``spacing`` mm (one of them).
 
         - ``size``: spacing becomes ``spacing * old_size / size`` (anisotropic if aspect ratios differ).
@@ -146,7 +147,7 @@ class Grid:
             return src
         return cls(tuple(int(n) for n in new), src.geometry.scaled(new / old))
 
-    def padded_to_multiple(self, multiple: int) -> "Grid":
+    def padded_to_multiple(self, multiple: int) -> Grid:
         """Size rounded up to a multiple of ``multiple`` px on every axis (padding at the high end; origin kept)."""
         m = int(multiple)
         if m <= 1:
@@ -154,18 +155,18 @@ class Grid:
         size = tuple(int(-(-n // m) * m) for n in self.size)
         return Grid(size, self.geometry)
 
-    def crop(self, start_index: Sequence[int], size: Sequence[int]) -> "Grid":
+    def crop(self, start_index: Sequence[int], size: Sequence[int]) -> Grid:
         """Integer sub-grid: new index 0 = old index ``start_index`` (may be negative / extend past the end)."""
         start = np.asarray(start_index, dtype=np.int64).reshape(self.ndim)
         origin = self.index_to_world(start[None].astype(np.float64))[0]
         return Grid(tuple(int(s) for s in size), Geometry(self.spacing, origin, self.direction))
 
-    def centre_crop_or_pad(self, size: Sequence[int]) -> "Grid":
+    def centre_crop_or_pad(self, size: Sequence[int]) -> Grid:
         """Centred sub-/super-grid of ``size`` px: new index 0 = old index ``(old_size - size) // 2``."""
         size_a = np.asarray(size, dtype=np.int64).reshape(self.ndim)
         return self.crop((np.asarray(self.size) - size_a) // 2, size_a)
 
-    def random_crop(self, size: Sequence[int], rng: np.random.Generator) -> "Grid":
+    def random_crop(self, size: Sequence[int], rng: np.random.Generator) -> Grid:
         """Integer crop of ``size`` px placed uniformly at random inside the grid (start drawn from ``rng``).
 
         On an axis where ``size`` exceeds the grid, the crop is centred (extends beyond both sides
@@ -178,7 +179,7 @@ class Grid:
 
     @classmethod
     def centred(cls, centre_mm: Sequence[float], size: Sequence[int], spacing: Sequence[float] | float,
-                direction: np.ndarray | None = None) -> "Grid":
+                direction: np.ndarray | None = None) -> Grid:
         """A grid of ``size`` px at ``spacing`` mm whose centre (index ``(size - 1) / 2``) is at ``centre_mm``."""
         centre = np.asarray(centre_mm, dtype=np.float64).reshape(-1)
         dim = centre.size
@@ -230,7 +231,7 @@ class SourceImage:
     per copy, per image and spacing). Built from a Sample, an sitk image, or an array ``(x, y[, z])`` +
     Geometry."""
 
-    def __init__(self, image: "Sample | sitk.Image | np.ndarray", geometry: Geometry | None = None,
+    def __init__(self, image: Sample | sitk.Image | np.ndarray, geometry: Geometry | None = None,
                  cache: bool = True) -> None:
         if isinstance(image, Sample):
             img = image.to_sitk()
@@ -248,7 +249,7 @@ class SourceImage:
         self._smoothed: dict[tuple[float, ...], sitk.Image] = {}
         self._levels: dict[tuple[int, ...], SourceImage] = {}
 
-    def for_grid(self, grid: Grid) -> tuple["SourceImage", np.ndarray]:
+    def for_grid(self, grid: Grid) -> tuple[SourceImage, np.ndarray]:
         """(source to sample ``grid`` from, the anti-aliasing sigma in mm still to apply to it).
 
         For a large grid much coarser than the source, a block-averaged copy (SimpleITK ``BinShrink`` by
@@ -320,7 +321,7 @@ def _gaussian(image: sitk.Image, sigma_mm: np.ndarray, spacing: np.ndarray) -> s
     return sitk.SmoothingRecursiveGaussian(image, sigma_mm.tolist())
 
 
-def resample(source: "Sample | sitk.Image | SourceImage", grid: Grid, interpolation: str = "linear",
+def resample(source: Sample | sitk.Image | SourceImage, grid: Grid, interpolation: str = "linear",
              default_value: float = 0.0, antialias: bool = True) -> np.ndarray:
     """Sample ``source`` on ``grid``: float32 array ``(x, y[, z])`` of ``grid.size``.
 

@@ -33,8 +33,9 @@ Batches stack these: image ``(B, C, ...)``, landmarks ``(B, K, D)``, valid ``(B,
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -42,8 +43,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from lmlib.data.geometry import Geometry
-from lmlib.data.grids import KEEP_ASPECT, Grid, SourceImage, crop_array, normalize_intensity, on_sub_grid, \
-    preprocess, preprocessing_grids, resample
+from lmlib.data.grids import (
+    KEEP_ASPECT,
+    Grid,
+    SourceImage,
+    crop_array,
+    normalize_intensity,
+    on_sub_grid,
+    preprocess,
+    preprocessing_grids,
+    resample,
+)
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import make_item
 
@@ -106,7 +116,7 @@ class EpochSampler(Sampler[int]):
     (not reseeded per epoch): a resume is exact with ``num_workers=0`` or non-persistent workers.
     """
 
-    def __init__(self, dataset: "LandmarkDataset", seed: int = 0, shuffle: bool = True,
+    def __init__(self, dataset: LandmarkDataset, seed: int = 0, shuffle: bool = True,
                  generator: torch.Generator | None = None, epoch: int = 0) -> None:
         self.dataset, self.seed, self.shuffle = dataset, int(seed), bool(shuffle)
         self.generator = generator if generator is not None else torch.Generator()
@@ -235,7 +245,7 @@ class ViewSpec:
                 "stacked": self.stacked, "shared_axis": self.shared_axis, "keep_aspect": self.keep_aspect}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ViewSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ViewSpec:
         kw = {"keep_aspect": False, **d}  # checkpoints written before keep_aspect existed were squashed
         if kw.get("jitter") is not None:
             kw["jitter"] = tuple(kw["jitter"])

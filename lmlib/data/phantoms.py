@@ -11,7 +11,8 @@ Shapes are built in world mm, so anisotropic spacing gives physically correct sh
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation

@@ -5,8 +5,9 @@ Image arrays are ``(x, y[, z])``-indexed (a SimpleITK array transposed, as MONAI
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,7 +76,7 @@ class Sample:
     @classmethod
     def from_index(cls, image_id: str, image: np.ndarray, geometry: Geometry,
                    landmarks_index: np.ndarray, landmark_names: Sequence[str],
-                   valid: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> "Sample":
+                   valid: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> Sample:
         """Build a sample from pixel/voxel landmark indices (converted to world mm here); without
         ``valid``, non-finite rows are invalid."""
         idx = np.array(landmarks_index, dtype=np.float64, ndmin=2)
@@ -84,7 +85,7 @@ class Sample:
         return cls(image_id, image, geometry, world, ok,
                    tuple(landmark_names), dict(meta or {}))
 
-    def with_landmarks_mm(self, landmarks_mm: np.ndarray) -> "Sample":
+    def with_landmarks_mm(self, landmarks_mm: np.ndarray) -> Sample:
         """A copy with other landmark positions (same validity mask)."""
         return replace(self, landmarks_mm=np.array(landmarks_mm, dtype=np.float64), meta=dict(self.meta))
 

@@ -14,17 +14,26 @@ Conventions
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, Flip, RandAdjustContrastd, RandAffineGrid, RandBiasFieldd,
-                              RandGaussianNoised, Randomizable, RandomizableTransform, RandScaleIntensityd,
-                              Resample)
+from monai.transforms import (
+    Compose,
+    Flip,
+    RandAdjustContrastd,
+    RandAffineGrid,
+    RandBiasFieldd,
+    RandGaussianNoised,
+    Randomizable,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    Resample,
+)
 from monai.utils import convert_to_numpy
 from scipy.ndimage import gaussian_filter, map_coordinates
-
 
 Data = dict[str, Any]
 

@@ -11,9 +11,10 @@ Prediction from checkpoints alone: :func:`predict_cascade` chains the stages' ch
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
@@ -21,8 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.sample import Sample
 from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict
-from lmlib.outputs.contract import read_manifest
 from lmlib.methods.stages import Stage  # re-exported: the cascade's unit
+from lmlib.outputs.contract import read_manifest
 
 Centres = dict[str, np.ndarray]  # image_id -> (N, D) world mm
 

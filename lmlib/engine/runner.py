@@ -10,19 +10,20 @@ stages), predicts the test split in world mm, writes the output contract (``pred
 defaults plus papermill's overrides, as collected by :func:`notebook_parameters`), and returns a
 :class:`RunResult` to display.
 
-Shared parameter names (every method notebook declares those it uses; see :data:`SHARED_PARAMETERS`);
+Shared parameter names (every method notebook declares those it uses; their types, bounds, defaults and
+meanings: :class:`lmlib.engine.parameters.SharedParameters`);
 everything else must be one of the method's own parameters (``METHOD.parameters``), else a clear error.
 Before any work, :func:`validate_parameters` checks the shared values (e.g. ``max_epochs`` >= 1, ``device``
 available here) and :func:`check_output_dir` that the run folder can be written: one line each on failure.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,58 +33,32 @@ from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
 from lmlib.engine.cascade import model_checkpoints, predict_cascade
+from lmlib.engine.parameters import SHARED_PARAMETERS, check_shared, shared_value
 from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
-from lmlib.methods.base import OPTIMIZERS, SCHEDULES, LandmarkMethod, build_method, method_class
+from lmlib.methods.base import LandmarkMethod, build_method, method_class
+from lmlib.methods.stages import is_cascade
 from lmlib.outputs.contract import predictions_frame, read_manifest, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
-#: parameter name -> what it means (units); the engine consumes these, methods the rest
-SHARED_PARAMETERS: dict[str, str] = {
-    "dataset": "dataset name (synthetic2d, synthetic3d, hamedan-ceph, afids-mni, ...) or a declaration file (.yaml)",
-    "data_dir": "folder of a real dataset (empty: the shared default location)",
-    "output_dir": "run folder (results/<dataset>/<method>)",
-    "annotator": "reference annotator (empty: the dataset's first)",
-    "seed": "random seed (data order, augmentation, initialisation)",
-    "device": "auto | cpu | cuda | cuda:1 | mps",
-    "devices": "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is batch_size x devices x num_nodes",
-    "num_nodes": "nodes of a multi-node DDP run (launched by torchrun or SLURM srun)",
-    "strategy": "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under torchrun/srun) | ddp | ddp_spawn | ...",
-    "precision": "32-true | bf16-mixed (bf16 autocast; its speed on this CPU: the benchmark notebook)",
-    "num_workers": "data-loader worker processes",
-    "max_epochs": "training epochs",
-    "batch_size": "images per batch",
-    "learning_rate": "optimizer learning rate",
-    "lr_schedule": "cosine | constant",
-    "weight_decay": "optimizer weight decay",
-    "optimizer": "adam | adamw",
-    "warmup_epochs": "linear warm-up epochs before the schedule",
-    "image_size": "network grid in px (x, y[, z]); empty: 128^2 in 2D, 64^3 in 3D",
-    "augment": "random affine + intensity augmentation on the train split",
-    "rotation_deg": "augmentation: max rotation (degrees)",
-    "scale_range": "augmentation: scale 1 +- this",
-    "elastic": "augmentation: add a smooth elastic deformation",
-    "flip_prob": "augmentation: probability of mirroring along x (left/right pairs swapped)",
-    "flip_test": "test-time flip averaging (left/right pairs swapped)",
-    "overlay_every": "epochs between overlay frames (GT blue, prediction red)",
-    "gif_fps": "frames per second of fig_training_progress.gif",
-    "resume": "checkpoint (.ckpt) to continue training from",
-    "max_train_images": "0 = all; trims the train split only",
-    "n_deformed": "afids-mni: random deformations of the template (train/val/test 60/20/20 %, seed 0; "
-                  "the template itself is one more test image)",
-}
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
 def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The effective parameters of a notebook: every plain value (str, int, float, bool, list, dict,
-    None) bound at top level, i.e. the ``parameters`` cell's defaults after papermill's injected
-    overrides. Call it right after the parameters cell (``notebook_parameters(globals())``)."""
+    """The effective parameters of a notebook: the names its ``parameters`` cell declares (``name: type =
+    default``, which the kernel records in ``__annotations__``) with their values after papermill's injected
+    overrides. A scratch variable typed while exploring (``n = 3``) is not a parameter. Without annotations (a
+    plain dict) every plain value (str, int, float, bool, list, dict, None) counts. Call it right after the
+    parameters cell: ``notebook_parameters(globals())``. A misspelt override (``papermill -p max_epoch 5``) is not
+    declared, so it is not passed: papermill warns about it, and the driver refuses it before running."""
+    declared = namespace.get("__annotations__")
+    if declared is None and callable(namespace.get("__annotate__")):  # Python >= 3.14: annotations are lazy
+        declared = namespace["__annotate__"](1)  # format VALUE
     out: dict[str, Any] = {}
     for name, value in namespace.items():
-        if name.startswith("_") or name in _IPYTHON_NAMES:
+        if name.startswith("_") or name in _IPYTHON_NAMES or (declared is not None and name not in declared):
             continue
         if value is None or isinstance(value, (str, int, float, bool, list, tuple, dict)):
             out[name] = list(value) if isinstance(value, tuple) else value
@@ -195,73 +170,17 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _as_number(value: Any) -> float | None:
-    """``value`` as a finite float when it is a number (also "3e-3"), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _int_at_least(low: int) -> Callable[[Any], bool]:
-    return lambda v: (n := _as_int(v)) is not None and n >= low
-
-
-def _number_above(low: float, inclusive: bool = False) -> Callable[[Any], bool]:
-    return lambda v: (x := _as_number(v)) is not None and (x >= low if inclusive else x > low)
-
-
-def _one_of(choices: Sequence[str]) -> Callable[[Any], bool]:
-    return lambda v: v in choices
-
-
-def _grid(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(_int_at_least(1)(v) for v in value)
-
-
-#: parameter -> (accepts the value?, what is allowed); checked by :func:`validate_parameters` when present
-PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_epochs": (_int_at_least(1), "an integer >= 1"),
-    "flip_prob": (lambda v: (x := _as_number(v)) is not None and 0 <= x <= 1, "a number in [0, 1]"),
-    "batch_size": (_int_at_least(1), "an integer >= 1"),
-    "devices": (_int_at_least(1), "an integer >= 1 (training processes per node)"),
-    "num_nodes": (_int_at_least(1), "an integer >= 1"),
-    "learning_rate": (_number_above(0.0), "a number > 0"),
-    "image_size": (lambda v: not v or _grid(v), "empty (the default grid) or 2 or 3 integers >= 1"),
-    "num_workers": (_int_at_least(0), "an integer >= 0"),
-    "max_train_images": (_int_at_least(0), "an integer >= 0 (0 = all)"),
-    "n_deformed": (_int_at_least(0), "an integer >= 0"),
-    "seed": (_int_at_least(0), "an integer >= 0"),
-    "weight_decay": (_number_above(0.0, inclusive=True), "a number >= 0"),
-    "warmup_epochs": (_int_at_least(0), "an integer >= 0"),
-    "overlay_every": (_int_at_least(1), "an integer >= 1 (epochs)"),
-    "gif_fps": (_number_above(0.0), "a number > 0"),
-    "lr_schedule": (_one_of(SCHEDULES), f"one of {', '.join(map(repr, SCHEDULES))}"),
-    "optimizer": (_one_of(OPTIMIZERS), f"one of {', '.join(map(repr, OPTIMIZERS))}"),
-    "precision": (_one_of(("32-true", "bf16-mixed", "16-mixed", "64-true")), "32-true, bf16-mixed, 16-mixed (GPU) or 64-true"),
-    # augmentation ranges (a negative or huge range was drawn from silently: rotation_deg=-1000 trained)
-    "rotation_deg": (lambda v: (x := _as_number(v)) is not None and 0 <= x <= 180, "a number of degrees in [0, 180]"),
-    "scale_range": (lambda v: (x := _as_number(v)) is not None and 0 <= x < 1, "a number in [0, 1) (scale 1 +- it)"),
-    "augment": (lambda v: isinstance(v, bool), "true or false"),
-    "elastic": (lambda v: isinstance(v, bool), "true or false"),
-}
-
-
 def validate_parameters(params: Mapping[str, Any]) -> None:
     """Raise a one-line ``ValueError`` naming the first shared parameter whose value cannot work, the value and
-    what is allowed (:data:`PARAMETER_RULES`, the dataset name, ``image_size`` vs the dataset's dimension,
+    what is allowed (:class:`~lmlib.engine.parameters.SharedParameters`, the dataset name, ``image_size`` vs the
+    dataset's dimension,
     ``device`` vs this machine). Parameters that are absent keep their defaults and are not checked."""
     if "dataset" in params:
         try:
             get_spec(params["dataset"]) if params["dataset"] not in SYNTHETIC else None
         except (ValueError, FileNotFoundError) as exc:
             raise type(exc)(f"dataset={params['dataset']!r}: {exc}") from None
-    for name, (accepts, allowed) in PARAMETER_RULES.items():
-        if name in params and not accepts(params[name]):
-            raise ValueError(f"{name}={params[name]!r}: must be {allowed}")
+    check_shared(dict(params))
     grid, dataset = params.get("image_size"), params.get("dataset")
     if grid and dataset is not None and len(grid) != (ndim := dataset_ndim(dataset)):
         raise ValueError(f"image_size={list(grid)!r}: must be {ndim} integers >= 1 (or empty) because "
@@ -309,10 +228,10 @@ def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
     optimizer = {k: params[p] for p, k in (("learning_rate", "lr"), ("lr_schedule", "schedule"),
                                            ("weight_decay", "weight_decay"), ("optimizer", "name"),
                                            ("warmup_epochs", "warmup_epochs")) if p in params}
-    return {"optimizer": optimizer, "test_time_flip": bool(params.get("flip_test", False)),
+    return {"optimizer": optimizer, "test_time_flip": bool(shared_value(params, "flip_test")),
             "flip_pairs": data.spec.pair_indices(), "landmark_names": list(data.landmark_names),
             "landmark_groups": data.spec.group_indices(),
-            "max_epochs": int(params.get("max_epochs", 100))}
+            "max_epochs": int(shared_value(params, "max_epochs"))}
 
 
 def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
@@ -325,25 +244,25 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
 def parallel_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     """``devices``, ``num_nodes``, ``strategy`` and ``precision`` of :func:`~lmlib.engine.training.fit` from
     notebook parameters."""
-    return {"devices": int(params.get("devices", 1)), "num_nodes": int(params.get("num_nodes", 1)),
-            "strategy": str(params.get("strategy", "auto")), "precision": str(params.get("precision", "32-true"))}
+    return {"devices": int(shared_value(params, "devices")), "num_nodes": int(shared_value(params, "num_nodes")),
+            "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision"))}
 
 
 def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
     """The training-overlay callback (frames every ``overlay_every`` epochs, GIF at ``gif_fps``)."""
-    return [OverlayCallback(folder, every_n_epochs=int(params.get("overlay_every", 10)), n_images=4,
-                            fps=float(params.get("gif_fps", 10.0)))]
+    return [OverlayCallback(folder, every_n_epochs=int(shared_value(params, "overlay_every")), n_images=4,
+                            fps=float(shared_value(params, "gif_fps")))]
 
 
 def augmentation(params: Mapping[str, Any], ndim: int, seed: int,
                  left_right_pairs: Sequence[tuple[int, int]] = ()) -> Any:
     """The training augmentation the parameters ask for (None when ``augment`` is false); a mirror along x
     with probability ``flip_prob`` swaps ``left_right_pairs``."""
-    if not params.get("augment", True):
+    if not shared_value(params, "augment"):
         return None
-    return build_augmentation(ndim, left_right_pairs, flip_prob=float(params.get("flip_prob", 0.0)),
-                              rotation_deg=float(params.get("rotation_deg", 10.0)),
-                              scale=float(params.get("scale_range", 0.1)), elastic=bool(params.get("elastic", False)),
+    return build_augmentation(ndim, left_right_pairs, flip_prob=float(shared_value(params, "flip_prob")),
+                              rotation_deg=float(shared_value(params, "rotation_deg")),
+                              scale=float(shared_value(params, "scale_range")), elastic=bool(shared_value(params, "elastic")),
                               seed=seed)
 
 
@@ -355,13 +274,13 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     check_dimension(cls, params["dataset"])
     check_output_dir(params["output_dir"])
     started = utc_now()
-    seed, output_dir = int(params.get("seed", 0)), Path(params["output_dir"])
-    dev = setup(seed, str(params.get("device", "auto")))
+    seed, output_dir = int(shared_value(params, "seed")), Path(params["output_dir"])
+    dev = setup(seed, str(shared_value(params, "device")))
     print_environment(dev)
     data = load_run_data(params)
     seeded = write_seeded_split(data, params, output_dir)
     ndim, names = data.spec.ndim, data.landmark_names
-    train = _split(data, "train", int(params.get("max_train_images", 0)))
+    train = _split(data, "train", int(shared_value(params, "max_train_images")))
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
@@ -371,27 +290,27 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     shared = engine_settings(params, data)
     if not getattr(cls, "trainable", True):
         return _run_without_training(cls, params, effective, data, train, test, grid, dev, started, seed)
-    if hasattr(cls, "build_stages"):
+    if is_cascade(cls):
         return _run_cascade(cls, params, effective, data, train, val, test, grid, shared, dev, started, seed)
     model = cls.from_parameters(ndim, len(names), params, **shared)
     print(model)
     view = ViewSpec(kind="whole", size=tuple(grid))
-    datamodule = LandmarkDataModule(train + val + test, view=view, batch_size=int(params.get("batch_size", 4)),
-                                    num_workers=int(params.get("num_workers", 0)), seed=seed,
+    datamodule = LandmarkDataModule(train + val + test, view=view, batch_size=int(shared_value(params, "batch_size")),
+                                    num_workers=int(shared_value(params, "num_workers")), seed=seed,
                                     augmentation=augmentation(params, ndim, seed, shared["flip_pairs"]))
-    result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(params.get("device", "auto")),
+    result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(shared_value(params, "device")),
                  seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
                  data=provenance(params, data), **parallel_settings(params))
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
           f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
-    pred = predict(result.module, test, batch_size=int(params.get("batch_size", 4)))
+    pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
     figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir)}
     figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
     variants = {}
     for name, overrides in result.module.method.decoding_variants().items():
         folder = output_dir / name
-        variants[name] = predict_variant(result, test, overrides, folder, grid, int(params.get("batch_size", 4)))
+        variants[name] = predict_variant(result, test, overrides, folder, grid, int(shared_value(params, "batch_size")))
         write_manifest(folder, {**effective, "output_dir": str(folder)}, samples=train + val + test, seed=seed,
                        device=dev, started=started,
                        extra={"method": model.name, "variant": name, "method_config": {**model.config(), **overrides},
@@ -460,8 +379,8 @@ def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective
     aug = augmentation(params, data.spec.ndim, seed, shared["flip_pairs"])
     for stage in stages:
         stage.augmentation = stage.augmentation if stage.augmentation is not None else aug
-    results = fit_cascade(stages, train + val + test, output_dir, device=str(params.get("device", "auto")), seed=seed,
-                          num_workers=int(params.get("num_workers", 0)), resume=bool(params.get("resume")),
+    results = fit_cascade(stages, train + val + test, output_dir, device=str(shared_value(params, "device")), seed=seed,
+                          num_workers=int(shared_value(params, "num_workers")), resume=bool(params.get("resume")),
                           callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data),
                           parallel=parallel_settings(params))
     figures: dict[str, Path] = {}

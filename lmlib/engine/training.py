@@ -20,6 +20,7 @@ loaded anywhere else. :func:`predict` needs only a checkpoint (or module) and sa
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -28,9 +29,10 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,8 +43,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics.aggregation import CatMetric
 
 import lmlib
-from lmlib.data.loaders import STREAM_GLOBAL, LandmarkDataModule, LandmarkDataset, ViewSpec, collate_landmarks, \
-    epoch_seed
+from lmlib.data.loaders import (
+    STREAM_GLOBAL,
+    LandmarkDataModule,
+    LandmarkDataset,
+    ViewSpec,
+    collate_landmarks,
+    epoch_seed,
+)
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
 from lmlib.runtime import PROGRESS_ENV, peak_rss_mb, setup
@@ -173,7 +181,7 @@ class LandmarkModule(pl.LightningModule):
     @classmethod
     def from_method(cls, method: LandmarkMethod, landmark_names: Sequence[str], view: ViewSpec,
                     eval_view: ViewSpec | None = None, max_epochs: int = 100,
-                    data: dict[str, Any] | None = None) -> "LandmarkModule":
+                    data: dict[str, Any] | None = None) -> LandmarkModule:
         return cls(method.name, method.config(), list(landmark_names), view.to_dict(),
                    eval_view.to_dict() if eval_view is not None else None, max_epochs, data or {})
 
@@ -543,7 +551,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     exactly as an uninterrupted run would (random streams derived from (seed, epoch): data order,
     augmentation, crops, jitter, global generators), keeps the earlier epochs in ``metrics.csv`` and
     sums ``train_seconds`` over the runs.
-    ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings.
+    ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings (of the
+    trained copy, ``result.module.method``; ``method`` itself is not changed).
     ``data``: provenance stored in the checkpoint (dataset name, spacing policy).
     ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch).
     ``devices`` / ``num_nodes`` / ``strategy``: data-parallel training with Lightning DDP (processes per node,
@@ -555,7 +564,9 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     if world > 1 and strategy == "auto" and in_notebook_kernel():
         return _fit_as_script({k: v for k, v in locals().items() if k != "world"})
     overrides = {"lr": learning_rate, "schedule": lr_schedule, "weight_decay": weight_decay}
-    method.optimizer.update({k: v for k, v in overrides.items() if v is not None})
+    if any(v is not None for v in overrides.values()):  # on a copy: the caller's method keeps its settings
+        method = copy.copy(method)
+        method.optimizer = {**method.optimizer, **{k: v for k, v in overrides.items() if v is not None}}
     dev = setup(seed, device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

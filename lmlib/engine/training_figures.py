@@ -13,8 +13,8 @@ Images are indexed ``(x, y[, z])`` and shown as ``image.T`` (y down); 3D images 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt

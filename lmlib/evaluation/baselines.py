@@ -11,7 +11,7 @@ output contract. Coordinates are world mm, ``(x, y[, z])``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

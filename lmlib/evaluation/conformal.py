@@ -16,15 +16,15 @@ mask spread around the peak, vote dispersion) over its confidence ``c`` (peak he
 probability) relative to the landmark's median calibration confidence ``c_k``. The region radius is then
 ``q_k * u`` -- small where the output is a sharp, tall peak, large where it is diffuse or weak -- with the same
 coverage guarantee (normalised scores, Lei et al., JASA 2018). Where a method gives no spread (a coordinate
-regressor), the fixed radius is used. On hamedan-ceph (HTC) the confidence made the regions' coverage more even
-across easy and hard predictions than the spread alone (hardest third 88.4 % vs 84.7 % fixed at 90 %). Written by hand: the rank rule is three lines, and the
-conformal libraries (MAPIE, ...) wrap scikit-learn estimators, not per-landmark radial errors.
+regressor), the fixed radius is used. The confidence is there to make the coverage more even across easy and hard
+predictions than the spread alone. Written by hand: the rank rule is three lines, and the conformal libraries
+(MAPIE, ...) wrap scikit-learn estimators, not per-landmark radial errors.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -12,7 +12,8 @@ DataFrames. There, a NaN error is split into ``n_masked`` (reference landmark in
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,15 @@ def radial_errors(pred_mm: np.ndarray, gt_mm: np.ndarray) -> np.ndarray:
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != reference shape {gt.shape}")
     return np.sqrt(np.sum((pred - gt) ** 2, axis=-1))
+
+
+def mean_radial_error(pred_mm: Sequence[np.ndarray], samples: Sequence[Any]) -> float:
+    """MRE (mm) of per-image predictions ``(K, D)`` in world mm against each sample's ``landmarks_mm``
+    (:class:`lmlib.data.sample.Sample`), masked landmarks (NaN) left out."""
+    if len(pred_mm) != len(samples):
+        raise ValueError(f"{len(pred_mm)} predictions for {len(samples)} images")
+    errors = np.concatenate([radial_errors(p, s.landmarks_mm) for p, s in zip(pred_mm, samples)])
+    return float(np.nanmean(errors))
 
 
 def radial_errors_from_index(pred_index: np.ndarray, gt_index: np.ndarray, geometry: Geometry) -> np.ndarray:

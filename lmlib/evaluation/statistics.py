@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_key
-
 
 #: fewer test images than this: a bootstrap interval over images and a paired test by image say little
 #: (with 2 images the 95 % interval is the min and max of two values); the comparison says so beside them

@@ -24,14 +24,18 @@ Coordinates: batch ``landmarks`` are ``(B, K, D)`` continuous indices ``(x, y[, 
 ``valid`` ``(B, K)`` bool (invalid rows hold 0); map outputs are ``(B, K, *size)``.
 
 Adding a method = one module ``lmlib/methods/<name>.py`` defining a subclass with ``name = "<name>"``
-and ``METHOD = <the class>``; :func:`build_method` finds it by name. ``from_parameters`` turns notebook
+and ``METHOD = <the class>`` (or, from another package, an entry point in the group ``lmlib.methods``);
+:func:`method_names` discovers it and :func:`build_method` finds it by name. ``from_parameters`` turns notebook
 parameters into a method (the run path, :mod:`lmlib.engine.runner`, calls it).
 """
 from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +45,34 @@ from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
-METHOD_NAMES: tuple[str, ...] = ("heatmap_unet", "dilation_erosion", "global_local", "htc", "prior_guided",
-                                  "registration")
+#: entry-point group through which an installed package adds a method (``name = "package.module:Class"``)
+ENTRY_POINT_GROUP = "lmlib.methods"
+
+
+def _module_methods() -> tuple[str, ...]:
+    """The modules of ``lmlib/methods`` that define a method (a top-level ``METHOD = <class>`` line), found by
+    reading the files, not importing them."""
+    folder = Path(__file__).resolve().parent
+    return tuple(sorted(p.stem for p in folder.glob("*.py")
+                        if re.search(r"^METHOD\s*=", p.read_text(encoding="utf-8"), re.MULTILINE)))
+
+
+def _entry_points() -> dict[str, Any]:
+    """The methods installed packages register under :data:`ENTRY_POINT_GROUP` (name -> entry point)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method this installation knows: ``lmlib/methods/<name>.py`` modules with ``METHOD``, then the
+    entry points of :data:`ENTRY_POINT_GROUP` (a module of the same name wins)."""
+    own = _module_methods()
+    return own + tuple(sorted(set(_entry_points()) - set(own)))
+
+
+#: the methods found when lmlib was imported (:func:`method_names` looks again)
+METHOD_NAMES: tuple[str, ...] = method_names()
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine",
@@ -100,7 +130,7 @@ class LandmarkMethod:
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        **shared: Any) -> "LandmarkMethod":
+                        **shared: Any) -> LandmarkMethod:
         """Build the method from notebook parameters; ``shared`` are engine-level settings
         (``optimizer``, ``test_time_flip``, ``flip_pairs``, ``max_epochs``)."""
         kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
@@ -227,14 +257,18 @@ class LandmarkMethod:
 
 
 def method_class(name: str) -> type[LandmarkMethod]:
-    """The class of method ``name`` (module ``lmlib.methods.<name>``, attribute ``METHOD``)."""
-    try:
-        module = importlib.import_module(f"lmlib.methods.{name}")
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"unknown method {name!r} (no module lmlib.methods.{name}); known: {METHOD_NAMES}") from exc
-    if not hasattr(module, "METHOD"):
-        raise ValueError(f"lmlib.methods.{name} is not a method module (no METHOD); known: {METHOD_NAMES}")
-    return module.METHOD
+    """The class of method ``name``: module ``lmlib.methods.<name>``'s ``METHOD``, else the entry point ``name`` of
+    :data:`ENTRY_POINT_GROUP` (an installed package's method)."""
+    if name in _module_methods():
+        return importlib.import_module(f"lmlib.methods.{name}").METHOD
+    external = _entry_points().get(name)
+    if external is None:
+        raise ValueError(f"unknown method {name!r} (no module lmlib.methods.{name} defining METHOD, no entry point "
+                         f"in group {ENTRY_POINT_GROUP!r}); known: {method_names()}")
+    cls = external.load()
+    if not (isinstance(cls, type) and issubclass(cls, LandmarkMethod)):
+        raise ValueError(f"entry point {name!r} ({external.value}) is not a LandmarkMethod subclass")
+    return cls
 
 
 def build_method(name: str, **config: Any) -> LandmarkMethod:

@@ -18,7 +18,7 @@ Windows are clipped at the image border (pixels outside do not count).
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -17,13 +17,14 @@
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lmlib.methods.decoding import decode_maps
 from lmlib.methods.base import LandmarkMethod, Targets
+from lmlib.methods.decoding import decode_maps
 from lmlib.methods.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
 
 
@@ -65,7 +66,7 @@ class DilationErosionUNet(LandmarkMethod):
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        **shared: Any) -> "DilationErosionUNet":
+                        **shared: Any) -> DilationErosionUNet:
         """The seven radii (``radius_start/step/stop``, seed 512-px units) spread over ``max_epochs``
         (a shared engine setting)."""
         kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})

@@ -48,8 +48,9 @@ Stages (:meth:`GlobalLocalFCNN.build_stages`, run by :func:`lmlib.engine.cascade
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import LandmarkMethod, Outputs
+from lmlib.methods.base import Outputs
 from lmlib.methods.networks import PerLandmark, SharedByLandmark
-from lmlib.methods.stages import DeferredStage, Stage, stage_validation_errors
+from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 
 DISPLACEMENT_CODES: tuple[str, ...] = ("log", "linear")
 LOCAL_NETS: tuple[str, ...] = ("per_landmark", "shared")
@@ -297,7 +298,7 @@ def _default_network(stage: str, spatial_dims: int) -> dict[str, Any]:
     return {"channels": list(LOCAL_CHANNELS), "convs": list(LOCAL_CONVS), "kind": "per_landmark"}
 
 
-class GlobalLocalFCNN(LandmarkMethod):
+class GlobalLocalFCNN(CascadeMethod):
     """One stage (``stage="global"`` or ``"local"``) of the global-to-local FCNN; the class's
     :meth:`build_stages` makes the cascade (see the module docstring).
 
@@ -421,7 +422,7 @@ class GlobalLocalFCNN(LandmarkMethod):
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        stage: str = "global", **shared: Any) -> "GlobalLocalFCNN":
+                        stage: str = "global", **shared: Any) -> GlobalLocalFCNN:
         kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters}, stage)
         base = {k: shared[k] for k in ("optimizer", "test_time_flip", "flip_pairs") if k in shared}
         return cls(spatial_dims, n_landmarks, **kwargs, **base)

@@ -17,14 +17,14 @@
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lmlib.methods.base import LandmarkMethod, Targets, masked_mean
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
-
 
 LOSSES: tuple[str, ...] = ("mse", "bce")
 

@@ -29,7 +29,8 @@ by the engine. Test-time flip averaging is the shared ``flip_test`` of
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,8 @@ Re-measure with :func:`time_network`.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -41,17 +41,18 @@ Stage rows: ``prior_guided/coarse``, ``prior_guided/independent`` (coarse + inde
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import LandmarkMethod, Outputs, masked_mean
+from lmlib.methods.base import Outputs, masked_mean
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
-from lmlib.methods.stages import DeferredStage, Stage, stage_validation_errors
+from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 from lmlib.methods.targets import gaussian_heatmaps
 
 STAGES: tuple[str, ...] = ("coarse", "independent", "correlated")
@@ -217,7 +218,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.
     return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
-class PriorGuided(LandmarkMethod):
+class PriorGuided(CascadeMethod):
     """One stage (``coarse`` | ``independent`` | ``correlated``) of the prior-guided method; the
     class's :meth:`build_stages` makes the cascade (see the module docstring).
 
@@ -345,7 +346,7 @@ class PriorGuided(LandmarkMethod):
     # ---------------------------------------------------------------------------------- the cascade
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        stage: str = "coarse", **shared: Any) -> "PriorGuided":
+                        stage: str = "coarse", **shared: Any) -> PriorGuided:
         p = params
         kw: dict[str, Any] = {"stage": stage, "sigma": float(p.get("sigma", 2.0)),
                               "foreground_weight": float(p.get("foreground_weight", 30.0))}

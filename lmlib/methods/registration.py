@@ -20,9 +20,10 @@ fusion) is a few lines that no library offers in this form for landmarks.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -76,7 +77,7 @@ class MultiAtlasRegistration(LandmarkMethod):
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        **shared: Any) -> "MultiAtlasRegistration":
+                        **shared: Any) -> MultiAtlasRegistration:
         own = {k: params[k] for k in cls.parameters if k in params}
         return cls(spatial_dims, n_landmarks, seed=int(params.get("seed", 0)), **own)
 
@@ -108,7 +109,7 @@ class MultiAtlasRegistration(LandmarkMethod):
                 moving = working_image(s, size)
                 # one atlas per Python thread, each registration single-threaded inside ITK: ITK's threaded sums
                 # differ in the last bits between runs, so this keeps reruns exact and still uses every core
-                mapped = np.stack(list(pool.map(lambda f: map_points(self.register(f[0], moving), f[1]), fixed)))
+                mapped = np.stack(list(pool.map(lambda f, m=moving: map_points(self.register(f[0], m), f[1]), fixed)))
                 fused = np.nanmedian(mapped, axis=0)  # (A, N, D) -> (N, D)
                 preds.append(fused)
                 dist = np.linalg.norm(mapped - fused[None], axis=2)

@@ -4,6 +4,7 @@ on, and its training settings. A method made of stages returns them from ``build
 the engine)."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,23 @@ class Stage:
     max_epochs: int = 50
     batch_size: int = 4
     augmentation: Any = None
+
+
+class CascadeMethod(LandmarkMethod):
+    """A method made of stages, trained in order by :func:`lmlib.engine.cascade.fit_cascade`: it says so by
+    subclassing this and defining :meth:`build_stages` (the engine tests the type, not an attribute)."""
+
+    @classmethod
+    def build_stages(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any], grid: Sequence[int],
+                     shared: Mapping[str, Any]) -> list[Stage]:
+        """The stages, in training order, from notebook ``params``, the run's ``grid`` (px) and the engine's
+        ``shared`` settings (optimizer, flip pairs, epochs)."""
+        raise NotImplementedError
+
+
+def is_cascade(cls: type[LandmarkMethod]) -> bool:
+    """Whether method class ``cls`` is made of stages (a :class:`CascadeMethod`)."""
+    return issubclass(cls, CascadeMethod)
 
 
 class DeferredStage(Stage):

@@ -18,8 +18,8 @@ keeps those seed-unit radii and scales them to a grid by ``max(size) / 512``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ class ShrinkSchedule:
         return (self.start - self.stop) // self.step + 1 if self.step > 0 else 1
 
     @classmethod
-    def fit_to(cls, max_epochs: int, start: int = 65, step: int = 10, stop: int = 5) -> "ShrinkSchedule":
+    def fit_to(cls, max_epochs: int, start: int = 65, step: int = 10, stop: int = 5) -> ShrinkSchedule:
         """The seed's radii spread evenly over ``max_epochs`` (the seed: 7 stages x 50 of 350 epochs)."""
         n = (start - stop) // step + 1 if step > 0 else 1
         return cls(start, step, stop, max(1, int(max_epochs) // n))

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
 from lmlib.data.sample import Sample
+from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "image_id", "landmark", "x_mm", "y_mm", "z_mm", "gt_x_mm", "gt_y_mm", "gt_z_mm", "error_mm",

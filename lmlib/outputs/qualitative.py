@@ -2,8 +2,8 @@
 orthogonal slices), shared by the run path (worst test image) and the comparison."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -91,9 +91,9 @@ def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Pa
         centre = np.nanmean(gt, axis=0) if np.isfinite(gt).any() else np.array(img.shape) / 2.0
         c = np.clip(np.round(centre).astype(int), 0, np.array(img.shape) - 1)
         fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.5))
-        views = [("axial z=%d" % c[2], img[:, :, c[2]].T, sp[1] / sp[0], (0, 1)),
-                 ("coronal y=%d" % c[1], img[:, c[1], :].T, sp[2] / sp[0], (0, 2)),
-                 ("sagittal x=%d" % c[0], img[c[0], :, :].T, sp[2] / sp[1], (1, 2))]
+        views = [(f"axial z={c[2]}", img[:, :, c[2]].T, sp[1] / sp[0], (0, 1)),
+                 (f"coronal y={c[1]}", img[:, c[1], :].T, sp[2] / sp[0], (0, 2)),
+                 (f"sagittal x={c[0]}", img[c[0], :, :].T, sp[2] / sp[1], (1, 2))]
         for ax, (name, plane, aspect, cols) in zip(axes, views):
             show_plane(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
             _markers(ax, pts, colors, cols, refs)

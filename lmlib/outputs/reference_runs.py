@@ -5,8 +5,9 @@ comparison shows it as a reference row (dashed curves). Coordinates are world mm
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,9 +13,10 @@ one warm-up step.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -25,9 +26,11 @@ from matplotlib.figure import Figure
 
 from lmlib.data.datasets import Dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.engine.parameters import shared_value
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
 from lmlib.engine.training import LandmarkModule
 from lmlib.methods.base import method_class
+from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
 
 
@@ -63,11 +66,11 @@ def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequ
     cls = method_class(name)
     shared = engine_settings(params, data)
     ndim, n = data.spec.ndim, len(data.landmark_names)
-    if hasattr(cls, "build_stages"):
+    if is_cascade(cls):
         stage = cls.build_stages(ndim, n, params, list(grid), shared)[0]
         return stage.method, stage.view, int(stage.batch_size)
     return cls.from_parameters(ndim, n, params, **shared), ViewSpec(kind="whole", size=tuple(grid)), \
-        int(params.get("batch_size", 4))
+        int(shared_value(params, "batch_size"))
 
 
 def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,

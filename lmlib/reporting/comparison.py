@@ -20,20 +20,29 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lmlib.evaluation import metrics as M
-from lmlib.evaluation import statistics as stats
-from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
-from lmlib.outputs.contract import (REFERENCE_KIND, REFERENCE_TIMINGS, ContractError, predictions_frame,
-                                    read_manifest, read_run, write_json, write_outputs)
 from lmlib.data.datasets import SYNTHETIC, dataset_name, dataset_notes, is_single_template, load_dataset, subject_of
 from lmlib.data.sample import Sample
+from lmlib.evaluation import metrics as M
+from lmlib.evaluation import statistics as stats
+from lmlib.outputs.contract import (
+    REFERENCE_KIND,
+    REFERENCE_TIMINGS,
+    ContractError,
+    predictions_frame,
+    read_manifest,
+    read_run,
+    write_json,
+    write_outputs,
+)
+from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
 RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")  # a folder holding either is meant as a run
@@ -436,7 +445,8 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
     """Table 1: one row per method (sorted by MRE), numeric.
 
     Columns: kind, profile (driver profile, ``-`` if unknown), device, n_images, n_points, n_masked,
-    n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm, median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm, and the run's train_seconds,
+    n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm, median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm,
+    and the run's train_seconds,
     infer_seconds_per_image, peak_rss_mb. CIs: bootstrap over images, the same resamples for all
     methods.
     """

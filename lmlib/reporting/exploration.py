@@ -5,7 +5,7 @@ Works on any list of :class:`~lmlib.data.sample.Sample`, 2D or 3D. Coordinates i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -138,7 +138,8 @@ def fig_overlay(sample: Sample, points: dict[str, np.ndarray] | None = None, ann
         if annotate:
             for k, label in enumerate(sample.landmark_names):
                 if sample.valid[k]:
-                    ax.annotate(label, idx["reference"][k, :2], fontsize=6, color="yellow", xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(label, idx["reference"][k, :2], fontsize=6, color="yellow", xytext=(3, 3),
+                                textcoords="offset points")
         ax.set_title(f"{sample.image_id}")
         ax.axis("off")
         ax.legend(fontsize=7, loc="lower right")

@@ -9,8 +9,8 @@ Errors are in mm; images are indexed ``(x, y[, z])`` and shown as ``image.T``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
 from lmlib.evaluation.statistics import significance_matrix
 from lmlib.outputs.figure_files import DPI, save_figure  # noqa: F401 (save_figure re-exported)
-from lmlib.outputs.qualitative import fig_qualitative, finish as _finish, method_colors  # noqa: F401 (re-exported)
+from lmlib.outputs.qualitative import fig_qualitative, method_colors  # noqa: F401 (re-exported)
+from lmlib.outputs.qualitative import finish as _finish
 
 
 def _method_errors(errors_long: pd.DataFrame, reference_methods: Iterable[str]) -> np.ndarray:

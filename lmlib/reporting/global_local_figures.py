@@ -16,8 +16,9 @@ stages' ``predictions.csv``). Images are indexed ``(x, y[, z])`` and drawn as ``
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -213,7 +214,8 @@ def our_candidates(runs: pd.DataFrame, device: str = "cpu") -> pd.DataFrame:
 def peer_ratios(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], peer: PeerRun,
                 device: str = "cpu") -> pd.DataFrame:
     """Our best run on ``device`` (lowest test MRE of :func:`our_candidates` of ``runs``,
-    :func:`lmlib.reporting.benchmark.runs_summary`) against the peer: MRE ratio with its paired bootstrap CI, training-time and inference-time ratios (ours /
+    :func:`lmlib.reporting.benchmark.runs_summary`) against the peer: MRE ratio with its paired bootstrap CI,
+    training-time and inference-time ratios (ours /
     peer; below 1 is better for us), and the issue's goals (MRE ratio <= 0.6, inference <= 0.2 s per 2D image)."""
     mine = our_candidates(runs, device)
     if mine.empty:

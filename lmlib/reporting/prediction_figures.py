@@ -8,8 +8,9 @@ shown when given.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -72,9 +73,9 @@ def fig_prediction_regions(sample: Sample, predicted_mm: np.ndarray, radius_mm: 
         centre = np.nanmean(idx, axis=0) if np.isfinite(idx).any() else np.array(img.shape) / 2.0
         c = np.clip(np.round(centre).astype(int), 0, np.array(img.shape) - 1)
         fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.5))
-        views = [("axial z=%d" % c[2], img[:, :, c[2]].T, sp[1] / sp[0], (0, 1), 2),
-                 ("coronal y=%d" % c[1], img[:, c[1], :].T, sp[2] / sp[0], (0, 2), 1),
-                 ("sagittal x=%d" % c[0], img[c[0], :, :].T, sp[2] / sp[1], (1, 2), 0)]
+        views = [(f"axial z={c[2]}", img[:, :, c[2]].T, sp[1] / sp[0], (0, 1), 2),
+                 (f"coronal y={c[1]}", img[:, c[1], :].T, sp[2] / sp[0], (0, 2), 1),
+                 (f"sagittal x={c[0]}", img[c[0], :, :].T, sp[2] / sp[1], (1, 2), 0)]
         for ax, (name, plane, aspect, cols, normal) in zip(axes, views):
             show_plane(ax, plane, aspect, lohi, "upper" if cols == (0, 1) else "lower")
             depth_mm = (idx[:, normal] - c[normal]) * sp[normal]  # distance of each point from the slice
@@ -93,7 +94,7 @@ def fig_prediction_regions(sample: Sample, predicted_mm: np.ndarray, radius_mm: 
     return finish(fig, path, dpi)
 
 
-def write_prediction_figures(result: "PredictResult", level: float | None = None) -> list[Path]:
+def write_prediction_figures(result: PredictResult, level: float | None = None) -> list[Path]:
     """``fig_regions_<image>.png`` in the result folder for each kept image: predictions, regions at ``level``
     (default: the smallest calibrated level; none without regions), review flags, and the ground truth where
     the image is annotated."""
@@ -112,7 +113,7 @@ def write_prediction_figures(result: "PredictResult", level: float | None = None
     return out
 
 
-def show_predictions(result: "PredictResult") -> None:
+def show_predictions(result: PredictResult) -> None:
     """Display what the predict notebook shows: the figures, the review list, the calibrated regions per
     landmark and, for annotated images, the regions' coverage (in a notebook)."""
     from IPython.display import Image, Markdown, display

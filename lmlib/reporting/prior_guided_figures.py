@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from lmlib.evaluation.statistics import wilcoxon_paired
 from lmlib.outputs.contract import read_manifest, read_stage_predictions
 from lmlib.outputs.figure_files import DPI
-from lmlib.outputs.qualitative import finish, fig_qualitative
+from lmlib.outputs.qualitative import fig_qualitative, finish
 
 STAGE_ORDER: tuple[str, ...] = ("coarse", "independent", "correlated")
 

@@ -12,8 +12,9 @@ Errors are world mm; synthetic data sets are left out unless named.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,13 +123,14 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
                  f"It is better than every other row (Holm-corrected p < {ALPHA:g}). ")
         if "registration" in set(rows["row"]):
             learned = [r.row for r in rows.itertuples() if r.row not in BASELINES]
-            beat = [m for m in learned if rows.set_index("row").loc[m, "mre_mm"] < rows.set_index("row").loc["registration", "mre_mm"]
-                    and _p(sig, m, "registration") < ALPHA]
+            mre = rows.set_index("row")["mre_mm"]
+            reg = mre["registration"]
+            beat = [m for m in learned if mre[m] < reg and _p(sig, m, "registration") < ALPHA]
             lose = [m for m in learned if m not in beat]
-            reg = rows.set_index("row").loc["registration", "mre_mm"]
             text += (f"Registration (no training) scores {reg:.2f} mm: "
                      + (f"{', '.join(method_series(m) for m in beat)} beat it "
-                        f"(p {', '.join(_fmt_p(_p(sig, m, 'registration')) for m in beat)})" if beat else "no learned method beats it")
+                        f"(p {', '.join(_fmt_p(_p(sig, m, 'registration')) for m in beat)})" if beat
+                        else "no learned method beats it")
                      + (f"; {', '.join(method_series(m) for m in lose)} do not "
                         f"(p {', '.join(_fmt_p(_p(sig, m, 'registration')) for m in lose)})" if lose and beat else "") + ". ")
         else:

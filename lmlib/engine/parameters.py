@@ -1,0 +1,159 @@
+"""The shared run parameters as one typed model (pydantic v2): each name's type, bounds, default and a one-line
+description with its units. The engine consumes these names; a method's own parameters are its ``parameters``.
+
+:func:`validate_parameters` (in :mod:`lmlib.engine.runner`) checks a run's values against :class:`SharedParameters`
+before any work; the documentation's parameter table is generated from it (:func:`parameter_table`). A default
+is ``None`` where each method notebook (or method) sets its own (``max_epochs``, ``learning_rate``, the
+optimizer's settings, the notebook's dataset); ``tests/test_notebook_structure.py`` holds every training notebook's
+parameters cell to the other defaults.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+
+from lmlib.methods.base import OPTIMIZERS, SCHEDULES
+
+PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "64-true")
+
+
+def _not_bool(value: Any) -> Any:
+    """A bool is not a count or a rate here (``max_epochs=True`` would read as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"not one of {choices}")
+        return value
+    return AfterValidator(check)
+
+
+def _grid(value: list[int] | None) -> list[int] | None:
+    if value and len(value) not in (2, 3):
+        raise ValueError("a grid has 2 or 3 sizes")
+    return value
+
+
+def _as_text(value: Any) -> Any:
+    """A path or a torch device given where a name is expected is taken by its text."""
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+Text = Annotated[str, BeforeValidator(_as_text)]
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Grid = Annotated[list[Annotated[Int, Field(ge=1)]] | None, AfterValidator(_grid)]
+
+
+def _field(default: Any, description: str, allowed: str | None = None, **bounds: Any) -> Any:
+    """A field with its description and, for the one-line error, what is allowed (``must be <allowed>``)."""
+    return Field(default, description=description, json_schema_extra={"allowed": allowed} if allowed else None,
+                 **bounds)
+
+
+class SharedParameters(BaseModel):
+    """The parameters every method notebook may declare (it declares those it uses). Units in the descriptions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    dataset: Text | None = _field(None, "dataset name (synthetic2d, synthetic3d, hamedan-ceph, afids-mni, ...) or a "
+                                       "declaration file (.yaml); each notebook's default is its dimension's phantoms")
+    data_dir: Text | None = _field("", "folder of a real dataset (empty: the shared default location)")
+    output_dir: Text | None = _field(None, "run folder (results/<dataset>/<method>)")
+    annotator: Text | None = _field("", "reference annotator (empty: the dataset's first)")
+    seed: Int = _field(0, "random seed (data order, augmentation, initialisation)", "an integer >= 0", ge=0)
+    device: Text | None = _field("auto", "auto | cpu | cuda | cuda:1 | mps")
+    devices: Int = _field(1, "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is "
+                              "batch_size x devices x num_nodes", "an integer >= 1 (training processes per node)", ge=1)
+    num_nodes: Int = _field(1, "nodes of a multi-node DDP run (launched by torchrun or SLURM srun)",
+                            "an integer >= 1", ge=1)
+    strategy: Text | None = _field("auto", "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under "
+                                   "torchrun/srun) | ddp | ddp_spawn | ...")
+    precision: Annotated[str, _one_of(PRECISIONS)] = _field(
+        "32-true", "32-true | bf16-mixed (bf16 autocast; its speed on this CPU: the benchmark notebook)",
+        "32-true, bf16-mixed, 16-mixed (GPU) or 64-true")
+    num_workers: Int = _field(0, "data-loader worker processes", "an integer >= 0", ge=0)
+    max_epochs: Int = _field(100, "training epochs (each method notebook sets its own)", "an integer >= 1", ge=1)
+    batch_size: Int = _field(4, "images per batch", "an integer >= 1", ge=1)
+    learning_rate: Number = _field(None, "optimizer learning rate (each method notebook sets its own)",
+                                   "a number > 0", gt=0)
+    lr_schedule: Annotated[str, _one_of(SCHEDULES)] = _field(
+        None, f"{' | '.join(SCHEDULES)} (unset: the method's)", f"one of {', '.join(map(repr, SCHEDULES))}")
+    weight_decay: Number = _field(None, "optimizer weight decay (unset: the method's, DEFAULT_OPTIMIZER or its own)",
+                                  "a number >= 0", ge=0)
+    optimizer: Annotated[str, _one_of(OPTIMIZERS)] = _field(
+        None, f"{' | '.join(OPTIMIZERS)} (unset: the method's)", f"one of {', '.join(map(repr, OPTIMIZERS))}")
+    warmup_epochs: Int = _field(None, "linear warm-up epochs before the schedule (unset: the method's)",
+                                "an integer >= 0", ge=0)
+    image_size: Grid = _field([], "network grid in px (x, y[, z]); empty: 128^2 in 2D, 64^3 in 3D",
+                              "empty (the default grid) or 2 or 3 integers >= 1")
+    augment: StrictBool = _field(True, "random affine + intensity augmentation on the train split", "true or false")
+    rotation_deg: Number = _field(10.0, "augmentation: max rotation (degrees)", "a number of degrees in [0, 180]",
+                                  ge=0, le=180)
+    scale_range: Number = _field(0.1, "augmentation: scale 1 +- this", "a number in [0, 1) (scale 1 +- it)",
+                                 ge=0, lt=1)
+    elastic: StrictBool = _field(False, "augmentation: add a smooth elastic deformation", "true or false")
+    flip_prob: Number = _field(0.0, "augmentation: probability of mirroring along x (left/right pairs swapped)",
+                               "a number in [0, 1]", ge=0, le=1)
+    flip_test: StrictBool = _field(False, "test-time flip averaging (left/right pairs swapped)", "true or false")
+    overlay_every: Int = _field(10, "epochs between overlay frames (GT blue, prediction red)",
+                                "an integer >= 1 (epochs)", ge=1)
+    gif_fps: Number = _field(10.0, "frames per second of fig_training_progress.gif", "a number > 0", gt=0)
+    resume: Text | None = _field("", "checkpoint (.ckpt) to continue training from")
+    max_train_images: Int = _field(0, "0 = all; trims the train split only", "an integer >= 0 (0 = all)", ge=0)
+    n_deformed: Int = _field(None, "afids-mni: random deformations of the template (train/val/test 60/20/20 %, "
+                                   "seed 0; the template itself is one more test image)", "an integer >= 0", ge=0)
+
+
+#: parameter name -> what it means (units): the names the engine consumes, methods the rest
+SHARED_PARAMETERS: dict[str, str] = {name: f.description or "" for name, f in SharedParameters.model_fields.items()}
+
+
+#: shared names whose default each training notebook sets for its method (the model's is a fallback or None)
+SET_BY_EACH_NOTEBOOK: tuple[str, ...] = ("dataset", "output_dir", "max_epochs", "learning_rate", "n_deformed")
+
+
+def shared_default(name: str) -> Any:
+    """The model's default of a shared parameter (``None``: the notebook's or the method's own)."""
+    return SharedParameters.model_fields[name].default
+
+
+def shared_value(params: Mapping[str, Any], name: str) -> Any:
+    """``params[name]``, else the model's default (the one fallback of every shared name)."""
+    return params.get(name, shared_default(name))
+
+
+def allowed(name: str) -> str:
+    """What a shared parameter accepts, in words (the tail of its one-line error)."""
+    extra = SharedParameters.model_fields[name].json_schema_extra
+    return str(extra.get("allowed")) if isinstance(extra, dict) and extra.get("allowed") else "a valid value"
+
+
+def check_shared(params: dict[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` ``name=value: must be <allowed>`` for the first shared parameter (in the
+    model's order) whose value the model refuses; absent names keep their defaults and are not checked."""
+    present = {k: v for k, v in params.items() if k in SharedParameters.model_fields}
+    try:
+        SharedParameters.model_validate(present)
+    except ValidationError as exc:
+        order = list(SharedParameters.model_fields)
+        name = min((str(e["loc"][0]) for e in exc.errors()), key=order.index)
+        raise ValueError(f"{name}={params[name]!r}: must be {allowed(name)}") from None
+
+
+def parameter_table() -> str:
+    """The shared parameters as a Markdown table (name, default, what it accepts, meaning), for the documentation."""
+    rows = ["| parameter | default | accepts | meaning |", "|---|---|---|---|"]
+    for name, f in SharedParameters.model_fields.items():
+        default = ("(the notebook's)" if name in SET_BY_EACH_NOTEBOOK else "(the method's)" if f.default is None
+                   else f"`{f.default!r}`")
+        accepts = allowed(name)
+        rows.append(f"| `{name}` | {default} | {'text' if accepts == 'a valid value' else accepts} | "
+                    f"{(f.description or '').replace('|', '/')} |")
+    return "\n".join(rows)
