@@ -129,10 +129,10 @@ def shared_value(params: Mapping[str, Any], name: str) -> Any:
     return params.get(name, shared_default(name))
 
 
-def allowed(name: str) -> str:
-    """What a shared parameter accepts, in words (the tail of its one-line error)."""
+def allowed(name: str) -> str | None:
+    """What a shared parameter accepts, in words (the tail of its one-line error); None for free text."""
     extra = SharedParameters.model_fields[name].json_schema_extra
-    return str(extra.get("allowed")) if isinstance(extra, dict) and extra.get("allowed") else "a valid value"
+    return str(extra["allowed"]) if isinstance(extra, dict) and extra.get("allowed") else None
 
 
 def check_shared(params: dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ def check_shared(params: dict[str, Any]) -> None:
     except ValidationError as exc:
         order = list(SharedParameters.model_fields)
         name = min((str(e["loc"][0]) for e in exc.errors()), key=order.index)
-        raise ValueError(f"{name}={params[name]!r}: must be {allowed(name)}") from None
+        raise ValueError(f"{name}={params[name]!r}: must be {allowed(name) or 'a valid value'}") from None
 
 
 def parameter_table() -> str:
@@ -153,7 +153,6 @@ def parameter_table() -> str:
     for name, f in SharedParameters.model_fields.items():
         default = ("(the notebook's)" if name in SET_BY_EACH_NOTEBOOK else "(the method's)" if f.default is None
                    else f"`{f.default!r}`")
-        accepts = allowed(name)
-        rows.append(f"| `{name}` | {default} | {'text' if accepts == 'a valid value' else accepts} | "
+        rows.append(f"| `{name}` | {default} | {allowed(name) or 'text'} | "
                     f"{(f.description or '').replace('|', '/')} |")
     return "\n".join(rows)
