@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -120,10 +121,13 @@ _BRAIN_GL = {"image_size": [64, 80, 64], "global_spacing_mm": 3.0, "global_crop"
              "global_channels": [8, 16, 32, 64, 64], "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32],
              "local_spacing_mm": 1.0, "local_batch_size": 32}
 _BRAIN_GL_FULL = {"max_epochs": 300, "local_epochs": 120}
-# 3D MR: the whole 193 x 229 x 193-mm template on a 3-mm grid; measured here 8.5 s per epoch on afids-mni
+# 3D MR: the whole 193 x 229 x 193-mm template on a 3-mm grid
 _BRAIN_UNET = {"image_size": [64, 80, 64], "batch_size": 2, "learning_rate": 1e-3, "sigma": 2.0,
                "foreground_weight": 30.0}
 _BRAIN_UNET_FULL = {"max_epochs": 150}
+# afids-templates has 30 training volumes (afids-mni 18): 90 epochs keep its training within 60 minutes on a
+# 2-core CPU without AVX-512 (the epoch time: the run's epoch lines)
+_TEMPLATES_UNET_FULL = {"max_epochs": 90}
 
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
@@ -157,7 +161,7 @@ JOBS: tuple[Job, ...] = (
         full=_UNET_FULL,
         per_dataset={"synthetic3d": {"image_size": [64, 64, 64], "learning_rate": 1e-3},
                      "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_UNET}, "afids-mni:full": _BRAIN_UNET_FULL,
-                     "afids-templates": _BRAIN_UNET, "afids-templates:full": _BRAIN_UNET_FULL}),
+                     "afids-templates": _BRAIN_UNET, "afids-templates:full": _TEMPLATES_UNET_FULL}),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
     Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), runs="heatmap_unet", main=False,
         smoke={"max_epochs": 2, "max_train_images": 8, "device": "cpu"}, full={**_UNET_FULL, "device": "cpu"}),
@@ -201,11 +205,48 @@ JOBS: tuple[Job, ...] = (
 )
 
 
+#: the smoke settings of a discovered method that no declared job runs (its other profiles: the notebook's defaults)
+GENERIC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
+#: the first declared job that reads the methods' runs: jobs of discovered methods are placed before it
+_AFTER_METHODS = "predict"
+
+
+def method_notebooks(folder: Path) -> dict[str, str]:
+    """Method name -> the notebook in ``folder`` that trains it (a code line ``run_method("<name>", ...)``)."""
+    found: dict[str, str] = {}
+    for path in sorted(folder.glob("*.ipynb")):
+        for name in re.findall(r"run_method\(\s*\\?[\"']([A-Za-z_]\w*)\\?[\"']", path.read_text(encoding="utf-8")):
+            found.setdefault(name, path.name)
+    return found
+
+
+def jobs(notebooks: Path | None = None) -> tuple[Job, ...]:
+    """The declared :data:`JOBS`, plus one job for each discovered method (:func:`lmlib.methods.base.method_names`)
+    that no declared job runs and whose notebook is in ``notebooks`` (default: the project's ``notebooks/``): on
+    every synthetic and built-in dataset of its dimensions, smoke :data:`GENERIC_SMOKE`, default and full the
+    notebook's own defaults. A new method is its module and its notebook: nothing here needs an edit."""
+    from lmlib.data.datasets import dataset_ndim
+    from lmlib.methods.base import method_class, method_names
+
+    declared = {j.runs for j in JOBS if j.runs}
+    found = method_notebooks(notebooks or repo_root() / "notebooks")
+    extra = []
+    for name in method_names():
+        if name in declared or name not in found:
+            continue
+        dims = method_class(name).supported_dims
+        extra.append(Job(found[name], name, tuple(d for d in (*SYNTHETIC, *REAL) if dataset_ndim(d) in dims),
+                         runs=name, smoke=dict(GENERIC_SMOKE)))
+    at = next(i for i, j in enumerate(JOBS) if j.method == _AFTER_METHODS)
+    return (*JOBS[:at], *extra, *JOBS[at:])
+
+
 def job_parameters(method: str, dataset: str, profile: str) -> dict[str, Any]:
     """The parameters the driver gives the job of ``method`` on ``dataset`` with ``profile`` (its overrides only)."""
-    job = next((j for j in JOBS if j.method == method), None)
+    known = jobs()
+    job = next((j for j in known if j.method == method), None)
     if job is None:
-        raise ValueError(f"no job {method!r}; declared: {', '.join(j.method for j in JOBS)}")
+        raise ValueError(f"no job {method!r}; declared: {', '.join(j.method for j in known)}")
     return job.parameters(dataset, profile)
 
 
@@ -594,13 +635,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, ValueError) as exc:
                 print(f"[lmlib.run] --dataset: {exc}", file=sys.stderr)
                 return 2
-    names = {n for job in JOBS for n in (job.method, job.notebook, Path(job.notebook).stem)}
+    all_jobs = jobs()
+    names = {n for job in all_jobs for n in (job.method, job.notebook, Path(job.notebook).stem)}
     if unknown_only := [o for o in args.only if o not in names]:
         print(f"[lmlib.run] --only: unknown {', '.join(map(repr, unknown_only))}; declared: "
-              f"{', '.join(job.method for job in JOBS)} (or a notebook name)", file=sys.stderr)
+              f"{', '.join(job.method for job in all_jobs)} (or a notebook name)", file=sys.stderr)
         return 2
     try:
-        pairs = select(JOBS, args.dataset, args.only)
+        pairs = select(all_jobs, args.dataset, args.only)
     except ValueError as exc:
         print(f"[lmlib.run] refused: {exc}", file=sys.stderr)
         return 2
@@ -612,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[lmlib.run] no declared job runs on {', '.join(args.dataset)}"
               f"{' for ' + ', '.join(args.only) if args.only else ''}; the jobs:", file=sys.stderr)
     if args.list or not pairs:
-        for job in JOBS:
+        for job in all_jobs:
             print(f"{job.method:<14} notebooks/{job.notebook:<36} datasets: {', '.join(job.datasets)}")
         return 0 if args.list else 2
     # --set applies to the jobs whose notebook declares the name (the others say they ignored it); a name no

@@ -369,10 +369,11 @@ def test_brief_training_beats_the_mean_shape_threefold(tmp_path, one_thread, pha
 
     baseline = mre(mean_shape_predictions(train, test))
     assert 3.0 < baseline < 5.0
-    params = {"output_dir": str(tmp_path), "max_epochs": 40, "local_epochs": 15, "output_stride": 8,
+    params = {"output_dir": str(tmp_path), "local_epochs": 15, "output_stride": 8,
               "global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32], "global_spacing_mm": 1.0,
-              "local_spacing_mm": 1.0, "batch_size": 4, "local_batch_size": 16}
-    stages = GlobalLocalFCNN.build_stages(2, 3, params, [64, 64], {"optimizer": {"lr": 3e-3}})
+              "local_spacing_mm": 1.0, "local_batch_size": 16}
+    stages = GlobalLocalFCNN.build_stages(2, 3, params, [64, 64],
+                                          {"optimizer": {"lr": 3e-3}, "max_epochs": 40, "batch_size": 4})
     for stage in stages:
         stage.augmentation = build_augmentation(2, rotation_deg=5, scale=0.05, seed=0)
     results = fit_cascade(stages, samples, tmp_path, device="cpu", seed=0)

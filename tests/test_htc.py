@@ -112,7 +112,8 @@ def test_network_3d_shapes_and_paper_stage_layout():
 
 # ------------------------------------------------------------------------------------ loss, config
 def test_loss_is_zero_at_the_targets_weighted_per_head_and_ignores_invalid_landmarks():
-    method = MultiresHTC(2, 2, network={**SMALL, "heads": "both"}, quarter_weight=1000.0, half_weight=3000.0)
+    method = MultiresHTC(2, 2, network={**SMALL, "heads": "both"}, quarter_weight=1000.0, half_weight=3000.0,
+                         foreground_weight=1.0)  # the paper's plain MSE
     lm = torch.tensor([[[10.0, 12.0], [30.0, 40.0]]])
     ok = torch.tensor([[True, False]])
     targets = method.encode_targets(lm, ok, (64, 64), 0)

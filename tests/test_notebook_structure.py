@@ -89,3 +89,28 @@ def test_a_training_notebooks_shared_defaults_are_the_models(path: Path):
     differ = {k: (v, shared_default(k)) for k, v in shared.items()
               if k not in own and shared_default(k) is not None and v != shared_default(k)}
     assert not differ, f"{path.name}: parameters cell vs SharedParameters (notebook, model): {differ}"
+
+
+def _method_of(path: Path) -> str | None:
+    """The method a training notebook runs (``run_method("<name>", ...)``)."""
+    found = {m for s in _code_cells(path) for m in re.findall(r"run_method\(\s*[\"'](\w+)[\"']", s)}
+    assert len(found) <= 1, f"{path.name} runs {found}"
+    return next(iter(found), None)
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if _method_of(p)], ids=lambda p: p.stem)
+def test_a_training_notebooks_method_defaults_are_the_models(path: Path):
+    """One source of truth for a method's own parameters: its ``Parameters`` model. The notebook declares every
+    field with the model's default (papermill needs the literal); before, foreground_weight was 100 in the
+    heatmap U-Net's module and 30 in its notebook, local_epochs 30 in global_local's code and 40 in its notebook."""
+    from lmlib.methods.base import method_class
+    from lmlib.methods.config import defaults
+
+    cls = method_class(_method_of(path))
+    values = _parameters_cell(path)
+    model = defaults(cls.Parameters)
+    missing = sorted(set(model) - set(values))
+    assert not missing, f"{path.name}: the parameters cell does not declare {missing} of {cls.__name__}.Parameters"
+    differ = {k: (values[k], v) for k, v in model.items() if values[k] != v}
+    assert not differ, f"{path.name}: parameters cell vs {cls.__name__}.Parameters (notebook, model): {differ}"
+    cls.values(values)  # and they validate

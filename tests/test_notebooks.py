@@ -14,7 +14,7 @@ import pytest
 
 from lmlib.outputs.contract import read_run
 from lmlib.reporting.peer import peer_python
-from lmlib.run import JOBS, SYNTHETIC, run_job
+from lmlib.run import SYNTHETIC, jobs, run_job
 
 pytestmark = pytest.mark.notebook
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.notebook
 def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     dataset = request.param
     results = tmp_path_factory.mktemp(f"results-{dataset}")
-    for job in JOBS:
+    for job in jobs():  # the declared jobs and those of discovered methods
         if dataset in job.datasets:
             run_job(job, dataset, profile="smoke", results_dir=results, device="cpu", seed=0)
     return dataset, results / dataset
@@ -35,7 +35,7 @@ def _json(path: Path) -> dict:
 
 def test_every_job_left_a_complete_folder(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
-    for job in JOBS:
+    for job in jobs():
         if dataset not in job.datasets:
             continue
         folder = root / job.method
@@ -60,41 +60,54 @@ def test_exploration_values(pipeline: tuple[str, Path]) -> None:
         assert (root / "exploration" / name).stat().st_size > 5_000
 
 
-# run (a method, or method/stage for a cascade) -> (files its folder must hold, MRE bound in mm reachable in a
-# 2-epoch smoke run)
-METHOD_OUTPUTS = {
-    "heatmap_unet": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif",
-                      "checkpoints/best.ckpt"), 80.0),
-    "dilation_erosion": (("predictions.csv", "fig_dice.png", "fig_dice_per_landmark.png",
-                          "fig_training_progress.gif", "overlays/epoch_001.png"), 60.0),
-    "global_local/global": (("predictions.csv", "fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt"), 80.0),
-    "global_local/local": (("predictions.csv", "fig_loss.png", "checkpoints/best.ckpt"), 80.0),
-    "htc": (("predictions.csv", "fig_heatmaps.png", "fig_attention.png", "fig_mean_error.png", "checkpoints/best.ckpt",
-             "quarter_head/predictions.csv", "half_head/manifest.json"), 80.0),
-    "htc/quarter_head": (("predictions.csv", "metrics.json"), 80.0),
-    "htc/half_head": (("predictions.csv", "metrics.json"), 80.0),
-    "htc_quarter_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
-    "htc_half_only": (("predictions.csv", "fig_heatmaps.png"), 80.0),
-    "prior_guided/coarse": (("predictions.csv", "fig_loss.png", "checkpoints/best.ckpt"), 80.0),
-    "prior_guided/independent": (("predictions.csv", "checkpoints/best.ckpt"), 80.0),
-    "prior_guided/correlated": (("predictions.csv", "checkpoints/best.ckpt", "../fig_stage_slices_0.png",
-                                 "../fig_stage_errors.png", "../correlated_gain.csv"), 80.0),
+# run (a method, or method/stage for a cascade) -> the files of its own its folder must hold beyond the contract
+# (predictions.csv, metrics.json, manifest.json): a method without an entry gets the contract checks alone
+METHOD_FILES: dict[str, tuple[str, ...]] = {
+    "heatmap_unet": ("fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif", "checkpoints/best.ckpt"),
+    "dilation_erosion": ("fig_dice.png", "fig_dice_per_landmark.png", "fig_training_progress.gif",
+                         "overlays/epoch_001.png"),
+    "global_local/global": ("fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt"),
+    "global_local/local": ("fig_loss.png", "checkpoints/best.ckpt"),
+    "htc": ("fig_heatmaps.png", "fig_attention.png", "fig_mean_error.png", "checkpoints/best.ckpt",
+            "quarter_head/predictions.csv", "half_head/manifest.json"),
+    "htc_quarter_only": ("fig_heatmaps.png",),
+    "htc_half_only": ("fig_heatmaps.png",),
+    "prior_guided/coarse": ("fig_loss.png", "checkpoints/best.ckpt"),
+    "prior_guided/independent": ("checkpoints/best.ckpt",),
+    "prior_guided/correlated": ("checkpoints/best.ckpt", "../fig_stage_slices_0.png", "../fig_stage_errors.png",
+                                "../correlated_gain.csv"),
 }
+#: a 2-epoch smoke run checks the plumbing, not accuracy (the committed default-profile runs and the method tests
+#: do: test_committed_synthetic_runs_beat_the_mean_shape); its error must stay within this many mean-shape errors
+SMOKE_BOUND_FACTOR = 12.0
+
+
+def _trained_runs(root: Path) -> list[str]:
+    """Every trained run under ``root`` (a method, a cascade stage or a decoding variant): ``metrics.json`` with
+    epochs > 0."""
+    runs = []
+    for metrics in sorted(root.rglob("metrics.json")):
+        name = metrics.parent.relative_to(root).as_posix()
+        if name.split("/")[0] not in ("reference", "registration", "predict", "comparison", "benchmark") \
+                and int(_json(metrics).get("epochs") or 0) > 0:
+            runs.append(name)
+    return runs
 
 
 def test_method_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     n_test = {"synthetic2d": 12, "synthetic3d": 6}[dataset]  # 20 % of the phantom set
-    for method, (files, bound) in METHOD_OUTPUTS.items():
-        if not (root / method).exists():
-            continue
+    bound = SMOKE_BOUND_FACTOR * _json(root / "reference" / "mean_shape" / "metrics.json")["mre_mm"]
+    runs = _trained_runs(root)
+    assert set(METHOD_FILES) & set(runs), runs
+    for method in runs:
         metrics = _json(root / method / "metrics.json")
         assert metrics["n_images"] == n_test, method
-        assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < bound, (method, metrics["mre_mm"])
+        assert math.isfinite(metrics["mre_mm"]) and metrics["mre_mm"] < bound, (method, metrics["mre_mm"], bound)
         assert metrics["train_seconds"] > 0 and metrics["peak_rss_mb"] > 0
         params = _json(root / method / "manifest.json")["parameters"]  # effective: defaults + overrides
-        assert params["max_epochs"] == 2 and params["batch_size"] == 4 and params["output_dir"].endswith(method)
-        for name in files:
+        assert params["max_epochs"] == 2 and params["output_dir"].endswith(method)
+        for name in ("predictions.csv", "metrics.json", "manifest.json", *METHOD_FILES.get(method, ())):
             assert (root / method / name).exists(), f"{method}: {name} missing"
 
 
@@ -111,7 +124,7 @@ def test_registration_values(pipeline: tuple[str, Path]) -> None:
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    methods = {m for m in (*METHOD_OUTPUTS, "registration") if (root / m).exists()}
+    methods = {m for m in (*_trained_runs(root), "registration") if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"
     assert set(table.loc[table["kind"] == "method", "profile"]) == {"smoke"}
@@ -181,7 +194,7 @@ def test_the_whole_reproduction_twice_gives_identical_tables(pipeline: tuple[str
     dataset, root = pipeline
     if dataset != "synthetic2d":
         pytest.skip("one dataset is enough (the 3D jobs take twice as long)")
-    for job in JOBS:
+    for job in jobs():
         if dataset in job.datasets:
             run_job(job, dataset, profile="smoke", results_dir=tmp_path, device="cpu", seed=0)
     again = tmp_path / dataset

@@ -151,3 +151,45 @@ def test_an_empty_split_is_named_with_its_cause(monkeypatch: pytest.MonkeyPatch,
                                          r"images\).*phantom generator"):
         run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(tmp_path / "run"), "device": "cpu"})
     assert not any((tmp_path / "run").glob("checkpoints/*"))
+
+
+METHOD_BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("heatmap_unet", {"sigma": 0}, r"sigma=0: must be a number > 0 \(px\)"),
+    ("heatmap_unet", {"foreground_weight": 0.5}, r"foreground_weight=0.5: must be a number >= 1"),
+    ("heatmap_unet", {"channels": []}, r"channels=\[\]: must be a list of integers >= 1"),
+    ("heatmap_unet", {"decoder": "peak"}, r"decoder='peak': must be one of argmax, centroid"),
+    ("dilation_erosion", {"mask_centre": "middle"}, r"mask_centre='middle': must be exact or round"),
+    ("htc", {"heads": "all"}, r"heads='all': must be both, quarter or half"),
+    ("global_local", {"local_patch_per_landmark": "yes"}, r"local_patch_per_landmark='yes': must be true or false"),
+    ("global_local", {"global_channels": [8, 16]}, r"global_channels=\[8, 16\]: must be 5 integers >= 1"),
+    ("prior_guided", {"plane": "tilted"}, r"plane='tilted': must be shared or per_landmark"),
+    ("prior_guided", {"stages": ["coarse", "fine"]}, r"stages=\['coarse', 'fine'\]: must be a list from"),
+    ("registration", {"demons_sigma_mm": -1.0}, r"demons_sigma_mm=-1.0: must be a number > 0 \(mm\)"),
+]
+
+
+@pytest.mark.parametrize(("method", "change", "message"), METHOD_BAD, ids=[f"{m}-{next(iter(c))}" for m, c, _ in METHOD_BAD])
+def test_a_bad_method_parameter_is_one_clear_line_before_any_work(method: str, change: dict[str, Any], message: str,
+                                                                  tmp_path: Path, no_data: None, no_gpu: None) -> None:
+    """A method's own parameters are checked by its typed model (``Parameters``) before data are loaded."""
+    with pytest.raises(ValueError, match=message) as info:
+        run_method(method, {**GOOD, "dataset": "synthetic3d" if method == "prior_guided" else "synthetic2d",
+                            "image_size": [], "output_dir": str(tmp_path / "run"), **change})
+    assert "\n" not in str(info.value)
+
+
+def test_a_methods_constructor_defaults_are_its_models() -> None:
+    """A constructor argument named like a model field takes the model's default (one source of truth; None: the
+    constructor derives it, e.g. global_local's alpha per stage from the constant the model reads too)."""
+    import inspect
+
+    from lmlib.methods.base import method_class, method_names
+    from lmlib.methods.config import defaults
+
+    for name in method_names():
+        cls = method_class(name)
+        model = defaults(cls.Parameters)
+        signature = inspect.signature(cls.__init__).parameters
+        differ = {k: (p.default, model[k]) for k, p in signature.items()
+                  if k in model and p.default is not None and p.default != model[k]}
+        assert not differ, f"{cls.__name__}.__init__ vs {cls.__name__}.Parameters (constructor, model): {differ}"

@@ -164,7 +164,7 @@ def test_jitter_follows_the_previous_stage_errors_of_the_served_landmarks():
 
 def test_stages_follow_the_dataset_groups(tmp_path, capsys):
     params = {"output_dir": str(tmp_path)}
-    shared = {"landmark_names": list("abcdef"), "landmark_groups": {}}
+    shared = {"landmark_names": list("abcdef"), "landmark_groups": {}, "max_epochs": 2, "batch_size": 2}
     stages = PriorGuided.build_stages(3, 6, params, [16, 16, 16], shared)
     assert [s.name for s in stages] == ["coarse", "independent"] and "correlated stage skipped" in capsys.readouterr().out
     stages = PriorGuided.build_stages(3, 6, params, [16, 16, 16], {**shared, "landmark_groups": {"p": [1, 2, 4]}})
@@ -197,11 +197,11 @@ def test_cascade_beats_the_mean_shape_and_each_stage_its_predecessor(phantoms3d,
     test = [s for s in samples if s.meta["split"] == "test"]
     baseline = _mre(mean_shape_predictions(train, test), test)
     group = [2, 3, 4, 5]
-    params = {"output_dir": str(tmp_path), "coarse_spacing_mm": 2.0, "max_epochs": 60, "batch_size": 4,
-              "fine_epochs": 12, "fine_patch_px": 16, "fine_batch_size": 8, "fine_channels": [8, 16, 32],
+    params = {"output_dir": str(tmp_path), "coarse_spacing_mm": 2.0, "fine_epochs": 12, "fine_patch_px": 16,
+              "fine_batch_size": 8, "fine_channels": [8, 16, 32],
               "coarse_channels": [8, 16, 32, 32], "correlated_epochs": 12, "correlated_channels": [8, 16, 16]}
     shared = {"landmark_names": list(samples[0].landmark_names), "optimizer": {"lr": 3e-3},
-              "landmark_groups": {"plane": group}}
+              "landmark_groups": {"plane": group}, "max_epochs": 60, "batch_size": 4}
     stages = PriorGuided.build_stages(3, 6, params, [32, 32, 32], shared)
     results = fit_cascade(stages, samples, tmp_path, device="cpu", seed=0)
     coarse, fine, joint = (_mre(r.test.world_mm, test) for r in results)
@@ -240,3 +240,25 @@ def test_stage_figures_keep_numeric_image_ids(tmp_path):
     fig = fig_stage_slices(SimpleNamespace(output_dir=tmp_path, test_samples=[s]), n_images=1)[0]
     title = fig._suptitle.get_text()
     assert "coarse 0.87 mm" in title and "independent 0.43 mm" in title and "nan" not in title
+
+
+def test_each_stage_is_its_own_class_and_a_configuration_rebuilds_it():
+    """``PriorGuided(stage=...)`` is the stage's class (its network, loss and decoding, no switch on a string);
+    a checkpoint's configuration rebuilds the same class; a copy stays that class."""
+    import copy
+
+    from lmlib.methods.prior_guided import STAGE_CLASSES, CoarseStage, CorrelatedStage, IndependentStage
+
+    made = {"coarse": PriorGuided(3, 6, stage="coarse", network={"size": [16, 16, 16]}),
+            "independent": PriorGuided(3, 6, stage="independent"),
+            "correlated": PriorGuided(3, 6, stage="correlated", group=[1, 2, 4])}
+    assert {k: type(v) for k, v in made.items()} == {"coarse": CoarseStage, "independent": IndependentStage,
+                                                     "correlated": CorrelatedStage} == STAGE_CLASSES
+    for stage, method in made.items():
+        again = build_method("prior_guided", **method.config())
+        assert type(again) is type(method) and again.config() == method.config() and again.stage == stage
+        assert type(copy.deepcopy(method)) is type(method)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        PriorGuided(3, 6, stage="fine")
+    with pytest.raises(ValueError, match="needs a group of >= 2 landmarks"):
+        PriorGuided(3, 6, stage="correlated", group=[1])

@@ -1,5 +1,7 @@
 """The papermill driver: parameters checked, atomic output folders, failures reported."""
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -85,15 +87,81 @@ def test_every_notebook_is_declared_and_its_parameters_exist() -> None:
                                   **job.parameters(dataset, profile)})
 
 
-def test_every_method_is_run_by_a_job_that_names_it() -> None:
-    """A job names the method it trains (``runs``), never matched by a name prefix; every discovered method has a
-    job, and a job whose notebook trains (calls run_method) names one."""
-    from lmlib.methods.base import _module_methods
+def test_every_profile_is_valid_for_the_models() -> None:
+    """A profile holds overrides only, each valid for the typed models: the shared ones for SharedParameters, the
+    method's own for its ``Parameters`` (a value out of bounds or of the wrong type fails here, not mid-run)."""
+    from lmlib.engine.parameters import check_shared
+    from lmlib.methods.base import method_class
 
-    assert {j.runs for j in JOBS if j.runs} == set(_module_methods())
-    for job in JOBS:
+    for job in (j for j in JOBS if j.runs):
+        cls = method_class(job.runs)
+        for dataset in job.datasets:
+            for profile in run.PROFILES:
+                params = job.parameters(dataset, profile)
+                try:
+                    check_shared(params)
+                    cls.values(params)
+                except ValueError as exc:
+                    raise AssertionError(f"{job.method} on {dataset} ({profile}): {exc}") from None
+
+
+def test_every_method_is_run_by_a_job_that_names_it() -> None:
+    """A job names the method it trains (``runs``), never matched by a name prefix; every discovered method with a
+    notebook has a job (declared, or made by ``jobs()``), and a job whose notebook trains (calls run_method) names
+    one."""
+    from lmlib.methods.base import method_names
+
+    assert {j.runs for j in run.jobs() if j.runs} == set(method_names()) & set(run.method_notebooks(NOTEBOOKS))
+    for job in run.jobs():
         trains = "run_method(" in (NOTEBOOKS / job.notebook).read_text(encoding="utf-8")
         assert (job.runs is not None) == trains, job.method
+
+
+_TOY_PACKAGE = """
+from lmlib.methods.heatmap_unet import HeatmapUNet
+
+
+class Toy(HeatmapUNet):
+    \"\"\"A new method: the heatmap U-Net under another name.\"\"\"
+    name = "toy"
+"""
+
+
+@pytest.mark.slow
+def test_a_new_method_is_its_module_and_its_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method added as a module (here an installed package's entry point, seen by the notebook's kernel too)
+    and a notebook that calls run_method on it runs through the driver with no JOBS entry and no test table edited:
+    its job comes from jobs(), its smoke profile is the generic one, and its folder holds the run contract."""
+    site = tmp_path / "site"
+    (site / "toy_method").mkdir(parents=True)
+    (site / "toy_method" / "__init__.py").write_text(_TOY_PACKAGE, encoding="utf-8")
+    info = site / "toy_method-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-method\nVersion: 0.1\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text("[lmlib.methods]\ntoy = toy_method:Toy\n", encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(site))
+    import importlib
+
+    importlib.invalidate_caches()
+    project = tmp_path / "project"
+    shutil.copytree(NOTEBOOKS, project / "notebooks")
+    source = (NOTEBOOKS / "15_heatmap_unet.ipynb").read_text(encoding="utf-8")
+    (project / "notebooks" / "60_toy.ipynb").write_text(
+        source.replace('run_method(\\"heatmap_unet\\"', 'run_method(\\"toy\\"'), encoding="utf-8")
+    monkeypatch.chdir(project)
+
+    job = next(j for j in run.jobs() if j.method == "toy")
+    assert job.runs == "toy" and job.notebook == "60_toy.ipynb" and "synthetic2d" in job.datasets
+    assert job.parameters("synthetic2d", "smoke") == run.GENERIC_SMOKE
+    code = main(["--only", "toy", "--dataset", "synthetic2d", "--profile", "smoke", "--device", "cpu",
+                 "--results-dir", str(tmp_path / "results")])
+    assert code == 0
+    folder = tmp_path / "results" / "synthetic2d" / "toy"
+    for name in ("60_toy.ipynb", "predictions.csv", "metrics.json", "manifest.json"):
+        assert (folder / name).is_file(), name
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["method"] == "toy" and manifest["parameters"]["max_epochs"] == 2
 
 
 def test_methods_are_discovered_from_their_modules_and_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:

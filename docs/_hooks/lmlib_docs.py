@@ -12,7 +12,8 @@ What the Markdown pages need and plain mkdocs does not do:
 - **The dataset declaration keys** from the module docstring of ``lmlib/data/dataset_spec.py`` (the
   authoritative list): a line ``<!-- dataset-spec-keys -->`` becomes its ``Keys`` block.
 - **The shared run parameters** from their typed model (``lmlib.engine.parameters.SharedParameters``): a line
-  ``<!-- shared-parameters -->`` becomes its table (name, default, what it accepts, meaning).
+  ``<!-- shared-parameters -->`` becomes its table (name, default, what it accepts, meaning); likewise
+  ``<!-- method-parameters -->`` becomes one table per method from its ``Parameters`` model.
 - **Generated CSV tables** (the benchmark writes no Markdown): a line ``<!-- csv-table: results/x/table.csv -->``
   (path from the repository root) becomes that file as a Markdown table, numbers to four significant digits.
   A missing file fails the build.
@@ -40,6 +41,7 @@ CLI_MODULES = ("lmlib.run", "lmlib.predict", "lmlib.reporting.diagnostics", "lml
 CLI_MARKER = re.compile(r"^<!-- cli-help: ([\w.]+) -->$", re.MULTILINE)
 KEYS_MARKER = "<!-- dataset-spec-keys -->"
 PARAMETERS_MARKER = "<!-- shared-parameters -->"
+METHOD_PARAMETERS_MARKER = "<!-- method-parameters -->"
 CSV_MARKER = re.compile(r"^<!-- csv-table: (\S+\.csv) -->$", re.MULTILINE)
 NOTEBOOKS_MARKER = re.compile(r"^<!-- result-notebooks: ([\w.-]+) -->$", re.MULTILINE)
 SPEC_MODULE = Path("lmlib") / "data" / "dataset_spec.py"
@@ -88,9 +90,10 @@ def _cli_help(module: str, root: Path) -> str:
     return f"```text\n{done.stdout.rstrip()}\n```"
 
 
-def _parameter_table(root: Path) -> str:
-    """``lmlib.engine.parameters.parameter_table()``, computed in a subprocess of this interpreter (as the CLI help)."""
-    code = "from lmlib.engine.parameters import parameter_table; print(parameter_table())"
+def _parameter_table(root: Path, function: str = "parameter_table") -> str:
+    """``lmlib.engine.parameters.<function>()`` (the shared table, or ``method_parameter_tables``), computed in a
+    subprocess of this interpreter (as the CLI help)."""
+    code = f"from lmlib.engine.parameters import {function}; print({function}())"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                           check=False)
     if done.returncode != 0:
@@ -164,4 +167,6 @@ def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> st
         markdown = markdown.replace(KEYS_MARKER, _spec_keys(root))
     if PARAMETERS_MARKER in markdown:
         markdown = markdown.replace(PARAMETERS_MARKER, _parameter_table(root))
+    if METHOD_PARAMETERS_MARKER in markdown:
+        markdown = markdown.replace(METHOD_PARAMETERS_MARKER, _parameter_table(root, "method_parameter_tables"))
     return markdown

@@ -12,49 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES
+from lmlib.methods.config import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
+from lmlib.methods.config import field as _field
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "64-true")
-
-
-def _not_bool(value: Any) -> Any:
-    """A bool is not a count or a rate here (``max_epochs=True`` would read as 1)."""
-    if isinstance(value, bool):
-        raise ValueError("a bool is not a number")
-    return value
-
-
-def _one_of(choices: tuple[str, ...]) -> AfterValidator:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"not one of {choices}")
-        return value
-    return AfterValidator(check)
-
-
-def _grid(value: list[int] | None) -> list[int] | None:
-    if value and len(value) not in (2, 3):
-        raise ValueError("a grid has 2 or 3 sizes")
-    return value
-
-
-def _as_text(value: Any) -> Any:
-    """A path or a torch device given where a name is expected is taken by its text."""
-    return value if value is None or isinstance(value, str) else str(value)
-
-
-Text = Annotated[str, BeforeValidator(_as_text)]
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
-Grid = Annotated[list[Annotated[Int, Field(ge=1)]] | None, AfterValidator(_grid)]
-
-
-def _field(default: Any, description: str, allowed: str | None = None, **bounds: Any) -> Any:
-    """A field with its description and, for the one-line error, what is allowed (``must be <allowed>``)."""
-    return Field(default, description=description, json_schema_extra={"allowed": allowed} if allowed else None,
-                 **bounds)
 
 
 class SharedParameters(BaseModel):
@@ -75,7 +39,7 @@ class SharedParameters(BaseModel):
                             "an integer >= 1", ge=1)
     strategy: Text | None = _field("auto", "auto (one process: none; several: fork on CPU, spawn on GPUs, ddp under "
                                    "torchrun/srun) | ddp | ddp_spawn | ...")
-    precision: Annotated[str, _one_of(PRECISIONS)] = _field(
+    precision: Annotated[str, one_of(PRECISIONS)] = _field(
         "32-true", "32-true | bf16-mixed (bf16 autocast; its speed on this CPU: the benchmark notebook)",
         "32-true, bf16-mixed, 16-mixed (GPU) or 64-true")
     num_workers: Int = _field(0, "data-loader worker processes", "an integer >= 0", ge=0)
@@ -83,11 +47,11 @@ class SharedParameters(BaseModel):
     batch_size: Int = _field(4, "images per batch", "an integer >= 1", ge=1)
     learning_rate: Number = _field(None, "optimizer learning rate (each method notebook sets its own)",
                                    "a number > 0", gt=0)
-    lr_schedule: Annotated[str, _one_of(SCHEDULES)] = _field(
+    lr_schedule: Annotated[str, one_of(SCHEDULES)] = _field(
         None, f"{' | '.join(SCHEDULES)} (unset: the method's)", f"one of {', '.join(map(repr, SCHEDULES))}")
     weight_decay: Number = _field(None, "optimizer weight decay (unset: the method's, DEFAULT_OPTIMIZER or its own)",
                                   "a number >= 0", ge=0)
-    optimizer: Annotated[str, _one_of(OPTIMIZERS)] = _field(
+    optimizer: Annotated[str, one_of(OPTIMIZERS)] = _field(
         None, f"{' | '.join(OPTIMIZERS)} (unset: the method's)", f"one of {', '.join(map(repr, OPTIMIZERS))}")
     warmup_epochs: Int = _field(None, "linear warm-up epochs before the schedule (unset: the method's)",
                                 "an integer >= 0", ge=0)
@@ -131,8 +95,7 @@ def shared_value(params: Mapping[str, Any], name: str) -> Any:
 
 def allowed(name: str) -> str | None:
     """What a shared parameter accepts, in words (the tail of its one-line error); None for free text."""
-    extra = SharedParameters.model_fields[name].json_schema_extra
-    return str(extra["allowed"]) if isinstance(extra, dict) and extra.get("allowed") else None
+    return allowed_text(SharedParameters, name)
 
 
 def check_shared(params: dict[str, Any]) -> None:
@@ -142,17 +105,22 @@ def check_shared(params: dict[str, Any]) -> None:
     try:
         SharedParameters.model_validate(present)
     except ValidationError as exc:
-        order = list(SharedParameters.model_fields)
-        name = min((str(e["loc"][0]) for e in exc.errors()), key=order.index)
-        raise ValueError(f"{name}={params[name]!r}: must be {allowed(name) or 'a valid value'}") from None
+        raise one_line_error(SharedParameters, exc, present) from None
 
 
 def parameter_table() -> str:
     """The shared parameters as a Markdown table (name, default, what it accepts, meaning), for the documentation."""
-    rows = ["| parameter | default | accepts | meaning |", "|---|---|---|---|"]
-    for name, f in SharedParameters.model_fields.items():
-        default = ("(the notebook's)" if name in SET_BY_EACH_NOTEBOOK else "(the method's)" if f.default is None
-                   else f"`{f.default!r}`")
-        rows.append(f"| `{name}` | {default} | {allowed(name) or 'text'} | "
-                    f"{(f.description or '').replace('|', '/')} |")
-    return "\n".join(rows)
+    return model_table(SharedParameters, {name: "(the notebook's)" for name in SET_BY_EACH_NOTEBOOK})
+
+
+def method_parameter_tables() -> str:
+    """Each discovered method's own parameters (its ``Parameters`` model) as a Markdown section with a table."""
+    from lmlib.methods.base import method_class, method_names
+
+    parts = []
+    for name in method_names():
+        cls = method_class(name)
+        doc = (cls.Parameters.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        parts.append(f"### `{name}`\n\n{doc} Model: `{cls.__module__}.{cls.Parameters.__name__}`.\n\n"
+                     f"{model_table(cls.Parameters)}")
+    return "\n\n".join(parts)

@@ -146,12 +146,14 @@ def check_splits(name: str, data: Dataset, splits: Mapping[str, Sequence[Sample]
 
 
 def check_parameters(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
-    """Raise naming every parameter that neither the engine nor the method uses."""
-    known = set(SHARED_PARAMETERS) | set(method.parameters) | set(getattr(method, "extra_parameters", ()))
+    """Raise naming every parameter that neither the engine nor the method uses, then check the method's own
+    values against its model (:attr:`~lmlib.methods.base.LandmarkMethod.Parameters`): one ``ValueError`` line."""
+    known = set(SHARED_PARAMETERS) | set(method.parameters)
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"parameters {unknown} are not used by {method.name} (shared: {sorted(SHARED_PARAMETERS)}; "
                          f"{method.name}: {sorted(method.parameters)})")
+    method.values(params)
 
 
 def _as_int(value: Any) -> int | None:
@@ -223,7 +225,7 @@ def check_output_dir(output_dir: str | Path) -> Path:
 
 
 def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
-    """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs) and the data
+    """Settings every method shares, from notebook parameters (optimizer, flip pairs, epochs, batch) and the data
     (landmark names, dataset order)."""
     optimizer = {k: params[p] for p, k in (("learning_rate", "lr"), ("lr_schedule", "schedule"),
                                            ("weight_decay", "weight_decay"), ("optimizer", "name"),
@@ -231,7 +233,8 @@ def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
     return {"optimizer": optimizer, "test_time_flip": bool(shared_value(params, "flip_test")),
             "flip_pairs": data.spec.pair_indices(), "landmark_names": list(data.landmark_names),
             "landmark_groups": data.spec.group_indices(),
-            "max_epochs": int(shared_value(params, "max_epochs"))}
+            "max_epochs": int(shared_value(params, "max_epochs")),
+            "batch_size": int(shared_value(params, "batch_size"))}
 
 
 def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
@@ -284,7 +287,9 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
-    effective = {**params, "image_size": grid, **({"seeded_split_file": seeded.name} if seeded else {})}
+    # the effective parameters: the method's own at the model's defaults where the notebook does not declare them
+    effective = {**params, **cls.values(params), "image_size": grid,
+                 **({"seeded_split_file": seeded.name} if seeded else {})}
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)

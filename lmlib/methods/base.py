@@ -35,12 +35,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-from lmlib.methods.decoding import decode_maps, map_spread
+from lmlib.methods.config import MethodParameters, Widths, field, one_of
+from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.networks import build_network, size_multiple
 
 Targets = dict[str, torch.Tensor]
@@ -79,6 +80,14 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay":
                                      "warmup_epochs": 0, "final_lr_fraction": 0.01}
 
 
+class UNetParameters(MethodParameters):
+    """The parameters of a method built on :func:`~lmlib.methods.networks.build_network` (a MONAI U-Net)."""
+
+    channels: Widths = field([16, 32, 64, 128, 256], "U-Net features per level", "a list of integers >= 1")
+    decoder: Annotated[str, one_of(DECODERS)] = field(
+        "quadratic", f"sub-pixel decoding of each map: {' | '.join(DECODERS)}", f"one of {', '.join(DECODERS)}")
+
+
 class LandmarkMethod:
     """Base class: network builder + target encoder + loss + decoder (see the module docstring).
 
@@ -95,8 +104,15 @@ class LandmarkMethod:
     name: str = "base"
     #: image dimensions the method is built for (the driver and run_method refuse others)
     supported_dims: tuple[int, ...] = (2, 3)
-    #: notebook parameters this method's ``from_parameters`` consumes (beyond the shared ones)
-    parameters: tuple[str, ...] = ("channels", "decoder")
+    #: the typed model of this method's own notebook parameters (beyond the shared ones): the one place their
+    #: types, bounds, defaults and descriptions live
+    Parameters: type[MethodParameters] = UNetParameters
+    #: the model's field names (set for each subclass from its ``Parameters``)
+    parameters: tuple[str, ...] = tuple(UNetParameters.model_fields)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameters = tuple(cls.Parameters.model_fields)
 
     def __init__(self, spatial_dims: int, n_landmarks: int, network: dict[str, Any] | None = None,
                  decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None,
@@ -119,8 +135,14 @@ class LandmarkMethod:
                 "test_time_flip": self.test_time_flip, "flip_pairs": [list(p) for p in self.flip_pairs]}
 
     @classmethod
+    def values(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """This method's parameters from notebook parameters: each field of :attr:`Parameters` validated, absent
+        ones at the model's default (other names ignored); a refused value raises one ``ValueError`` line."""
+        return cls.Parameters.values(params)
+
+    @classmethod
     def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Constructor keywords from notebook parameters (only the names in :attr:`parameters`)."""
+        """Constructor keywords from notebook parameters (every field of :attr:`Parameters`, see :meth:`values`)."""
         out: dict[str, Any] = {}
         if "channels" in params:
             out["network"] = {"channels": list(params["channels"])}
@@ -131,9 +153,9 @@ class LandmarkMethod:
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
                         **shared: Any) -> LandmarkMethod:
-        """Build the method from notebook parameters; ``shared`` are engine-level settings
-        (``optimizer``, ``test_time_flip``, ``flip_pairs``, ``max_epochs``)."""
-        kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
+        """Build the method from notebook parameters (absent ones: the model's defaults); ``shared`` are
+        engine-level settings (``optimizer``, ``test_time_flip``, ``flip_pairs``, ``max_epochs``)."""
+        kwargs = cls.parameter_config(cls.values(params))
         for key in ("optimizer", "test_time_flip", "flip_pairs"):
             if key in shared:
                 kwargs[key] = shared[key]

@@ -18,14 +18,34 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
-from lmlib.methods.base import LandmarkMethod, Targets
-from lmlib.methods.decoding import decode_maps
+from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters
+from lmlib.methods.config import Int, defaults, field, one_of
+from lmlib.methods.decoding import DECODERS, decode_maps
 from lmlib.methods.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
+
+MASK_CENTRES: tuple[str, ...] = ("exact", "round")
+
+
+class DilationErosionParameters(UNetParameters):
+    """The dilation-erosion U-Net's notebook parameters (beyond the shared ones); radii in the seed's 512-px
+    units (scaled to the network grid)."""
+
+    decoder: Annotated[str, one_of(DECODERS)] = field(
+        "centroid", f"sub-pixel decoding of each mask: {' | '.join(DECODERS)} (the seed: argmax)",
+        f"one of {', '.join(DECODERS)}")
+    radius_start: Int = field(ShrinkSchedule.start, "first mask radius (seed units)", "an integer >= 1", ge=1)
+    radius_step: Int = field(ShrinkSchedule.step, "radius decrement per stage (seed units)", "an integer >= 0", ge=0)
+    radius_stop: Int = field(ShrinkSchedule.stop, "final mask radius (seed units)", "an integer >= 1", ge=1)
+    mask_centre: Annotated[str, one_of(MASK_CENTRES)] = field(
+        "exact", "exact (sub-pixel landmark) | round (the seed)", "exact or round")
+
+
+_D = defaults(DilationErosionParameters)
 
 
 class DilationErosionUNet(LandmarkMethod):
@@ -36,12 +56,12 @@ class DilationErosionUNet(LandmarkMethod):
     """
 
     name = "dilation_erosion"
-    parameters = ("channels", "decoder", "radius_start", "radius_step", "radius_stop", "mask_centre")
+    Parameters = DilationErosionParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, max_epochs: int = 350,
                  schedule: ShrinkSchedule | dict[str, int] | None = None, network: dict[str, Any] | None = None,
-                 decoder: str = "centroid", decoder_kwargs: dict[str, Any] | None = None,
-                 threshold: float = 0.5, mask_centre: str = "exact", **base: Any) -> None:
+                 decoder: str = _D["decoder"], decoder_kwargs: dict[str, Any] | None = None,
+                 threshold: float = 0.5, mask_centre: str = _D["mask_centre"], **base: Any) -> None:
         super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs, **base)
         if isinstance(schedule, dict):
             schedule = ShrinkSchedule(**schedule)
@@ -69,10 +89,10 @@ class DilationErosionUNet(LandmarkMethod):
                         **shared: Any) -> DilationErosionUNet:
         """The seven radii (``radius_start/step/stop``, seed 512-px units) spread over ``max_epochs``
         (a shared engine setting)."""
-        kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters})
+        values = cls.values(params)
+        kwargs = cls.parameter_config(values)
         max_epochs = int(shared.get("max_epochs", 350))
-        radii = {k.removeprefix("radius_"): int(params[k]) for k in ("radius_start", "radius_step", "radius_stop")
-                 if k in params}
+        radii = {k.removeprefix("radius_"): int(values[k]) for k in ("radius_start", "radius_step", "radius_stop")}
         base = {k: shared[k] for k in ("optimizer", "test_time_flip", "flip_pairs") if k in shared}
         return cls(spatial_dims, n_landmarks, max_epochs=max_epochs, schedule=ShrinkSchedule.fit_to(max_epochs, **radii),
                    **kwargs, **base)

@@ -50,15 +50,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import StrictBool
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import Outputs
+from lmlib.methods.config import Int, Levels, MethodParameters, Number, field, one_of
 from lmlib.methods.networks import PerLandmark, SharedByLandmark
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 
@@ -298,6 +300,49 @@ def _default_network(stage: str, spatial_dims: int) -> dict[str, Any]:
     return {"channels": list(LOCAL_CHANNELS), "convs": list(LOCAL_CONVS), "kind": "per_landmark"}
 
 
+# ------------------------------------------------------------------------------------ parameters
+class GlobalStageParameters(MethodParameters):
+    """The global stage's notebook parameters (its epochs and batch are the shared ``max_epochs``, ``batch_size``)."""
+
+    global_spacing_mm: Number = field(1.0, "global stage grid spacing (mm/px)", "a number > 0 (mm/px)", gt=0)
+    global_crop: Levels = field(
+        [], "training crop (px, multiples of the stride); empty: the whole grid", "empty or integers >= 1")
+    output_stride: Int = field(0, "global output stride; 0: the paper's (32 in 2D, 8 in 3D)", "an integer >= 0", ge=0)
+    global_channels: Levels = field(list(GLOBAL_CHANNELS), "stem + four stages (official)", "5 integers >= 1",
+                                    min_length=5, max_length=5)
+    alpha: Number = field(DEFAULT_ALPHA["global"], "global presence BCE weight (paper: 20 cephalograms, 8 CT, 2 MR)",
+                          "a number >= 0", ge=0)
+
+
+class LocalStageParameters(MethodParameters):
+    """The local stage's notebook parameters: its network, training and patch rule (:class:`PatchRule`)."""
+
+    local_epochs: Int = field(40, "local stage epochs", "an integer >= 1", ge=1)
+    local_batch_size: Int = field(32, "local patches per batch", "an integer >= 1", ge=1)
+    local_net: Annotated[str, one_of(LOCAL_NETS)] = field(
+        "per_landmark", "per_landmark (official) | shared", "per_landmark or shared")
+    local_channels: Levels = field(list(LOCAL_CHANNELS), "local net widths (official)", "2 integers >= 1",
+                                   min_length=2, max_length=2)
+    local_alpha: Number = field(DEFAULT_ALPHA["local"], "local presence BCE weight (official: unweighted)",
+                                "a number >= 0", ge=0)
+    local_spacing_mm: Number = field(1.0, "finest local patch spacing (mm/px)", "a number > 0 (mm/px)", gt=0)
+    local_patch_mm: Number = field(0.0, "0: patch extent from the global validation errors; > 0: fixed extent (mm)",
+                                   "a number >= 0 (mm)", ge=0)
+    local_patch_factor: Number = field(2.5, "patch half-width: this x the mean global validation error",
+                                       "a number > 0", gt=0)
+    local_patch_per_landmark: StrictBool = field(
+        True, "each landmark its own patch spacing from its own error; false: all from the worst", "true or false")
+    local_max_patch_px: Int = field(20, "larger extents coarsen the spacing (local receptive field 18 px)",
+                                    f"an integer >= {MIN_LOCAL_PATCH_PX}", ge=MIN_LOCAL_PATCH_PX)
+
+
+class GlobalLocalParameters(GlobalStageParameters, LocalStageParameters):
+    """Both stages' parameters and the displacement code they share."""
+
+    displacement: Annotated[str, one_of(DISPLACEMENT_CODES)] = field(
+        "log", "log: sign(d) log10(|d| + 1) (paper) | linear", "log or linear")
+
+
 class GlobalLocalFCNN(CascadeMethod):
     """One stage (``stage="global"`` or ``"local"``) of the global-to-local FCNN; the class's
     :meth:`build_stages` makes the cascade (see the module docstring).
@@ -313,12 +358,7 @@ class GlobalLocalFCNN(CascadeMethod):
     """
 
     name = "global_local"
-    #: network / loss parameters (both stages)
-    parameters = ("global_channels", "output_stride", "displacement", "alpha", "local_net", "local_channels",
-                  "local_alpha")
-    #: cascade parameters: views and training of each stage
-    extra_parameters = ("global_spacing_mm", "global_crop", "local_epochs", "local_batch_size", "local_spacing_mm",
-                        "local_patch_mm", "local_patch_factor", "local_max_patch_px", "local_patch_per_landmark")
+    Parameters = GlobalLocalParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, stage: str = "global",
                  network: dict[str, Any] | None = None, displacement: str = "log", alpha: float | None = None,
@@ -396,34 +436,20 @@ class GlobalLocalFCNN(CascadeMethod):
     # ---------------------------------------------------------------------------------- the cascade
     @classmethod
     def parameter_config(cls, params: Mapping[str, Any], stage: str = "global") -> dict[str, Any]:
-        """Constructor keywords of one stage from notebook parameters."""
-        out: dict[str, Any] = {"stage": stage}
-        if "displacement" in params:
-            out["displacement"] = str(params["displacement"])
+        """Constructor keywords of one stage from the method's parameter values (:meth:`values`)."""
+        out: dict[str, Any] = {"stage": stage, "displacement": str(params["displacement"])}
         if stage == "global":
-            net: dict[str, Any] = {}
-            if params.get("global_channels"):
-                net["channels"] = [int(c) for c in params["global_channels"]]
-            if int(params.get("output_stride", 0) or 0):
+            net: dict[str, Any] = {"channels": [int(c) for c in params["global_channels"]]}
+            if int(params["output_stride"]):
                 net["output_stride"] = int(params["output_stride"])
-            out["network"] = net
-            if params.get("alpha") is not None:
-                out["alpha"] = float(params["alpha"])
-        else:
-            net = {}
-            if params.get("local_channels"):
-                net["channels"] = [int(c) for c in params["local_channels"]]
-            if params.get("local_net"):
-                net["kind"] = str(params["local_net"])
-            out["network"] = net
-            if params.get("local_alpha") is not None:
-                out["alpha"] = float(params["local_alpha"])
-        return out
+            return {**out, "network": net, "alpha": float(params["alpha"])}
+        net = {"channels": [int(c) for c in params["local_channels"]], "kind": str(params["local_net"])}
+        return {**out, "network": net, "alpha": float(params["local_alpha"])}
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
                         stage: str = "global", **shared: Any) -> GlobalLocalFCNN:
-        kwargs = cls.parameter_config({k: v for k, v in params.items() if k in cls.parameters}, stage)
+        kwargs = cls.parameter_config(cls.values(params), stage)
         base = {k: shared[k] for k in ("optimizer", "test_time_flip", "flip_pairs") if k in shared}
         return cls(spatial_dims, n_landmarks, **kwargs, **base)
 
@@ -434,28 +460,23 @@ class GlobalLocalFCNN(CascadeMethod):
         at ``global_spacing_mm`` (rounded up to a multiple of the output stride)."""
         glob = cls.from_parameters(spatial_dims, n_landmarks, params, "global", **shared)
         local = cls.from_parameters(spatial_dims, n_landmarks, params, "local", **shared)
-        s = glob.stride
-        spacing = float(params.get("global_spacing_mm", 1.0))
-        if spacing <= 0:
-            raise ValueError(f"global_spacing_mm must be > 0, got {spacing}")
+        p, s = cls.values(params), glob.stride
+        spacing = float(p["global_spacing_mm"])
         whole = [int(-(-int(g) // s) * s) for g in grid]
-        crop = [int(c) for c in (params.get("global_crop") or whole)]
+        crop = [int(c) for c in (p["global_crop"] or whole)]
         if len(crop) != spatial_dims or any(c % s for c in crop):
             raise ValueError(f"global_crop={crop}: needs {spatial_dims} sizes, each a multiple of the output "
                              f"stride {s}")
         stages: list[Stage] = [Stage(
             "global", glob, ViewSpec("crop", size=crop, spacing=spacing, keep_outside=True),
             ViewSpec("whole", size=whole, spacing=spacing, pad_multiple=s, keep_outside=True),
-            max_epochs=int(params.get("max_epochs", 100)), batch_size=int(params.get("batch_size", 4)))]
-        local_spacing = float(params.get("local_spacing_mm", 1.0))
-        if local_spacing <= 0:
-            raise ValueError(f"local_spacing_mm must be > 0, got {local_spacing}")
-        rule = PatchRule(spatial_dims, local_spacing, float(params.get("local_patch_mm", 0.0) or 0.0),
-                         float(params.get("local_patch_factor", 2.5)), int(params.get("local_max_patch_px", 20)),
-                         max_spacing_mm=spacing, per_landmark=bool(params.get("local_patch_per_landmark", True)))
+            max_epochs=int(shared["max_epochs"]), batch_size=int(shared["batch_size"]))]
+        rule = PatchRule(spatial_dims, float(p["local_spacing_mm"]), float(p["local_patch_mm"]),
+                         float(p["local_patch_factor"]), int(p["local_max_patch_px"]),
+                         max_spacing_mm=spacing, per_landmark=bool(p["local_patch_per_landmark"]))
         folder = Path(params["output_dir"]) / "global" if params.get("output_dir") else None
-        stages.append(LocalStage("local", local, None, None, max_epochs=int(params.get("local_epochs", 30)),
-                                 batch_size=int(params.get("local_batch_size", 32)), rule=rule, global_folder=folder,
+        stages.append(LocalStage("local", local, None, None, max_epochs=int(p["local_epochs"]),
+                                 batch_size=int(p["local_batch_size"]), rule=rule, global_folder=folder,
                                  landmark_names=shared.get("landmark_names", ())))
         return stages
 

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlib.methods.base import LandmarkMethod, Outputs, Targets, masked_mean
-from lmlib.methods.decoding import decode_maps, map_spread
+from lmlib.methods.config import Int, MethodParameters, Number, Widths, defaults, field, one_of
+from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 
 HEADS: tuple[str, ...] = ("both", "quarter", "half")
@@ -45,6 +46,33 @@ HEAD_STRIDES: dict[str, int] = {"quarter": 4, "half": 2}
 PAPER_WIDTHS: tuple[int, ...] = (64, 128, 320, 512)
 PAPER_FFN_RATIOS: tuple[int, ...] = (8, 8, 4, 4)
 PAPER_REDUCTIONS: tuple[int, ...] = (8, 4, 2, 1)  # A, B, V project to C / r channels
+
+
+class HTCParameters(MethodParameters):
+    """The multiresolution HTC's notebook parameters (beyond the shared ones); the defaults are a small network
+    for the phantoms, the paper's sizes are ``PAPER_WIDTHS``, ``PAPER_FFN_RATIOS`` and 256-channel neck and
+    heads (the driver's ``htc_gpu`` job)."""
+
+    widths: Widths = field([16, 32, 64, 128], "stage widths (4 stages)", "a list of integers >= 1")
+    ffn_ratios: Widths = field([4, 4, 4, 4], "mix-FFN expansion per stage", "a list of integers >= 1")
+    neck_channels: Int = field(64, "FPN width", "an integer >= 1", ge=1)
+    head_channels: Int = field(32, "head width", "an integer >= 1", ge=1)
+    heads: Annotated[str, one_of(HEADS)] = field(
+        "both", "the supervised (and decoded) resolutions: both | quarter | half", "both, quarter or half")
+    drop_path: Number = field(0.1, "stochastic depth, rising linearly to this over the stages", "a number in [0, 1)",
+                              ge=0, lt=1)
+    sigma: Number = field(2.0, "Gaussian sigma in px of each heatmap's own grid", "a number > 0 (px)", gt=0)
+    quarter_weight: Number = field(1000.0, "MSE weight of the 1/4 heatmaps (paper)", "a number > 0", gt=0)
+    half_weight: Number = field(3000.0, "MSE weight of the 1/2 heatmaps (paper)", "a number > 0", gt=0)
+    foreground_weight: Number = field(30.0, "per-pixel MSE weight at the peak (1: the paper's plain MSE, slow to "
+                                            "learn)", "a number >= 1", ge=1)
+    decode_from: Annotated[str, one_of(("", *HEADS))] = field(
+        "", "the heads decoded: empty (the trained ones) | both | quarter | half", "empty, both, quarter or half")
+    decoder: Annotated[str, one_of(DECODERS)] = field(
+        "quadratic", f"sub-pixel peak: {' | '.join(DECODERS)}", f"one of {', '.join(DECODERS)}")
+
+
+_D = defaults(HTCParameters)
 
 
 # ------------------------------------------------------------------------------------ index mapping
@@ -208,12 +236,12 @@ class MultiresHTC(LandmarkMethod):
     """Heatmaps supervised at 1/4 and 1/2 resolution from :class:`HTCNet` (see the module docstring)."""
 
     name = "htc"
-    parameters = ("widths", "ffn_ratios", "neck_channels", "head_channels", "heads", "drop_path", "sigma",
-                  "quarter_weight", "half_weight", "foreground_weight", "decode_from", "decoder")
+    Parameters = HTCParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, network: dict[str, Any] | None = None,
-                 sigma: float = 2.0, quarter_weight: float = 1000.0, half_weight: float = 3000.0,
-                 foreground_weight: float = 1.0, decode_from: str = "", decoder: str = "quadratic",
+                 sigma: float = _D["sigma"], quarter_weight: float = _D["quarter_weight"],
+                 half_weight: float = _D["half_weight"], foreground_weight: float = _D["foreground_weight"],
+                 decode_from: str = _D["decode_from"], decoder: str = _D["decoder"],
                  decoder_kwargs: dict[str, Any] | None = None, **base: Any) -> None:
         super().__init__(spatial_dims, n_landmarks, network, decoder, decoder_kwargs, **base)
         heads = self.network.setdefault("heads", "both")

@@ -43,13 +43,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import Outputs, masked_mean
+from lmlib.methods.config import Int, MethodParameters, Number, Text, Widths, defaults, field, one_of
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
@@ -65,6 +66,64 @@ DEFAULT_COARSE_SIZE = 64  # coarse grid px per axis when none is given (the run 
 AMPLITUDE = 100.0  # heatmap peak (the heatmap U-Net's)
 #: mean radial error of an isotropic normal error N(0, s^2 I_D) is this times s (Rayleigh / Maxwell)
 RADIAL_MEAN_FACTOR: dict[int, float] = {2: math.sqrt(math.pi / 2), 3: 2 * math.sqrt(2 / math.pi)}
+
+
+class CoarseStageParameters(MethodParameters):
+    """The coarse stage's notebook parameters (its grid is the shared ``image_size``, its epochs and batch the
+    shared ``max_epochs`` and ``batch_size``)."""
+
+    coarse_spacing_mm: Number = field(2.0, "coarse grid spacing (mm/px); 0: the field of view resized to image_size",
+                                      "a number >= 0 (mm/px)", ge=0)
+    coarse_channels: Widths = field(list(COARSE_CHANNELS), "Regressor widths (each a stride-2 level)",
+                                    "a list of integers >= 1")
+    coarse_dropout: Number = field(0.0, "dropout in the Regressor", "a number in [0, 1)", ge=0, lt=1)
+
+
+class PatchStageParameters(MethodParameters):
+    """What both fine stages share: their patches and the training jitter."""
+
+    fine_patch_px: Int = field(32, "fine patch size (px per axis), both fine stages", "an integer >= 4", ge=4)
+    fine_spacing_mm: Number = field(1.0, "fine patch spacing (mm/px)", "a number > 0 (mm/px)", gt=0)
+    jitter_factor: Number = field(1.0, "training jitter sigma: this x the previous stage's error (as sigma of a "
+                                       "normal)", "a number >= 0", ge=0)
+    sigma: Number = field(2.0, "fine heatmap Gaussian sigma (px)", "a number > 0 (px)", gt=0)
+
+
+class IndependentStageParameters(PatchStageParameters):
+    """The independent stage's notebook parameters."""
+
+    fine_net: Annotated[str, one_of(FINE_NETS)] = field(
+        "per_landmark", "per_landmark (paper) | shared (one U-Net, output channel per landmark)",
+        "per_landmark or shared")
+    fine_channels: Widths = field(list(FINE_CHANNELS), "fine U-Net widths", "a list of integers >= 1")
+    fine_epochs: Int = field(40, "independent stage epochs", "an integer >= 1", ge=1)
+    fine_batch_size: Int = field(16, "independent patches per batch", "an integer >= 1", ge=1)
+    foreground_weight: Number = field(30.0, "fine heatmap MSE weighting of the foreground", "a number >= 1", ge=1)
+
+
+class CorrelatedStageParameters(PatchStageParameters):
+    """The correlated stage's notebook parameters."""
+
+    correlated_group: Text = field("", "the dataset's landmark group refined jointly; empty: its first (none: stage "
+                                       "skipped)")
+    correlated_channels: Widths = field(list(CORRELATED_CHANNELS), "correlated encoder-decoder widths",
+                                        "a list of integers >= 1")
+    correlated_epochs: Int = field(40, "correlated stage epochs", "an integer >= 1", ge=1)
+    correlated_batch_size: Int = field(2, "groups (of stacked patches) per batch", "an integer >= 1", ge=1)
+    plane: Annotated[str, one_of(PLANE_MODES)] = field(
+        "per_landmark", "shared (paper: one plane position for the group) | per_landmark", "shared or per_landmark")
+    plane_axis: Int = field(0, "patch-grid axis normal to the plane (0 is x, normal to the midsagittal plane)",
+                            "0, 1 or 2", ge=0, le=2)
+
+
+class PriorGuidedParameters(CoarseStageParameters, IndependentStageParameters, CorrelatedStageParameters):
+    """The three stages' parameters and which stages run."""
+
+    stages: list[Annotated[str, one_of(STAGES)]] = field(
+        list(STAGES), "which stages to run (from coarse on)", f"a list from {list(STAGES)} starting with coarse")
+
+
+_D = defaults(PriorGuidedParameters)
 
 
 # -------------------------------------------------------------------------------------------- networks
@@ -220,7 +279,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.
 
 class PriorGuided(CascadeMethod):
     """One stage (``coarse`` | ``independent`` | ``correlated``) of the prior-guided method; the
-    class's :meth:`build_stages` makes the cascade (see the module docstring).
+    class's :meth:`build_stages` makes the cascade (see the module docstring). ``PriorGuided(stage=...)`` is an
+    instance of that stage's class (:class:`CoarseStage`, :class:`IndependentStage`, :class:`CorrelatedStage`),
+    each holding its own network, loss and decoding; a checkpoint's configuration (``stage`` in it) rebuilds it.
 
     Args:
         stage: which stage.
@@ -234,42 +295,37 @@ class PriorGuided(CascadeMethod):
     """
 
     name = "prior_guided"
-    parameters = ("coarse_channels", "coarse_dropout", "fine_net", "fine_channels", "sigma", "foreground_weight",
-                  "correlated_channels", "plane")
-    extra_parameters = ("coarse_spacing_mm", "fine_epochs", "fine_batch_size", "fine_patch_px", "fine_spacing_mm",
-                        "jitter_factor", "correlated_group", "correlated_epochs", "correlated_batch_size", "plane_axis",
-                        "stages")
+    Parameters = PriorGuidedParameters
+    stage: str = ""
+
+    def __new__(cls, *args: Any, stage: str = "coarse", **kwargs: Any) -> PriorGuided:
+        if cls is PriorGuided:
+            if stage not in STAGE_CLASSES:
+                raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+            cls = STAGE_CLASSES[stage]
+        return super().__new__(cls)
 
     def __init__(self, spatial_dims: int, n_landmarks: int, stage: str = "coarse",
-                 network: dict[str, Any] | None = None, sigma: float = 2.0, foreground_weight: float = 30.0,
-                 group: Sequence[int] = (), plane_axis: int = 0, plane: str = "per_landmark",
+                 network: dict[str, Any] | None = None, sigma: float = _D["sigma"],
+                 foreground_weight: float = _D["foreground_weight"], group: Sequence[int] = (),
+                 plane_axis: int = _D["plane_axis"], plane: str = _D["plane"],
                  jitter_choice: dict[str, Any] | None = None, decoder: str = "quadratic",
                  decoder_kwargs: dict[str, Any] | None = None, **base: Any) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        net = dict(network or {})
-        if stage == "coarse":
-            net = {"channels": list(COARSE_CHANNELS), "num_res_units": 2, "dropout": 0.0, **net}
-            net["size"] = [int(v) for v in net.get("size") or [DEFAULT_COARSE_SIZE] * int(spatial_dims)]
-            if len(net["size"]) != int(spatial_dims):
-                raise ValueError(f"the coarse grid needs {spatial_dims} sizes (px), got {net['size']}")
-        elif stage == "independent":
-            net = {"channels": list(FINE_CHANNELS), "kind": "per_landmark", **net}
-            if net["kind"] not in FINE_NETS:
-                raise ValueError(f"fine_net must be one of {FINE_NETS}, got {net['kind']!r}")
-        else:
-            net = {"channels": list(CORRELATED_CHANNELS), **net}
-            if len(group) < 2:
-                raise ValueError(f"the correlated stage needs a group of >= 2 landmarks, got {list(group)}")
-            if plane not in PLANE_MODES:
-                raise ValueError(f"plane must be one of {PLANE_MODES}, got {plane!r}")
+        if stage != self.stage:
+            raise ValueError(f"{type(self).__name__} is the {self.stage!r} stage, not {stage!r}")
+        net = self.network_config(int(spatial_dims), dict(network or {}), group, plane)
         super().__init__(spatial_dims, n_landmarks, net, decoder, decoder_kwargs, **base)
         if sigma <= 0 or foreground_weight < 1:
             raise ValueError(f"need sigma > 0 and foreground_weight >= 1, got {sigma}, {foreground_weight}")
-        self.stage, self.sigma, self.foreground_weight = stage, float(sigma), float(foreground_weight)
+        self.sigma, self.foreground_weight = float(sigma), float(foreground_weight)
         self.group, self.plane_axis, self.plane = [int(k) for k in group], int(plane_axis), plane
         self.jitter_choice = dict(jitter_choice or {})
         self.test_time_flip = False  # patches / a regressor without left-right handling
+
+    def network_config(self, spatial_dims: int, network: dict[str, Any], group: Sequence[int],
+                       plane: str) -> dict[str, Any]:
+        """The stage's network settings with its defaults filled in (checked)."""
+        raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
         net = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.network.items()}
@@ -278,40 +334,171 @@ class PriorGuided(CascadeMethod):
                 "plane": self.plane, "jitter_choice": self.jitter_choice}
 
     def size_multiple(self) -> int:
-        return 1 if self.stage == "coarse" else 2 ** (len(self.network["channels"]) - 1)
+        return 2 ** (len(self.network["channels"]) - 1)
+
+    # ---------------------------------------------------------------------------------- the cascade
+    @classmethod
+    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
+                        stage: str = "coarse", **shared: Any) -> PriorGuided:
+        p = cls.values(params)
+        kw: dict[str, Any] = {"stage": stage, "sigma": float(p["sigma"]),
+                              "foreground_weight": float(p["foreground_weight"])}
+        if stage == "coarse":
+            kw["network"] = {"size": [int(v) for v in shared["coarse_grid"]],
+                             "channels": [int(c) for c in p["coarse_channels"]], "dropout": float(p["coarse_dropout"])}
+        elif stage == "independent":
+            kw["network"] = {"kind": str(p["fine_net"]), "channels": [int(c) for c in p["fine_channels"]]}
+        else:
+            kw["network"] = {"channels": [int(c) for c in p["correlated_channels"]]}
+            kw.update(group=list(shared["group"]), plane_axis=int(p["plane_axis"]), plane=str(p["plane"]))
+        base = {k: shared[k] for k in ("optimizer",) if k in shared}
+        return cls(spatial_dims, n_landmarks, **kw, **base)
+
+    @classmethod
+    def build_stages(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any], grid: Sequence[int],
+                     shared: Mapping[str, Any]) -> list[Stage]:
+        """The stages named by ``params["stages"]`` (default all three; ``correlated`` only when the
+        dataset declares the group ``correlated_group``, else skipped with a message). ``grid``: the
+        coarse stage's whole-volume grid in px at ``coarse_spacing_mm`` (0: the field of view resized)."""
+        p = cls.values(params)
+        wanted = [str(s) for s in (p["stages"] or STAGES)]
+        if wanted[0] != "coarse" or len(set(wanted)) != len(wanted):
+            raise ValueError(f"stages must start with 'coarse' and name each of {STAGES} at most once, got {wanted}")
+        spacing = float(p["coarse_spacing_mm"])
+        coarse = cls.from_parameters(spatial_dims, n_landmarks, params, "coarse", **shared, coarse_grid=grid)
+        stages: list[Stage] = [Stage("coarse", coarse, ViewSpec("whole", size=grid, spacing=spacing or None),
+                                     max_epochs=int(shared["max_epochs"]), batch_size=int(shared["batch_size"]))]
+        out = Path(params["output_dir"]) if params.get("output_dir") else None
+        size = (int(p["fine_patch_px"]),) * spatial_dims
+        fine_spacing, factor = float(p["fine_spacing_mm"]), float(p["jitter_factor"])
+        previous = "coarse"
+        if "independent" in wanted:
+            method = cls.from_parameters(spatial_dims, n_landmarks, params, "independent", **shared)
+            stages.append(JitteredStage(
+                "independent", method, None, None, max_epochs=int(p["fine_epochs"]),
+                batch_size=int(p["fine_batch_size"]), previous=out / previous if out else None,
+                patch=ViewSpec("patch", size=size, spacing=fine_spacing, per_landmark=True), factor=factor,
+                landmark_names=shared.get("landmark_names", ())))
+            previous = "independent"
+        if "correlated" in wanted:
+            groups = dict(shared.get("landmark_groups") or {})
+            name = str(p["correlated_group"] or next(iter(groups), ""))
+            if name not in groups:
+                print(f"correlated stage skipped: the dataset declares no landmark group {name!r} "
+                      f"(groups: {sorted(groups) or 'none'})")
+                return stages
+            group = groups[name]
+            method = cls.from_parameters(spatial_dims, n_landmarks, params, "correlated", **shared, group=group)
+            axis = method.plane_axis if method.plane == "shared" else None
+            stages.append(JitteredStage(
+                "correlated", method, None, None, max_epochs=int(p["correlated_epochs"]),
+                batch_size=int(p["correlated_batch_size"]), previous=out / previous if out else None,
+                patch=ViewSpec("patch", size=size, spacing=fine_spacing, landmarks=group, stacked=True,
+                               shared_axis=axis), factor=factor, landmark_names=shared.get("landmark_names", ())))
+        return stages
+
+
+
+class CoarseStage(PriorGuided):
+    """The coarse stage: all landmarks' coordinates regressed at once from the whole downsampled volume."""
+
+    stage = "coarse"
+
+    def network_config(self, spatial_dims: int, network: dict[str, Any], group: Sequence[int],
+                       plane: str) -> dict[str, Any]:
+        net = {"channels": list(COARSE_CHANNELS), "num_res_units": 2, "dropout": 0.0, **network}
+        net["size"] = [int(v) for v in net.get("size") or [DEFAULT_COARSE_SIZE] * spatial_dims]
+        if len(net["size"]) != spatial_dims:
+            raise ValueError(f"the coarse grid needs {spatial_dims} sizes (px), got {net['size']}")
+        return net
+
+    def size_multiple(self) -> int:
+        return 1
+
+    def build_network(self) -> nn.Module:
+        net = self.network
+        return CoarseRegressor(self.spatial_dims, self.n_landmarks, net["size"], net["channels"],
+                               net["num_res_units"], net["dropout"])
+
+    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """L1 in px of the coarse grid over valid landmarks."""
+        lm, valid = batch["landmarks"].float(), batch["valid"]
+        err = (from_normalised(outputs.float(), tuple(batch["image"].shape[2:])) - lm).abs().mean(-1)  # (B, K) px
+        w = valid.to(err.dtype)
+        return (err * w).sum() / w.sum().clamp_min(1.0), {}
+
+    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = from_normalised(outputs.float(), tuple(batch["image"].shape[2:]))
+        return coords, torch.ones(coords.shape[:2], device=coords.device)
+
+    def maps(self, output: Outputs) -> torch.Tensor:
+        raise NotImplementedError("the coarse stage regresses coordinates: it has no maps")
+
+
+class IndependentStage(PriorGuided):
+    """The independent stage: a heatmap per landmark in a full-resolution patch around its coarse estimate."""
+
+    stage = "independent"
+
+    def network_config(self, spatial_dims: int, network: dict[str, Any], group: Sequence[int],
+                       plane: str) -> dict[str, Any]:
+        net = {"channels": list(FINE_CHANNELS), "kind": "per_landmark", **network}
+        if net["kind"] not in FINE_NETS:
+            raise ValueError(f"fine_net must be one of {FINE_NETS}, got {net['kind']!r}")
+        return net
 
     def build_network(self) -> nn.Module:
         n, d, net = self.n_landmarks, self.spatial_dims, self.network
-        if self.stage == "coarse":
-            return CoarseRegressor(d, n, net["size"], net["channels"], net["num_res_units"], net["dropout"])
-        if self.stage == "independent":
-            if net["kind"] == "shared":
-                return SharedByLandmark(build_network(d, n, channels=net["channels"], num_res_units=1))
-            return PerLandmark([build_network(d, 1, channels=net["channels"], num_res_units=1) for _ in range(n)])
-        return CorrelatedNet(d, len(self.group), net["channels"], self.plane_axis, self.plane)
+        if net["kind"] == "shared":
+            return SharedByLandmark(build_network(d, n, channels=net["channels"], num_res_units=1))
+        return PerLandmark([build_network(d, 1, channels=net["channels"], num_res_units=1) for _ in range(n)])
 
     def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:
-        if self.stage == "independent":
-            return net(batch["image"], batch["landmark_ids"])
-        return net(batch["image"])
+        return net(batch["image"], batch["landmark_ids"])
 
-    # ---- targets, loss, decoding
+    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Foreground-weighted MSE to Gaussian heatmaps (amplitude :data:`AMPLITUDE`)."""
+        lm, valid = batch["landmarks"].float(), batch["valid"]
+        target = gaussian_heatmaps(lm, tuple(batch["image"].shape[2:]), self.sigma, valid, AMPLITUDE)
+        return weighted_mse(outputs, target, valid, self.spatial_dims, self.foreground_weight), {}
+
+    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_maps(outputs, self.spatial_dims, self.decoder, **self.decoder_kwargs)
+
+    def maps(self, output: Outputs) -> torch.Tensor:
+        """The heatmaps."""
+        return output
+
+
+class CorrelatedStage(PriorGuided):
+    """The correlated stage: a landmark group on one plane refined jointly (plane position + in-plane maps)."""
+
+    stage = "correlated"
+
+    def network_config(self, spatial_dims: int, network: dict[str, Any], group: Sequence[int],
+                       plane: str) -> dict[str, Any]:
+        if len(group) < 2:
+            raise ValueError(f"the correlated stage needs a group of >= 2 landmarks, got {list(group)}")
+        if plane not in PLANE_MODES:
+            raise ValueError(f"plane must be one of {PLANE_MODES}, got {plane!r}")
+        return {"channels": list(CORRELATED_CHANNELS), **network}
+
+    def build_network(self) -> nn.Module:
+        return CorrelatedNet(self.spatial_dims, len(self.group), self.network["channels"], self.plane_axis,
+                             self.plane)
+
     def _inplane(self, coords: torch.Tensor) -> torch.Tensor:
         keep = [a for a in range(self.spatial_dims) if a != self.plane_axis]
         return coords[..., keep]
 
     def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
-        lm, valid = batch["landmarks"].float(), batch["valid"]
-        size = tuple(batch["image"].shape[2:])
-        if self.stage == "coarse":
-            err = (from_normalised(outputs.float(), size) - lm).abs().mean(-1)  # (B, K) px
-            w = valid.to(err.dtype)
-            return (err * w).sum() / w.sum().clamp_min(1.0), {}
-        if self.stage == "independent":
-            target = gaussian_heatmaps(lm, size, self.sigma, valid, AMPLITUDE)
-            return weighted_mse(outputs, target, valid, self.spatial_dims, self.foreground_weight), {}
-        a = self.plane_axis
+        """Soft cross-entropy of the in-plane maps and of the plane position (see the module docstring)."""
+        lm, valid, a = batch["landmarks"].float(), batch["valid"], self.plane_axis
         inplane = gaussian_heatmaps(self._inplane(lm), outputs["inplane"].shape[2:], self.sigma, valid)
         l_in = soft_cross_entropy(outputs["inplane"], inplane, valid, self.spatial_dims - 1)
         normal, ok = lm[..., a:a + 1], valid
@@ -325,11 +512,6 @@ class PriorGuided(CascadeMethod):
 
     def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stage == "coarse":
-            coords = from_normalised(outputs.float(), tuple(batch["image"].shape[2:]))
-            return coords, torch.ones(coords.shape[:2], device=coords.device)
-        if self.stage == "independent":
-            return decode_maps(outputs, self.spatial_dims, self.decoder, **self.decoder_kwargs)
         xy, conf = decode_maps(distribution(outputs["inplane"], self.spatial_dims - 1), self.spatial_dims - 1,
                                self.decoder, **self.decoder_kwargs)
         pos, _ = decode_maps(distribution(outputs["plane"], 1), 1, self.decoder, **self.decoder_kwargs)  # (B, P, 1)
@@ -338,79 +520,12 @@ class PriorGuided(CascadeMethod):
         return torch.cat([xy[..., :a], pos, xy[..., a:]], dim=-1), conf
 
     def maps(self, output: Outputs) -> torch.Tensor:
-        """Independent: the 3D heatmaps; correlated: the in-plane probability maps (coarse: none)."""
-        if self.stage == "coarse":
-            raise NotImplementedError("the coarse stage regresses coordinates: it has no maps")
-        return distribution(output["inplane"], self.spatial_dims - 1) if isinstance(output, dict) else output
+        """The in-plane probability maps."""
+        return distribution(output["inplane"], self.spatial_dims - 1)
 
-    # ---------------------------------------------------------------------------------- the cascade
-    @classmethod
-    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
-                        stage: str = "coarse", **shared: Any) -> PriorGuided:
-        p = params
-        kw: dict[str, Any] = {"stage": stage, "sigma": float(p.get("sigma", 2.0)),
-                              "foreground_weight": float(p.get("foreground_weight", 30.0))}
-        if stage == "coarse":
-            kw["network"] = {"size": [int(v) for v in shared["coarse_grid"]],
-                             **({"channels": [int(c) for c in p["coarse_channels"]]} if p.get("coarse_channels") else {}),
-                             "dropout": float(p.get("coarse_dropout", 0.0))}
-        elif stage == "independent":
-            kw["network"] = {"kind": str(p.get("fine_net", "per_landmark")),
-                             **({"channels": [int(c) for c in p["fine_channels"]]} if p.get("fine_channels") else {})}
-        else:
-            kw["network"] = {"channels": [int(c) for c in p["correlated_channels"]]} if p.get("correlated_channels") else {}
-            kw.update(group=list(shared["group"]), plane_axis=int(p.get("plane_axis", 0)),
-                      plane=str(p.get("plane", "per_landmark")))
-        base = {k: shared[k] for k in ("optimizer",) if k in shared}
-        return cls(spatial_dims, n_landmarks, **kw, **base)
 
-    @classmethod
-    def build_stages(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any], grid: Sequence[int],
-                     shared: Mapping[str, Any]) -> list[Stage]:
-        """The stages named by ``params["stages"]`` (default all three; ``correlated`` only when the
-        dataset declares the group ``correlated_group``, else skipped with a message). ``grid``: the
-        coarse stage's whole-volume grid in px at ``coarse_spacing_mm`` (0: the field of view resized)."""
-        wanted = [str(s) for s in (params.get("stages") or STAGES)]
-        if wanted[0] != "coarse" or any(s not in STAGES for s in wanted) or len(set(wanted)) != len(wanted):
-            raise ValueError(f"stages must start with 'coarse' and name each of {STAGES} at most once, got {wanted}")
-        spacing = float(params.get("coarse_spacing_mm", 0.0) or 0.0)
-        coarse = cls.from_parameters(spatial_dims, n_landmarks, params, "coarse", **shared, coarse_grid=grid)
-        stages: list[Stage] = [Stage("coarse", coarse, ViewSpec("whole", size=grid, spacing=spacing or None),
-                                     max_epochs=int(params.get("max_epochs", 100)),
-                                     batch_size=int(params.get("batch_size", 2)))]
-        out = Path(params["output_dir"]) if params.get("output_dir") else None
-        px = int(params.get("fine_patch_px", 32))
-        size = (px,) * spatial_dims
-        fine_spacing = float(params.get("fine_spacing_mm", 1.0))
-        factor = float(params.get("jitter_factor", 1.0))
-        if fine_spacing <= 0 or factor < 0:
-            raise ValueError(f"fine_spacing_mm must be > 0 and jitter_factor >= 0, got {fine_spacing}, {factor}")
-        previous = "coarse"
-        if "independent" in wanted:
-            method = cls.from_parameters(spatial_dims, n_landmarks, params, "independent", **shared)
-            stages.append(JitteredStage(
-                "independent", method, None, None, max_epochs=int(params.get("fine_epochs", 40)),
-                batch_size=int(params.get("fine_batch_size", 16)), previous=out / previous if out else None,
-                patch=ViewSpec("patch", size=size, spacing=fine_spacing, per_landmark=True), factor=factor,
-                landmark_names=shared.get("landmark_names", ())))
-            previous = "independent"
-        if "correlated" in wanted:
-            groups = dict(shared.get("landmark_groups") or {})
-            name = str(params.get("correlated_group") or next(iter(groups), ""))
-            if name not in groups:
-                print(f"correlated stage skipped: the dataset declares no landmark group {name!r} "
-                      f"(groups: {sorted(groups) or 'none'})")
-                return stages
-            group = groups[name]
-            method = cls.from_parameters(spatial_dims, n_landmarks, params, "correlated", **shared, group=group)
-            axis = method.plane_axis if method.plane == "shared" else None
-            stages.append(JitteredStage(
-                "correlated", method, None, None, max_epochs=int(params.get("correlated_epochs", 40)),
-                batch_size=int(params.get("correlated_batch_size", 2)), previous=out / previous if out else None,
-                patch=ViewSpec("patch", size=size, spacing=fine_spacing, landmarks=group, stacked=True,
-                               shared_axis=axis), factor=factor, landmark_names=shared.get("landmark_names", ())))
-        return stages
-
+#: stage name -> its class (``PriorGuided(stage=...)`` builds one of these)
+STAGE_CLASSES: dict[str, type[PriorGuided]] = {c.stage: c for c in (CoarseStage, IndependentStage, CorrelatedStage)}
 
 class JitteredStage(DeferredStage):
     """A patch stage trained with centres jittered like the previous stage's errors: its measured

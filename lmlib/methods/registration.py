@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,8 +31,27 @@ import SimpleITK as sitk
 from lmlib.data.grids import normalize_intensity, preprocessing_grids, resample
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod
+from lmlib.methods.config import Int, MethodParameters, Number, defaults, field, one_of
 
 DEFORMABLE = ("demons", "none")
+
+
+class RegistrationParameters(MethodParameters):
+    """The multi-atlas registration's notebook parameters (beyond the shared ones)."""
+
+    n_atlases: Int = field(5, "training images registered onto each test image (their landmarks fused by the "
+                              "median)", "an integer >= 1", ge=1)
+    deformable: Annotated[str, one_of(DEFORMABLE)] = field(
+        "demons", "demons (affine, then diffeomorphic demons) | none (affine only)", "demons or none")
+    levels: Int = field(3, "resolution levels of each registration stage (shrink 2^(levels-1) ... 1)",
+                        "an integer >= 1", ge=1)
+    affine_iterations: Int = field(100, "optimiser iterations per level (affine stage)", "an integer >= 1", ge=1)
+    demons_iterations: Int = field(50, "demons iterations per level", "an integer >= 1", ge=1)
+    demons_sigma_mm: Number = field(2.0, "smoothing of the demons displacement field in mm (larger is stiffer)",
+                                    "a number > 0 (mm)", gt=0)
+
+
+_D = defaults(RegistrationParameters)
 
 
 class MultiAtlasRegistration(LandmarkMethod):
@@ -51,11 +70,12 @@ class MultiAtlasRegistration(LandmarkMethod):
 
     name = "registration"
     trainable = False
-    parameters = ("n_atlases", "deformable", "levels", "affine_iterations", "demons_iterations", "demons_sigma_mm")
+    Parameters = RegistrationParameters
 
-    def __init__(self, spatial_dims: int, n_landmarks: int, n_atlases: int = 5, deformable: str = "demons",
-                 levels: int = 3, affine_iterations: int = 100, demons_iterations: int = 50,
-                 demons_sigma_mm: float = 2.0, seed: int = 0, **_: Any) -> None:
+    def __init__(self, spatial_dims: int, n_landmarks: int, n_atlases: int = _D["n_atlases"],
+                 deformable: str = _D["deformable"], levels: int = _D["levels"],
+                 affine_iterations: int = _D["affine_iterations"], demons_iterations: int = _D["demons_iterations"],
+                 demons_sigma_mm: float = _D["demons_sigma_mm"], seed: int = 0, **_: Any) -> None:
         super().__init__(spatial_dims, n_landmarks)
         if deformable not in DEFORMABLE:
             raise ValueError(f"deformable must be one of {DEFORMABLE}, got {deformable!r}")
@@ -78,8 +98,7 @@ class MultiAtlasRegistration(LandmarkMethod):
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
                         **shared: Any) -> MultiAtlasRegistration:
-        own = {k: params[k] for k in cls.parameters if k in params}
-        return cls(spatial_dims, n_landmarks, seed=int(params.get("seed", 0)), **own)
+        return cls(spatial_dims, n_landmarks, seed=int(params.get("seed", 0)), **cls.values(params))
 
     def build_network(self) -> Any:
         raise TypeError("registration has no network: it is run by predict_samples(atlases, samples, size)")

@@ -213,7 +213,7 @@ def row_role(run: Run) -> str:
     if run.kind == REFERENCE_KIND:
         return REFERENCE_KIND
     top, _, sub = run.name.partition("/")
-    from lmlib.run import JOBS  # the driver declares which jobs are main jobs (runs of a user's own folders are)
+    from lmlib.run import JOBS  # the driver declares which jobs are not main jobs (discovered methods' jobs are)
 
     job = next((j for j in JOBS if j.method == top), None)
     if job is not None and not job.main:
