@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dataset_file, shared_data_dir
-from lmlib.runtime import MALLOC_ENV, PROGRESS_ENV
+from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
 REAL = ("hamedan-ceph", "hand-xray", "afids-mni", "afids-templates")
@@ -354,6 +354,8 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
         params.setdefault("results_dir", str(results))
     if "profile" in declared:  # the comparison compares runs of its own profile
         params.setdefault("profile", profile)
+    if "progress" in declared:  # stored notebooks get epoch lines (echoed to this console), not a live bar
+        params.setdefault("progress", "lines")
 
     with job_lock(root / tmp):
         _execute(job, dataset, params, declared, root, tmp, final, profile, rank, resume, timeout_s, echo,
@@ -378,7 +380,6 @@ def _execute(job: Job, dataset: str, params: dict[str, Any], declared: dict[str,
     (root / tmp).mkdir(parents=True, exist_ok=True)
     for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
         os.environ.setdefault(key, value)
-    os.environ.setdefault(PROGRESS_ENV, "lines")  # stored notebooks get epoch lines, not a live bar
     start = time.time()
     pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
                         kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,

@@ -24,7 +24,9 @@ MALLOC_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 31),   # bytes; do not hand freed memory back every step
 }
 
-PROGRESS_ENV = "LMLIB_PROGRESS"  # "lines": training prints a line every few epochs instead of a live bar
+#: how training reports its progress: a live bar per epoch, or a line every few epochs (stored notebooks)
+PROGRESS_MODES: tuple[str, ...] = ("bar", "lines")
+
 REPORTED_PACKAGES: tuple[str, ...] = (
     "lmlib", "torch", "monai", "lightning", "SimpleITK", "numpy", "scipy", "pandas",
     "matplotlib", "seaborn", "papermill", "tqdm",

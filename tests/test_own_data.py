@@ -141,3 +141,29 @@ def test_a_never_seen_dataset_trains_and_predicts_through_documented_commands(to
         assert back.units == "index"
         for n in NAMES:
             np.testing.assert_allclose(back.points[n][0], rows.loc[n, ["x_px", "y_px"]].to_numpy(float), atol=1e-6)
+
+
+def test_the_declaration_keys_are_one_typed_model_with_a_json_schema() -> None:
+    """The keys of a declaration file, their types and meanings live in one model (DatasetDeclaration): the
+    required and optional key lists derive from it, every built-in file validates against it, and its JSON schema
+    (published in the documentation) names every key with a description."""
+    import yaml
+
+    from lmlib.data.dataset_spec import (
+        OPTIONAL,
+        REQUIRED,
+        DatasetDeclaration,
+        declaration_schema,
+        declared_files,
+    )
+
+    assert REQUIRED == ("name", "ndim", "images", "reader", "annotations", "landmarks")
+    schema = declaration_schema()
+    assert set(schema["properties"]) == set(REQUIRED) | set(OPTIONAL) and set(schema["required"]) == set(REQUIRED)
+    assert all(p.get("description") for p in schema["properties"].values())
+    for path in declared_files().values():
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if "landmarks_from" in raw:
+            raw = {**yaml.safe_load((path.parent / raw["landmarks_from"]).read_text(encoding="utf-8")), **raw}
+            raw = {k: v for k, v in raw.items() if k in schema["properties"]}
+        DatasetDeclaration.model_validate(raw)

@@ -294,6 +294,21 @@ def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypa
     assert 'output_dir = "results/synthetic2d/cmp"' in executed.cells[1].source
 
 
+def test_the_driver_asks_training_notebooks_for_epoch_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stored notebooks hold epoch lines, not bar fragments: the driver passes ``progress="lines"`` to a notebook
+    that declares it (an explicit parameter; before, an environment variable of the driver's process), and
+    nothing to one that does not."""
+    seen = _fake_papermill(monkeypatch)
+    _write_notebook(tmp_path, "toy.ipynb", BODY)
+    nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
+    nb.cells[0].source += '\nprogress: str = "bar"'
+    nbformat.write(nb, tmp_path / "notebooks" / "trains.ipynb")
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
+    run_job(Job("trains.ipynb", "trains", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
+    assert "progress" not in seen[0] and seen[1]["progress"] == "lines"
+    assert "LMLIB_PROGRESS" not in os.environ
+
+
 def test_notebook_failure_names_the_exception_and_the_partial_notebook(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import papermill as pm

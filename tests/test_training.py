@@ -363,12 +363,10 @@ def test_per_landmark_means_keep_values_and_ids_aligned_with_nans():
     np.testing.assert_allclose(per, [1.0, 5.0, 5.0])
 
 
-def test_batch_runs_print_epoch_lines_instead_of_a_live_bar(samples, tmp_path, monkeypatch, capsys):
-    from lmlib.runtime import PROGRESS_ENV
-
-    monkeypatch.setenv(PROGRESS_ENV, "lines")
+def test_batch_runs_print_epoch_lines_instead_of_a_live_bar(samples, tmp_path, capsys):
+    """``progress="lines"`` (a parameter, the driver's choice; before, an environment variable switched it)."""
     method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
-    fit(method, _dm(samples), tmp_path, max_epochs=3, device="cpu")
+    fit(method, _dm(samples), tmp_path, max_epochs=3, device="cpu", progress="lines")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
     assert all("val MRE" in line and line.rstrip().endswith(")") and " s/epoch" in line for line in lines)

@@ -42,6 +42,11 @@ CLI_MARKER = re.compile(r"^<!-- cli-help: ([\w.]+) -->$", re.MULTILINE)
 KEYS_MARKER = "<!-- dataset-spec-keys -->"
 PARAMETERS_MARKER = "<!-- shared-parameters -->"
 METHOD_PARAMETERS_MARKER = "<!-- method-parameters -->"
+#: generated from lmlib.data.dataset_spec.DatasetDeclaration: its keys as a table, its JSON schema
+DECLARATION_MARKERS = {"<!-- dataset-declaration-table -->": "print(declaration_table())",
+                       "<!-- dataset-declaration-schema -->":
+                           "import json; print('```json'); print(json.dumps(declaration_schema(), indent=1)); "
+                           "print('```')"}
 CSV_MARKER = re.compile(r"^<!-- csv-table: (\S+\.csv) -->$", re.MULTILINE)
 NOTEBOOKS_MARKER = re.compile(r"^<!-- result-notebooks: ([\w.-]+) -->$", re.MULTILINE)
 SPEC_MODULE = Path("lmlib") / "data" / "dataset_spec.py"
@@ -98,6 +103,15 @@ def _parameter_table(root: Path, function: str = "parameter_table") -> str:
                           check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the shared parameter table failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout.rstrip()
+
+
+def _python_output(root: Path, code: str) -> str:
+    """What ``code`` prints, run in a subprocess of this interpreter (as the CLI help)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{code!r} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return done.stdout.rstrip()
 
 
@@ -167,6 +181,10 @@ def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> st
         markdown = markdown.replace(KEYS_MARKER, _spec_keys(root))
     if PARAMETERS_MARKER in markdown:
         markdown = markdown.replace(PARAMETERS_MARKER, _parameter_table(root))
+    for marker, code in DECLARATION_MARKERS.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, _python_output(
+                root, f"from lmlib.data.dataset_spec import declaration_schema, declaration_table; {code}"))
     if METHOD_PARAMETERS_MARKER in markdown:
         markdown = markdown.replace(METHOD_PARAMETERS_MARKER, _parameter_table(root, "method_parameter_tables"))
     return markdown

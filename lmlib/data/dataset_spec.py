@@ -40,7 +40,8 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     notes: []                        # sentences every comparison of this dataset repeats (known caveats)
 
 An unknown key, a missing required key, or a value of the wrong kind raises an error naming the file
-and the key.
+and the key. The keys' types and meanings are one typed model, :class:`DatasetDeclaration` (its JSON schema:
+:func:`declaration_schema`, published in the documentation).
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
 SYNTHETIC: tuple[str, ...] = ("synthetic2d", "synthetic3d")  # generated data sets (lmlib.data.phantoms)
@@ -195,11 +197,138 @@ class DatasetSpec:
 POSED_KEYS = ("train", "val", "test", "seed", "rotation_deg", "translation_mm", "scale", "elastic_mm",
               "elastic_spacing_mm")
 
-REQUIRED = ("name", "ndim", "images", "reader", "annotations", "landmarks")
-OPTIONAL = ("description", "data_dir", "image_id_regex", "reader_options", "spacing_mm", "spacing_from_landmarks",
-            "left_right_pairs", "landmark_groups", "splits", "seeded_split", "exclude", "single_template", "notes",
-            "subjects", "subject_splits", "posed_copies", "landmarks_from")
+def _empty_if_null(empty: Any) -> BeforeValidator:
+    """YAML ``key:`` with no value (null) reads as the empty value."""
+    return BeforeValidator(lambda v: type(empty)() if v is None else v)
+
+
+def _key(default: Any, description: str, allowed: str, **kwargs: Any) -> Any:
+    return Field(default, description=description, json_schema_extra={"allowed": allowed}, **kwargs)
+
+
+_Text = Annotated[str, Field(strict=True)]
+_Label = _Text | Annotated[int, Field(strict=True)]
+_Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class LandmarkEntry(BaseModel):
+    """One ``landmarks:`` entry: the label in the annotation files and the display name (default: the label)."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: _Label
+    name: _Label | None = None
+
+
+class Calibration(BaseModel):
+    """``spacing_from_landmarks``: two landmark labels and their true distance."""
+
+    model_config = ConfigDict(extra="forbid")
+    landmarks: Annotated[list[_Label], Field(min_length=2, max_length=2)]
+    distance_mm: _Number
+
+
+class SeededSplit(BaseModel):
+    """``seeded_split``: the fractions and seed of the split made when there is no split file."""
+
+    model_config = ConfigDict(extra="forbid")
+    fractions: list[_Number] = list(DEFAULT_SPLIT_FRACTIONS)
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+
+
+class Exclusion(BaseModel):
+    """One ``exclude`` entry: an annotator's annotation of one image masked entirely, with the reason."""
+
+    model_config = ConfigDict(extra="forbid")
+    annotator: _Text
+    image_id: _Label
+    reason: _Text
+
+
+class DatasetDeclaration(BaseModel):
+    """A dataset declaration file's keys (YAML): their types and meanings, the shape every file is checked against
+    before the checks that need the data set's context (landmark names, readers, the built-in names). Its JSON
+    schema is published in the documentation (``reference/datasets``)."""
+
+    model_config = ConfigDict(extra="forbid", title="lmlib dataset declaration")
+
+    name: _Text = _key(..., "folder name of the results: results/<name>/<method>", "a plain folder name")
+    description: Annotated[_Text, _empty_if_null("")] = _key("", "one line shown in tables", "a string")
+    ndim: Annotated[int, Field(strict=True, ge=2, le=3)] = _key(..., "image dimension", "2 or 3")
+    data_dir: _Text | None = _key(None, "the data folder, relative to this file (default: its folder)", "a string")
+    images: Annotated[_Text, Field(min_length=1)] = _key(
+        ..., "glob of the images, relative to the data folder", "a glob relative to the data folder (set data_dir: "
+        "for another folder)")
+    image_id_regex: _Text | None = _key(
+        None, "regex whose group 1 is the image id (default: the name before the first '.'); its named groups may "
+        "appear in annotation file names", "a string")
+    reader: _Text = _key(..., "landmark reader (lmlib.data.readers.READERS)", "a reader name")
+    reader_options: Annotated[dict[str, Any], _empty_if_null({})] = _key(
+        {}, "keyword arguments of that reader", "a mapping of the reader's keyword arguments")
+    annotations: Annotated[dict[str, _Text], Field(min_length=1)] = _key(
+        ..., "annotator -> file; {image_id} = one file per image; the first annotator is the reference",
+        "a mapping annotator -> file (with {image_id} for one file per image)")
+    spacing_mm: list[_Number] | None = _key(
+        None, "(x, y[, z]) mm/px for images whose headers carry none", "null or a list of numbers (mm)")
+    spacing_from_landmarks: Calibration | None = _key(
+        None, "isotropic spacing per image = distance_mm / the reference annotator's pixel distance between the two "
+        "landmarks (calibration)", "null or {landmarks: [label a, label b], distance_mm: number}")
+    landmarks: Annotated[int, Field(strict=True, ge=1)] | Annotated[
+        list[_Label | LandmarkEntry], Field(min_length=1)] = _key(
+        ..., "the landmarks: a count (37: labels and names '1'..'37') or a list of labels or {label, name}",
+        "a count (e.g. 37: labels '1'..'37') or a non-empty list of {label, name} entries or strings")
+    left_right_pairs: Annotated[list[Annotated[list[_Label], Field(min_length=2, max_length=2)]],
+                                _empty_if_null([])] = _key(
+        [], "[left name, right name] pairs (swapped by mirror augmentation)", "a list of [left name, right name] pairs")
+    landmark_groups: Annotated[dict[str, list[_Label]], _empty_if_null({})] = _key(
+        {}, "group -> names of landmarks on one shared plane (the prior-guided 3D method)",
+        "a mapping group -> list of landmark names")
+    splits: _Text | None = _key(None, "CSV image_id,split (train/val/test); absent: a seeded split", "a string")
+    seeded_split: Annotated[SeededSplit, _empty_if_null({})] = _key(
+        SeededSplit(), "used only when there is no splits file",
+        "a mapping with fractions: [train, val, test] (three numbers) and seed: an integer >= 0")
+    exclude: Annotated[list[Exclusion], _empty_if_null([])] = _key(
+        [], "annotations masked entirely, each with its reason", "a list of {annotator, image_id, reason}")
+    single_template: Annotated[bool, Field(strict=True)] = _key(
+        False, "one annotated template; training images are random deformations of it", "true or false")
+    notes: Annotated[list[_Text], _empty_if_null([])] = _key(
+        [], "sentences every comparison of this dataset repeats (known caveats)", "a list of sentences")
+    subjects: Annotated[dict[str, Annotated[list[_Label], Field(min_length=1)]], _empty_if_null({})] = _key(
+        {}, "subject -> image ids: images of one subject (anatomy) stay on one side of a split",
+        "a mapping subject -> list of image ids")
+    subject_splits: Annotated[dict[str, list[_Label]], _empty_if_null({})] = _key(
+        {}, "the split by subject: {train: [subjects], val: [...], test: [...]}",
+        "a mapping split (train/val/test) -> list of subjects")
+    landmarks_from: _Text | None = _key(
+        None, "another declaration file (relative to this one) whose landmarks, left_right_pairs and "
+        "landmark_groups this data set shares", "a string")
+    posed_copies: dict[str, Any] | None = _key(
+        None, "each image replaced by random posed copies: {train: n, val: n, test: n, seed, rotation_deg, "
+        "translation_mm, scale, elastic_mm} (val/test keep the unposed original too)",
+        "null or a mapping of " + ", ".join(POSED_KEYS))
+
+
+REQUIRED = tuple(k for k, f in DatasetDeclaration.model_fields.items() if f.is_required())
+OPTIONAL = tuple(k for k, f in DatasetDeclaration.model_fields.items() if not f.is_required())
 SHARED_BY_LANDMARKS_FROM = ("landmarks", "left_right_pairs", "landmark_groups")
+
+
+def declaration_schema() -> dict[str, Any]:
+    """The JSON schema of a dataset declaration file (for editors and the documentation)."""
+    return DatasetDeclaration.model_json_schema()
+
+
+def declaration_table() -> str:
+    """The declaration keys as a Markdown table (key, required or default, accepts, meaning)."""
+    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
+    for key, f in DatasetDeclaration.model_fields.items():
+        default = "required" if f.is_required() else f"`{_plain(f.default)!r}`"
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        rows.append(f"| `{key}` | {default} | {extra.get('allowed', '')} | {(f.description or '').replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 def is_dataset_file(name: str | Path) -> bool:
@@ -246,94 +375,59 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
         if not ok:
             raise ValueError(f"{path}: {key}: must be {what}, got {raw.get(key)!r}")
 
+    try:  # the shape of every key (the model); then the checks that need the context
+        decl = DatasetDeclaration.model_validate(raw)
+    except ValidationError as exc:
+        errors = [e for e in exc.errors() if e["loc"]]
+        key = str(errors[0]["loc"][0]) if errors else "name"
+        extra = DatasetDeclaration.model_fields[key].json_schema_extra if key in DatasetDeclaration.model_fields else {}
+        need(key, False, str((extra or {}).get("allowed") or "valid"))
+        raise  # unreachable: need raised
     builtin = {*SYNTHETIC, *declared_files()} if not path.resolve().is_relative_to(DECLARED_DIR.resolve()) else set()
-    need("name", isinstance(raw["name"], str) and PLAIN_NAME.match(raw["name"].strip()) is not None
-         and raw["name"].strip() not in builtin,
+    need("name", PLAIN_NAME.match(decl.name.strip()) is not None and decl.name.strip() not in builtin,
          "a plain folder name (letters, digits, '.', '_', '-'; results go to results/<name>/) that is not a "
          f"built-in data set's ({', '.join(sorted(builtin))})")
-    need("ndim", raw["ndim"] in (2, 3) and not isinstance(raw["ndim"], bool), "2 or 3")
-    need("images", isinstance(raw["images"], str) and raw["images"] != "" and not Path(raw["images"]).is_absolute()
-         and not Path(raw["images"]).drive, "a glob relative to the data folder (set data_dir: for another folder)")
-    need("reader", isinstance(raw["reader"], str) and (readers is None or raw["reader"] in readers),
+    need("images", not Path(decl.images).is_absolute() and not Path(decl.images).drive,
+         "a glob relative to the data folder (set data_dir: for another folder)")
+    need("reader", readers is None or decl.reader in readers,
          f"one of {sorted(readers)}" if readers is not None else "a reader name")
-    ann = raw["annotations"]
-    need("annotations", isinstance(ann, dict) and ann and all(isinstance(v, str) for v in ann.values()),
-         "a mapping annotator -> file (with {image_id} for one file per image)")
     labels, names = _landmarks(raw["landmarks"], path)
-    spacing = raw.get("spacing_mm")
-    need("spacing_mm", spacing is None or (isinstance(spacing, list) and all(_number(v) for v in spacing)),
-         f"null or a list of {raw['ndim']} numbers (mm)")
-    calib = raw.get("spacing_from_landmarks")
-    need("spacing_from_landmarks", calib is None or (
-        isinstance(calib, dict) and set(calib) == {"landmarks", "distance_mm"} and _number(calib["distance_mm"])
-        and isinstance(calib["landmarks"], list) and len(calib["landmarks"]) == 2),
-        "null or {landmarks: [label a, label b], distance_mm: number}")
-    notes = raw.get("notes") or []
-    need("notes", isinstance(notes, list) and all(isinstance(n, str) for n in notes), "a list of sentences")
-    pairs = raw.get("left_right_pairs") or []
-    need("left_right_pairs", isinstance(pairs, list) and all(isinstance(q, list) and len(q) == 2 for q in pairs),
-         "a list of [left name, right name] pairs")
-    groups = raw.get("landmark_groups") or {}
-    need("landmark_groups", isinstance(groups, dict) and all(isinstance(v, list) for v in groups.values()),
-         "a mapping group -> list of landmark names")
-    seeded = raw.get("seeded_split") or {}
-    need("seeded_split", isinstance(seeded, dict) and set(seeded) <= {"fractions", "seed"} and
-         (isinstance(seeded.get("seed", 0), int) and seeded.get("seed", 0) >= 0) and
-         isinstance(seeded.get("fractions", []), list) and all(_number(v) for v in seeded.get("fractions", [])),
-         "a mapping with fractions: [train, val, test] (three numbers) and seed: an integer >= 0")
-    exclude = raw.get("exclude") or []
-    need("exclude", isinstance(exclude, list) and all(isinstance(e, dict) and set(e) == {"annotator", "image_id",
-                                                                                           "reason"} for e in exclude),
-         "a list of {annotator, image_id, reason}")
-    subjects = raw.get("subjects") or {}
-    need("subjects", isinstance(subjects, dict) and all(isinstance(v, list) and v for v in subjects.values()),
-         "a mapping subject -> list of image ids")
-    subject_splits = raw.get("subject_splits") or {}
-    need("subject_splits", isinstance(subject_splits, dict) and all(isinstance(v, list) for v in
-                                                                    subject_splits.values()),
-         "a mapping split (train/val/test) -> list of subjects")
-    posed = raw.get("posed_copies")
-    need("posed_copies", posed is None or isinstance(posed, dict), f"null or a mapping of {list(POSED_KEYS)}")
-    options = raw.get("reader_options") or {}
-    need("reader_options", isinstance(options, dict), "a mapping of the reader's keyword arguments")
     if readers is not None:
-        accepted = _keyword_names(readers[raw["reader"]])
-        unknown = sorted(set(map(str, options)) - set(accepted))
+        accepted = _keyword_names(readers[decl.reader])
+        unknown = sorted(set(map(str, decl.reader_options)) - set(accepted))
         if unknown:
-            raise ValueError(f"{path}: reader_options: {unknown} not accepted by reader {raw['reader']!r} "
+            raise ValueError(f"{path}: reader_options: {unknown} not accepted by reader {decl.reader!r} "
                              f"(its options: {accepted or 'none'})")
-    need("single_template", isinstance(raw.get("single_template", False), bool), "true or false")
-    for key in ("description", "image_id_regex", "splits", "data_dir"):
-        need(key, raw.get(key) is None or isinstance(raw[key], str), "a string")
-    if raw.get("image_id_regex") is not None:
+    if decl.image_id_regex is not None:
         try:
-            n_groups = re.compile(raw["image_id_regex"]).groups
+            n_groups = re.compile(decl.image_id_regex).groups
         except re.error as exc:
-            raise ValueError(f"{path}: image_id_regex: {raw['image_id_regex']!r} is not a valid regular "
+            raise ValueError(f"{path}: image_id_regex: {decl.image_id_regex!r} is not a valid regular "
                              f"expression ({exc})") from None
         need("image_id_regex", n_groups >= 1, "a regular expression whose group 1 is the image id, e.g. "
              "'^(\\d+)_' (it has no group)")
+    spacing, calib, seeded = decl.spacing_mm, decl.spacing_from_landmarks, decl.seeded_split
     data_dir = None
-    if raw.get("data_dir") is not None or not path.resolve().is_relative_to(DECLARED_DIR.resolve()):
-        data_dir = str((path.parent / (raw.get("data_dir") or ".")).resolve())
+    if decl.data_dir is not None or not path.resolve().is_relative_to(DECLARED_DIR.resolve()):
+        data_dir = str((path.parent / (decl.data_dir or ".")).resolve())
     try:
         return DatasetSpec(
-            name=raw["name"].strip(), ndim=int(raw["ndim"]), images=raw["images"], reader=raw["reader"],
-            annotations={str(k): v for k, v in ann.items()}, landmark_labels=labels, landmark_names=names,
+            name=decl.name.strip(), ndim=decl.ndim, images=decl.images, reader=decl.reader,
+            annotations={str(k): v for k, v in decl.annotations.items()}, landmark_labels=labels, landmark_names=names,
             spacing_mm=tuple(float(v) for v in spacing) if spacing is not None else None,
-            lr_pairs=tuple((str(a), str(b)) for a, b in pairs), splits_file=raw.get("splits"),
-            image_id_regex=raw.get("image_id_regex"),
-            exclude={(str(e["annotator"]), str(e["image_id"])): str(e["reason"]) for e in exclude},
-            reader_kwargs=dict(options), description=str(raw.get("description") or ""),
-            landmark_groups={str(g): tuple(str(n) for n in v) for g, v in groups.items()},
-            split_fractions=tuple(float(v) for v in seeded.get("fractions", DEFAULT_SPLIT_FRACTIONS)),
-            split_seed=int(seeded.get("seed", 0)), single_template=bool(raw.get("single_template", False)),
+            lr_pairs=tuple((str(a), str(b)) for a, b in decl.left_right_pairs), splits_file=decl.splits,
+            image_id_regex=decl.image_id_regex,
+            exclude={(str(e.annotator), str(e.image_id)): str(e.reason) for e in decl.exclude},
+            reader_kwargs=dict(decl.reader_options), description=decl.description,
+            landmark_groups={str(g): tuple(str(n) for n in v) for g, v in decl.landmark_groups.items()},
+            split_fractions=tuple(float(v) for v in seeded.fractions),
+            split_seed=seeded.seed, single_template=decl.single_template,
             source=str(path), data_dir=data_dir,
-            calibration=(str(calib["landmarks"][0]), str(calib["landmarks"][1]), float(calib["distance_mm"]))
-            if calib is not None else None, notes=tuple(notes),
-            subjects={str(k): tuple(str(i) for i in v) for k, v in subjects.items()},
-            subject_splits={str(k): tuple(str(x) for x in v) for k, v in subject_splits.items()},
-            posed=dict(posed) if posed is not None else None)
+            calibration=(str(calib.landmarks[0]), str(calib.landmarks[1]), float(calib.distance_mm))
+            if calib is not None else None, notes=tuple(decl.notes),
+            subjects={str(k): tuple(str(i) for i in v) for k, v in decl.subjects.items()},
+            subject_splits={str(k): tuple(str(x) for x in v) for k, v in decl.subject_splits.items()},
+            posed=dict(decl.posed_copies) if decl.posed_copies is not None else None)
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None

@@ -61,12 +61,13 @@ def chain(previous: Predictions | None, current: Predictions) -> Predictions:
 def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: str | Path, device: str = "auto",
                 seed: int = 0, num_workers: int = 0, resume: bool = False,
                 callbacks: Callable[[Stage, Path], Sequence[Callback]] | None = None,
-                data: dict[str, Any] | None = None, parallel: Mapping[str, Any] | None = None) -> list[StageResult]:
+                data: dict[str, Any] | None = None, settings: Mapping[str, Any] | None = None) -> list[StageResult]:
     """Train ``stages`` in order on ``samples`` (split by ``meta["split"]``) into ``<output_dir>/<stage>/``.
 
     ``resume``: continue each stage from its ``checkpoints/last.ckpt`` when present. ``callbacks``: a
-    function (stage, stage folder) -> Lightning callbacks (e.g. overlays). ``parallel``: ``devices``,
-    ``num_nodes``, ``strategy`` of :func:`~lmlib.engine.training.fit` (DDP), for every stage.
+    function (stage, stage folder) -> Lightning callbacks (e.g. overlays). ``settings``: keywords of
+    :func:`~lmlib.engine.training.fit` for every stage (``devices``, ``num_nodes``, ``strategy`` of DDP,
+    ``precision``, ``progress``).
     """
     out = Path(output_dir)
     val = [s for s in samples if s.meta.get("split") == "val"]
@@ -84,7 +85,7 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
         last = folder / "checkpoints" / "last.ckpt"
         result = fit(stage.method, dm, folder, max_epochs=stage.max_epochs, device=device, seed=seed,
                      resume=last if resume and last.is_file() else "",
-                     callbacks=list(callbacks(stage, folder)) if callbacks else [], data=data, **(parallel or {}))
+                     callbacks=list(callbacks(stage, folder)) if callbacks else [], data=data, **(settings or {}))
         pv = chain(prev_val, predict(result.module, val, batch_size=stage.batch_size,
                                      centres=centres["val"] if centres else None))
         pt = chain(prev_test, predict(result.module, test, batch_size=stage.batch_size,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES
 from lmlib.methods.config import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
 from lmlib.methods.config import field as _field
+from lmlib.runtime import PROGRESS_MODES
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 
@@ -70,6 +71,10 @@ class SharedParameters(BaseModel):
                                 "an integer >= 1 (epochs)", ge=1)
     gif_fps: Number = _field(10.0, "frames per second of fig_training_progress.gif", "a number > 0", gt=0)
     resume: Text | None = _field("", "checkpoint (.ckpt) to continue training from")
+    progress: Annotated[str, one_of(PROGRESS_MODES)] = _field(
+        "bar", "training progress: bar (a live bar per epoch) | lines (a line every few epochs with the validation "
+               "error and the time left; the driver's choice, so that stored notebooks hold epoch lines)",
+        "bar or lines")
     max_train_images: Int = _field(0, "0 = all; trims the train split only", "an integer >= 0 (0 = all)", ge=0)
     n_deformed: Int = _field(None, "afids-mni: random deformations of the template (train/val/test 60/20/20 %, "
                                    "seed 0; the template itself is one more test image)", "an integer >= 0", ge=0)

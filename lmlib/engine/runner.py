@@ -244,11 +244,12 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
             "spacing": f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"}
 
 
-def parallel_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``devices``, ``num_nodes``, ``strategy`` and ``precision`` of :func:`~lmlib.engine.training.fit` from
-    notebook parameters."""
+def fit_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``devices``, ``num_nodes``, ``strategy``, ``precision`` and ``progress`` of :func:`~lmlib.engine.training.fit`
+    from notebook parameters."""
     return {"devices": int(shared_value(params, "devices")), "num_nodes": int(shared_value(params, "num_nodes")),
-            "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision"))}
+            "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision")),
+            "progress": str(shared_value(params, "progress"))}
 
 
 def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
@@ -305,7 +306,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
                                     augmentation=augmentation(params, ndim, seed, shared["flip_pairs"]))
     result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(shared_value(params, "device")),
                  seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
-                 data=provenance(params, data), **parallel_settings(params))
+                 data=provenance(params, data), **fit_settings(params))
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
           f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
@@ -387,7 +388,7 @@ def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective
     results = fit_cascade(stages, train + val + test, output_dir, device=str(shared_value(params, "device")), seed=seed,
                           num_workers=int(shared_value(params, "num_workers")), resume=bool(params.get("resume")),
                           callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data),
-                          parallel=parallel_settings(params))
+                          settings=fit_settings(params))
     figures: dict[str, Path] = {}
     stage_metrics: dict[str, dict[str, Any]] = {}
     for r in results:

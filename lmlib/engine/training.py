@@ -53,7 +53,7 @@ from lmlib.data.loaders import (
 )
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
-from lmlib.runtime import PROGRESS_ENV, peak_rss_mb, setup
+from lmlib.runtime import PROGRESS_MODES, peak_rss_mb, setup
 
 MONITOR = "val/mre_mm"
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
@@ -110,9 +110,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def progress_callback(n_batches: int, refresh_rate: int | None) -> Callback:
-    """The live TQDM bar, or :class:`EpochLines` when ``$LMLIB_PROGRESS`` is ``lines`` (the driver sets it)."""
-    if os.environ.get(PROGRESS_ENV) == "lines":
+def progress_callback(n_batches: int, refresh_rate: int | None, progress: str = "bar") -> Callback:
+    """The live TQDM bar (``progress="bar"``), or :class:`EpochLines` (``"lines"``: the driver's choice, so that
+    stored notebooks hold epoch lines, not bar fragments)."""
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"progress={progress!r}: must be one of {PROGRESS_MODES}")
+    if progress == "lines":
         return EpochLines()
     return EpochProgressBar(refresh_rate=refresh_rate or n_batches)
 
@@ -542,7 +545,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         lr_schedule: str | None = None, weight_decay: float | None = None, check_val_every_n_epoch: int = 1,
         progress_refresh_rate: int | None = None, gradient_clip_val: float | None = None,
         precision: str = "32-true", checkpoint_dir: str | Path | None = None,
-        data: dict[str, Any] | None = None, devices: int = 1, num_nodes: int = 1, strategy: str = "auto") -> FitResult:
+        data: dict[str, Any] | None = None, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
+        progress: str = "bar") -> FitResult:
     """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``).
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
@@ -554,7 +558,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     ``learning_rate`` / ``lr_schedule`` / ``weight_decay`` override the method's optimizer settings (of the
     trained copy, ``result.module.method``; ``method`` itself is not changed).
     ``data``: provenance stored in the checkpoint (dataset name, spacing policy).
-    ``progress_refresh_rate``: batches between progress-bar updates (default: once per epoch).
+    ``progress``: ``bar`` (a live bar per epoch) or ``lines`` (a line every few epochs with the validation error,
+    time per epoch and time left); ``progress_refresh_rate``: batches between bar updates (default: once per epoch).
     ``devices`` / ``num_nodes`` / ``strategy``: data-parallel training with Lightning DDP (processes per node,
     nodes; see :func:`ddp_strategy`): each process sees ``datamodule.batch_size`` images per step, so the
     global batch is ``batch_size * devices * num_nodes``; only rank 0 writes logs, checkpoints and figures, and
@@ -596,9 +601,9 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, precision=precision, **({"devices": device_ids} | parallel),
         logger=_history_logger(out, resume),
-        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate),
+        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate, progress),
                    *callbacks],
-        enable_progress_bar=os.environ.get(PROGRESS_ENV) != "lines",
+        enable_progress_bar=progress != "lines",
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
         enable_model_summary=True, gradient_clip_val=gradient_clip_val, deterministic=False,
         default_root_dir=str(out), plugins=[AtomicCheckpointIO()])
