@@ -39,7 +39,6 @@ from lmlib.runtime import MALLOC_ENV
 KERNEL_NAME = "lmlib"
 REAL = ("hamedan-ceph", "hand-xray", "afids-mni", "afids-templates")
 PROFILES = ("default", "smoke", "full")
-AFIDS_DEFORMED = 30  # afids-mni: deformations of the template (18 train, 6 val, 6 test + the template), every job
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,8 @@ class Job:
     """One notebook and the datasets it runs on.
 
     ``method`` names the job and its run folder; ``runs`` the ``lmlib.methods`` method it trains, when it trains
-    one (``htc_quarter_only`` runs ``htc``). ``smoke``/``full`` are parameter overrides per profile; ``default``
+    one (``htc_quarter_only`` runs ``htc``). ``smoke``/``full`` are parameter overrides per profile (the declared
+    jobs': ``lmlib/profiles.yaml``); ``default``
     uses the notebook's own defaults. ``per_dataset`` adds overrides for one dataset (key ``"<dataset>"``: all
     profiles) or for one dataset and profile (key ``"<dataset>:<profile>"``, applied last).
     """
@@ -78,130 +78,74 @@ class Job:
         return None if reason is None else f"{self.method} (notebooks/{self.notebook}) {reason}"
 
 
-_UNET_FULL: dict[str, Any] = {"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3,
-                              "sigma": 2.5, "foreground_weight": 100.0}
+#: the profiles of the declared jobs: overrides per profile and data set (YAML, see the file's header)
+PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 
-# Multiresolution HTC: the two-head method and its training ablation (one head each), all at the same
-# settings. full (CPU): the heatmap U-Net's 256 x 320 grid (0.66 mm/px on hamedan-ceph), reduced widths;
-# measured here (2 cores): 17 s per epoch, 31 minutes of training per run.
-_HTC_FULL: dict[str, Any] = {"image_size": [256, 320], "max_epochs": 110, "warmup_epochs": 10, "batch_size": 4,
-                             "learning_rate": 1e-3, "widths": [32, 64, 160, 256], "ffn_ratios": [4, 4, 4, 4],
-                             "neck_channels": 128, "head_channels": 64}
-_HTC_SMOKE: dict[str, Any] = {"max_epochs": 2, "max_train_images": 8}
-HTC_JOBS: tuple[Job, ...] = (
-    # hand-xray: an epoch costs far more than on hamedan-ceph (37 landmarks on the heads; every run prints its
-    # time per epoch): 64 epochs keep the training within the 60-minute CPU budget
-    Job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="htc", smoke=_HTC_SMOKE,
-        full=_HTC_FULL,
-        per_dataset={"hand-xray:full": {"max_epochs": 64, "warmup_epochs": 6}}),
-    *(Job("20_multires_htc.ipynb", f"htc_{head}_only", ("synthetic2d", "hamedan-ceph"), runs="htc", main=False,
-          smoke={**_HTC_SMOKE, "heads": head}, full={**_HTC_FULL, "heads": head}, per_dataset={"synthetic2d": {"heads": head}})
-      for head in ("quarter", "half")),
-    # the paper's sizes at ~1024 px (832 x 1024): for a machine with a GPU (skipped without one)
-    Job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), runs="htc", needs_gpu=True, main=False,
-        full={"image_size": [832, 1024], "max_epochs": 180, "warmup_epochs": 50, "batch_size": 8,
-              "learning_rate": 4.5e-4, "widths": [64, 128, 320, 512], "ffn_ratios": [8, 8, 4, 4],
-              "neck_channels": 256, "head_channels": 256, "flip_prob": 0.5, "flip_test": True}),
-)
 
-_PG_SMOKE: dict[str, Any] = {"max_epochs": 2, "fine_epochs": 1, "correlated_epochs": 1, "max_train_images": 8}
-# the brain templates (afids-mni's deformations, afids-templates' posed copies): per-method grids, one place each
-_BRAIN_PG = {"image_size": [48, 60, 48], "coarse_spacing_mm": 4.0, "batch_size": 2}
-_BRAIN_PG_FULL = {"max_epochs": 300, "fine_epochs": 60, "correlated_epochs": 60}
-_PG_DATA: dict[str, dict[str, Any]] = {
-    "synthetic3d": {"image_size": [32, 32, 32], "coarse_spacing_mm": 2.0, "fine_patch_px": 16,
-                    "coarse_channels": [8, 16, 32, 64], "fine_channels": [8, 16, 32], "correlated_channels": [8, 16, 32]},
-    # the whole 193 x 229 x 193-mm template at 4 mm for the coarse stage; 32-px patches at 1 mm
-    "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_PG}, "afids-mni:full": _BRAIN_PG_FULL,
-    "afids-templates": _BRAIN_PG, "afids-templates:full": _BRAIN_PG_FULL}
-# 3D MR: a 3-mm global grid (192 x 240 x 192 mm holds the 193 x 229 x 193-mm template), 24-mm cells, alpha 2 (the
-# paper's MR value); local patches per landmark from 1 mm (one shared local net learnt slower: val 4.1 mm after 36
-# epochs against 3.2 mm per landmark)
-_BRAIN_GL = {"image_size": [64, 80, 64], "global_spacing_mm": 3.0, "global_crop": [], "output_stride": 8,
-             "global_channels": [8, 16, 32, 64, 64], "alpha": 2.0, "batch_size": 2, "local_channels": [16, 32],
-             "local_spacing_mm": 1.0, "local_batch_size": 32}
-_BRAIN_GL_FULL = {"max_epochs": 300, "local_epochs": 120}
-# 3D MR: the whole 193 x 229 x 193-mm template on a 3-mm grid
-_BRAIN_UNET = {"image_size": [64, 80, 64], "batch_size": 2, "learning_rate": 1e-3, "sigma": 2.0,
-               "foreground_weight": 30.0}
-_BRAIN_UNET_FULL = {"max_epochs": 150}
-# afids-templates has 30 training volumes (afids-mni 18): 90 epochs keep its training within 60 minutes on a
-# 2-core CPU without AVX-512 (the epoch time: the run's epoch lines)
-_TEMPLATES_UNET_FULL = {"max_epochs": 90}
+def load_profiles(path: Path = PROFILES_FILE) -> dict[str, dict[str, Any]]:
+    """Job name -> ``{"smoke": {...}, "full": {...}, "per_dataset": {...}}`` from the profiles file; an entry
+    with another key, or a data-set key that names no data set or profile, is an error naming the file."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    out: dict[str, dict[str, Any]] = {}
+    known = {*SYNTHETIC, *REAL}
+    for job, entry in raw.items():
+        if job == "shared":  # the anchors' home
+            continue
+        if not isinstance(entry, dict) or set(entry) - {"smoke", "full", "datasets"}:
+            raise ValueError(f"{path}: {job}: must be a mapping of smoke, full and datasets, got {entry!r}")
+        per_dataset = dict(entry.get("datasets") or {})
+        for key in per_dataset:
+            name, _, profile = str(key).partition(":")
+            if name not in known or (profile and profile not in PROFILES):
+                raise ValueError(f"{path}: {job}: datasets: {key!r} is not <dataset> or <dataset>:<profile> "
+                                 f"(data sets: {sorted(known)}; profiles: {list(PROFILES)})")
+        out[str(job)] = {"smoke": dict(entry.get("smoke") or {}), "full": dict(entry.get("full") or {}),
+                         "per_dataset": {str(k): dict(v) for k, v in per_dataset.items()}}
+    return out
+
+
+_PROFILES = load_profiles()
+
+
+def _job(notebook: str, method: str, datasets: tuple[str, ...], **flags: Any) -> Job:
+    """A declared job with its profiles from :data:`PROFILES_FILE`."""
+    return Job(notebook, method, datasets, **_PROFILES.get(method, {}), **flags)
+
 
 # The declared list. Order matters: the comparison reads what the methods wrote.
 JOBS: tuple[Job, ...] = (
-    Job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL,
-        smoke={"n_images": 12, "n_augmented": 2}, per_dataset={"afids-mni": {"n_deformed": 6}}),
+    _job("00_data_exploration.ipynb", "exploration", SYNTHETIC + REAL),
     # reference rows (no training): writes <method>/mean_shape and, with a second annotator, <method>/inter-observer
-    Job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL, per_dataset={"afids-mni": {"n_deformed": AFIDS_DEFORMED}}),
+    _job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL),
     # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
-    Job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local",
-        smoke={"max_epochs": 2, "local_epochs": 1, "max_train_images": 8, "global_channels": [8, 8, 16, 32, 64],
-               "local_channels": [8, 16], "local_batch_size": 16},
-        # full: 0.8 mm global grid (212 x 264 px, padded to 224 x 272), 12.8-mm cells, local patches from 0.25 mm;
-        # measured here (2 cores): 6.4 s per global epoch, 8 s per local epoch: 30 min of training for both stages
-        full={"global_spacing_mm": 0.8, "image_size": [224, 272], "global_crop": [192, 224], "output_stride": 16,
-              "max_epochs": 200, "batch_size": 4, "local_epochs": 60, "local_batch_size": 32, "local_spacing_mm": 0.25},
-        per_dataset={"synthetic2d": {"output_stride": 8},  # 4x4 cells at stride 32 on 128-px phantoms: 4.2 vs 2.5 mm
-                     # the committed run: every patch at 0.8 mm from gonion's 3.25-mm global error, 1.22 mm test MRE;
-                     # per-landmark patches (0.32-0.8 mm) gave 1.25 mm, the same within noise, at 3.7 instead of 5.1 GB
-                     "hamedan-ceph": {"local_patch_per_landmark": False},
-                     "synthetic3d": {"global_channels": [8, 16, 32, 64, 64], "local_channels": [16, 32]},
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_GL}, "afids-mni:full": _BRAIN_GL_FULL,
-                     "afids-templates": _BRAIN_GL, "afids-templates:full": _BRAIN_GL_FULL,
-                     # hand radiographs are up to 286 x 331 mm (the 50-mm calibration): a 1.25-mm global grid holds them
-                     "hand-xray": {"global_spacing_mm": 1.25, "image_size": [240, 272]},
-                     # 37 per-landmark patches per image: 40 local epochs (not 60) keep the whole training
-                     # within 60 minutes on the 2-core CPU
-                     "hand-xray:full": {"local_epochs": 40}}),
-    Job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet",
-        smoke={"max_epochs": 2, "max_train_images": 8},
-        # full: foreground_weight 100 is the setting of the committed hamedan-ceph run (1.11 mm)
-        full=_UNET_FULL,
-        per_dataset={"synthetic3d": {"image_size": [64, 64, 64], "learning_rate": 1e-3},
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, **_BRAIN_UNET}, "afids-mni:full": _BRAIN_UNET_FULL,
-                     "afids-templates": _BRAIN_UNET, "afids-templates:full": _TEMPLATES_UNET_FULL}),
+    _job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local"),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet"),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
-    Job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), runs="heatmap_unet", main=False,
-        smoke={"max_epochs": 2, "max_train_images": 8, "device": "cpu"}, full={**_UNET_FULL, "device": "cpu"}),
-    Job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
-        runs="dilation_erosion",
-        smoke={"max_epochs": 2, "max_train_images": 8},
-        full={"max_epochs": 140, "image_size": [256, 320], "batch_size": 4, "learning_rate": 3e-3}),
-    *HTC_JOBS,
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), runs="heatmap_unet", main=False),
+    _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
+         runs="dilation_erosion"),
+    # Multiresolution HTC: the two-head method and its training ablation (one head each)
+    _job("20_multires_htc.ipynb", "htc", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="htc"),
+    _job("20_multires_htc.ipynb", "htc_quarter_only", ("synthetic2d", "hamedan-ceph"), runs="htc", main=False),
+    _job("20_multires_htc.ipynb", "htc_half_only", ("synthetic2d", "hamedan-ceph"), runs="htc", main=False),
+    # the paper's sizes at ~1024 px: for a machine with a GPU (skipped without one)
+    _job("20_multires_htc.ipynb", "htc_gpu", ("hamedan-ceph",), runs="htc", needs_gpu=True, main=False),
     # a cascade of three stages: writes <method>/coarse, <method>/independent, <method>/correlated
-    Job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni", "afids-templates"), runs="prior_guided",
-        smoke=_PG_SMOKE, per_dataset=_PG_DATA),
-    # ablation: the paper's single shared plane position (same seed: its coarse and independent rows repeat the above)
-    Job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), runs="prior_guided", smoke=_PG_SMOKE,
-        main=False,
-        per_dataset={**_PG_DATA, "afids-mni": {**_PG_DATA["afids-mni"], "plane": "shared"}}),
-    # the classical baseline (no training): multi-atlas registration; its time per test image is its inference time
-    Job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration",
-        smoke={"n_atlases": 2, "levels": 2, "affine_iterations": 20, "demons_iterations": 10, "max_train_images": 8},
-        full={"n_atlases": 10, "image_size": [256, 256]},
-        per_dataset={"synthetic3d": {"image_size": [48, 48, 48]},
-                     # 5 of the 18 training deformations of the template as atlases, at 2.4 mm (229 mm / 96 px)
-                     "afids-mni": {"n_deformed": AFIDS_DEFORMED, "image_size": [96, 96, 96], "n_atlases": 5},
-                     # full: the template's own 1.2-mm grid (sub-millimetre fiducial shifts are below a 2.4-mm
-                     # voxel), 2 atlases (one per core of a 2-core machine; their mean is the median of two)
-                     "afids-mni:full": {"image_size": [160, 192, 160], "n_atlases": 2},
-                     # atlases: posed copies of the training templates
-                     "afids-templates": {"image_size": [96, 96, 96], "n_atlases": 5}}),
+    _job("30_prior_guided_3d.ipynb", "prior_guided", ("synthetic3d", "afids-mni", "afids-templates"),
+         runs="prior_guided"),
+    # ablation: the paper's single shared plane position
+    _job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), runs="prior_guided", main=False),
+    # the classical baseline (no training): multi-atlas registration
+    _job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration"),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
-    Job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL, smoke={"n_figures": 2},
-        per_dataset={"hamedan-ceph": {"method": "htc"}, "afids-mni": {"method": "prior_guided"},
-                     "afids-templates": {"method": "prior_guided"}}),
+    _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,
     # its home data set, and on hamedan-ceph
-    Job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph", "hand-xray"),
-        smoke={"n_steps": 2, "peer_budget_s": 30},
-        per_dataset={d: {"methods": ["heatmap_unet", "dilation_erosion", "global_local", "htc"]}
-                     for d in ("hamedan-ceph", "hand-xray")}),
+    _job("95_benchmark.ipynb", "benchmark", ("synthetic2d", "hamedan-ceph", "hand-xray")),
     # the last comparison of a full run also rewrites the README's cross-data-set block (results/summary/)
-    Job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL,
-        smoke={"n_bootstrap": 200}, full={"readme": "README.md"}),
+    _job("90_comparative_evaluation.ipynb", "comparison", SYNTHETIC + REAL),
 )
 
 

@@ -105,6 +105,22 @@ def test_every_profile_is_valid_for_the_models() -> None:
                     raise AssertionError(f"{job.method} on {dataset} ({profile}): {exc}") from None
 
 
+@pytest.mark.parametrize("text, match", [
+    ("toy:\n  smoke: {max_epochs: 2}\n  fast: {max_epochs: 1}\n", r"toy: must be a mapping of smoke, full and datasets"),
+    ("toy:\n  datasets:\n    hamedan: {max_epochs: 2}\n", r"datasets: 'hamedan' is not <dataset>"),
+    ("toy:\n  datasets:\n    hand-xray:fast: {max_epochs: 2}\n", r"datasets: 'hand-xray:fast' is not"),
+])
+def test_a_bad_profiles_file_names_the_file_and_the_entry(tmp_path: Path, text: str, match: str) -> None:
+    """The profiles are YAML (lmlib/profiles.yaml): an entry the driver would not read is an error, not ignored."""
+    path = tmp_path / "profiles.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match) as info:
+        run.load_profiles(path)
+    assert str(info.value).startswith(str(path))
+    good = run.load_profiles(run.PROFILES_FILE)
+    assert good["heatmap_unet"]["per_dataset"]["afids-templates:full"] == {"max_epochs": 90}
+
+
 def test_every_method_is_run_by_a_job_that_names_it() -> None:
     """A job names the method it trains (``runs``), never matched by a name prefix; every discovered method with a
     notebook has a job (declared, or made by ``jobs()``), and a job whose notebook trains (calls run_method) names
