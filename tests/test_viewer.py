@@ -61,3 +61,36 @@ def test_predictions_table_to_arrays_and_a_plain_draw() -> None:
     with pytest.raises(ValueError, match="one prediction array per image"):
         LandmarkViewer(samples, {"m": pred[:1]})
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_one_call_per_notebook_and_one_line_where_widgets_do_not_render() -> None:
+    """for_run (method notebooks), for_predictions (the prediction notebook) and for_dataset (the exploration, a
+    masked landmark listed with its reason); a stored notebook gets one line of text beside the widget's view."""
+    from types import SimpleNamespace
+
+    from lmlib.reporting import viewer
+
+    samples = make_phantom_dataset(2, n_images=2, seed=3, size=(48, 40), n_landmarks=3)
+    world = [s.landmarks_mm + 1.0 for s in samples]
+    run = viewer.for_run(SimpleNamespace(metrics={"method": "heatmap_unet"}, output_dir="x", test_samples=samples,
+                                         world_mm=world))
+    assert list(run.predictions) == ["heatmap_unet"]
+    bundle = run._repr_mimebundle_()
+    assert bundle["text/plain"].startswith("LandmarkViewer: 2 images (2D), series: ground truth, heatmap_unet")
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+    names = list(samples[0].landmark_names)
+    table = pd.DataFrame([{"image_id": s.image_id, "landmark": n, "x_mm": p[0], "y_mm": p[1], "region_90_mm": 1.0,
+                           "region_95_mm": 2.0} for s, w in zip(samples, world) for n, p in zip(names, w)])
+    shown = viewer.for_predictions(SimpleNamespace(table=table, samples=samples[:1], out_dir="out"))
+    assert len(shown.samples) == 1 and np.allclose(shown.regions_mm[0], 2.0)  # the largest level
+    assert np.allclose(shown.predictions["prediction"][0], world[0])
+
+    label = samples[1].meta.get("landmark_labels", names)[1]
+    report = pd.DataFrame([{"image_id": samples[1].image_id, "annotator": "a", "landmark": label,
+                            "issue": "outside the image", "detail": "at (-3, 4) px", "file": "a.json"}])
+    explore = viewer.for_dataset(samples, report)
+    explore.image.value = 1
+    listed = [text for text, _ in explore.landmark.options]
+    assert any(names[1] in t and "[outside the image: at (-3, 4) px]" in t for t in listed)
+    assert not any("[" in t for t in listed if names[1] not in t)

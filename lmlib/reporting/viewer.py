@@ -4,7 +4,12 @@ list with each method's error (mm) beside it, where choosing a landmark centres 
 orthogonal planes move to its voxel; sliders move each plane).
 
     viewer = LandmarkViewer(samples, {"htc": htc_mm, "heatmap_unet": unet_mm}, regions_mm=radii)
-    viewer.widget            # the last expression of a cell shows it
+    viewer                   # the last expression of a cell shows it
+
+One call per notebook: :func:`for_run` (a method notebook's ``result``), :func:`for_comparison` (the comparison's
+``comp``), :func:`for_predictions` (the prediction notebook's ``result``) and :func:`for_dataset` (the exploration's
+images, each masked landmark listed with the report's reason). Executed without a live frontend (papermill, the
+committed result notebooks) a viewer shows one line saying what it holds.
 
 Drawing is :func:`draw_view` (matplotlib, testable without a browser); the widgets only choose its arguments.
 With ``%matplotlib widget`` (ipympl) the figure also zooms and pans. Committed result notebooks keep static
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -141,7 +148,8 @@ class LandmarkViewer:
     the first series (optional)."""
 
     def __init__(self, samples: Sequence[Sample], predictions: Mapping[str, Sequence[np.ndarray]],
-                 regions_mm: Sequence[np.ndarray] | None = None, zoom_mm: float = 20.0) -> None:
+                 regions_mm: Sequence[np.ndarray] | None = None, zoom_mm: float = 20.0,
+                 notes: Mapping[tuple[str, str], str] | None = None) -> None:
         import ipywidgets as w
 
         if not samples:
@@ -150,6 +158,7 @@ class LandmarkViewer:
         if bad:
             raise ValueError(f"each series needs one prediction array per image ({len(samples)}); got {bad}")
         self.samples, self.predictions, self.regions_mm = list(samples), dict(predictions), regions_mm
+        self.notes = dict(notes or {})  # (image id, landmark name) -> a note shown in the list (a masking reason)
         self.state = ViewState(series=(TRUTH, *self.predictions), zoom_mm=0.0)
         self.zoom_mm = float(zoom_mm)
         self.fig = plt.figure(figsize=(6.0, 6.0) if samples[0].ndim == 2 else (12.0, 4.5))
@@ -175,6 +184,7 @@ class LandmarkViewer:
         s = self.samples[self.state.image]
         errors = landmark_errors(s, {k: v[self.state.image] for k, v in self.predictions.items()})
         labels = [f"{name}  " + "  ".join(f"{k} {e:.2f} mm" for k, e in row.items() if np.isfinite(e))
+                  + (f"  [{self.notes[(s.image_id, name)]}]" if (s.image_id, name) in self.notes else "")
                   for name, row in errors.iterrows()]
         self._updating = True
         self.landmark.options = [("(whole image)", -1)] + [(label, k) for k, label in enumerate(labels)]
@@ -222,3 +232,66 @@ class LandmarkViewer:
         with self.out:
             self.out.clear_output(wait=True)
             display(self.fig)
+
+    def __repr__(self) -> str:
+        n = len(self.samples)
+        return (f"LandmarkViewer: {n} image{'s' * (n != 1)} ({self.samples[0].ndim}D), series: "
+                f"{', '.join([TRUTH, *self.predictions])} (interactive in a live JupyterLab kernel)")
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget in a live frontend; one line of text where widgets do not render (stored notebooks)."""
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        return {**bundle, "text/plain": repr(self)}
+
+
+def for_run(result: Any) -> LandmarkViewer:
+    """The test images of a finished run (:class:`~lmlib.engine.runner.RunResult`) with its predictions; a cascade
+    shows the last stage (its earlier stages are in their own folders)."""
+    name = str(result.metrics.get("method") or Path(result.output_dir).name)
+    return LandmarkViewer(result.test_samples, {name: result.world_mm})
+
+
+def for_comparison(comp: Any, dataset: str, data_dir: str | None = None,
+                   methods: Sequence[str] | None = None) -> LandmarkViewer:
+    """Every compared test image with each method's predictions (``comp``: a loaded comparison,
+    :func:`lmlib.reporting.comparison.load_comparison`; ``methods``: its main rows by default)."""
+    from lmlib.reporting.comparison import predictions_for_image, qualitative_samples
+
+    ids = list(comp.errors.index.get_level_values("image_id").unique())
+    samples, message = qualitative_samples(dataset, data_dir, ids, len(ids), **comp.dataset_options())
+    if not samples:
+        raise ValueError(message)
+    chosen = list(methods) if methods is not None else comp.main_methods(list(comp.methods))
+    per_image = [predictions_for_image(comp, s.image_id, s.landmark_names, chosen) for s in samples]
+    return LandmarkViewer(samples, {m: [p[m] for p in per_image] for m in chosen})
+
+
+def for_predictions(result: Any) -> LandmarkViewer:
+    """The images a prediction notebook kept (:class:`~lmlib.predict.PredictResult`, its first images) with the
+    predictions and, when calibrated, the largest region of each landmark."""
+    table = result.table.assign(image_id=result.table["image_id"].astype(str))
+    samples = list(result.samples)
+    if not samples:
+        raise ValueError(f"{result.out_dir}: no image kept to show (n_figures = 0)")
+    preds = predictions_by_image(table, samples)
+    level = sorted(c for c in table.columns if c.startswith("region_") and c.endswith("_mm"))
+    regions = None
+    if level:
+        radius = table.set_index(["image_id", "landmark"])[level[-1]]
+        regions = [np.array([radius.get((s.image_id, n), np.nan) for n in s.landmark_names]) for s in samples]
+    return LandmarkViewer(samples, {"prediction": preds}, regions_mm=regions)
+
+
+def for_dataset(samples: Sequence[Sample], report: pd.DataFrame | None = None) -> LandmarkViewer:
+    """A data set's images with their annotations; each masked landmark is listed with the annotation report's
+    reason (``report``: :attr:`lmlib.data.datasets.Dataset.report`)."""
+    notes: dict[tuple[str, str], str] = {}
+    if report is not None and not report.empty:
+        for s in samples:
+            label_to_name = dict(zip(s.meta.get("landmark_labels", s.landmark_names), s.landmark_names))
+            rows = report[report["image_id"].astype(str) == s.image_id]
+            for _, row in rows.iterrows():
+                name = label_to_name.get(str(row["landmark"]), str(row["landmark"]))
+                if name in s.landmark_names:
+                    notes[(s.image_id, name)] = f"{row['issue']}: {row['detail']}"
+    return LandmarkViewer(samples, {}, notes=notes)
