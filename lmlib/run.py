@@ -37,7 +37,7 @@ from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dat
 from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
-REAL = ("hamedan-ceph", "hand-xray", "afids-mni", "afids-templates")
+REAL = ("hamedan-ceph", "hand-xray", "afids-templates", "afids-mni")  # 2D, then 3D (unseen anatomies first)
 PROFILES = ("default", "smoke", "full")
 
 

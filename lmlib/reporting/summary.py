@@ -12,7 +12,7 @@ Errors are world mm; synthetic data sets are left out unless named.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,19 @@ def comparisons(results_dir: Path | str, datasets: Sequence[str] | None = None,
     root = Path(results_dir)
     found = {p.parent.name: p for p in sorted(root.glob("*/comparison")) if (p / "table_main.csv").is_file()}
     found.update({d: Path(p) for d, p in (fresh or {}).items() if (Path(p) / "table_main.csv").is_file()})
-    found = dict(sorted(found.items()))
+    found = {d: found[d] for d in dataset_order(found)}
     if datasets is not None:
         return {d: found[d] for d in datasets if d in found}
     return {d: p for d, p in found.items() if not d.startswith("synthetic")}
+
+
+def dataset_order(names: Iterable[str]) -> list[str]:
+    """The driver's order of the real data sets (2D first; in 3D the set of unseen anatomies before the deformed
+    template), then any other data set by name: the summary's columns and sentences follow it."""
+    from lmlib.run import REAL
+
+    names = set(names)
+    return [d for d in REAL if d in names] + sorted(names - set(REAL))
 
 
 def _main_rows(folder: Path) -> pd.DataFrame:
@@ -88,7 +97,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
                          for m in wide.index]
     order = ranks.assign(observer=long.groupby("method")["observer"].any()).sort_values(
         ["observer", "mean"], na_position="last").index
-    wide = wide.reindex(order).fillna("")
+    wide = wide.reindex(order)[[*dataset_order(c for c in wide.columns if c != "mean rank"), "mean rank"]].fillna("")
     wide.index.name = "method"
     wide.columns.name = None
     return wide
