@@ -83,3 +83,46 @@ def test_a_folder_without_a_review_list_is_refused_with_the_way_out(tmp_path: Pa
         ReviewSession(folder)
     with pytest.raises(FileNotFoundError, match="no predictions.csv"):
         ReviewSession(tmp_path / "images")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_review_widget_accepts_moves_and_skips_through_the_list(tmp_path: Path, ndim: int) -> None:
+    """The buttons' actions without a browser: Accept keeps the prediction, the offset sliders move the point (drawn
+    as the 'corrected' series) and Save correction writes it, Skip leaves it for a later widget, which resumes."""
+    pytest.importorskip("ipywidgets", reason="the widget needs ipywidgets (the notebooks extra)")
+    from lmlib.reporting.review_widget import ReviewWidget
+
+    folder, phantoms = _prediction_folder(tmp_path, ndim)
+    widget = ReviewWidget(ReviewSession(folder))
+    first, second, third = widget.queue
+    assert widget.item == first and "1 of 3" in widget.title.value and len(widget.offsets) == ndim
+    widget.accept()
+    assert widget.item == second and "accepted" in widget.status.value
+    widget.offsets[0].value = 0.5  # move along x by 0.5 mm: the figure shows the moved point
+    drawn = {c.get_label(): len(c.get_offsets()) for ax in widget.fig.axes for c in ax.collections}
+    assert drawn.get("corrected") == 1
+    widget.correct()
+    assert "corrected" in widget.status.value and "by 0.50 mm" in widget.status.value
+    widget.skip()
+    assert widget.item is None and "1 skipped" in widget.title.value
+    log = pd.read_csv(folder / "reviewed" / "decisions.csv", dtype={"image_id": str})
+    assert list(log["decision"]) == ["accepted", "corrected"]
+    assert log.iloc[1]["x_mm"] == pytest.approx(second.predicted_mm[0] + 0.5)
+    again = ReviewWidget(ReviewSession(folder))
+    assert again.queue == [third]
+    assert "1 flagged landmark(s)" in again._repr_mimebundle_()["text/plain"]
+
+
+def test_notebook_80_says_why_there_is_nothing_to_review(tmp_path: Path) -> None:
+    """No review column, or images that are not files (phantoms made in memory): a message, not a failure."""
+    pytest.importorskip("ipywidgets", reason="the widget needs ipywidgets (the notebooks extra)")
+    from lmlib.reporting.review_widget import ReviewWidget, review_predictions
+
+    folder, _ = _prediction_folder(tmp_path, 2)
+    assert isinstance(review_predictions(str(folder)), ReviewWidget)
+    table = pd.read_csv(folder / "predictions.csv")
+    table.assign(image_path="gone/" + table["image_id"].astype(str) + ".mha").to_csv(folder / "predictions.csv",
+                                                                                     index=False)
+    assert review_predictions(str(folder)).startswith("nothing to open for review: ")
+    table.drop(columns=["review"]).to_csv(folder / "predictions.csv", index=False)
+    assert "no review list" in review_predictions(str(folder))
