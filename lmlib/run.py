@@ -102,7 +102,7 @@ def load_profiles(path: Path = PROFILES_FILE) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{path}: {job}: datasets: {key!r} is not <dataset> or <dataset>:<profile> "
                                  f"(data sets: {sorted(known)}; profiles: {list(PROFILES)})")
         out[str(job)] = {"smoke": dict(entry.get("smoke") or {}), "full": dict(entry.get("full") or {}),
-                         "per_dataset": {str(k): dict(v) for k, v in per_dataset.items()}}
+                         "per_dataset": {str(k): dict(v or {}) for k, v in per_dataset.items()}}
     return out
 
 

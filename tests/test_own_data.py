@@ -167,3 +167,18 @@ def test_the_declaration_keys_are_one_typed_model_with_a_json_schema() -> None:
             raw = {**yaml.safe_load((path.parent / raw["landmarks_from"]).read_text(encoding="utf-8")), **raw}
             raw = {k: v for k, v in raw.items() if k in schema["properties"]}
         DatasetDeclaration.model_validate(raw)
+
+
+@pytest.mark.parametrize("extra", [
+    "landmark_groups: []\nnotes: ''\nreader_options: []\n",          # empty values of another kind read as empty
+    "left_right_pairs:\nlandmark_groups:\nexclude:\n",                 # null values read as empty
+    "landmark_groups: {1: [p, q]}\n",                                  # YAML reads the key 1 as a number
+])
+def test_the_declaration_model_accepts_what_the_hand_checks_accepted(tmp_path: Path, extra: str) -> None:
+    """The typed model (DatasetDeclaration) replaced hand checks: declarations those accepted still load."""
+    path = tmp_path / "ok.yaml"
+    path.write_text(BASE.replace("landmarks: [p]", "landmarks: [p, {label: q, name: null}]").replace("ndim: 2", "ndim: 2.0")
+                    + extra)
+    spec = get_spec(str(path))
+    assert spec.ndim == 2 and spec.landmark_names == ("p", "q")  # a null name is the label
+    assert spec.landmark_groups in ({}, {"1": ("p", "q")})

@@ -119,6 +119,7 @@ def test_a_bad_profiles_file_names_the_file_and_the_entry(tmp_path: Path, text: 
     assert str(info.value).startswith(str(path))
     good = run.load_profiles(run.PROFILES_FILE)
     assert good["heatmap_unet"]["per_dataset"]["afids-templates:full"] == {"max_epochs": 90}
+    assert set(good) <= {j.method for j in JOBS}, "a profile for a job that does not exist (a misspelt job name)"
 
 
 def test_every_method_is_run_by_a_job_that_names_it() -> None:

@@ -198,8 +198,22 @@ POSED_KEYS = ("train", "val", "test", "seed", "rotation_deg", "translation_mm", 
               "elastic_spacing_mm")
 
 def _empty_if_null(empty: Any) -> BeforeValidator:
-    """YAML ``key:`` with no value (null) reads as the empty value."""
-    return BeforeValidator(lambda v: type(empty)() if v is None else v)
+    """YAML ``key:`` with no value (null), or an empty value of another kind (``[]`` for a mapping), reads as the
+    empty value; a mapping's keys are taken by their text (YAML reads ``1:`` as a number)."""
+    def convert(v: Any) -> Any:
+        if v is None or (not v and isinstance(v, (list, dict, str))):
+            return type(empty)()
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
+    return BeforeValidator(convert)
+
+
+def _text_keys(v: Any) -> Any:
+    return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def _integral(v: Any) -> Any:
+    """``2.0`` is 2 (an integral float); other values as given."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _key(default: Any, description: str, allowed: str, **kwargs: Any) -> Any:
@@ -239,9 +253,9 @@ class Exclusion(BaseModel):
     """One ``exclude`` entry: an annotator's annotation of one image masked entirely, with the reason."""
 
     model_config = ConfigDict(extra="forbid")
-    annotator: _Text
+    annotator: _Label
     image_id: _Label
-    reason: _Text
+    reason: _Label
 
 
 class DatasetDeclaration(BaseModel):
@@ -253,7 +267,8 @@ class DatasetDeclaration(BaseModel):
 
     name: _Text = _key(..., "folder name of the results: results/<name>/<method>", "a plain folder name")
     description: Annotated[_Text, _empty_if_null("")] = _key("", "one line shown in tables", "a string")
-    ndim: Annotated[int, Field(strict=True, ge=2, le=3)] = _key(..., "image dimension", "2 or 3")
+    ndim: Annotated[int, Field(strict=True, ge=2, le=3), BeforeValidator(_integral)] = _key(..., "image dimension",
+                                                                                            "2 or 3")
     data_dir: _Text | None = _key(None, "the data folder, relative to this file (default: its folder)", "a string")
     images: Annotated[_Text, Field(min_length=1)] = _key(
         ..., "glob of the images, relative to the data folder", "a glob relative to the data folder (set data_dir: "
@@ -264,7 +279,7 @@ class DatasetDeclaration(BaseModel):
     reader: _Text = _key(..., "landmark reader (lmlib.data.readers.READERS)", "a reader name")
     reader_options: Annotated[dict[str, Any], _empty_if_null({})] = _key(
         {}, "keyword arguments of that reader", "a mapping of the reader's keyword arguments")
-    annotations: Annotated[dict[str, _Text], Field(min_length=1)] = _key(
+    annotations: Annotated[dict[str, _Text], Field(min_length=1), BeforeValidator(_text_keys)] = _key(
         ..., "annotator -> file; {image_id} = one file per image; the first annotator is the reference",
         "a mapping annotator -> file (with {image_id} for one file per image)")
     spacing_mm: list[_Number] | None = _key(
@@ -474,7 +489,7 @@ def _landmarks(items: Any, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]
             names.append(str(item))
         elif isinstance(item, dict) and set(item) <= {"label", "name"} and "label" in item:
             labels.append(str(item["label"]))
-            names.append(str(item.get("name", item["label"])))
+            names.append(str(item["label"] if item.get("name") is None else item["name"]))
         else:
             raise ValueError(f"{path}: landmarks: entry {k} ({item!r}) must be a string or {{label: ..., name: ...}}")
     return tuple(labels), tuple(names)

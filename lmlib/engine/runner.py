@@ -148,7 +148,7 @@ def check_splits(name: str, data: Dataset, splits: Mapping[str, Sequence[Sample]
 def check_parameters(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
     """Raise naming every parameter that neither the engine nor the method uses, then check the method's own
     values against its model (:attr:`~lmlib.methods.base.LandmarkMethod.Parameters`): one ``ValueError`` line."""
-    known = set(SHARED_PARAMETERS) | set(method.parameters)
+    known = set(SHARED_PARAMETERS) | set(method.parameters) | set(getattr(method, "extra_parameters", ()))
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"parameters {unknown} are not used by {method.name} (shared: {sorted(SHARED_PARAMETERS)}; "

@@ -112,7 +112,8 @@ class LandmarkMethod:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.parameters = tuple(cls.Parameters.model_fields)
+        if "parameters" not in cls.__dict__:  # a method written before the models may still list its names
+            cls.parameters = tuple(cls.Parameters.model_fields)
 
     def __init__(self, spatial_dims: int, n_landmarks: int, network: dict[str, Any] | None = None,
                  decoder: str = "quadratic", decoder_kwargs: dict[str, Any] | None = None,

@@ -10,7 +10,7 @@
 - Defaults (:class:`HeatmapUNetParameters`): ``amplitude=100`` (Payer et al.'s heatmap scale) and a
   foreground weight: on the synthetic phantoms plain MSE with peak 1 collapsed to an all-zero output, BCE to a
   flat map, and foreground weighting with amplitude 100 learnt; the weight's default is the phantoms' choice
-  (a larger one left gross misses there), the full profiles set their own (``lmlib/run.py``).
+  (a larger one left gross misses there), the full profiles set their own (``lmlib/profiles.yaml``).
 - Decoding: sub-pixel, ``"quadratic"`` (argmax + log-parabola refinement; exact for Gaussians) by
   default, or ``"centroid"`` / ``"soft_argmax"`` in a window around the peak
   (:mod:`lmlib.methods.decoding`).

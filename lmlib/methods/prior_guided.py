@@ -298,8 +298,9 @@ class PriorGuided(CascadeMethod):
     Parameters = PriorGuidedParameters
     stage: str = ""
 
-    def __new__(cls, *args: Any, stage: str = "coarse", **kwargs: Any) -> PriorGuided:
-        if cls is PriorGuided:
+    def __new__(cls, *args: Any, **kwargs: Any) -> PriorGuided:
+        if cls is PriorGuided:  # stage: the third argument (after spatial_dims, n_landmarks) or the keyword
+            stage = kwargs.get("stage", args[2] if len(args) > 2 else "coarse")
             if stage not in STAGE_CLASSES:
                 raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
             cls = STAGE_CLASSES[stage]
@@ -396,7 +397,6 @@ class PriorGuided(CascadeMethod):
                 patch=ViewSpec("patch", size=size, spacing=fine_spacing, landmarks=group, stacked=True,
                                shared_axis=axis), factor=factor, landmark_names=shared.get("landmark_names", ())))
         return stages
-
 
 
 class CoarseStage(PriorGuided):
@@ -526,6 +526,7 @@ class CorrelatedStage(PriorGuided):
 
 #: stage name -> its class (``PriorGuided(stage=...)`` builds one of these)
 STAGE_CLASSES: dict[str, type[PriorGuided]] = {c.stage: c for c in (CoarseStage, IndependentStage, CorrelatedStage)}
+
 
 class JitteredStage(DeferredStage):
     """A patch stage trained with centres jittered like the previous stage's errors: its measured

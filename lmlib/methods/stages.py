@@ -36,7 +36,7 @@ class CascadeMethod(LandmarkMethod):
     def build_stages(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any], grid: Sequence[int],
                      shared: Mapping[str, Any]) -> list[Stage]:
         """The stages, in training order, from notebook ``params``, the run's ``grid`` (px) and the engine's
-        ``shared`` settings (optimizer, flip pairs, epochs)."""
+        ``shared`` settings (optimizer, flip pairs, ``max_epochs`` and ``batch_size`` of the first stage)."""
         raise NotImplementedError
 
 

@@ -252,46 +252,52 @@ def for_run(result: Any) -> LandmarkViewer:
 
 
 def for_comparison(comp: Any, dataset: str, data_dir: str | None = None,
-                   methods: Sequence[str] | None = None) -> LandmarkViewer:
+                   methods: Sequence[str] | None = None) -> LandmarkViewer | str:
     """Every compared test image with each method's predictions (``comp``: a loaded comparison,
-    :func:`lmlib.reporting.comparison.load_comparison`; ``methods``: its main rows by default)."""
+    :func:`lmlib.reporting.comparison.load_comparison`; ``methods``: its main rows by default); where the images
+    cannot be loaded (the data folder is absent), the reason instead (the comparison itself needs no image)."""
     from lmlib.reporting.comparison import predictions_for_image, qualitative_samples
 
     ids = list(comp.errors.index.get_level_values("image_id").unique())
     samples, message = qualitative_samples(dataset, data_dir, ids, len(ids), **comp.dataset_options())
     if not samples:
-        raise ValueError(message)
+        return f"viewer: {message}"
     chosen = list(methods) if methods is not None else comp.main_methods(list(comp.methods))
     per_image = [predictions_for_image(comp, s.image_id, s.landmark_names, chosen) for s in samples]
     return LandmarkViewer(samples, {m: [p[m] for p in per_image] for m in chosen})
 
 
-def for_predictions(result: Any) -> LandmarkViewer:
+def for_predictions(result: Any) -> LandmarkViewer | str:
     """The images a prediction notebook kept (:class:`~lmlib.predict.PredictResult`, its first images) with the
-    predictions and, when calibrated, the largest region of each landmark."""
+    predictions and, when calibrated, the widest level's region of each landmark; the reason when none was kept."""
     table = result.table.assign(image_id=result.table["image_id"].astype(str))
     samples = list(result.samples)
     if not samples:
-        raise ValueError(f"{result.out_dir}: no image kept to show (n_figures = 0)")
+        return f"viewer: {result.out_dir}: no image kept to show (n_figures = 0)"
     preds = predictions_by_image(table, samples)
-    level = sorted(c for c in table.columns if c.startswith("region_") and c.endswith("_mm"))
+    levels = sorted((c for c in table.columns if c.startswith("region_") and c.endswith("_mm")),
+                    key=lambda c: float(c[len("region_"):-len("_mm")]))
     regions = None
-    if level:
-        radius = table.set_index(["image_id", "landmark"])[level[-1]]
+    if levels:
+        radius = table.set_index(["image_id", "landmark"])[levels[-1]]
         regions = [np.array([radius.get((s.image_id, n), np.nan) for n in s.landmark_names]) for s in samples]
     return LandmarkViewer(samples, {"prediction": preds}, regions_mm=regions)
 
 
 def for_dataset(samples: Sequence[Sample], report: pd.DataFrame | None = None) -> LandmarkViewer:
-    """A data set's images with their annotations; each masked landmark is listed with the annotation report's
-    reason (``report``: :attr:`lmlib.data.datasets.Dataset.report`)."""
+    """A data set's images with their annotations; each masked landmark (invalid in the shown annotation) is listed
+    with the annotation report's reason for it, from the rows of the shown annotator (``report``:
+    :attr:`lmlib.data.datasets.Dataset.report`)."""
     notes: dict[tuple[str, str], str] = {}
     if report is not None and not report.empty:
         for s in samples:
             label_to_name = dict(zip(s.meta.get("landmark_labels", s.landmark_names), s.landmark_names))
             rows = report[report["image_id"].astype(str) == s.image_id]
+            if s.meta.get("annotator") and "annotator" in rows:
+                rows = rows[rows["annotator"].astype(str) == str(s.meta["annotator"])]
+            masked = {n for n, ok in zip(s.landmark_names, s.valid) if not ok}
             for _, row in rows.iterrows():
                 name = label_to_name.get(str(row["landmark"]), str(row["landmark"]))
-                if name in s.landmark_names:
+                if name in masked:
                     notes[(s.image_id, name)] = f"{row['issue']}: {row['detail']}"
     return LandmarkViewer(samples, {}, notes=notes)
