@@ -87,10 +87,14 @@ def test_one_call_per_notebook_and_one_line_where_widgets_do_not_render() -> Non
     assert np.allclose(shown.predictions["prediction"][0], world[0])
 
     label = samples[1].meta.get("landmark_labels", names)[1]
-    report = pd.DataFrame([{"image_id": samples[1].image_id, "annotator": "a", "landmark": label,
-                            "issue": "outside the image", "detail": "at (-3, 4) px", "file": "a.json"}])
-    explore = viewer.for_dataset(samples, report)
+    samples[1].valid[1] = False  # masked in the shown annotation (annotator a); the report says why
+    samples[1].meta["annotator"] = "a"
+    rows = [{"image_id": samples[1].image_id, "annotator": who, "landmark": label, "issue": issue,
+             "detail": detail, "file": f"{who}.json"}
+            for who, issue, detail in (("a", "outside the image", "at (-3, 4) px"), ("b", "missing", "not placed"))]
+    explore = viewer.for_dataset(samples, pd.DataFrame(rows))
     explore.image.value = 1
     listed = [text for text, _ in explore.landmark.options]
-    assert any(names[1] in t and "[outside the image: at (-3, 4) px]" in t for t in listed)
+    assert any(names[1] in t and "[outside the image: at (-3, 4) px]" in t for t in listed)  # annotator a's reason
+    assert not any("not placed" in t for t in listed)  # annotator b's row is not about the shown annotation
     assert not any("[" in t for t in listed if names[1] not in t)
