@@ -92,8 +92,10 @@ def test_a_training_notebooks_shared_defaults_are_the_models(path: Path):
 
 
 def _method_of(path: Path) -> str | None:
-    """The method a training notebook runs (``run_method("<name>", ...)``)."""
-    found = {m for s in _code_cells(path) for m in re.findall(r"run_method\(\s*[\"'](\w+)[\"']", s)}
+    """The method a training notebook runs (the driver's reading: ``run_method("<name>", ...)``)."""
+    from lmlib.run import method_notebooks
+
+    found = [m for m, nb in method_notebooks(path.parent).items() if nb == path.name]
     assert len(found) <= 1, f"{path.name} runs {found}"
     return next(iter(found), None)
 

@@ -296,12 +296,17 @@ def _fake_papermill(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return seen
 
 
+def _toy_and_a_variant(root: Path, name: str, declares: str) -> None:
+    """``notebooks/toy.ipynb`` and a copy ``name`` whose parameters cell also declares ``declares``."""
+    _write_notebook(root, "toy.ipynb", BODY)
+    nb = nbformat.read(root / "notebooks" / "toy.ipynb", as_version=4)
+    nb.cells[0].source += "\n" + declares
+    nbformat.write(nb, root / "notebooks" / name)
+
+
 def test_profile_is_passed_to_notebooks_that_declare_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _fake_papermill(monkeypatch)
-    _write_notebook(tmp_path, "toy.ipynb", BODY)
-    nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
-    nb.cells[0].source += '\nprofile: str = ""\nresults_dir: str = "results"'
-    nbformat.write(nb, tmp_path / "notebooks" / "with_profile.ipynb")
+    _toy_and_a_variant(tmp_path, "with_profile.ipynb", 'profile: str = ""\nresults_dir: str = "results"')
     run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="full", root=tmp_path)
     run_job(Job("with_profile.ipynb", "cmp", ("synthetic2d",)), "synthetic2d", profile="full", root=tmp_path)
     assert "profile" not in seen[0] and "results_dir" not in seen[0]
@@ -316,10 +321,7 @@ def test_the_driver_asks_training_notebooks_for_epoch_lines(tmp_path: Path, monk
     that declares it (an explicit parameter; before, an environment variable of the driver's process), and
     nothing to one that does not."""
     seen = _fake_papermill(monkeypatch)
-    _write_notebook(tmp_path, "toy.ipynb", BODY)
-    nb = nbformat.read(tmp_path / "notebooks" / "toy.ipynb", as_version=4)
-    nb.cells[0].source += '\nprogress: str = "bar"'
-    nbformat.write(nb, tmp_path / "notebooks" / "trains.ipynb")
+    _toy_and_a_variant(tmp_path, "trains.ipynb", 'progress: str = "bar"')
     run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
     run_job(Job("trains.ipynb", "trains", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
     assert "progress" not in seen[0] and seen[1]["progress"] == "lines"

@@ -54,6 +54,9 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from lmlib.typed import field as _key
+from lmlib.typed import model_table
+
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
 SYNTHETIC: tuple[str, ...] = ("synthetic2d", "synthetic3d")  # generated data sets (lmlib.data.phantoms)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")  # the values of a split file's split column
@@ -216,10 +219,6 @@ def _integral(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def _key(default: Any, description: str, allowed: str, **kwargs: Any) -> Any:
-    return Field(default, description=description, json_schema_extra={"allowed": allowed}, **kwargs)
-
-
 _Text = Annotated[str, Field(strict=True)]
 _Label = _Text | Annotated[int, Field(strict=True)]
 _Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -334,16 +333,7 @@ def declaration_schema() -> dict[str, Any]:
 
 def declaration_table() -> str:
     """The declaration keys as a Markdown table (key, required or default, accepts, meaning)."""
-    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
-    for key, f in DatasetDeclaration.model_fields.items():
-        default = "required" if f.is_required() else f"`{_plain(f.default)!r}`"
-        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-        rows.append(f"| `{key}` | {default} | {extra.get('allowed', '')} | {(f.description or '').replace('|', '/')} |")
-    return "\n".join(rows)
-
-
-def _plain(value: Any) -> Any:
-    return value.model_dump() if isinstance(value, BaseModel) else value
+    return model_table(DatasetDeclaration, header="key")
 
 
 def is_dataset_file(name: str | Path) -> bool:

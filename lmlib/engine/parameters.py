@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES
-from lmlib.methods.config import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
-from lmlib.methods.config import field as _field
 from lmlib.runtime import PROGRESS_MODES
+from lmlib.typed import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
+from lmlib.typed import field as _field
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "64-true")
 
@@ -115,7 +115,8 @@ def check_shared(params: dict[str, Any]) -> None:
 
 def parameter_table() -> str:
     """The shared parameters as a Markdown table (name, default, what it accepts, meaning), for the documentation."""
-    return model_table(SharedParameters, {name: "(the notebook's)" for name in SET_BY_EACH_NOTEBOOK})
+    return model_table(SharedParameters, {name: "(the notebook's)" for name in SET_BY_EACH_NOTEBOOK},
+                       none_text="(the method's)")
 
 
 def method_parameter_tables() -> str:
@@ -125,7 +126,7 @@ def method_parameter_tables() -> str:
     parts = []
     for name in method_names():
         cls = method_class(name)
-        doc = (cls.Parameters.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((cls.Parameters.__doc__ or "").strip().split("\n\n")[0].split())
         parts.append(f"### `{name}`\n\n{doc} Model: `{cls.__module__}.{cls.Parameters.__name__}`.\n\n"
                      f"{model_table(cls.Parameters)}")
     return "\n\n".join(parts)

@@ -40,9 +40,10 @@ from typing import Annotated, Any
 import torch
 from torch import nn
 
-from lmlib.methods.config import MethodParameters, Widths, field, one_of
+from lmlib.methods.config import MethodParameters
 from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.networks import build_network, size_multiple
+from lmlib.typed import Widths, field, one_of
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters
-from lmlib.methods.config import Int, defaults, field, one_of
+from lmlib.methods.config import defaults
 from lmlib.methods.decoding import DECODERS, decode_maps
 from lmlib.methods.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
+from lmlib.typed import Int, field, one_of
 
 MASK_CENTRES: tuple[str, ...] = ("exact", "round")
 

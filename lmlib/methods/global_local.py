@@ -60,9 +60,10 @@ from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import Outputs
-from lmlib.methods.config import Int, Levels, MethodParameters, Number, field, one_of
+from lmlib.methods.config import MethodParameters
 from lmlib.methods.networks import PerLandmark, SharedByLandmark
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
+from lmlib.typed import Int, Levels, Number, field, one_of
 
 DISPLACEMENT_CODES: tuple[str, ...] = ("log", "linear")
 LOCAL_NETS: tuple[str, ...] = ("per_landmark", "shared")

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters, masked_mean
-from lmlib.methods.config import Number, defaults, field
+from lmlib.methods.config import defaults
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
+from lmlib.typed import Number, field
 
 LOSSES: tuple[str, ...] = ("mse", "bce")
 

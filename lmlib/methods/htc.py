@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlib.methods.base import LandmarkMethod, Outputs, Targets, masked_mean
-from lmlib.methods.config import Int, MethodParameters, Number, Widths, defaults, field, one_of
+from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
+from lmlib.typed import Int, Number, Widths, field, one_of
 
 HEADS: tuple[str, ...] = ("both", "quarter", "half")
 HEAD_STRIDES: dict[str, int] = {"quarter": 4, "half": 2}

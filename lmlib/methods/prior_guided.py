@@ -50,11 +50,12 @@ from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import Outputs, masked_mean
-from lmlib.methods.config import Int, MethodParameters, Number, Text, Widths, defaults, field, one_of
+from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 from lmlib.methods.targets import gaussian_heatmaps
+from lmlib.typed import Int, Number, Text, Widths, field, one_of
 
 STAGES: tuple[str, ...] = ("coarse", "independent", "correlated")
 FINE_NETS: tuple[str, ...] = ("per_landmark", "shared")

@@ -31,7 +31,8 @@ import SimpleITK as sitk
 from lmlib.data.grids import normalize_intensity, preprocessing_grids, resample
 from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod
-from lmlib.methods.config import Int, MethodParameters, Number, defaults, field, one_of
+from lmlib.methods.config import MethodParameters, defaults
+from lmlib.typed import Int, Number, field, one_of
 
 DEFORMABLE = ("demons", "none")
 
