@@ -1,6 +1,10 @@
 """Tests for lmlib.data.deformations: the image and its landmarks move by exactly the same deformation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -146,3 +150,40 @@ def test_default_elastic_field_does_not_fold(ndim: int) -> None:
         jac = np.stack([np.stack(np.gradient(field[..., k], step), -1) for k in range(ndim)], -2)
         assert np.linalg.det(jac + np.eye(ndim)).min() > 0.1
         assert 1.0 < np.sqrt((field ** 2).sum(-1).mean()) < 5.0
+
+
+# Seeded transforms on an oblique grid and landmarks moved through a smooth deformation, hashed: run under two
+# OpenBLAS kernels, which round a norm or a matrix product differently in the last bit.
+_GENERATE = """
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+from lmlib.data.deformations import inverse_transform_points, random_deformation
+from lmlib.data.geometry import Geometry
+geometry = Geometry([1.0, 1.2, 0.9], [-10.0, 5.0, 3.0], Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix())
+h = hashlib.sha256()
+for seed in range(200):
+    t = random_deformation(geometry, (12, 12, 12), seed, max_rotation_deg=25, max_translation_mm=20,
+                           elastic_magnitude_mm=0.0).GetNthTransform(0)
+    h.update(np.array(t.GetParameters() + t.GetFixedParameters()).tobytes())
+t = random_deformation(geometry, (12, 12, 12), 7, elastic_magnitude_mm=2.0, elastic_spacing_mm=12.0)
+h.update(inverse_transform_points(t, geometry.index_to_world(np.random.default_rng(0).uniform(2, 9, (20, 3)))).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_the_generated_deformations_have_the_same_bits_whatever_blas_kernel_numpy_picks() -> None:
+    """Posed and deformed copies are regenerated from their seeds on every machine and their checksum is in each
+    run's manifest: np.linalg.norm and ``@`` went through OpenBLAS, whose kernel depends on the CPU (afids-mni's
+    committed checksum did not reproduce on another machine). The Prescott kernel runs on any x86-64 CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    digests = {}
+    for core in ("", "Prescott"):
+        kernel = {"OPENBLAS_CORETYPE": core} if core else {}
+        digests[core] = subprocess.run([sys.executable, "-c", _GENERATE], env={**env, **kernel}, capture_output=True,
+                                       text=True, check=True).stdout.strip()
+    assert digests[""] == digests["Prescott"], digests

@@ -63,3 +63,17 @@ def test_committed_synthetic_runs_beat_the_mean_shape(folder: Path) -> None:
     mean_shape = json.loads((RESULTS / dataset / "reference" / "mean_shape" / "metrics.json").read_text())["mre_mm"]
     mre = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["mre_mm"]
     assert mre < 2 / 3 * mean_shape, f"{mre:.2f} mm vs the mean shape's {mean_shape:.2f} mm"
+
+
+@pytest.mark.parametrize("dataset", ["synthetic2d", "synthetic3d"])
+def test_the_committed_data_checksum_of_a_generated_set_reproduces(dataset: str) -> None:
+    """A generated set gives the bits its committed rows were trained on (the mean-shape row records train + test),
+    here and on any other machine (tests/test_deform.py holds the generation to that across BLAS kernels)."""
+    from lmlib.engine.runner import load_run_data
+    from lmlib.outputs.manifest import checksum_samples
+
+    manifest = RESULTS / dataset / "reference" / "mean_shape" / "manifest.json"
+    if not manifest.exists():
+        pytest.skip(f"{manifest} not committed")
+    data = load_run_data({"dataset": dataset})
+    assert checksum_samples(data.split("train") + data.split("test")) == json.loads(manifest.read_text())["data_checksum"]

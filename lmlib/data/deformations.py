@@ -9,6 +9,7 @@ All coordinates are world mm, ``(x, y[, z])``.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -17,7 +18,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from lmlib.data.geometry import Geometry
+from lmlib.data.geometry import Geometry, apply_matrix, vector_norm
 from lmlib.data.phantoms import assign_splits
 from lmlib.data.sample import Sample, image_from_sitk
 
@@ -39,7 +40,7 @@ def _elastic_transform(geometry: Geometry, size: np.ndarray, rng: np.random.Gene
     field *= magnitude_mm / max(rms, 1e-12)
     image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
     image.SetSpacing([step] * dim)
-    image.SetOrigin((geometry.origin - geometry.direction @ np.full(dim, margin)).tolist())
+    image.SetOrigin((geometry.origin - apply_matrix(geometry.direction, np.full(dim, margin))).tolist())
     image.SetDirection(geometry.direction.reshape(-1).tolist())
     return sitk.DisplacementFieldTransform(image)
 
@@ -66,13 +67,14 @@ def random_deformation(geometry: Geometry, size: tuple[int, ...], seed: int,
     dim = geometry.ndim
     size_arr = np.asarray(size, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    angle = np.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))
+    # scalar libm and BLAS-free products: the same transform on every CPU (lmlib.data.geometry.apply_matrix)
+    angle = math.radians(float(rng.uniform(-max_rotation_deg, max_rotation_deg)))
     if dim == 2:
-        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     else:
         axis = rng.normal(size=3)
-        rot = Rotation.from_rotvec(axis / np.linalg.norm(axis) * angle).as_matrix()
-    matrix = rot @ np.diag(1.0 + rng.uniform(-max_scale, max_scale, dim))
+        rot = Rotation.from_rotvec(axis / vector_norm(axis) * angle).as_matrix()
+    matrix = rot * (1.0 + rng.uniform(-max_scale, max_scale, dim))  # = rot @ diag(scales)
     affine = sitk.AffineTransform(dim)
     affine.SetMatrix(matrix.reshape(-1).tolist())
     affine.SetCenter(geometry.index_to_world((size_arr - 1) / 2)[0].tolist())
@@ -88,10 +90,10 @@ def _invert_displacement(t: sitk.Transform, p: np.ndarray, max_iter: int = 200) 
     z = p.copy()
     for _ in range(max_iter):
         residual = np.asarray(t.TransformPoint(z.tolist())) - p  # = z + d(z) - p
-        if np.linalg.norm(residual) < 1e-7:
+        if vector_norm(residual) < 1e-7:
             break
         z = z - residual
-    residual = np.linalg.norm(np.asarray(t.TransformPoint(z.tolist())) - p)
+    residual = vector_norm(np.asarray(t.TransformPoint(z.tolist())) - p)
     if residual > INVERSION_TOLERANCE_MM:
         raise RuntimeError(f"elastic inverse did not converge at {p.tolist()}: residual {residual:.2e} mm")
     return z
@@ -107,7 +109,7 @@ def inverse_transform_points(transform: sitk.Transform, points_mm: np.ndarray) -
         if np.isnan(p).any():
             continue
         out[i] = _inverse_point(transform, p)
-        residual = np.linalg.norm(np.asarray(transform.TransformPoint(out[i].tolist())) - p)
+        residual = vector_norm(np.asarray(transform.TransformPoint(out[i].tolist())) - p)
         if residual > INVERSION_TOLERANCE_MM:
             raise RuntimeError(f"inverse transform failed at {p.tolist()}: residual {residual:.2e} mm")
     return out

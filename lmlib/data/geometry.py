@@ -13,6 +13,26 @@ import numpy as np
 import SimpleITK as sitk
 
 
+# Data generated from a seed (deformed and posed copies, phantoms) must have the same bits on every machine: its
+# checksum is in each run's manifest. numpy hands `@` and the norm of a 1-D array to OpenBLAS, which picks its
+# kernel per CPU, and the kernels round differently (a norm can differ in its last bit). These two helpers sum in
+# a fixed order with numpy's own element-wise loops instead.
+def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``points @ matrix.T`` for points (..., D) and a small matrix (K, D), without BLAS (see above)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64)
+    out = pts[..., 0, None] * m[:, 0]
+    for k in range(1, m.shape[1]):
+        out = out + pts[..., k, None] * m[:, k]
+    return out
+
+
+def vector_norm(vector: np.ndarray) -> float:
+    """Euclidean length of one short vector, without BLAS (see above)."""
+    v = np.asarray(vector, dtype=np.float64)
+    return float(np.sqrt(np.sum(v * v)))
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Physical geometry of a D-dimensional image grid (SimpleITK conventions, mm)."""
@@ -56,7 +76,7 @@ class Geometry:
     def index_to_world(self, index: np.ndarray) -> np.ndarray:
         """Continuous index (N, D) in (x, y[, z]) order -> world mm (N, D)."""
         idx = np.atleast_2d(np.asarray(index, dtype=np.float64))
-        return self.origin + (idx * self.spacing) @ self.direction.T
+        return self.origin + apply_matrix(self.direction, idx * self.spacing)
 
     def world_to_index(self, world: np.ndarray) -> np.ndarray:
         """World mm (N, D) -> continuous index (N, D) in (x, y[, z]) order."""
@@ -72,4 +92,4 @@ class Geometry:
         f = np.broadcast_to(np.asarray(factor, dtype=np.float64), self.spacing.shape)
         new_spacing = self.spacing / f
         shift = 0.5 * (new_spacing - self.spacing)  # centre of new pixel 0, along each axis
-        return Geometry(new_spacing, self.origin + self.direction @ shift, self.direction)
+        return Geometry(new_spacing, self.origin + apply_matrix(self.direction, shift), self.direction)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from lmlib.data.geometry import Geometry
+from lmlib.data.geometry import Geometry, apply_matrix
 from lmlib.data.sample import Sample
 
 KINDS: tuple[str, ...] = ("disc", "apex", "cross", "corner", "ring", "bar_end", "hole", "tee")
@@ -49,12 +49,6 @@ def template_shape(ndim: int, n_landmarks: int) -> np.ndarray:
         b = 2 * np.pi * np.arange(n_in) / n_in + 0.9
         pts.append(np.stack([0.34 * np.cos(b), 0.3 * np.sin(b)], axis=1))
     return np.concatenate(pts)
-
-
-def _matmul(a: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """``a @ m`` for a tall ``a`` (M, D) and small ``m`` (D, K), without BLAS threads (much faster
-    on a busy machine for D <= 3)."""
-    return sum(a[:, k:k + 1] * m[k] for k in range(m.shape[0]))
 
 
 def _min_distance(points: np.ndarray) -> float:
@@ -94,7 +88,7 @@ def _structure(kind: str, frame: np.ndarray, r: float) -> tuple[Callable[[np.nda
         side = 0.7 * r
         v = np.ones(dim) / np.sqrt(dim) - np.eye(dim)[0]
         house = np.eye(dim) - 2 * np.outer(v, v) / (v @ v)  # maps (1,..,1)/sqrt(D) to the d axis
-        inside = lambda q: np.all(np.abs(_matmul(q, house) + side / 2) <= side / 2, axis=1)  # noqa: E731
+        inside = lambda q: np.all(np.abs(apply_matrix(house.T, q) + side / 2) <= side / 2, axis=1)  # noqa: E731
         return inside, side * np.sqrt(dim), -side / 2 * (frame @ house).sum(axis=1)
     if kind == "cross":  # one bar along each frame axis, centred on the landmark
         h, w = 0.8 * r, 0.25 * r
@@ -186,7 +180,7 @@ def make_phantom(ndim: int, seed: int, size: tuple[int, ...] | None = None,
                 * geometry.direction[:, k] for k, n_k in enumerate(size))
     world = (world + geometry.origin).reshape(-1, ndim)  # pixel centres, world mm (M, D)
     semi = scale * (np.array([1.15, 1.0]) if ndim == 2 else np.array([1.2, 1.1, 1.05]))
-    rho = np.linalg.norm(_matmul(world - centre, rot) / semi, axis=1)
+    rho = np.linalg.norm(apply_matrix(rot.T, world - centre) / semi, axis=1)
     body = np.clip(0.5 + (1 - rho) * semi.min() / spacing_arr.mean(), 0, 1)
     bg_level, body_level = rng.uniform(0.0, 0.1), rng.uniform(0.2, 0.4)
     image = (bg_level + (body_level - bg_level) * body).reshape(size)
