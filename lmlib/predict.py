@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -93,6 +93,7 @@ def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim
         samples.append(Sample(i, image, geometry, np.full((n, image.ndim), np.nan), np.zeros(n, bool),
                               tuple(landmark_names), {"source": str(p)}))
     if filled:
+        assert spacing_mm is not None  # an image without a stored spacing needs one (checked above)
         print(f"--spacing {list(np.atleast_1d(spacing_mm))} mm applied to {len(filled)} image(s) without a stored "
               f"spacing: {', '.join(filled[:10])}{' ...' if len(filled) > 10 else ''}")
     return samples
@@ -177,15 +178,17 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
         tmp.mkdir(parents=True)
     except OSError as exc:  # the partial folder is a sibling of --out: name --out, not the hidden folder
         raise ValueError(f"{out}: cannot write the output folder here ({exc.strerror or exc})") from None
-    rows, exports, kept = [], [], []
+    rows, exports = [], []
+    kept: list[Sample] = []
     try:
         for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch"):
             chunk = list(images[lo:lo + batch_size])
-            if all(isinstance(x, Sample) for x in chunk):
-                samples = chunk
+            loaded = [x for x in chunk if isinstance(x, Sample)]
+            if len(loaded) == len(chunk):
+                samples = loaded
                 paths = [Path(str(s.meta.get("image_path") or s.image_id)) for s in samples]
-            else:
-                paths = [Path(p) for p in chunk]
+            else:  # files (a chunk mixing files and samples fails here: Path() refuses a Sample)
+                paths = [Path(cast("str | Path", p)) for p in chunk]
                 samples = load_images(paths, names, ndim, spacing_mm)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
             part = prediction_table(samples, pred.world_mm, pred.confidence, paths, relative_to=out)

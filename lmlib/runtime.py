@@ -16,6 +16,7 @@ import resource
 import sys
 import warnings
 from importlib import metadata
+from typing import Literal
 
 import torch
 
@@ -49,6 +50,7 @@ def _available_devices() -> str:
 def check_device(device: str) -> None:
     """Raise a one-line ``ValueError`` unless ``device`` is a well-formed device that this machine has."""
     text = str(device).strip()
+    dev: torch.device | Literal[False] | None  # False: not a device
     try:
         dev = None if text == "auto" else torch.device(text)
     except (RuntimeError, ValueError):

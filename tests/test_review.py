@@ -3,48 +3,25 @@ once and resumable; the reviewed folder loads as a declared data set with the de
 Slicer markups)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import SimpleITK as sitk
 
 from lmlib.data.datasets import load_dataset
-from lmlib.data.phantoms import make_phantom_dataset
-from lmlib.outputs.exports import prediction_table
-from lmlib.predict import load_images
+from lmlib.data.sample import Sample
 from lmlib.review import ReviewSession
 
+PredictionFolder = Callable[[int], tuple[Path, list[Sample]]]  # the conftest fixture: ndim -> folder, phantoms
 
-def _prediction_folder(tmp_path: Path, ndim: int) -> tuple[Path, list]:
-    """What ``lmlib.predict --regions 0.9 0.95 --review-mm 2`` writes, for phantoms saved as images: predictions
-    1 mm off the truth, every other landmark flagged with a region of its own size."""
-    size = (48, 40) if ndim == 2 else (24, 20, 16)
-    phantoms = make_phantom_dataset(ndim, n_images=2, seed=4, size=size, n_landmarks=3)
-    paths = []
-    for s in phantoms:
-        image = sitk.GetImageFromArray(np.asarray(s.image, np.float32).T)
-        image.SetSpacing([float(v) for v in s.geometry.spacing])
-        image.SetOrigin([float(v) for v in s.geometry.origin])
-        paths.append(tmp_path / "images" / f"{s.image_id}.mha")
-        paths[-1].parent.mkdir(exist_ok=True)
-        sitk.WriteImage(image, str(paths[-1]))
-    folder = tmp_path / "pred"
-    folder.mkdir()
-    samples = load_images(paths, phantoms[0].landmark_names, ndim)
-    predicted = [s.landmarks_mm + 1.0 for s in phantoms]
-    table = prediction_table(samples, predicted, [np.ones(3)] * 2, paths, relative_to=folder)
-    table["region_90_mm"] = np.arange(len(table), dtype=float)
-    table["region_95_mm"] = table["region_90_mm"] + 0.5
-    table["review"] = np.arange(len(table)) % 2 == 1
-    table.to_csv(folder / "predictions.csv", index=False)
-    return folder, phantoms
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_review_decisions_are_written_at_once_resume_and_load_as_a_dataset(tmp_path: Path, ndim: int) -> None:
-    folder, phantoms = _prediction_folder(tmp_path, ndim)
+def test_review_decisions_are_written_at_once_resume_and_load_as_a_dataset(
+        prediction_folder: PredictionFolder, ndim: int) -> None:
+    folder, phantoms = prediction_folder(ndim)
     session = ReviewSession(folder)
     flagged = session.flagged
     assert [i.region_mm for i in flagged] == sorted((i.region_mm for i in flagged), reverse=True)
@@ -75,24 +52,25 @@ def test_review_decisions_are_written_at_once_resume_and_load_as_a_dataset(tmp_p
     assert list(log["decision"]) == ["corrected", "accepted"]
 
 
-def test_a_folder_without_a_review_list_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    folder, _ = _prediction_folder(tmp_path, 2)
+def test_a_folder_without_a_review_list_is_refused_with_the_way_out(prediction_folder: PredictionFolder) -> None:
+    folder, _ = prediction_folder(2)
     table = pd.read_csv(folder / "predictions.csv").drop(columns=["review"])
     table.to_csv(folder / "predictions.csv", index=False)
     with pytest.raises(ValueError, match="--regions 0.9 0.95 --review-mm"):
         ReviewSession(folder)
     with pytest.raises(FileNotFoundError, match="no predictions.csv"):
-        ReviewSession(tmp_path / "images")
+        ReviewSession(folder.parent / "images")
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_the_review_widget_accepts_moves_and_skips_through_the_list(tmp_path: Path, ndim: int) -> None:
+def test_the_review_widget_accepts_moves_and_skips_through_the_list(
+        prediction_folder: PredictionFolder, ndim: int) -> None:
     """The buttons' actions without a browser: Accept keeps the prediction, the offset sliders move the point (drawn
     as the 'corrected' series) and Save correction writes it, Skip leaves it for a later widget, which resumes."""
     pytest.importorskip("ipywidgets", reason="the widget needs ipywidgets (the notebooks extra)")
     from lmlib.reporting.review_widget import ReviewWidget
 
-    folder, phantoms = _prediction_folder(tmp_path, ndim)
+    folder, phantoms = prediction_folder(ndim)
     widget = ReviewWidget(ReviewSession(folder))
     first, second, third = widget.queue
     assert widget.item == first and "1 of 3" in widget.title.value and len(widget.offsets) == ndim
@@ -113,12 +91,57 @@ def test_the_review_widget_accepts_moves_and_skips_through_the_list(tmp_path: Pa
     assert "1 flagged landmark(s)" in again._repr_mimebundle_()["text/plain"]
 
 
-def test_notebook_80_says_why_there_is_nothing_to_review(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_click_or_a_drag_on_the_image_places_the_point(
+        prediction_folder: PredictionFolder, ndim: int) -> None:
+    """With ipympl's canvas a mouse press in a plane puts the point there (3D: the coordinate across the plane kept),
+    a drag moves it, the sliders follow, and Save correction writes the clicked place."""
+    pytest.importorskip("ipympl", reason="clicks need ipympl (the notebooks extra)")
+    from matplotlib.backend_bases import MouseEvent
+
+    from lmlib.reporting.review_widget import ReviewWidget
+
+    folder, _ = prediction_folder(ndim)
+    widget = ReviewWidget(ReviewSession(folder), clicks=True)
+    item = widget.item
+    geometry = widget.session.sample(item.image_id).geometry
+    predicted = np.asarray(item.predicted_mm, dtype=float)
+
+    def press(plane: int, world: np.ndarray, name: str = "button_press_event") -> None:
+        drawn = (0, 1) if ndim == 2 else ((0, 1), (0, 2), (1, 2))[plane]
+        index = geometry.world_to_index(world.reshape(1, -1))[0]
+        ax = widget.fig.axes[plane]
+        x, y = ax.transData.transform((index[drawn[0]], index[drawn[1]]))
+        widget.canvas.callbacks.process(name, MouseEvent(name, widget.canvas, x, y, button=1))
+
+    target = predicted + np.array([2.0, -1.5, 1.0])[:ndim]
+    press(0, target)
+    expected = target.copy()
+    if ndim == 3:
+        expected[2] = predicted[2]  # the axial plane: z kept
+    np.testing.assert_allclose(widget.candidate_mm(), expected, atol=1e-6)
+    np.testing.assert_allclose([s.value for s in widget.offsets], expected - predicted, atol=1e-6)
+    dragged = expected + np.array([-0.5, 0.5, 0.0])[:ndim]
+    press(0, dragged, "motion_notify_event")
+    press(0, dragged, "button_release_event")
+    press(0, predicted, "motion_notify_event")  # released: a move without the button does nothing
+    np.testing.assert_allclose(widget.candidate_mm(), dragged, atol=1e-6)
+    if ndim == 3:  # the sagittal plane (y, z): x kept
+        press(2, predicted + np.array([5.0, 1.0, -2.0]))
+        np.testing.assert_allclose(widget.candidate_mm(), [dragged[0], predicted[1] + 1.0, predicted[2] - 2.0],
+                                   atol=1e-6)
+    placed = widget.candidate_mm()
+    widget.correct()
+    log = pd.read_csv(folder / "reviewed" / "decisions.csv", dtype={"image_id": str})
+    np.testing.assert_allclose(log.iloc[0][["x_mm", "y_mm", "z_mm"][:ndim]].to_numpy(float), placed, atol=1e-6)
+
+
+def test_notebook_80_says_why_there_is_nothing_to_review(prediction_folder: PredictionFolder) -> None:
     """No review column, or images that are not files (phantoms made in memory): a message, not a failure."""
     pytest.importorskip("ipywidgets", reason="the widget needs ipywidgets (the notebooks extra)")
     from lmlib.reporting.review_widget import ReviewWidget, review_predictions
 
-    folder, _ = _prediction_folder(tmp_path, 2)
+    folder, _ = prediction_folder(2)
     assert isinstance(review_predictions(str(folder)), ReviewWidget)
     table = pd.read_csv(folder / "predictions.csv")
     table.assign(image_path="gone/" + table["image_id"].astype(str) + ".mha").to_csv(folder / "predictions.csv",

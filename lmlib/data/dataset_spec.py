@@ -49,7 +49,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -134,9 +134,9 @@ class DatasetSpec:
         if self.spacing_mm is not None and (len(self.spacing_mm) != self.ndim or
                                             not all(np.isfinite(v) and v > 0 for v in self.spacing_mm)):
             raise ValueError(f"{where}: spacing_mm {tuple(self.spacing_mm)} must be {self.ndim} positive numbers")
-        unknown = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
-        if unknown:
-            raise ValueError(f"{where}: left/right pairs name unknown landmarks {sorted(unknown)}")
+        unpaired = {n for pair in self.lr_pairs for n in pair} - set(self.landmark_names)
+        if unpaired:
+            raise ValueError(f"{where}: left/right pairs name unknown landmarks {sorted(unpaired)}")
         for group, members in self.landmark_groups.items():
             unknown = sorted(set(members) - set(self.landmark_names))
             if unknown or len(set(members)) < 2:
@@ -386,7 +386,7 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
         errors = [e for e in exc.errors() if e["loc"]]
         key = str(errors[0]["loc"][0]) if errors else "name"
         extra = DatasetDeclaration.model_fields[key].json_schema_extra if key in DatasetDeclaration.model_fields else {}
-        need(key, False, str((extra or {}).get("allowed") or "valid"))
+        need(key, False, str((extra.get("allowed") if isinstance(extra, dict) else None) or "valid"))
         raise  # unreachable: need raised
     builtin = {*SYNTHETIC, *declared_files()} if not path.resolve().is_relative_to(DECLARED_DIR.resolve()) else set()
     need("name", PLAIN_NAME.match(decl.name.strip()) is not None and decl.name.strip() not in builtin,
@@ -425,7 +425,8 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
             exclude={(str(e.annotator), str(e.image_id)): str(e.reason) for e in decl.exclude},
             reader_kwargs=dict(decl.reader_options), description=decl.description,
             landmark_groups={str(g): tuple(str(n) for n in v) for g, v in decl.landmark_groups.items()},
-            split_fractions=tuple(float(v) for v in seeded.fractions),
+            # three values: DatasetSpec checks the count (and raises the message below otherwise)
+            split_fractions=cast("tuple[float, float, float]", tuple(float(v) for v in seeded.fractions)),
             split_seed=seeded.seed, single_template=decl.single_template,
             source=str(path), data_dir=data_dir,
             calibration=(str(calib.landmarks[0]), str(calib.landmarks[1]), float(calib.distance_mm))

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -125,7 +125,7 @@ def get_spec(name: str | Path) -> DatasetSpec:
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join([*SYNTHETIC, *sorted(SPECS)])}, "
                          "or the path of a dataset declaration file (.yaml)")
-    return SPECS[name]
+    return SPECS[str(name)]  # a str here: no Path is a key
 
 
 def dataset_name(name: str | Path) -> str:
@@ -304,7 +304,8 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     labels, chosen = spec.landmark_labels, {}
     fields = {i: _name_fields(spec, p) for i, p in zip(ids, paths)}
     read = {who: _read_annotations(spec, root, who, ids, fields) for who in spec.annotations}
-    calibrated = calibrated_spacing(spec, read[spec.reference][0], ids, infos) if spec.calibration else {}
+    reference = cast(str, spec.reference)  # the first annotator; a declaration has at least one
+    calibrated = calibrated_spacing(spec, read[reference][0], ids, infos) if spec.calibration else {}
     for who in spec.annotations:
         anns, absent, extra = read[who]
         issues += extra

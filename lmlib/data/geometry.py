@@ -8,6 +8,7 @@ points are rows: shape ``(N, D)``. NaN rows (invalid landmarks) pass through as 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,8 +39,9 @@ class Geometry:
     """Physical geometry of a D-dimensional image grid (SimpleITK conventions, mm)."""
 
     spacing: np.ndarray  # (D,) mm per pixel along x, y[, z]
-    origin: np.ndarray = field(default=None)  # type: ignore[assignment]  # (D,) mm, centre of index 0
-    direction: np.ndarray = field(default=None)  # type: ignore[assignment]  # (D, D), columns = axes
+    # origin and direction may be left out (None): __post_init__ sets the zero origin and the identity
+    origin: np.ndarray = field(default=cast(np.ndarray, None))  # (D,) mm, centre of index 0
+    direction: np.ndarray = field(default=cast(np.ndarray, None))  # (D, D), columns = axes
 
     def __post_init__(self) -> None:
         spacing = np.asarray(self.spacing, dtype=np.float64).reshape(-1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,6 +23,9 @@ from monai.utils import convert_to_numpy
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
+
+IntVector: TypeAlias = Sequence[int] | np.ndarray  # sizes and indices, one per axis: a sequence or a 1-D array
+FloatVector: TypeAlias = Sequence[float] | np.ndarray  # positions and spacings (mm), one per axis
 
 
 # ---------------------------------------------------------------------------------------------- Grid
@@ -122,8 +125,8 @@ class Grid:
         raise TypeError(f"cannot take a grid of {type(image).__name__}")
 
     @classmethod
-    def whole(cls, image: Sample | sitk.Image | Grid | SourceImage, size: Sequence[int] | None = None,
-              spacing: Sequence[float] | float | None = None) -> Grid:
+    def whole(cls, image: Sample | sitk.Image | Grid | SourceImage, size: IntVector | None = None,
+              spacing: FloatVector | float | None = None) -> Grid:
         """The whole field of view of ``image`` at ``size`` px or at ``spacing`` mm (one of them).
 
         - ``size``: spacing becomes ``spacing * old_size / size`` (anisotropic if aspect ratios differ).
@@ -155,18 +158,18 @@ class Grid:
         size = tuple(int(-(-n // m) * m) for n in self.size)
         return Grid(size, self.geometry)
 
-    def crop(self, start_index: Sequence[int], size: Sequence[int]) -> Grid:
+    def crop(self, start_index: IntVector, size: IntVector) -> Grid:
         """Integer sub-grid: new index 0 = old index ``start_index`` (may be negative / extend past the end)."""
         start = np.asarray(start_index, dtype=np.int64).reshape(self.ndim)
         origin = self.index_to_world(start[None].astype(np.float64))[0]
         return Grid(tuple(int(s) for s in size), Geometry(self.spacing, origin, self.direction))
 
-    def centre_crop_or_pad(self, size: Sequence[int]) -> Grid:
+    def centre_crop_or_pad(self, size: IntVector) -> Grid:
         """Centred sub-/super-grid of ``size`` px: new index 0 = old index ``(old_size - size) // 2``."""
         size_a = np.asarray(size, dtype=np.int64).reshape(self.ndim)
         return self.crop((np.asarray(self.size) - size_a) // 2, size_a)
 
-    def random_crop(self, size: Sequence[int], rng: np.random.Generator) -> Grid:
+    def random_crop(self, size: IntVector, rng: np.random.Generator) -> Grid:
         """Integer crop of ``size`` px placed uniformly at random inside the grid (start drawn from ``rng``).
 
         On an axis where ``size`` exceeds the grid, the crop is centred (extends beyond both sides
@@ -178,7 +181,7 @@ class Grid:
         return self.crop(start, size_a)
 
     @classmethod
-    def centred(cls, centre_mm: Sequence[float], size: Sequence[int], spacing: Sequence[float] | float,
+    def centred(cls, centre_mm: FloatVector, size: IntVector, spacing: FloatVector | float,
                 direction: np.ndarray | None = None) -> Grid:
         """A grid of ``size`` px at ``spacing`` mm whose centre (index ``(size - 1) / 2``) is at ``centre_mm``."""
         centre = np.asarray(centre_mm, dtype=np.float64).reshape(-1)

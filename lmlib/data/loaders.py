@@ -35,7 +35,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -45,7 +45,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from lmlib.data.geometry import Geometry
 from lmlib.data.grids import (
     KEEP_ASPECT,
+    FloatVector,
     Grid,
+    IntVector,
     SourceImage,
     crop_array,
     normalize_intensity,
@@ -91,7 +93,7 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     dataset = info.dataset if info is not None else None
-    if hasattr(dataset, "set_random_state"):
+    if dataset is not None and hasattr(dataset, "set_random_state"):
         dataset.set_random_state(seed)
 
 
@@ -193,6 +195,14 @@ class ViewSpec:
     stacked: bool = False
     shared_axis: int | None = None
     keep_aspect: bool = KEEP_ASPECT
+
+    if TYPE_CHECKING:  # what the dataclass's __init__ accepts: __post_init__ makes the tuples above
+        def __init__(self, kind: str = "whole", size: IntVector | None = None,
+                     spacing: FloatVector | float | None = None, pad_multiple: int = 1,
+                     normalize: str | None = "zscore", landmarks: IntVector | None = None,
+                     per_landmark: bool = False, jitter: tuple[str, float] = ("none", 0.0), keep_outside: bool = False,
+                     landmark_spacing: FloatVector | None = None, stacked: bool = False,
+                     shared_axis: int | None = None, keep_aspect: bool = KEEP_ASPECT) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _opt_tuple(self.size, int))
@@ -333,7 +343,7 @@ class LandmarkDataset(Dataset):
     def set_random_state(self, seed: int) -> None:
         """Reseed the dataset's stream (crop positions, jitter) and the augmentation (if MONAI-Randomizable)."""
         self._rng = np.random.default_rng(int(seed) % 2**32)
-        if hasattr(self.transform, "set_random_state"):
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=int(seed) % 2**32)
 
     def __len__(self) -> int:
@@ -382,6 +392,7 @@ class LandmarkDataset(Dataset):
 
     def _patch_grid(self, sample_index: int, centre: np.ndarray, ids: tuple[int, ...]) -> Grid:
         s = self.samples[sample_index]
+        assert self.view.size is not None  # a patch view has a size (ViewSpec checks)
         return Grid.centred(centre, self.view.size, self._patch_spacing(sample_index, ids), s.geometry.direction)
 
     def grid(self, item_index: int) -> Grid:
@@ -397,6 +408,7 @@ class LandmarkDataset(Dataset):
         if v.kind == "whole":
             return preprocessing_grids(s, v.size, v.spacing, v.keep_aspect)[1].padded_to_multiple(v.pad_multiple)
         if v.kind == "crop":
+            assert v.size is not None  # a crop view has a size (ViewSpec checks)
             return Grid.whole(s, spacing=v.spacing_for(s.ndim)).centre_crop_or_pad(v.size)
         return self._patch_grid(si, self._centre(si, ids), ids)
 
@@ -420,6 +432,7 @@ class LandmarkDataset(Dataset):
         if v.shared_axis is not None:
             u = direction[:, v.shared_axis]
             pts = pts + np.outer((pts.mean(axis=0) - pts) @ u, u)
+        assert v.size is not None  # a stacked (patch) view has a size (ViewSpec checks)
         return [Grid.centred(c, v.size, spacing, direction) for c in pts]
 
     def preprocessed(self, index: int) -> Sample:
@@ -448,6 +461,7 @@ class LandmarkDataset(Dataset):
             grid = Grid.of_image(base)
             if v.kind == "whole":
                 return base.image, grid, centre
+            assert v.size is not None  # a crop view has a size (ViewSpec checks)
             sub = grid.random_crop(v.size, self._rng) if self.train else grid.centre_crop_or_pad(v.size)
             return on_sub_grid(base.image, grid, sub), sub, centre
         centre = self._centre(si, ids)

@@ -73,7 +73,7 @@ class RawAnnotation:
     other_shapes: dict[str, list[str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, label: str, point: Sequence[float]) -> None:
+    def add(self, label: str, point: Sequence[float] | np.ndarray) -> None:
         """Append one point for ``label``."""
         self.points.setdefault(str(label), []).append(np.asarray(point, dtype=np.float64).reshape(-1))
 
@@ -456,8 +456,8 @@ def _to_gray(image: sitk.Image) -> sitk.Image:
     return sitk.VectorIndexSelectionCast(image, 0)
 
 
-def _check_geometry(path: Path, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float],
-                    what: str = "image header") -> None:
+def _check_geometry(path: Path, spacing: Sequence[float] | np.ndarray, origin: Sequence[float],
+                    direction: Sequence[float], what: str = "image header") -> None:
     """Spacing > 0 and finite, origin finite, direction finite with ``|det| = 1`` (as
     :class:`~lmlib.data.geometry.Geometry` requires); otherwise an error naming the file and the values."""
     sp = tuple(float(v) for v in spacing)

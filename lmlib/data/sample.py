@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -80,7 +80,7 @@ class Sample:
         """Build a sample from pixel/voxel landmark indices (converted to world mm here); without
         ``valid``, non-finite rows are invalid."""
         idx = np.array(landmarks_index, dtype=np.float64, ndmin=2)
-        ok = np.isfinite(idx).all(axis=1) if valid is None else np.asarray(valid, dtype=bool)
+        ok = cast(np.ndarray, np.isfinite(idx).all(axis=1)) if valid is None else np.asarray(valid, dtype=bool)
         world = geometry.index_to_world(np.where(np.isfinite(idx), idx, np.nan))  # inf -> NaN, no inf * 0
         return cls(image_id, image, geometry, world, ok,
                    tuple(landmark_names), dict(meta or {}))

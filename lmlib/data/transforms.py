@@ -14,15 +14,16 @@ Conventions
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.transforms import (
     Compose,
     Flip,
+    MapTransform,
     RandAdjustContrastd,
     RandAffineGrid,
     RandBiasFieldd,
@@ -31,6 +32,7 @@ from monai.transforms import (
     RandomizableTransform,
     RandScaleIntensityd,
     Resample,
+    Transform,
 )
 from monai.utils import convert_to_numpy
 from scipy.ndimage import gaussian_filter, map_coordinates
@@ -191,7 +193,7 @@ class RandSpatialLandmarksd(_LandmarkTransform):
                if not (isinstance(v, (int, float)) and lo <= v <= hi)]
         if bad:
             raise ValueError(f"augmentation ranges out of bounds: {', '.join(bad)}")
-        self.pairs = [tuple(p) for p in left_right_pairs]
+        self.pairs = cast("list[tuple[int, int]]", [tuple(p) for p in left_right_pairs])
         self.flip_prob, self.flip_axis = flip_prob, flip_axis
         self.affine_prob, self.translation_frac = affine_prob, translation_frac
         self.elastic_prob = elastic_prob
@@ -205,10 +207,12 @@ class RandSpatialLandmarksd(_LandmarkTransform):
             self.affine_grid = RandAffineGrid(rotate_range=(rot,) if ndim == 2 else (rot,) * 3,
                                               scale_range=(scale,) * ndim,
                                               shear_range=(shear,) * (2 if ndim == 2 else 6) if shear else None,
-                                              dtype=torch.float64, lazy=True)
+                                              # MONAI's DtypeLike hint omits torch dtypes, which it takes
+                                              dtype=torch.float64, lazy=True)  # type: ignore[arg-type]
         self.inner = self.affine_grid
+        # MONAI defaults to float64: 2x slower, no gain here (its DtypeLike hint omits torch dtypes, which it takes)
         self.resampler = Resample(mode="bilinear", padding_mode=padding_mode, norm_coords=True,
-                                  dtype=torch.float32)  # MONAI defaults to float64: 2x slower, no gain here
+                                  dtype=torch.float32)  # type: ignore[arg-type]
         self.params: SpatialParams | None = None  # the last draw
         self.set_random_state(state=self.R)
 
@@ -242,6 +246,7 @@ class RandSpatialLandmarksd(_LandmarkTransform):
     # ------------------------------------------------------------------ deterministic application
     def __call__(self, data: Data) -> Data:
         self.randomize(data["image"].shape[1:])
+        assert self.params is not None  # randomize() always sets it
         return self.apply(data, self.params)
 
     def apply(self, data: Data, params: SpatialParams) -> Data:
@@ -355,7 +360,7 @@ class RandFlipLandmarksd(_LandmarkTransform):
 
     def __init__(self, prob: float = 0.5, axis: int = 0, left_right_pairs: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__(prob)
-        self.axis, self.pairs = axis, [tuple(p) for p in left_right_pairs]
+        self.axis, self.pairs = axis, cast("list[tuple[int, int]]", [tuple(p) for p in left_right_pairs])
         self.flip = Flip(spatial_axis=axis)
 
     def __call__(self, data: Data) -> Data:
@@ -370,7 +375,7 @@ class RandFlipLandmarksd(_LandmarkTransform):
 
 
 def intensity_transforms(prob: float = 0.5, gamma: tuple[float, float] = (0.7, 1.5), bias_coeff: float = 0.2,
-                         noise_std: float = 0.05, scale: float = 0.1) -> list[Callable[[Data], Data]]:
+                         noise_std: float = 0.05, scale: float = 0.1) -> list[MapTransform]:
     """MONAI intensity augmentations on ``"image"`` only (landmarks untouched): gamma/contrast,
     multiplicative bias field, global intensity scale, Gaussian noise (std in normalised units)."""
     return [RandAdjustContrastd("image", prob=prob, gamma=gamma),
@@ -394,7 +399,7 @@ def build_augmentation(ndim: int, left_right_pairs: Sequence[tuple[int, int]] = 
     ``keep_outside``). The returned MONAI Compose is ``Randomizable``: ``set_random_state(seed)`` reseeds
     every stage (the data loader does this per worker).
     """
-    stages: list[Callable[[Data], Data]] = []
+    stages: list[Transform] = []
     if flip_prob > 0 or affine_prob > 0 or elastic:
         stages.append(RandSpatialLandmarksd(
             ndim, left_right_pairs, flip_prob=flip_prob, flip_axis=flip_axis, affine_prob=affine_prob,

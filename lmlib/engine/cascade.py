@@ -78,7 +78,8 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
     train_total = infer_total = 0.0
     for stage in stages:
         folder = out / stage.name
-        centres = None if prev_val is None else {"val": as_centres(val, prev_val), "test": as_centres(test, prev_test)}
+        centres = None if prev_val is None or prev_test is None else {  # both None before the first stage only
+            "val": as_centres(val, prev_val), "test": as_centres(test, prev_test)}
         dm = LandmarkDataModule(samples, view=stage.view, eval_view=stage.eval_view, centres=centres,
                                 batch_size=stage.batch_size, num_workers=num_workers, seed=seed,
                                 augmentation=stage.augmentation)

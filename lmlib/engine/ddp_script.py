@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     external = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     arguments = torch.load(str(path), map_location="cpu", weights_only=False)
     result = fit(**arguments)
+    assert result.trainer is not None  # fit trained here (not in a notebook kernel), so it returns its trainer
     if result.trainer.is_global_zero or external:
         (path.parent / "result.json").write_text(json.dumps({
             "best_checkpoint": result.best_checkpoint, "last_checkpoint": result.last_checkpoint,

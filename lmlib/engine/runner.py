@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,7 @@ from lmlib.engine.parameters import SHARED_PARAMETERS, check_shared, shared_valu
 from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
-from lmlib.methods.stages import is_cascade
+from lmlib.methods.stages import CascadeMethod, is_cascade
 from lmlib.outputs.contract import predictions_frame, read_manifest, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
@@ -328,6 +328,16 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures, {"": result}, variants=variants)
 
 
+class UntrainedMethod(Protocol):
+    """What the run path calls on a method with nothing to train (``trainable = False``, e.g.
+    :class:`~lmlib.methods.registration.MultiAtlasRegistration`)."""
+
+    def choose_atlases(self, train: Sequence[Sample]) -> list[Sample]: ...
+
+    def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int]
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]: ...
+
+
 def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any],
                           data: Dataset, train: list[Sample], test: list[Sample], grid: list[int], dev: Any,
                           started: str, seed: int) -> RunResult:
@@ -337,10 +347,11 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     output_dir = Path(params["output_dir"])
     model = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
     print(model)
-    atlases = model.choose_atlases(train)
+    untrained = cast(UntrainedMethod, model)  # trainable = False: it predicts without training
+    atlases = untrained.choose_atlases(train)
     print(f"atlases ({len(atlases)} of {len(train)} training images): {', '.join(a.image_id for a in atlases)}")
     t0 = time.perf_counter()
-    world_mm, spread_mm = model.predict_samples(atlases, test, grid)
+    world_mm, spread_mm = untrained.predict_samples(atlases, test, grid)
     per_image = (time.perf_counter() - t0) / max(1, len(test))
     print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
     pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], per_image, spread_mm)
@@ -371,7 +382,7 @@ def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mappin
     return metrics
 
 
-def _run_cascade(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
+def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
                  train: list[Sample], val: list[Sample], test: list[Sample], grid: list[int],
                  shared: dict[str, Any], dev: Any, started: str, seed: int) -> RunResult:
     """A method made of stages (``cls.build_stages(spatial_dims, n_landmarks, params, grid, shared)``):

@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -55,6 +55,10 @@ from lmlib.data.sample import Sample
 from lmlib.methods.base import LandmarkMethod, Outputs, build_method
 from lmlib.runtime import PROGRESS_MODES, peak_rss_mb, setup
 
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
 MONITOR = "val/mre_mm"
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
 
@@ -67,7 +71,7 @@ class EpochProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar for the training epochs only (validation bars hidden), refreshed every
     ``refresh_rate`` batches: short enough for notebook outputs, still live in a terminal."""
 
-    def init_validation_tqdm(self):  # type: ignore[override]
+    def init_validation_tqdm(self) -> Tqdm:
         bar = super().init_validation_tqdm()
         bar.disable = True
         return bar
@@ -158,6 +162,8 @@ class LandmarkModule(pl.LightningModule):
     policy: provenance stored with the weights).
     """
 
+    method_epoch: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, method: str, method_config: dict[str, Any], landmark_names: Sequence[str],
                  view: dict[str, Any], eval_view: dict[str, Any] | None = None, max_epochs: int = 100,
                  data: dict[str, Any] | None = None, lmlib_version: str = lmlib.__version__,
@@ -202,7 +208,7 @@ class LandmarkModule(pl.LightningModule):
         return int(self.method_epoch)
 
     # ------------------------------------------------------------------ steps
-    def forward(self, batch: Mapping[str, Any]) -> Outputs:  # type: ignore[override]
+    def forward(self, batch: Mapping[str, Any]) -> Outputs:
         return self.method.forward(self.net, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -348,7 +354,8 @@ class _Clock(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start, self.module = time.perf_counter(), pl_module
-        pl_module._clock = self  # type: ignore[attr-defined]
+        # torch types Module.__setattr__ for tensors and modules only; a plain attribute is fine at run time
+        pl_module._clock = self  # type: ignore[assignment]
 
 
 def _resume_epoch(checkpoint: str | Path) -> int:
@@ -423,7 +430,7 @@ def _fit_as_script(arguments: dict[str, Any]) -> FitResult:
     for p in folder.iterdir():
         p.unlink()
     folder.rmdir()
-    return FitResult(module, None, r["best_checkpoint"], r["last_checkpoint"], float(r["train_seconds"]),  # type: ignore[arg-type]
+    return FitResult(module, None, r["best_checkpoint"], r["last_checkpoint"], float(r["train_seconds"]),
                      int(r["epochs"]), out / "training_log" / "metrics.csv", dev, r["best_score"],
                      max(float(r["peak_rss_mb"]), peak_rss_mb(children=True)),
                      int(arguments["devices"]) * int(arguments["num_nodes"]))
@@ -599,7 +606,9 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     parallel = {} if world == 1 else {"devices": int(devices), "num_nodes": int(num_nodes),
                                       "strategy": ddp_strategy(strategy, accelerator)}
     trainer = pl.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, precision=precision, **({"devices": device_ids} | parallel),
+        max_epochs=max_epochs, accelerator=accelerator,
+        precision=cast("_PRECISION_INPUT", precision),  # one of PRECISIONS (parameters.py); Lightning checks it
+        **({"devices": device_ids} | parallel),
         logger=_history_logger(out, resume),
         callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate, progress),
                    *callbacks],

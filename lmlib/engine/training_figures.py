@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt
@@ -22,9 +23,10 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from lmlib.data.loaders import collate_landmarks
-from lmlib.engine.training import errors_mm
+from lmlib.engine.training import LandmarkModule, errors_mm
 from lmlib.outputs.figure_files import save_figure
 
 GT_COLOR = "tab:blue"
@@ -98,7 +100,7 @@ def plot_training_curves(history_csv: str | Path, output_dir: str | Path | None 
     Returns the figures by file name (missing metrics give no figure).
     """
     h = read_history(history_csv)
-    figs = {
+    drawn = {
         "fig_loss.png": _line_figure(h, {"train/loss": "train", "val/loss": "validation"}, "loss", "Loss", logy=True),
         "fig_mean_error.png": _line_figure(h, {"val/mre_mm": "validation"}, "mean radial error (mm, log scale)",
                                            "Mean landmark error", logy=True, mark_min="mm"),
@@ -107,7 +109,7 @@ def plot_training_curves(history_csv: str | Path, output_dir: str | Path | None 
                                                                 "Validation error per landmark"),
         "fig_dice_per_landmark.png": _per_landmark_figure(h, "val/dice/", "Dice", "Validation Dice per landmark"),
     }
-    figs = {k: v for k, v in figs.items() if v is not None}
+    figs = {k: v for k, v in drawn.items() if v is not None}
     if output_dir is not None:
         for name, fig in figs.items():
             save_figure(fig, Path(output_dir) / name)
@@ -165,7 +167,7 @@ def make_gif(frame_paths: Sequence[str | Path], path: str | Path, fps: float = 1
     path.parent.mkdir(parents=True, exist_ok=True)
     step = 1
     while True:
-        small = [f[::step, ::step] for f in frames]
+        small: list[ArrayLike] = [f[::step, ::step] for f in frames]
         imageio.mimsave(str(path), small, duration=1000.0 / fps, loop=0)
         if path.stat().st_size <= max_bytes or step >= 8:
             return path
@@ -196,14 +198,16 @@ class OverlayCallback(Callback):
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.every and epoch != 0 and not last:
             return
-        ds = trainer.datamodule.datasets["val"]
+        # Lightning's data connector sets Trainer.datamodule at run time; the class does not declare it
+        ds = trainer.datamodule.datasets["val"]  # type: ignore[attr-defined]
         idx = list(range(min(self.n_images, len(ds))))
         if not idx:
             return
+        module = cast(LandmarkModule, pl_module)  # what this callback trains with (see the class docstring)
         images, gts, preds, titles = [], [], [], []
         for k in idx:
             batch = collate_landmarks([ds[k]])
-            coords, _, _ = pl_module.predict_batch(batch)
+            coords, _, _ = module.predict_batch(batch)
             err = errors_mm(coords.cpu(), batch)[0].numpy()
             gt = batch["landmarks"][0].double().numpy()
             gt[~batch["valid"][0].numpy()] = np.nan

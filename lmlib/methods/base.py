@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ from lmlib.typed import Widths, field, one_of
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
+#: the outputs of one method (a subclass says which: ``LandmarkMethod[torch.Tensor]``, ``...[dict[str, torch.Tensor]]``)
+OutputsT = TypeVar("OutputsT", bound=Outputs)
 #: entry-point group through which an installed package adds a method (``name = "package.module:Class"``)
 ENTRY_POINT_GROUP = "lmlib.methods"
 
@@ -89,7 +91,7 @@ class UNetParameters(MethodParameters):
         "quadratic", f"sub-pixel decoding of each map: {' | '.join(DECODERS)}", f"one of {', '.join(DECODERS)}")
 
 
-class LandmarkMethod:
+class LandmarkMethod(Generic[OutputsT]):
     """Base class: network builder + target encoder + loss + decoder (see the module docstring).
 
     Args:
@@ -172,25 +174,25 @@ class LandmarkMethod:
         return size_multiple(**{k: self.network[k] for k in keys if k in self.network})
 
     # ---- batch-level hooks (override these for multi-output or patch methods)
-    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:
+    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> OutputsT:
         """Network outputs for a batch (a tensor or a dict of named tensors)."""
         return net(batch["image"])
 
-    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def training_loss(self, outputs: OutputsT, batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Scalar loss and extras (``targets`` for Dice, scalars to log)."""
         size = tuple(batch["image"].shape[2:])
         targets = self.encode_targets(batch["landmarks"], batch["valid"], size, epoch)
         return self.loss(outputs, targets, batch["valid"], epoch), {"targets": targets}
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def decode_batch(self, outputs: OutputsT, batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates ``(B, K, D)`` (continuous index on each item's grid) and confidences ``(B, K)``."""
         return self.decode(outputs, epoch)
 
     @torch.no_grad()
     def predict_coords(self, net: nn.Module, batch: Mapping[str, Any], epoch: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, Outputs]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, OutputsT]:
         """Decoded coordinates, confidences and raw outputs; with ``test_time_flip`` the mean of the
         image's and its mirror's coordinates (mirror along axis 0: ``x -> size_x - 1 - x``, left/right
         pairs swapped back). Only for methods whose items hold all landmarks of a whole image."""
@@ -235,21 +237,21 @@ class LandmarkMethod:
         """Targets for a batch (on the landmarks' device)."""
         raise NotImplementedError
 
-    def loss(self, output: Outputs, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
+    def loss(self, output: OutputsT, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
         """Scalar training loss; invalid landmarks must not contribute."""
         raise NotImplementedError
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: OutputsT) -> torch.Tensor:
         """Per-landmark maps to decode and show (probabilities, heatmaps): ``(B, N, *size)``."""
         if isinstance(output, dict):
             raise NotImplementedError(f"{type(self).__name__} returns several outputs: define maps()")
         return output
 
-    def decode(self, output: Outputs, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, output: OutputsT, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates ``(B, N, D)`` (network-grid index) and confidences ``(B, N)``."""
         return decode_maps(self.maps(output), self.spatial_dims, self.decoder, **self.decoder_kwargs)
 
-    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    def spread(self, outputs: OutputsT, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """The output's own uncertainty around the decoded ``coords`` ``(B, K, D)``: a per-axis spread
         ``(B, K, D)`` in px of each item's grid (default: :func:`~lmlib.methods.decoding.map_spread` of
         :meth:`maps` when they are on the item's grid), NaN where the output gives none."""
@@ -262,7 +264,7 @@ class LandmarkMethod:
             return nan
         return map_spread(maps, self.spatial_dims, coords)
 
-    def dice(self, output: Outputs, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
+    def dice(self, output: OutputsT, targets: Targets, valid: torch.Tensor) -> torch.Tensor | None:
         """Dice per landmark ``(B, N)`` of the thresholded output vs. target region (NaN = not defined)."""
         return None
 

@@ -94,6 +94,7 @@ def local_centroid(maps: torch.Tensor, spatial_dims: int, radius: int = 3, thres
         if centre is not None and torch.equal(new_centre, centre):
             break
         centre = new_centre
+    assert coords is not None  # the loop runs at least once
     return coords.reshape(*lead, spatial_dims), peak_val.reshape(lead)
 
 

@@ -49,7 +49,7 @@ class DilationErosionParameters(UNetParameters):
 _D = defaults(DilationErosionParameters)
 
 
-class DilationErosionUNet(LandmarkMethod):
+class DilationErosionUNet(LandmarkMethod[torch.Tensor]):
     """Shrinking binary masks + positive-weighted BCE (see the module docstring).
 
     ``schedule``: a :class:`ShrinkSchedule` or a dict of its fields; None = the seed's radii spread

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ from pydantic import StrictBool
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import Outputs
 from lmlib.methods.config import MethodParameters
 from lmlib.methods.networks import PerLandmark, SharedByLandmark
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
@@ -128,7 +127,8 @@ def presence_targets(landmarks: torch.Tensor, valid: torch.Tensor, shape: Sequen
     inside = valid.bool() & ((cell >= 0) & (cell < size)).all(dim=-1)
     flat = torch.zeros(b, k, int(np.prod(shape)), device=landmarks.device)
     strides = [int(np.prod(shape[a + 1:])) for a in range(dims)]
-    index = sum(cell[..., a].clamp(0, int(shape[a]) - 1) * strides[a] for a in range(dims))
+    # a tensor (not sum's start 0): D >= 1
+    index = cast(torch.Tensor, sum(cell[..., a].clamp(0, int(shape[a]) - 1) * strides[a] for a in range(dims)))
     flat.scatter_(2, index[..., None], inside[..., None].float())
     return flat.reshape(b, k, *shape)
 
@@ -344,7 +344,7 @@ class GlobalLocalParameters(GlobalStageParameters, LocalStageParameters):
         "log", "log: sign(d) log10(|d| + 1) (paper) | linear", "log or linear")
 
 
-class GlobalLocalFCNN(CascadeMethod):
+class GlobalLocalFCNN(CascadeMethod[dict[str, torch.Tensor]]):
     """One stage (``stage="global"`` or ``"local"``) of the global-to-local FCNN; the class's
     :meth:`build_stages` makes the cascade (see the module docstring).
 
@@ -405,24 +405,25 @@ class GlobalLocalFCNN(CascadeMethod):
             return SharedByLandmark(LocalFCNN(d, n, chans, convs))
         return PerLandmark([LocalFCNN(d, 1, chans, convs) for _ in range(n)])
 
-    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:
+    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.stage == "global":
             return net(batch["image"])
         return net(batch["image"], batch["landmark_ids"])
 
-    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def training_loss(self, outputs: dict[str, torch.Tensor], batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, parts = fcnn_loss(outputs, batch["landmarks"], batch["valid"], self.stride, self.displacement, self.alpha)
         return loss, {"log": parts}
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_batch(self, outputs: dict[str, torch.Tensor], batch: Mapping[str, Any], epoch: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         return vote(outputs["presence"], outputs["displacement"], self.stride, self.displacement)
 
-    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    def spread(self, outputs: dict[str, torch.Tensor], coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Vote dispersion (:func:`vote_spread`)."""
         return vote_spread(outputs["presence"], outputs["displacement"], self.stride, self.displacement)
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
         """Presence probabilities ``(B, K, *P)`` on the grid of output cells."""
         return torch.sigmoid(output["presence"].float())
 
@@ -526,7 +527,7 @@ class PatchRule:
             if not errors_mm:
                 raise ValueError("the local patch size is chosen from the global stage's validation errors, which "
                                  "are not available: train the global stage first or set local_patch_mm > 0")
-            worst_name = max(errors_mm, key=errors_mm.get)
+            worst_name = max(errors_mm, key=lambda n: errors_mm[n])
             worst = errors_mm[worst_name]
             half = self.factor * worst
             why = f"{self.factor:g} x the worst per-landmark mean global validation error ({worst:.2f} mm, {worst_name})"
@@ -569,6 +570,8 @@ class LocalStage(DeferredStage):
     """A :class:`~lmlib.methods.stages.DeferredStage`: the patch of ``rule`` (:class:`PatchRule`) from
     the per-landmark validation errors of the global stage, read from ``global_folder``'s training log
     or given by ``errors()``. Pass ``view=None, eval_view=None``."""
+
+    method: GlobalLocalFCNN  # the local stage's method
 
     def __init__(self, *args: Any, rule: PatchRule, global_folder: Path | None = None,
                  errors: Callable[[], Mapping[str, float]] | None = None, landmark_names: Sequence[str] = (),

@@ -42,7 +42,7 @@ class HeatmapUNetParameters(UNetParameters):
 _D = defaults(HeatmapUNetParameters)
 
 
-class HeatmapUNet(LandmarkMethod):
+class HeatmapUNet(LandmarkMethod[torch.Tensor]):
     """Gaussian heatmap regression with a U-Net (see the module docstring)."""
 
     name = "heatmap_unet"

@@ -29,14 +29,14 @@ by the engine. Test-time flip averaging is the shared ``flip_test`` of
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlib.methods.base import LandmarkMethod, Outputs, Targets, masked_mean
+from lmlib.methods.base import LandmarkMethod, Targets, masked_mean
 from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
@@ -227,13 +227,13 @@ class HTCNet(nn.Module):
 
     def keep_attention(self, keep: bool = True) -> None:
         """Keep each stage's last spatial attention maps (``stage.attention.attention``) for figures."""
-        for stage in self.stages:
+        for stage in cast("Iterable[HTCStage]", self.stages):  # the ModuleList of HTCStage built in __init__
             stage.attention.keep_attention = keep
             stage.attention.attention = None
 
 
 # ------------------------------------------------------------------------------------ the method
-class MultiresHTC(LandmarkMethod):
+class MultiresHTC(LandmarkMethod[dict[str, torch.Tensor]]):
     """Heatmaps supervised at 1/4 and 1/2 resolution from :class:`HTCNet` (see the module docstring)."""
 
     name = "htc"
@@ -305,7 +305,7 @@ class MultiresHTC(LandmarkMethod):
             out[head] = gaussian_heatmaps(to_heatmap_index(landmarks, s), grid, self.sigma, valid)
         return out
 
-    def loss(self, output: Outputs, targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
+    def loss(self, output: dict[str, torch.Tensor], targets: Targets, valid: torch.Tensor, epoch: int) -> torch.Tensor:
         total = output[self.trained_heads()[0]].new_zeros((), dtype=torch.float32)
         for head in self.trained_heads():
             target = targets[head]
@@ -315,7 +315,7 @@ class MultiresHTC(LandmarkMethod):
             total = total + self.weights[head] * masked_mean(err, valid, self.spatial_dims)
         return total
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def decode_batch(self, outputs: dict[str, torch.Tensor], batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over the decoded heads of each head's sub-pixel peak mapped to the input grid; confidence =
         mean peak value (1 at a perfect target)."""
@@ -326,17 +326,17 @@ class MultiresHTC(LandmarkMethod):
             conf.append(k)
         return torch.stack(coords).mean(0), torch.stack(conf).mean(0)
 
-    def spread(self, outputs: Outputs, coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    def spread(self, outputs: dict[str, torch.Tensor], coords: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Spread (input-grid px, per axis) of the finest decoded head's heatmap around the decoded point."""
         head = "half" if "half" in self.decoded_heads() else "quarter"
         s = HEAD_STRIDES[head]
         return map_spread(outputs[head], self.spatial_dims, to_heatmap_index(coords, s)) * s
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
         """The finest trained head's heatmaps (``half`` when trained)."""
         return output["half"] if "half" in output else output["quarter"]
 
-    def dice(self, output: Outputs, targets: Targets, valid: torch.Tensor) -> torch.Tensor:
+    def dice(self, output: dict[str, torch.Tensor], targets: Targets, valid: torch.Tensor) -> torch.Tensor:
         """Dice of the half-maximum disks of the finest head's heatmap and target."""
         head = "half" if "half" in output else "quarter"
         d = dice_scores(output[head] > 0.5, targets[head] > 0.5, self.spatial_dims)

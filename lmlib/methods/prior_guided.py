@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import Outputs, masked_mean
+from lmlib.methods.base import OutputsT, masked_mean
 from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
@@ -278,7 +278,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.
     return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
-class PriorGuided(CascadeMethod):
+class PriorGuided(CascadeMethod[OutputsT]):
     """One stage (``coarse`` | ``independent`` | ``correlated``) of the prior-guided method; the
     class's :meth:`build_stages` makes the cascade (see the module docstring). ``PriorGuided(stage=...)`` is an
     instance of that stage's class (:class:`CoarseStage`, :class:`IndependentStage`, :class:`CorrelatedStage`),
@@ -400,7 +400,7 @@ class PriorGuided(CascadeMethod):
         return stages
 
 
-class CoarseStage(PriorGuided):
+class CoarseStage(PriorGuided[torch.Tensor]):
     """The coarse stage: all landmarks' coordinates regressed at once from the whole downsampled volume."""
 
     stage = "coarse"
@@ -421,7 +421,7 @@ class CoarseStage(PriorGuided):
         return CoarseRegressor(self.spatial_dims, self.n_landmarks, net["size"], net["channels"],
                                net["num_res_units"], net["dropout"])
 
-    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def training_loss(self, outputs: torch.Tensor, batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """L1 in px of the coarse grid over valid landmarks."""
         lm, valid = batch["landmarks"].float(), batch["valid"]
@@ -429,16 +429,16 @@ class CoarseStage(PriorGuided):
         w = valid.to(err.dtype)
         return (err * w).sum() / w.sum().clamp_min(1.0), {}
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def decode_batch(self, outputs: torch.Tensor, batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         coords = from_normalised(outputs.float(), tuple(batch["image"].shape[2:]))
         return coords, torch.ones(coords.shape[:2], device=coords.device)
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("the coarse stage regresses coordinates: it has no maps")
 
 
-class IndependentStage(PriorGuided):
+class IndependentStage(PriorGuided[torch.Tensor]):
     """The independent stage: a heatmap per landmark in a full-resolution patch around its coarse estimate."""
 
     stage = "independent"
@@ -456,26 +456,26 @@ class IndependentStage(PriorGuided):
             return SharedByLandmark(build_network(d, n, channels=net["channels"], num_res_units=1))
         return PerLandmark([build_network(d, 1, channels=net["channels"], num_res_units=1) for _ in range(n)])
 
-    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> Outputs:
+    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         return net(batch["image"], batch["landmark_ids"])
 
-    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def training_loss(self, outputs: torch.Tensor, batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Foreground-weighted MSE to Gaussian heatmaps (amplitude :data:`AMPLITUDE`)."""
         lm, valid = batch["landmarks"].float(), batch["valid"]
         target = gaussian_heatmaps(lm, tuple(batch["image"].shape[2:]), self.sigma, valid, AMPLITUDE)
         return weighted_mse(outputs, target, valid, self.spatial_dims, self.foreground_weight), {}
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def decode_batch(self, outputs: torch.Tensor, batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_maps(outputs, self.spatial_dims, self.decoder, **self.decoder_kwargs)
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: torch.Tensor) -> torch.Tensor:
         """The heatmaps."""
         return output
 
 
-class CorrelatedStage(PriorGuided):
+class CorrelatedStage(PriorGuided[dict[str, torch.Tensor]]):
     """The correlated stage: a landmark group on one plane refined jointly (plane position + in-plane maps)."""
 
     stage = "correlated"
@@ -496,7 +496,7 @@ class CorrelatedStage(PriorGuided):
         keep = [a for a in range(self.spatial_dims) if a != self.plane_axis]
         return coords[..., keep]
 
-    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def training_loss(self, outputs: dict[str, torch.Tensor], batch: Mapping[str, Any], epoch: int
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Soft cross-entropy of the in-plane maps and of the plane position (see the module docstring)."""
         lm, valid, a = batch["landmarks"].float(), batch["valid"], self.plane_axis
@@ -511,7 +511,7 @@ class CorrelatedStage(PriorGuided):
         l_plane = soft_cross_entropy(outputs["plane"], profile, ok, 1)
         return l_in + l_plane, {"log": {"loss_inplane": l_in.detach(), "loss_plane": l_plane.detach()}}
 
-    def decode_batch(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+    def decode_batch(self, outputs: dict[str, torch.Tensor], batch: Mapping[str, Any], epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         xy, conf = decode_maps(distribution(outputs["inplane"], self.spatial_dims - 1), self.spatial_dims - 1,
                                self.decoder, **self.decoder_kwargs)
@@ -520,7 +520,7 @@ class CorrelatedStage(PriorGuided):
         a = self.plane_axis
         return torch.cat([xy[..., :a], pos, xy[..., a:]], dim=-1), conf
 
-    def maps(self, output: Outputs) -> torch.Tensor:
+    def maps(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
         """The in-plane probability maps."""
         return distribution(output["inplane"], self.spatial_dims - 1)
 
@@ -535,6 +535,8 @@ class JitteredStage(DeferredStage):
     landmarks this stage serves, averaged, give ``sigma = factor * mean / c_D`` per axis (``c_D``: mean
     radial error of a unit isotropic normal error, :data:`RADIAL_MEAN_FACTOR`); training patches are
     centred on ground truth + N(0, sigma^2 I), val/test patches on the previous stage's predictions."""
+
+    method: PriorGuided  # a fine stage of the prior-guided method
 
     def __init__(self, *args: Any, previous: Path | None, patch: ViewSpec, factor: float = 1.0,
                  errors: Mapping[str, float] | None = None, landmark_names: Sequence[str] = (), **kwargs: Any) -> None:
@@ -555,6 +557,7 @@ class JitteredStage(DeferredStage):
         mean = float(sum(values) / len(values))
         d = self.method.spatial_dims
         sigma = self._factor * mean / RADIAL_MEAN_FACTOR[d]
+        assert self._patch.size is not None and self._patch.spacing is not None  # a patch view at fine_spacing_mm
         half = (self._patch.size[0] - 1) / 2.0 * float(self._patch.spacing[0])
         self.method.jitter_choice = {"previous_mean_val_error_mm": mean, "sigma_mm": sigma, "factor": self._factor,
                                      "patch_half_width_mm": half}

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import LandmarkMethod
+from lmlib.methods.base import LandmarkMethod, OutputsT
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Stage:
     augmentation: Any = None
 
 
-class CascadeMethod(LandmarkMethod):
+class CascadeMethod(LandmarkMethod[OutputsT]):
     """A method made of stages, trained in order by :func:`lmlib.engine.cascade.fit_cascade`: it says so by
     subclassing this and defining :meth:`build_stages` (the engine tests the type, not an attribute)."""
 
@@ -40,7 +40,7 @@ class CascadeMethod(LandmarkMethod):
         raise NotImplementedError
 
 
-def is_cascade(cls: type[LandmarkMethod]) -> bool:
+def is_cascade(cls: type[LandmarkMethod]) -> TypeGuard[type[CascadeMethod]]:
     """Whether method class ``cls`` is made of stages (a :class:`CascadeMethod`)."""
     return issubclass(cls, CascadeMethod)
 
@@ -52,7 +52,8 @@ class DeferredStage(Stage):
     :meth:`settle`; pass ``view=None, eval_view=None``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._view = self._eval_view = None
+        self._view: ViewSpec | None = None
+        self._eval_view: ViewSpec | None = None
         super().__init__(*args, **kwargs)
 
     def settle(self) -> tuple[ViewSpec, ViewSpec]:
@@ -68,7 +69,7 @@ class DeferredStage(Stage):
         return f"{type(self).__name__}(name={self.name!r}, method={self.method!r}, views {state}, " \
                f"max_epochs={self.max_epochs})"
 
-    @property  # type: ignore[override]
+    @property
     def view(self) -> Any:
         self._settle()
         return self._view
@@ -77,7 +78,7 @@ class DeferredStage(Stage):
     def view(self, value: Any) -> None:
         self._view = value
 
-    @property  # type: ignore[override]
+    @property
     def eval_view(self) -> Any:
         self._settle()
         return self._eval_view

@@ -62,11 +62,12 @@ def gaussian_heatmaps(landmarks: torch.Tensor, size: Sequence[int], sigma: float
     d = len(size)
     sig = torch.as_tensor(np.broadcast_to(np.asarray(sigma, dtype=np.float64), (d,)).copy(),
                           dtype=torch.float32, device=lm.device)
-    expo = None
+    expo: torch.Tensor | None = None
     for axis, g in enumerate(_grid(size, lm.device)):
         p = lm[..., axis].reshape(*lm.shape[:-1], *([1] * d))
         term = (g - p) ** 2 / (2 * sig[axis] ** 2)
         expo = term if expo is None else expo + term
+    assert expo is not None  # a grid has at least one axis
     heat = amplitude * torch.exp(-expo)
     return heat * ok.reshape(*ok.shape, *([1] * d)).to(heat.dtype)
 
@@ -91,11 +92,12 @@ def diamond_masks(landmarks: torch.Tensor, size: Sequence[int], radius: int | fl
     ok = ok & ((centre_t >= 0) & (centre_t <= sz - 1)).all(-1)
     if centre == "exact":
         centre_t = lm
-    dist = None
+    dist: torch.Tensor | None = None
     for axis, g in enumerate(_grid(size, lm.device)):
         p = centre_t[..., axis].reshape(*centre_t.shape[:-1], *([1] * d))
         term = (g - p).abs()
         dist = term if dist is None else dist + term
+    assert dist is not None  # a grid has at least one axis
     mask = (dist <= float(radius) + 1e-6).float()
     return mask * ok.reshape(*ok.shape, *([1] * d)).float()
 

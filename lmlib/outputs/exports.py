@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,8 +53,9 @@ def prediction_table(samples: Sequence[Sample], world_mm: Sequence[np.ndarray], 
         w = np.asarray(w, dtype=np.float64).reshape(len(s.landmark_names), s.ndim)
         idx = s.geometry.world_to_index(w)
         for k, name in enumerate(s.landmark_names):
-            row = {"image_id": s.image_id, "image_path": _relative(image_paths[i], relative_to) if image_paths else "",
-                   "landmark": name}
+            row: dict[str, Any] = {"image_id": s.image_id,
+                                   "image_path": _relative(image_paths[i], relative_to) if image_paths else "",
+                                   "landmark": name}
             for a, axis in enumerate("xyz"):
                 row[f"{axis}_mm"] = w[k, a] if a < s.ndim else np.nan
             for a, axis in enumerate("xyz"):
@@ -71,16 +73,17 @@ def write_labelme(sample: Sample, world_mm: np.ndarray, path: str | Path, image_
         raise ValueError(f"{sample.image_id}: labelme files hold 2D points; this image is {sample.ndim}D")
     out = Path(path)
     idx = sample.geometry.world_to_index(np.asarray(world_mm, dtype=np.float64).reshape(-1, 2))
-    shapes = [{"label": name, "points": [[float(p[0] + 0.5), float(p[1] + 0.5)]], "group_id": None,
-               "description": "", "shape_type": "point", "flags": {}}
-              for name, p in zip(sample.landmark_names, idx) if np.isfinite(p).all()]
+    shapes: list[dict[str, Any]] = [
+        {"label": name, "points": [[float(p[0] + 0.5), float(p[1] + 0.5)]], "group_id": None,
+         "description": "", "shape_type": "point", "flags": {}}
+        for name, p in zip(sample.landmark_names, idx) if np.isfinite(p).all()]
     out.parent.mkdir(parents=True, exist_ok=True)
     if image_path is not None and not str(image_path).lower().endswith(LABELME_READABLE):
         rel = write_png(sample.image, out.with_name(f"{out.stem}.png")).name
     else:
         rel = "" if image_path is None else _relative(image_path, out.parent)
-    doc = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": rel, "imageData": None,
-           "imageHeight": int(sample.size[1]), "imageWidth": int(sample.size[0])}
+    doc: dict[str, Any] = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": rel,
+                           "imageData": None, "imageHeight": int(sample.size[1]), "imageWidth": int(sample.size[0])}
     out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
 

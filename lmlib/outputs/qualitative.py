@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -55,7 +56,8 @@ def _markers(ax: plt.Axes, pts: dict[str, np.ndarray], colors: dict[str, tuple],
                        linewidths=1.0, label=name, zorder=4)
 
 
-def show_plane(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float], origin: str) -> None:
+def show_plane(ax: plt.Axes, plane: np.ndarray, aspect: float, lohi: tuple[float, float],
+               origin: Literal["upper", "lower"]) -> None:
     ax.imshow(plane, cmap="gray", vmin=lohi[0], vmax=lohi[1], aspect=aspect, origin=origin,
               interpolation="antialiased")
     ax.set_xticks([])
@@ -78,7 +80,8 @@ def fig_qualitative(sample: Sample, predictions: dict[str, np.ndarray], path: Pa
     refs = set(reference_methods)
     colors = method_colors(list(predictions), refs)
     img = sample.image
-    lohi = tuple(float(v) for v in np.percentile(img, [1, 99.5]))
+    lo, hi = np.percentile(img, [1, 99.5])
+    lohi = (float(lo), float(hi))
     sp = geo.spacing
     if sample.ndim == 2:
         h_in = min(7.0, 6.0 * (img.shape[1] * sp[1]) / max(img.shape[0] * sp[0], 1e-6))

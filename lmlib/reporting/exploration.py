@@ -6,6 +6,7 @@ Works on any list of :class:`~lmlib.data.sample.Sample`, 2D or 3D. Coordinates i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -138,8 +139,8 @@ def fig_overlay(sample: Sample, points: dict[str, np.ndarray] | None = None, ann
         if annotate:
             for k, label in enumerate(sample.landmark_names):
                 if sample.valid[k]:
-                    ax.annotate(label, idx["reference"][k, :2], fontsize=6, color="yellow", xytext=(3, 3),
-                                textcoords="offset points")
+                    ax.annotate(label, (idx["reference"][k, 0], idx["reference"][k, 1]), fontsize=6, color="yellow",
+                                xytext=(3, 3), textcoords="offset points")
         ax.set_title(f"{sample.image_id}")
         ax.axis("off")
         ax.legend(fontsize=7, loc="lower right")
@@ -197,14 +198,14 @@ def interobserver_table(reference_mm: np.ndarray, other_mm: np.ndarray, names: S
 
 
 def augmented_examples(sample: Sample, n: int, seed: int = 0,
-                       left_right_pairs: Sequence[tuple[int, int]] = (), **augmentation: object) -> list[Sample]:
+                       left_right_pairs: Sequence[tuple[int, int]] = (), **augmentation: Any) -> list[Sample]:
     """``n`` randomly augmented copies of ``sample`` (same grid), landmarks moved with the pixels.
 
     Uses :func:`lmlib.data.transforms.build_augmentation` (MONAI); keyword arguments go to it.
     """
     from lmlib.data.transforms import build_augmentation, make_item
 
-    aug = build_augmentation(sample.ndim, left_right_pairs, seed=seed, **augmentation)  # type: ignore[arg-type]
+    aug = build_augmentation(sample.ndim, left_right_pairs, seed=seed, **augmentation)
     out = []
     for i in range(n):
         item = aug(make_item(sample.image, sample.landmarks_index, sample.valid))

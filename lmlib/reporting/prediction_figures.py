@@ -58,7 +58,8 @@ def fig_prediction_regions(sample: Sample, predicted_mm: np.ndarray, radius_mm: 
     review = np.asarray(review, dtype=bool)
     truth = geo.world_to_index(np.asarray(truth_mm, dtype=np.float64)) if truth_mm is not None else None
     img = sample.image
-    lohi = tuple(float(v) for v in np.percentile(img, [1, 99.5]))
+    lo, hi = np.percentile(img, [1, 99.5])
+    lohi = (float(lo), float(hi))
     names = list(sample.landmark_names)
     if sample.ndim == 2:
         fig, ax = plt.subplots(figsize=(6.0, max(3.0, min(7.0, 6.0 * img.shape[1] * sp[1] / (img.shape[0] * sp[0])))))

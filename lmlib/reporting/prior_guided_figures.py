@@ -56,6 +56,7 @@ def stage_errors(output_dir: str | Path) -> pd.DataFrame:
     for stage, df in frames.items():
         part = df[keys + ["error_mm"]].rename(columns={"error_mm": f"{stage}_mm"})
         table = part if table is None else table.merge(part, on=keys)
+    assert table is not None  # stage_frames finds at least one stage (it raises otherwise)
     group = set(_group(folder, frames))
     table["in_group"] = table["landmark"].isin(group)
     return table

@@ -23,11 +23,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
@@ -35,7 +36,7 @@ from lmlib.data.sample import Sample
 from lmlib.outputs.qualitative import show_plane
 
 TRUTH = "ground truth"
-COLORS = plt.get_cmap("tab10").colors
+COLORS = cast("tuple[tuple[float, float, float], ...]", cast(ListedColormap, plt.get_cmap("tab10")).colors)  # RGB
 PLANES = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))  # name, normal axis, drawn axes
 
 
@@ -92,12 +93,14 @@ def draw_view(sample: Sample, predictions: Mapping[str, np.ndarray], state: View
     fig.clear()
     geo, img = sample.geometry, np.asarray(sample.image)
     sp = np.asarray(geo.spacing, dtype=np.float64)
-    lohi = tuple(float(v) for v in np.percentile(img, [1, 99.5]))
+    lo, hi = np.percentile(img, [1, 99.5])
+    lohi = (float(lo), float(hi))
     points = {TRUTH: np.asarray(sample.landmarks_mm, dtype=np.float64)} if TRUTH in state.series else {}
     points.update({k: np.asarray(v, dtype=np.float64) for k, v in predictions.items() if k in state.series})
     index = {k: geo.world_to_index(v.reshape(-1, ndim)) for k, v in points.items()}
     colors = {k: ("lime" if k == TRUTH else COLORS[i % len(COLORS)]) for i, k in enumerate([TRUTH, *predictions])}
     names = list(sample.landmark_names)
+    views: list[tuple[str, tuple[int, int] | None, tuple[int, int], np.ndarray]]  # title, 3D cut, axes, plane
     if ndim == 2:
         views = [("", None, (0, 1), img.T)]
     else:
@@ -107,7 +110,7 @@ def draw_view(sample: Sample, predictions: Mapping[str, np.ndarray], state: View
                   np.take(img, int(voxel[normal]), axis=normal).T) for name, normal, cols in PLANES]
     axes = fig.subplots(1, len(views), squeeze=False)[0]
     for ax, (title, cut, cols, plane) in zip(axes, views):
-        origin = "upper" if cols == (0, 1) else "lower"
+        origin: Literal["upper", "lower"] = "upper" if cols == (0, 1) else "lower"
         show_plane(ax, plane, sp[cols[1]] / sp[cols[0]], lohi, origin)
         for key, idx in index.items():
             near = np.isfinite(idx).all(1)
