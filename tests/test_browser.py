@@ -31,9 +31,9 @@ def test_review_in_chromium_types_drags_and_clicks_corrections(
     folder, _ = prediction_folder(2)
     root = folder.parent
     queue = ReviewSession(folder).pending
+    # the prediction notebook's (80) review cell, on the folder lmlib.predict would have written
     lab_browser.write_notebook(root / "review.ipynb", [
-        "from lmlib.reporting.review_widget import ReviewWidget\nfrom lmlib.review import ReviewSession\n"
-        f"ReviewWidget(ReviewSession(r'{folder}'))"])
+        f"from lmlib.reporting.review_widget import review_predictions\n\nreview_predictions(r'{folder}')"])
     with lab_browser.lab_page(root) as (page, url):
         lab_browser.run_notebook(page, url, "review.ipynb")
         out = page.locator(".jp-Cell-outputArea").last
