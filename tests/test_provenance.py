@@ -77,3 +77,21 @@ def test_the_committed_data_checksum_of_a_generated_set_reproduces(dataset: str)
         pytest.skip(f"{manifest} not committed")
     data = load_run_data({"dataset": dataset})
     assert checksum_samples(data.split("train") + data.split("test")) == json.loads(manifest.read_text())["data_checksum"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_the_committed_afids_templates_rows_were_trained_on_the_posed_copies_made_today(shared_data: Path) -> None:
+    """The posed copies are regenerated from their seeds by every run: each committed learned row's manifest records
+    the checksum of its train + val + test samples, and today's generation gives the same bits (about a minute)."""
+    from lmlib.engine.runner import load_run_data
+    from lmlib.outputs.manifest import checksum_samples
+
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in (RESULTS / "afids-templates").glob("*/manifest.json")}
+    # the learned rows (the registration row checksums train + test only)
+    recorded = {k: m["data_checksum"] for k, m in manifests.items() if m.get("method") not in (None, "registration")}
+    if not recorded:
+        pytest.skip("no learned afids-templates row committed")
+    data = load_run_data({"dataset": "afids-templates", "data_dir": str(shared_data / "afids-templates")})
+    today = checksum_samples(data.split("train") + data.split("val") + data.split("test"))
+    assert {k: v for k, v in recorded.items() if v != today} == {}, f"today's posed copies: {today}"
