@@ -14,6 +14,7 @@ import pytest
 
 from lmlib.data.datasets import load_dataset
 from lmlib.data.sample import Sample
+from lmlib.reporting.review_widget import ReviewWidget
 from lmlib.review import ReviewSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -66,10 +67,6 @@ def test_review_in_chromium_types_drags_and_clicks_corrections(
 
         # 3. click on the image 3 px right of and 2 px above the prediction: where, in the page, from the same
         # figure drawn here (its layout in figure fractions)
-        import matplotlib
-        matplotlib.use("Agg")
-        from lmlib.reporting.review_widget import ReviewWidget
-
         local = ReviewWidget(ReviewSession(folder), clicks=False)
         third = local.item
         assert third == queue[2]
