@@ -139,6 +139,8 @@ JOBS: tuple[Job, ...] = (
     _job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), runs="prior_guided", main=False),
     # the classical baseline (no training): multi-atlas registration
     _job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration"),
+    # local refinement after a finished run (here the registration baseline's): writes <method>/local1, local2
+    _job("60_local_refinement.ipynb", "registration+local", SYNTHETIC + REAL, runs="refine"),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,

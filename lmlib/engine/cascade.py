@@ -40,6 +40,18 @@ class StageResult:
     infer_seconds_per_image: float  # likewise
 
 
+@dataclass
+class Start:
+    """Predictions a cascade starts from instead of the images alone: a finished run's (:mod:`lmlib.engine.base_run`),
+    on the val and test samples in split order, with what it cost (added to every stage's times)."""
+
+    name: str  # the run refined (its folder name)
+    val: Predictions
+    test: Predictions
+    train_seconds: float
+    infer_seconds_per_image: float
+
+
 def as_centres(samples: Sequence[Sample], pred: Predictions) -> Centres:
     """``{image_id: (N, D) world mm}`` of predictions, the next stage's patch centres."""
     return {s.image_id: np.asarray(w, dtype=np.float64) for s, w in zip(samples, pred.world_mm)}
@@ -61,21 +73,24 @@ def chain(previous: Predictions | None, current: Predictions) -> Predictions:
 def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: str | Path, device: str = "auto",
                 seed: int = 0, num_workers: int = 0, resume: bool = False,
                 callbacks: Callable[[Stage, Path], Sequence[Callback]] | None = None,
-                data: dict[str, Any] | None = None, settings: Mapping[str, Any] | None = None) -> list[StageResult]:
+                data: dict[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
+                start: Start | None = None) -> list[StageResult]:
     """Train ``stages`` in order on ``samples`` (split by ``meta["split"]``) into ``<output_dir>/<stage>/``.
 
     ``resume``: continue each stage from its ``checkpoints/last.ckpt`` when present. ``callbacks``: a
     function (stage, stage folder) -> Lightning callbacks (e.g. overlays). ``settings``: keywords of
     :func:`~lmlib.engine.training.fit` for every stage (``devices``, ``num_nodes``, ``strategy`` of DDP,
-    ``precision``, ``progress``).
+    ``precision``, ``progress``). ``start``: a finished run's predictions the first stage is centred on (its
+    times are counted in every stage's).
     """
     out = Path(output_dir)
     val = [s for s in samples if s.meta.get("split") == "val"]
     test = [s for s in samples if s.meta.get("split") == "test"]
     results: list[StageResult] = []
-    prev_val: Predictions | None = None
-    prev_test: Predictions | None = None
-    train_total = infer_total = 0.0
+    prev_val: Predictions | None = start.val if start else None
+    prev_test: Predictions | None = start.test if start else None
+    train_total = start.train_seconds if start else 0.0
+    infer_total = start.infer_seconds_per_image if start else 0.0
     for stage in stages:
         folder = out / stage.name
         centres = None if prev_val is None or prev_test is None else {  # both None before the first stage only
@@ -123,11 +138,19 @@ def model_checkpoints(model: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
     if (p / "checkpoints" / "best.ckpt").is_file():
         return [p / "checkpoints" / "best.ckpt"]
-    stages = (read_manifest(p) or {}).get("stages")
+    manifest = read_manifest(p) or {}
+    stages = manifest.get("stages")
+    base: list[Path] = []
+    if stages and manifest.get("base_run"):  # a refinement: the run it refines first
+        try:
+            base = model_checkpoints((p / str(manifest["base_run"])).resolve())
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{p}: refines the run {manifest['base_run']}, which cannot predict new images "
+                                    f"from checkpoints ({exc})") from None
     if not stages:
         raise FileNotFoundError(f"{p}: not a run folder (no checkpoints/best.ckpt, no manifest.json listing stages)")
     ckpts = [p / str(s) / "checkpoints" / "best.ckpt" for s in stages]
     missing = [str(c) for c in ckpts if not c.is_file()]
     if missing:
         raise FileNotFoundError(f"{p}: the cascade's stage checkpoints are missing: {missing}")
-    return ckpts
+    return base + ckpts

@@ -37,7 +37,7 @@ from lmlib.engine.parameters import SHARED_PARAMETERS, check_shared, shared_valu
 from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, predict
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
-from lmlib.methods.stages import CascadeMethod, is_cascade
+from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
 from lmlib.outputs.contract import predictions_frame, read_manifest, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
@@ -392,6 +392,16 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
     from lmlib.engine.cascade import fit_cascade
 
     output_dir = Path(params["output_dir"])
+    start, base = None, cls.base_folder(params)
+    if base is not None:  # a finished run's predictions: the first stage is centred on them
+        from lmlib.engine.base_run import load_base_run, validation_errors
+
+        start = load_base_run(base, str(params["dataset"]), train, val, test, cache_dir=output_dir)
+        errors = validation_errors(val, start.val.world_mm)
+        print(f"base run {start.name}: val MRE {np.mean(list(errors.values())):.2f} mm (mean over landmarks), "
+              f"worst {max(errors.values()):.2f} mm ({max(errors, key=lambda n: errors[n])})")
+        shared = {**shared, BASE_ERRORS: errors}
+        effective = {**effective, "base_run": os.path.relpath(base, output_dir)}
     stages = cls.build_stages(data.spec.ndim, len(data.landmark_names), params, grid, shared)
     aug = augmentation(params, data.spec.ndim, seed, shared["flip_pairs"])
     for stage in stages:
@@ -399,7 +409,7 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
     results = fit_cascade(stages, train + val + test, output_dir, device=str(shared_value(params, "device")), seed=seed,
                           num_workers=int(shared_value(params, "num_workers")), resume=bool(params.get("resume")),
                           callbacks=lambda stage, folder: overlays(params, folder), data=provenance(params, data),
-                          settings=fit_settings(params))
+                          settings=fit_settings(params), start=start)
     figures: dict[str, Path] = {}
     stage_metrics: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -416,7 +426,8 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
     last = results[-1]
     figures.update(worst_image_figure(output_dir, test, predictions, last.test, cls.name))
     write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,
-                   extra={"method": cls.name, "stages": [r.stage.name for r in results]})
+                   extra={"method": cls.name, "stages": [r.stage.name for r in results],
+                          **({"base_run": effective["base_run"]} if start else {})})
     return RunResult(output_dir, stage_metrics[last.stage.name], predictions, test, last.test.world_mm, figures,
                      {r.stage.name: r.fit for r in results}, stage_metrics)
 

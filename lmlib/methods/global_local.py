@@ -315,10 +315,10 @@ class GlobalStageParameters(MethodParameters):
                           "a number >= 0", ge=0)
 
 
-class LocalStageParameters(MethodParameters):
-    """The local stage's notebook parameters: its network, training and patch rule (:class:`PatchRule`)."""
+class LocalPatchParameters(MethodParameters):
+    """A local stage's network, batch and patch rule (:class:`PatchRule`): shared by this cascade's local stage
+    and the refinement after any method (:mod:`lmlib.methods.refine`)."""
 
-    local_epochs: Int = field(40, "local stage epochs", "an integer >= 1", ge=1)
     local_batch_size: Int = field(32, "local patches per batch", "an integer >= 1", ge=1)
     local_net: Annotated[str, one_of(LOCAL_NETS)] = field(
         "per_landmark", "per_landmark (official) | shared", "per_landmark or shared")
@@ -335,6 +335,12 @@ class LocalStageParameters(MethodParameters):
         True, "each landmark its own patch spacing from its own error; false: all from the worst", "true or false")
     local_max_patch_px: Int = field(20, "larger extents coarsen the spacing (local receptive field 18 px)",
                                     f"an integer >= {MIN_LOCAL_PATCH_PX}", ge=MIN_LOCAL_PATCH_PX)
+
+
+class LocalStageParameters(LocalPatchParameters):
+    """The local stage's notebook parameters: its epochs, network, training and patch rule."""
+
+    local_epochs: Int = field(40, "local stage epochs", "an integer >= 1", ge=1)
 
 
 class GlobalLocalParameters(GlobalStageParameters, LocalStageParameters):
@@ -359,7 +365,7 @@ class GlobalLocalFCNN(CascadeMethod[dict[str, torch.Tensor]]):
     """
 
     name = "global_local"
-    Parameters = GlobalLocalParameters
+    Parameters: type[MethodParameters] = GlobalLocalParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, stage: str = "global",
                  network: dict[str, Any] | None = None, displacement: str = "log", alpha: float | None = None,
@@ -497,7 +503,8 @@ class PatchRule:
 
     def __init__(self, spatial_dims: int, spacing_mm: float, patch_mm: float = 0.0, factor: float = 2.5,
                  max_px: int = 20, max_spacing_mm: float | None = None, min_px: int = MIN_LOCAL_PATCH_PX,
-                 multiple: int = LocalFCNN.output_stride, per_landmark: bool = True) -> None:
+                 multiple: int = LocalFCNN.output_stride, per_landmark: bool = True, source: str = "global") -> None:
+        self.source = source  # whose validation errors size the patch (named in the reason)
         self.spatial_dims, self.spacing_mm, self.patch_mm = spatial_dims, float(spacing_mm), float(patch_mm)
         self.per_landmark = bool(per_landmark)
         self.max_spacing_mm = max(self.spacing_mm, float(max_spacing_mm)) if max_spacing_mm else math.inf
@@ -530,10 +537,11 @@ class PatchRule:
             worst_name = max(errors_mm, key=lambda n: errors_mm[n])
             worst = errors_mm[worst_name]
             half = self.factor * worst
-            why = f"{self.factor:g} x the worst per-landmark mean global validation error ({worst:.2f} mm, {worst_name})"
+            why = f"{self.factor:g} x the worst per-landmark mean {self.source} validation error ({worst:.2f} mm, " \
+                  f"{worst_name})"
             if self.per_landmark and names:
-                why = f"per landmark: {self.factor:g} x its own mean global validation error on each side; px set " \
-                      f"by the worst ({worst:.2f} mm, {worst_name})"
+                why = f"per landmark: {self.factor:g} x its own mean {self.source} validation error on each side; px " \
+                      f"set by the worst ({worst:.2f} mm, {worst_name})"
             else:
                 why += " on each side"
         px, spacing = self.patch(half)

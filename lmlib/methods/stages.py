@@ -14,6 +14,10 @@ import numpy as np
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.base import LandmarkMethod, OutputsT
 
+#: the ``shared`` key through which the engine gives ``build_stages`` the per-landmark mean validation errors (mm)
+#: of the finished run a cascade starts from (:meth:`CascadeMethod.base_folder`)
+BASE_ERRORS = "base_val_errors_mm"
+
 
 @dataclass
 class Stage:
@@ -38,6 +42,12 @@ class CascadeMethod(LandmarkMethod[OutputsT]):
         """The stages, in training order, from notebook ``params``, the run's ``grid`` (px) and the engine's
         ``shared`` settings (optimizer, flip pairs, ``max_epochs`` and ``batch_size`` of the first stage)."""
         raise NotImplementedError
+
+    @classmethod
+    def base_folder(cls, params: Mapping[str, Any]) -> Path | None:
+        """A finished run (folder) whose predictions the first stage starts from, e.g. to refine them; None (the
+        default): the first stage starts from the images alone."""
+        return None
 
 
 def is_cascade(cls: type[LandmarkMethod]) -> TypeGuard[type[CascadeMethod]]:

@@ -1,0 +1,131 @@
+"""The finished run a cascade starts from (:meth:`~lmlib.methods.stages.CascadeMethod.base_folder`, e.g. the
+refinement after any method, :mod:`lmlib.methods.refine`): its predictions on the val and test splits.
+
+- **test**: the run folder's own ``predictions.csv`` (the numbers of its comparison row), every test image and
+  landmark required;
+- **val**: the run's predictions on the val split, which a run folder does not store: made from its checkpoints
+  (:func:`~lmlib.engine.cascade.predict_cascade`), or, for a method with nothing to train (registration), by
+  running it again with the parameters its manifest records (same seed, so the same atlases), then kept in the
+  refining run's folder (``base_val_predictions.csv``) so that a resumed run does not redo them.
+
+Coordinates are world mm ``(x, y[, z])``. A missing folder, image or landmark is an error naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmlib.data.sample import Sample
+from lmlib.engine.cascade import Start, model_checkpoints, predict_cascade
+from lmlib.engine.training import Predictions
+from lmlib.evaluation.metrics import radial_errors
+from lmlib.outputs.contract import ContractError, predictions_frame, read_manifest, read_run
+
+#: where the base run's val predictions are kept in the refining run's folder
+VAL_CACHE = "base_val_predictions.csv"
+
+
+def read_predictions(path: Path, samples: Sequence[Sample]) -> list[np.ndarray]:
+    """``(N, D)`` world mm per sample (in the samples' landmark order) from a ``predictions.csv``; a sample or
+    landmark the file lacks is a :class:`ContractError` naming the file."""
+    table = pd.read_csv(path, dtype={"image_id": str, "landmark": str}).set_index(["image_id", "landmark"])
+    axes = ["x_mm", "y_mm", "z_mm"]
+    out = []
+    for s in samples:
+        keys = [(s.image_id, name) for name in s.landmark_names]
+        missing = [k for k in keys if k not in table.index]
+        if missing:
+            raise ContractError(f"{path}: no prediction for {len(missing)} landmark(s) of image {s.image_id!r} "
+                                f"(e.g. {missing[0][1]!r}): the run was made on other images")
+        out.append(table.loc[keys, axes[:s.landmarks_mm.shape[1]]].to_numpy(dtype=np.float64))
+    return out
+
+
+def validation_errors(samples: Sequence[Sample], world_mm: Sequence[np.ndarray]) -> dict[str, float]:
+    """Per-landmark mean radial error (mm) over the samples where the landmark is annotated."""
+    errors = np.stack([np.where(s.valid, radial_errors(p, s.landmarks_mm), np.nan) for s, p in zip(samples, world_mm)])
+    names = samples[0].landmark_names
+    return {n: float(np.nanmean(errors[:, k])) for k, n in enumerate(names) if np.isfinite(errors[:, k]).any()}
+
+
+def _untrained_val(manifest: dict[str, Any], folder: Path, train: Sequence[Sample], val: Sequence[Sample]
+                   ) -> list[np.ndarray]:
+    """A method with nothing to train, run again on ``val`` with its manifest's parameters (its atlases checked)."""
+    from lmlib.methods.base import method_class
+
+    params = dict(manifest.get("parameters") or {})
+    cls = method_class(str(manifest["method"]))
+    grid = params.get("image_size")
+    if not grid:
+        raise ContractError(f"{folder / 'manifest.json'}: no image_size among its parameters")
+    model: Any = cls.from_parameters(val[0].landmarks_mm.shape[1], len(val[0].landmark_names), params)
+    atlases = model.choose_atlases(list(train))
+    recorded = manifest.get("atlases")
+    if recorded and [a.image_id for a in atlases] != list(recorded):
+        raise ContractError(f"{folder / 'manifest.json'}: its atlases {recorded} are not those chosen again "
+                            f"({[a.image_id for a in atlases]}): the training images differ")
+    world, _ = model.predict_samples(atlases, list(val), [int(g) for g in grid])
+    return [np.asarray(w, dtype=np.float64) for w in world]
+
+
+def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Sample], val: Sequence[Sample]
+                    ) -> list[np.ndarray]:
+    """The base run's predictions on ``val`` (world mm): from its checkpoints, or by running an untrained method
+    again; an error saying what is missing otherwise."""
+    from lmlib.methods.base import method_class
+
+    method = str(manifest.get("method", ""))
+    try:
+        checkpoints = model_checkpoints(folder)
+    except FileNotFoundError:
+        checkpoints = []
+    if checkpoints:
+        return predict_cascade(checkpoints, val).world_mm
+    if method and not getattr(method_class(method), "trainable", True):
+        return _untrained_val(manifest, folder, train, val)
+    raise FileNotFoundError(f"{folder}: the {method or 'base'} run has no checkpoints (checkpoints/best.ckpt or its "
+                            "stages') to predict the val split with: run its job again here (committed run folders "
+                            "do not keep checkpoints)")
+
+
+def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val: Sequence[Sample],
+                  test: Sequence[Sample], cache_dir: str | Path | None = None) -> Start:
+    """The predictions of the finished run in ``folder`` on ``val`` and ``test`` and its costs (see the module
+    docstring). ``cache_dir``: where the val predictions are kept (keyed by the base run's manifest)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json): run the {folder.name!r} job on "
+                                f"{dataset} first, or name another run folder with base_run")
+    _, metrics = read_run(folder)
+    ran_on = str((manifest.get("parameters") or {}).get("dataset", ""))
+    if Path(ran_on).stem != Path(dataset).stem:
+        raise ContractError(f"{folder / 'manifest.json'}: a run on {ran_on!r}, not on {dataset!r}")
+    test_mm = read_predictions(folder / "predictions.csv", test)
+    key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
+    cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
+    if cache is not None and cache.is_file() and (cache.with_suffix(".key").read_text().strip()
+                                                  if cache.with_suffix(".key").is_file() else "") == key:
+        val_mm = read_predictions(cache, val)
+        print(f"base run {folder.name}: val predictions from {cache.name}")
+    else:
+        t0 = time.perf_counter()
+        print(f"base run {folder.name}: predicting the {len(val)} val images ...", flush=True)
+        val_mm = val_predictions(folder, manifest, train, val)
+        print(f"base run {folder.name}: val predictions in {time.perf_counter() - t0:.0f} s")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            predictions_frame(val, val_mm).to_csv(tmp, index=False)
+            cache.with_suffix(".key").write_text(key + "\n")
+            tmp.replace(cache)
+    ones = [np.ones(len(p)) for p in test_mm]
+    return Start(folder.name, Predictions(val_mm, [np.ones(len(p)) for p in val_mm], 0.0),
+                 Predictions(test_mm, ones, float(metrics["infer_seconds_per_image"])),
+                 float(metrics["train_seconds"]), float(metrics["infer_seconds_per_image"]))
