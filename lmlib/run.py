@@ -141,6 +141,8 @@ JOBS: tuple[Job, ...] = (
     _job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration"),
     # local refinement after a finished run (here the registration baseline's): writes <method>/local1, local2
     _job("60_local_refinement.ipynb", "registration+local", SYNTHETIC + REAL, runs="refine"),
+    _job("60_local_refinement.ipynb", "htc+local", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="refine",
+         main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,
