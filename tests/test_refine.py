@@ -118,3 +118,20 @@ def test_a_base_run_on_other_images_or_another_dataset_is_refused_naming_the_fil
     with pytest.raises(ContractError, match=r"predictions\.csv: no prediction for 8 landmark\(s\) of image"):
         load_base_run(folder, "synthetic2d", s["train"], s["val"], s["test"])
     shutil.rmtree(folder)
+
+
+def test_a_stage_keeps_the_previous_prediction_where_it_is_not_better_on_val() -> None:
+    """Per landmark on val: landmark 0 improved (kept by the stage), landmark 1 worse and landmark 2 equal (both
+    left to the previous stage), a masked landmark counts only where annotated."""
+    from types import SimpleNamespace
+
+    from lmlib.engine.cascade import _without, chain, worse_on_val
+    from lmlib.engine.training import Predictions
+
+    gt = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+    samples = [SimpleNamespace(landmarks_mm=gt.copy(), valid=np.array([True, True, i == 0])) for i in range(2)]
+    previous = Predictions([gt + [[2, 0], [1, 0], [1, 0]] for _ in samples], [np.ones(3)] * 2, 0.0)
+    current = Predictions([gt + [[1, 0], [3, 0], [1, 0]] for _ in samples], [np.ones(3)] * 2, 0.0)
+    assert worse_on_val(samples, previous, current) == [1, 2]
+    merged = chain(previous, _without(current, [1, 2]))
+    assert np.allclose(merged.world_mm[0], gt + [[1, 0], [1, 0], [1, 0]])

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.sample import Sample
-from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict
+from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict, set_kept_previous
 from lmlib.methods.stages import Stage  # re-exported: the cascade's unit
 from lmlib.outputs.contract import read_manifest
 
@@ -38,6 +38,7 @@ class StageResult:
     test: Predictions
     train_seconds: float  # summed over this and the previous stages
     infer_seconds_per_image: float  # likewise
+    kept_previous: list[str] | None = None  # landmarks left to the previous stage (worse on val), when chosen
 
 
 @dataclass
@@ -55,6 +56,35 @@ class Start:
 def as_centres(samples: Sequence[Sample], pred: Predictions) -> Centres:
     """``{image_id: (N, D) world mm}`` of predictions, the next stage's patch centres."""
     return {s.image_id: np.asarray(w, dtype=np.float64) for s, w in zip(samples, pred.world_mm)}
+
+
+def worse_on_val(samples: Sequence[Sample], previous: Predictions, current: Predictions) -> list[int]:
+    """Indices of the landmarks whose mean validation error (mm, over the samples where annotated) is not lower
+    with ``current`` than with ``previous`` (or that ``current`` does not predict)."""
+    def errors(pred: Predictions) -> np.ndarray:
+        return np.stack([np.where(s.valid, np.linalg.norm(p - s.landmarks_mm, axis=1), np.nan)
+                         for s, p in zip(samples, pred.world_mm)])
+
+    before, after = errors(previous), errors(current)
+    out = []
+    for k in range(before.shape[1]):
+        annotated = np.isfinite(before[:, k]) | np.isfinite(after[:, k])
+        if not annotated.any():
+            continue
+        if not np.isfinite(after[annotated, k]).all() or np.nanmean(after[annotated, k]) >= np.nanmean(before[annotated, k]):
+            out.append(k)
+    return out
+
+
+def _without(pred: Predictions, kept: Sequence[int]) -> Predictions:
+    """``pred`` with the landmarks ``kept`` unpredicted (NaN: :func:`chain` fills them from the previous stage)."""
+    world = [w.copy() for w in pred.world_mm]
+    conf = [c.copy() for c in pred.confidence]
+    spread = [s.copy() for s in pred.spread_mm] if pred.spread_mm is not None else None
+    for arrays in (world, conf, *([spread] if spread is not None else [])):
+        for a in arrays:
+            a[list(kept)] = np.nan
+    return Predictions(world, conf, pred.seconds_per_image, spread)
 
 
 def chain(previous: Predictions | None, current: Predictions) -> Predictions:
@@ -102,13 +132,22 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
         result = fit(stage.method, dm, folder, max_epochs=stage.max_epochs, device=device, seed=seed,
                      resume=last if resume and last.is_file() else "",
                      callbacks=list(callbacks(stage, folder)) if callbacks else [], data=data, **(settings or {}))
-        pv = chain(prev_val, predict(result.module, val, batch_size=stage.batch_size,
-                                     centres=centres["val"] if centres else None))
-        pt = chain(prev_test, predict(result.module, test, batch_size=stage.batch_size,
-                                      centres=centres["test"] if centres else None))
+        set_kept_previous(result.module, [])  # every landmark, to measure them all (a resumed stage's choice is redone)
+        cv = predict(result.module, val, batch_size=stage.batch_size, centres=centres["val"] if centres else None)
+        ct = predict(result.module, test, batch_size=stage.batch_size, centres=centres["test"] if centres else None)
+        kept_names = None
+        if stage.keep_previous_where_worse and prev_val is not None:
+            kept = worse_on_val(val, prev_val, cv)
+            names = list(result.module.landmark_names)
+            kept_names = [names[k] for k in kept]
+            set_kept_previous(result.module, kept, result.best_checkpoint)
+            cv, ct = _without(cv, kept), _without(ct, kept)
+            print(f"{stage.name}: keeps the previous predictions of {len(kept)} of {len(names)} landmarks, not improved "
+                  f"on val{': ' + ', '.join(kept_names) if kept_names else ''}")
+        pv, pt = chain(prev_val, cv), chain(prev_test, ct)
         train_total += result.train_seconds
         infer_total += pt.seconds_per_image
-        results.append(StageResult(stage, result, pv, pt, train_total, infer_total))
+        results.append(StageResult(stage, result, pv, pt, train_total, infer_total, kept_names))
         prev_val, prev_test = pv, pt
     return results
 

@@ -422,7 +422,8 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
                        seed=seed, device=dev, started=started,
                        extra={"method": cls.name, "stage": r.stage.name, "method_config": r.stage.method.config(),
                               "view": r.stage.view.to_dict(), "epochs_trained": r.fit.epochs,
-                              "world_size": r.fit.world_size})
+                              "world_size": r.fit.world_size,
+                              **({"kept_previous": r.kept_previous} if r.kept_previous is not None else {})})
     last = results[-1]
     figures.update(worst_image_figure(output_dir, test, predictions, last.test, cls.name))
     write_manifest(output_dir, effective, samples=train + val + test, seed=seed, device=dev, started=started,

@@ -159,7 +159,9 @@ class LandmarkModule(pl.LightningModule):
     from the checkpoint alone: ``method`` / ``method_config`` (``build_method(method, **config)``),
     ``landmark_names`` (all of the dataset's; items say which they hold), ``view`` / ``eval_view``
     (:class:`ViewSpec` dicts), ``max_epochs`` (schedule horizon) and ``data`` (dataset name, spacing
-    policy: provenance stored with the weights).
+    policy: provenance stored with the weights). ``kept_previous``: indices of the landmarks this cascade
+    stage does not serve, because it did not improve them on the validation split
+    (:func:`~lmlib.engine.cascade.fit_cascade`); :func:`predict` leaves them to the previous stage.
     """
 
     method_epoch: torch.Tensor  # a buffer (registered in __init__)
@@ -167,7 +169,7 @@ class LandmarkModule(pl.LightningModule):
     def __init__(self, method: str, method_config: dict[str, Any], landmark_names: Sequence[str],
                  view: dict[str, Any], eval_view: dict[str, Any] | None = None, max_epochs: int = 100,
                  data: dict[str, Any] | None = None, lmlib_version: str = lmlib.__version__,
-                 checkpoint_format: int = CHECKPOINT_FORMAT) -> None:
+                 checkpoint_format: int = CHECKPOINT_FORMAT, kept_previous: Sequence[int] = ()) -> None:
         super().__init__()
         if int(checkpoint_format) != CHECKPOINT_FORMAT:
             raise CheckpointMismatch(f"checkpoint format {checkpoint_format} (lmlib {lmlib_version}) cannot be read by "
@@ -680,4 +682,22 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
             conf[int(batch["index"][b])][ids] = c[b].cpu().double().numpy()
             spread[int(batch["index"][b])][ids] = sp[b]
     seconds = (time.perf_counter() - start) / max(1, len(samples))
+    kept = [int(k) for k in module.hparams.get("kept_previous") or ()]
+    for arrays in (world, conf, spread):  # landmarks this stage leaves to the previous one
+        for a in arrays:
+            a[kept] = np.nan
     return Predictions(world, conf, seconds, spread)
+
+
+def set_kept_previous(module: LandmarkModule, kept: Sequence[int], checkpoint: str | Path | None = None) -> None:
+    """Record on ``module`` (and in ``checkpoint``'s hyper-parameters, rewritten atomically) the landmark indices
+    whose previous-stage predictions it keeps (see :class:`LandmarkModule`)."""
+    module.hparams["kept_previous"] = [int(k) for k in kept]
+    if checkpoint is None:
+        return
+    path = Path(checkpoint)
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    ckpt.setdefault("hyper_parameters", {})["kept_previous"] = [int(k) for k in kept]
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, str(tmp))
+    os.replace(tmp, path)

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+from pydantic import StrictBool
+
 from lmlib.methods.global_local import (
     DISPLACEMENT_CODES,
     GlobalLocalFCNN,
@@ -48,6 +50,8 @@ class RefineParameters(LocalPatchParameters):
                                   "errors", "an integer >= 1", ge=1, le=4)
     local_max_spacing_mm: Number = field(4.0, "coarsest patch spacing (mm/px) a stage may use to cover its "
                                               "wanted extent", "a number > 0 (mm/px)", gt=0)
+    keep_previous_where_worse: StrictBool = field(
+        True, "per landmark, keep the previous prediction where a stage's mean val error is not lower", "true or false")
     displacement: Annotated[str, one_of(DISPLACEMENT_CODES)] = field(
         "log", "log: sign(d) log10(|d| + 1) (paper) | linear", "log or linear")
 
@@ -102,6 +106,7 @@ class LocalRefinement(GlobalLocalFCNN):
                                      batch_size=int(p["local_batch_size"]), rule=rule, global_folder=previous,
                                      errors=(lambda: base_errors) if k == 0 else None,
                                      landmark_names=shared.get("landmark_names", ())))
+            stages[-1].keep_previous_where_worse = bool(p["keep_previous_where_worse"])
             previous = out / name if out is not None else None
         return stages
 

@@ -30,6 +30,9 @@ class Stage:
     max_epochs: int = 50
     batch_size: int = 4
     augmentation: Any = None
+    #: per landmark, keep the previous stage's prediction where this stage's mean validation error is not lower
+    #: (a choice made on ``val``, recorded in the stage's checkpoint and manifest)
+    keep_previous_where_worse: bool = False
 
 
 class CascadeMethod(LandmarkMethod[OutputsT]):
