@@ -187,3 +187,19 @@ def test_the_generated_deformations_have_the_same_bits_whatever_blas_kernel_nump
         digests[core] = subprocess.run([sys.executable, "-c", _GENERATE], env={**env, **kernel}, capture_output=True,
                                        text=True, check=True).stdout.strip()
     assert digests[""] == digests["Prescott"], digests
+
+
+def test_the_elastic_smoothing_is_scipys_gaussian_filter_with_libm_weights() -> None:
+    """The deformation's smoothing equals scipy's gaussian_filter (mode wrap) to rounding, with its kernel from libm
+    (NumPy's AVX-512 exp changed the kernel's last bits, and with them every posed copy and its checksum)."""
+    import math
+
+    from scipy.ndimage import gaussian_filter
+
+    from lmlib.data.deformations import gaussian_smooth
+    from lmlib.data.geometry import libm_exp
+
+    noise = np.random.default_rng(5).normal(size=(9, 10, 11))
+    assert np.allclose(gaussian_smooth(noise, 2.0), gaussian_filter(noise, sigma=2.0, mode="wrap"), rtol=0, atol=1e-14)
+    values = np.linspace(-3.0, 1.0, 7).reshape(7, 1)
+    assert libm_exp(values).tolist() == [[math.exp(v)] for v in values.ravel().tolist()]

@@ -15,14 +15,29 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import correlate1d
 from scipy.spatial.transform import Rotation
 
-from lmlib.data.geometry import Geometry, apply_matrix, vector_norm
+from lmlib.data.geometry import Geometry, apply_matrix, libm_exp, vector_norm
 from lmlib.data.phantoms import assign_splits
 from lmlib.data.sample import Sample, image_from_sitk
 
 INVERSION_TOLERANCE_MM = 1e-4  # accepted residual |T(y) - p| of an inverted landmark, mm
+
+
+def gaussian_smooth(array: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(array, sigma, mode="wrap")`` (float64) with its kernel computed by libm's
+    ``exp`` (``math.exp``), not NumPy's: NumPy's vectorised ``exp`` gives other last bits on CPUs with AVX-512,
+    which made the generated images differ by machine (the data checksum did). Why by hand: scipy computes the
+    kernel with ``numpy.exp``; the separable correlation itself is scipy's (``correlate1d``, axis by axis)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x2 = (np.arange(-radius, radius + 1) ** 2).tolist()
+    phi = libm_exp(np.array([-0.5 / (float(sigma) ** 2) * v for v in x2]))
+    weights = (phi / phi.sum())[::-1]  # scipy's kernel, reversed for a correlation (it is symmetric)
+    out = np.asarray(array, dtype=np.float64)
+    for axis in range(out.ndim):
+        out = correlate1d(out, weights, axis, output=np.float64, mode="wrap")
+    return out
 
 
 def _elastic_transform(geometry: Geometry, size: np.ndarray, rng: np.random.Generator,
@@ -35,7 +50,7 @@ def _elastic_transform(geometry: Geometry, size: np.ndarray, rng: np.random.Gene
     extent = (size - 1) * geometry.spacing + 2 * margin  # mm along each image axis
     n = np.ceil(extent / step).astype(int) + 1
     noise = rng.normal(size=(dim, *n[::-1]))  # sitk array order: (z,) y, x
-    field = np.stack([gaussian_filter(c, sigma=2.0, mode="wrap") for c in noise], axis=-1)
+    field = np.stack([gaussian_smooth(c, sigma=2.0) for c in noise], axis=-1)
     rms = np.sqrt((field ** 2).sum(axis=-1).mean())
     field *= magnitude_mm / max(rms, 1e-12)
     image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)

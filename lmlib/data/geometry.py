@@ -7,6 +7,7 @@ points are rows: shape ``(N, D)``. NaN rows (invalid landmarks) pass through as 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -32,6 +33,13 @@ def vector_norm(vector: np.ndarray) -> float:
     """Euclidean length of one short vector, without BLAS (see above)."""
     v = np.asarray(vector, dtype=np.float64)
     return float(np.sqrt(np.sum(v * v)))
+
+
+def libm_exp(values: np.ndarray) -> np.ndarray:
+    """``exp`` of every element by libm (``math.exp``), float64: NumPy's vectorised ``exp`` gives other last bits
+    on CPUs with AVX-512, so generated images (and their checksum) would depend on the machine."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.fromiter(map(math.exp, v.ravel().tolist()), dtype=np.float64, count=v.size).reshape(v.shape)
 
 
 @dataclass(frozen=True)

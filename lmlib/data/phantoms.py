@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from lmlib.data.geometry import Geometry, apply_matrix
+from lmlib.data.geometry import Geometry, apply_matrix, libm_exp
 from lmlib.data.sample import Sample
 
 KINDS: tuple[str, ...] = ("disc", "apex", "cross", "corner", "ring", "bar_end", "hole", "tee")
@@ -208,7 +208,7 @@ def make_phantom(ndim: int, seed: int, size: tuple[int, ...] | None = None,
     terms = [u[:, k] for k in range(ndim)] + [u[:, j] * u[:, k] for j in range(ndim) for k in range(j, ndim)]
     field = sum(c * t for c, t in zip(rng.normal(size=len(terms)), terms))
     field /= max(np.abs(field).max(), 1e-9)
-    image = image * np.exp(bias * field).reshape(size)
+    image = image * libm_exp(bias * field).reshape(size)  # libm: the same bits on every CPU
     image = image + rng.normal(0.0, noise, size) if noise > 0 else image
     meta: dict[str, Any] = {"source": "phantom", "seed": int(seed), "left_right_pairs": [],
                             "body_level": float(body_level), "background_level": float(bg_level),
