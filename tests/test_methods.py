@@ -18,8 +18,9 @@ def test_build_config_roundtrip(name):
     again = build_method(name, **m.config())
     assert again.config() == m.config() and m.name == name
     # the U-Nets pool four times; the global FCNN's stride is its output stride (32 by default); the
-    # prior-guided coarse regressor takes any grid (its own, fixed at construction)
-    assert m.size_multiple() == {"global_local": 32, "prior_guided": 1}.get(name, 16)
+    # prior-guided coarse regressor takes any grid (its own, fixed at construction); a refinement stage is the local
+    # net (output stride 2)
+    assert m.size_multiple() == {"global_local": 32, "prior_guided": 1, "refine": 2}.get(name, 16)
 
 
 def test_unknown_method():
