@@ -125,13 +125,13 @@ def test_a_stage_keeps_the_previous_prediction_where_it_is_not_better_on_val() -
     left to the previous stage), a masked landmark counts only where annotated."""
     from types import SimpleNamespace
 
-    from lmlib.engine.cascade import _without, chain, worse_on_val
-    from lmlib.engine.training import Predictions
+    from lmlib.engine.cascade import chain, worse_on_val
+    from lmlib.engine.training import Predictions, without_landmarks
 
     gt = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
     samples = [SimpleNamespace(landmarks_mm=gt.copy(), valid=np.array([True, True, i == 0])) for i in range(2)]
     previous = Predictions([gt + [[2, 0], [1, 0], [1, 0]] for _ in samples], [np.ones(3)] * 2, 0.0)
     current = Predictions([gt + [[1, 0], [3, 0], [1, 0]] for _ in samples], [np.ones(3)] * 2, 0.0)
     assert worse_on_val(samples, previous, current) == [1, 2]
-    merged = chain(previous, _without(current, [1, 2]))
+    merged = chain(previous, without_landmarks(current, [1, 2]))
     assert np.allclose(merged.world_mm[0], gt + [[1, 0], [1, 0], [1, 0]])

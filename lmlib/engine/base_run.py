@@ -22,9 +22,8 @@ import numpy as np
 import pandas as pd
 
 from lmlib.data.sample import Sample
-from lmlib.engine.cascade import Start, model_checkpoints, predict_cascade
+from lmlib.engine.cascade import Start, landmark_errors, model_checkpoints, predict_cascade
 from lmlib.engine.training import Predictions
-from lmlib.evaluation.metrics import radial_errors
 from lmlib.outputs.contract import ContractError, predictions_frame, read_manifest, read_run
 
 #: where the base run's val predictions are kept in the refining run's folder
@@ -49,7 +48,7 @@ def read_predictions(path: Path, samples: Sequence[Sample]) -> list[np.ndarray]:
 
 def validation_errors(samples: Sequence[Sample], world_mm: Sequence[np.ndarray]) -> dict[str, float]:
     """Per-landmark mean radial error (mm) over the samples where the landmark is annotated."""
-    errors = np.stack([np.where(s.valid, radial_errors(p, s.landmarks_mm), np.nan) for s, p in zip(samples, world_mm)])
+    errors = landmark_errors(samples, world_mm)
     names = samples[0].landmark_names
     return {n: float(np.nanmean(errors[:, k])) for k, n in enumerate(names) if np.isfinite(errors[:, k]).any()}
 
@@ -125,7 +124,9 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
             predictions_frame(val, val_mm).to_csv(tmp, index=False)
             cache.with_suffix(".key").write_text(key + "\n")
             tmp.replace(cache)
-    ones = [np.ones(len(p)) for p in test_mm]
-    return Start(folder.name, Predictions(val_mm, [np.ones(len(p)) for p in val_mm], 0.0),
-                 Predictions(test_mm, ones, float(metrics["infer_seconds_per_image"])),
+    def ones(world: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.ones(len(p)) for p in world]
+
+    return Start(folder.name, Predictions(val_mm, ones(val_mm), 0.0),
+                 Predictions(test_mm, ones(test_mm), float(metrics["infer_seconds_per_image"])),
                  float(metrics["train_seconds"]), float(metrics["infer_seconds_per_image"]))

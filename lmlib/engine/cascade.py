@@ -21,7 +21,16 @@ from lightning.pytorch.callbacks import Callback
 
 from lmlib.data.loaders import LandmarkDataModule
 from lmlib.data.sample import Sample
-from lmlib.engine.training import FitResult, LandmarkModule, Predictions, fit, predict, set_kept_previous
+from lmlib.engine.training import (
+    FitResult,
+    LandmarkModule,
+    Predictions,
+    fit,
+    predict,
+    set_kept_previous,
+    without_landmarks,
+)
+from lmlib.evaluation.metrics import radial_errors
 from lmlib.methods.stages import Stage  # re-exported: the cascade's unit
 from lmlib.outputs.contract import read_manifest
 
@@ -58,14 +67,16 @@ def as_centres(samples: Sequence[Sample], pred: Predictions) -> Centres:
     return {s.image_id: np.asarray(w, dtype=np.float64) for s, w in zip(samples, pred.world_mm)}
 
 
+def landmark_errors(samples: Sequence[Sample], world_mm: Sequence[np.ndarray]) -> np.ndarray:
+    """Radial errors ``(samples, landmarks)`` in mm of predictions ``world_mm``; NaN where a landmark is not annotated
+    or not predicted."""
+    return np.stack([np.where(s.valid, radial_errors(p, s.landmarks_mm), np.nan) for s, p in zip(samples, world_mm)])
+
+
 def worse_on_val(samples: Sequence[Sample], previous: Predictions, current: Predictions) -> list[int]:
     """Indices of the landmarks whose mean validation error (mm, over the samples where annotated) is not lower
     with ``current`` than with ``previous`` (or that ``current`` does not predict)."""
-    def errors(pred: Predictions) -> np.ndarray:
-        return np.stack([np.where(s.valid, np.linalg.norm(p - s.landmarks_mm, axis=1), np.nan)
-                         for s, p in zip(samples, pred.world_mm)])
-
-    before, after = errors(previous), errors(current)
+    before, after = landmark_errors(samples, previous.world_mm), landmark_errors(samples, current.world_mm)
     out = []
     for k in range(before.shape[1]):
         annotated = np.isfinite(before[:, k]) | np.isfinite(after[:, k])
@@ -74,17 +85,6 @@ def worse_on_val(samples: Sequence[Sample], previous: Predictions, current: Pred
         if not np.isfinite(after[annotated, k]).all() or np.nanmean(after[annotated, k]) >= np.nanmean(before[annotated, k]):
             out.append(k)
     return out
-
-
-def _without(pred: Predictions, kept: Sequence[int]) -> Predictions:
-    """``pred`` with the landmarks ``kept`` unpredicted (NaN: :func:`chain` fills them from the previous stage)."""
-    world = [w.copy() for w in pred.world_mm]
-    conf = [c.copy() for c in pred.confidence]
-    spread = [s.copy() for s in pred.spread_mm] if pred.spread_mm is not None else None
-    for arrays in (world, conf, *([spread] if spread is not None else [])):
-        for a in arrays:
-            a[list(kept)] = np.nan
-    return Predictions(world, conf, pred.seconds_per_image, spread)
 
 
 def chain(previous: Predictions | None, current: Predictions) -> Predictions:
@@ -141,7 +141,7 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
             names = list(result.module.landmark_names)
             kept_names = [names[k] for k in kept]
             set_kept_previous(result.module, kept, result.best_checkpoint)
-            cv, ct = _without(cv, kept), _without(ct, kept)
+            cv, ct = without_landmarks(cv, kept), without_landmarks(ct, kept)
             print(f"{stage.name}: keeps the previous predictions of {len(kept)} of {len(names)} landmarks, not improved "
                   f"on val{': ' + ', '.join(kept_names) if kept_names else ''}")
         pv, pt = chain(prev_val, cv), chain(prev_test, ct)

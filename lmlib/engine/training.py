@@ -682,11 +682,24 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
             conf[int(batch["index"][b])][ids] = c[b].cpu().double().numpy()
             spread[int(batch["index"][b])][ids] = sp[b]
     seconds = (time.perf_counter() - start) / max(1, len(samples))
-    kept = [int(k) for k in module.hparams.get("kept_previous") or ()]
-    for arrays in (world, conf, spread):  # landmarks this stage leaves to the previous one
-        for a in arrays:
-            a[kept] = np.nan
-    return Predictions(world, conf, seconds, spread)
+    kept = [int(k) for k in module.hparams.get("kept_previous") or ()]  # left to the previous stage
+    return without_landmarks(Predictions(world, conf, seconds, spread), kept)
+
+
+def without_landmarks(pred: Predictions, landmarks: Sequence[int]) -> Predictions:
+    """``pred`` with the ``landmarks`` (indices) unpredicted: NaN, which a cascade fills from the previous stage."""
+    if not len(landmarks):
+        return pred
+    idx = [int(k) for k in landmarks]
+
+    def masked(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = [a.copy() for a in arrays]
+        for a in out:
+            a[idx] = np.nan
+        return out
+
+    return Predictions(masked(pred.world_mm), masked(pred.confidence), pred.seconds_per_image,
+                       masked(pred.spread_mm) if pred.spread_mm is not None else None)
 
 
 def set_kept_previous(module: LandmarkModule, kept: Sequence[int], checkpoint: str | Path | None = None) -> None:

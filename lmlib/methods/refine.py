@@ -105,8 +105,8 @@ class LocalRefinement(GlobalLocalFCNN):
             stages.append(LocalStage(name, method, None, None, max_epochs=int(shared["max_epochs"]),
                                      batch_size=int(p["local_batch_size"]), rule=rule, global_folder=previous,
                                      errors=(lambda: base_errors) if k == 0 else None,
-                                     landmark_names=shared.get("landmark_names", ())))
-            stages[-1].keep_previous_where_worse = bool(p["keep_previous_where_worse"])
+                                     landmark_names=shared.get("landmark_names", ()),
+                                     keep_previous_where_worse=bool(p["keep_previous_where_worse"])))
             previous = out / name if out is not None else None
         return stages
 
