@@ -91,6 +91,21 @@ def test_the_review_widget_accepts_moves_and_skips_through_the_list(
     assert "1 flagged landmark(s)" in again._repr_mimebundle_()["text/plain"]
 
 
+def test_without_clicks_the_review_figure_is_a_png_redrawn_by_the_sliders(prediction_folder: PredictionFolder) -> None:
+    """Without ipympl's canvas the figure is a PNG widget (lmlib.reporting.figure_widget), redrawn when a slider
+    moves the point."""
+    pytest.importorskip("ipywidgets", reason="the widget needs ipywidgets (the notebooks extra)")
+    from lmlib.reporting.review_widget import ReviewWidget
+
+    folder, _ = prediction_folder(2)
+    widget = ReviewWidget(ReviewSession(folder), clicks=False)
+    before = bytes(widget.picture.value)
+    widget.offsets[0].value = 0.5
+    after = bytes(widget.picture.value)
+    assert before.startswith(b"\x89PNG") and after.startswith(b"\x89PNG") and after != before
+    assert widget.picture in widget.widget.children
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_a_click_or_a_drag_on_the_image_places_the_point(
         prediction_folder: PredictionFolder, ndim: int) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.backend_bases import MouseEvent
 from matplotlib.figure import Figure
 
+from lmlib.reporting.figure_widget import figure_image, show_figure
 from lmlib.reporting.viewer import PLANES, ViewState, draw_view
 from lmlib.review import ReviewItem, ReviewSession
 
@@ -62,9 +63,9 @@ class ReviewWidget:
         self.buttons["Save correction"].on_click(lambda _: self.correct())
         self.buttons["Skip"].on_click(lambda _: self.skip())
         self.status = w.HTML()
-        self.out = w.Output()
+        self.picture = figure_image()
         self.widget = w.VBox([self.title, w.HBox([w.VBox(self.offsets), w.VBox(list(self.buttons.values()))]),
-                              self.status, self.canvas if self.canvas is not None else self.out])
+                              self.status, self.canvas if self.canvas is not None else self.picture])
         self._show()
 
     # ---- the list
@@ -168,11 +169,7 @@ class ReviewWidget:
         if self.canvas is not None:
             self.canvas.draw_idle()
             return
-        from IPython.display import display
-
-        with self.out:
-            self.out.clear_output(wait=True)
-            display(self.fig)
+        show_figure(self.picture, self.fig)
 
     def _zoom(self, item: ReviewItem) -> float:
         return self.zoom_mm if self.zoom_mm is not None else max(2.0 * item.region_mm, 10.0)

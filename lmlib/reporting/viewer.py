@@ -12,8 +12,8 @@ images, each masked landmark listed with the report's reason). Executed without 
 committed result notebooks) a viewer shows one line saying what it holds.
 
 Drawing is :func:`draw_view` (matplotlib, testable without a browser); the widgets only choose its arguments.
-With ``%matplotlib widget`` (ipympl) the figure also zooms and pans. Committed result notebooks keep static
-figures: widgets render only in a live kernel.
+The figure is a PNG in an ``ipywidgets.Image`` (:mod:`lmlib.reporting.figure_widget`); choosing a landmark zooms
+on it. Committed result notebooks keep static figures: widgets render only in a live kernel.
 
 Coordinates: points are world mm ``(x, y[, z])`` (:class:`~lmlib.data.sample.Sample` geometry); the planes are
 drawn in voxel indices of the image's own grid.
@@ -34,6 +34,7 @@ from matplotlib.patches import Ellipse
 
 from lmlib.data.sample import Sample
 from lmlib.outputs.qualitative import show_plane
+from lmlib.reporting.figure_widget import figure_image, show_figure
 
 TRUTH = "ground truth"
 COLORS = cast("tuple[tuple[float, float, float], ...]", cast(ListedColormap, plt.get_cmap("tab10")).colors)  # RGB
@@ -166,7 +167,7 @@ class LandmarkViewer:
         self.zoom_mm = float(zoom_mm)
         self.fig = plt.figure(figsize=(6.0, 6.0) if samples[0].ndim == 2 else (12.0, 4.5))
         plt.close(self.fig)  # shown by the widget's output only
-        self.out = w.Output()
+        self.picture = figure_image()
         self.image = w.Dropdown(options=[(s.image_id, i) for i, s in enumerate(self.samples)], description="image")
         self.series = w.SelectMultiple(options=[TRUTH, *self.predictions], value=self.state.series,
                                        description="show", rows=min(6, 1 + len(self.predictions)))
@@ -179,7 +180,7 @@ class LandmarkViewer:
             control.observe(self._changed, names="value")
         self._fill_landmarks()
         controls = w.VBox([self.image, self.series, self.names, self.regions, *self.sliders])
-        self.widget = w.VBox([w.HBox([controls, self.landmark]), self.out])
+        self.widget = w.VBox([w.HBox([controls, self.landmark]), self.picture])
         self.render()
 
     def _fill_landmarks(self) -> None:
@@ -230,11 +231,7 @@ class LandmarkViewer:
         i = self.state.image
         draw_view(self.samples[i], {k: v[i] for k, v in self.predictions.items()}, self.state,
                   None if self.regions_mm is None else self.regions_mm[i], self.fig)
-        from IPython.display import display
-
-        with self.out:
-            self.out.clear_output(wait=True)
-            display(self.fig)
+        show_figure(self.picture, self.fig)
 
     def __repr__(self) -> str:
         n = len(self.samples)
