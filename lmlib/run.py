@@ -143,6 +143,8 @@ JOBS: tuple[Job, ...] = (
     _job("60_local_refinement.ipynb", "registration+local", SYNTHETIC + REAL, runs="refine"),
     _job("60_local_refinement.ipynb", "htc+local", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="refine",
          main=False),
+    # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
+    _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="ensemble", main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,

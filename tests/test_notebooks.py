@@ -124,10 +124,26 @@ def test_registration_values(pipeline: tuple[str, Path]) -> None:
     assert metrics["mre_mm"] < 0.85 * mean_shape, (metrics["mre_mm"], mean_shape)
 
 
+def test_ensemble_values(pipeline: tuple[str, Path]) -> None:
+    """The ensemble of the smoke runs: its members' summed costs, its figure, and no worse than its worst member
+    (the median of three lies within their spread)."""
+    dataset, root = pipeline
+    if not (root / "ensemble").exists():
+        pytest.skip(f"no ensemble job on {dataset}")
+    metrics = _json(root / "ensemble" / "metrics.json")
+    members = _json(root / "ensemble" / "manifest.json")["members"]
+    runs = {m: _json(root / m / "metrics.json") for m in members}
+    assert len(runs) == 3 and metrics["epochs"] == 0
+    assert metrics["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in runs.values()))
+    assert metrics["infer_seconds_per_image"] >= sum(r["infer_seconds_per_image"] for r in runs.values())
+    assert metrics["mre_mm"] <= max(r["mre_mm"] for r in runs.values()), (metrics["mre_mm"], runs)
+    assert (root / "ensemble" / "fig_cost.png").stat().st_size > 5_000
+
+
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    methods = {m for m in (*_trained_runs(root), "registration") if (root / m).exists()}
+    methods = {m for m in (*_trained_runs(root), "registration", "ensemble") if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"
     assert set(table.loc[table["kind"] == "method", "profile"]) == {"smoke"}

@@ -1,5 +1,6 @@
 """The finished run a cascade starts from (:meth:`~lmlib.methods.stages.CascadeMethod.base_folder`, e.g. the
-refinement after any method, :mod:`lmlib.methods.refine`): its predictions on the val and test splits.
+refinement after any method, :mod:`lmlib.methods.refine`): its predictions on the val and test splits. The
+members of an ensemble (:mod:`lmlib.methods.ensemble`) are read by the same :func:`read_finished_run`.
 
 - **test**: the run folder's own ``predictions.csv`` (the numbers of its comparison row), every test image and
   landmark required;
@@ -93,20 +94,29 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
                             "do not keep checkpoints)")
 
 
+def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: str, way_out: str = ""
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
+    """A finished run's manifest, metrics and test predictions (world mm, the samples' landmark order); no run
+    there (``job``: the driver job that makes it; ``way_out``: what else the caller may do), a run on another data
+    set, or an image it did not predict is an error naming the folder or file."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json): run the {job!r} job on "
+                                f"{dataset} first" + (f", {way_out}" if way_out else ""))
+    _, metrics = read_run(folder)
+    ran_on = str((manifest.get("parameters") or {}).get("dataset", ""))
+    if Path(ran_on).stem != Path(dataset).stem:
+        raise ContractError(f"{folder / 'manifest.json'}: a run on {ran_on!r}, not on {dataset!r}")
+    return manifest, metrics, read_predictions(folder / "predictions.csv", test)
+
+
 def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val: Sequence[Sample],
                   test: Sequence[Sample], cache_dir: str | Path | None = None) -> Start:
     """The predictions of the finished run in ``folder`` on ``val`` and ``test`` and its costs (see the module
     docstring). ``cache_dir``: where the val predictions are kept (keyed by the base run's manifest)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json): run the {folder.name!r} job on "
-                                f"{dataset} first, or name another run folder with base_run")
-    _, metrics = read_run(folder)
-    ran_on = str((manifest.get("parameters") or {}).get("dataset", ""))
-    if Path(ran_on).stem != Path(dataset).stem:
-        raise ContractError(f"{folder / 'manifest.json'}: a run on {ran_on!r}, not on {dataset!r}")
-    test_mm = read_predictions(folder / "predictions.csv", test)
+    manifest, metrics, test_mm = read_finished_run(folder, dataset, test, folder.name,
+                                                 "or name another run folder with base_run")
     key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
     cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
     if cache is not None and cache.is_file() and (cache.with_suffix(".key").read_text().strip()

@@ -294,6 +294,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
+    if getattr(cls, "combines_runs", False):
+        return _run_ensemble(cls, params, effective, data, train + val + test, test, grid, dev, started, seed)
     if not getattr(cls, "trainable", True):
         return _run_without_training(cls, params, effective, data, train, test, grid, dev, started, seed)
     if is_cascade(cls):
@@ -364,6 +366,47 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     write_manifest(output_dir, effective, samples=train + test, seed=seed, device=dev, started=started,
                    extra={"method": model.name, "method_config": model.config(),
                           "atlases": [a.image_id for a in atlases]})
+    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
+
+
+def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
+                  used: list[Sample], test: list[Sample], grid: list[int], dev: Any, started: str,
+                  seed: int) -> RunResult:
+    """An ensemble of finished runs (``cls.combines_runs``, :mod:`lmlib.methods.ensemble`): each member's test
+    predictions read from its folder beside ``output_dir``, combined per landmark; its training time and time per
+    image are the members' sums (plus the combination's). The same output contract, figure and manifest as a run."""
+    from lmlib.engine.base_run import read_finished_run
+
+    output_dir = Path(params["output_dir"])
+    model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
+    print(model)
+    members: list[list[np.ndarray]] = []
+    costs: dict[str, dict[str, Any]] = {}
+    for name in model.members:
+        folder = output_dir.parent / name
+        manifest, metrics, world = read_finished_run(folder, str(params["dataset"]), test, name.split("/")[0])
+        members.append(world)
+        costs[name] = {"train_seconds": float(metrics["train_seconds"]),
+                       "infer_seconds_per_image": float(metrics["infer_seconds_per_image"]),
+                       "device": str(manifest.get("device", "")), "git_commit": manifest.get("git_commit")}
+        print(f"member {name}: trained {costs[name]['train_seconds']:.0f} s, "
+              f"{costs[name]['infer_seconds_per_image']:.3f} s per image ({costs[name]['device'] or 'device ?'})")
+    t0 = time.perf_counter()
+    world_mm = model.combine_points(members)
+    combine_s = (time.perf_counter() - t0) / max(1, len(test))
+    train_s = sum(c["train_seconds"] for c in costs.values())
+    infer_s = sum(c["infer_seconds_per_image"] for c in costs.values()) + combine_s
+    print(f"{model.combine} of {len(members)} runs on {len(test)} test images: {train_s / 60:.1f} min of training, "
+          f"{infer_s:.3f} s per image together")
+    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], infer_s)
+    predictions = predictions_frame(test, pred.world_mm)
+    metrics = write_outputs(output_dir, predictions, {"train_seconds": train_s, "infer_seconds_per_image": infer_s,
+                                                      "peak_rss_mb": peak_rss_mb()},
+                            extra_metrics={"method": model.name, "image_size": list(grid), "epochs": 0,
+                                           "members": list(model.members), "world_size": 1})
+    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
+    write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
+                   extra={"method": model.name, "method_config": model.config(), "members": costs})
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 

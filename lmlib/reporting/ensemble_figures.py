@@ -1,0 +1,70 @@
+"""Figures of an ensemble of finished runs (:mod:`lmlib.methods.ensemble`), from its run folder.
+
+- :func:`ensemble_table`: the members and the ensemble on the test split: MRE (mm), median, training minutes and
+  seconds per image (the ensemble's are the members' sums);
+- :func:`fig_cost`: test MRE against training minutes, one point per member and the ensemble (accuracy per CPU
+  minute);
+- :func:`show_ensemble`: both, displayed (notebook); the figure is also written as ``fig_cost.png``.
+
+``output_dir`` is the ensemble's run folder; its manifest names the members (folders beside it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lmlib.outputs.contract import read_manifest, read_run
+from lmlib.outputs.qualitative import finish
+
+DPI = 110
+
+
+def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
+    """One row per member and one for the ensemble (last): test MRE and median (mm), training minutes, seconds per
+    test image, device."""
+    folder = Path(output_dir)
+    manifest = read_manifest(folder) or {}
+    members = manifest.get("members")
+    if not isinstance(members, dict) or not members:
+        raise FileNotFoundError(f"{folder / 'manifest.json'}: not an ensemble run (no members)")
+    rows = []
+    for name, where in [*((m, folder.parent / m) for m in members), (folder.name + " (ensemble)", folder)]:
+        predictions, metrics = read_run(where)
+        rows.append({"run": name, "MRE (mm)": float(predictions["error_mm"].mean()),
+                     "median (mm)": float(predictions["error_mm"].median()),
+                     "train (min)": float(metrics["train_seconds"]) / 60.0,
+                     "s / image": float(metrics["infer_seconds_per_image"]),
+                     "device": str(members.get(name, {}).get("device", manifest.get("device", "")))})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
+    """Test MRE (mm) against training time (min): the members and the ensemble (the members' summed time)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for k, (name, row) in enumerate(table.iterrows()):
+        last = k == len(table) - 1
+        ax.scatter(row["train (min)"], row["MRE (mm)"], s=60 if last else 36, marker="*" if last else "o",
+                   zorder=3)
+        ax.annotate(str(name), (row["train (min)"], row["MRE (mm)"]), xytext=(4, 4), textcoords="offset points",
+                    fontsize=8)
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel("test MRE (mm)")
+    ax.set_title("accuracy and cost: members and their ensemble", fontsize=10)
+    ax.grid(alpha=0.3)
+    return finish(fig, path, DPI)
+
+
+def show_ensemble(output_dir: str | Path) -> Path:
+    """Display the members' and the ensemble's table and :func:`fig_cost` (written into the run folder as
+    ``fig_cost.png``, whose path is returned)."""
+    from IPython.display import Image, display
+
+    table = ensemble_table(output_dir)
+    display(table.round(3))
+    path = Path(output_dir) / "fig_cost.png"
+    fig_cost(table, path)
+    display(Image(filename=str(path)))
+    return path

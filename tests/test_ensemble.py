@@ -1,0 +1,84 @@
+"""An ensemble of finished runs (lmlib.methods.ensemble): the median removes one member's gross miss, the row counts
+every member's cost, and a member it cannot use is refused with a message naming it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlib.engine.runner import load_run_data, run_method
+from lmlib.methods.ensemble import RunEnsemble
+from lmlib.outputs.contract import ContractError, predictions_frame, read_run, write_outputs
+from lmlib.outputs.manifest import write_manifest
+
+COSTS = {"a": (100.0, 0.10), "b": (200.0, 0.20), "c/local": (300.0, 0.30)}  # train s, s per image
+
+
+def _member(root: Path, name: str, dataset: str, world: list[np.ndarray], costs: tuple[float, float], test) -> None:
+    folder = root / name
+    write_outputs(folder, predictions_frame(test, world), {"train_seconds": costs[0], "infer_seconds_per_image":
+                                                           costs[1], "peak_rss_mb": 1.0}, {"method": name})
+    write_manifest(folder, {"dataset": dataset}, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """Three fake finished runs on synthetic2d's test split: a and b within 1 mm of the truth (independent noise),
+    c/local as good but 20 mm off on landmark 0 of every image (one member's gross miss)."""
+    root = tmp_path_factory.mktemp("ensemble") / "synthetic2d"
+    test = load_run_data({"dataset": "synthetic2d"}).split("test")
+    rng = np.random.default_rng(0)
+    for name in COSTS:
+        world = [s.landmarks_mm + rng.normal(0.0, 0.6, s.landmarks_mm.shape) for s in test]
+        if name == "c/local":
+            for w in world:
+                w[0] += 20.0
+        _member(root, name, "synthetic2d", world, COSTS[name], test)
+    return root, test
+
+
+def test_the_median_removes_one_members_gross_miss_and_the_mean_does_not() -> None:
+    truth = np.zeros((2, 2))
+    runs = [[truth + 0.1], [truth - 0.1], [truth + np.array([[30.0, 0.0], [0.0, 0.0]])]]
+    median = RunEnsemble(2, 2, members=["a", "b", "c"]).combine_points(runs)[0]
+    mean = RunEnsemble(2, 2, members=["a", "b", "c"], combine="mean").combine_points(runs)[0]
+    assert np.abs(median).max() == pytest.approx(0.1) and mean[0, 0] == pytest.approx(10.0)
+    runs[0][0] = np.array([[np.nan, np.nan], [0.1, 0.1]])  # a member without landmark 0: left out there
+    both = RunEnsemble(2, 2, members=["a", "b", "c"]).combine_points(runs)[0]
+    assert both[0, 0] == pytest.approx(14.95) and both[1, 0] == pytest.approx(0.0)
+
+
+def test_the_ensemble_beats_every_member_and_counts_their_costs(members: tuple[Path, list]) -> None:
+    root, test = members
+    result = run_method("ensemble", {"dataset": "synthetic2d", "output_dir": str(root / "ensemble"),
+                                     "members": list(COSTS)})
+    mre = {name: read_run(root / name)[1]["mre_mm"] for name in COSTS}
+    assert result.metrics["mre_mm"] < 0.9 * min(mre.values()), (result.metrics["mre_mm"], mre)
+    assert mre["c/local"] > 3.0  # the gross miss (20 mm on 1 of 8 landmarks) is in that member's own row
+    assert result.metrics["train_seconds"] == pytest.approx(600.0)
+    assert 0.6 <= result.metrics["infer_seconds_per_image"] < 0.7 and result.metrics["epochs"] == 0
+    manifest = json.loads((root / "ensemble" / "manifest.json").read_text())
+    assert list(manifest["members"]) == list(COSTS) and manifest["members"]["b"]["device"] == "cpu"
+    from lmlib.reporting.ensemble_figures import ensemble_table, fig_cost
+
+    table = ensemble_table(root / "ensemble")
+    assert list(table.index) == [*COSTS, "ensemble (ensemble)"]
+    assert table.loc["ensemble (ensemble)", "train (min)"] == pytest.approx(10.0)
+    fig_cost(table, root / "ensemble" / "fig_cost.png")
+    assert (root / "ensemble" / "fig_cost.png").stat().st_size > 5_000
+
+
+def test_a_member_it_cannot_use_is_refused_naming_it(members: tuple[Path, list]) -> None:
+    root, test = members
+    params = {"dataset": "synthetic2d", "output_dir": str(root / "refused")}
+    with pytest.raises(FileNotFoundError, match=r"missing/stage: no finished run here .*run the 'missing' job"):
+        run_method("ensemble", {**params, "members": ["a", "missing/stage"]})
+    _member(root, "other", "synthetic3d", [s.landmarks_mm for s in test], (1.0, 1.0), test)
+    with pytest.raises(ContractError, match=r"other/manifest.json: a run on 'synthetic3d', not on 'synthetic2d'"):
+        run_method("ensemble", {**params, "members": ["a", "other"]})
+    with pytest.raises(ValueError, match=r"members=\['a'\]: must be a list of at least two run folder names"):
+        run_method("ensemble", {**params, "members": ["a"]})
+    with pytest.raises(ValueError, match="at least two different member runs"):
+        RunEnsemble(2, 2, members=["a", "a"])
