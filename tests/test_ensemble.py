@@ -64,8 +64,8 @@ def test_the_ensemble_beats_every_member_and_counts_their_costs(members: tuple[P
     from lmlib.reporting.ensemble_figures import ensemble_table, fig_cost
 
     table = ensemble_table(root / "ensemble")
-    assert list(table.index) == [*COSTS, "ensemble (ensemble)"]
-    assert table.loc["ensemble (ensemble)", "train (min)"] == pytest.approx(10.0)
+    assert list(table.index) == [*COSTS, "ensemble (median of 3)"]
+    assert table.loc["ensemble (median of 3)", "train (min)"] == pytest.approx(10.0)
     fig_cost(table, root / "ensemble" / "fig_cost.png")
     assert (root / "ensemble" / "fig_cost.png").stat().st_size > 5_000
 

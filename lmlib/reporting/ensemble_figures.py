@@ -30,8 +30,10 @@ def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
     members = manifest.get("members")
     if not isinstance(members, dict) or not members:
         raise FileNotFoundError(f"{folder / 'manifest.json'}: not an ensemble run (no members)")
+    config = manifest.get("method_config") or {}
+    label = f"ensemble ({config.get('combine', '?')} of {len(members)})"  # not the folder: the driver writes a scratch one
     rows = []
-    for name, where in [*((m, folder.parent / m) for m in members), (folder.name + " (ensemble)", folder)]:
+    for name, where in [*((m, folder.parent / m) for m in members), (label, folder)]:
         predictions, metrics = read_run(where)
         rows.append({"run": name, "MRE (mm)": float(predictions["error_mm"].mean()),
                      "median (mm)": float(predictions["error_mm"].median()),
@@ -54,6 +56,7 @@ def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
     ax.set_ylabel("test MRE (mm)")
     ax.set_title("accuracy and cost: members and their ensemble", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     return finish(fig, path, DPI)
 
 
