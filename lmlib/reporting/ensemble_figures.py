@@ -60,9 +60,9 @@ def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
     return finish(fig, path, DPI)
 
 
-def show_ensemble(output_dir: str | Path) -> Path:
+def show_ensemble(output_dir: str | Path) -> None:
     """Display the members' and the ensemble's table and :func:`fig_cost` (written into the run folder as
-    ``fig_cost.png``, whose path is returned)."""
+    ``fig_cost.png``)."""
     from IPython.display import Image, display
 
     table = ensemble_table(output_dir)
@@ -70,4 +70,3 @@ def show_ensemble(output_dir: str | Path) -> Path:
     path = Path(output_dir) / "fig_cost.png"
     fig_cost(table, path)
     display(Image(filename=str(path)))
-    return path
