@@ -145,6 +145,10 @@ JOBS: tuple[Job, ...] = (
          main=False),
     # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
     _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="ensemble", main=False),
+    # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
+    _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
+         main=False),
+    _job("62_test_time_scales.ipynb", "htc+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta", main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,

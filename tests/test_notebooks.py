@@ -140,10 +140,24 @@ def test_ensemble_values(pipeline: tuple[str, Path]) -> None:
     assert (root / "ensemble" / "fig_cost.png").stat().st_size > 5_000
 
 
+def test_test_time_scales_values(pipeline: tuple[str, Path]) -> None:
+    """Multi-scale TTA of the smoke runs: the base run's training time, three grids, the base's own scale reproduced
+    (else the run would have stopped), inference over the three scales."""
+    dataset, root = pipeline
+    for job, base in (("heatmap_unet+tta", "heatmap_unet"), ("htc+tta", "htc")):
+        if not (root / job).exists():
+            continue
+        metrics, own = _json(root / job / "metrics.json"), _json(root / base / "metrics.json")
+        assert metrics["train_seconds"] == pytest.approx(own["train_seconds"]) and len(metrics["grid_sizes"]) == 3
+        assert metrics["infer_seconds_per_image"] > own["infer_seconds_per_image"]
+        assert _json(root / job / "manifest.json")["base_run"] == f"../{base}"
+
+
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    methods = {m for m in (*_trained_runs(root), "registration", "ensemble") if (root / m).exists()}
+    untrained = ("registration", "ensemble", "heatmap_unet+tta", "htc+tta")  # nothing trained: epochs 0
+    methods = {m for m in (*_trained_runs(root), *untrained) if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"
     assert set(table.loc[table["kind"] == "method", "profile"]) == {"smoke"}

@@ -294,8 +294,11 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
-    if getattr(cls, "combines_runs", False):
+    derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
+    if derived == "runs":
         return _run_ensemble(cls, params, effective, data, train + val + test, test, grid, dev, started, seed)
+    if derived == "checkpoint":
+        return _run_tta(cls, params, effective, data, train + val + test, test, grid, dev, started, seed)
     if not getattr(cls, "trainable", True):
         return _run_without_training(cls, params, effective, data, train, test, grid, dev, started, seed)
     if is_cascade(cls):
@@ -372,7 +375,7 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
 def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
                   used: list[Sample], test: list[Sample], grid: list[int], dev: Any, started: str,
                   seed: int) -> RunResult:
-    """An ensemble of finished runs (``cls.combines_runs``, :mod:`lmlib.methods.ensemble`): each member's test
+    """An ensemble of finished runs (``cls.derived_from == "runs"``, :mod:`lmlib.methods.ensemble`): each member's test
     predictions read from its folder beside ``output_dir``, combined per landmark; its training time and time per
     image are the members' sums (plus the combination's). The same output contract, figure and manifest as a run."""
     from lmlib.engine.base_run import read_finished_run
@@ -407,6 +410,65 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
     write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
                    extra={"method": model.name, "method_config": model.config(), "members": costs})
+    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
+
+
+def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
+             used: list[Sample], test: list[Sample], grid: list[int], dev: Any, started: str, seed: int) -> RunResult:
+    """Multi-scale test-time augmentation (``cls.derived_from == "checkpoint"``, :mod:`lmlib.methods.tta`): the
+    base run's checkpoint applied to the test images at each scale of its evaluation grid, the predictions combined;
+    the scale 1.0 prediction must reproduce the base run's ``predictions.csv``. Training time: the base run's;
+    inference: the sum over the scales."""
+    from dataclasses import replace
+
+    from lmlib.engine.base_run import read_finished_run
+    from lmlib.methods.ensemble import combine_points
+    from lmlib.outputs.contract import ContractError
+
+    output_dir = Path(params["output_dir"])
+    model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
+    print(model)
+    folder = model.base_folder(output_dir)
+    manifest, metrics, base_world = read_finished_run(folder, str(params["dataset"]), test, folder.name,
+                                                      "or name another run folder with base_run")
+    checkpoints = model_checkpoints(folder)
+    if len(checkpoints) != 1:
+        raise ValueError(f"{folder}: a cascade of {len(checkpoints)} networks; test-time scales apply one network's "
+                         "whole-image view (a heatmap U-Net, the HTC, the dilation-erosion U-Net)")
+    module = load_checkpoint(checkpoints[0])
+    view = module.eval_view
+    if view.kind != "whole" or view.size is None:
+        raise ValueError(f"{checkpoints[0]}: its evaluation view is {view.kind!r} without a grid size: test-time "
+                         "scales need a whole-image view on a fixed grid")
+    sizes = model.grid_sizes(view.size, module.method.size_multiple())
+    runs, seconds = [], 0.0
+    for scale, size in zip(model.scales, sizes):
+        pred = predict(module, test, batch_size=int(shared_value(params, "batch_size")), device=dev,
+                       view=replace(view, size=size))
+        runs.append(pred.world_mm)
+        seconds += pred.seconds_per_image
+        errors = np.concatenate([np.linalg.norm(w - s.landmarks_mm, axis=1) for w, s in zip(pred.world_mm, test)])
+        print(f"scale {scale:g}: grid {list(size)} px, test MRE {np.nanmean(errors):.3f} mm, "
+              f"{pred.seconds_per_image:.3f} s per image")
+        if scale == 1.0:
+            moved = max(float(np.nanmax(np.abs(w - b))) for w, b in zip(pred.world_mm, base_world))
+            if not moved < 0.01:
+                raise ContractError(f"{checkpoints[0]}: at its own grid it predicts up to {moved:.3f} mm away from "
+                                    f"{folder / 'predictions.csv'}: not the checkpoint of that run")
+    t0 = time.perf_counter()
+    world_mm = combine_points(runs, model.combine)
+    infer_s = seconds + (time.perf_counter() - t0) / max(1, len(test))
+    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], infer_s)
+    predictions = predictions_frame(test, pred.world_mm)
+    metrics = write_outputs(output_dir, predictions, {"train_seconds": float(metrics["train_seconds"]),
+                                                      "infer_seconds_per_image": infer_s, "peak_rss_mb": peak_rss_mb()},
+                            extra_metrics={"method": model.name, "image_size": list(view.size), "epochs": 0,
+                                           "grid_sizes": [list(s) for s in sizes], "world_size": 1})
+    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
+    write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
+                   extra={"method": model.name, "method_config": model.config(),
+                          "base_run": os.path.relpath(folder, output_dir), "base_device": manifest.get("device"),
+                          "base_git_commit": manifest.get("git_commit"), "grid_sizes": [list(s) for s in sizes]})
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 

@@ -54,7 +54,7 @@ class RunEnsemble(LandmarkMethod):
 
     name = "ensemble"
     trainable = False
-    combines_runs = True  # the run path reads its members' folders (lmlib.engine.runner)
+    derived_from = "runs"  # the run path reads its members' folders (lmlib.engine.runner)
     Parameters = EnsembleParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, members: Sequence[str] = _D["members"],
@@ -81,20 +81,28 @@ class RunEnsemble(LandmarkMethod):
 
     def combine_points(self, member_mm: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """``member_mm[m][i]``: member ``m``'s ``(K, D)`` world-mm points on image ``i`` -> one ``(K, D)`` array
-        per image: the median or mean over the members of each coordinate, NaN members left out (NaN where no
-        member has the landmark)."""
+        per image (:func:`combine_points`)."""
         if len(member_mm) != len(self.members):
             raise ValueError(f"{len(member_mm)} members' predictions for {len(self.members)} members")
-        reduce = np.nanmedian if self.combine == "median" else np.nanmean
-        out = []
-        for per_image in zip(*member_mm):
-            stack = np.stack([np.asarray(p, dtype=np.float64) for p in per_image])  # (M, K, D)
-            known = np.isfinite(stack).all(axis=2).any(axis=0)  # (K,): a member has the landmark
-            combined = np.full(stack.shape[1:], np.nan)
-            if known.any():
-                combined[known] = reduce(stack[:, known], axis=0)
-            out.append(combined)
-        return out
+        return combine_points(member_mm, self.combine)
+
+
+def combine_points(member_mm: Sequence[Sequence[np.ndarray]], how: str = "median") -> list[np.ndarray]:
+    """``member_mm[m][i]``: predictions ``m``'s ``(K, D)`` world-mm points on image ``i`` -> one ``(K, D)`` array
+    per image: the median or mean (``how``) of each coordinate over the predictions, NaN ones left out (NaN where
+    none has the landmark)."""
+    if how not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, got {how!r}")
+    reduce = np.nanmedian if how == "median" else np.nanmean
+    out = []
+    for per_image in zip(*member_mm):
+        stack = np.stack([np.asarray(p, dtype=np.float64) for p in per_image])  # (M, K, D)
+        known = np.isfinite(stack).all(axis=2).any(axis=0)  # (K,): a member has the landmark
+        combined = np.full(stack.shape[1:], np.nan)
+        if known.any():
+            combined[known] = reduce(stack[:, known], axis=0)
+        out.append(combined)
+    return out
 
 
 METHOD = RunEnsemble
