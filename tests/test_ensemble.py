@@ -82,3 +82,8 @@ def test_a_member_it_cannot_use_is_refused_naming_it(members: tuple[Path, list])
         run_method("ensemble", {**params, "members": ["a"]})
     with pytest.raises(ValueError, match="at least two different member runs"):
         RunEnsemble(2, 2, members=["a", "a"])
+    # a cascade's later stage already counts its first stage's training time: not an independent member
+    _member(root, "c/global", "synthetic2d", [s.landmarks_mm for s in test], (1.0, 1.0), test)
+    (root / "c" / "manifest.json").write_text(json.dumps({"stages": ["global", "local"]}))
+    with pytest.raises(ValueError, match=r"c/local: its row already includes the run 'c/global'"):
+        run_method("ensemble", {**params, "members": ["c/global", "c/local"]})

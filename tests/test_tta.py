@@ -34,6 +34,8 @@ def test_grid_sizes_round_to_the_networks_multiple() -> None:
     assert tta.grid_sizes([16, 16], 16) == [(16, 16), (16, 16), (16, 16)]  # never below one multiple
     with pytest.raises(ValueError, match="at least two different numbers between 0.5 and 2"):
         ScaleTTA(2, 3, scales=[1.0, 2.5])
+    with pytest.raises(ValueError, match="1.0 among them"):  # the base run's own scale is its check
+        ScaleTTA(2, 3, scales=[0.9, 1.1])
 
 
 @pytest.mark.slow
@@ -57,11 +59,14 @@ def test_each_scale_maps_back_through_its_own_grid(base: Path, tmp_path: Path, m
     from lmlib.engine import runner
     from lmlib.engine.training import load_checkpoint
 
+    grids = set()
+
     def oracle(path):
         module = load_checkpoint(path)
         original = module.predict_batch
 
         def truth(batch):
+            grids.add(tuple(batch["image"].shape[2:]))
             coords, conf, outputs = original(batch)
             return batch["landmarks"].to(coords.dtype), conf, outputs
 
@@ -77,6 +82,7 @@ def test_each_scale_maps_back_through_its_own_grid(base: Path, tmp_path: Path, m
     result = run_method("tta", {"dataset": "synthetic2d", "device": "cpu", "base_method": "heatmap_unet",
                                 "output_dir": str(tmp_path / "synthetic2d" / "tta"), "scales": [0.875, 1.0, 1.125]})
     assert result.metrics["mre_mm"] < 1e-4  # float32 grid arithmetic
+    assert grids == {(56, 56), (64, 64), (72, 72)}  # each scale was predicted on its own grid
 
 
 @pytest.mark.slow

@@ -109,9 +109,9 @@ def _png(widget) -> bytes:
 def test_the_figure_is_a_png_widget_redrawn_by_each_control_and_no_output_widget() -> None:
     """The figure travels as a PNG in an ``ipywidgets.Image``, redrawn when a control changes. No ``Output`` widget
     anywhere in the viewer: under papermill, nbclient's emulation of one sends on the shell socket while it awaits the
-    cell's reply, and now and then the run waited forever with the kernel idle (seen on a loaded 2-core machine in
-    two of about a dozen runs of a one-cell 3D viewer notebook; not reproducible on demand, hence this structural
-    check; lmlib/reporting/figure_widget.py)."""
+    cell's reply, and now and then the run waited forever with the kernel idle (seen on a loaded 2-core machine with
+    a one-cell 3D viewer notebook; not reproducible on demand, hence this structural check;
+    lmlib/reporting/figure_widget.py)."""
     import ipywidgets as w
 
     samples = make_phantom_dataset(3, n_images=1, seed=2, size=(24, 20, 16), n_landmarks=4)

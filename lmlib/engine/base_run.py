@@ -81,6 +81,9 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
     from lmlib.methods.base import method_class
 
     method = str(manifest.get("method", ""))
+    if method and getattr(method_class(method), "derived_from", None):
+        raise ContractError(f"{folder / 'manifest.json'}: a {method} run combines other runs' predictions and keeps "
+                            "no val predictions to size patches from: refine one of the runs it combines")
     try:
         checkpoints = model_checkpoints(folder)
     except FileNotFoundError:
@@ -92,6 +95,30 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
     raise FileNotFoundError(f"{folder}: the {method or 'base'} run has no checkpoints (checkpoints/best.ckpt or its "
                             "stages') to predict the val split with: run its job again here (committed run folders "
                             "do not keep checkpoints)")
+
+
+def run_ancestors(folder: Path) -> set[Path]:
+    """The run folders (resolved) whose training time ``folder``'s row already counts: a cascade's earlier stages,
+    the run a refinement or test-time augmentation starts from (its manifest's ``base_run``), and theirs."""
+    out: set[Path] = set()
+    todo = [Path(folder).resolve()]
+    while todo:
+        here = todo.pop()
+        found: list[Path] = []
+        parent = read_manifest(here.parent) or {}
+        stages = [str(s) for s in parent.get("stages") or []]
+        if here.name in stages:  # a cascade stage: the stages before it, and the run the cascade starts from
+            found += [here.parent / s for s in stages[:stages.index(here.name)]]
+            if parent.get("base_run"):
+                found.append(here.parent / str(parent["base_run"]))
+        own = read_manifest(here) or {}
+        if own.get("base_run"):
+            found.append(here / str(own["base_run"]))
+        for f in (p.resolve() for p in found):
+            if f not in out:
+                out.add(f)
+                todo.append(f)
+    return out
 
 
 def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: str, way_out: str = ""

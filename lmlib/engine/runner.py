@@ -287,6 +287,12 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     train = _split(data, "train", int(shared_value(params, "max_train_images")))
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
+    derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
+    if derived is not None:  # no grid of its own (its members' or its base run's)
+        effective = {**params, **cls.values(params), **({"seeded_split_file": seeded.name} if seeded else {})}
+        print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; test {len(test)} images")
+        run = _run_ensemble if derived == "runs" else _run_tta
+        return run(cls, params, effective, data, train + val + test, test, dev, started, seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
     # the effective parameters: the method's own at the model's defaults where the notebook does not declare them
     effective = {**params, **cls.values(params), "image_size": grid,
@@ -294,11 +300,6 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; train {len(train)}, val {len(val)}, "
           f"test {len(test)}; network grid {grid}")
     shared = engine_settings(params, data)
-    derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
-    if derived == "runs":
-        return _run_ensemble(cls, params, effective, data, train + val + test, test, grid, dev, started, seed)
-    if derived == "checkpoint":
-        return _run_tta(cls, params, effective, data, train + val + test, test, grid, dev, started, seed)
     if not getattr(cls, "trainable", True):
         return _run_without_training(cls, params, effective, data, train, test, grid, dev, started, seed)
     if is_cascade(cls):
@@ -359,41 +360,63 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     world_mm, spread_mm = untrained.predict_samples(atlases, test, grid)
     per_image = (time.perf_counter() - t0) / max(1, len(test))
     print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
-    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], per_image, spread_mm)
+    ids = [a.image_id for a in atlases]
+    return _write_untrained_run(output_dir, test, world_mm, model.name,
+                                {"train_seconds": 0.0, "infer_seconds_per_image": per_image},
+                                {"image_size": list(grid), "atlases": ids},
+                                {"method_config": model.config(), "atlases": ids},
+                                effective, train + test, seed, dev, started, spread_mm)
+
+
+def _write_untrained_run(output_dir: Path, test: list[Sample], world_mm: list[np.ndarray], name: str,
+                         timings: dict[str, float], metrics_extra: dict[str, Any], manifest_extra: dict[str, Any],
+                         effective: dict[str, Any], used: list[Sample], seed: int, dev: Any, started: str,
+                         spread_mm: list[np.ndarray] | None = None) -> RunResult:
+    """The output contract, worst-image figure and manifest of a run that trained nothing (registration, an
+    ensemble, test-time scales): ``timings`` give ``train_seconds``, ``infer_seconds_per_image`` and optionally
+    ``peak_rss_mb`` (else this process's peak)."""
+    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], float(timings["infer_seconds_per_image"]),
+                       spread_mm)
     predictions = predictions_frame(test, pred.world_mm)
-    metrics = write_outputs(output_dir, predictions, {"train_seconds": 0.0, "infer_seconds_per_image": per_image,
-                                                      "peak_rss_mb": peak_rss_mb()},
-                            extra_metrics={"method": model.name, "image_size": list(grid), "epochs": 0,
-                                           "atlases": [a.image_id for a in atlases], "world_size": 1})
-    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
-    write_manifest(output_dir, effective, samples=train + test, seed=seed, device=dev, started=started,
-                   extra={"method": model.name, "method_config": model.config(),
-                          "atlases": [a.image_id for a in atlases]})
+    metrics = write_outputs(output_dir, predictions, {"peak_rss_mb": peak_rss_mb(), **timings},
+                            extra_metrics={"method": name, "epochs": 0, "world_size": 1, **metrics_extra})
+    figures = worst_image_figure(output_dir, test, predictions, pred, name)
+    write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
+                   extra={"method": name, **manifest_extra})
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 
 def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
-                  used: list[Sample], test: list[Sample], grid: list[int], dev: Any, started: str,
-                  seed: int) -> RunResult:
+                  used: list[Sample], test: list[Sample], dev: Any, started: str, seed: int) -> RunResult:
     """An ensemble of finished runs (``cls.derived_from == "runs"``, :mod:`lmlib.methods.ensemble`): each member's test
     predictions read from its folder beside ``output_dir``, combined per landmark; its training time and time per
-    image are the members' sums (plus the combination's). The same output contract, figure and manifest as a run."""
-    from lmlib.engine.base_run import read_finished_run
+    image are the members' sums (plus the combination's), its memory their largest, its device theirs. The same
+    output contract, figure and manifest as a run."""
+    from lmlib.engine.base_run import read_finished_run, run_ancestors
 
     output_dir = Path(params["output_dir"])
     model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
     print(model)
+    folders = {name: output_dir.parent / name for name in model.members}
+    for name, folder in folders.items():  # a member inside another: its cost would be counted twice
+        inside = [m for m, f in folders.items() if m != name and f.resolve() in run_ancestors(folder)]
+        if inside:
+            raise ValueError(f"{folder}: its row already includes the run {inside[0]!r} (a stage or a run built on "
+                             f"it, whose training time it counts): an ensemble takes independent runs")
     members: list[list[np.ndarray]] = []
     costs: dict[str, dict[str, Any]] = {}
-    for name in model.members:
-        folder = output_dir.parent / name
+    for name, folder in folders.items():
         manifest, metrics, world = read_finished_run(folder, str(params["dataset"]), test, name.split("/")[0])
         members.append(world)
         costs[name] = {"train_seconds": float(metrics["train_seconds"]),
                        "infer_seconds_per_image": float(metrics["infer_seconds_per_image"]),
+                       "peak_rss_mb": float(metrics.get("peak_rss_mb") or 0.0),
                        "device": str(manifest.get("device", "")), "git_commit": manifest.get("git_commit")}
         print(f"member {name}: trained {costs[name]['train_seconds']:.0f} s, "
               f"{costs[name]['infer_seconds_per_image']:.3f} s per image ({costs[name]['device'] or 'device ?'})")
+    devices = sorted({c["device"] for c in costs.values()})
+    if len(devices) > 1:
+        print(f"warning: the members ran on different devices ({', '.join(devices)}): the summed times mix them")
     t0 = time.perf_counter()
     world_mm = model.combine_points(members)
     combine_s = (time.perf_counter() - t0) / max(1, len(test))
@@ -401,20 +424,16 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     infer_s = sum(c["infer_seconds_per_image"] for c in costs.values()) + combine_s
     print(f"{model.combine} of {len(members)} runs on {len(test)} test images: {train_s / 60:.1f} min of training, "
           f"{infer_s:.3f} s per image together")
-    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], infer_s)
-    predictions = predictions_frame(test, pred.world_mm)
-    metrics = write_outputs(output_dir, predictions, {"train_seconds": train_s, "infer_seconds_per_image": infer_s,
-                                                      "peak_rss_mb": peak_rss_mb()},
-                            extra_metrics={"method": model.name, "image_size": list(grid), "epochs": 0,
-                                           "members": list(model.members), "world_size": 1})
-    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
-    write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
-                   extra={"method": model.name, "method_config": model.config(), "members": costs})
-    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
+    return _write_untrained_run(output_dir, test, world_mm, model.name,
+                                {"train_seconds": train_s, "infer_seconds_per_image": infer_s,
+                                 "peak_rss_mb": max(c["peak_rss_mb"] for c in costs.values())},
+                                {"members": list(model.members)},
+                                {"method_config": model.config(), "members": costs},
+                                effective, used, seed, " + ".join(devices) or dev, started)
 
 
 def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
-             used: list[Sample], test: list[Sample], grid: list[int], dev: Any, started: str, seed: int) -> RunResult:
+             used: list[Sample], test: list[Sample], dev: Any, started: str, seed: int) -> RunResult:
     """Multi-scale test-time augmentation (``cls.derived_from == "checkpoint"``, :mod:`lmlib.methods.tta`): the
     base run's checkpoint applied to the test images at each scale of its evaluation grid, the predictions combined;
     the scale 1.0 prediction must reproduce the base run's ``predictions.csv``. Training time: the base run's;
@@ -422,6 +441,7 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
     from dataclasses import replace
 
     from lmlib.engine.base_run import read_finished_run
+    from lmlib.evaluation.metrics import mean_radial_error
     from lmlib.methods.ensemble import combine_points
     from lmlib.outputs.contract import ContractError
 
@@ -429,7 +449,7 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
     model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
     print(model)
     folder = model.base_folder(output_dir)
-    manifest, metrics, base_world = read_finished_run(folder, str(params["dataset"]), test, folder.name,
+    manifest, metrics, base_world = read_finished_run(folder, str(params["dataset"]), test, model.base_job(),
                                                       "or name another run folder with base_run")
     checkpoints = model_checkpoints(folder)
     if len(checkpoints) != 1:
@@ -437,9 +457,13 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
                          "whole-image view (a heatmap U-Net, the HTC, the dilation-erosion U-Net)")
     module = load_checkpoint(checkpoints[0])
     view = module.eval_view
-    if view.kind != "whole" or view.size is None:
-        raise ValueError(f"{checkpoints[0]}: its evaluation view is {view.kind!r} without a grid size: test-time "
-                         "scales need a whole-image view on a fixed grid")
+    if view.kind != "whole":
+        raise ValueError(f"{checkpoints[0]}: its evaluation view is a {view.kind!r} view: test-time scales need a "
+                         "whole-image view")
+    if view.size is None or view.spacing is not None:
+        raise ValueError(f"{checkpoints[0]}: its whole-image view is at a fixed spacing ({view.spacing} mm/px): a "
+                         "larger grid would add margin, not scale the image; test-time scales need a view whose "
+                         "field of view is resized onto its grid")
     sizes = model.grid_sizes(view.size, module.method.size_multiple())
     runs, seconds = [], 0.0
     for scale, size in zip(model.scales, sizes):
@@ -447,8 +471,7 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
                        view=replace(view, size=size))
         runs.append(pred.world_mm)
         seconds += pred.seconds_per_image
-        errors = np.concatenate([np.linalg.norm(w - s.landmarks_mm, axis=1) for w, s in zip(pred.world_mm, test)])
-        print(f"scale {scale:g}: grid {list(size)} px, test MRE {np.nanmean(errors):.3f} mm, "
+        print(f"scale {scale:g}: grid {list(size)} px, test MRE {mean_radial_error(pred.world_mm, test):.3f} mm, "
               f"{pred.seconds_per_image:.3f} s per image")
         if scale == 1.0:
             moved = max(float(np.nanmax(np.abs(w - b))) for w, b in zip(pred.world_mm, base_world))
@@ -458,18 +481,15 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
     t0 = time.perf_counter()
     world_mm = combine_points(runs, model.combine)
     infer_s = seconds + (time.perf_counter() - t0) / max(1, len(test))
-    pred = Predictions(world_mm, [np.ones(len(p)) for p in world_mm], infer_s)
-    predictions = predictions_frame(test, pred.world_mm)
-    metrics = write_outputs(output_dir, predictions, {"train_seconds": float(metrics["train_seconds"]),
-                                                      "infer_seconds_per_image": infer_s, "peak_rss_mb": peak_rss_mb()},
-                            extra_metrics={"method": model.name, "image_size": list(view.size), "epochs": 0,
-                                           "grid_sizes": [list(s) for s in sizes], "world_size": 1})
-    figures = worst_image_figure(output_dir, test, predictions, pred, model.name)
-    write_manifest(output_dir, effective, samples=used, seed=seed, device=dev, started=started,
-                   extra={"method": model.name, "method_config": model.config(),
-                          "base_run": os.path.relpath(folder, output_dir), "base_device": manifest.get("device"),
-                          "base_git_commit": manifest.get("git_commit"), "grid_sizes": [list(s) for s in sizes]})
-    return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
+    grids = [list(size) for size in sizes]
+    effective = {**effective, "image_size": list(view.size)}  # the base run's grid (the scales': grid_sizes)
+    return _write_untrained_run(output_dir, test, world_mm, model.name,
+                                {"train_seconds": float(metrics["train_seconds"]), "infer_seconds_per_image": infer_s},
+                                {"image_size": list(view.size), "grid_sizes": grids},
+                                {"method_config": model.config(), "base_run": os.path.relpath(folder, output_dir),
+                                 "base_device": manifest.get("device"), "base_git_commit": manifest.get("git_commit"),
+                                 "grid_sizes": grids},
+                                effective, used, seed, dev, started)
 
 
 def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mapping[str, Any], folder: Path,

@@ -88,7 +88,7 @@ class RunEnsemble(LandmarkMethod):
 
 
 def combine_points(member_mm: Sequence[Sequence[np.ndarray]], how: str = "median") -> list[np.ndarray]:
-    """``member_mm[m][i]``: predictions ``m``'s ``(K, D)`` world-mm points on image ``i`` -> one ``(K, D)`` array
+    """``member_mm[m][i]``: prediction set ``m``'s ``(K, D)`` world-mm points on image ``i`` -> one ``(K, D)`` array
     per image: the median or mean (``how``) of each coordinate over the predictions, NaN ones left out (NaN where
     none has the landmark)."""
     if how not in COMBINE:

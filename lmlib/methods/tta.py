@@ -4,13 +4,15 @@ grid scales, the predictions combined per landmark.
 Nothing is trained here. The base run (``base_method``: its run folder beside this run's, or ``base_run``) must
 hold its checkpoint (one network: a heatmap U-Net, the HTC, the dilation-erosion U-Net; committed run folders keep
 no checkpoints, so run its job first). Its evaluation view (the whole image resampled onto its grid, aspect ratio
-kept) is applied at each of ``scales`` x its grid size (each side rounded to the network's size multiple): at 1.1
-the image is drawn 10 % larger on a 10 % larger grid, so the network sees the anatomy at another size, as the
-training's scale augmentation did. Every prediction is mapped back to world mm through its own grid, and the
+kept) is applied at each of ``scales`` x its grid size (each side rounded to the network's size multiple, so a scale is
+met to within that rounding; the grids are recorded): at 1.1 the image is drawn about 10 % larger on a larger grid,
+so the network sees the anatomy at another size, as the training's scale augmentation did. A view at a fixed
+spacing (crop or pad instead of scale) is refused. Every prediction is mapped back to world mm through its own grid, and the
 predictions are combined per landmark and axis (median or mean, :func:`lmlib.methods.ensemble.combine_points`).
 
 Honest use: the scales are fixed in advance (``val`` is not used; nothing is chosen on ``test``); the scale 1.0
-prediction reproduces the base run's own ``predictions.csv`` (checked, so a wrong checkpoint is refused). The row's
+(required) prediction must reproduce the base run's own ``predictions.csv`` to 0.01 mm (so a checkpoint of another
+run is refused). The row's
 training time is the base run's, its inference time the sum over the scales.
 
 Coordinates: world mm ``(x, y[, z])``; grid sizes in px ``(x, y[, z])``.
@@ -21,12 +23,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from lmlib.methods.base import LandmarkMethod
 from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.ensemble import COMBINE
 from lmlib.typed import Number, field, one_of
+
+
+def _with_own_scale(scales: list[float]) -> list[float]:
+    """At least two different scales, 1.0 among them (its prediction is checked against the base run's)."""
+    if 1.0 not in scales or len(set(scales)) != len(scales):
+        raise ValueError("scales must be different and include 1.0")
+    return scales
 
 
 class TTAParameters(MethodParameters):
@@ -37,9 +46,10 @@ class TTAParameters(MethodParameters):
                              min_length=1)
     base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
                           "a folder path or empty")
-    scales: list[Annotated[Number, Field(gt=0.5, lt=2.0)]] = field(
-        [0.9, 1.0, 1.1], "grid scales applied to the base run's evaluation grid (1.0: its own)",
-        "a list of at least two numbers between 0.5 and 2", min_length=2)
+    scales: Annotated[list[Annotated[Number, Field(gt=0.5, lt=2.0)]], AfterValidator(_with_own_scale)] = field(
+        [0.9, 1.0, 1.1], "grid scales applied to the base run's evaluation grid (1.0, its own, is required: it "
+                         "must reproduce the run's predictions)",
+        "a list of at least two different numbers between 0.5 and 2, 1.0 among them", min_length=2)
     combine: Annotated[str, one_of(COMBINE)] = field(
         "median", "per landmark and axis over the scales: median | mean", "median or mean")
 
@@ -67,8 +77,10 @@ class ScaleTTA(LandmarkMethod):
                  combine: str = _D["combine"], **_: Any) -> None:
         super().__init__(spatial_dims, n_landmarks)
         values = [float(s) for s in scales]
-        if len(values) < 2 or len(set(values)) != len(values) or not all(0.5 < s < 2.0 for s in values):
-            raise ValueError(f"scales must be at least two different numbers between 0.5 and 2, got {values}")
+        if len(values) < 2 or len(set(values)) != len(values) or not all(0.5 < s < 2.0 for s in values) \
+                or 1.0 not in values:
+            raise ValueError(f"scales must be at least two different numbers between 0.5 and 2, 1.0 among them (its "
+                             f"prediction is checked against the base run's), got {values}")
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         self.base_method, self.base_run, self.scales, self.combine = str(base_method), str(base_run), values, combine
@@ -88,6 +100,10 @@ class ScaleTTA(LandmarkMethod):
     def base_folder(self, output_dir: str | Path) -> Path:
         """The finished run augmented: ``base_run``, else ``<output_dir>/../<base_method>``."""
         return Path(self.base_run) if self.base_run else Path(output_dir).parent / self.base_method
+
+    def base_job(self) -> str:
+        """The driver job that makes the base run (a cascade stage's job: before the ``/``)."""
+        return Path(self.base_run).name if self.base_run else self.base_method.split("/")[0]
 
     def grid_sizes(self, size: Sequence[int], multiple: int) -> list[tuple[int, ...]]:
         """Each scale's grid (px): ``scale`` x ``size`` per axis, rounded to ``multiple`` (at least one multiple)."""

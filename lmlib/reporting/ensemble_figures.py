@@ -31,12 +31,12 @@ def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
     if not isinstance(members, dict) or not members:
         raise FileNotFoundError(f"{folder / 'manifest.json'}: not an ensemble run (no members)")
     config = manifest.get("method_config") or {}
-    label = f"ensemble ({config.get('combine', '?')} of {len(members)})"  # not the folder: the driver writes a scratch one
+    # not the folder's name: the driver writes into a scratch folder first
+    label = f"ensemble ({config.get('combine', '?')} of {len(members)})"
     rows = []
     for name, where in [*((m, folder.parent / m) for m in members), (label, folder)]:
-        predictions, metrics = read_run(where)
-        rows.append({"run": name, "MRE (mm)": float(predictions["error_mm"].mean()),
-                     "median (mm)": float(predictions["error_mm"].median()),
+        _, metrics = read_run(where)
+        rows.append({"run": name, "MRE (mm)": float(metrics["mre_mm"]), "median (mm)": float(metrics["median_mm"]),
                      "train (min)": float(metrics["train_seconds"]) / 60.0,
                      "s / image": float(metrics["infer_seconds_per_image"]),
                      "device": str(members.get(name, {}).get("device", manifest.get("device", "")))})

@@ -3,8 +3,8 @@ review widget.
 
 Why not an ``ipywidgets.Output`` with ``display(fig)`` inside it: under papermill, nbclient emulates the Output
 widget's capture and sends its state back to the kernel on the shell socket while it awaits the cell's reply; now
-and then the reply's wake-up is lost and the run waits forever with the kernel idle (one cell in three to eight
-building a 3D viewer with predictions hung here; nbclient issue 312). An Image widget's updates travel from the
+and then the reply's wake-up is lost and the run waits forever with the kernel idle (seen with cells building a 3D
+viewer with predictions on a loaded 2-core machine; nbclient issue 312). An Image widget's updates travel from the
 kernel to the client only.
 """
 from __future__ import annotations

@@ -52,7 +52,7 @@ class ReviewWidget:
             self.canvas.mpl_connect("button_release_event", self._release)
         else:
             self.fig = plt.figure(figsize=size)
-            plt.close(self.fig)  # shown by the widget's output only
+            plt.close(self.fig)  # shown as the picture widget's PNG only
         self.title = w.HTML()
         self.offsets = [w.FloatSlider(description=f"d{a} (mm)", continuous_update=False, readout_format=".2f")
                         for a in "xyz"[:session.ndim]]

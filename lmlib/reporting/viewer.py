@@ -166,7 +166,7 @@ class LandmarkViewer:
         self.state = ViewState(series=(TRUTH, *self.predictions), zoom_mm=0.0)
         self.zoom_mm = float(zoom_mm)
         self.fig = plt.figure(figsize=(6.0, 6.0) if samples[0].ndim == 2 else (12.0, 4.5))
-        plt.close(self.fig)  # shown by the widget's output only
+        plt.close(self.fig)  # shown as the picture widget's PNG only
         self.picture = figure_image()
         self.image = w.Dropdown(options=[(s.image_id, i) for i, s in enumerate(self.samples)], description="image")
         self.series = w.SelectMultiple(options=[TRUTH, *self.predictions], value=self.state.series,
