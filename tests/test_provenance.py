@@ -18,7 +18,6 @@ LEGACY = {
     "afids-mni/prior_guided_shared_plane/independent": "re-run pending (ablation, 3D)",
     "hamedan-ceph/dilation_erosion": "re-run pending (full profile)",
     "hamedan-ceph/heatmap_unet": "re-run pending (full profile)",
-    "hamedan-ceph/heatmap_unet_cpu": "re-run pending (full profile)",
     "hamedan-ceph/htc_gpu": "a GPU run: re-run in a session with a GPU",
     "hamedan-ceph/htc_gpu/half_head": "a GPU run: re-run in a session with a GPU",
     "hamedan-ceph/htc_gpu/quarter_head": "a GPU run: re-run in a session with a GPU",
