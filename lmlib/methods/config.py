@@ -9,6 +9,7 @@ cell and every driver profile to it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -35,3 +36,9 @@ class MethodParameters(BaseModel):
 def defaults(model: type[BaseModel]) -> dict[str, Any]:
     """Each field's default (for a constructor's signature: one source of truth)."""
     return {name: f.default for name, f in model.model_fields.items()}
+
+
+def base_run_folder(base_run: str, base_method: str, output_dir: str | Path) -> Path:
+    """The finished run a derived method reads (refinement, test-time scales): ``base_run`` when given, else the
+    folder ``base_method`` beside ``output_dir``."""
+    return Path(base_run) if base_run else Path(output_dir).parent / base_method

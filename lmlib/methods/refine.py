@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import StrictBool
 
+from lmlib.methods.config import base_run_folder
 from lmlib.methods.global_local import (
     DISPLACEMENT_CODES,
     GlobalLocalFCNN,
@@ -75,7 +76,7 @@ class LocalRefinement(GlobalLocalFCNN):
     def base_folder(cls, params: Mapping[str, Any]) -> Path:
         """The finished run refined: ``base_run``, else ``<output_dir>/../<base_method>``."""
         p = cls.values(params)
-        return Path(p["base_run"]) if p["base_run"] else Path(params["output_dir"]).parent / str(p["base_method"])
+        return base_run_folder(str(p["base_run"]), str(p["base_method"]), params["output_dir"])
 
     @staticmethod
     def stage_names(n: int) -> list[str]:

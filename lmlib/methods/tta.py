@@ -26,7 +26,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from lmlib.methods.base import LandmarkMethod
-from lmlib.methods.config import MethodParameters, defaults
+from lmlib.methods.config import MethodParameters, base_run_folder, defaults
 from lmlib.methods.ensemble import COMBINE
 from lmlib.typed import Number, field, one_of
 
@@ -99,7 +99,7 @@ class ScaleTTA(LandmarkMethod):
 
     def base_folder(self, output_dir: str | Path) -> Path:
         """The finished run augmented: ``base_run``, else ``<output_dir>/../<base_method>``."""
-        return Path(self.base_run) if self.base_run else Path(output_dir).parent / self.base_method
+        return base_run_folder(self.base_run, self.base_method, output_dir)
 
     def base_job(self) -> str:
         """The driver job that makes the base run (a cascade stage's job: before the ``/``)."""
