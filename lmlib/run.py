@@ -61,6 +61,7 @@ class Job:
     needs_gpu: bool = False  # skipped unless a CUDA device is available (or --device names one)
     main: bool = True  # runs on a user's dataset file by default (False: ablations, paper-scale GPU runs)
     runs: str | None = None  # the lmlib.methods method its notebook trains (None: exploration, reference, ...)
+    variant_of: str | None = None  # a generalisation-study variant of that job (one setting changed; notebook 63)
 
     def parameters(self, dataset: str, profile: str) -> dict[str, Any]:
         over = {"default": {}, "smoke": self.smoke, "full": self.full}[profile]
@@ -123,10 +124,12 @@ JOBS: tuple[Job, ...] = (
     _job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet"),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
-    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("hamedan-ceph",), runs="heatmap_unet", main=False),
-    # the generalisation study's variants of heatmap_unet_cpu (one setting changed each; profiles.yaml)
-    *(_job("15_heatmap_unet.ipynb", f"heatmap_unet_cpu_{v}", ("synthetic2d", "hamedan-ceph"), runs="heatmap_unet",
-           main=False) for v in ("aug_paper", "aug_half", "fine_grid")),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("synthetic2d", "hamedan-ceph"), runs="heatmap_unet", main=False),
+    # the generalisation study's variants of heatmap_unet_cpu (one setting changed each; profiles.yaml); one of them
+    # on synthetic2d, for the study's smoke run
+    *(_job("15_heatmap_unet.ipynb", f"heatmap_unet_cpu_{v}", ("hamedan-ceph",) if v != "aug_half" else
+           ("synthetic2d", "hamedan-ceph"), runs="heatmap_unet", main=False, variant_of="heatmap_unet_cpu")
+      for v in ("aug_paper", "aug_half", "fine_grid")),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
@@ -152,6 +155,8 @@ JOBS: tuple[Job, ...] = (
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
          main=False),
     _job("62_test_time_scales.ipynb", "htc+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta", main=False),
+    # the generalisation study: the variants against their base, chosen on val only (after the variants' jobs)
+    _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph"), main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,
@@ -367,6 +372,12 @@ class ConsoleEcho:
 
     def flush(self) -> None:
         (self.stream or sys.stdout).flush()
+
+
+def variants_of(base: str, dataset: str) -> list[str]:
+    """The jobs declared as generalisation-study variants of job ``base`` (``variant_of``) that run on ``dataset``,
+    in declaration order."""
+    return [job.method for job in JOBS if job.variant_of == base and dataset_name(dataset) in job.datasets]
 
 
 class JobLocked(RuntimeError):

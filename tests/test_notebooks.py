@@ -153,6 +153,24 @@ def test_test_time_scales_values(pipeline: tuple[str, Path]) -> None:
         assert _json(root / job / "manifest.json")["base_run"] == f"../{base}"
 
 
+def test_generalisation_study_values(pipeline: tuple[str, Path]) -> None:
+    """The study of the smoke runs: the base and its declared variant, the choice on validation, each run's test
+    MRE its own."""
+    dataset, root = pipeline
+    if not (root / "generalisation").exists():
+        pytest.skip(f"no generalisation job on {dataset}")
+    record = _json(root / "generalisation" / "study.json")
+    table = pd.read_csv(root / "generalisation" / "table_study.csv", index_col="run")
+    assert record["runs"] == ["heatmap_unet_cpu", "heatmap_unet_cpu_aug_half"] == list(table.index)
+    assert record["chosen"] == table["val MRE (mm)"].idxmin() and table["chosen"].sum() == 1
+    for run in record["runs"]:
+        own = _json(root / run / "metrics.json")
+        assert table.loc[run, "val MRE (mm)"] == pytest.approx(own["best_val_mre_mm"])
+        assert table.loc[run, "test MRE (mm)"] == pytest.approx(own["mre_mm"], abs=1e-3)
+    assert table.loc["heatmap_unet_cpu_aug_half", "changes"] == "rotation_deg 10.0 -> 20.0; scale_range 0.1 -> 0.25"
+    assert (root / "generalisation" / "fig_val_test.png").stat().st_size > 5_000
+
+
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")

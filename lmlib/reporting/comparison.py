@@ -44,7 +44,7 @@ from lmlib.outputs.contract import (
 )
 from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 
-EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark")  # not method runs
+EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark", "generalisation")  # not runs
 RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")  # a folder holding either is meant as a run
 TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
 KEY = ["image_id", "landmark"]

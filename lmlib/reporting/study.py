@@ -1,0 +1,164 @@
+"""A generalisation study: one finished run (the base) against variants of it, each with one setting changed.
+
+The variants are run folders beside the base's, full trainings of the same method; the driver declares them as
+jobs with ``variant_of=<base>`` (``lmlib.run.variants_of``). The choice is made on the **validation** split only:
+the variant (or the base) with the lowest validation MRE (``metrics.json`` ``best_val_mre_mm``: the checkpoint the
+training kept) is the one chosen; the test split is read afterwards, to report what the choice gives and what each
+setting did.
+
+- :func:`changed_settings`: what a variant's parameters change against the base's (its manifest's);
+- :func:`study_table`: one row per run: changed settings, validation MRE, test MRE [95 % bootstrap CI over images],
+  the test difference to the base paired by image (Wilcoxon), training minutes, seconds per image, the choice;
+- :func:`fig_val_test`: validation against test MRE, one point per run (does validation rank them as test does?);
+- :func:`write_study`: both written into a folder (``table_study.csv/.md``, ``fig_val_test.png``, ``study.json``).
+
+Errors are in mm (world coordinates of each image, as in every run's ``predictions.csv``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lmlib.evaluation.metrics import error_matrix
+from lmlib.evaluation.statistics import bootstrap_ci, resample_indices, wilcoxon_paired
+from lmlib.outputs.contract import read_manifest, read_run, write_json
+from lmlib.outputs.qualitative import finish
+
+DPI = 110
+#: run parameters that say where or how a run was written, not what it learnt: never a "changed setting"
+NOT_SETTINGS: frozenset[str] = frozenset({"output_dir", "data_dir", "progress", "resume", "overlay_every", "gif_fps"})
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    manifest = read_manifest(folder)
+    if not manifest:
+        raise FileNotFoundError(f"{folder / 'manifest.json'}: missing (run the job first)")
+    return manifest
+
+
+def _profile(manifest: dict[str, Any]) -> str | None:
+    driver = manifest.get("driver")
+    return driver.get("profile") if isinstance(driver, dict) else None
+
+
+def changed_settings(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Parameter name -> (base value, variant value) for every run parameter that differs (manifests'
+    ``parameters``; where-and-how names such as ``output_dir`` left out)."""
+    a, b = base.get("parameters") or {}, variant.get("parameters") or {}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in NOT_SETTINGS and a.get(k) != b.get(k)}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "(the base)"
+
+
+def study_table(results_dir: str | Path, dataset: str, base: str, variants: list[str], n_bootstrap: int = 2000,
+                seed: int = 0) -> pd.DataFrame:
+    """One row per run (the base first): what it changes, validation and test MRE (mm), the test difference to the
+    base paired by image, its cost, and ``chosen`` (the lowest validation MRE; the test split plays no part).
+
+    ``variants``: run folders beside the base's. A missing run, one of another
+    data set or driver profile than the base's, or one without a validation MRE is an error naming the folder.
+    """
+    from lmlib.data.datasets import dataset_name
+
+    root = Path(results_dir) / dataset_name(dataset)
+    names = [base, *variants]
+    if not variants:
+        raise ValueError(f"no variants of {base!r} to study (the driver's: jobs declared with variant_of={base!r})")
+    manifests = {n: _manifest(root / n) for n in names}
+    profile = _profile(manifests[base])
+    errors, rows = {}, []
+    for name in names:
+        folder, manifest = root / name, manifests[name]
+        run_dataset = (manifest.get("parameters") or {}).get("dataset")
+        if run_dataset != manifests[base]["parameters"].get("dataset"):
+            raise ValueError(f"{folder}: a run of {run_dataset!r}, the base {base!r} is of "
+                             f"{manifests[base]['parameters'].get('dataset')!r}")
+        if _profile(manifest) != profile:
+            raise ValueError(f"{folder}: made with driver profile {_profile(manifest)!r}, the base with {profile!r}: "
+                             f"run both with the same --profile")
+        predictions, metrics = read_run(folder)
+        val = metrics.get("best_val_mre_mm")
+        if val is None or not math.isfinite(float(val)):
+            raise ValueError(f"{folder / 'metrics.json'}: no best_val_mre_mm (a run without a validation split "
+                             "cannot take part in a choice made on validation)")
+        errors[name] = error_matrix(predictions)
+        rows.append({"run": name, "changes": _describe(changed_settings(manifests[base], manifest)),
+                     "val MRE (mm)": float(val), "train (min)": float(metrics["train_seconds"]) / 60.0,
+                     "s / image": float(metrics["infer_seconds_per_image"]), "epochs": metrics.get("epochs")})
+    table = pd.DataFrame(rows).set_index("run")
+    # every run on the same test images (the base's order) and the same bootstrap resamples
+    images = errors[base].index
+    for name, err in errors.items():
+        if set(err.index) != set(images):
+            raise ValueError(f"{root / name}: its test images differ from the base's ({base}): same split needed")
+    idx = resample_indices(len(images), n_bootstrap, seed)
+    for name, err in errors.items():
+        ci = bootstrap_ci(err.reindex(index=images, columns=errors[base].columns), indices=idx).loc["mre_mm"]
+        table.loc[name, ["test MRE (mm)", "CI low", "CI high"]] = [ci["estimate"], ci["ci_low"], ci["ci_high"]]
+        if name == base:
+            table.loc[name, ["vs base (mm)", "p (vs base)"]] = [0.0, np.nan]
+            continue
+        a = err.reindex(index=images).mean(axis=1).to_numpy()  # per image (pairs by image, not by point)
+        b = errors[base].mean(axis=1).to_numpy()
+        test = wilcoxon_paired(a, b)
+        table.loc[name, ["vs base (mm)", "p (vs base)"]] = [test["mean_diff_mm"], test["p_value"]]
+    table["chosen"] = table.index == table["val MRE (mm)"].idxmin()
+    return table[["changes", "val MRE (mm)", "test MRE (mm)", "CI low", "CI high", "vs base (mm)", "p (vs base)",
+                  "epochs", "train (min)", "s / image", "chosen"]]
+
+
+def fig_val_test(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
+    """Validation MRE against test MRE (mm), one point per run (the chosen one a star; test CIs as bars)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for name, row in table.iterrows():
+        chosen = bool(row["chosen"])
+        y, lo, hi = row["test MRE (mm)"], row["CI low"], row["CI high"]
+        ax.errorbar(row["val MRE (mm)"], y, yerr=[[y - lo], [hi - y]], fmt="*" if chosen else "o",
+                    ms=12 if chosen else 6, capsize=3, zorder=3)
+        ax.annotate(str(name), (row["val MRE (mm)"], y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("validation MRE (mm): what the choice sees")
+    ax.set_ylabel("test MRE (mm) [95% CI]")
+    ax.set_title("generalisation study: chosen on validation (star)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.15)  # room for the labels
+    return finish(fig, path, DPI)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    lines = ["| run | changes | val MRE (mm) | test MRE (mm) [95% CI] | vs base (mm) | p (vs base) | train (min) "
+             "| s / image | chosen |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for name, r in table.iterrows():
+        p = "-" if pd.isna(r["p (vs base)"]) else f"{r['p (vs base)']:.2g}"
+        lines.append(f"| {name} | {r['changes']} | {r['val MRE (mm)']:.2f} | {r['test MRE (mm)']:.2f} "
+                     f"[{r['CI low']:.2f}, {r['CI high']:.2f}] | {r['vs base (mm)']:+.2f} | {p} "
+                     f"| {r['train (min)']:.0f} | {r['s / image']:.3f} | {'yes' if r['chosen'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_study(table: pd.DataFrame, output_dir: str | Path, base: str) -> dict[str, Any]:
+    """Write ``table_study.csv/.md``, ``fig_val_test.png`` and ``study.json`` (the choice and what it gives on
+    test against the base) into ``output_dir``; return the ``study.json`` record."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table_study.csv")
+    (out / "table_study.md").write_text(_markdown(table), encoding="utf-8")
+    fig_val_test(table, out / "fig_val_test.png")
+    chosen = str(table.index[table["chosen"]][0])
+    row = table.loc[chosen]
+    record = {"base": base, "chosen": chosen, "chosen_on": "validation MRE (best_val_mre_mm)",
+              "chosen_val_mre_mm": float(row["val MRE (mm)"]), "chosen_test_mre_mm": float(row["test MRE (mm)"]),
+              "base_test_mre_mm": float(table.loc[base, "test MRE (mm)"]),
+              "test_diff_vs_base_mm": float(row["vs base (mm)"]),
+              "p_vs_base": None if pd.isna(row["p (vs base)"]) else float(row["p (vs base)"]),
+              "best_on_test": str(table["test MRE (mm)"].idxmin()), "runs": list(map(str, table.index))}
+    write_json(out / "study.json", record)
+    return record

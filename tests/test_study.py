@@ -1,0 +1,100 @@
+"""The generalisation study (lmlib.reporting.study): the choice is made on validation only, even when another run is
+better on test; each row says what it changed and is paired with the base by image; runs it cannot compare are
+refused with the folder named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlib.engine.runner import load_run_data
+from lmlib.outputs.contract import predictions_frame, read_run, write_outputs
+from lmlib.outputs.manifest import write_manifest
+from lmlib.reporting import study
+
+BASE = {"dataset": "synthetic2d", "output_dir": "x", "rotation_deg": 10.0, "image_size": [128, 128]}
+# run -> (validation MRE mm, test noise SD mm, its parameters)
+RUNS = {"base": (1.0, 1.0, BASE),
+        "picked_on_val": (0.8, 1.3, {**BASE, "output_dir": "y", "rotation_deg": 20.0}),
+        "best_on_test": (1.2, 0.4, {**BASE, "output_dir": "z", "image_size": [160, 160]})}
+
+
+def _run(root: Path, name: str, val: float | None, sd: float, params: dict, test: list, profile: str = "full",
+         seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    world = [s.landmarks_mm + rng.normal(0.0, sd, s.landmarks_mm.shape) for s in test]
+    extra = {"epochs": 10, **({} if val is None else {"best_val_mre_mm": val})}
+    write_outputs(root / name, predictions_frame(test, world),
+                  {"train_seconds": 600.0, "infer_seconds_per_image": 0.1, "peak_rss_mb": 1.0}, extra)
+    write_manifest(root / name, params, device="cpu", extra={"driver": {"profile": profile}})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    results = tmp_path_factory.mktemp("study")
+    test = load_run_data({"dataset": "synthetic2d"}).split("test")
+    for k, (name, (val, sd, params)) in enumerate(RUNS.items()):
+        _run(results / "synthetic2d", name, val, sd, params, test, seed=k)
+    return results, test
+
+
+def test_the_choice_is_made_on_validation_even_when_another_run_wins_on_test(runs: tuple[Path, list],
+                                                                          tmp_path: Path) -> None:
+    results, _ = runs
+    table = study.study_table(results, "synthetic2d", "base", ["picked_on_val", "best_on_test"], n_bootstrap=200)
+    assert list(table.index[table["chosen"]]) == ["picked_on_val"]
+    assert table["test MRE (mm)"].idxmin() == "best_on_test"
+    # each row: what it changed against the base (where it was written is not a setting)
+    assert table.loc["base", "changes"] == "(the base)"
+    assert table.loc["picked_on_val", "changes"] == "rotation_deg 10.0 -> 20.0"
+    assert table.loc["best_on_test", "changes"] == "image_size [128, 128] -> [160, 160]"
+    # the test MRE is the run's own (its metrics.json; predictions.csv holds 4 decimals), inside its interval
+    for name in RUNS:
+        own = read_run(results / "synthetic2d" / name)[1]["mre_mm"]
+        row = table.loc[name]
+        assert row["test MRE (mm)"] == pytest.approx(own, abs=1e-4) and row["CI low"] < own < row["CI high"]
+    # paired by image against the base: the better run is significantly better, the worse one worse
+    assert table.loc["best_on_test", "vs base (mm)"] < -0.5 and table.loc["best_on_test", "p (vs base)"] < 0.01
+    assert table.loc["picked_on_val", "vs base (mm)"] > 0.0
+    record = study.write_study(table, tmp_path, "base")
+    assert record["chosen"] == "picked_on_val" and record["best_on_test"] == "best_on_test"
+    assert record["test_diff_vs_base_mm"] == pytest.approx(table.loc["picked_on_val", "vs base (mm)"])
+    assert json.loads((tmp_path / "study.json").read_text()) == record
+    assert "| picked_on_val | rotation_deg 10.0 -> 20.0 | 0.80 |" in (tmp_path / "table_study.md").read_text()
+    assert (tmp_path / "fig_val_test.png").stat().st_size > 5_000
+
+
+def test_runs_it_cannot_compare_are_refused_naming_the_folder(runs: tuple[Path, list]) -> None:
+    results, test = runs
+    root = results / "synthetic2d"
+    _run(root, "smoke_run", 0.5, 1.0, BASE, test, profile="smoke")
+    with pytest.raises(ValueError, match=r"smoke_run: made with driver profile 'smoke', the base with 'full'"):
+        study.study_table(results, "synthetic2d", "base", ["smoke_run"])
+    _run(root, "no_val", None, 1.0, BASE, test)
+    with pytest.raises(ValueError, match=r"no_val/metrics.json: no best_val_mre_mm"):
+        study.study_table(results, "synthetic2d", "base", ["no_val"])
+    _run(root, "fewer_images", 0.5, 1.0, BASE, test[:-1])
+    with pytest.raises(ValueError, match=r"fewer_images: its test images differ from the base's"):
+        study.study_table(results, "synthetic2d", "base", ["fewer_images"])
+    with pytest.raises(FileNotFoundError, match=r"missing/manifest.json: missing \(run the job first\)"):
+        study.study_table(results, "synthetic2d", "base", ["missing"])
+    with pytest.raises(ValueError, match=r"no variants of 'base'"):
+        study.study_table(results, "synthetic2d", "base", [])
+
+
+def test_the_variants_are_the_jobs_declared_as_such() -> None:
+    from lmlib.run import JOBS, variants_of
+
+    variants = variants_of("heatmap_unet_cpu", "hamedan-ceph")
+    assert variants == ["heatmap_unet_cpu_aug_paper", "heatmap_unet_cpu_aug_half", "heatmap_unet_cpu_fine_grid"]
+    assert variants_of("heatmap_unet_cpu", "synthetic2d") == ["heatmap_unet_cpu_aug_half"]  # the smoke run's
+    jobs = {job.method: job for job in JOBS}
+    base = jobs["heatmap_unet_cpu"].parameters("hamedan-ceph", "full")
+    for name in variants:  # a full training of the same method, one setting (or one pair of ranges) changed
+        job = jobs[name]
+        assert job.runs == jobs["heatmap_unet_cpu"].runs and set(job.datasets) >= {"hamedan-ceph"}
+        changed = {k for k, v in job.parameters("hamedan-ceph", "full").items() if base.get(k) != v}
+        assert changed in ({"rotation_deg", "scale_range"}, {"image_size"}), (name, changed)
+    assert variants_of("htc", "hamedan-ceph") == []
