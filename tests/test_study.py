@@ -96,5 +96,9 @@ def test_the_variants_are_the_jobs_declared_as_such() -> None:
         job = jobs[name]
         assert job.runs == jobs["heatmap_unet_cpu"].runs and set(job.datasets) >= {"hamedan-ceph"}
         changed = {k for k, v in job.parameters("hamedan-ceph", "full").items() if base.get(k) != v}
-        assert changed in ({"rotation_deg", "scale_range"}, {"image_size"}), (name, changed)
+        # a finer grid keeps the target's width in mm: sigma (px of the grid) scaled with it
+        assert changed in ({"rotation_deg", "scale_range"}, {"image_size", "sigma"}), (name, changed)
+        if "sigma" in changed:
+            params = job.parameters("hamedan-ceph", "full")
+            assert params["sigma"] / base["sigma"] == params["image_size"][0] / base["image_size"][0]
     assert variants_of("htc", "hamedan-ceph") == []
