@@ -134,17 +134,20 @@ def study_table(results_dir: str | Path, dataset: str, base: str, variants: list
 
 
 def fig_val_test(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
-    """Validation MRE against test MRE (mm), one point per run (the chosen one a star; test CIs as bars)."""
+    """Validation MRE against test MRE (mm), one point per run (the chosen one a star; test CIs as bars); the base is
+    the table's first row, the variants are labelled by what follows its name."""
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    base = str(table.index[0])
     for name, row in table.iterrows():
+        label = "base" if name == base else str(name).removeprefix(f"{base}_")  # short labels: they overlap less
         chosen = bool(row["chosen"])
         y, lo, hi = row["test MRE (mm)"], row["CI low"], row["CI high"]
         ax.errorbar(row["val MRE (mm)"], y, yerr=[[y - lo], [hi - y]], fmt="*" if chosen else "o",
                     ms=12 if chosen else 6, capsize=3, zorder=3)
-        ax.annotate(str(name), (row["val MRE (mm)"], y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        ax.annotate(label, (row["val MRE (mm)"], y), xytext=(5, 4), textcoords="offset points", fontsize=8)
     ax.set_xlabel("validation MRE (mm): what the choice sees")
     ax.set_ylabel("test MRE (mm) [95% CI]")
-    ax.set_title("generalisation study: chosen on validation (star)", fontsize=10)
+    ax.set_title(f"variants of {base}: chosen on validation (star)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.15)  # room for the labels
     return finish(fig, path, DPI)
