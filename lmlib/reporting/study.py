@@ -58,27 +58,26 @@ def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "(the base)"
 
 
-def _check_comparable(root: Path, base: str, manifests: dict[str, dict[str, Any]], profile: str | None) -> str:
-    """The driver profile every run must share (``profile`` or the base's); a run of another data set, profile or
-    data checksum than the base's is an error naming its folder."""
-    want = profile or run_profile(manifests[base])
+def _check_comparable(root: Path, base: str, manifests: dict[str, dict[str, Any]], profile: str | None) -> None:
+    """Every run must be of the base's data set and data checksum and of one driver profile (``profile``, else the
+    base's); else an error naming the run's folder."""
+    first = manifests[base]
+    want = profile or run_profile(first)
     if want == UNKNOWN:
         raise ValueError(f"{root / base / 'manifest.json'}: no driver profile (not made by the driver): the study "
                          "compares runs of one driver profile")
-    first = manifests[base]
+    base_dataset = (first.get("parameters") or {}).get("dataset")
     for name, manifest in manifests.items():
         folder = root / name
         run_dataset = (manifest.get("parameters") or {}).get("dataset")
-        if run_dataset != (first.get("parameters") or {}).get("dataset"):
-            raise ValueError(f"{folder}: a run of {run_dataset!r}, the base {base!r} is of "
-                             f"{(first.get('parameters') or {}).get('dataset')!r}")
+        if run_dataset != base_dataset:
+            raise ValueError(f"{folder}: a run of {run_dataset!r}, the base {base!r} is of {base_dataset!r}")
         if run_profile(manifest) != want:
             raise ValueError(f"{folder}: made with driver profile {run_profile(manifest)!r}, the study compares "
                              f"{want!r} runs: run it with --profile {want}")
         if manifest.get("data_checksum") != first.get("data_checksum"):
             raise ValueError(f"{folder}: data checksum {manifest.get('data_checksum')!r}, the base's is "
                              f"{first.get('data_checksum')!r}: the runs did not see the same data")
-    return want
 
 
 def study_table(results_dir: str | Path, dataset: str, base: str, variants: list[str], profile: str | None = None,
