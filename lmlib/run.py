@@ -133,6 +133,8 @@ JOBS: tuple[Job, ...] = (
          main=False, variant_of="heatmap_unet_cpu"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_fine_grid", ("hamedan-ceph",), runs="heatmap_unet", main=False,
          variant_of="heatmap_unet_cpu"),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_long", ("hamedan-ceph",), runs="heatmap_unet", main=False,
+         variant_of="heatmap_unet_cpu"),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)

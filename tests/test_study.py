@@ -126,7 +126,8 @@ def test_the_variants_are_the_jobs_declared_as_such() -> None:
     from lmlib.run import JOBS, variants_of
 
     variants = variants_of("heatmap_unet_cpu", "hamedan-ceph")
-    assert variants == ["heatmap_unet_cpu_aug_paper", "heatmap_unet_cpu_aug_half", "heatmap_unet_cpu_fine_grid"]
+    assert variants == ["heatmap_unet_cpu_aug_paper", "heatmap_unet_cpu_aug_half", "heatmap_unet_cpu_fine_grid",
+                        "heatmap_unet_cpu_long"]
     assert variants_of("heatmap_unet_cpu", "synthetic2d") == ["heatmap_unet_cpu_aug_half"]  # the smoke run's
     jobs = {job.method: job for job in JOBS}
     base = jobs["heatmap_unet_cpu"].parameters("hamedan-ceph", "full")
@@ -135,7 +136,7 @@ def test_the_variants_are_the_jobs_declared_as_such() -> None:
         assert job.runs == jobs["heatmap_unet_cpu"].runs and set(job.datasets) >= {"hamedan-ceph"}
         changed = {k for k, v in job.parameters("hamedan-ceph", "full").items() if base.get(k) != v}
         # a finer grid keeps the target's width in mm: sigma (px of the grid) scaled with it
-        assert changed in ({"rotation_deg", "scale_range"}, {"image_size", "sigma"}), (name, changed)
+        assert changed in ({"rotation_deg", "scale_range"}, {"image_size", "sigma"}, {"max_epochs"}), (name, changed)
         if "sigma" in changed:
             params = job.parameters("hamedan-ceph", "full")
             assert params["sigma"] / base["sigma"] == params["image_size"][0] / base["image_size"][0]
