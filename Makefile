@@ -11,6 +11,9 @@ KERNEL := lmlib
 # Forwarded to the driver: `make results RUN_ARGS="--dataset hamedan-ceph --data-dir ../shared/data/hamedan-ceph"`
 RUN_ARGS ?=
 TEST_ARGS ?=
+# the suite on one pytest-xdist worker per core; tests/conftest.py runs each module (and each synthetic pipeline)
+# on one worker, the longest first, and shares the cores between the workers. PARALLEL= runs it in one process.
+PARALLEL ?= -n auto
 
 .PHONY: setup results paper peer-env test test-fast lab clean-venv
 
@@ -44,11 +47,11 @@ peer-env:
 	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0 torchvision==0.28.0 landmarker==0.4.1
 
 test: $(STAMP)
-	$(VPY) -m pytest $(TEST_ARGS)
+	$(VPY) -m pytest $(PARALLEL) $(TEST_ARGS)
 
 # the fast tier: everything but the tests marked slow (training, notebooks, the docs build)
 test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not slow" $(TEST_ARGS)
+	$(VPY) -m pytest -m "not slow" $(PARALLEL) $(TEST_ARGS)
 
 lab: $(STAMP)
 	env MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 $(VENV)/bin/jupyter lab notebooks/

@@ -1,14 +1,20 @@
 """Shared fixtures: the repository root, the real data folder beside it (when present) and the 2D phantom set
-the accuracy tests train on; the ``slow`` tier (see ``pyproject.toml``)."""
+the accuracy tests train on; the ``slow`` tier (see ``pyproject.toml``); the synthetic pipelines; the split over
+pytest-xdist workers (``make test`` runs ``-n auto``)."""
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import pytest
+import torch
+from filelock import FileLock
 
-from lmlib.data.datasets import shared_data_dir
+from lmlib.data.datasets import SYNTHETIC, shared_data_dir
 from lmlib.data.phantoms import make_phantom_dataset
 from lmlib.data.sample import Sample
 
@@ -31,11 +37,113 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _cores() -> int:
+    """The CPUs this process may run on (a container's or a CI runner's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: at most this many xdist workers for ``-n auto``: the two synthetic pipelines and a few long modules set the
+#: wall time; more workers only add memory (about 1-2 GB each)
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per CPU of this process (xdist's own count, physical cores, gives 1 on a 2-vCPU
+    runner whose vCPUs are one core's two threads), at most :data:`MAX_WORKERS`."""
+    return min(_cores(), MAX_WORKERS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On several xdist workers, each worker and the notebook kernels it starts get an equal share of the cores
+    (torch's default, one thread per core in every process, would oversubscribe them)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, _cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by papermill's kernels and DDP's processes
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A notebook test runs papermill and trains: it is in the slow tier too."""
+    """A notebook test runs papermill and trains: it is in the slow tier too. On xdist workers, the groups of
+    :data:`FIRST` come first (the scheduler hands groups out in collection order)."""
     for item in items:
         if item.get_closest_marker("notebook") is not None:
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: FIRST.index(group(item.nodeid)) if group(item.nodeid) in FIRST else len(FIRST))
+
+
+def group(nodeid: str) -> str:
+    """The xdist group of a test, run on one worker: its module (its module fixtures are built once), except the
+    tests of one synthetic pipeline (``test_notebooks.py``, parametrized by data set), grouped by data set."""
+    path, _, name = nodeid.partition("::")
+    if Path(path).name == "test_notebooks.py":
+        for dataset in SYNTHETIC:
+            if name.endswith(f"[{dataset}]"):
+                return f"pipeline-{dataset}"
+    return path
+
+
+#: the longest groups (``pytest --durations``), handed out first so that the workers finish together
+FIRST = ("pipeline-synthetic2d", "tests/test_reproduction.py", "pipeline-synthetic3d", "tests/test_hand_xray.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's ``loadscope`` with this suite's groups (:func:`group`), in collection order. (xdist's own
+    ``loadgroup`` marks do not reach its scheduler under pytest 9.2: it renames ``item._nodeid``, which pytest no
+    longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
+BuiltOnce = Callable[[str, Callable[[Path], None]], Path]
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory: pytest.TempPathFactory) -> BuiltOnce:
+    """``built_once(name, build)``: a folder ``build`` fills once per test session, across xdist workers too: the
+    first test to ask builds it under a file lock, the others wait for it and reuse it; a build that failed is
+    started again from empty."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, shared by its workers
+
+    def get(name: str, build: Callable[[Path], None]) -> Path:
+        folder = base / name
+        with FileLock(f"{folder}.lock"):
+            if not (folder / ".complete").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                build(folder)
+                (folder / ".complete").touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_pipeline(built_once: BuiltOnce) -> Callable[..., Path]:
+    """``synthetic_pipeline(dataset, copy="results", skip=())``: every job of a synthetic data set but those named
+    in ``skip``, run through the driver (smoke profile, CPU, seed 0), once per session and copy, shared by the xdist
+    workers; that data set's results folder (``<copy>-<dataset>/<dataset>``: copies lie at the same depth, so their
+    relative paths are equal)."""
+    from lmlib.run import jobs, run_job
+
+    def get(dataset: str, copy: str = "results", skip: tuple[str, ...] = ()) -> Path:
+        def build(results: Path) -> None:
+            for job in jobs():  # the declared jobs and those of discovered methods
+                if dataset in job.datasets and job.method not in skip:
+                    run_job(job, dataset, profile="smoke", results_dir=results, device="cpu", seed=0)
+
+        return built_once(f"{copy}-{dataset}", build) / dataset
+
+    return get
 
 
 @pytest.fixture(scope="session")

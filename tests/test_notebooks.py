@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -14,19 +15,15 @@ import pytest
 
 from lmlib.outputs.contract import read_run
 from lmlib.reporting.peer import peer_python
-from lmlib.run import SYNTHETIC, jobs, run_job
+from lmlib.run import SYNTHETIC, jobs
 
 pytestmark = pytest.mark.notebook
 
 
 @pytest.fixture(scope="module", params=SYNTHETIC)
-def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    dataset = request.param
-    results = tmp_path_factory.mktemp(f"results-{dataset}")
-    for job in jobs():  # the declared jobs and those of discovered methods
-        if dataset in job.datasets:
-            run_job(job, dataset, profile="smoke", results_dir=results, device="cpu", seed=0)
-    return dataset, results / dataset
+def pipeline(request: pytest.FixtureRequest, synthetic_pipeline: Callable[..., Path]) -> tuple[str, Path]:
+    """Every job of the data set, run once per session (``conftest.synthetic_pipeline``)."""
+    return request.param, synthetic_pipeline(request.param)
 
 
 def _json(path: Path) -> dict:
@@ -237,22 +234,3 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
         assert list(table.index) == ["MRE (mm)", "training time (s)", "inference (s/image)"]
         assert (table["ours"] > 0).all() and (table["peer"] > 0).all()
         assert table.loc["MRE (mm)", "ratio_ci_low"] <= table.loc["MRE (mm)", "ratio"] <= table.loc["MRE (mm)", "ratio_ci_high"]
-
-
-def test_the_whole_reproduction_twice_gives_identical_tables(pipeline: tuple[str, Path], tmp_path: Path) -> None:
-    """Determinism on the CPU: every job run again with the same seed gives byte-identical predictions and the
-    same comparison tables (timing columns aside)."""
-    dataset, root = pipeline
-    if dataset != "synthetic2d":
-        pytest.skip("one dataset is enough (the 3D jobs take twice as long)")
-    for job in jobs():
-        if dataset in job.datasets:
-            run_job(job, dataset, profile="smoke", results_dir=tmp_path, device="cpu", seed=0)
-    again = tmp_path / dataset
-    for first in sorted(root.rglob("predictions.csv")):
-        assert (again / first.relative_to(root)).read_bytes() == first.read_bytes(), first.relative_to(root)
-    timing = ["train_seconds", "infer_seconds_per_image", "peak_rss_mb"]
-    for name in ("table_main.csv", "table_landmarks.csv", "table_significance.csv"):
-        a = pd.read_csv(root / "comparison" / name).drop(columns=timing, errors="ignore")
-        b = pd.read_csv(again / "comparison" / name).drop(columns=timing, errors="ignore")
-        pd.testing.assert_frame_equal(a, b, check_exact=True)

@@ -1,0 +1,21 @@
+"""The suite's split over xdist workers (tests/conftest.py): a synthetic pipeline's tests stay together, every other
+test with its module, and the groups handed out first exist."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import FIRST, group
+
+from lmlib.run import SYNTHETIC
+
+
+def test_a_pipelines_tests_share_a_group_and_other_tests_their_modules() -> None:
+    assert group("tests/test_notebooks.py::test_method_values[synthetic2d]") == "pipeline-synthetic2d"
+    assert group("tests/test_notebooks.py::test_comparison_values[synthetic3d]") == "pipeline-synthetic3d"
+    assert group("tests/test_tta.py::test_each_scale_maps_back_through_its_own_grid") == "tests/test_tta.py"
+    assert group("tests/test_registration.py::test_x[3-size2-demons]") == "tests/test_registration.py"
+
+
+def test_the_groups_handed_out_first_exist(repo_root: Path) -> None:
+    for name in FIRST:  # a renamed module or data set would silently lose its place
+        assert name.removeprefix("pipeline-") in SYNTHETIC or (repo_root / name).is_file(), name
