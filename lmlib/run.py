@@ -135,6 +135,8 @@ JOBS: tuple[Job, ...] = (
          variant_of="heatmap_unet_cpu"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_long", ("hamedan-ceph",), runs="heatmap_unet", main=False,
          variant_of="heatmap_unet_cpu"),
+    # the same full CPU setting under bf16 autocast: does the accuracy hold at full size? (an ablation row)
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_bf16", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
