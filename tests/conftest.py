@@ -47,6 +47,7 @@ def _cores() -> int:
 MAX_WORKERS = 4
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hooks: plain pytest without xdist runs too
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per CPU of this process (xdist's own count, physical cores, gives 1 on a 2-vCPU
     runner whose vCPUs are one core's two threads), at most :data:`MAX_WORKERS`."""
@@ -88,6 +89,7 @@ def group(nodeid: str) -> str:
 FIRST = ("pipeline-synthetic2d", "tests/test_reproduction.py", "pipeline-synthetic3d", "tests/test_hand_xray.py")
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """xdist's ``loadscope`` with this suite's groups (:func:`group`), in collection order. (xdist's own
     ``loadgroup`` marks do not reach its scheduler under pytest 9.2: it renames ``item._nodeid``, which pytest no

@@ -2,6 +2,8 @@
 test with its module, and the groups handed out first exist."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import FIRST, group
@@ -19,3 +21,11 @@ def test_a_pipelines_tests_share_a_group_and_other_tests_their_modules() -> None
 def test_the_groups_handed_out_first_exist(repo_root: Path) -> None:
     for name in FIRST:  # a renamed module or data set would silently lose its place
         assert name.removeprefix("pipeline-") in SYNTHETIC or (repo_root / name).is_file(), name
+
+
+def test_the_suite_runs_without_xdist(repo_root: Path) -> None:
+    """conftest's xdist hooks are optional: plain pytest (no xdist plugin) still collects and runs."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                           "tests/test_conftest.py::test_the_groups_handed_out_first_exist"],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
