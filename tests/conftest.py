@@ -50,28 +50,37 @@ MAX_WORKERS = 4
 @pytest.hookimpl(optionalhook=True)  # xdist's hooks: plain pytest without xdist runs too
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per CPU of this process (xdist's own count, physical cores, gives 1 on a 2-vCPU
-    runner whose vCPUs are one core's two threads), at most :data:`MAX_WORKERS`."""
+    runner whose vCPUs are one core's two threads), at most :data:`MAX_WORKERS`; xdist's
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return min(_cores(), MAX_WORKERS)
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    """Whether this process is an xdist worker (its config, not inherited environment variables, says so)."""
+    return hasattr(config, "workerinput")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """On several xdist workers, each worker and the notebook kernels it starts get an equal share of the cores
     (torch's default, one thread per core in every process, would oversubscribe them)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    workers = int(config.workerinput["workercount"]) if _is_worker(config) else 1  # type: ignore[attr-defined]
     if workers > 1:
         threads = max(1, _cores() // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by papermill's kernels and DDP's processes
         torch.set_num_threads(threads)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A notebook test runs papermill and trains: it is in the slow tier too. On xdist workers, the groups of
     :data:`FIRST` come first (the scheduler hands groups out in collection order)."""
     for item in items:
         if item.get_closest_marker("notebook") is not None:
             item.add_marker(pytest.mark.slow)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: FIRST.index(group(item.nodeid)) if group(item.nodeid) in FIRST else len(FIRST))
+    if _is_worker(config):
+        rank = {name: i for i, name in enumerate(FIRST)}
+        items.sort(key=lambda item: rank.get(group(item.nodeid), len(FIRST)))
 
 
 def group(nodeid: str) -> str:
@@ -91,10 +100,13 @@ FIRST = ("pipeline-synthetic2d", "tests/test_reproduction.py", "pipeline-synthet
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's ``loadscope`` with this suite's groups (:func:`group`), in collection order. (xdist's own
-    ``loadgroup`` marks do not reach its scheduler under pytest 9.2: it renames ``item._nodeid``, which pytest no
-    longer reads.)"""
+    """xdist's ``loadscope`` with this suite's groups (:func:`group`), in collection order, for ``-n`` alone (or
+    ``--dist load``/``loadscope``); another ``--dist`` keeps xdist's own scheduler. (xdist's own ``loadgroup`` marks
+    do not reach its scheduler under pytest 9.2: it renames ``item._nodeid``, which pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") not in ("load", "loadscope"):
+        return None
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -108,12 +120,12 @@ BuiltOnce = Callable[[str, Callable[[Path], None]], Path]
 
 
 @pytest.fixture(scope="session")
-def built_once(tmp_path_factory: pytest.TempPathFactory) -> BuiltOnce:
+def built_once(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> BuiltOnce:
     """``built_once(name, build)``: a folder ``build`` fills once per test session, across xdist workers too: the
     first test to ask builds it under a file lock, the others wait for it and reuse it; a build that failed is
     started again from empty."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _is_worker(pytestconfig):
         base = base.parent  # the session's folder, shared by its workers
 
     def get(name: str, build: Callable[[Path], None]) -> Path:

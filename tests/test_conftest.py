@@ -2,6 +2,7 @@
 test with its module, and the groups handed out first exist."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def test_the_groups_handed_out_first_exist(repo_root: Path) -> None:
 
 def test_the_suite_runs_without_xdist(repo_root: Path) -> None:
     """conftest's xdist hooks are optional: plain pytest (no xdist plugin) still collects and runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker's child
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
                            "tests/test_conftest.py::test_the_groups_handed_out_first_exist"],
-                          cwd=repo_root, capture_output=True, text=True)
+                          cwd=repo_root, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
