@@ -116,46 +116,30 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return GroupScheduling(config, log)
 
 
-BuiltOnce = Callable[[str, Callable[[Path], None]], Path]
-
-
 @pytest.fixture(scope="session")
-def built_once(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> BuiltOnce:
-    """``built_once(name, build)``: a folder ``build`` fills once per test session, across xdist workers too: the
-    first test to ask builds it under a file lock, the others wait for it and reuse it; a build that failed is
-    started again from empty."""
+def synthetic_pipeline(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Callable[..., Path]:
+    """``synthetic_pipeline(dataset, copy="results", skip=())``: every job of a synthetic data set but those named
+    in ``skip``, run through the driver (smoke profile, CPU, seed 0), once per session and copy, shared by the xdist
+    workers; that data set's results folder (``<copy>-<dataset>/<dataset>``: copies lie at the same depth, so their
+    relative paths are equal). The first test to ask builds a copy under a file lock, the others wait for it; a
+    build that failed is started again from empty."""
+    from lmlib.run import jobs, run_job
+
     base = tmp_path_factory.getbasetemp()
     if _is_worker(pytestconfig):
         base = base.parent  # the session's folder, shared by its workers
 
-    def get(name: str, build: Callable[[Path], None]) -> Path:
-        folder = base / name
+    def get(dataset: str, copy: str = "results", skip: tuple[str, ...] = ()) -> Path:
+        folder = base / f"{copy}-{dataset}"
         with FileLock(f"{folder}.lock"):
             if not (folder / ".complete").exists():
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir()
-                build(folder)
+                for job in jobs():  # the declared jobs and those of discovered methods
+                    if dataset in job.datasets and job.method not in skip:
+                        run_job(job, dataset, profile="smoke", results_dir=folder, device="cpu", seed=0)
                 (folder / ".complete").touch()
-        return folder
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def synthetic_pipeline(built_once: BuiltOnce) -> Callable[..., Path]:
-    """``synthetic_pipeline(dataset, copy="results", skip=())``: every job of a synthetic data set but those named
-    in ``skip``, run through the driver (smoke profile, CPU, seed 0), once per session and copy, shared by the xdist
-    workers; that data set's results folder (``<copy>-<dataset>/<dataset>``: copies lie at the same depth, so their
-    relative paths are equal)."""
-    from lmlib.run import jobs, run_job
-
-    def get(dataset: str, copy: str = "results", skip: tuple[str, ...] = ()) -> Path:
-        def build(results: Path) -> None:
-            for job in jobs():  # the declared jobs and those of discovered methods
-                if dataset in job.datasets and job.method not in skip:
-                    run_job(job, dataset, profile="smoke", results_dir=results, device="cpu", seed=0)
-
-        return built_once(f"{copy}-{dataset}", build) / dataset
+        return folder / dataset
 
     return get
 
