@@ -150,6 +150,25 @@ def test_test_time_scales_values(pipeline: tuple[str, Path]) -> None:
         assert _json(root / job / "manifest.json")["base_run"] == f"../{base}"
 
 
+def test_shape_prior_values(pipeline: tuple[str, Path]) -> None:
+    """The shape prior after the heatmap U-Net's smoke run: every variant scored on val, the lowest chosen and
+    applied to test, the base run's costs counted, its val predictions kept beside the row."""
+    dataset, root = pipeline
+    folder = root / "heatmap_unet+shape"
+    if not folder.exists():
+        pytest.skip(f"no shape prior job on {dataset}")
+    metrics, own = _json(folder / "metrics.json"), _json(root / "heatmap_unet" / "metrics.json")
+    table = pd.read_csv(folder / "table_val_choice.csv")
+    assert list(table["variant"]) == ["none", "similarity/outliers", "similarity/shape", "affine/outliers",
+                                      "affine/shape"]
+    assert table.loc[table["chosen"], "variant"].item() == metrics["variant"]
+    assert table.loc[table["chosen"], "val_mre_mm"].item() == table["val_mre_mm"].min()
+    assert metrics["train_seconds"] >= own["train_seconds"] and metrics["epochs"] == 0
+    assert metrics["infer_seconds_per_image"] >= own["infer_seconds_per_image"]
+    assert (folder / "base_val_predictions.csv").is_file()
+    assert _json(folder / "manifest.json")["base_run"] == "../heatmap_unet"
+
+
 def test_generalisation_study_values(pipeline: tuple[str, Path]) -> None:
     """The study of the smoke runs: the base and its declared variant, the choice on validation, each run's test
     MRE its own."""
@@ -171,7 +190,7 @@ def test_generalisation_study_values(pipeline: tuple[str, Path]) -> None:
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    untrained = ("registration", "ensemble", "heatmap_unet+tta", "htc+tta")  # nothing trained: epochs 0
+    untrained = ("registration", "ensemble", "heatmap_unet+tta", "htc+tta", "heatmap_unet+shape")  # epochs 0
     methods = {m for m in (*_trained_runs(root), *untrained) if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"

@@ -291,6 +291,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     if derived is not None:  # no grid of its own (its members' or its base run's)
         effective = {**params, **cls.values(params), **({"seeded_split_file": seeded.name} if seeded else {})}
         print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; test {len(test)} images")
+        if derived == "predictions":
+            return _run_on_predictions(cls, params, effective, data, train, val, test, dev, started, seed)
         run = _run_ensemble if derived == "runs" else _run_tta
         return run(cls, params, effective, data, train + val + test, test, dev, started, seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
@@ -490,6 +492,40 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
                                  "base_device": manifest.get("device"), "base_git_commit": manifest.get("git_commit"),
                                  "grid_sizes": grids},
                                 effective, used, seed, dev, started)
+
+
+def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any],
+                        data: Dataset, train: list[Sample], val: list[Sample], test: list[Sample], dev: Any,
+                        started: str, seed: int) -> RunResult:
+    """A method derived from a finished run's predictions (``cls.derived_from == "predictions"``, e.g.
+    :mod:`lmlib.methods.shape_fit`): the base run's val predictions (from its checkpoints, kept in this run's folder)
+    and test predictions handed to the method's ``derive`` with the training landmarks and the val MRE; its training
+    time and time per image are the base run's plus the method's own. The same output contract, figure and
+    manifest as a run, and the method's tables as CSV."""
+    from lmlib.engine.base_run import load_base_run
+    from lmlib.evaluation.metrics import mean_radial_error
+
+    output_dir = Path(params["output_dir"])
+    model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
+    print(model)
+    folder = model.base_folder(output_dir)
+    start = load_base_run(folder, str(params["dataset"]), train, val, test, cache_dir=output_dir)
+    manifest = read_manifest(folder) or {}
+    print(f"base run {start.name}: val MRE {mean_radial_error(start.val.world_mm, val):.3f} mm, trained "
+          f"{start.train_seconds:.0f} s, {start.infer_seconds_per_image:.3f} s per image")
+    derived = model.derive([s.landmarks_mm for s in train], start.val.world_mm,
+                           lambda moved: mean_radial_error(moved, val), start.test.world_mm, seed)
+    for name, rows in derived.tables.items():
+        pd.DataFrame(rows).to_csv(output_dir / f"{name}.csv", index=False)
+    return _write_untrained_run(output_dir, test, derived.test_mm, model.name,
+                                {"train_seconds": start.train_seconds + derived.train_seconds,
+                                 "infer_seconds_per_image": start.infer_seconds_per_image
+                                 + derived.infer_seconds_per_image},
+                                derived.metrics,
+                                {"method_config": model.config(), "base_run": os.path.relpath(folder, output_dir),
+                                 "base_device": manifest.get("device"), "base_git_commit": manifest.get("git_commit"),
+                                 **derived.manifest},
+                                effective, train + val + test, seed, dev, started)
 
 
 def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mapping[str, Any], folder: Path,

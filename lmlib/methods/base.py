@@ -34,9 +34,12 @@ import importlib
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +84,22 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine",
                                      "warmup_epochs": 0, "final_lr_fraction": 0.01}
+
+
+@dataclass
+class DerivedPredictions:
+    """What a method derived from a finished run's predictions (``derived_from = "predictions"``, e.g.
+    :mod:`lmlib.methods.shape_fit`) gives the run path: its test predictions ``(K, D)`` world mm per image and what
+    deriving them cost beyond the base run (seconds; added to the base run's own times)."""
+
+    test_mm: list[np.ndarray]
+    train_seconds: float
+    infer_seconds_per_image: float
+    #: added to metrics.json and to the manifest
+    metrics: dict[str, Any] = dataclass_field(default_factory=dict)
+    manifest: dict[str, Any] = dataclass_field(default_factory=dict)
+    #: tables written beside the outputs as ``<name>.csv`` (rows of one dict each)
+    tables: dict[str, list[dict[str, Any]]] = dataclass_field(default_factory=dict)
 
 
 class UNetParameters(MethodParameters):

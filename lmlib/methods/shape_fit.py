@@ -1,0 +1,302 @@
+"""A shape prior after any finished run: the training landmarks' mean shape fitted robustly to each image's
+predictions, and the landmarks that do not fit it replaced by the fitted shape's.
+
+Nothing is trained here beyond the mean shape. A heatmap network places each landmark on its own: on an anatomy
+it never saw it can put one on the wrong structure (a temporal horn on the other side, tens of mm away) while most
+land near their place. The configuration of all landmarks together rules such a point out. Per image:
+
+1. **Mean shape**: the training landmarks (world mm) aligned by generalised Procrustes analysis (similarity
+   transforms, :func:`procrustes_mean`), kept at the training shapes' mean size in mm.
+2. **Robust fit**: the similarity transform (rotation, isotropic scale in ``scale_bounds``, translation) taking the
+   mean shape onto the predictions with the least median of squared residuals (LMedS; Rousseeuw and Leroy, *Robust
+   regression and outlier detection*, 1987), over every minimal subset of landmarks (3 in 3D, 2 in 2D; a random
+   ``max_subsets`` of them when there are more). LMedS needs no threshold in mm: it fits the better half.
+3. **Outliers**: a landmark whose residual to that fit exceeds the 97.5 % point of its distribution under Gaussian
+   noise (``sqrt(chi2_D(0.975))`` times the robust scale of LMedS) is an outlier. The shape is then fitted again by
+   least squares to the other landmarks, by a similarity or an affine transform (``transform``).
+4. **Output** (``output``): ``outliers`` keeps each prediction and puts the fitted shape's position in place of
+   each outlier (and of each landmark the base run did not place); ``shape`` gives the fitted shape for every
+   landmark (the base run only places the shape).
+
+Honest use: the variant (``none``, the base run as it is, or a transform and an output) is chosen on the val split
+(the base run's val predictions, made from its checkpoints as a refinement's are, :mod:`lmlib.engine.base_run`);
+the test split is predicted once with it. The val error of every candidate is kept (``table_val_choice.csv``).
+Training time: the base run's plus the mean shape's; inference: the base run's plus the fit's per image.
+
+Why by hand: scikit-image and scikit-learn have RANSAC, which needs an inlier threshold in mm that would have to
+be chosen; LMedS needs none, and neither library has it. Coordinates: world mm ``(x, y[, z])`` throughout.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from math import comb
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import Field
+from scipy.stats import chi2
+
+from lmlib.methods.base import DerivedPredictions, LandmarkMethod
+from lmlib.methods.config import MethodParameters, base_run_folder, defaults
+from lmlib.typed import Int, Number, field, one_of
+
+TRANSFORMS = ("similarity", "affine")
+OUTPUTS = ("outliers", "shape")
+#: the candidates chosen among on val: the base run unchanged, then each transform and output
+NONE = "none"
+VARIANTS = (NONE, *(f"{t}/{o}" for t in TRANSFORMS for o in OUTPUTS))
+#: the outlier cut: this quantile of the chi-square distribution of a squared residual (D degrees of freedom)
+OUTLIER_QUANTILE = 0.975
+
+
+class ShapeFitParameters(MethodParameters):
+    """The shape prior's notebook parameters (beyond the shared ones)."""
+
+    base_method: str = field("heatmap_unet", "the finished run fitted: the run folder of this name beside output_dir "
+                                             "(its checkpoints kept, for its val predictions)", "a run folder name",
+                             min_length=1)
+    base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
+                          "a folder path or empty")
+    variants: list[Annotated[str, one_of(VARIANTS)]] = field(
+        list(VARIANTS), "the candidates chosen among on val: none (the base run unchanged) or transform/output, "
+                        "transform similarity or affine, output outliers (replaced) or shape (all landmarks)",
+        "a list of at least one of " + ", ".join(VARIANTS), min_length=1)
+    max_subsets: Int = field(20000, "LMedS: every minimal subset of landmarks when there are at most this many, "
+                                    "else this many drawn at random (seeded)", "an integer of at least 100", ge=100)
+    scale_bounds: list[Annotated[Number, Field(gt=0.0)]] = field(
+        [0.5, 2.0], "LMedS: the similarity scales allowed between the mean shape and an image (a subset giving "
+                    "another scale is degenerate)", "two positive numbers, the smaller first", min_length=2,
+        max_length=2)
+
+
+_D = defaults(ShapeFitParameters)
+
+
+@dataclass(frozen=True)
+class ShapeFit:
+    """One image's fit: ``fitted`` ``(K, D)`` world mm (the mean shape moved onto the predictions), ``outlier``
+    ``(K,)`` (residual beyond the cut, or no prediction), ``scale_mm`` the robust scale of the residuals."""
+
+    fitted: np.ndarray
+    outlier: np.ndarray
+    scale_mm: float
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares similarity transforms (Umeyama 1991) of batches ``src``, ``dst`` ``(B, M, D)``: matrices
+    ``A`` ``(B, D, D)`` (scale times rotation), translations ``(B, D)`` and scales ``(B,)``, ``dst ~ src A^T + t``."""
+    ms, md = src.mean(axis=1, keepdims=True), dst.mean(axis=1, keepdims=True)
+    a, b = src - ms, dst - md
+    u, sv, vt = np.linalg.svd(np.einsum("bmi,bmj->bij", b, a) / src.shape[1])
+    sign = np.ones(sv.shape)
+    sign[:, -1] = np.sign(np.linalg.det(u @ vt))
+    sign[sign == 0] = 1.0
+    rot = u @ (sign[:, :, None] * vt)
+    var = (a ** 2).sum(axis=(1, 2)) / src.shape[1]
+    scale = np.where(var > 0, (sv * sign).sum(axis=1) / np.where(var > 0, var, 1.0), np.nan)
+    mat = scale[:, None, None] * rot
+    t = md[:, 0] - np.einsum("bij,bj->bi", mat, ms[:, 0])
+    return mat, t, scale
+
+
+def _affine(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares affine transform ``dst ~ src A^T + t`` of ``(M, D)`` point sets."""
+    x = np.c_[src, np.ones(len(src))]
+    sol, *_ = np.linalg.lstsq(x, dst, rcond=None)
+    return sol[:-1].T, sol[-1]
+
+
+def procrustes_mean(shapes: Sequence[np.ndarray], iterations: int = 20) -> np.ndarray:
+    """Generalised Procrustes mean ``(K, D)`` world mm of landmark sets ``(K, D)`` (NaN: not annotated): each set
+    aligned to the current mean by a similarity transform over the landmarks both have, the mean recomputed, until
+    it stops moving; kept at the sets' mean centroid size, centred at the origin. A landmark no set has stays NaN."""
+    sets = [np.asarray(s, dtype=np.float64) for s in shapes]
+    if not sets:
+        raise ValueError("a mean shape needs at least one training landmark set")
+    ndim = sets[0].shape[1]
+    counts = np.stack([np.isfinite(s).all(axis=1) for s in sets]).sum(axis=0)
+    if (counts > 0).sum() <= ndim:
+        raise ValueError(f"a mean shape in {ndim}D needs more than {ndim} annotated landmarks, the training sets "
+                         f"have {(counts > 0).sum()}")
+    size = float(np.mean([np.sqrt(np.nansum((s - np.nanmean(s, axis=0)) ** 2)) for s in sets]))
+    mean = sets[int(np.argmax([np.isfinite(s).all(axis=1).sum() for s in sets]))].copy()
+    for _ in range(iterations):
+        aligned = []
+        for s in sets:
+            both = np.isfinite(s).all(axis=1) & np.isfinite(mean).all(axis=1)
+            mat, t, _ = _similarity(s[both][None], mean[both][None])
+            aligned.append(s @ mat[0].T + t[0])
+        with np.errstate(invalid="ignore"):
+            new = np.nanmean(np.stack(aligned), axis=0) if len(aligned) > 1 else aligned[0]
+        new = new - np.nanmean(new, axis=0)
+        new *= size / np.sqrt(np.nansum(new ** 2))
+        moved = float(np.nanmax(np.abs(new - mean))) if np.isfinite(mean).any() else np.inf
+        mean = new
+        if moved < 1e-9:
+            break
+    return mean
+
+
+def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity", max_subsets: int = _D["max_subsets"],
+              scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0) -> ShapeFit | None:
+    """The mean shape ``(K, D)`` fitted to one image's predictions ``(K, D)`` (world mm; NaN: none) as the module
+    docstring says; None when fewer than a minimal subset plus two landmarks are known."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    ndim = mean.shape[1]
+    minimal = ndim if ndim == 3 else 2  # landmarks fixing a similarity: 3 in 3D, 2 in 2D
+    known = np.flatnonzero(np.isfinite(mean).all(axis=1) & np.isfinite(pred).all(axis=1))
+    if len(known) < minimal + 2:
+        return None
+    src, dst = mean[known], pred[known]
+    n_all = comb(len(known), minimal)
+    if n_all <= max_subsets:
+        subsets = np.array(list(itertools.combinations(range(len(known)), minimal)))
+    else:
+        rng = np.random.default_rng(seed)
+        subsets = np.stack([rng.choice(len(known), minimal, replace=False) for _ in range(max_subsets)])
+    mat, t, scale = _similarity(src[subsets], dst[subsets])
+    lo, hi = float(min(scale_bounds)), float(max(scale_bounds))
+    ok = np.isfinite(scale) & (scale >= lo) & (scale <= hi)
+    if not ok.any():
+        return None
+    moved = np.einsum("bij,kj->bki", mat[ok], src) + t[ok][:, None]
+    med = np.median(((moved - dst) ** 2).sum(axis=2), axis=1)
+    best = int(np.argmin(med))
+    # the robust scale of a residual with D degrees of freedom; Rousseeuw and Leroy's small-sample factor with the
+    # landmarks beyond a minimal subset as the observations left
+    sigma = (1.0 + 5.0 / (len(known) - minimal)) * np.sqrt(med[best] / chi2.ppf(0.5, ndim))
+    cut = np.sqrt(chi2.ppf(OUTLIER_QUANTILE, ndim)) * sigma
+    residual = np.linalg.norm(moved[best] - dst, axis=1)
+    inlier = residual <= cut
+    need = ndim + 1 if transform == "affine" else minimal
+    if inlier.sum() < need + 1:
+        inlier = residual <= np.sort(residual)[need]
+    if transform == "affine":
+        a, b = _affine(src[inlier], dst[inlier])
+    else:
+        m2, t2, _ = _similarity(src[inlier][None], dst[inlier][None])
+        a, b = m2[0], t2[0]
+    fitted = mean @ a.T + b
+    outlier = np.ones(len(mean), dtype=bool)  # a landmark without a prediction is filled
+    outlier[known] = ~inlier
+    return ShapeFit(fitted, outlier & np.isfinite(fitted).all(axis=1), float(sigma))
+
+
+def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, max_subsets: int = _D["max_subsets"],
+                  scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0
+                  ) -> tuple[list[np.ndarray], int]:
+    """Each image's predictions ``(K, D)`` world mm after ``variant`` (one of :data:`VARIANTS`), and the number of
+    landmarks replaced. An image with too few predictions to fit keeps its own."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == NONE:
+        return [np.asarray(p, dtype=np.float64) for p in pred], 0
+    transform, output = variant.split("/")
+    out, replaced = [], 0
+    for i, p in enumerate(pred):
+        p = np.asarray(p, dtype=np.float64)
+        fit = fit_shape(mean, p, transform, max_subsets, scale_bounds, seed + i)
+        if fit is None:
+            out.append(p)
+            continue
+        take = np.isfinite(fit.fitted).all(axis=1) if output == "shape" else fit.outlier
+        out.append(np.where(take[:, None], fit.fitted, p))
+        replaced += int(take.sum())
+    return out, replaced
+
+
+class ShapePrior(LandmarkMethod):
+    """The training mean shape fitted robustly to a finished run's predictions (see the module docstring).
+
+    Args:
+        spatial_dims / n_landmarks: as every method.
+        base_method / base_run: the finished run (folder name beside this run's, or a path).
+        variants: the candidates chosen among on val (:data:`VARIANTS`).
+        max_subsets / scale_bounds: the LMedS search (see :func:`fit_shape`).
+    """
+
+    name = "shape_fit"
+    trainable = False
+    derived_from = "predictions"  # the run path reads the base run's val and test predictions (lmlib.engine.runner)
+    Parameters = ShapeFitParameters
+
+    def __init__(self, spatial_dims: int, n_landmarks: int, base_method: str = _D["base_method"],
+                 base_run: str = _D["base_run"], variants: Sequence[str] = _D["variants"],
+                 max_subsets: int = _D["max_subsets"], scale_bounds: Sequence[float] = _D["scale_bounds"],
+                 **_: Any) -> None:
+        super().__init__(spatial_dims, n_landmarks)
+        unknown = [v for v in variants if v not in VARIANTS]
+        if not variants or unknown or len(set(variants)) != len(variants):
+            raise ValueError(f"variants must be different names among {VARIANTS}, got {list(variants)}")
+        lo, hi = (float(b) for b in scale_bounds)
+        if not 0 < lo < hi:
+            raise ValueError(f"scale_bounds must be two positive numbers, the smaller first, got {list(scale_bounds)}")
+        self.base_method, self.base_run = str(base_method), str(base_run)
+        self.variants, self.max_subsets, self.scale_bounds = [str(v) for v in variants], int(max_subsets), [lo, hi]
+        self.mean_shape: np.ndarray | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "base_method": self.base_method,
+                "base_run": self.base_run, "variants": list(self.variants), "max_subsets": self.max_subsets,
+                "scale_bounds": list(self.scale_bounds)}
+
+    @classmethod
+    def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
+                        **shared: Any) -> ShapePrior:
+        return cls(spatial_dims, n_landmarks, **cls.values(params))
+
+    def build_network(self) -> Any:
+        raise TypeError("the shape prior has no network: it moves a finished run's predictions")
+
+    def base_folder(self, output_dir: str | Path) -> Path:
+        """The finished run fitted: ``base_run``, else ``<output_dir>/../<base_method>``."""
+        return base_run_folder(self.base_run, self.base_method, output_dir)
+
+    def fit_mean(self, train_mm: Sequence[np.ndarray]) -> np.ndarray:
+        """The training landmark sets' Procrustes mean (kept for :meth:`apply`)."""
+        self.mean_shape = procrustes_mean(train_mm)
+        return self.mean_shape
+
+    def apply(self, pred: Sequence[np.ndarray], variant: str, seed: int = 0) -> tuple[list[np.ndarray], int]:
+        """``pred`` after ``variant`` with the fitted mean shape (:func:`apply_variant`)."""
+        if self.mean_shape is None:
+            raise RuntimeError("fit_mean first: the mean shape comes from the training landmarks")
+        return apply_variant(self.mean_shape, pred, variant, self.max_subsets, self.scale_bounds, seed)
+
+    def derive(self, train_mm: Sequence[np.ndarray], val_mm: Sequence[np.ndarray],
+               val_error: Callable[[Sequence[np.ndarray]], float], test_mm: Sequence[np.ndarray], seed: int = 0
+               ) -> DerivedPredictions:
+        """The mean shape of the training landmark sets ``train_mm``; each variant applied to the base run's val
+        predictions ``val_mm`` and scored by ``val_error`` (the val MRE in mm, the engine's); the best (the first
+        listed among equals) applied to the base run's test predictions ``test_mm``. All world mm ``(K, D)``."""
+        t0 = time.perf_counter()
+        self.fit_mean(train_mm)
+        mean_s = time.perf_counter() - t0
+        rows: list[dict[str, Any]] = []
+        for variant in self.variants:
+            moved, replaced = self.apply(val_mm, variant, seed)
+            rows.append({"variant": variant, "val_mre_mm": float(val_error(moved)),
+                         "replaced": replaced, "landmarks": int(sum(np.isfinite(p).all(axis=1).sum() for p in moved))})
+            print(f"val: {variant:<20} MRE {rows[-1]['val_mre_mm']:.3f} mm, {replaced} landmarks replaced")
+        chosen = min(rows, key=lambda r: r["val_mre_mm"])
+        for row in rows:
+            row["chosen"] = row is chosen
+        t0 = time.perf_counter()
+        test, replaced = self.apply(test_mm, str(chosen["variant"]), seed)
+        per_image = (time.perf_counter() - t0) / max(1, len(test))
+        print(f"chosen on val: {chosen['variant']} ({chosen['val_mre_mm']:.3f} mm); test: {replaced} landmarks "
+              f"replaced, {per_image:.3f} s per image")
+        return DerivedPredictions(test, mean_s, per_image,
+                                  metrics={"variant": chosen["variant"], "val_mre_mm": chosen["val_mre_mm"],
+                                           "replaced": replaced},
+                                  manifest={"variant": chosen["variant"], "mean_shape_mm": self.mean_shape.tolist()
+                                            if self.mean_shape is not None else None},
+                                  tables={"table_val_choice": rows})
+
+
+METHOD = ShapePrior

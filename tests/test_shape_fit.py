@@ -1,0 +1,139 @@
+"""The shape prior after a finished run (lmlib.methods.shape_fit): the Procrustes mean, the LMedS fit that finds
+gross misses without a threshold in mm, the variant chosen on val (never the test split), and the row's costs."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.transform import Rotation
+
+from lmlib.engine.base_run import VAL_CACHE
+from lmlib.engine.runner import load_run_data, run_method
+from lmlib.methods.shape_fit import ShapePrior, _similarity, apply_variant, fit_shape, procrustes_mean
+from lmlib.outputs.contract import predictions_frame, write_outputs
+from lmlib.outputs.manifest import write_manifest
+
+
+def _pose(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``points`` (K, D) turned (any angle), scaled by 0.9-1.1 and moved by up to 50 mm."""
+    ndim = points.shape[1]
+    rot = Rotation.random(random_state=rng).as_matrix() if ndim == 3 else \
+        Rotation.from_euler("z", rng.uniform(-np.pi, np.pi)).as_matrix()[:2, :2]
+    return rng.uniform(0.9, 1.1) * points @ rot.T + rng.uniform(-50, 50, ndim)
+
+
+def _shape(ndim: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(-60, 60, (k, ndim))
+
+
+def test_the_procrustes_mean_is_the_shape_whatever_the_poses() -> None:
+    rng = np.random.default_rng(0)
+    shape = _shape(3, 12, rng)
+    copies = [_pose(shape + rng.normal(0, 0.1, shape.shape), rng) for _ in range(6)]
+    copies[2][4] = np.nan  # a landmark not annotated on one image
+    mean = procrustes_mean(copies)
+    mat, t, scale = _similarity(mean[None], shape[None])
+    assert np.abs(mean @ mat[0].T + t[0] - shape).max() < 0.3
+    sizes = [np.sqrt(np.nansum((c - np.nanmean(c, axis=0)) ** 2)) for c in copies]
+    assert np.sqrt((mean ** 2).sum()) == pytest.approx(np.mean(sizes))  # kept at the sets' size, in mm
+    assert np.abs(mean.mean(axis=0)).max() < 1e-9
+
+
+@pytest.mark.parametrize("ndim,k", [(3, 32), (2, 19)])
+def test_gross_misses_are_found_and_replaced_and_the_rest_kept(ndim: int, k: int) -> None:
+    """A posed anatomy 1 mm from the mean shape per landmark, its network right to 1 mm except 4 landmarks 40 mm
+    off: the LMedS fit flags those 4 (no threshold in mm given) and puts them within a few mm; the others are kept."""
+    rng = np.random.default_rng(1)
+    mean = _shape(ndim, k, rng)
+    truth = _pose(mean + rng.normal(0, 1.0, mean.shape), rng)
+    pred = truth + rng.normal(0, 1.0, truth.shape)
+    missed = [0, 5, 9, 13]
+    pred[missed] += 40.0 * np.eye(ndim)[0] + 20.0 * np.eye(ndim)[1]
+    fit = fit_shape(mean, pred)
+    assert fit is not None and set(np.flatnonzero(fit.outlier)) >= set(missed)
+    assert fit.outlier.sum() <= len(missed) + 2  # a few more at most: the cut is the 97.5 % point of the noise
+    moved, replaced = apply_variant(mean, [pred], "similarity/outliers")
+    after = np.linalg.norm(moved[0] - truth, axis=1)
+    assert after[missed].max() < 6.0  # were 44.7 mm off
+    kept = ~fit.outlier
+    assert np.array_equal(moved[0][kept], pred[kept]) and replaced == fit.outlier.sum()
+    before = np.linalg.norm(pred - truth, axis=1).mean()
+    assert after.mean() < before / 3
+
+
+def test_a_missing_prediction_is_filled_and_too_few_are_left_alone() -> None:
+    rng = np.random.default_rng(2)
+    mean = _shape(3, 10, rng)
+    pred = _pose(mean, rng)
+    truth = pred.copy()
+    pred[3] = np.nan
+    moved, replaced = apply_variant(mean, [pred], "similarity/outliers")
+    assert replaced >= 1 and np.linalg.norm(moved[0][3] - truth[3]) < 1e-6
+    few = np.full_like(pred, np.nan)
+    few[:4] = pred[:4]  # 4 landmarks in 3D: a minimal subset (3) plus one, too few to tell an outlier
+    assert fit_shape(mean, few) is None
+    assert np.array_equal(apply_variant(mean, [few], "affine/shape")[0][0], few, equal_nan=True)
+
+
+def test_the_variant_is_chosen_on_val_and_none_when_val_is_exact() -> None:
+    rng = np.random.default_rng(3)
+    anatomy = _shape(3, 16, rng)
+    shapes = [_pose(anatomy + rng.normal(0, 1.0, anatomy.shape), rng) for _ in range(5)]
+    truth_val = [_pose(anatomy + rng.normal(0, 1.0, anatomy.shape), rng) for _ in range(3)]
+    model = ShapePrior(3, 16)
+    exact = model.derive(shapes, truth_val, lambda moved: float(np.mean(
+        [np.linalg.norm(m - t, axis=1).mean() for m, t in zip(moved, truth_val)])), truth_val)
+    assert exact.metrics["variant"] == "none"
+    rows = exact.tables["table_val_choice"]
+    assert [r["variant"] for r in rows][0] == "none" and sum(r["chosen"] for r in rows) == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="variants must be different names"):
+        ShapePrior(3, 5, variants=["similarity/everything"])
+    with pytest.raises(ValueError, match="scale_bounds"):
+        ShapePrior(3, 5, scale_bounds=[2.0, 0.5])
+    with pytest.raises(ValueError, match="variants"):
+        ShapePrior.values({"variants": []})
+
+
+def _fake_base(root: Path, test: list, val: list, output_dir: Path) -> None:
+    """A finished run on synthetic2d (no network): within 0.5 mm of the truth except landmark 0, 30 mm off on every
+    image; its val predictions (the same errors) where a refinement keeps them (keyed by its manifest)."""
+    rng = np.random.default_rng(4)
+
+    def predicted(samples: list) -> list[np.ndarray]:
+        out = [s.landmarks_mm + rng.normal(0, 0.5, s.landmarks_mm.shape) for s in samples]
+        for w in out:
+            w[0] += 30.0
+        return out
+
+    folder = root / "base"
+    write_outputs(folder, predictions_frame(test, predicted(test)),
+                  {"train_seconds": 100.0, "infer_seconds_per_image": 0.1, "peak_rss_mb": 1.0}, {"method": "base"})
+    write_manifest(folder, {"dataset": "synthetic2d"}, device="cpu")
+    output_dir.mkdir(parents=True)
+    predictions_frame(val, predicted(val)).to_csv(output_dir / VAL_CACHE, index=False)
+    key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
+    (output_dir / VAL_CACHE).with_suffix(".key").write_text(key + "\n")
+
+
+def test_a_run_chooses_on_val_beats_its_base_and_counts_its_cost(tmp_path: Path) -> None:
+    data = load_run_data({"dataset": "synthetic2d"})
+    test, val = data.split("test"), data.split("val")
+    root = tmp_path / "synthetic2d"
+    _fake_base(root, test, val, root / "base+shape")
+    result = run_method("shape_fit", {"dataset": "synthetic2d", "output_dir": str(root / "base+shape"),
+                                      "base_method": "base"})
+    base_mre = float(pd.read_csv(root / "base" / "predictions.csv")["error_mm"].mean())
+    assert base_mre > 3.0  # landmark 0's 30 mm miss on every image
+    assert result.metrics["variant"] != "none" and result.metrics["mre_mm"] < base_mre / 2
+    assert result.metrics["train_seconds"] >= 100.0 and result.metrics["infer_seconds_per_image"] >= 0.1
+    table = pd.read_csv(root / "base+shape" / "table_val_choice.csv")
+    assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "val_mre_mm"].item() == table["val_mre_mm"].min()
+    manifest = json.loads((root / "base+shape" / "manifest.json").read_text())
+    assert manifest["base_run"] == "../base" and manifest["variant"] == result.metrics["variant"]
