@@ -165,7 +165,7 @@ JOBS: tuple[Job, ...] = (
     # a shape prior after a finished run (its checkpoints kept: run its job first): the training mean shape fitted
     # robustly to its predictions, the landmarks that do not fit replaced; the variant chosen on val
     _job("64_shape_prior.ipynb", "heatmap_unet+shape", ("synthetic3d", "afids-templates", "afids-mni"),
-         runs="shape_fit", main=False),
+         runs="shape_fit"),
     # the generalisation study: the variants against their base, chosen on val only (after the variants' jobs)
     _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph"), main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)

@@ -161,7 +161,7 @@ def test_shape_prior_values(pipeline: tuple[str, Path]) -> None:
     table = pd.read_csv(folder / "table_val_choice.csv")
     assert list(table["variant"]) == ["none", "similarity/outliers", "similarity/shape", "affine/outliers",
                                       "affine/shape"]
-    assert table.loc[table["chosen"], "variant"].item() == metrics["variant"]
+    assert table.loc[table["chosen"], "variant"].item() == metrics["chosen_variant"]
     assert table.loc[table["chosen"], "val_mre_mm"].item() == table["val_mre_mm"].min()
     assert metrics["train_seconds"] >= own["train_seconds"] and metrics["epochs"] == 0
     assert metrics["infer_seconds_per_image"] >= own["infer_seconds_per_image"]

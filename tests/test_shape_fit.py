@@ -87,7 +87,7 @@ def test_the_variant_is_chosen_on_val_and_none_when_val_is_exact() -> None:
     model = ShapePrior(3, 16)
     exact = model.derive(shapes, truth_val, lambda moved: float(np.mean(
         [np.linalg.norm(m - t, axis=1).mean() for m, t in zip(moved, truth_val)])), truth_val)
-    assert exact.metrics["variant"] == "none"
+    assert exact.metrics["chosen_variant"] == "none"
     rows = exact.tables["table_val_choice"]
     assert [r["variant"] for r in rows][0] == "none" and sum(r["chosen"] for r in rows) == 1
 
@@ -131,9 +131,9 @@ def test_a_run_chooses_on_val_beats_its_base_and_counts_its_cost(tmp_path: Path)
                                       "base_method": "base"})
     base_mre = float(pd.read_csv(root / "base" / "predictions.csv")["error_mm"].mean())
     assert base_mre > 3.0  # landmark 0's 30 mm miss on every image
-    assert result.metrics["variant"] != "none" and result.metrics["mre_mm"] < base_mre / 2
+    assert result.metrics["chosen_variant"] != "none" and result.metrics["mre_mm"] < base_mre / 2
     assert result.metrics["train_seconds"] >= 100.0 and result.metrics["infer_seconds_per_image"] >= 0.1
     table = pd.read_csv(root / "base+shape" / "table_val_choice.csv")
     assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "val_mre_mm"].item() == table["val_mre_mm"].min()
     manifest = json.loads((root / "base+shape" / "manifest.json").read_text())
-    assert manifest["base_run"] == "../base" and manifest["variant"] == result.metrics["variant"]
+    assert manifest["base_run"] == "../base" and manifest["chosen_variant"] == result.metrics["chosen_variant"]

@@ -292,9 +292,9 @@ class ShapePrior(LandmarkMethod):
         print(f"chosen on val: {chosen['variant']} ({chosen['val_mre_mm']:.3f} mm); test: {replaced} landmarks "
               f"replaced, {per_image:.3f} s per image")
         return DerivedPredictions(test, mean_s, per_image,
-                                  metrics={"variant": chosen["variant"], "val_mre_mm": chosen["val_mre_mm"],
+                                  metrics={"chosen_variant": chosen["variant"], "val_mre_mm": chosen["val_mre_mm"],
                                            "replaced": replaced},
-                                  manifest={"variant": chosen["variant"], "mean_shape_mm": self.mean_shape.tolist()
+                                  manifest={"chosen_variant": chosen["variant"], "mean_shape_mm": self.mean_shape.tolist()
                                             if self.mean_shape is not None else None},
                                   tables={"table_val_choice": rows})
 
