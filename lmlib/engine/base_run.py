@@ -82,8 +82,8 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
 
     method = str(manifest.get("method", ""))
     if method and getattr(method_class(method), "derived_from", None):
-        raise ContractError(f"{folder / 'manifest.json'}: a {method} run combines other runs' predictions and keeps "
-                            "no val predictions to size patches from: refine one of the runs it combines")
+        raise ContractError(f"{folder / 'manifest.json'}: a {method} run is derived from other runs and keeps no "
+                            "checkpoint to predict the val split with: start from one of the runs it is derived from")
     try:
         checkpoints = model_checkpoints(folder)
     except FileNotFoundError:

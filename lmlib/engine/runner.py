@@ -38,7 +38,7 @@ from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, 
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
-from lmlib.outputs.contract import predictions_frame, read_manifest, write_outputs
+from lmlib.outputs.contract import predictions_frame, read_manifest, read_run, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
@@ -293,8 +293,10 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
         print(f"{params['dataset']}: {ndim}D, {len(names)} landmarks; test {len(test)} images")
         if derived == "predictions":
             return _run_on_predictions(cls, params, effective, data, train, val, test, dev, started, seed)
-        run = _run_ensemble if derived == "runs" else _run_tta
-        return run(cls, params, effective, data, train + val + test, test, dev, started, seed)
+        runs = {"runs": _run_ensemble, "checkpoint": _run_tta}
+        if derived not in runs:
+            raise ValueError(f"{cls.__name__}.derived_from = {derived!r}: one of 'runs', 'checkpoint', 'predictions'")
+        return runs[derived](cls, params, effective, data, train + val + test, test, dev, started, seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[ndim]]
     # the effective parameters: the method's own at the model's defaults where the notebook does not declare them
     effective = {**params, **cls.values(params), "image_size": grid,
@@ -500,8 +502,8 @@ def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], ef
     """A method derived from a finished run's predictions (``cls.derived_from == "predictions"``, e.g.
     :mod:`lmlib.methods.shape_fit`): the base run's val predictions (from its checkpoints, kept in this run's folder)
     and test predictions handed to the method's ``derive`` with the training landmarks and the val MRE; its training
-    time and time per image are the base run's plus the method's own. The same output contract, figure and
-    manifest as a run, and the method's tables as CSV."""
+    time and time per image are the base run's plus the method's own, its memory the larger of the two. The same
+    output contract, figure and manifest as a run, and the method's tables as CSV."""
     from lmlib.engine.base_run import load_base_run
     from lmlib.evaluation.metrics import mean_radial_error
 
@@ -511,6 +513,7 @@ def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], ef
     folder = model.base_folder(output_dir)
     start = load_base_run(folder, str(params["dataset"]), train, val, test, cache_dir=output_dir)
     manifest = read_manifest(folder) or {}
+    base_peak = float(read_run(folder)[1].get("peak_rss_mb") or 0.0)
     print(f"base run {start.name}: val MRE {mean_radial_error(start.val.world_mm, val):.3f} mm, trained "
           f"{start.train_seconds:.0f} s, {start.infer_seconds_per_image:.3f} s per image")
     derived = model.derive([s.landmarks_mm for s in train], start.val.world_mm,
@@ -520,7 +523,7 @@ def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], ef
     return _write_untrained_run(output_dir, test, derived.test_mm, model.name,
                                 {"train_seconds": start.train_seconds + derived.train_seconds,
                                  "infer_seconds_per_image": start.infer_seconds_per_image
-                                 + derived.infer_seconds_per_image},
+                                 + derived.infer_seconds_per_image, "peak_rss_mb": max(base_peak, peak_rss_mb())},
                                 derived.metrics,
                                 {"method_config": model.config(), "base_run": os.path.relpath(folder, output_dir),
                                  "base_device": manifest.get("device"), "base_git_commit": manifest.get("git_commit"),

@@ -15,13 +15,15 @@ land near their place. The configuration of all landmarks together rules such a 
    noise (``sqrt(chi2_D(0.975))`` times the robust scale of LMedS) is an outlier. The shape is then fitted again by
    least squares to the other landmarks, by a similarity or an affine transform (``transform``).
 4. **Output** (``output``): ``outliers`` keeps each prediction and puts the fitted shape's position in place of
-   each outlier (and of each landmark the base run did not place); ``shape`` gives the fitted shape for every
-   landmark (the base run only places the shape).
+   each outlier; ``shape`` gives the fitted shape for every landmark (the base run only places the shape). A
+   landmark the base run did not place stays without a prediction (so every candidate is scored on the same
+   landmarks).
 
 Honest use: the variant (``none``, the base run as it is, or a transform and an output) is chosen on the val split
 (the base run's val predictions, made from its checkpoints as a refinement's are, :mod:`lmlib.engine.base_run`);
 the test split is predicted once with it. The val error of every candidate is kept (``table_val_choice.csv``).
-Training time: the base run's plus the mean shape's; inference: the base run's plus the fit's per image.
+Training time: the base run's plus the mean shape's and the choice on val; inference: the base run's plus the fit's
+per image. With too few landmarks for a fit (a minimal subset plus two) only ``none`` is left, said in the output.
 
 Why by hand: scikit-image and scikit-learn have RANSAC, which needs an inlier threshold in mm that would have to
 be chosen; LMedS needs none, and neither library has it. Coordinates: world mm ``(x, y[, z])`` throughout.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import comb
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from scipy.stats import chi2
 
 from lmlib.methods.base import DerivedPredictions, LandmarkMethod
@@ -53,6 +56,18 @@ VARIANTS = (NONE, *(f"{t}/{o}" for t in TRANSFORMS for o in OUTPUTS))
 OUTLIER_QUANTILE = 0.975
 
 
+def _different(values: list[str]) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError("each variant once")
+    return values
+
+
+def _ordered(bounds: list[float]) -> list[float]:
+    if not bounds[0] < bounds[1]:
+        raise ValueError("the smaller bound first")
+    return bounds
+
+
 class ShapeFitParameters(MethodParameters):
     """The shape prior's notebook parameters (beyond the shared ones)."""
 
@@ -61,13 +76,13 @@ class ShapeFitParameters(MethodParameters):
                              min_length=1)
     base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
                           "a folder path or empty")
-    variants: list[Annotated[str, one_of(VARIANTS)]] = field(
+    variants: Annotated[list[Annotated[str, one_of(VARIANTS)]], AfterValidator(_different)] = field(
         list(VARIANTS), "the candidates chosen among on val: none (the base run unchanged) or transform/output, "
                         "transform similarity or affine, output outliers (replaced) or shape (all landmarks)",
-        "a list of at least one of " + ", ".join(VARIANTS), min_length=1)
+        "a list of different names among " + ", ".join(VARIANTS), min_length=1)
     max_subsets: Int = field(20000, "LMedS: every minimal subset of landmarks when there are at most this many, "
                                     "else this many drawn at random (seeded)", "an integer of at least 100", ge=100)
-    scale_bounds: list[Annotated[Number, Field(gt=0.0)]] = field(
+    scale_bounds: Annotated[list[Annotated[Number, Field(gt=0.0)]], AfterValidator(_ordered)] = field(
         [0.5, 2.0], "LMedS: the similarity scales allowed between the mean shape and an image (a subset giving "
                     "another scale is degenerate)", "two positive numbers, the smaller first", min_length=2,
         max_length=2)
@@ -93,8 +108,7 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarra
     a, b = src - ms, dst - md
     u, sv, vt = np.linalg.svd(np.einsum("bmi,bmj->bij", b, a) / src.shape[1])
     sign = np.ones(sv.shape)
-    sign[:, -1] = np.sign(np.linalg.det(u @ vt))
-    sign[sign == 0] = 1.0
+    sign[:, -1] = np.sign(np.linalg.det(u @ vt))  # a reflection is not a pose: the last axis turned instead
     rot = u @ (sign[:, :, None] * vt)
     var = (a ** 2).sum(axis=(1, 2)) / src.shape[1]
     scale = np.where(var > 0, (sv * sign).sum(axis=1) / np.where(var > 0, var, 1.0), np.nan)
@@ -103,11 +117,28 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mat, t, scale
 
 
-def _affine(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares affine transform ``dst ~ src A^T + t`` of ``(M, D)`` point sets."""
+#: an affine refit needs landmarks spread in every direction: the smallest singular value of the centred inliers
+#: at least this fraction of the largest (coplanar inliers in 3D would leave the out-of-plane axis free)
+AFFINE_SPREAD = 0.05
+
+
+def _affine(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Least-squares affine transform ``dst ~ src A^T + t`` of ``(M, D)`` point sets; None when ``src`` does not
+    span every direction (:data:`AFFINE_SPREAD`)."""
+    sv = np.linalg.svd(src - src.mean(axis=0), compute_uv=False)
+    if len(src) <= src.shape[1] or sv[-1] < AFFINE_SPREAD * sv[0]:
+        return None
     x = np.c_[src, np.ones(len(src))]
     sol, *_ = np.linalg.lstsq(x, dst, rcond=None)
     return sol[:-1].T, sol[-1]
+
+
+def _spans(points: np.ndarray) -> bool:
+    """Whether ``(M, D)`` points fix a similarity: at least D of them, not all on one line (3D)."""
+    if len(points) < points.shape[1]:
+        return False
+    sv = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    return bool(sv[0] > 0 and (points.shape[1] == 2 or sv[1] > 1e-3 * sv[0]))
 
 
 def procrustes_mean(shapes: Sequence[np.ndarray], iterations: int = 20) -> np.ndarray:
@@ -122,15 +153,19 @@ def procrustes_mean(shapes: Sequence[np.ndarray], iterations: int = 20) -> np.nd
     if (counts > 0).sum() <= ndim:
         raise ValueError(f"a mean shape in {ndim}D needs more than {ndim} annotated landmarks, the training sets "
                          f"have {(counts > 0).sum()}")
-    size = float(np.mean([np.sqrt(np.nansum((s - np.nanmean(s, axis=0)) ** 2)) for s in sets]))
+    complete = [s for s in sets if np.isfinite(s).all()] or sets  # the size of whole shapes, when there are any
+    size = float(np.mean([np.sqrt(np.nansum((s - np.nanmean(s, axis=0)) ** 2)) for s in complete]))
     mean = sets[int(np.argmax([np.isfinite(s).all(axis=1).sum() for s in sets]))].copy()
     for _ in range(iterations):
         aligned = []
         for s in sets:
             both = np.isfinite(s).all(axis=1) & np.isfinite(mean).all(axis=1)
+            if not _spans(s[both]):  # too few shared landmarks to pose this set: left out of this round
+                continue
             mat, t, _ = _similarity(s[both][None], mean[both][None])
             aligned.append(s @ mat[0].T + t[0])
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():  # a landmark no aligned set has: NaN, said by the caller's checks
+            warnings.simplefilter("ignore", RuntimeWarning)
             new = np.nanmean(np.stack(aligned), axis=0) if len(aligned) > 1 else aligned[0]
         new = new - np.nanmean(new, axis=0)
         new *= size / np.sqrt(np.nansum(new ** 2))
@@ -148,7 +183,7 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     ndim = mean.shape[1]
-    minimal = ndim if ndim == 3 else 2  # landmarks fixing a similarity: 3 in 3D, 2 in 2D
+    minimal = ndim  # landmarks fixing a similarity: 3 in 3D, 2 in 2D
     known = np.flatnonzero(np.isfinite(mean).all(axis=1) & np.isfinite(pred).all(axis=1))
     if len(known) < minimal + 2:
         return None
@@ -157,8 +192,7 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     if n_all <= max_subsets:
         subsets = np.array(list(itertools.combinations(range(len(known)), minimal)))
     else:
-        rng = np.random.default_rng(seed)
-        subsets = np.stack([rng.choice(len(known), minimal, replace=False) for _ in range(max_subsets)])
+        subsets = np.random.default_rng(seed).random((max_subsets, len(known))).argsort(axis=1)[:, :minimal]
     mat, t, scale = _similarity(src[subsets], dst[subsets])
     lo, hi = float(min(scale_bounds)), float(max(scale_bounds))
     ok = np.isfinite(scale) & (scale >= lo) & (scale <= hi)
@@ -176,15 +210,14 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     need = ndim + 1 if transform == "affine" else minimal
     if inlier.sum() < need + 1:
         inlier = residual <= np.sort(residual)[need]
-    if transform == "affine":
-        a, b = _affine(src[inlier], dst[inlier])
-    else:
+    refit = _affine(src[inlier], dst[inlier]) if transform == "affine" else None  # None: not spread, similarity
+    if refit is None:
         m2, t2, _ = _similarity(src[inlier][None], dst[inlier][None])
-        a, b = m2[0], t2[0]
-    fitted = mean @ a.T + b
-    outlier = np.ones(len(mean), dtype=bool)  # a landmark without a prediction is filled
+        refit = m2[0], t2[0]
+    fitted = mean @ refit[0].T + refit[1]
+    outlier = np.zeros(len(mean), dtype=bool)  # a landmark without a prediction is not one: it stays without
     outlier[known] = ~inlier
-    return ShapeFit(fitted, outlier & np.isfinite(fitted).all(axis=1), float(sigma))
+    return ShapeFit(fitted, outlier, float(sigma))
 
 
 def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, max_subsets: int = _D["max_subsets"],
@@ -204,7 +237,8 @@ def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, ma
         if fit is None:
             out.append(p)
             continue
-        take = np.isfinite(fit.fitted).all(axis=1) if output == "shape" else fit.outlier
+        placed = np.isfinite(p).all(axis=1) & np.isfinite(fit.fitted).all(axis=1)
+        take = placed if output == "shape" else fit.outlier
         out.append(np.where(take[:, None], fit.fitted, p))
         replaced += int(take.sum())
     return out, replaced
@@ -273,30 +307,35 @@ class ShapePrior(LandmarkMethod):
                ) -> DerivedPredictions:
         """The mean shape of the training landmark sets ``train_mm``; each variant applied to the base run's val
         predictions ``val_mm`` and scored by ``val_error`` (the val MRE in mm, the engine's); the best (the first
-        listed among equals) applied to the base run's test predictions ``test_mm``. All world mm ``(K, D)``."""
+        listed among equals) applied to the base run's test predictions ``test_mm``. All world mm ``(K, D)``. The
+        training time returned is the mean shape's and the choice's."""
         t0 = time.perf_counter()
-        self.fit_mean(train_mm)
-        mean_s = time.perf_counter() - t0
+        variants = list(self.variants)
+        try:
+            self.fit_mean(train_mm)
+        except ValueError as exc:  # too few landmarks for a shape: the base run as it is
+            print(f"no shape prior: {exc}; the base run's predictions are kept")
+            variants = [NONE]
         rows: list[dict[str, Any]] = []
-        for variant in self.variants:
-            moved, replaced = self.apply(val_mm, variant, seed)
-            rows.append({"variant": variant, "val_mre_mm": float(val_error(moved)),
-                         "replaced": replaced, "landmarks": int(sum(np.isfinite(p).all(axis=1).sum() for p in moved))})
+        for variant in variants:
+            moved, replaced = self.apply(val_mm, variant, seed) if variant != NONE else (list(val_mm), 0)
+            rows.append({"variant": variant, "val_mre_mm": float(val_error(moved)), "replaced": replaced})
             print(f"val: {variant:<20} MRE {rows[-1]['val_mre_mm']:.3f} mm, {replaced} landmarks replaced")
         chosen = min(rows, key=lambda r: r["val_mre_mm"])
         for row in rows:
             row["chosen"] = row is chosen
+        choice_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        test, replaced = self.apply(test_mm, str(chosen["variant"]), seed)
+        test, replaced = self.apply(test_mm, str(chosen["variant"]), seed) if chosen["variant"] != NONE \
+            else ([np.asarray(p, dtype=np.float64) for p in test_mm], 0)
         per_image = (time.perf_counter() - t0) / max(1, len(test))
         print(f"chosen on val: {chosen['variant']} ({chosen['val_mre_mm']:.3f} mm); test: {replaced} landmarks "
               f"replaced, {per_image:.3f} s per image")
-        return DerivedPredictions(test, mean_s, per_image,
+        mean = self.mean_shape.tolist() if self.mean_shape is not None and variants != [NONE] else None
+        return DerivedPredictions(test, choice_s, per_image,
                                   metrics={"chosen_variant": chosen["variant"], "val_mre_mm": chosen["val_mre_mm"],
-                                           "replaced": replaced},
-                                  manifest={"chosen_variant": chosen["variant"], "mean_shape_mm": self.mean_shape.tolist()
-                                            if self.mean_shape is not None else None},
+                                           "replaced": replaced, "derive_seconds": choice_s},
+                                  manifest={"chosen_variant": chosen["variant"], "mean_shape_mm": mean},
                                   tables={"table_val_choice": rows})
-
 
 METHOD = ShapePrior
