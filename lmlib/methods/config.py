@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lmlib.typed import one_line_error
+from lmlib.typed import field, one_line_error
 
 
 class MethodParameters(BaseModel):
@@ -36,6 +36,12 @@ class MethodParameters(BaseModel):
 def defaults(model: type[BaseModel]) -> dict[str, Any]:
     """Each field's default (for a constructor's signature: one source of truth)."""
     return {name: f.default for name, f in model.model_fields.items()}
+
+
+def base_run_field() -> Any:
+    """The ``base_run`` parameter of a method that starts from a finished run (refinement, test-time scales, the
+    shape prior): one description for all of them."""
+    return field("", "the base run's folder; empty: base_method's folder beside output_dir", "a folder path or empty")
 
 
 def base_run_folder(base_run: str, base_method: str, output_dir: str | Path) -> Path:

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import StrictBool
 
-from lmlib.methods.config import base_run_folder
+from lmlib.methods.config import base_run_field, base_run_folder
 from lmlib.methods.global_local import (
     DISPLACEMENT_CODES,
     GlobalLocalFCNN,
@@ -45,8 +45,7 @@ class RefineParameters(LocalPatchParameters):
     base_method: str = field("registration", "the finished run refined: the run folder of this name beside "
                                              "output_dir (a method or job name, e.g. registration, htc)",
                              "a run folder name", min_length=1)
-    base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
-                          "a folder path or empty")
+    base_run: str = base_run_field()
     refine_stages: Int = field(2, "local stages in a row, each patch sized from the previous predictions' val "
                                   "errors", "an integer >= 1", ge=1, le=4)
     local_max_spacing_mm: Number = field(4.0, "coarsest patch spacing (mm/px) a stage may use to cover its "

@@ -44,7 +44,7 @@ from pydantic import AfterValidator, Field
 from scipy.stats import chi2
 
 from lmlib.methods.base import DerivedPredictions, LandmarkMethod
-from lmlib.methods.config import MethodParameters, base_run_folder, defaults
+from lmlib.methods.config import MethodParameters, base_run_field, base_run_folder, defaults
 from lmlib.typed import Int, Number, field, one_of
 
 TRANSFORMS = ("similarity", "affine")
@@ -74,8 +74,7 @@ class ShapeFitParameters(MethodParameters):
     base_method: str = field("heatmap_unet", "the finished run fitted: the run folder of this name beside output_dir "
                                              "(its checkpoints kept, for its val predictions)", "a run folder name",
                              min_length=1)
-    base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
-                          "a folder path or empty")
+    base_run: str = base_run_field()
     variants: Annotated[list[Annotated[str, one_of(VARIANTS)]], AfterValidator(_different)] = field(
         list(VARIANTS), "the candidates chosen among on val: none (the base run unchanged) or transform/output, "
                         "transform similarity or affine, output outliers (replaced) or shape (all landmarks)",

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from lmlib.methods.base import LandmarkMethod
-from lmlib.methods.config import MethodParameters, base_run_folder, defaults
+from lmlib.methods.config import MethodParameters, base_run_field, base_run_folder, defaults
 from lmlib.methods.ensemble import COMBINE
 from lmlib.typed import Number, field, one_of
 
@@ -44,8 +44,7 @@ class TTAParameters(MethodParameters):
     base_method: str = field("heatmap_unet", "the finished run augmented: the run folder of this name beside "
                                              "output_dir (one network, its checkpoint kept)", "a run folder name",
                              min_length=1)
-    base_run: str = field("", "the base run's folder; empty: base_method's folder beside output_dir",
-                          "a folder path or empty")
+    base_run: str = base_run_field()
     scales: Annotated[list[Annotated[Number, Field(gt=0.5, lt=2.0)]], AfterValidator(_with_own_scale)] = field(
         [0.9, 1.0, 1.1], "grid scales applied to the base run's evaluation grid (1.0, its own, is required: it "
                          "must reproduce the run's predictions)",
