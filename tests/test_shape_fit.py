@@ -197,3 +197,14 @@ def test_a_run_chooses_on_val_beats_its_base_and_counts_its_cost(tmp_path: Path)
     assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "val_mre_mm"].item() == table["val_mre_mm"].min()
     manifest = json.loads((root / "base+shape" / "manifest.json").read_text())
     assert manifest["base_run"] == "../base" and manifest["chosen_variant"] == result.metrics["chosen_variant"]
+
+
+def test_too_few_training_landmarks_for_a_shape_keep_the_base_run() -> None:
+    rng = np.random.default_rng(8)
+    sparse = [np.full((6, 3), np.nan) for _ in range(3)]
+    for s in sparse:
+        s[:3] = rng.uniform(-50, 50, (3, 3))  # 3 landmarks in 3D: no mean shape
+    test = [rng.uniform(-50, 50, (6, 3))]
+    derived = ShapePrior(3, 6).derive(sparse, test, lambda moved: 1.0, test)
+    assert derived.metrics["chosen_variant"] == "none" and derived.manifest["mean_shape_mm"] is None
+    assert np.array_equal(derived.test_mm[0], test[0])

@@ -93,11 +93,10 @@ _D = defaults(ShapeFitParameters)
 @dataclass(frozen=True)
 class ShapeFit:
     """One image's fit: ``fitted`` ``(K, D)`` world mm (the mean shape moved onto the predictions), ``outlier``
-    ``(K,)`` (residual beyond the cut, or no prediction), ``scale_mm`` the robust scale of the residuals."""
+    ``(K,)`` (a predicted landmark whose residual is beyond the cut)."""
 
     fitted: np.ndarray
     outlier: np.ndarray
-    scale_mm: float
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,7 +215,7 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     fitted = mean @ refit[0].T + refit[1]
     outlier = np.zeros(len(mean), dtype=bool)  # a landmark without a prediction is not one: it stays without
     outlier[known] = ~inlier
-    return ShapeFit(fitted, outlier, float(sigma))
+    return ShapeFit(fitted, outlier)
 
 
 def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, max_subsets: int = _D["max_subsets"],
@@ -296,7 +295,9 @@ class ShapePrior(LandmarkMethod):
         return self.mean_shape
 
     def apply(self, pred: Sequence[np.ndarray], variant: str, seed: int = 0) -> tuple[list[np.ndarray], int]:
-        """``pred`` after ``variant`` with the fitted mean shape (:func:`apply_variant`)."""
+        """``pred`` after ``variant`` with the fitted mean shape (:func:`apply_variant`; ``none`` needs none)."""
+        if variant == NONE:
+            return [np.asarray(p, dtype=np.float64) for p in pred], 0
         if self.mean_shape is None:
             raise RuntimeError("fit_mean first: the mean shape comes from the training landmarks")
         return apply_variant(self.mean_shape, pred, variant, self.max_subsets, self.scale_bounds, seed)
@@ -317,7 +318,7 @@ class ShapePrior(LandmarkMethod):
             variants = [NONE]
         rows: list[dict[str, Any]] = []
         for variant in variants:
-            moved, replaced = self.apply(val_mm, variant, seed) if variant != NONE else (list(val_mm), 0)
+            moved, replaced = self.apply(val_mm, variant, seed)
             rows.append({"variant": variant, "val_mre_mm": float(val_error(moved)), "replaced": replaced})
             print(f"val: {variant:<20} MRE {rows[-1]['val_mre_mm']:.3f} mm, {replaced} landmarks replaced")
         chosen = min(rows, key=lambda r: r["val_mre_mm"])
@@ -325,8 +326,7 @@ class ShapePrior(LandmarkMethod):
             row["chosen"] = row is chosen
         choice_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        test, replaced = self.apply(test_mm, str(chosen["variant"]), seed) if chosen["variant"] != NONE \
-            else ([np.asarray(p, dtype=np.float64) for p in test_mm], 0)
+        test, replaced = self.apply(test_mm, str(chosen["variant"]), seed)
         per_image = (time.perf_counter() - t0) / max(1, len(test))
         print(f"chosen on val: {chosen['variant']} ({chosen['val_mre_mm']:.3f} mm); test: {replaced} landmarks "
               f"replaced, {per_image:.3f} s per image")
