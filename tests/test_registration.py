@@ -78,3 +78,53 @@ def test_registration_runs_through_the_shared_run_path(tmp_path) -> None:
     assert metrics["train_seconds"] == 0 and metrics["infer_seconds_per_image"] > 0 and len(metrics["atlases"]) == 2
     assert predictions["image_id"].nunique() == len(result.test_samples) and predictions["x_mm"].notna().all()
     assert read_manifest(out)["method_config"]["n_atlases"] == 2
+
+
+def test_atlases_unlike_the_test_image_are_left_out() -> None:
+    """Two decoy atlases (noise images whose landmarks sit 25 mm off) beside two true ones: with every atlas kept
+    the median of four is pulled off by about half the shift; with ``n_selected=2`` the two decoys, which do not
+    correlate with the test image after the affine stage, are left out: the points are the two true atlases' own."""
+    from dataclasses import replace
+
+    data = load_dataset("synthetic2d", n_images=12, seed=2)
+    train, test = data.split("train"), data.split("test")[:2]
+    rng = np.random.default_rng(0)
+    decoys = [replace(s, image_id=f"decoy{k}", image=rng.normal(size=s.image.shape).astype(s.image.dtype),
+                      landmarks_mm=s.landmarks_mm + 25.0) for k, s in enumerate(train[2:4])]
+    atlases = [train[0], decoys[0], train[1], decoys[1]]
+    settings = {"n_atlases": 4, "levels": 2, "affine_iterations": 40, "demons_iterations": 10}
+    every, _ = MultiAtlasRegistration(2, len(data.landmark_names), **settings).predict_samples(
+        atlases, test, (96, 96), progress=False)
+    choices: list[dict] = []
+    chosen, _ = MultiAtlasRegistration(2, len(data.landmark_names), n_selected=2, **settings).predict_samples(
+        atlases, test, (96, 96), progress=False, choices=choices)
+    kept = {(c["image_id"], c["atlas"]) for c in choices if c["kept"]}
+    assert kept == {(s.image_id, a.image_id) for s in test for a in (train[0], train[1])}, choices
+    assert all(0.0 <= c["correlation"] <= 1.0 for c in choices) and len(choices) == 8
+    true_only, _ = MultiAtlasRegistration(2, len(data.landmark_names), **{**settings, "n_atlases": 2}).predict_samples(
+        [train[0], train[1]], test, (96, 96), progress=False)
+    for a, b in zip(chosen, true_only):
+        np.testing.assert_array_equal(a, b)
+    assert mean_radial_error(chosen, test) < 0.6 * mean_radial_error(every, test)
+
+
+def test_atlases_are_drawn_in_turn_from_each_original_image() -> None:
+    """Posed copies of one image are one group: 4 atlases from 6 copies of A and 2 of B are 2 and 2 (a plain random
+    draw can take all 4 from A); with no copies the choice is the seeded draw it always was."""
+    from dataclasses import replace
+
+    data = load_dataset("synthetic2d", n_images=12, seed=2)
+    train = data.split("train")
+    posed = [replace(s, image_id=f"{'A' if k < 6 else 'B'}_pose{k:02d}",
+                     meta={**s.meta, "posed_from": "A" if k < 6 else "B"}) for k, s in enumerate(train[:8])]
+    for seed in range(5):
+        chosen = MultiAtlasRegistration(2, 8, n_atlases=4, seed=seed).choose_atlases(posed)
+        assert sorted(a.meta["posed_from"] for a in chosen) == ["A", "A", "B", "B"], seed
+        plain = MultiAtlasRegistration(2, 8, n_atlases=3, seed=seed).choose_atlases(train)
+        order = np.random.default_rng(seed).permutation(len(train))[:3]
+        assert [a.image_id for a in plain] == [train[i].image_id for i in sorted(order)]
+
+
+def test_more_atlases_kept_than_registered_is_refused() -> None:
+    with pytest.raises(ValueError, match="n_selected"):
+        MultiAtlasRegistration(2, 3, n_atlases=2, n_selected=3)

@@ -43,6 +43,9 @@ from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
+#: which atlases each test image kept, with their correlation after the affine stage (registration's atlas selection)
+ATLAS_CHOICES = "atlas_choices.csv"
+
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
@@ -344,7 +347,8 @@ class UntrainedMethod(Protocol):
 
     def choose_atlases(self, train: Sequence[Sample]) -> list[Sample]: ...
 
-    def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int]
+    def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int],
+                        progress: bool = True, choices: list[dict[str, Any]] | None = None
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]: ...
 
 
@@ -361,9 +365,12 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     atlases = untrained.choose_atlases(train)
     print(f"atlases ({len(atlases)} of {len(train)} training images): {', '.join(a.image_id for a in atlases)}")
     t0 = time.perf_counter()
-    world_mm, spread_mm = untrained.predict_samples(atlases, test, grid)
+    choices: list[dict[str, Any]] = []
+    world_mm, spread_mm = untrained.predict_samples(atlases, test, grid, choices=choices)
     per_image = (time.perf_counter() - t0) / max(1, len(test))
     print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
+    if choices:  # which atlases each test image kept (registration's atlas selection)
+        pd.DataFrame(choices).to_csv(output_dir / ATLAS_CHOICES, index=False, float_format="%.4f")
     ids = [a.image_id for a in atlases]
     return _write_untrained_run(output_dir, test, world_mm, model.name,
                                 {"train_seconds": 0.0, "infer_seconds_per_image": per_image},

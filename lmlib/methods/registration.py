@@ -5,6 +5,13 @@ Each test image is registered with SimpleITK to ``n_atlases`` annotated training
 deformable one (diffeomorphic demons on the affinely aligned, histogram-matched images, coarse to fine). Each
 atlas's landmarks are mapped through its transform and the atlases are fused by the median of each coordinate.
 
+Atlas selection (``n_selected``; Aljabar et al., NeuroImage 2009): after the affine stage, only the atlases whose
+images correlate best with the test image (ITK's normalised correlation over their overlap) go on to the
+deformable stage and the fusion. An atlas of another appearance (a skull-stripped template registered onto a
+head with its skull, or the reverse) is then left out instead of pulling the fused points. The atlases
+themselves are drawn in turn from each original image (posed copies of one image are one group), so that every
+training anatomy can be chosen.
+
 Registration runs on a working copy of each image: its whole field of view resampled (anti-aliased) onto an
 isotropic grid whose longest side is ``image_size`` px, z-scored (the same grid rule as every method's view:
 :func:`lmlib.data.grids.preprocessing_grids` with the aspect ratio kept). The fixed image is the atlas, the
@@ -50,6 +57,8 @@ class RegistrationParameters(MethodParameters):
     demons_iterations: Int = field(50, "demons iterations per level", "an integer >= 1", ge=1)
     demons_sigma_mm: Number = field(2.0, "smoothing of the demons displacement field in mm (larger is stiffer)",
                                     "a number > 0 (mm)", gt=0)
+    n_selected: Int = field(0, "atlases kept per test image: those correlating best with it after the affine "
+                               "stage (0 keeps every atlas)", "an integer >= 0 (0 = every atlas)", ge=0)
 
 
 _D = defaults(RegistrationParameters)
@@ -66,6 +75,7 @@ class MultiAtlasRegistration(LandmarkMethod):
         affine_iterations: optimiser iterations per level of the affine stage.
         demons_iterations: demons iterations per level.
         demons_sigma_mm: Gaussian smoothing of the demons displacement field (mm, regularisation).
+        n_selected: atlases kept per test image, by their correlation with it after the affine stage (0: all).
         seed: atlas choice and the metric's sampling.
     """
 
@@ -76,7 +86,8 @@ class MultiAtlasRegistration(LandmarkMethod):
     def __init__(self, spatial_dims: int, n_landmarks: int, n_atlases: int = _D["n_atlases"],
                  deformable: str = _D["deformable"], levels: int = _D["levels"],
                  affine_iterations: int = _D["affine_iterations"], demons_iterations: int = _D["demons_iterations"],
-                 demons_sigma_mm: float = _D["demons_sigma_mm"], seed: int = 0, **_: Any) -> None:
+                 demons_sigma_mm: float = _D["demons_sigma_mm"], n_selected: int = _D["n_selected"], seed: int = 0,
+                 **_: Any) -> None:
         super().__init__(spatial_dims, n_landmarks)
         if deformable not in DEFORMABLE:
             raise ValueError(f"deformable must be one of {DEFORMABLE}, got {deformable!r}")
@@ -86,7 +97,10 @@ class MultiAtlasRegistration(LandmarkMethod):
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if not float(demons_sigma_mm) > 0:
             raise ValueError(f"demons_sigma_mm must be > 0 mm, got {demons_sigma_mm!r}")
+        if not 0 <= int(n_selected) <= int(n_atlases):
+            raise ValueError(f"n_selected must be an integer in [0, n_atlases={n_atlases}], got {n_selected!r}")
         self.n_atlases, self.deformable, self.levels = int(n_atlases), deformable, int(levels)
+        self.n_selected = int(n_selected)
         self.affine_iterations, self.demons_iterations = int(affine_iterations), int(demons_iterations)
         self.demons_sigma_mm, self.seed = float(demons_sigma_mm), int(seed)
 
@@ -94,7 +108,7 @@ class MultiAtlasRegistration(LandmarkMethod):
         return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "n_atlases": self.n_atlases,
                 "deformable": self.deformable, "levels": self.levels, "affine_iterations": self.affine_iterations,
                 "demons_iterations": self.demons_iterations, "demons_sigma_mm": self.demons_sigma_mm,
-                "seed": self.seed}
+                "n_selected": self.n_selected, "seed": self.seed}
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
@@ -106,19 +120,29 @@ class MultiAtlasRegistration(LandmarkMethod):
 
     # ------------------------------------------------------------------------------------------------ atlases
     def choose_atlases(self, train: Sequence[Sample]) -> list[Sample]:
-        """``n_atlases`` training samples (seeded), preferring those with every landmark valid."""
+        """``n_atlases`` training samples (seeded), preferring those with every landmark valid, drawn in turn from
+        each original image (posed copies of one image, ``meta["posed_from"]``, are one group; with no copies
+        this is a seeded random choice)."""
         complete = [s for s in train if s.valid.all()]
         pool = complete if len(complete) >= self.n_atlases else list(train)
         if not pool:
             raise ValueError("registration needs at least one annotated training image as an atlas")
-        order = np.random.default_rng(self.seed).permutation(len(pool))[: self.n_atlases]
-        return [pool[i] for i in sorted(order)]
+        groups: dict[str, list[int]] = {}  # original image -> pool indices, in the seeded order
+        for i in np.random.default_rng(self.seed).permutation(len(pool)):
+            groups.setdefault(str(pool[i].meta.get("posed_from", pool[i].image_id)), []).append(int(i))
+        order: list[int] = []
+        for turn in range(max(len(g) for g in groups.values())):
+            order += [g[turn] for g in groups.values() if turn < len(g)]
+        return [pool[i] for i in sorted(order[: self.n_atlases])]
 
     # ------------------------------------------------------------------------------------------------ predict
     def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int],
-                        progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """World-mm predictions ``(N, D)`` for each of ``samples`` and the atlases' spread around them (``(N,)``
-        mm: the median distance of the mapped atlas points to the fused point; NaN with one atlas)."""
+                        progress: bool = True, choices: list[dict[str, Any]] | None = None
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """World-mm predictions ``(N, D)`` for each of ``samples`` and the kept atlases' spread around them
+        (``(N,)`` mm: the median distance of the mapped atlas points to the fused point; NaN with one atlas).
+        ``choices``, when given, receives one row per sample and atlas: ``image_id``, ``atlas``, ``correlation``
+        (after the affine stage; NaN when every atlas is kept) and ``kept``."""
         from tqdm.auto import tqdm
 
         fixed = [(working_image(a, size), a.landmarks_mm) for a in atlases]
@@ -129,16 +153,31 @@ class MultiAtlasRegistration(LandmarkMethod):
                 moving = working_image(s, size)
                 # one atlas per Python thread, each registration single-threaded inside ITK: ITK's threaded sums
                 # differ in the last bits between runs, so this keeps reruns exact and still uses every core
-                mapped = np.stack(list(pool.map(lambda f, m=moving: map_points(self.register(f[0], m), f[1]), fixed)))
+                affines = list(pool.map(lambda f, m=moving: affine_registration(
+                    f[0], m, self.levels, self.affine_iterations, self.seed), fixed))
+                scores = np.full(len(fixed), np.nan)
+                keep = list(range(len(fixed)))
+                if 0 < self.n_selected < len(fixed):
+                    scores = np.array(list(pool.map(lambda f, t, m=moving: correlation(f[0], m, t), fixed, affines)))
+                    keep = sorted(np.argsort(-scores, kind="stable")[: self.n_selected].tolist())
+                transforms = list(pool.map(lambda k, m=moving: self.deform(fixed[k][0], m, affines[k]), keep))
+                mapped = np.stack([map_points(t, fixed[k][1]) for k, t in zip(keep, transforms)])
                 fused = np.nanmedian(mapped, axis=0)  # (A, N, D) -> (N, D)
                 preds.append(fused)
                 dist = np.linalg.norm(mapped - fused[None], axis=2)
-                spreads.append(np.nanmedian(dist, axis=0) if len(fixed) > 1 else np.full(len(fused), np.nan))
+                spreads.append(np.nanmedian(dist, axis=0) if len(keep) > 1 else np.full(len(fused), np.nan))
+                if choices is not None:
+                    choices += [{"image_id": s.image_id, "atlas": a.image_id, "correlation": float(scores[k]),
+                                 "kept": k in keep} for k, a in enumerate(atlases)]
         return preds, spreads
 
     def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
         """The transform mapping ``fixed`` (atlas) points in world mm to ``moving`` (test image) points."""
-        affine = affine_registration(fixed, moving, self.levels, self.affine_iterations, self.seed)
+        return self.deform(fixed, moving, affine_registration(fixed, moving, self.levels, self.affine_iterations,
+                                                              self.seed))
+
+    def deform(self, fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform) -> sitk.Transform:
+        """``affine`` followed by the deformable stage (``deformable="none"``: ``affine`` itself)."""
         if self.deformable == "none":
             return affine
         field = demons_registration(fixed, sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0),
@@ -171,6 +210,16 @@ def map_points(transform: sitk.Transform, points_mm: np.ndarray) -> np.ndarray:
         if np.isfinite(p).all():
             out[k] = transform.TransformPoint([float(v) for v in p])
     return out
+
+
+def correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """How alike ``fixed`` and ``moving`` are through ``transform`` (fixed -> moving points): the squared normalised
+    correlation over their overlap, in [0, 1] (ITK's correlation metric, which is its negative)."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsCorrelation()
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(transform)
+    return -float(reg.MetricEvaluate(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)))
 
 
 def _pyramid(levels: int) -> tuple[list[int], list[float]]:
