@@ -129,6 +129,23 @@ def test_intensity_leaves_landmarks(ndim: int) -> None:
     check_peaks(out, min_valid=N)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_blur_leaves_landmarks_and_widens_the_blobs(ndim: int) -> None:
+    """The blur augmentation (``blur_sigma``): the image blurred (its peak lowered, its mass kept), landmarks and
+    their validity untouched, the same result for the same seed; without it the stage is absent."""
+    pts = landmarks(ndim)
+    data = make_item(blob_image(SIZES[ndim], pts), pts, np.ones(N, bool))
+    kwargs = {"affine_prob": 0.0, "intensity": False, "intensity_prob": 1.0}
+    outs = [build_augmentation(ndim, blur_sigma=2.0, seed=3, **kwargs)(data) for _ in range(2)]
+    image, before = outs[0]["image"].numpy(), data["image"].numpy()
+    np.testing.assert_array_equal(image, outs[1]["image"].numpy())
+    assert image.max() < 0.9 * before.max() and abs(image.sum() - before.sum()) < 0.02 * before.sum()
+    np.testing.assert_array_equal(outs[0]["landmarks"], pts)
+    np.testing.assert_array_equal(outs[0]["valid"], data["valid"])
+    check_peaks(outs[0], min_valid=N)
+    assert len(build_augmentation(ndim, **kwargs).transforms) == 0
+
+
 def test_flip_swaps_pairs() -> None:
     pts, valid = landmarks(2), np.array([True, False, True, True, True])
     out = RandFlipLandmarksd(prob=1.0, axis=0, left_right_pairs=[(0, 1), (2, 3)])(

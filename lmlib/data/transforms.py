@@ -28,6 +28,7 @@ from monai.transforms import (
     RandAffineGrid,
     RandBiasFieldd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     Randomizable,
     RandomizableTransform,
     RandScaleIntensityd,
@@ -390,9 +391,13 @@ def build_augmentation(ndim: int, left_right_pairs: Sequence[tuple[int, int]] = 
                        translation_frac: float = 0.05, shear: float = 0.0,
                        elastic: bool = False, elastic_prob: float = 0.5, elastic_sigma_frac: float = 0.1,
                        elastic_magnitude_frac: float = 0.02,
-                       intensity: bool = True, intensity_prob: float = 0.5,
+                       intensity: bool = True, intensity_prob: float = 0.5, blur_sigma: float = 0.0,
                        padding_mode: str = "zeros", seed: int | None = 0) -> Compose:
-    """Training augmentation for landmark dicts: (flip + affine + elastic in one resampling) -> intensity.
+    """Training augmentation for landmark dicts: (flip + affine + elastic in one resampling) -> blur -> intensity.
+
+    ``blur_sigma`` > 0 blurs the image (landmarks untouched) with a Gaussian of sigma uniform in
+    ``[min(0.5, blur_sigma), blur_sigma]`` px per axis, with probability ``intensity_prob``: an image blurrier than
+    the training images (a template averaged over more subjects, a coarser scan).
 
     The geometric part is one :class:`RandSpatialLandmarksd` (output pixel ``o`` samples the input at
     ``F A (o + d(o))``; landmarks by the exact inverse, invalid when leaving the grid unless the item's
@@ -406,6 +411,9 @@ def build_augmentation(ndim: int, left_right_pairs: Sequence[tuple[int, int]] = 
             rotation_deg=rotation_deg, scale=scale, translation_frac=translation_frac, shear=shear,
             elastic_prob=elastic_prob if elastic else 0.0, elastic_sigma_frac=elastic_sigma_frac,
             elastic_magnitude_frac=elastic_magnitude_frac, padding_mode=padding_mode))
+    if blur_sigma > 0:
+        sigma = (min(0.5, float(blur_sigma)), float(blur_sigma))
+        stages.append(RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=intensity_prob))
     if intensity:
         stages.extend(intensity_transforms(intensity_prob))
     compose = Compose(stages)

@@ -64,6 +64,8 @@ class SharedParameters(BaseModel):
     scale_range: Number = _field(0.1, "augmentation: scale 1 +- this", "a number in [0, 1) (scale 1 +- it)",
                                  ge=0, lt=1)
     elastic: StrictBool = _field(False, "augmentation: add a smooth elastic deformation", "true or false")
+    blur_sigma_px: Number = _field(0.0, "augmentation: Gaussian blur of half of the training items, sigma up to this "
+                                        "(px of the network grid; 0 = none)", "a number >= 0 (px)", ge=0)
     flip_prob: Number = _field(0.0, "augmentation: probability of mirroring along x (left/right pairs swapped)",
                                "a number in [0, 1]", ge=0, le=1)
     flip_test: StrictBool = _field(False, "test-time flip averaging (left/right pairs swapped)", "true or false")

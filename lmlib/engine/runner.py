@@ -270,7 +270,7 @@ def augmentation(params: Mapping[str, Any], ndim: int, seed: int,
     return build_augmentation(ndim, left_right_pairs, flip_prob=float(shared_value(params, "flip_prob")),
                               rotation_deg=float(shared_value(params, "rotation_deg")),
                               scale=float(shared_value(params, "scale_range")), elastic=bool(shared_value(params, "elastic")),
-                              seed=seed)
+                              blur_sigma=float(shared_value(params, "blur_sigma_px")), seed=seed)
 
 
 def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
