@@ -128,3 +128,16 @@ def test_atlases_are_drawn_in_turn_from_each_original_image() -> None:
 def test_more_atlases_kept_than_registered_is_refused() -> None:
     with pytest.raises(ValueError, match="n_selected"):
         MultiAtlasRegistration(2, 3, n_atlases=2, n_selected=3)
+
+
+def test_lines_progress_prints_one_line_per_image(capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver's ``progress="lines"``: a line per test image with its time and the atlases it kept (before, a
+    15-minute 3D registration printed nothing to the console until it ended)."""
+    data = load_dataset("synthetic2d", n_images=10, seed=2)
+    train, test = data.split("train"), data.split("test")[:2]
+    method = MultiAtlasRegistration(2, len(data.landmark_names), n_atlases=2, n_selected=1, levels=1,
+                                    affine_iterations=5, demons_iterations=2)
+    method.predict_samples(train[:2], test, (64, 64), progress="lines")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("registration ")]
+    assert [ln.split(":")[0] for ln in lines] == [f"registration {i + 1}/2 {s.image_id}" for i, s in enumerate(test)]
+    assert all("; kept " in ln for ln in lines)

@@ -348,7 +348,7 @@ class UntrainedMethod(Protocol):
     def choose_atlases(self, train: Sequence[Sample]) -> list[Sample]: ...
 
     def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int],
-                        progress: bool = True, choices: list[dict[str, Any]] | None = None
+                        progress: bool | str = True, choices: list[dict[str, Any]] | None = None
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]: ...
 
 
@@ -366,7 +366,8 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
     print(f"atlases ({len(atlases)} of {len(train)} training images): {', '.join(a.image_id for a in atlases)}")
     t0 = time.perf_counter()
     choices: list[dict[str, Any]] = []
-    world_mm, spread_mm = untrained.predict_samples(atlases, test, grid, choices=choices)
+    world_mm, spread_mm = untrained.predict_samples(atlases, test, grid, progress=str(shared_value(params, "progress")),
+                                                    choices=choices)
     per_image = (time.perf_counter() - t0) / max(1, len(test))
     print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
     if choices:  # which atlases each test image kept (registration's atlas selection)

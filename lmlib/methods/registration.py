@@ -27,6 +27,7 @@ fusion) is a few lines that no library offers in this form for landmarks.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -137,19 +138,24 @@ class MultiAtlasRegistration(LandmarkMethod):
 
     # ------------------------------------------------------------------------------------------------ predict
     def predict_samples(self, atlases: Sequence[Sample], samples: Sequence[Sample], size: Sequence[int],
-                        progress: bool = True, choices: list[dict[str, Any]] | None = None
+                        progress: bool | str = True, choices: list[dict[str, Any]] | None = None
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """World-mm predictions ``(N, D)`` for each of ``samples`` and the kept atlases' spread around them
         (``(N,)`` mm: the median distance of the mapped atlas points to the fused point; NaN with one atlas).
-        ``choices``, when given, receives one row per sample and atlas: ``image_id``, ``atlas``, ``correlation``
-        (after the affine stage; NaN when every atlas is kept) and ``kept``."""
+        ``progress``: a live bar (True or ``"bar"``), a line per image with its time and kept atlases (``"lines"``:
+        the driver's choice) or nothing (False). ``choices``, when given, receives one row per sample and atlas:
+        ``image_id``, ``atlas``, ``correlation`` (after the affine stage; NaN when every atlas is kept) and
+        ``kept``."""
         from tqdm.auto import tqdm
 
         fixed = [(working_image(a, size), a.landmarks_mm) for a in atlases]
         preds, spreads = [], []
         workers = max(1, min(len(fixed), os.cpu_count() or 1))
+        bar = progress is True or progress == "bar"
         with single_threaded_itk(), ThreadPoolExecutor(workers) as pool:
-            for s in tqdm(samples, desc=f"registration ({len(atlases)} atlases)", unit="image", disable=not progress):
+            for i, s in enumerate(tqdm(samples, desc=f"registration ({len(atlases)} atlases)", unit="image",
+                                       disable=not bar)):
+                t0 = time.perf_counter()
                 moving = working_image(s, size)
                 # one atlas per Python thread, each registration single-threaded inside ITK: ITK's threaded sums
                 # differ in the last bits between runs, so this keeps reruns exact and still uses every core
@@ -169,6 +175,10 @@ class MultiAtlasRegistration(LandmarkMethod):
                 if choices is not None:
                     choices += [{"image_id": s.image_id, "atlas": a.image_id, "correlation": float(scores[k]),
                                  "kept": k in keep} for k, a in enumerate(atlases)]
+                if progress == "lines":
+                    kept = "" if len(keep) == len(fixed) else f"; kept {', '.join(atlases[k].image_id for k in keep)}"
+                    print(f"registration {i + 1}/{len(samples)} {s.image_id}: {time.perf_counter() - t0:.0f} s{kept}",
+                          flush=True)
         return preds, spreads
 
     def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
