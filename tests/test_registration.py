@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -141,3 +142,16 @@ def test_lines_progress_prints_one_line_per_image(capsys: pytest.CaptureFixture[
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("registration ")]
     assert [ln.split(":")[0] for ln in lines] == [f"registration {i + 1}/2 {s.image_id}" for i, s in enumerate(test)]
     assert all("; kept " in ln for ln in lines)
+
+
+def test_atlas_choices_are_written_only_when_atlases_are_left_out(tmp_path) -> None:
+    from lmlib.engine.runner import ATLAS_CHOICES, run_method
+
+    settings = {"dataset": "synthetic2d", "seed": 0, "device": "cpu", "n_atlases": 2, "levels": 1,
+                "affine_iterations": 5, "demons_iterations": 2, "max_train_images": 4, "image_size": [64, 64]}
+    run_method("registration", {**settings, "output_dir": str(tmp_path / "every")})
+    run_method("registration", {**settings, "output_dir": str(tmp_path / "one"), "n_selected": 1})
+    assert not (tmp_path / "every" / ATLAS_CHOICES).exists()
+    table = pd.read_csv(tmp_path / "one" / ATLAS_CHOICES)
+    assert list(table.columns) == ["image_id", "atlas", "correlation", "kept"]
+    assert (table.groupby("image_id")["kept"].sum() == 1).all() and table["correlation"].between(0, 1).all()

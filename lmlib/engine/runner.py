@@ -370,7 +370,7 @@ def _run_without_training(cls: type[LandmarkMethod], params: Mapping[str, Any], 
                                                     choices=choices)
     per_image = (time.perf_counter() - t0) / max(1, len(test))
     print(f"predicted {len(test)} test images in {per_image:.1f} s per image")
-    if choices:  # which atlases each test image kept (registration's atlas selection)
+    if choices:  # which atlases each test image kept (registration's atlas selection, when it leaves some out)
         pd.DataFrame(choices).to_csv(output_dir / ATLAS_CHOICES, index=False, float_format="%.4f")
     ids = [a.image_id for a in atlases]
     return _write_untrained_run(output_dir, test, world_mm, model.name,

@@ -143,9 +143,9 @@ class MultiAtlasRegistration(LandmarkMethod):
         """World-mm predictions ``(N, D)`` for each of ``samples`` and the kept atlases' spread around them
         (``(N,)`` mm: the median distance of the mapped atlas points to the fused point; NaN with one atlas).
         ``progress``: a live bar (True or ``"bar"``), a line per image with its time and kept atlases (``"lines"``:
-        the driver's choice) or nothing (False). ``choices``, when given, receives one row per sample and atlas:
-        ``image_id``, ``atlas``, ``correlation`` (after the affine stage; NaN when every atlas is kept) and
-        ``kept``."""
+        the driver's choice) or nothing (False). ``choices``, when given and ``n_selected`` leaves atlases out,
+        receives one row per sample and atlas: ``image_id``, ``atlas``, ``correlation`` (after the affine stage)
+        and ``kept``."""
         from tqdm.auto import tqdm
 
         fixed = [(working_image(a, size), a.landmarks_mm) for a in atlases]
@@ -172,7 +172,7 @@ class MultiAtlasRegistration(LandmarkMethod):
                 preds.append(fused)
                 dist = np.linalg.norm(mapped - fused[None], axis=2)
                 spreads.append(np.nanmedian(dist, axis=0) if len(keep) > 1 else np.full(len(fused), np.nan))
-                if choices is not None:
+                if choices is not None and len(keep) < len(fixed):
                     choices += [{"image_id": s.image_id, "atlas": a.image_id, "correlation": float(scores[k]),
                                  "kept": k in keep} for k, a in enumerate(atlases)]
                 if progress == "lines":
