@@ -135,9 +135,6 @@ JOBS: tuple[Job, ...] = (
          variant_of="heatmap_unet_cpu"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_long", ("hamedan-ceph",), runs="heatmap_unet", main=False,
          variant_of="heatmap_unet_cpu"),
-    # afids-templates' study: the heatmap U-Net with blurred training images (its base: heatmap_unet)
-    _job("15_heatmap_unet.ipynb", "heatmap_unet_blur", ("afids-templates",), runs="heatmap_unet", main=False,
-         variant_of="heatmap_unet"),
     # the same full CPU setting under bf16 autocast: does the accuracy hold at full size? (an ablation row)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_bf16", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
@@ -170,8 +167,7 @@ JOBS: tuple[Job, ...] = (
     _job("64_shape_prior.ipynb", "heatmap_unet+shape", ("synthetic3d", "afids-templates", "afids-mni"),
          runs="shape_fit"),
     # the generalisation study: the variants against their base, chosen on val only (after the variants' jobs)
-    _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph", "afids-templates"),
-         main=False),
+    _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph"), main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,

@@ -391,6 +391,42 @@ def normalize_intensity(image: np.ndarray, method: str | None = "zscore",
 KEEP_ASPECT: bool = True
 
 
+def network_orientation(sample: Sample) -> Sample:
+    """``sample`` with its pixel array stored in one axis order and one handedness, the same image in world mm.
+
+    A network sees the pixel array, not the world: two files of one anatomy, one stored with its first axis
+    running to the right and one to the left (a mirror image: NIfTI's RAS and LAS), look like mirror images to
+    it, and a left landmark is then found on the right. Here the array is transposed so that its axis ``k`` is
+    the one most aligned with world axis ``k``, and, when the direction is then a mirror (determinant < 0),
+    flipped along its first axis. Both are exact (no resampling); the geometry follows, so every world position,
+    the landmarks (world mm) and what every grid built from it samples stay the same. An image already in that
+    order with a proper direction (the identity, RAS) is returned as it is. A storage order turned by 180 degrees
+    (LPS against RAS) stays a rotation: not flipped, to keep images that are rotations of each other rotations
+    (MONAI's ``Orientation`` would make them identical; it also turns proper rotations, which changed the committed
+    runs of proper-oriented data sets).
+    """
+    d = np.asarray(sample.geometry.direction, dtype=np.float64)
+    weights = np.abs(d)
+    perm: list[int] = []
+    for k in range(d.shape[0]):  # world axis k takes the free index axis most aligned with it
+        order = [int(j) for j in np.argsort(-weights[k], kind="stable") if int(j) not in perm]
+        perm.append(order[0])
+    flip = bool(np.linalg.det(d[:, perm]) < 0)
+    if perm == list(range(d.shape[0])) and not flip:
+        return sample
+    image = np.transpose(sample.image, perm)
+    size = np.asarray(image.shape[: d.shape[0]])
+    direction = d[:, perm].copy()
+    start = np.zeros(d.shape[0])  # the old index of the new index 0
+    if flip:
+        image = image[::-1]
+        direction[:, 0] *= -1.0
+        start[perm[0]] = size[0] - 1
+    origin = sample.geometry.index_to_world(start[None])[0]
+    geometry = Geometry(np.asarray(sample.geometry.spacing, dtype=np.float64)[perm], origin, direction)
+    return replace(sample, image=np.ascontiguousarray(image), geometry=geometry)
+
+
 def fit_spacing(grid: Grid, target_size: Sequence[int]) -> np.ndarray:
     """(D,) isotropic spacing (mm/px) at which ``grid``'s whole field of view fits into ``target_size`` px."""
     extent = np.asarray(grid.size, dtype=np.float64) * grid.spacing

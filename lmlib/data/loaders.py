@@ -50,6 +50,7 @@ from lmlib.data.grids import (
     IntVector,
     SourceImage,
     crop_array,
+    network_orientation,
     normalize_intensity,
     on_sub_grid,
     preprocess,
@@ -300,7 +301,7 @@ class LandmarkDataset(Dataset):
             raise ValueError("give either a view or target_size/target_spacing, not both")
         self.view = view if view is not None else ViewSpec("whole", target_size, target_spacing,
                                                            normalize=normalize)
-        self.samples = list(samples)
+        self.samples = [network_orientation(s) for s in samples]  # one axis order and handedness for the network
         self.target_size, self.target_spacing, self.normalize = self.view.size, self.view.spacing, self.view.normalize
         self.transform = transform
         self.target_encoder = target_encoder or identity_encoder
