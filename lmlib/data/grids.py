@@ -414,7 +414,7 @@ def network_orientation(sample: Sample) -> Sample:
     flip = bool(np.linalg.det(d[:, perm]) < 0)
     if perm == list(range(d.shape[0])) and not flip:
         return sample
-    image = np.transpose(sample.image, perm)
+    image = np.transpose(sample.image, perm + list(range(len(perm), sample.image.ndim)))  # trailing axes kept
     size = np.asarray(image.shape[: d.shape[0]])
     direction = d[:, perm].copy()
     start = np.zeros(d.shape[0])  # the old index of the new index 0
