@@ -166,7 +166,7 @@ class MultiAtlasRegistration(LandmarkMethod):
                 if 0 < self.n_selected < len(fixed):
                     scores = np.array(list(pool.map(lambda f, t, m=moving: correlation(f[0], m, t), fixed, affines)))
                     keep = sorted(np.argsort(-scores, kind="stable")[: self.n_selected].tolist())
-                transforms = list(pool.map(lambda k, m=moving: self.deform(fixed[k][0], m, affines[k]), keep))
+                transforms = list(pool.map(lambda k, m=moving, a=affines: self.deform(fixed[k][0], m, a[k]), keep))
                 mapped = np.stack([map_points(t, fixed[k][1]) for k, t in zip(keep, transforms)])
                 fused = np.nanmedian(mapped, axis=0)  # (A, N, D) -> (N, D)
                 preds.append(fused)
