@@ -473,7 +473,8 @@ def preprocess(sample: Sample, target_size: Sequence[int] | None = None,
       ``target_size``.
     This is :meth:`Grid.whole` + :func:`resample` (linear, pixel edges aligned, Gaussian anti-aliasing
     when downsampling), then :func:`normalize_intensity` over the whole resampled image, then the
-    integer crop/pad. The direction is kept (no reorientation). Landmarks now outside the grid keep their
+    integer crop/pad. The direction is kept (no reorientation here; a ``LandmarkDataset`` first puts each
+    sample in :func:`network_orientation`). Landmarks now outside the grid keep their
     world position; data loaders mark them invalid (see :func:`mark_outside`).
     """
     whole, final = preprocessing_grids(sample, target_size, target_spacing, keep_aspect)

@@ -181,13 +181,9 @@ class MultiAtlasRegistration(LandmarkMethod):
                           flush=True)
         return preds, spreads
 
-    def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-        """The transform mapping ``fixed`` (atlas) points in world mm to ``moving`` (test image) points."""
-        return self.deform(fixed, moving, affine_registration(fixed, moving, self.levels, self.affine_iterations,
-                                                              self.seed))
-
     def deform(self, fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform) -> sitk.Transform:
-        """``affine`` followed by the deformable stage (``deformable="none"``: ``affine`` itself)."""
+        """The transform mapping ``fixed`` (atlas) points in world mm to ``moving`` (test image) points: ``affine``
+        (:func:`affine_registration`) followed by the deformable stage (``deformable="none"``: ``affine`` itself)."""
         if self.deformable == "none":
             return affine
         field = demons_registration(fixed, sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0),
