@@ -157,7 +157,8 @@ JOBS: tuple[Job, ...] = (
     _job("60_local_refinement.ipynb", "htc+local", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="refine",
          main=False),
     # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
-    _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="ensemble", main=False),
+    _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray", "afids-templates"),
+         runs="ensemble", main=False),
     # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
          main=False),

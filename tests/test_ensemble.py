@@ -87,3 +87,25 @@ def test_a_member_it_cannot_use_is_refused_naming_it(members: tuple[Path, list])
     (root / "c" / "manifest.json").write_text(json.dumps({"stages": ["global", "local"]}))
     with pytest.raises(ValueError, match=r"c/local: its row already includes the run 'c/global'"):
         run_method("ensemble", {**params, "members": ["c/global", "c/local"]})
+
+
+def test_a_3d_ensemble_combines_every_axis(tmp_path: Path) -> None:
+    """3D (afids-templates' ensemble): the median over four members on each of x, y and z; one member's gross miss
+    along z on one landmark does not reach the combined row, and the row keeps every member's cost."""
+    root = tmp_path / "synthetic3d"
+    test = load_run_data({"dataset": "synthetic3d"}).split("test")
+    rng = np.random.default_rng(1)
+    costs = {"reg": (0.0, 40.0), "unet": (1000.0, 0.3), "gl/local": (1100.0, 0.6), "pg/correlated": (1500.0, 0.7)}
+    for name, cost in costs.items():
+        world = [s.landmarks_mm + rng.normal(0.0, 0.6, s.landmarks_mm.shape) for s in test]
+        if name == "gl/local":
+            for w in world:
+                w[0, 2] += 25.0
+        _member(root, name, "synthetic3d", world, cost, test)
+    result = run_method("ensemble", {"dataset": "synthetic3d", "output_dir": str(root / "ensemble"),
+                                     "members": list(costs)})
+    mre = {name: read_run(root / name)[1]["mre_mm"] for name in costs}
+    assert result.metrics["mre_mm"] < 0.9 * min(mre.values()), (result.metrics["mre_mm"], mre)
+    frame = read_run(root / "ensemble")[0]
+    assert {"x_mm", "y_mm", "z_mm"} <= set(frame.columns) and frame["error_mm"].max() < 5.0
+    assert result.metrics["train_seconds"] == pytest.approx(3600.0)
