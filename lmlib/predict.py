@@ -186,10 +186,12 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
             loaded = [x for x in chunk if isinstance(x, Sample)]
             if len(loaded) == len(chunk):
                 samples = loaded
-                paths = [Path(str(s.meta.get("image_path") or s.image_id)) for s in samples]
+                # an image made in memory (a phantom, a deformed or posed copy) has no file: image_path stays empty
+                paths: list[Path | None] = [Path(str(s.meta["image_path"])) if s.meta.get("image_path") else None
+                                            for s in samples]
             else:  # files (a chunk mixing files and samples fails here: Path() refuses a Sample)
-                paths = [Path(cast("str | Path", p)) for p in chunk]
-                samples = load_images(paths, names, ndim, spacing_mm)
+                files = [Path(cast("str | Path", p)) for p in chunk]
+                samples, paths = load_images(files, names, ndim, spacing_mm), list(files)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
             part = prediction_table(samples, pred.world_mm, pred.confidence, paths, relative_to=out)
             part["spread_mm"] = np.concatenate(pred.spread_mm) if pred.spread_mm is not None else np.nan

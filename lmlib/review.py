@@ -137,7 +137,10 @@ class ReviewSession:
     def image_path(self, image_id: str) -> Path:
         """The image file predicted (``image_path`` of predictions.csv is relative to the folder)."""
         rel = self.table.loc[self.table["image_id"] == image_id, "image_path"].iloc[0]
-        path = (self.folder / str(rel)).resolve()
+        if not isinstance(rel, str) or not rel:  # empty (read as NaN): an image made in memory
+            raise FileNotFoundError(f"{image_id}: {self.folder / 'predictions.csv'} names no image file for it (an "
+                                    "image made in memory: a phantom, a deformed or posed copy)")
+        path = (self.folder / rel).resolve()
         if not path.exists():
             raise FileNotFoundError(f"{path}: the image of {image_id} named in {self.folder / 'predictions.csv'} "
                                     "is not there (moved?)")

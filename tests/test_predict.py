@@ -2,6 +2,7 @@
 cascade's run folder), and exports that the project's own readers read back to the same points."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,35 @@ def test_predict_command_2d_writes_csv_and_labelme_that_read_back(model2d, tmp_p
     assert main([str(run), str(png_in), "--out", str(tmp_path / "out_png"), "--spacing", "0.5"]) == 0
     doc = json.loads((tmp_path / "out_png" / "one.json").read_text())
     assert doc["imagePath"] == "../flat/one.png" and not (tmp_path / "out_png" / "one.png").exists()
+
+
+def test_images_made_in_memory_name_no_file(model2d, tmp_path):
+    """A deformed (or posed) copy of a file's image is another grid: predictions.csv named its original's file
+    beside the copy's pixel coordinates (a wrong pair); now its image_path is empty, as a phantom's (which named
+    its id as if it were a file), its labelme export names a PNG of the image predicted, and the review names
+    the problem."""
+    from lmlib.data.deformations import deform_sample, random_deformation
+    from lmlib.review import ReviewSession
+
+    run, test = model2d
+    path = _write_images(test[:1], tmp_path / "images", ".mha")[0]
+    original = dataclasses.replace(test[0], meta={**test[0].meta, "image_path": str(path)})  # as a data set's
+    copy = deform_sample(original, random_deformation(original.geometry, original.size, seed=1, max_rotation_deg=20),
+                         f"{original.image_id}_def001")
+    assert "image_path" not in copy.meta and original.meta["image_path"] == str(path)
+    result = predict_images(run, [original, copy, test[1]], tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"image_id": str})
+    files = table.groupby("image_id", dropna=False)["image_path"].first()
+    assert (tmp_path / "out" / files[original.image_id]).resolve() == path.resolve()
+    assert files.loc[[copy.image_id, test[1].image_id]].isna().all()
+    for s in (copy, test[1]):
+        doc = json.loads((tmp_path / "out" / f"{s.image_id}.json").read_text())
+        with Image.open(tmp_path / "out" / doc["imagePath"]) as png:
+            assert png.size == (doc["imageWidth"], doc["imageHeight"]) == tuple(s.size)
+    assert len(result.table) == 9
+    result.table.assign(region_90_mm=1.0, review=False).to_csv(tmp_path / "out" / "predictions.csv", index=False)
+    with pytest.raises(FileNotFoundError, match=f"{copy.image_id}: .*names no image file for it"):
+        ReviewSession(tmp_path / "out").image_path(copy.image_id)
 
 
 def test_slicer_markups_round_trip_and_missing_points(tmp_path):

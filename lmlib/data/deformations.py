@@ -152,7 +152,10 @@ def deform_sample(sample: Sample, transform: sitk.Transform, image_id: str,
     valid = sample.valid.copy()
     idx = geometry.world_to_index(moved)
     outside = valid & np.any((idx < -0.5) | (idx > np.array(sample.size) - 0.5), axis=1)
-    meta: dict[str, Any] = {**sample.meta, "deformed_from": sample.image_id}
+    # a generated image: no file holds it, so it names none (its original's file is another grid, and its
+    # pixel/voxel coordinates would not fit that file)
+    meta: dict[str, Any] = {k: v for k, v in sample.meta.items() if k != "image_path"}
+    meta["deformed_from"] = sample.image_id
     if outside.any():
         names = [n for n, o in zip(sample.landmark_names, outside) if o]
         meta["deform_warnings"] = [f"landmarks moved outside the image, marked invalid: {names}"]

@@ -44,18 +44,19 @@ def _relative(path: str | Path, folder: str | Path | None) -> str:
 
 
 def prediction_table(samples: Sequence[Sample], world_mm: Sequence[np.ndarray], confidence: Sequence[np.ndarray],
-                     image_paths: Sequence[str | Path] | None = None,
+                     image_paths: Sequence[str | Path | None] | None = None,
                      relative_to: str | Path | None = None) -> pd.DataFrame:
     """Long table of predictions: image, landmark, world mm, pixel/voxel index, confidence. ``image_path``:
-    as given, or relative to ``relative_to`` (the folder the table is written to)."""
+    as given, or relative to ``relative_to`` (the folder the table is written to); empty for an image without
+    a file (None: made in memory)."""
     rows = []
     for i, (s, w, c) in enumerate(zip(samples, world_mm, confidence)):
         w = np.asarray(w, dtype=np.float64).reshape(len(s.landmark_names), s.ndim)
         idx = s.geometry.world_to_index(w)
+        given = image_paths[i] if image_paths else None
+        file = _relative(given, relative_to) if given else ""
         for k, name in enumerate(s.landmark_names):
-            row: dict[str, Any] = {"image_id": s.image_id,
-                                   "image_path": _relative(image_paths[i], relative_to) if image_paths else "",
-                                   "landmark": name}
+            row: dict[str, Any] = {"image_id": s.image_id, "image_path": file, "landmark": name}
             for a, axis in enumerate("xyz"):
                 row[f"{axis}_mm"] = w[k, a] if a < s.ndim else np.nan
             for a, axis in enumerate("xyz"):
@@ -67,8 +68,9 @@ def prediction_table(samples: Sequence[Sample], world_mm: Sequence[np.ndarray], 
 
 def write_labelme(sample: Sample, world_mm: np.ndarray, path: str | Path, image_path: str | Path | None = None) -> Path:
     """labelme JSON of a 2D image's predicted points (NaN points left out); ``image_path`` is stored
-    relative to the JSON's folder (as labelme resolves it), or, for a format labelme cannot open, an 8-bit
-    PNG of the image is written beside the JSON (``<json stem>.png``) and named instead."""
+    relative to the JSON's folder (as labelme resolves it), or, for a format labelme cannot open or an image
+    without a file (``image_path`` None: made in memory), an 8-bit PNG of the image is written beside the JSON
+    (``<json stem>.png``) and named instead."""
     if sample.ndim != 2:
         raise ValueError(f"{sample.image_id}: labelme files hold 2D points; this image is {sample.ndim}D")
     out = Path(path)
@@ -78,10 +80,10 @@ def write_labelme(sample: Sample, world_mm: np.ndarray, path: str | Path, image_
          "description": "", "shape_type": "point", "flags": {}}
         for name, p in zip(sample.landmark_names, idx) if np.isfinite(p).all()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    if image_path is not None and not str(image_path).lower().endswith(LABELME_READABLE):
+    if image_path is None or not str(image_path).lower().endswith(LABELME_READABLE):
         rel = write_png(sample.image, out.with_name(f"{out.stem}.png")).name
     else:
-        rel = "" if image_path is None else _relative(image_path, out.parent)
+        rel = _relative(image_path, out.parent)
     doc: dict[str, Any] = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": rel,
                            "imageData": None, "imageHeight": int(sample.size[1]), "imageWidth": int(sample.size[0])}
     out.write_text(json.dumps(doc, indent=1), encoding="utf-8")

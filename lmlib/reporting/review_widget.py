@@ -240,7 +240,8 @@ def review_predictions(folder: str, spacing_mm: list[float] | None = None) -> Re
     first = session.pending[0]
     try:
         path = session.image_path(first.image_id)
-        if image_id(path) != first.image_id:  # a copy made in memory (posed, deformed) names its original's file
+        if image_id(path) != first.image_id:  # folders predicted before image_path was left empty for
+            # copies made in memory (posed, deformed) name their original's file
             return (f"nothing to open for review: the file {path.name} does not carry the id {first.image_id} (a "
                     "copy made in memory, posed or deformed, names its original's file): the file may not be the "
                     "image predicted")
