@@ -191,7 +191,8 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
                                             for s in samples]
             else:  # files (a chunk mixing files and samples fails here: Path() refuses a Sample)
                 files = [Path(cast("str | Path", p)) for p in chunk]
-                samples, paths = load_images(files, names, ndim, spacing_mm), list(files)
+                samples = load_images(files, names, ndim, spacing_mm)
+                paths = list(files)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
             part = prediction_table(samples, pred.world_mm, pred.confidence, paths, relative_to=out)
             part["spread_mm"] = np.concatenate(pred.spread_mm) if pred.spread_mm is not None else np.nan

@@ -235,17 +235,8 @@ def review_predictions(folder: str, spacing_mm: list[float] | None = None) -> Re
     session = ReviewSession(folder, spacing_mm)
     if not session.pending:
         return f"{folder}: nothing to review ({len(session.flagged)} flagged landmark(s), all decided)"
-    from lmlib.predict import image_id
-
-    first = session.pending[0]
     try:
-        path = session.image_path(first.image_id)
-        if image_id(path) != first.image_id:  # folders predicted before image_path was left empty for
-            # copies made in memory (posed, deformed) name their original's file
-            return (f"nothing to open for review: the file {path.name} does not carry the id {first.image_id} (a "
-                    "copy made in memory, posed or deformed, names its original's file): the file may not be the "
-                    "image predicted")
-        session.sample(first.image_id)
-    except (FileNotFoundError, ValueError) as exc:  # no file (phantoms), or a format without spacing
+        session.sample(session.pending[0].image_id)
+    except (FileNotFoundError, ValueError) as exc:  # no file (made in memory, or moved), or a format without spacing
         return f"nothing to open for review: {exc}"
     return ReviewWidget(session)
