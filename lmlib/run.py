@@ -137,6 +137,9 @@ JOBS: tuple[Job, ...] = (
          variant_of="heatmap_unet_cpu"),
     # the same full CPU setting under bf16 autocast: does the accuracy hold at full size? (an ablation row)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_bf16", ("hamedan-ceph",), runs="heatmap_unet", main=False),
+    # the same full CPU setting with two other seeds: the seed's own spread, and the seeds ensemble's members
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed1", ("hamedan-ceph",), runs="heatmap_unet", main=False),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed2", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
@@ -159,6 +162,8 @@ JOBS: tuple[Job, ...] = (
     # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
     _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray", "afids-templates"),
          runs="ensemble", main=False),
+    # the seeds ensemble: three trainings of heatmap_unet_cpu that differ only by their seed
+    _job("61_ensemble.ipynb", "heatmap_unet_cpu+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
          main=False),
