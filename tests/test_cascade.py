@@ -2,13 +2,15 @@
 stage has its own folder and checkpoint; chaining the checkpoints alone reproduces the predictions."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from lmlib.data.loaders import LandmarkDataset, ViewSpec
 from lmlib.data.phantoms import make_phantom_dataset
-from lmlib.engine.cascade import Stage, as_centres, chain, fit_cascade, predict_cascade
-from lmlib.engine.training import Predictions
+from lmlib.engine.cascade import Stage, as_centres, chain, fit_cascade, model_checkpoints, predict_cascade
+from lmlib.engine.training import Predictions, predict
 from lmlib.methods import build_method
 
 pytestmark = pytest.mark.slow  # its module fixture trains a cascade
@@ -64,6 +66,22 @@ def test_checkpoints_alone_chain_to_the_same_predictions(cascade):
     chained = predict_cascade([r.fit.best_checkpoint for r in results], test)
     for a, b in zip(chained.world_mm, results[-1].test.world_mm):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_stage_folder_chains_the_stages_up_to_it_and_a_patch_stage_alone_is_refused(cascade):
+    """The local stage's folder (``lmlib.predict results/.../global_local/local``, a base run or ensemble member
+    named ``method/stage``) predicted with that stage alone, its patches centred on the ground truth (NaN for new
+    images): a silent wrong number. A stage's folder now chains the cascade's stages up to it, and a patch stage
+    given no centres is refused."""
+    samples, out, results = cascade
+    test = [s for s in samples if s.meta["split"] == "test"]
+    (out / "manifest.json").write_text(json.dumps({"stages": ["global", "local"]}))  # as the driver writes it
+    best = [out / name / "checkpoints" / "best.ckpt" for name in ("global", "local")]
+    assert model_checkpoints(out / "local") == best and model_checkpoints(out / "global") == best[:1]
+    for a, b in zip(predict_cascade(model_checkpoints(out / "local"), test).world_mm, results[-1].test.world_mm):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="patch stage"):
+        predict(best[1], test)
 
 
 def test_chain_fills_only_missing_rows():

@@ -169,13 +169,19 @@ def predict_cascade(checkpoints: Sequence[str | Path | LandmarkModule], samples:
 
 
 def model_checkpoints(model: str | Path) -> list[Path]:
-    """The checkpoints to chain for ``model`` (see the module docstring), first stage first."""
+    """The checkpoints to chain for ``model`` (see the module docstring), first stage first. One stage's folder of
+    a cascade (``global_local/local``) chains the cascade's stages up to and including it: a later stage looks at
+    views centred on the earlier stages' predictions and predicts nothing meaningful alone."""
     p = Path(model)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
     if (p / "checkpoints" / "best.ckpt").is_file():
+        stages = [str(s) for s in (read_manifest(p.parent) or {}).get("stages") or ()]
+        if p.name in stages:
+            chain = model_checkpoints(p.parent)
+            return chain[:len(chain) - (len(stages) - 1 - stages.index(p.name))]
         return [p / "checkpoints" / "best.ckpt"]
     manifest = read_manifest(p) or {}
     stages = manifest.get("stages")

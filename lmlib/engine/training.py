@@ -662,6 +662,11 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     source = str(model) if not isinstance(model, LandmarkModule) else "model"
     module = model if isinstance(model, LandmarkModule) else load_checkpoint(model)
     check_landmarks(module, samples, source)
+    if (view or module.eval_view).kind == "patch" and centres is None:
+        # the dataset would centre the patches on the ground truth (NaN for new images): a silent wrong number
+        raise ValueError(f"{source}: a patch stage predicts around an earlier stage's predictions (centres), and "
+                         "none were given: predict with the cascade's run folder (or its stage's folder, which "
+                         "chains the stages up to it)")
     dev = torch.device(device) if device is not None else module.device
     module = module.to(dev).eval()
     n, d = len(module.landmark_names), module.method.spatial_dims
