@@ -212,17 +212,18 @@ def test_resample_matches_sitk_and_antialiases() -> None:
     np.testing.assert_allclose(resample(src, down), smooth, atol=1e-6)
     np.testing.assert_allclose(resample(src, down), smooth, atol=1e-6)
     assert list(src._levels) == [(2, 2)] and len(src._levels[(2, 2)]._smoothed) == 1 and src._smoothed == {}
-    # ... and small grids (patches) smooth their own region only, uncached, with the same values
-    full = src.smoothed(np.array([0.75, 0.75]))  # the 2-mm patches' sigma: (4 - 1) / 2 px of 0.5 mm
+    # ... and small grids (patches) less than 4x coarser smooth their own region only, uncached, with the same
+    # values (4x and coarser: test_patches_sample_a_shrunk_region)
+    full = src.smoothed(np.array([0.5, 0.5]))  # the 1.5-mm patches' sigma: (3 - 1) / 2 px of 0.5 mm
     for c in rng.uniform(20, 60, (5, 2)):
-        patch = Grid.centred(c, (8, 8), (2.0, 2.0))
-        np.testing.assert_allclose(antialias_sigma_mm(src.grid, patch), [0.75, 0.75])
+        patch = Grid.centred(c, (8, 8), (1.5, 1.5))
+        np.testing.assert_allclose(antialias_sigma_mm(src.grid, patch), [0.5, 0.5])
         np.testing.assert_allclose(resample(src, patch), resample(full, patch, antialias=False), atol=1e-5)
         np.testing.assert_allclose(resample(src, patch), resample(s, patch), atol=1e-5)
     assert len(src._smoothed) == 1  # the patches used the cached copy of the same sigma and added nothing
     fresh = SourceImage(s)
     for c in rng.uniform(20, 60, (5, 2)):
-        patch = Grid.centred(c, (8, 8), (2.0, 2.0))
+        patch = Grid.centred(c, (8, 8), (1.5, 1.5))
         np.testing.assert_allclose(resample(fresh, patch), resample(full, patch, antialias=False), atol=1e-5)
     assert fresh._smoothed == {}  # without one, each patch smooths its own region, uncached
 
@@ -250,6 +251,37 @@ def test_large_coarse_grids_sample_a_shrunk_copy_with_the_same_result() -> None:
     assert abs(shrunk.std() / full_res.std() - 1) < 0.02
     # the geometry is unchanged: landmarks map to the same indices
     assert Grid.of_image(preprocess(s, (240, 272))) == final
+
+
+def test_patches_sample_a_shrunk_region() -> None:
+    """Per-landmark patches on a large radiograph smoothed their region at full resolution, one filter per
+    patch (most of the global-to-local FCNN's inference time on hand-xray, issue 28): a patch at least 4x
+    coarser than the image block-averages only its region, on the same blocks as the whole shrunk copy (so
+    the values equal that copy's), within 1 % of the image's spread (RMS) of smoothing at full resolution,
+    and caches nothing."""
+    rng = np.random.default_rng(7)
+    geom = Geometry(np.array([0.1, 0.1]), np.array([2.0, -5.0]))
+    x, y = np.meshgrid(np.arange(900), np.arange(1100), indexing="ij")
+    image = (np.sin(x / 31.0) * np.cos(y / 19.0) + 0.5 * ((x - 400) ** 2 + (y - 500) ** 2 < 200 ** 2)
+             + 0.05 * rng.normal(size=x.shape)).astype(np.float32)
+    s = Sample("hand", image, geom, np.array([[10.0, 20.0]]), [True], ["a"])
+    src = SourceImage(s)
+    errors = []
+    for spacing in (0.45, 0.7, 1.25):  # 4.5, 7 and 12.5 source px: shrunk by 2, 3 and 6
+        for c in rng.uniform(15, 75, (4, 2)):
+            patch = Grid.centred(c, (20, 20), spacing)
+            k = shrink_factors(src.grid, patch)
+            assert k == (int(spacing / 0.2),) * 2
+            level, sigma = src.for_grid(patch)
+            assert all(a < b for a, b in zip(level.image.GetSize(), src.image.GetSize()))  # the region alone
+            full_res = resample(src.smoothed(antialias_sigma_mm(src.grid, patch)), patch, antialias=False)
+            got = resample(src, patch)
+            whole = SourceImage(s, cache=False)
+            whole_level = SourceImage(sitk.BinShrink(whole.image, list(k)))
+            np.testing.assert_allclose(got, resample(whole_level.smoothed(sigma), patch, antialias=False), atol=1e-5)
+            errors.append(np.sqrt(np.mean((got - full_res) ** 2)))
+    assert max(errors) < 0.01 * image.std(), errors
+    assert src._levels == {} and len(src._smoothed) == 3  # only the full-resolution references above
 
 
 def test_patches_at_many_spacings_keep_no_full_copies() -> None:

@@ -261,20 +261,31 @@ class SourceImage:
         ``(k^2 - 1) / 12`` source px^2, and linear interpolation on the shrunk copy adds up to ``k^2 / 6``
         on average, of which half is counted (the closest to the full-resolution result on white noise and
         on radiographs; ``tests/test_grids.py`` holds it to 1 % of the image's spread). A large radiograph is
-        then never smoothed at full resolution for a whole-image grid. Small grids (patches) smooth their own
-        region at full resolution, as before (:meth:`smoothed`)."""
+        then never smoothed at full resolution for a whole-image grid. A small grid (a patch, see
+        :meth:`smoothed`) block-averages only its own region, uncached, on the same blocks as the whole copy
+        (aligned to ``k``): a hand radiograph's 37 per-landmark patches at their own spacings cost neither a
+        full-resolution filter each nor a cached copy per spacing."""
         sigma = antialias_sigma_mm(self.grid, grid)
         k = shrink_factors(self.grid, grid)
-        if max(k) == 1 or self._region(grid, sigma) is not None:
+        if max(k) == 1:
             return self, sigma
+        k2 = np.square(np.asarray(k, dtype=np.float64))
+        done = ((k2 - 1.0) / 12.0 + k2 / 12.0) * np.square(self.grid.spacing)  # mm^2 per source axis
+        rest = np.sqrt(np.maximum(0.0, np.square(sigma) - done))
+        region = self._region(grid, sigma)
+        if region is not None:
+            kk = np.asarray(k)
+            lo = region[0] // kk * kk
+            hi = np.minimum(-(-(region[0] + region[1]) // kk) * kk, np.asarray(self.grid.size) // kk * kk)
+            if np.all(hi - lo >= kk):
+                part = sitk.RegionOfInterest(self.image, (hi - lo).tolist(), lo.tolist())
+                return SourceImage(sitk.BinShrink(part, list(k)), cache=False), rest
         level = self._levels.get(k)
         if level is None:
             level = SourceImage(sitk.BinShrink(self.image, list(k)), cache=self.cache)
             if self.cache:
                 self._levels[k] = level
-        k2 = np.square(np.asarray(k, dtype=np.float64))
-        done = ((k2 - 1.0) / 12.0 + k2 / 12.0) * np.square(self.grid.spacing)  # mm^2 per source axis
-        return level, np.sqrt(np.maximum(0.0, np.square(sigma) - done))
+        return level, rest
 
     def smoothed(self, sigma_mm: np.ndarray, grid: Grid | None = None) -> sitk.Image:
         """The source smoothed with a Gaussian of ``sigma_mm`` (mm, per source axis); cached per sigma.
