@@ -3,7 +3,8 @@
     python -m lmlib.predict MODEL IMAGE [IMAGE ...] --out DIR [--regions 0.9 0.95 --review-mm 3]
 
 ``MODEL``: a checkpoint (``.ckpt``), a run folder (``<run>/checkpoints/best.ckpt``) or a cascade's run
-folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained). ``IMAGE``: any file the
+folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained; one stage's folder chains the
+stages up to it). ``IMAGE``: any file the
 readers take (PNG/TIFF/JPEG with ``--spacing``, MHA/MHD, NIfTI, NRRD) or a DICOM directory, 2D or 3D as
 the model. ``DIR`` (created; must not hold prediction outputs or exports already) receives ``predictions.csv``
 (world mm, pixel/voxel
