@@ -172,8 +172,7 @@ JOBS: tuple[Job, ...] = (
     # robustly to its predictions, the landmarks that do not fit replaced; the variant chosen on val
     _job("64_shape_prior.ipynb", "heatmap_unet+shape", ("synthetic3d", "afids-templates", "afids-mni"),
          runs="shape_fit"),
-    _job("64_shape_prior.ipynb", "global_local+shape", ("synthetic3d", "afids-templates"), runs="shape_fit",
-         main=False),
+    _job("64_shape_prior.ipynb", "global_local+shape", ("afids-templates",), runs="shape_fit", main=False),
     # the generalisation study: the variants against their base, chosen on val only (after the variants' jobs)
     _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph"), main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
