@@ -178,10 +178,10 @@ def model_checkpoints(model: str | Path) -> list[Path]:
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
     if (p / "checkpoints" / "best.ckpt").is_file():
-        stages = [str(s) for s in (read_manifest(p.parent) or {}).get("stages") or ()]
-        if p.name in stages:
+        siblings = [str(s) for s in (read_manifest(p.parent) or {}).get("stages") or ()]
+        if p.name in siblings:
             chain = model_checkpoints(p.parent)
-            return chain[:len(chain) - (len(stages) - 1 - stages.index(p.name))]
+            return chain[:len(chain) - (len(siblings) - 1 - siblings.index(p.name))]
         return [p / "checkpoints" / "best.ckpt"]
     manifest = read_manifest(p) or {}
     stages = manifest.get("stages")
