@@ -178,11 +178,11 @@ def model_checkpoints(model: str | Path) -> list[Path]:
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such checkpoint file or run folder")
     if (p / "checkpoints" / "best.ckpt").is_file():
-        siblings = [str(s) for s in (read_manifest(p.parent) or {}).get("stages") or ()]
-        if p.name in siblings:
+        own = p / "checkpoints" / "best.ckpt"
+        if p.name in [str(s) for s in (read_manifest(p.parent) or {}).get("stages") or ()]:
             chain = model_checkpoints(p.parent)
-            return chain[:len(chain) - (len(siblings) - 1 - siblings.index(p.name))]
-        return [p / "checkpoints" / "best.ckpt"]
+            return chain[:chain.index(own) + 1]
+        return [own]
     manifest = read_manifest(p) or {}
     stages = manifest.get("stages")
     base: list[Path] = []
