@@ -137,6 +137,8 @@ JOBS: tuple[Job, ...] = (
          variant_of="heatmap_unet_cpu"),
     # the same full CPU setting under bf16 autocast: does the accuracy hold at full size? (an ablation row)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_bf16", ("hamedan-ceph",), runs="heatmap_unet", main=False),
+    # the same full CPU setting with the network compiled by torch.compile: its speed-up, and whether the accuracy holds
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     # the same full CPU setting with two other seeds: the seed's own spread, and the seeds ensemble's members
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed1", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed2", ("hamedan-ceph",), runs="heatmap_unet", main=False),

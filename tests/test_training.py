@@ -372,3 +372,29 @@ def test_batch_runs_print_epoch_lines_instead_of_a_live_bar(samples, tmp_path, c
     assert all("val MRE" in line and line.rstrip().endswith(")") and " s/epoch" in line for line in lines)
     # the time left (issue 24: nothing estimated an epoch's time before committing to 200 epochs)
     assert "left)" in lines[0] and "left)" in lines[1] and "left" not in lines[2]
+
+
+@pytest.mark.slow
+def test_a_compiled_training_follows_the_eager_one_and_keeps_eager_checkpoints(samples, tmp_path):
+    """``torch_compile``: the same training, step for step, as eager (fused kernels round differently, so equal
+    within float tolerance); the checkpoints hold the eager network's keys and load into a fresh process's module."""
+    def run(folder: str, compiled: bool):
+        method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, network=NET)
+        return fit(method, _dm(samples), tmp_path / folder, max_epochs=2, learning_rate=3e-3, device="cpu", seed=0,
+                   torch_compile=compiled)
+
+    from torch._dynamo.utils import counters
+
+    eager = run("eager", False)
+    frames = counters["frames"]["ok"]
+    compiled = run("compiled", True)
+    assert counters["frames"]["ok"] > frames  # it did compile
+    a, b = read_history(eager.history_csv), read_history(compiled.history_csv)
+    np.testing.assert_allclose(b["train/loss"].to_numpy(), a["train/loss"].to_numpy(), rtol=1e-3)
+    np.testing.assert_allclose(b["val/mre_mm"].dropna().to_numpy(), a["val/mre_mm"].dropna().to_numpy(), rtol=1e-3)
+    keys = torch.load(compiled.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert keys.keys() == torch.load(eager.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"].keys()
+    assert not any("_orig_mod" in k for k in keys)
+    test = [s for s in samples if s.meta["split"] == "test"]
+    np.testing.assert_allclose(np.stack(predict(compiled.best_checkpoint, test).world_mm),
+                               np.stack(predict(eager.best_checkpoint, test).world_mm), atol=0.05)

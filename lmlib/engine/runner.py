@@ -248,10 +248,11 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
 
 
 def fit_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``devices``, ``num_nodes``, ``strategy``, ``precision`` and ``progress`` of :func:`~lmlib.engine.training.fit`
-    from notebook parameters."""
+    """``devices``, ``num_nodes``, ``strategy``, ``precision``, ``torch_compile`` and ``progress`` of
+    :func:`~lmlib.engine.training.fit` from notebook parameters."""
     return {"devices": int(shared_value(params, "devices")), "num_nodes": int(shared_value(params, "num_nodes")),
             "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision")),
+            "torch_compile": bool(shared_value(params, "torch_compile")),
             "progress": str(shared_value(params, "progress"))}
 
 

@@ -555,7 +555,7 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         progress_refresh_rate: int | None = None, gradient_clip_val: float | None = None,
         precision: str = "32-true", checkpoint_dir: str | Path | None = None,
         data: dict[str, Any] | None = None, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
-        progress: str = "bar") -> FitResult:
+        progress: str = "bar", torch_compile: bool = False) -> FitResult:
     """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``).
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
@@ -573,6 +573,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     nodes; see :func:`ddp_strategy`): each process sees ``datamodule.batch_size`` images per step, so the
     global batch is ``batch_size * devices * num_nodes``; only rank 0 writes logs, checkpoints and figures, and
     this process continues with the best weights.
+    ``torch_compile``: train the network compiled by ``torch.compile`` (in place, so the checkpoints' keys are
+    the eager network's; the returned module is loaded from the best checkpoint, eager).
     """
     world = int(devices) * int(num_nodes)
     if world > 1 and strategy == "auto" and in_notebook_kernel():
@@ -591,6 +593,10 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         raise ValueError(f"need train and val samples (got {n_train} train, {n_val} val)")
     names = landmark_names or datamodule.samples[0].landmark_names
     module = LandmarkModule.from_method(method, names, datamodule.view, datamodule.eval_view, max_epochs, data)
+    if torch_compile:
+        # one graph per batch shape (the last batch of an epoch and validation recompile once each) rather than
+        # dynamic shapes, whose kernels are slower
+        module.net.compile(dynamic=False)
     if datamodule.view.size is not None:
         from lmlib.methods.networks import check_input_size
         check_input_size(datamodule.view.size, method.size_multiple())

@@ -74,10 +74,13 @@ def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequ
 
 
 def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
-                     channels_last: bool = False, bf16: bool = False, seed: int = 0) -> dict[str, Any]:
+                     channels_last: bool = False, bf16: bool = False, seed: int = 0,
+                     torch_compile: bool = False) -> dict[str, Any]:
     """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
     seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
-    GFLOP/s of forward+backward. ``channels_last`` / ``bf16``: the same with that memory format / autocast."""
+    GFLOP/s of forward+backward. ``channels_last`` / ``bf16``: the same with that memory format / autocast;
+    ``torch_compile``: with the network compiled as training compiles it (the GFLOP are counted on the eager
+    step, the compilation step is not timed)."""
     torch.manual_seed(seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[data.spec.ndim]]
     method, view, batch_size = _first_stage(name, params, data, grid)
@@ -104,22 +107,28 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
         opt.zero_grad(set_to_none=True)
         return t1 - t0, time.perf_counter() - t1
 
-    times = []
-    for k in range(n_steps + 1):
-        t = time.perf_counter()
-        try:
-            batch = next(loader)
-        except StopIteration:
-            loader = iter(dm.train_dataloader())
-            batch = next(loader)
-        data_s = time.perf_counter() - t
-        fwd, bwd = step(batch)
-        if k > 0:  # the first step warms up allocators and kernels
-            times.append((data_s, fwd, bwd))
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    def next_batch() -> dict[str, Any]:
+        nonlocal loader
+        try:
+            return next(loader)
+        except StopIteration:
+            loader = iter(dm.train_dataloader())
+            return next(loader)
+
+    batch = next_batch()
+    with FlopCounterMode(display=False) as counter:  # eager, and the warm-up of allocators and kernels
         step(batch)
+    if torch_compile:
+        module.net.compile(dynamic=False)  # as lmlib.engine.training.fit compiles it
+        step(batch)  # the compilation
+    times = []
+    for _ in range(n_steps):
+        t = time.perf_counter()
+        batch = next_batch()
+        data_s = time.perf_counter() - t
+        times.append((data_s, *step(batch)))
     data_s, fwd, bwd = (float(np.median(v)) for v in zip(*times))
     flops = float(counter.get_total_flops())
     return {"method": name, "batch": batch_size, "grid": "x".join(map(str, view.size or grid)),
@@ -129,22 +138,34 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
 
 
 def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_steps: int = 5,
-                    peak_gflops: float | None = None) -> pd.DataFrame:
+                    peak_gflops: float | None = None, compiled: bool = False) -> pd.DataFrame:
     """:func:`profile_training` for each method (name -> its parameters); ``pct_of_peak``: the achieved rate
-    as a share of ``peak_gflops`` (default: the larger of the matmul and convolution peaks, measured now)."""
+    as a share of ``peak_gflops`` (default: the larger of the matmul and convolution peaks, measured now).
+    ``compiled``: also the same step under ``torch_compile`` (before/after per method): ``compiled_step_s``,
+    ``compiled_pct_of_peak`` and ``compile_speedup``."""
     peak = peak_gflops or max(matmul_peak_gflops(), conv_peak_gflops())
     rows = [profile_training(name, params, data, n_steps) for name, params in methods.items()]
     table = pd.DataFrame(rows).set_index("method")
     table["pct_of_peak"] = 100.0 * table["achieved_gflops"] / peak
+    if compiled:
+        after = pd.DataFrame([profile_training(name, params, data, n_steps, torch_compile=True)
+                              for name, params in methods.items()]).set_index("method")
+        table["compiled_step_s"] = after["step_s"]
+        table["compiled_pct_of_peak"] = 100.0 * after["achieved_gflops"] / peak
+        table["compile_speedup"] = table["step_s"] / after["step_s"]
     return table
 
 
-def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5) -> pd.DataFrame:
-    """The same training step as is, in channels-last memory format, and under bf16 autocast: seconds per
-    step and the speed-up over as-is."""
+def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
+                     compiled: bool = False) -> pd.DataFrame:
+    """The same training step as is, in channels-last memory format, and under bf16 autocast (``compiled``: also
+    compiled by ``torch.compile``, in fp32 and under bf16): seconds per step and the speed-up over as-is."""
     rows = {"as is (fp32)": profile_training(name, params, data, n_steps),
             "channels_last": profile_training(name, params, data, n_steps, channels_last=True),
             "bf16 autocast": profile_training(name, params, data, n_steps, bf16=True)}
+    if compiled:
+        rows["torch.compile"] = profile_training(name, params, data, n_steps, torch_compile=True)
+        rows["torch.compile + bf16"] = profile_training(name, params, data, n_steps, bf16=True, torch_compile=True)
     table = pd.DataFrame(rows).T[["forward_s", "backward_s", "step_s", "achieved_gflops"]].astype(float)
     table["speedup"] = table.loc["as is (fp32)", "step_s"] / table["step_s"]
     return table
@@ -161,7 +182,14 @@ def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
     a.set_xlabel("seconds per training step")
     a.legend(fontsize=8)
     a.invert_yaxis()
-    b.barh(table.index, table["achieved_gflops"], color="tab:green")
+    if "compiled_pct_of_peak" in table:  # before/after torch.compile, side by side
+        y = np.arange(len(table))
+        b.barh(y - 0.2, table["achieved_gflops"], height=0.4, color="tab:green", label="eager")
+        b.barh(y + 0.2, table["compiled_pct_of_peak"] / 100.0 * peak_gflops, height=0.4, color="tab:olive",
+               label="torch.compile")
+        b.set_yticks(y, table.index)
+    else:
+        b.barh(table.index, table["achieved_gflops"], color="tab:green")
     b.axvline(peak_gflops, color="k", linestyle="--", label=f"measured peak {peak_gflops:.0f} GFLOP/s")
     b.set_xlabel("achieved GFLOP/s (forward + backward)")
     b.legend(fontsize=8)
@@ -221,8 +249,8 @@ def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: 
 def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output_dir: str, results_dir: str = "results",
                   data_dir: str = "", profile: str | None = None, n_steps: int = 5, variants_method: str = "heatmap_unet",
                   seed: int = 0, parameters: Mapping[str, Any] | None = None, n_deformed: int = 30,
-                  peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = f"{PEER_ENV}/bin/python"
-                  ) -> dict[str, Any]:
+                  peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = f"{PEER_ENV}/bin/python",
+                  time_compiled: bool = False) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
     channels-last / bf16, and the finished runs of ``results_dir/<dataset>`` (time, memory, accuracy). Writes
@@ -232,7 +260,9 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
 
     ``peer``: also train the ``landmarker`` SCN (:mod:`lmlib.reporting.peer`, interpreter ``peer_python``) on
     the same split, at the input size of our best CPU run and for its training time (``peer_budget_s`` > 0:
-    that many seconds instead), and write ``table_peer.csv`` (ratios) with the peer's predictions."""
+    that many seconds instead), and write ``table_peer.csv`` (ratios) with the peer's predictions.
+    ``time_compiled``: also time every step compiled by ``torch.compile`` (``table_speed.csv``'s compiled columns,
+    two more variants)."""
     from lmlib.engine.runner import load_run_data
     from lmlib.outputs.figure_files import save_figure
     from lmlib.outputs.manifest import utc_now, write_manifest
@@ -246,8 +276,8 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     all_samples, data.samples = data.samples, data.split("train")
     matmul, conv = matmul_peak_gflops(), conv_peak_gflops()
     peak = max(matmul, conv)
-    speed = profile_methods(methods, data, n_steps, peak)
-    variants = compare_variants(variants_method, methods.get(variants_method, {}), data, n_steps)
+    speed = profile_methods(methods, data, n_steps, peak, compiled=time_compiled)
+    variants = compare_variants(variants_method, methods.get(variants_method, {}), data, n_steps, compiled=time_compiled)
     try:
         runs, errors = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
     except (FileNotFoundError, ValueError) as exc:
@@ -276,7 +306,8 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
                      f"3x3 convolution {result['conv_gflops']:.0f} GFLOP/s; `pct_of_peak` is against the larger"))
     display(result["speed"].round(3))
     display(result["figure"])
-    display(Markdown("**One training step as is, channels-last and under bf16 autocast** (speed-up over as is)"))
+    display(Markdown("**One training step as is, channels-last, under bf16 autocast and, when timed, compiled by "
+                     "torch.compile** (speed-up over as is)"))
     display(result["variants"].round(3))
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))

@@ -1,0 +1,23 @@
+"""The benchmark's step timing: compiled by ``torch.compile`` beside eager (before/after per method), with the
+GFLOP counted on the eager step so that the two rates compare the same work."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmlib.engine.runner import load_run_data
+from lmlib.reporting.benchmark import profile_methods
+from lmlib.run import job_parameters
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_timed_beside_eager_ones() -> None:
+    data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
+    data.samples = data.split("train")
+    params = {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 64]}
+    table = profile_methods({"heatmap_unet": params}, data, n_steps=2, peak_gflops=100.0, compiled=True)
+    row = table.loc["heatmap_unet"]
+    assert row["compiled_step_s"] > 0 and np.isfinite(row["compile_speedup"])
+    assert row["compile_speedup"] == pytest.approx(row["step_s"] / row["compiled_step_s"])
+    # the GFLOP of both are counted on the eager step: their rates differ by the compute time only
+    assert row["compiled_pct_of_peak"] / row["pct_of_peak"] > 0.5 * row["compile_speedup"]
