@@ -271,8 +271,9 @@ DRIVER_OWNED: dict[str, str] = {"dataset": "use --dataset", "output_dir": "use -
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["max_epochs=20", "image_size=[128, 192]", "dataset=x"]`` -> parameters; each value is a Python
-    literal (number, list, bool, quoted string) or, failing that, the plain string."""
+    """``["max_epochs=20", "image_size=[128, 192]", "augment=false"]`` -> parameters; each value is a Python
+    literal (number, list, bool, quoted string), ``true`` / ``false`` in any case (the spelling of the parameter
+    tables and of YAML), or, failing that, the plain string."""
     import ast
 
     out: dict[str, Any] = {}
@@ -283,10 +284,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"{item!r}: expected NAME=VALUE with a parameter name, e.g. max_epochs=20")
         if name in DRIVER_OWNED:
             raise ValueError(f"{item!r}: the driver sets {name} itself ({DRIVER_OWNED[name]}); it cannot be overridden")
+        text = text.strip()
+        if text.lower() in ("true", "false"):
+            out[name] = text.lower() == "true"
+            continue
         try:
-            out[name] = ast.literal_eval(text.strip())
+            out[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            out[name] = text.strip()
+            out[name] = text
     return out
 
 

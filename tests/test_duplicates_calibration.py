@@ -159,3 +159,14 @@ def test_the_driver_refuses_to_override_the_names_it_owns() -> None:
         with pytest.raises(ValueError, match="the driver sets"):
             parse_overrides([item])
     assert main(["--dataset", "synthetic2d", "--only", "exploration", "--set", "dataset=synthetic3d"]) == 2
+
+
+def test_overrides_read_true_and_false_as_the_parameter_tables_spell_them() -> None:
+    """``--set torch_compile=true`` was the string 'true', refused by the notebook's check mid-run ("must be true or
+    false")."""
+    from lmlib.run import parse_overrides
+
+    assert parse_overrides(["torch_compile=true", "augment=False", "flip_test=FALSE", "max_epochs=3",
+                            "image_size=[128, 192]", "annotator=senior"]) == {
+        "torch_compile": True, "augment": False, "flip_test": False, "max_epochs": 3, "image_size": [128, 192],
+        "annotator": "senior"}
