@@ -1,5 +1,6 @@
 """The benchmark's step timing: compiled by ``torch.compile`` beside eager (before/after per method), with the
-GFLOP counted on the eager step so that the two rates compare the same work."""
+GFLOP counted on the eager step so that the two rates compare the same work; the finished runs' machine beside their
+times."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,3 +22,21 @@ def test_compiled_steps_are_timed_beside_eager_ones() -> None:
     assert row["compile_speedup"] == pytest.approx(row["step_s"] / row["compiled_step_s"])
     # the GFLOP of both are counted on the eager step: their rates differ by the compute time only
     assert row["compiled_pct_of_peak"] / row["pct_of_peak"] > 0.5 * row["compile_speedup"]
+
+
+def test_the_runs_table_names_each_runs_machine() -> None:
+    """Runs of different sessions may have trained on different machines (the hand-xray U-Nets and its HTC did):
+    ``table_runs.csv`` says which, from each manifest, so that their times are not set side by side unmarked."""
+    import json
+    from pathlib import Path
+
+    from lmlib.reporting.benchmark import runs_summary
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    if not (results / "hand-xray" / "comparison").exists():
+        pytest.skip("no committed hand-xray results")
+    runs, _ = runs_summary(str(results), "hand-xray", "full")
+    for method in ("heatmap_unet", "htc"):
+        manifest = json.loads((results / "hand-xray" / method / "manifest.json").read_text(encoding="utf-8"))
+        assert runs.loc[method, "machine"] == manifest["environment"]["platform"] != ""
+    assert runs.loc["heatmap_unet", "machine"] != runs.loc["htc", "machine"]

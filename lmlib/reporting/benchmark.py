@@ -201,6 +201,7 @@ def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
 
 def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
+    the machine (its manifest's ``environment.platform``: runs of different sessions may differ in speed by it),
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
     inference seconds per image, peak memory (MB), test MRE (mm) and the input grid (px, (x, y[, z])); and each
     run's test errors (images x landmarks, mm)."""
@@ -214,7 +215,8 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
             continue
         epochs = metrics.get("epochs") or np.nan
         size = comp.manifests.get(m, {}).get("parameters", {}).get("image_size")
-        rows.append({"method": m, "device": comp.run_device(m), "epochs": epochs,
+        machine = (comp.manifests.get(m, {}).get("environment") or {}).get("platform", "")
+        rows.append({"method": m, "device": comp.run_device(m), "machine": machine, "epochs": epochs,
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
                      "mre_mm": float(np.nanmean(comp.errors[m])),
