@@ -13,7 +13,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # clean commit. The GPU rows wait for a GPU session. The list may only shrink: a listed manifest that is
 # clean now fails the test, so that it is taken off.
 LEGACY = {
-    "hamedan-ceph/heatmap_unet": "re-run pending (full profile)",
     "hamedan-ceph/htc_gpu": "a GPU run: re-run in a session with a GPU",
     "hamedan-ceph/htc_gpu/half_head": "a GPU run: re-run in a session with a GPU",
     "hamedan-ceph/htc_gpu/quarter_head": "a GPU run: re-run in a session with a GPU",
