@@ -28,7 +28,7 @@ from lmlib.data.datasets import Dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.engine.parameters import shared_value
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
-from lmlib.engine.training import LandmarkModule
+from lmlib.engine.training import LandmarkModule, compile_for_training
 from lmlib.methods.base import method_class
 from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
@@ -121,7 +121,7 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
     with FlopCounterMode(display=False) as counter:  # eager, and the warm-up of allocators and kernels
         step(batch)
     if torch_compile:
-        module.net.compile(dynamic=False)  # as lmlib.engine.training.fit compiles it
+        compile_for_training(module)
         step(batch)  # the compilation
     times = []
     for _ in range(n_steps):
