@@ -123,14 +123,47 @@ def open_notebook(page: Any, url: str, name: str) -> None:
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=120_000)
 
 
-def run_notebook(page: Any, url: str, name: str) -> None:
-    """Open ``name`` and run all its cells from the Run menu (no kernel restart dialog), then wait until idle."""
-    open_notebook(page, url, name)
+def _run_all(page: Any) -> None:
+    """Run every cell from the Run menu (no kernel restart dialog), then wait until the kernel is idle."""
     page.locator(".jp-Notebook .jp-Cell").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     page.wait_for_timeout(500)
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=300_000)
+
+
+def run_notebook(page: Any, url: str, name: str, shows: str | None = None, timeout_ms: float = 60_000) -> None:
+    """Open ``name``, run all its cells and wait until the kernel is idle and, with ``shows``, until the last
+    output area shows that text. A widget the page did not draw by then (JupyterLab's widget manager can miss
+    the first messages of a kernel that has just started: "Loading widget..." stays) is run once more; after
+    that an AssertionError quotes what the output shows (a traceback, a widget's text form) and the browser's
+    console errors."""
+    errors: list[str] = []
+
+    def console(msg: Any) -> None:
+        if msg.type == "error":
+            errors.append(msg.text)
+
+    page.on("console", console)
+    try:
+        open_notebook(page, url, name)
+        seen = []
+        for _ in range(2):
+            _run_all(page)
+            if shows is None:
+                return
+            out = page.locator(".jp-Cell-outputArea").last
+            try:
+                out.get_by_text(shows).first.wait_for(timeout=timeout_ms)
+                return
+            except Exception:  # playwright's TimeoutError: look at what the output shows instead
+                seen.append(out.inner_text(timeout=10_000) if out.count() else "(no output area)")
+                if "Traceback" in seen[-1] or "Error" in seen[-1]:
+                    break
+        raise AssertionError(f"{name}: {shows!r} not shown after {len(seen)} run(s); the last output area shows:\n"
+                             + "\n---\n".join(seen) + "\nbrowser console errors:\n" + "\n".join(errors[-20:]))
+    finally:
+        page.remove_listener("console", console)
 
 
 def main(out_dir: str = "docs/images") -> None:

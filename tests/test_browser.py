@@ -36,13 +36,12 @@ def test_review_in_chromium_types_drags_and_clicks_corrections(
     lab_browser.write_notebook(root / "review.ipynb", [
         f"from lmlib.reporting.review_widget import review_predictions\n\nreview_predictions(r'{folder}')"])
     with lab_browser.lab_page(root) as (page, url):
-        lab_browser.run_notebook(page, url, "review.ipynb")
+        lab_browser.run_notebook(page, url, "review.ipynb", shows=f"1 of {len(queue)}")
         out = page.locator(".jp-Cell-outputArea").last
         status = out.locator(".widget-html").nth(1)
         save = out.get_by_role("button", name="Save correction")
 
         # 1. type 0.75 into the dx slider's readout
-        out.get_by_text(f"1 of {len(queue)}").wait_for()
         readout = out.locator(".widget-slider .widget-readout").first
         readout.click()
         page.keyboard.press("Control+A")
