@@ -24,9 +24,11 @@ def test_compiled_steps_are_timed_beside_eager_ones() -> None:
     assert row["compiled_pct_of_peak"] / row["pct_of_peak"] > 0.5 * row["compile_speedup"]
 
 
-def test_the_runs_table_names_each_runs_machine() -> None:
-    """Runs of different sessions may have trained on different machines (the hand-xray U-Nets and its HTC did):
-    ``table_runs.csv`` says which, from each manifest, so that their times are not set side by side unmarked."""
+def test_the_runs_table_names_each_runs_machine_and_grid() -> None:
+    """Runs of different sessions may have trained on different machines: ``table_runs.csv`` says which, from
+    each manifest, so that their times are not set side by side unmarked. Its grid is the whole-image grid a row
+    starts from; a refinement's is its base run's (its manifest recorded the default 128 x 128, which gave the
+    peer a 128 x 128 input beside ``htc+local`` on hand-xray)."""
     import json
     from pathlib import Path
 
@@ -36,7 +38,10 @@ def test_the_runs_table_names_each_runs_machine() -> None:
     if not (results / "hand-xray" / "comparison").exists():
         pytest.skip("no committed hand-xray results")
     runs, _ = runs_summary(str(results), "hand-xray", "full")
-    for method in ("heatmap_unet", "htc"):
-        manifest = json.loads((results / "hand-xray" / method / "manifest.json").read_text(encoding="utf-8"))
-        assert runs.loc[method, "machine"] == manifest["environment"]["platform"] != ""
-    assert runs.loc["heatmap_unet", "machine"] != runs.loc["htc", "machine"]
+    for method in runs.index:
+        folder = results / "hand-xray" / method
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        assert runs.loc[method, "machine"] == manifest["environment"]["platform"] != "", method
+    for refined in ("htc+local/local1", "htc+local/local2"):
+        assert runs.loc[refined, "image_size"] == runs.loc["htc", "image_size"] == "256x320"
+    assert runs.loc["registration+local/local1", "image_size"] == runs.loc["registration", "image_size"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from lmlib.data.datasets import load_dataset
-from lmlib.engine.base_run import load_base_run, read_predictions, validation_errors
+from lmlib.engine.base_run import load_base_run, read_predictions, run_grid, validation_errors
 from lmlib.engine.cascade import model_checkpoints
 from lmlib.engine.runner import run_method
 from lmlib.methods.refine import LocalRefinement
@@ -51,6 +51,10 @@ def test_the_rows_count_the_base_runs_cost_and_name_it(refined: Path) -> None:
     assert manifest["base_run"] == "../registration" and manifest["stages"] == ["local1", "local2"]
     stage = json.loads((refined / "registration+local" / "local1" / "manifest.json").read_text())
     assert "registration (base run)" in stage["method_config"]["patch_choice"]["reason"]
+    # the row's grid is the one its base run started from, not the default grid (the stages use patches)
+    grid = json.loads((refined / "registration" / "manifest.json").read_text())["parameters"]["image_size"]
+    assert stage["parameters"]["image_size"] == manifest["parameters"]["image_size"] == grid
+    assert run_grid(refined / "registration+local" / "local2") == grid
 
 
 @pytest.mark.slow

@@ -121,6 +121,21 @@ def run_ancestors(folder: Path) -> set[Path]:
     return out
 
 
+def run_grid(folder: Path) -> list[int] | None:
+    """The whole-image grid (px, ``(x, y[, z])``) a run's predictions start from: its manifest's ``image_size``,
+    or, for a run that starts from another run (its own or its cascade's ``base_run``: a refinement, whose stages
+    work on patches, or test-time scales), that run's, followed back. None where no manifest records one."""
+    here = Path(folder)
+    own = read_manifest(here) or {}
+    parent = read_manifest(here.parent) or {}
+    if own.get("base_run"):
+        return run_grid(here / str(own["base_run"]))
+    if here.name in [str(s) for s in parent.get("stages") or []] and parent.get("base_run"):
+        return run_grid(here.parent / str(parent["base_run"]))
+    size = (own.get("parameters") or {}).get("image_size")
+    return [int(v) for v in size] if size else None
+
+
 def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: str, way_out: str = ""
                       ) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
     """A finished run's manifest, metrics and test predictions (world mm, the samples' landmark order); no run

@@ -567,14 +567,15 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
     output_dir = Path(params["output_dir"])
     start, base = None, cls.base_folder(params)
     if base is not None:  # a finished run's predictions: the first stage is centred on them
-        from lmlib.engine.base_run import load_base_run, validation_errors
+        from lmlib.engine.base_run import load_base_run, run_grid, validation_errors
 
         start = load_base_run(base, str(params["dataset"]), train, val, test, cache_dir=output_dir)
         errors = validation_errors(val, start.val.world_mm)
         print(f"base run {start.name}: val MRE {np.mean(list(errors.values())):.2f} mm (mean over landmarks), "
               f"worst {max(errors.values()):.2f} mm ({max(errors, key=lambda n: errors[n])})")
         shared = {**shared, BASE_ERRORS: errors}
-        effective = {**effective, "base_run": os.path.relpath(base, output_dir)}
+        # the stages work on patches: the row's grid is the one its base run started from (not a default)
+        effective = {**effective, "base_run": os.path.relpath(base, output_dir), "image_size": run_grid(base) or []}
     stages = cls.build_stages(data.spec.ndim, len(data.landmark_names), params, grid, shared)
     aug = augmentation(params, data.spec.ndim, seed, shared["flip_pairs"])
     for stage in stages:

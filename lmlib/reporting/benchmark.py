@@ -205,6 +205,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
     inference seconds per image, peak memory (MB), test MRE (mm) and the input grid (px, (x, y[, z])); and each
     run's test errors (images x landmarks, mm)."""
+    from lmlib.engine.base_run import run_grid
     from lmlib.reporting.comparison import load_comparison
 
     comp = load_comparison(results_dir, dataset, profile=profile)
@@ -214,7 +215,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
         if metrics.get("kind") == "reference":
             continue
         epochs = metrics.get("epochs") or np.nan
-        size = comp.manifests.get(m, {}).get("parameters", {}).get("image_size")
+        size = run_grid(Path(results_dir) / dataset / m)  # a refinement's: its base run's (its stages use patches)
         machine = (comp.manifests.get(m, {}).get("environment") or {}).get("platform", "")
         rows.append({"method": m, "device": comp.run_device(m), "machine": machine, "epochs": epochs,
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
