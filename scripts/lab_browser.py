@@ -138,6 +138,8 @@ def run_notebook(page: Any, url: str, name: str, shows: str | None = None, timeo
     the first messages of a kernel that has just started: "Loading widget..." stays) is run once more; after
     that an AssertionError quotes what the output shows (a traceback, a widget's text form) and the browser's
     console errors."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     errors: list[str] = []
 
     def console(msg: Any) -> None:
@@ -156,9 +158,9 @@ def run_notebook(page: Any, url: str, name: str, shows: str | None = None, timeo
             try:
                 out.get_by_text(shows).first.wait_for(timeout=timeout_ms)
                 return
-            except Exception:  # playwright's TimeoutError: look at what the output shows instead
+            except PlaywrightTimeout:  # look at what the output shows instead
                 seen.append(out.inner_text(timeout=10_000) if out.count() else "(no output area)")
-                if "Traceback" in seen[-1] or "Error" in seen[-1]:
+                if "Traceback" in seen[-1]:  # the cell failed ("Error displaying widget" is the race: run again)
                     break
         raise AssertionError(f"{name}: {shows!r} not shown after {len(seen)} run(s); the last output area shows:\n"
                              + "\n---\n".join(seen) + "\nbrowser console errors:\n" + "\n".join(errors[-20:]))
