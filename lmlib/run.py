@@ -157,12 +157,14 @@ JOBS: tuple[Job, ...] = (
     _job("30_prior_guided_3d.ipynb", "prior_guided_shared_plane", ("afids-mni",), runs="prior_guided", main=False),
     # the classical baseline (no training): multi-atlas registration
     _job("50_registration_baseline.ipynb", "registration", SYNTHETIC + REAL, runs="registration"),
-    # local refinement after a finished run (the registration baseline's, the HTC's, the heatmap U-Net's): writes
-    # <job>/local1, <job>/local2
+    # local refinement after a finished run (the registration baseline's and every 2D method's but the global-to-local
+    # FCNN, which ends in its own local stage): writes <job>/local1, <job>/local2
     _job("60_local_refinement.ipynb", "registration+local", SYNTHETIC + REAL, runs="refine"),
     _job("60_local_refinement.ipynb", "htc+local", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="refine",
          main=False),
     _job("60_local_refinement.ipynb", "heatmap_unet+local", ("synthetic2d", "hamedan-ceph", "hand-xray"),
+         runs="refine", main=False),
+    _job("60_local_refinement.ipynb", "dilation_erosion+local", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="refine", main=False),
     # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
     _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray", "afids-templates"),
