@@ -97,6 +97,18 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
                             "do not keep checkpoints)")
 
 
+def started_from(folder: Path) -> Path | None:
+    """The run ``folder``'s predictions start from: its manifest's ``base_run`` (a refinement, test-time scales),
+    or, for a stage of a cascade that starts from a finished run, the cascade's; None for a run of its own."""
+    own = read_manifest(folder) or {}
+    if own.get("base_run"):
+        return folder / str(own["base_run"])
+    parent = read_manifest(folder.parent) or {}
+    if folder.name in [str(s) for s in parent.get("stages") or []] and parent.get("base_run"):
+        return folder.parent / str(parent["base_run"])
+    return None
+
+
 def run_ancestors(folder: Path) -> set[Path]:
     """The run folders (resolved) whose training time ``folder``'s row already counts: a cascade's earlier stages,
     the run a refinement or test-time augmentation starts from (its manifest's ``base_run``), and theirs."""
@@ -105,15 +117,12 @@ def run_ancestors(folder: Path) -> set[Path]:
     while todo:
         here = todo.pop()
         found: list[Path] = []
-        parent = read_manifest(here.parent) or {}
-        stages = [str(s) for s in parent.get("stages") or []]
-        if here.name in stages:  # a cascade stage: the stages before it, and the run the cascade starts from
+        stages = [str(s) for s in (read_manifest(here.parent) or {}).get("stages") or []]
+        if here.name in stages:  # a cascade stage: the stages before it
             found += [here.parent / s for s in stages[:stages.index(here.name)]]
-            if parent.get("base_run"):
-                found.append(here.parent / str(parent["base_run"]))
-        own = read_manifest(here) or {}
-        if own.get("base_run"):
-            found.append(here / str(own["base_run"]))
+        base = started_from(here)
+        if base is not None:
+            found.append(base)
         for f in (p.resolve() for p in found):
             if f not in out:
                 out.add(f)
@@ -125,14 +134,10 @@ def run_grid(folder: Path) -> list[int] | None:
     """The whole-image grid (px, ``(x, y[, z])``) a run's predictions start from: its manifest's ``image_size``,
     or, for a run that starts from another run (its own or its cascade's ``base_run``: a refinement, whose stages
     work on patches, or test-time scales), that run's, followed back. None where no manifest records one."""
-    here = Path(folder)
-    own = read_manifest(here) or {}
-    parent = read_manifest(here.parent) or {}
-    if own.get("base_run"):
-        return run_grid(here / str(own["base_run"]))
-    if here.name in [str(s) for s in parent.get("stages") or []] and parent.get("base_run"):
-        return run_grid(here.parent / str(parent["base_run"]))
-    size = (own.get("parameters") or {}).get("image_size")
+    base = started_from(Path(folder))
+    if base is not None:
+        return run_grid(base)
+    size = ((read_manifest(Path(folder)) or {}).get("parameters") or {}).get("image_size")
     return [int(v) for v in size] if size else None
 
 
