@@ -142,6 +142,11 @@ JOBS: tuple[Job, ...] = (
     # the same full CPU setting with two other seeds: the seed's own spread, and the seeds ensemble's members
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed1", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_seed2", ("hamedan-ceph",), runs="heatmap_unet", main=False),
+    # the compiled setting with two other seeds: the members of the compiled seeds ensemble (trained within 60 minutes)
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_seed1", ("hamedan-ceph",), runs="heatmap_unet",
+         main=False),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_seed2", ("hamedan-ceph",), runs="heatmap_unet",
+         main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
@@ -171,6 +176,7 @@ JOBS: tuple[Job, ...] = (
          runs="ensemble", main=False),
     # the seeds ensemble: three trainings of heatmap_unet_cpu that differ only by their seed
     _job("61_ensemble.ipynb", "heatmap_unet_cpu+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
+    _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
          main=False),
