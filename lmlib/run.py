@@ -135,6 +135,8 @@ JOBS: tuple[Job, ...] = (
          variant_of="heatmap_unet_cpu"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_long", ("hamedan-ceph",), runs="heatmap_unet", main=False,
          variant_of="heatmap_unet_cpu"),
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_labels_aligned", ("hamedan-ceph",), runs="heatmap_unet",
+         main=False, variant_of="heatmap_unet_cpu"),
     # the same full CPU setting under bf16 autocast: does the accuracy hold at full size? (an ablation row)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_bf16", ("hamedan-ceph",), runs="heatmap_unet", main=False),
     # the same full CPU setting with the network compiled by torch.compile: its speed-up, and whether the accuracy holds

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
+from lmlib.data.label_fusion import TRAIN_LABELS
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES
 from lmlib.runtime import PROGRESS_MODES
 from lmlib.typed import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
@@ -32,6 +33,10 @@ class SharedParameters(BaseModel):
     data_dir: Text | None = _field("", "folder of a real dataset (empty: the shared default location)")
     output_dir: Text | None = _field(None, "run folder (results/<dataset>/<method>)")
     annotator: Text | None = _field("", "reference annotator (empty: the dataset's first)")
+    train_labels: Annotated[str, one_of(TRAIN_LABELS)] = _field(
+        "reference", "training labels: reference (the reference annotator's) | mean (every annotator's mean) | "
+        "mean_aligned (the mean after each other annotator's mean offset per landmark is removed); val and test "
+        "keep the reference's", "reference, mean or mean_aligned")
     seed: Int = _field(0, "random seed (data order, augmentation, initialisation)", "an integer >= 0", ge=0)
     device: Text | None = _field("auto", "auto | cpu | cuda | cuda:1 | mps")
     devices: Int = _field(1, "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is "

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lmlib.data.datasets import SYNTHETIC, Dataset, dataset_ndim, get_spec, is_single_template, load_dataset
+from lmlib.data.label_fusion import describe_fusion, fuse_training_labels
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
@@ -106,8 +107,16 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
             raise ValueError(f"dataset={name!r} is a single template: set n_deformed >= 5 (got {n}) to train on "
                              "random deformations of it (60/20/20 % train/val/test)")
         options = {"deformed": n}
-    return load_dataset(name, data_dir or params.get("data_dir") or None, annotator=params.get("annotator") or None,
-                        **options)
+    folder = data_dir or params.get("data_dir") or None
+    data = load_dataset(name, folder, annotator=params.get("annotator") or None, **options)
+    mode = str(params.get("train_labels") or "reference")
+    if mode == "reference":
+        return data
+    others = [load_dataset(name, folder, annotator=who, load_images=False, **options)
+              for who in data.spec.annotations if who != data.annotator]
+    fused, offsets = fuse_training_labels(data, others, mode)
+    print(describe_fusion(fused, mode, offsets))
+    return fused
 
 
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
