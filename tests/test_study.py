@@ -127,7 +127,7 @@ def test_the_variants_are_the_jobs_declared_as_such() -> None:
 
     variants = variants_of("heatmap_unet_cpu", "hamedan-ceph")
     assert variants == ["heatmap_unet_cpu_aug_paper", "heatmap_unet_cpu_aug_half", "heatmap_unet_cpu_fine_grid",
-                        "heatmap_unet_cpu_long"]
+                        "heatmap_unet_cpu_long", "heatmap_unet_cpu_labels_aligned"]
     assert variants_of("heatmap_unet_cpu", "synthetic2d") == ["heatmap_unet_cpu_aug_half"]  # the smoke run's
     jobs = {job.method: job for job in JOBS}
     base = jobs["heatmap_unet_cpu"].parameters("hamedan-ceph", "full")
@@ -136,8 +136,25 @@ def test_the_variants_are_the_jobs_declared_as_such() -> None:
         assert job.runs == jobs["heatmap_unet_cpu"].runs and set(job.datasets) >= {"hamedan-ceph"}
         changed = {k for k, v in job.parameters("hamedan-ceph", "full").items() if base.get(k) != v}
         # a finer grid keeps the target's width in mm: sigma (px of the grid) scaled with it
-        assert changed in ({"rotation_deg", "scale_range"}, {"image_size", "sigma"}, {"max_epochs"}), (name, changed)
+        assert changed in ({"rotation_deg", "scale_range"}, {"image_size", "sigma"}, {"max_epochs"},
+                           {"train_labels"}), (name, changed)
         if "sigma" in changed:
             params = job.parameters("hamedan-ceph", "full")
             assert params["sigma"] / base["sigma"] == params["image_size"][0] / base["image_size"][0]
     assert variants_of("htc", "hamedan-ceph") == []
+
+
+def test_a_variant_of_the_training_labels_may_differ_in_checksum_and_an_unrecorded_name_counts_at_its_default(
+        runs: tuple[Path, list]) -> None:
+    """Fused training labels change the training landmarks, so the data checksum: that variant is compared (its test
+    images are checked as any run's); another checksum without that setting is still refused. A shared name the base
+    never recorded (declared by its notebook later) is no change when the variant holds its default."""
+    results, test = runs
+    root = results / "synthetic2d"
+    _run(root, "labels", 0.9, 1.0, {**BASE, "train_labels": "mean_aligned", "torch_compile": False}, test,
+         checksum_of=test[:1])
+    table = study.study_table(results, "synthetic2d", "base", ["labels"], n_bootstrap=50)
+    assert table.loc["labels", "changes"] == "train_labels reference -> mean_aligned"
+    _run(root, "not_labels", 0.9, 1.0, {**BASE, "train_labels": "reference"}, test, checksum_of=test[:1])
+    with pytest.raises(ValueError, match=r"not_labels: data checksum .* the runs did not see the same data"):
+        study.study_table(results, "synthetic2d", "base", ["not_labels"])

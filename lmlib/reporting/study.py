@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from lmlib.engine.parameters import SHARED_PARAMETERS, shared_value
 from lmlib.evaluation.metrics import error_matrix
 from lmlib.evaluation.statistics import bootstrap_ci, holm, pairwise_wilcoxon, resample_indices
 from lmlib.outputs.contract import read_manifest, read_run, write_json
@@ -48,10 +49,15 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 def changed_settings(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Parameter name -> (base value, variant value) for every run parameter that differs (manifests'
-    ``parameters``; where-and-how names such as ``output_dir`` left out)."""
+    ``parameters``; where-and-how names such as ``output_dir`` left out). A shared parameter one run does not record
+    (a name its notebook declared only later) counts at its default, which is what that run used."""
     a, b = base.get("parameters") or {}, variant.get("parameters") or {}
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in NOT_SETTINGS and a.get(k) != b.get(k)}
+
+    def value(params: dict[str, Any], name: str) -> Any:
+        return shared_value(params, name) if name in SHARED_PARAMETERS else params.get(name)
+
+    return {k: (value(a, k), value(b, k)) for k in sorted(set(a) | set(b))
+            if k not in NOT_SETTINGS and value(a, k) != value(b, k)}
 
 
 def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -75,7 +81,8 @@ def _check_comparable(root: Path, base: str, manifests: dict[str, dict[str, Any]
         if run_profile(manifest) != want:
             raise ValueError(f"{folder}: made with driver profile {run_profile(manifest)!r}, the study compares "
                              f"{want!r} runs: run it with --profile {want}")
-        if manifest.get("data_checksum") != first.get("data_checksum"):
+        relabelled = "train_labels" in changed_settings(first, manifest)  # the training landmarks are the setting
+        if manifest.get("data_checksum") != first.get("data_checksum") and not relabelled:
             raise ValueError(f"{folder}: data checksum {manifest.get('data_checksum')!r}, the base's is "
                              f"{first.get('data_checksum')!r}: the runs did not see the same data")
 
