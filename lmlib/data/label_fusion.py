@@ -28,6 +28,11 @@ from lmlib.data.datasets import Dataset
 TRAIN_LABELS: tuple[str, ...] = ("reference", "mean", "mean_aligned")
 
 
+def _offset_columns(ndim: int) -> list[str]:
+    """The offset table's columns, one per world axis: ``dx_mm``, ``dy_mm`` [, ``dz_mm``]."""
+    return [f"d{axis}_mm" for axis in "xyz"[:ndim]]
+
+
 def annotator_offsets(reference: Dataset, other: Dataset) -> pd.DataFrame:
     """Per landmark, the mean world offset (mm) from ``other``'s points to ``reference``'s over the training
     images both annotated: columns ``landmark``, ``n_images``, one ``d<axis>_mm`` per axis and ``norm_mm``
@@ -46,8 +51,8 @@ def annotator_offsets(reference: Dataset, other: Dataset) -> pd.DataFrame:
         mean = np.where(n[:, None] > 0, np.nansum(np.where(both[..., None], diff, 0.0), axis=0) /
                         np.maximum(n, 1)[:, None], np.nan)
     table = pd.DataFrame({"landmark": reference.landmark_names, "n_images": n})
-    for axis, name in enumerate("xyz"[:ndim]):
-        table[f"d{name}_mm"] = mean[:, axis]
+    for axis, column in enumerate(_offset_columns(ndim)):
+        table[column] = mean[:, axis]
     table["norm_mm"] = np.linalg.norm(mean, axis=1)
     return table
 
@@ -88,8 +93,7 @@ def fuse_training_labels(reference: Dataset, others: Sequence[Dataset], mode: st
                 continue
             p = ids[s.image_id].landmarks_mm
             if mode == "mean_aligned":  # an offset without a pair to estimate it from (NaN) drops that point
-                table = offsets[str(o.annotator)]
-                p = p + table[[c for c in table.columns if c.startswith("d") and c.endswith("_mm")]].to_numpy()
+                p = p + offsets[str(o.annotator)][_offset_columns(reference.spec.ndim)].to_numpy()
             points.append(p)
         stack = np.stack(points)
         given = np.isfinite(stack).all(axis=2)
