@@ -149,12 +149,12 @@ JOBS: tuple[Job, ...] = (
          main=False),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_seed2", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
-    # the same three with both annotators' training labels (run if the generalisation study chooses them on val)
-    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_labels", ("hamedan-ceph",), runs="heatmap_unet",
+    # the same three with the study's two settings that validation preferred to the base's, together
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
-    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_labels_seed1", ("hamedan-ceph",), runs="heatmap_unet",
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_seed1", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
-    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_labels_seed2", ("hamedan-ceph",), runs="heatmap_unet",
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_seed2", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
@@ -186,7 +186,7 @@ JOBS: tuple[Job, ...] = (
     # the seeds ensemble: three trainings of heatmap_unet_cpu that differ only by their seed
     _job("61_ensemble.ipynb", "heatmap_unet_cpu+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
-    _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_labels+seeds", ("hamedan-ceph",), runs="ensemble",
+    _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_tuned+seeds", ("hamedan-ceph",), runs="ensemble",
          main=False),
     # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
