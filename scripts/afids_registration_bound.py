@@ -7,7 +7,7 @@ template an atlas, median fusion), on a finer grid than the benchmark's. What re
 raters' difference, not the pose: a reference for issue 23's target on this split. Printed per test image: the MRE
 (mm), its median, the MRE without the two ventral occipital horns (AFIDs 29 and 30, where Colin27's anatomy departs
 from the population templates by tens of mm), and the MNI-position baseline (the training templates' mean
-fiducial, no registration). About 12 minutes on 2 CPU cores at ``--size 160``.
+fiducial, no registration). It takes minutes on a 2-core CPU at ``--size 160`` (it prints its times).
 
     .venv/bin/python scripts/afids_registration_bound.py [--size 160] [--demons-iterations 50] [--data-dir DIR]
 """
