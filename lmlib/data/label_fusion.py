@@ -17,13 +17,14 @@ orientation (their ``direction``), checked, since a world offset means nothing a
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import Dataset
+from lmlib.data.datasets import Dataset, paired_landmarks
 
 TRAIN_LABELS: tuple[str, ...] = ("reference", "mean", "mean_aligned")
 
@@ -37,21 +38,15 @@ def annotator_offsets(reference: Dataset, other: Dataset) -> pd.DataFrame:
     """Per landmark, the mean world offset (mm) from ``other``'s points to ``reference``'s over the training
     images both annotated: columns ``landmark``, ``n_images``, one ``d<axis>_mm`` per axis and ``norm_mm``
     (NaN where no training image has both points)."""
-    others = {s.image_id: s for s in other.split("train")}
-    pairs = [(s.landmarks_mm, others[s.image_id].landmarks_mm) for s in reference.split("train")
-             if s.image_id in others]
-    ndim = reference.spec.ndim
-    if not pairs:
-        diff = np.full((0, len(reference.landmark_names), ndim), np.nan)
-    else:
-        diff = np.stack([a - b for a, b in pairs])  # NaN wherever either point is masked
-    both = np.isfinite(diff).all(axis=2)
-    n = both.sum(axis=0)
-    with np.errstate(invalid="ignore"):
-        mean = np.where(n[:, None] > 0, np.nansum(np.where(both[..., None], diff, 0.0), axis=0) /
-                        np.maximum(n, 1)[:, None], np.nan)
+    train = [replace(d, samples=d.split("train")) for d in (reference, other)]
+    mine, theirs, _ = paired_landmarks(*train)
+    diff = mine - theirs  # (K, N, D), NaN wherever either point is masked
+    n = np.isfinite(diff).all(axis=2).sum(axis=0)
+    with warnings.catch_warnings():  # a landmark no image pairs: NaN, said in the docstring
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(diff, axis=0) if len(diff) else np.full(diff.shape[1:], np.nan)
     table = pd.DataFrame({"landmark": reference.landmark_names, "n_images": n})
-    for axis, column in enumerate(_offset_columns(ndim)):
+    for axis, column in enumerate(_offset_columns(reference.spec.ndim)):
         table[column] = mean[:, axis]
     table["norm_mm"] = np.linalg.norm(mean, axis=1)
     return table
@@ -95,12 +90,12 @@ def fuse_training_labels(reference: Dataset, others: Sequence[Dataset], mode: st
             if mode == "mean_aligned":  # an offset without a pair to estimate it from (NaN) drops that point
                 p = p + offsets[str(o.annotator)][_offset_columns(reference.spec.ndim)].to_numpy()
             points.append(p)
-        stack = np.stack(points)
+        stack = np.stack(points)  # NaN where an annotator did not give the point
         given = np.isfinite(stack).all(axis=2)
+        with warnings.catch_warnings():  # a landmark nobody gave stays NaN (masked)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fused = np.nanmean(stack, axis=0)
         valid = given.any(axis=0)
-        with np.errstate(invalid="ignore"):
-            fused = np.where(valid[:, None], np.nansum(np.where(given[..., None], stack, 0.0), axis=0) /
-                             np.maximum(given.sum(axis=0), 1)[:, None], np.nan)
         meta = {**s.meta, "train_labels": mode, "n_annotators": given.sum(axis=0).tolist()}
         samples.append(replace(s, landmarks_mm=fused, valid=valid, meta=meta))
     return replace(reference, samples=samples), offsets
