@@ -156,6 +156,9 @@ JOBS: tuple[Job, ...] = (
          main=False),
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_seed2", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
+    # the tuned setting refit on train + val (its last epoch kept), three seeds: the members of its ensemble
+    *(_job("15_heatmap_unet.ipynb", f"heatmap_unet_cpu_compile_tuned_refit{seed}", ("hamedan-ceph",), runs="heatmap_unet",
+           main=False) for seed in ("", "_seed1", "_seed2")),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
@@ -187,6 +190,8 @@ JOBS: tuple[Job, ...] = (
     _job("61_ensemble.ipynb", "heatmap_unet_cpu+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_tuned+seeds", ("hamedan-ceph",), runs="ensemble",
+         main=False),
+    _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_tuned_refit+seeds", ("hamedan-ceph",), runs="ensemble",
          main=False),
     # multi-scale test-time augmentation of a finished run (its checkpoint kept: run its job first)
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from lmlib.data.label_fusion import TRAIN_LABELS
+from lmlib.data.refit import FIT_SPLITS
 from lmlib.methods.base import OPTIMIZERS, SCHEDULES
 from lmlib.runtime import PROGRESS_MODES
 from lmlib.typed import Grid, Int, Number, Text, allowed_text, model_table, one_line_error, one_of
@@ -37,6 +38,10 @@ class SharedParameters(BaseModel):
         "reference", "training labels: reference (the reference annotator's) | mean (every annotator's mean) | "
         "mean_aligned (the mean after each other annotator's mean offset per landmark is removed); val and test "
         "keep the reference's", "reference, mean or mean_aligned")
+    fit_splits: Annotated[str, one_of(FIT_SPLITS)] = _field(
+        "train", "the splits the network trains on: train (the epoch chosen on val) | train+val (a refit once the "
+        "settings are chosen: the last epoch is kept, val errors are in-sample); test is never trained on",
+        "train or train+val")
     seed: Int = _field(0, "random seed (data order, augmentation, initialisation)", "an integer >= 0", ge=0)
     device: Text | None = _field("auto", "auto | cpu | cuda | cuda:1 | mps")
     devices: Int = _field(1, "training processes per node (DDP; CPU: processes, GPU: GPUs); the global batch is "

@@ -31,6 +31,7 @@ import pandas as pd
 from lmlib.data.datasets import SYNTHETIC, Dataset, dataset_ndim, get_spec, is_single_template, load_dataset
 from lmlib.data.label_fusion import describe_fusion, fuse_training_labels
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.data.refit import is_refit, with_val_in_train
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import build_augmentation
 from lmlib.engine.cascade import model_checkpoints, predict_cascade
@@ -108,12 +109,15 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
                              "random deformations of it (60/20/20 % train/val/test)")
         options = {"deformed": n}
     folder = data_dir or params.get("data_dir") or None
+    refit = is_refit(dict(params))
     data = load_dataset(name, folder, annotator=params.get("annotator") or None, **options)
+    data = with_val_in_train(data) if refit else data
     mode = str(params.get("train_labels") or "reference")
     if mode == "reference":
         return data
     others = [load_dataset(name, folder, annotator=who, load_images=False, **options)
               for who in data.spec.annotations if who != data.annotator]
+    others = [with_val_in_train(o) for o in others] if refit else others
     fused, offsets = fuse_training_labels(data, others, mode)
     print(describe_fusion(fused, mode, offsets))
     return fused
@@ -257,12 +261,26 @@ def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
 
 
 def fit_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``devices``, ``num_nodes``, ``strategy``, ``precision``, ``torch_compile`` and ``progress`` of
-    :func:`~lmlib.engine.training.fit` from notebook parameters."""
+    """``devices``, ``num_nodes``, ``strategy``, ``precision``, ``torch_compile``, ``progress`` and ``select`` (the
+    last epoch for a refit on train+val) of :func:`~lmlib.engine.training.fit` from notebook parameters."""
     return {"devices": int(shared_value(params, "devices")), "num_nodes": int(shared_value(params, "num_nodes")),
             "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision")),
             "torch_compile": bool(shared_value(params, "torch_compile")),
-            "progress": str(shared_value(params, "progress"))}
+            "progress": str(shared_value(params, "progress")), "select": "last" if is_refit(dict(params)) else "val"}
+
+
+def check_refit(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
+    """Raise when ``fit_splits='train+val'`` (a refit) asks for something only a run selected on val can do: a cascade
+    (its later stages keep a landmark by its validation error), a method that trains nothing, or a run made from
+    other runs (ensemble, test-time augmentation: their members choose their own splits)."""
+    if not is_refit(dict(params)):
+        return
+    why = ("is made from finished runs (refit its members instead)" if getattr(method, "derived_from", None)
+           else "trains nothing" if not getattr(method, "trainable", True)
+           else "is a cascade whose stages keep a landmark by its validation error" if is_cascade(method) else None)
+    if why is not None:
+        raise ValueError(f"fit_splits='train+val': {method.name} {why}; a refit trains one network on train+val and "
+                         "keeps its last epoch")
 
 
 def overlays(params: Mapping[str, Any], folder: Path) -> list[OverlayCallback]:
@@ -300,6 +318,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     train = _split(data, "train", int(shared_value(params, "max_train_images")))
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
+    check_refit(cls, params)
     derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
     if derived is not None:  # no grid of its own (its members' or its base run's)
         effective = {**params, **cls.values(params), **({"seeded_split_file": seeded.name} if seeded else {})}
@@ -330,8 +349,9 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     result = fit(model, datamodule, output_dir, max_epochs=shared["max_epochs"], device=str(shared_value(params, "device")),
                  seed=seed, resume=params.get("resume") or "", callbacks=overlays(params, output_dir),
                  data=provenance(params, data), **fit_settings(params))
-    print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; best val MRE "
-          f"{result.best_score:.3f} mm ({Path(result.best_checkpoint).name})")
+    kept = (f"best val MRE {result.best_score:.3f} mm" if result.best_score is not None
+            else "the last epoch kept (a refit on train+val: its val MRE is in-sample)")
+    print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; {kept} ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
     figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir)}

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 MONITOR = "val/mre_mm"
+#: how :func:`fit` chooses the weights it keeps (``best.ckpt``): the epoch of lowest ``MONITOR``, or the last one
+SELECT: tuple[str, ...] = ("val", "last")
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint written by an older version can no longer be read
 
 
@@ -562,8 +564,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         progress_refresh_rate: int | None = None, gradient_clip_val: float | None = None,
         precision: str = "32-true", checkpoint_dir: str | Path | None = None,
         data: dict[str, Any] | None = None, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
-        progress: str = "bar", torch_compile: bool = False) -> FitResult:
-    """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``).
+        progress: str = "bar", torch_compile: bool = False, select: str = "val") -> FitResult:
+    """Train ``method`` on ``datamodule`` (train split; select on val by ``val/mre_mm``, or keep the last epoch).
 
     Writes into ``output_dir``: ``training_log/metrics.csv`` (+ ``hparams.yaml``) and
     ``checkpoints/{best,last}.ckpt`` (or into ``checkpoint_dir``). ``resume``: a checkpoint to continue
@@ -582,7 +584,12 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     this process continues with the best weights.
     ``torch_compile``: train the network compiled by ``torch.compile`` (in place, so the checkpoints' keys are
     the eager network's; the returned module is loaded from the best checkpoint, eager).
+    ``select``: ``"val"`` (``best.ckpt`` holds the epoch of lowest validation MRE) or ``"last"`` (``best.ckpt`` holds
+    the last epoch and ``best_score`` is None: a refit whose val images are also training images, see
+    :data:`lmlib.data.refit.FIT_SPLITS`).
     """
+    if select not in SELECT:
+        raise ValueError(f"select={select!r}: one of {SELECT}")
     world = int(devices) * int(num_nodes)
     if world > 1 and strategy == "auto" and in_notebook_kernel():
         return _fit_as_script({k: v for k, v in locals().items() if k != "world"})
@@ -606,11 +613,14 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         from lmlib.methods.networks import check_input_size
         check_input_size(datamodule.view.size, method.size_multiple())
     n_batches = max(1, math.ceil(n_train / datamodule.batch_size))
-    # best by validation error; "last" every epoch (Lightning >= 2.5 writes save_last only when the
-    # monitored checkpoint improves, so a second callback keeps the resumable latest state). Both save
-    # at the end of the training epoch, after validation: a resume starts with the next epoch.
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=MONITOR, mode="min",
-                                 save_top_k=1, auto_insert_metric_name=False, save_on_train_epoch_end=True,
+    # best by validation error (select="last": the latest epoch); "last" every epoch (Lightning >= 2.5 writes
+    # save_last only when the monitored checkpoint improves, so a second callback keeps the resumable latest state).
+    # Both save at the end of the training epoch, after validation: a resume starts with the next epoch.
+    # (select="last": no monitor; mode "max" only makes its state key differ from the "last" callback's, which
+    # Lightning requires of two checkpoint callbacks; without a monitor the mode chooses nothing)
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=MONITOR if select == "val" else None,
+                                 mode="min" if select == "val" else "max", save_top_k=1, auto_insert_metric_name=False,
+                                 save_on_train_epoch_end=True,
                                  enable_version_counter=False)
     latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
                              save_on_train_epoch_end=True, enable_version_counter=False)

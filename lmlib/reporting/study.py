@@ -113,8 +113,8 @@ def study_table(results_dir: str | Path, dataset: str, base: str, variants: list
         predictions, metrics = read_run(folder)
         val = metrics.get("best_val_mre_mm")
         if val is None or not math.isfinite(float(val)):
-            raise ValueError(f"{folder / 'metrics.json'}: no best_val_mre_mm (a run without a validation split "
-                             "cannot take part in a choice made on validation)")
+            raise ValueError(f"{folder / 'metrics.json'}: no best_val_mre_mm (a run without a validation split, or a "
+                             "refit on train+val, cannot take part in a choice made on validation)")
         errors[name] = error_matrix(predictions)
         rows.append({"run": name, "changes": _describe(changed_settings(manifests[base], manifests[name])),
                      "val MRE (mm)": float(val), "train (min)": float(metrics["train_seconds"]) / 60.0,
