@@ -197,6 +197,11 @@ JOBS: tuple[Job, ...] = (
     _job("62_test_time_scales.ipynb", "heatmap_unet+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta",
          main=False),
     _job("62_test_time_scales.ipynb", "htc+tta", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="tta", main=False),
+    # the refit seeds at three scales each (their checkpoints kept: run their jobs first), then their ensemble
+    *(_job("62_test_time_scales.ipynb", f"heatmap_unet_cpu_compile_tuned_refit{seed}+tta", ("hamedan-ceph",),
+           runs="tta", main=False) for seed in ("", "_seed1", "_seed2")),
+    _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_tuned_refit+seeds+tta", ("hamedan-ceph",), runs="ensemble",
+         main=False),
     # a shape prior after a finished run (its checkpoints kept: run its job first): the training mean shape fitted
     # robustly to its predictions, the landmarks that do not fit replaced; the variant chosen on val
     _job("64_shape_prior.ipynb", "heatmap_unet+shape", ("synthetic3d", "afids-templates", "afids-mni"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -94,3 +95,11 @@ def test_a_refit_run_trains_on_train_and_val_and_keeps_its_last_epoch(tmp_path: 
     assert manifest["parameters"]["fit_splits"] == "train+val"
     with pytest.raises(ValueError, match="refit.*in-sample"):
         calibrate_run(out, (0.9,))
+
+
+def test_the_epoch_lines_of_a_refit_mark_the_val_error_in_sample() -> None:
+    from lmlib.engine.training import EpochLines, progress_callback
+
+    lines = progress_callback(1, None, "lines", in_sample=True)
+    assert isinstance(lines, EpochLines) and lines.val_label == "val MRE (in-sample)"
+    assert cast(EpochLines, progress_callback(1, None, "lines")).val_label == "val MRE"

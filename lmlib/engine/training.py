@@ -82,11 +82,12 @@ class EpochProgressBar(TQDMProgressBar):
 class EpochLines(Callback):
     """Progress as short lines (for batch runs whose output is stored, e.g. papermill notebooks):
     about ``n_lines`` lines over the run plus the last epoch, each with the training loss, the
-    validation mean radial error (mm) and the elapsed time. A live bar in such a notebook would
-    store hundreds of carriage-return updates."""
+    validation mean radial error (mm; ``in_sample``: marked so, a refit trains on its val images) and the elapsed
+    time. A live bar in such a notebook would store hundreds of carriage-return updates."""
 
-    def __init__(self, n_lines: int = 20) -> None:
+    def __init__(self, n_lines: int = 20, in_sample: bool = False) -> None:
         self.n_lines, self.start, self.first = int(n_lines), 0.0, 0
+        self.val_label = "val MRE (in-sample)" if in_sample else "val MRE"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start, self.first = time.perf_counter(), int(trainer.current_epoch)  # > 0 when resumed
@@ -102,7 +103,7 @@ class EpochLines(Callback):
         per_epoch = elapsed / max(1, epoch - self.first)
         left = f", ~{_duration(per_epoch * (total - epoch))} left" if epoch < total else ""
         print(f"epoch {epoch:>4}/{total}  train loss {float(loss) if loss is not None else float('nan'):.4g}  "
-              f"val MRE {float(mre) if mre is not None else float('nan'):.3f} mm  "
+              f"{self.val_label} {float(mre) if mre is not None else float('nan'):.3f} mm  "
               f"({elapsed:.0f} s, {per_epoch:.1f} s/epoch{left})", flush=True)
 
 
@@ -116,13 +117,14 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def progress_callback(n_batches: int, refresh_rate: int | None, progress: str = "bar") -> Callback:
+def progress_callback(n_batches: int, refresh_rate: int | None, progress: str = "bar",
+                      in_sample: bool = False) -> Callback:
     """The live TQDM bar (``progress="bar"``), or :class:`EpochLines` (``"lines"``: the driver's choice, so that
-    stored notebooks hold epoch lines, not bar fragments)."""
+    stored notebooks hold epoch lines, not bar fragments; ``in_sample``: the val error is marked in-sample)."""
     if progress not in PROGRESS_MODES:
         raise ValueError(f"progress={progress!r}: must be one of {PROGRESS_MODES}")
     if progress == "lines":
-        return EpochLines()
+        return EpochLines(in_sample=in_sample)
     return EpochProgressBar(refresh_rate=refresh_rate or n_batches)
 
 
@@ -633,7 +635,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         precision=cast("_PRECISION_INPUT", precision),  # one of PRECISIONS (parameters.py); Lightning checks it
         **({"devices": device_ids} | parallel),
         logger=_history_logger(out, resume),
-        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest, progress_callback(n_batches, progress_refresh_rate, progress),
+        callbacks=[clock, _EpochSeeds(seed), checkpoint, latest,
+                   progress_callback(n_batches, progress_refresh_rate, progress, select == "last"),
                    *callbacks],
         enable_progress_bar=progress != "lines",
         check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=0, log_every_n_steps=1,
