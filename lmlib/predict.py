@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image
-from lmlib.data.refit import is_refit
+from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
@@ -120,11 +120,8 @@ def calibrate_run(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95), da
     the dataset; ``data_dir`` overrides the data folder it names): fixed radii and spread multipliers."""
     from lmlib.engine.runner import split_predictions
 
-    manifest = read_manifest(Path(run_dir))
-    if manifest is not None and is_refit(manifest.get("parameters")):
-        raise ValueError(f"{run_dir}: a refit (fit_splits='train+val') trained on its validation images, so their "
-                         "errors are in-sample and would calibrate regions too small; predict without regions (levels=[], "
-                         "no --regions), or with the run of the same setting trained on train")
+    check_held_out_val((read_manifest(Path(run_dir)) or {}).get("parameters"), run_dir,
+                       "calibrating prediction regions (or predict without them: levels=[], no --regions)")
     s = split_predictions(run_dir, batch_size=batch_size, splits=("val",), data_dir=data_dir, device=device)
     if not np.isfinite(s.errors["val"]).any():
         raise ValueError(f"{run_dir}: its dataset's validation split has no annotated landmark to calibrate on")

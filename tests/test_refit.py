@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from lmlib.data.datasets import Dataset, load_dataset
+from lmlib.data.example_dataset import write_example_dataset
 from lmlib.data.label_fusion import fuse_training_labels
-from lmlib.data.refit import FIT_SPLITS, is_refit, with_val_in_train
+from lmlib.data.refit import FIT_SPLITS, check_held_out_val, is_refit, with_val_in_train
 from lmlib.engine.parameters import SharedParameters
-from lmlib.engine.runner import check_refit, load_run_data, run_method
+from lmlib.engine.runner import _split, check_refit, load_run_data, run_method, write_seeded_split
 from lmlib.methods.base import method_class
 
 
@@ -60,6 +62,23 @@ def test_the_val_copies_get_the_fused_training_labels_and_val_keeps_the_referenc
         assert kept is original
 
 
+def test_max_train_images_trims_the_training_images_and_keeps_the_val_copies() -> None:
+    refit = with_val_in_train(_phantoms())
+    n_val = len(refit.split("val"))
+    trimmed = _split(refit, "train", 3)
+    assert len(trimmed) == 3 + n_val and sum(bool(s.meta.get("refit")) for s in trimmed) == n_val
+
+
+def test_the_seeded_split_file_of_a_refit_records_the_val_images_as_val(tmp_path: Path) -> None:
+    declaration = write_example_dataset(tmp_path / "toy", n_images=20, n_new=1)
+    params = {"dataset": str(declaration), "fit_splits": "train+val"}
+    data, plain = load_run_data(params), load_run_data({**params, "fit_splits": "train"})
+    written = write_seeded_split(data, params, tmp_path / "run")
+    expected = write_seeded_split(plain, params, tmp_path / "plain")
+    assert written is not None and expected is not None
+    assert written.read_text() == expected.read_text() and ",val" in written.read_text()
+
+
 def test_fit_splits_is_a_checked_shared_parameter() -> None:
     assert FIT_SPLITS == ("train", "train+val")
     assert SharedParameters.model_validate({"fit_splits": "train+val"}).fit_splits == "train+val"
@@ -78,7 +97,9 @@ def test_what_selects_on_val_refuses_a_refit(method: str, why: str) -> None:
 
 @pytest.mark.slow
 def test_a_refit_run_trains_on_train_and_val_and_keeps_its_last_epoch(tmp_path: Path) -> None:
+    from lmlib.engine.base_run import val_predictions
     from lmlib.predict import calibrate_run
+    from lmlib.reporting.diagnostics import conformal_coverage
 
     out = tmp_path / "refit"
     params = {"dataset": "synthetic2d", "output_dir": str(out), "device": "cpu", "max_epochs": 3,
@@ -93,8 +114,30 @@ def test_a_refit_run_trains_on_train_and_val_and_keeps_its_last_epoch(tmp_path: 
     assert best["epoch"] == 2  # the last of the three epochs, whatever its (in-sample) validation error
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["fit_splits"] == "train+val"
-    with pytest.raises(ValueError, match="refit.*in-sample"):
+    callbacks = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    assert any(key.startswith("ModelCheckpoint{'monitor': None, 'mode': 'max'") for key in callbacks)  # no val choice
+    assert not any("val/mre_mm" in key for key in callbacks)
+    with pytest.raises(ValueError, match="refit.*in-sample.*calibrating prediction regions"):
         calibrate_run(out, (0.9,))
+    with pytest.raises(ValueError, match="refit.*in-sample.*calibrating regions"):
+        conformal_coverage(out, (0.9,))
+    with pytest.raises(ValueError, match="refit.*in-sample.*val predictions"):
+        val_predictions(out, manifest, data.split("train"), data.split("val"))
+
+
+def test_a_refit_is_left_out_of_the_peer_benchmark_choice() -> None:
+    from lmlib.reporting.peer import our_candidates
+
+    runs = pd.DataFrame({"device": ["cpu", "cpu"], "train_s": [900.0, 1000.0], "epochs": [140, 140],
+                         "mre_mm": [1.0, 1.1], "refit": [True, False]}, index=["a_refit", "b"])
+    assert list(our_candidates(runs).index) == ["b"]
+
+
+def test_the_held_out_check_names_the_run_and_what_needs_it() -> None:
+    check_held_out_val({"fit_splits": "train"}, "runs/x", "anything")
+    check_held_out_val(None, "runs/x", "anything")
+    with pytest.raises(ValueError, match="runs/x: a refit .* in-sample: a choice needs a run trained on train"):
+        check_held_out_val({"fit_splits": "train+val"}, "runs/x", "a choice")
 
 
 def test_the_epoch_lines_of_a_refit_mark_the_val_error_in_sample() -> None:

@@ -13,7 +13,9 @@ its (in-sample) validation error per epoch.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from lmlib.data.datasets import Dataset
 
@@ -31,6 +33,14 @@ def with_val_in_train(data: Dataset) -> Dataset:
     return replace(data, samples=[*data.samples, *copies])
 
 
-def is_refit(params: dict[str, object] | None) -> bool:
+def is_refit(params: Mapping[str, object] | None) -> bool:
     """Whether a run's parameters (its manifest's ``parameters``) trained on train+val."""
     return bool(params) and str((params or {}).get("fit_splits") or "train") == "train+val"
+
+
+def check_held_out_val(params: Mapping[str, object] | None, run: str | Path, use: str) -> None:
+    """Raise naming ``run`` when its parameters are a refit's: ``use`` (what needs its val split held out, e.g.
+    "calibrating prediction regions") would read in-sample errors."""
+    if is_refit(params):
+        raise ValueError(f"{run}: a refit (fit_splits='train+val') trained on its validation images, so their errors "
+                         f"are in-sample: {use} needs a run trained on train (the same setting without the refit)")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample
 from lmlib.engine.cascade import Start, landmark_errors, model_checkpoints, predict_cascade
 from lmlib.engine.training import Predictions
@@ -81,6 +82,8 @@ def val_predictions(folder: Path, manifest: dict[str, Any], train: Sequence[Samp
     from lmlib.methods.base import method_class
 
     method = str(manifest.get("method", ""))
+    check_held_out_val(manifest.get("parameters"), folder, "starting from its val predictions (a refinement's "
+                       "patch sizes and kept landmarks, a shape prior's variant)")
     if method and getattr(method_class(method), "derived_from", None):
         raise ContractError(f"{folder / 'manifest.json'}: a {method} run is derived from other runs and keeps no "
                             "checkpoint to predict the val split with: start from one of the runs it is derived from")

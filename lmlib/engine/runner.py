@@ -124,8 +124,11 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
 
 
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
+    """The split's samples; ``limit`` (``max_train_images``) keeps the first of its own images, a refit's copies of
+    the val images (:mod:`lmlib.data.refit`) all kept after them."""
     samples = data.split(name)
-    return samples[: limit or None]
+    own = [s for s in samples if not s.meta.get("refit")]
+    return own[: limit or None] + [s for s in samples if s.meta.get("refit")]
 
 
 def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Path) -> Path | None:
@@ -135,7 +138,7 @@ def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Pat
     spec = data.spec
     if not spec.reader or spec.splits_file or spec.single_template or spec.subject_splits:
         return None
-    splits = {s.image_id: s.meta.get("split") or "" for s in data.samples}
+    splits = {s.image_id: s.meta.get("split") or "" for s in data.samples if not s.meta.get("refit")}
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "splits.csv"
     pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
@@ -354,7 +357,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; {kept} ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
-    figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir)}
+    figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir,
+                                                                         in_sample=is_refit(dict(params)))}
     figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
     variants = {}
     for name, overrides in result.module.method.decoding_variants().items():

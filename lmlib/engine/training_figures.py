@@ -94,20 +94,24 @@ def _per_landmark_figure(history: pd.DataFrame, prefix: str, ylabel: str, title:
     return fig
 
 
-def plot_training_curves(history_csv: str | Path, output_dir: str | Path | None = None) -> dict[str, Figure]:
+def plot_training_curves(history_csv: str | Path, output_dir: str | Path | None = None,
+                         in_sample: bool = False) -> dict[str, Figure]:
     """Loss, mean error (mm) and Dice curves, overall and per landmark; saved as PNGs in ``output_dir``.
+    ``in_sample``: a refit trained on its val images (:mod:`lmlib.data.refit`): the curves say so, and no best epoch is
+    marked (the last is kept).
 
     Returns the figures by file name (missing metrics give no figure).
     """
     h = read_history(history_csv)
+    val = "validation (in-sample)" if in_sample else "validation"
     drawn = {
-        "fig_loss.png": _line_figure(h, {"train/loss": "train", "val/loss": "validation"}, "loss", "Loss", logy=True),
-        "fig_mean_error.png": _line_figure(h, {"val/mre_mm": "validation"}, "mean radial error (mm, log scale)",
-                                           "Mean landmark error", logy=True, mark_min="mm"),
-        "fig_dice.png": _line_figure(h, {"val/dice": "validation"}, "Dice", "Dice (thresholded output vs target)"),
+        "fig_loss.png": _line_figure(h, {"train/loss": "train", "val/loss": val}, "loss", "Loss", logy=True),
+        "fig_mean_error.png": _line_figure(h, {"val/mre_mm": val}, "mean radial error (mm, log scale)",
+                                           "Mean landmark error", logy=True, mark_min="" if in_sample else "mm"),
+        "fig_dice.png": _line_figure(h, {"val/dice": val}, "Dice", "Dice (thresholded output vs target)"),
         "fig_mean_error_per_landmark.png": _per_landmark_figure(h, "val/err_mm/", "mean radial error (mm)",
-                                                                "Validation error per landmark"),
-        "fig_dice_per_landmark.png": _per_landmark_figure(h, "val/dice/", "Dice", "Validation Dice per landmark"),
+                                                                f"{val.capitalize()} error per landmark"),
+        "fig_dice_per_landmark.png": _per_landmark_figure(h, "val/dice/", "Dice", f"{val.capitalize()} Dice per landmark"),
     }
     figs = {k: v for k, v in drawn.items() if v is not None}
     if output_dir is not None:

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from lmlib.data.datasets import Dataset
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
+from lmlib.data.refit import is_refit
 from lmlib.engine.parameters import shared_value
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
 from lmlib.engine.training import LandmarkModule, compile_for_training
@@ -203,8 +204,8 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
     """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
     the machine (its manifest's ``environment.platform``: runs of different sessions may differ in speed by it),
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
-    inference seconds per image, peak memory (MB), test MRE (mm) and the input grid (px, (x, y[, z])); and each
-    run's test errors (images x landmarks, mm)."""
+    inference seconds per image, peak memory (MB), test MRE (mm), the input grid (px, (x, y[, z])) and whether it is
+    a refit on train+val; and each run's test errors (images x landmarks, mm)."""
     from lmlib.engine.base_run import run_grid
     from lmlib.reporting.comparison import load_comparison
 
@@ -216,8 +217,10 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
             continue
         epochs = metrics.get("epochs") or np.nan
         size = run_grid(Path(results_dir) / dataset / m)  # a refinement's: its base run's (its stages use patches)
-        machine = (comp.manifests.get(m, {}).get("environment") or {}).get("platform", "")
+        manifest = comp.manifests.get(m, {})
+        machine = (manifest.get("environment") or {}).get("platform", "")
         rows.append({"method": m, "device": comp.run_device(m), "machine": machine, "epochs": epochs,
+                     "refit": is_refit(manifest.get("parameters")),
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
                      "mre_mm": float(np.nanmean(comp.errors[m])),

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lmlib.data.refit import check_held_out_val
 from lmlib.engine.runner import split_predictions
 from lmlib.evaluation.conformal import coverage_table
 from lmlib.evaluation.metrics import summarize
+from lmlib.outputs.contract import read_manifest
 
 
 def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
@@ -52,6 +54,7 @@ def conformal_coverage(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95
     """Per-landmark prediction regions calibrated on the validation split (split conformal: fixed radii from
     the radial errors, adaptive ones from the errors over the predictions' own uncertainty) and their empirical
     coverage and mean radius on the test split (:func:`lmlib.evaluation.conformal.coverage_table`)."""
+    check_held_out_val((read_manifest(Path(run_dir)) or {}).get("parameters"), run_dir, "calibrating regions")
     s = split_predictions(run_dir, checkpoint, batch_size, ("val", "test"))
     return coverage_table(s.errors["val"], s.errors["test"], levels, s.landmark_names, s.spread_mm["val"],
                           s.spread_mm["test"], review_mm, s.confidence["val"], s.confidence["test"])

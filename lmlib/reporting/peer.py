@@ -206,7 +206,11 @@ def our_candidates(runs: pd.DataFrame, device: str = "cpu") -> pd.DataFrame:
     heads (``htc/half_head`` when ``htc`` is a row); a cascade's stage rows stay (its last stage is its output).
     Trained runs only: the peer's budget is our training time, and the registration baseline trains nothing
     (on synthetic2d it was the best row and gave the peer a 0-second budget); rows derived from finished runs
-    without training (an ensemble, test-time scales: 0 epochs) are not one training either."""
+    without training (an ensemble, test-time scales: 0 epochs) are not one training either. A refit on train+val
+    (``refit``) is left out: the peer trains on train only."""
+    if not runs.empty:
+        refit = runs["refit"].astype(bool) if "refit" in runs else pd.Series(False, index=runs.index)
+        runs = runs[~refit]
     mine = runs[(runs["device"] == device) & (runs["train_s"] > 0) & (runs["epochs"] > 0)] if not runs.empty else runs
     keep = [m for m in mine.index if "/" not in str(m) or str(m).split("/")[0] not in mine.index]
     return mine.loc[keep].sort_values("mre_mm")
