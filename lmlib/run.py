@@ -123,6 +123,8 @@ JOBS: tuple[Job, ...] = (
     # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
     _job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet"),
+    # hand-xray's committed setting refit on train + val (its last epoch kept)
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_refit", ("hand-xray",), runs="heatmap_unet", main=False),
     # the same full setting on the CPU, whatever the machine has: the benchmark's peer is measured beside CPU runs
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu", ("synthetic2d", "hamedan-ceph"), runs="heatmap_unet", main=False),
     # the generalisation study's variants of heatmap_unet_cpu (one setting changed each; profiles.yaml); aug_half
