@@ -35,7 +35,7 @@ def with_val_in_train(data: Dataset) -> Dataset:
 
 def is_refit(params: Mapping[str, object] | None) -> bool:
     """Whether a run's parameters (its manifest's ``parameters``) trained on train+val."""
-    return bool(params) and str((params or {}).get("fit_splits") or "train") == "train+val"
+    return params is not None and str(params.get("fit_splits") or "train") == "train+val"
 
 
 def check_held_out_val(params: Mapping[str, object] | None, run: str | Path, use: str) -> None:

@@ -109,7 +109,7 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
                              "random deformations of it (60/20/20 % train/val/test)")
         options = {"deformed": n}
     folder = data_dir or params.get("data_dir") or None
-    refit = is_refit(dict(params))
+    refit = is_refit(params)
     data = load_dataset(name, folder, annotator=params.get("annotator") or None, **options)
     data = with_val_in_train(data) if refit else data
     mode = str(params.get("train_labels") or "reference")
@@ -269,14 +269,14 @@ def fit_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"devices": int(shared_value(params, "devices")), "num_nodes": int(shared_value(params, "num_nodes")),
             "strategy": str(shared_value(params, "strategy")), "precision": str(shared_value(params, "precision")),
             "torch_compile": bool(shared_value(params, "torch_compile")),
-            "progress": str(shared_value(params, "progress")), "select": "last" if is_refit(dict(params)) else "val"}
+            "progress": str(shared_value(params, "progress")), "select": "last" if is_refit(params) else "val"}
 
 
 def check_refit(method: type[LandmarkMethod], params: Mapping[str, Any]) -> None:
     """Raise when ``fit_splits='train+val'`` (a refit) asks for something only a run selected on val can do: a cascade
     (its later stages keep a landmark by its validation error), a method that trains nothing, or a run made from
     other runs (ensemble, test-time augmentation: their members choose their own splits)."""
-    if not is_refit(dict(params)):
+    if not is_refit(params):
         return
     why = ("is made from finished runs (refit its members instead)" if getattr(method, "derived_from", None)
            else "trains nothing" if not getattr(method, "trainable", True)
@@ -357,8 +357,8 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; {kept} ({Path(result.best_checkpoint).name})")
     pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
-    figures = {name: output_dir / name for name in plot_training_curves(result.history_csv, output_dir,
-                                                                         in_sample=is_refit(dict(params)))}
+    curves = plot_training_curves(result.history_csv, output_dir, in_sample=is_refit(params))
+    figures = {name: output_dir / name for name in curves}
     figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
     variants = {}
     for name, overrides in result.module.method.decoding_variants().items():
