@@ -55,3 +55,37 @@ def test_per_landmark_routes_each_item_to_its_own_net():
     assert out.shape == (5, 2, 4, 4)
     assert out[:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0, 2.0, 0.0]
     assert len(module.state_dict()) == 6  # one checkpoint holds every landmark's net
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_head_channels_set_the_top_levels_width_and_project_to_every_landmark(spatial_dims, size):
+    """``head_channels``: MONAI's U-Net ends at that width and one 3x3 convolution gives the landmark channels,
+    so each output map has its own weights over a neighbourhood (a 1x1 from fewer features could not give 19
+    independent maps); 0 keeps MONAI's U-Net as it is (the state dict of earlier checkpoints)."""
+    net = build_network(spatial_dims, out_channels=19, channels=(8, 16, 32), num_res_units=1, head_channels=16)
+    assert net(torch.zeros(2, 1, *size)).shape == (2, 19, *size)
+    unet, head = net
+    assert unet.out_channels == 16 and head.in_channels == 16 and head.out_channels == 19
+    assert head.kernel_size == (3,) * spatial_dims
+    plain = build_network(spatial_dims, out_channels=19, channels=(8, 16, 32), num_res_units=1)
+    assert plain.out_channels == 19 and next(iter(plain.state_dict())).startswith("model.")
+
+
+def test_head_channels_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="head_channels"):
+        build_network(2, 3, arch="basic_unet", head_channels=16)
+    with pytest.raises(ValueError, match="head_channels"):
+        build_network(2, 3, head_channels=-1)
+
+
+def test_head_channels_reach_the_network_from_the_notebook_parameters_and_the_checkpoint_config():
+    from lmlib.methods.base import build_method
+    from lmlib.methods.heatmap_unet import HeatmapUNet
+
+    method = HeatmapUNet.from_parameters(2, 19, {"channels": [8, 16, 32], "head_channels": 16})
+    assert method.network["head_channels"] == 16
+    again = build_method("heatmap_unet", **method.config())
+    assert again.build_network()[1].out_channels == 19
+    assert "head_channels" not in HeatmapUNet.from_parameters(2, 19, {}).network  # the default: as before
+    with pytest.raises(ValueError, match="head_channels"):
+        HeatmapUNet.from_parameters(2, 19, {"head_channels": -2})

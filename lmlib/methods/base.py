@@ -46,7 +46,7 @@ from torch import nn
 from lmlib.methods.config import MethodParameters
 from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.networks import build_network, size_multiple
-from lmlib.typed import Widths, field, one_of
+from lmlib.typed import Int, Widths, field, one_of
 
 Targets = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
@@ -106,6 +106,8 @@ class UNetParameters(MethodParameters):
     """The parameters of a method built on :func:`~lmlib.methods.networks.build_network` (a MONAI U-Net)."""
 
     channels: Widths = field([16, 32, 64, 128, 256], "U-Net features per level", "a list of integers >= 1")
+    head_channels: Int = field(0, "full-resolution top level's width, then a 3x3 conv to the landmarks "
+                               "(0: the U-Net outputs them)", "an integer >= 0", ge=0)
     decoder: Annotated[str, one_of(DECODERS)] = field(
         "quadratic", f"sub-pixel decoding of each map: {' | '.join(DECODERS)}", f"one of {', '.join(DECODERS)}")
 
@@ -169,6 +171,8 @@ class LandmarkMethod(Generic[OutputsT]):
         out: dict[str, Any] = {}
         if "channels" in params:
             out["network"] = {"channels": list(params["channels"])}
+        if params.get("head_channels"):  # absent or 0: MONAI's U-Net as it is (earlier checkpoints' config)
+            out.setdefault("network", {})["head_channels"] = int(params["head_channels"])
         if "decoder" in params:
             out["decoder"] = params["decoder"]
         return out

@@ -13,6 +13,13 @@ parameters); ``unet`` 32-512 3.6 s (6.5 M); ``basic_unet`` 16..128 3.8 s (0.5 M)
 resnet18 7.3 s (13.5 M), efficientnet-b0 16 s (7.1 M). Hence the default: MONAI ``UNet`` 16-256, the
 fastest per image by 4x at a useful size (the seed's ResNet-101 U-Net would be far slower still).
 Re-measure with :func:`time_network`.
+
+``head_channels`` (``unet`` only): the top level's width at the input's full resolution, then one 3 x 3
+convolution to the landmark channels (0: MONAI's top level outputs the landmarks itself). oneDNN vectorises
+channels in blocks of 16 on AVX-512 CPUs; with 19 landmarks (hamedan-ceph) the full-resolution layers ran at
+the cost of 32 channels, and 16 there plus the one projection made the training step faster (the benchmark
+notebook's ``table_speed.csv`` times the job that uses it). A 3 x 3, not a 1 x 1, projection: a 1 x 1 from 16
+features could not give 19 independent maps at a pixel.
 """
 from __future__ import annotations
 
@@ -29,15 +36,18 @@ ARCHITECTURES: tuple[str, ...] = ("unet", "basic_unet", "flexible_unet")
 def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, arch: str = "unet",
                   channels: Sequence[int] = (16, 32, 64, 128, 256), strides: Sequence[int] | None = None,
                   num_res_units: int = 2, norm: str = "instance", dropout: float = 0.0,
-                  backbone: str = "resnet18") -> nn.Module:
+                  backbone: str = "resnet18", head_channels: int = 0) -> nn.Module:
     """A segmentation-style network mapping ``(B, in, *size)`` to ``(B, out, *size)``.
 
     ``channels``: feature counts per level (``unet``: len(channels) - 1 downsamplings by ``strides``,
     default 2 each; ``basic_unet``: the 6 ``features``, padded/trimmed). ``backbone`` only for
-    ``flexible_unet``. Input sizes must be divisible by :func:`size_multiple`.
+    ``flexible_unet``. ``head_channels`` > 0 (``unet`` only): the top level's width, then a 3 x 3 convolution
+    to ``out_channels`` (see the module docstring). Input sizes must be divisible by :func:`size_multiple`.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if head_channels < 0 or (head_channels and arch != "unet"):
+        raise ValueError(f"head_channels must be >= 0 and is for arch 'unet' only, got {head_channels} for {arch!r}")
     if arch == "unet":
         from monai.networks.nets import UNet
 
@@ -45,8 +55,12 @@ def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, ar
         st = tuple(int(s) for s in strides) if strides is not None else (2,) * (len(chans) - 1)
         if len(st) != len(chans) - 1:
             raise ValueError(f"unet needs len(strides) == len(channels) - 1, got {st} for {chans}")
-        return UNet(spatial_dims, in_channels, out_channels, channels=chans, strides=st,
-                    num_res_units=num_res_units, norm=norm, dropout=dropout)
+        net = UNet(spatial_dims, in_channels, head_channels or out_channels, channels=chans, strides=st,
+                   num_res_units=num_res_units, norm=norm, dropout=dropout)
+        if not head_channels:
+            return net
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        return nn.Sequential(net, conv(head_channels, out_channels, kernel_size=3, padding=1))
     if arch == "basic_unet":
         from monai.networks.nets import BasicUNet
 
