@@ -242,7 +242,8 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
     assert (speed["gflop_per_step"] > 0).all() and (speed["step_s"] > 0).all()
     assert ((speed["pct_of_peak"] > 0) & (speed["pct_of_peak"] < 150)).all()
     variants = pd.read_csv(root / "benchmark" / "table_variants.csv", index_col=0)
-    assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 3
+    assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 4
+    assert variants.loc["head_channels 16", "step_s"] > 0  # the heatmap U-Net's 16-channel head, timed beside it
     runs = pd.read_csv(root / "benchmark" / "table_runs.csv", index_col="method")
     assert {"heatmap_unet", "dilation_erosion"} <= set(runs.index) and (runs["mre_mm"] > 0).all()
     peer = root / "benchmark" / "table_peer.csv"

@@ -83,9 +83,10 @@ class HeatmapUNet(LandmarkMethod[torch.Tensor]):
         if self.loss_name == "bce":
             err = F.binary_cross_entropy_with_logits(output.float(), target / self.amplitude, reduction="none")
         else:
-            err = (output.float() - target) ** 2
-        if self.foreground_weight > 1:
-            err = err * (1 + (self.foreground_weight - 1) * target / self.amplitude)
+            diff = output.float() - target
+            err = diff * diff
+        if self.foreground_weight > 1:  # err * (1 + (w - 1) * target / amplitude) in one pass over the maps
+            err = torch.addcmul(err, err, target, value=(self.foreground_weight - 1) / self.amplitude)
         return masked_mean(err, valid, self.spatial_dims)
 
     def dice(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor) -> torch.Tensor:

@@ -157,16 +157,28 @@ def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_s
     return table
 
 
+#: the full-resolution head width timed as a variant (lmlib.methods.networks: oneDNN's channel block on AVX-512)
+HEAD_VARIANT = 16
+
+
 def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
                      compiled: bool = False) -> pd.DataFrame:
-    """The same training step as is, in channels-last memory format, and under bf16 autocast (``compiled``: also
-    compiled by ``torch.compile``, in fp32 and under bf16): seconds per step and the speed-up over as-is."""
+    """The same training step as is, in channels-last memory format, under bf16 autocast and, for a method with a
+    ``head_channels`` parameter left at 0, with a 16-channel full-resolution head (``compiled``: also compiled by
+    ``torch.compile``, in fp32, under bf16 and with the head): seconds per step and the speed-up over as-is."""
+    head = {**params, "head_channels": HEAD_VARIANT}
+    with_head = "head_channels" in method_class(name).Parameters.model_fields and not params.get("head_channels")
     rows = {"as is (fp32)": profile_training(name, params, data, n_steps),
             "channels_last": profile_training(name, params, data, n_steps, channels_last=True),
             "bf16 autocast": profile_training(name, params, data, n_steps, bf16=True)}
+    if with_head:
+        rows[f"head_channels {HEAD_VARIANT}"] = profile_training(name, head, data, n_steps)
     if compiled:
         rows["torch.compile"] = profile_training(name, params, data, n_steps, torch_compile=True)
         rows["torch.compile + bf16"] = profile_training(name, params, data, n_steps, bf16=True, torch_compile=True)
+        if with_head:
+            rows[f"torch.compile + head_channels {HEAD_VARIANT}"] = profile_training(name, head, data, n_steps,
+                                                                               torch_compile=True)
     table = pd.DataFrame(rows).T[["forward_s", "backward_s", "step_s", "achieved_gflops"]].astype(float)
     table["speedup"] = table.loc["as is (fp32)", "step_s"] / table["step_s"]
     return table
