@@ -123,3 +123,21 @@ def test_dice_scores():
     d = dice_scores(a, b, 2)
     assert d[0, 0] == pytest.approx(2 * 4 / (8 + 4))
     assert torch.isnan(d[0, 1])
+
+
+def test_foreground_weighted_is_the_weighting_formula_and_its_gradient():
+    """The heatmap U-Net's and the HTC's loss weight: ``err * (1 + (w - 1) * target / peak)`` in one ``addcmul``,
+    values and gradients as the written-out formula; ``w = 1`` leaves the errors as they are."""
+    from lmlib.methods.base import foreground_weighted
+
+    torch.manual_seed(0)
+    target = gaussian_heatmaps(torch.tensor([[[5.0, 7.0], [2.5, 3.0]]]), (12, 10), 1.5, amplitude=100.0)
+    out = torch.randn(1, 2, 12, 10, requires_grad=True)
+    got = foreground_weighted((out - target) ** 2, target, 30.0, 100.0)
+    want = (out - target) ** 2 * (1 + 29.0 * target / 100.0)
+    torch.testing.assert_close(got, want)
+    (g1,) = torch.autograd.grad(got.sum(), out)
+    (g2,) = torch.autograd.grad(want.sum(), out)
+    torch.testing.assert_close(g1, g2)
+    err = torch.rand(2, 3)
+    assert foreground_weighted(err, torch.ones(2, 3), 1.0, 100.0) is err

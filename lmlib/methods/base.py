@@ -325,6 +325,17 @@ def build_method(name: str, **config: Any) -> LandmarkMethod:
     return method_class(name)(**config)
 
 
+def foreground_weighted(err: torch.Tensor, target: torch.Tensor, foreground_weight: float, peak: float) -> torch.Tensor:
+    """``err * (1 + (foreground_weight - 1) * target / peak)``: per-pixel errors weighted up to ``foreground_weight``
+    at a target's ``peak`` (1: ``err`` as it is). The weight is one pass over the maps and needs no gradient (the
+    loss runs outside the compiled network, where each elementwise pass over ``(B, N, *size)`` and its backward
+    costs about as much as a small convolution: the benchmark notebook's step times)."""
+    if foreground_weight == 1:
+        return err
+    one = torch.ones((), dtype=target.dtype, device=target.device)
+    return err * torch.add(one, target, alpha=(float(foreground_weight) - 1.0) / float(peak))
+
+
 def masked_mean(values: torch.Tensor, valid: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """Mean of per-pixel ``values`` ``(B, N, *size)`` over valid channels only (0 if none)."""
     per_channel = values.mean(dim=tuple(range(-spatial_dims, 0)))

@@ -79,7 +79,7 @@ class DilationErosionUNet(LandmarkMethod[torch.Tensor]):
 
     @classmethod
     def parameter_config(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Notebook parameters besides the radii: ``channels``, ``decoder``, ``mask_centre``."""
+        """Notebook parameters besides the radii: ``channels``, ``head_channels``, ``decoder``, ``mask_centre``."""
         out = super().parameter_config(params)
         if "mask_centre" in params:
             out["mask_centre"] = params["mask_centre"]

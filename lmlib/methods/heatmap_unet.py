@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters, masked_mean
+from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters, foreground_weighted, masked_mean
 from lmlib.methods.config import defaults
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 from lmlib.typed import Number, field
@@ -83,11 +83,9 @@ class HeatmapUNet(LandmarkMethod[torch.Tensor]):
         if self.loss_name == "bce":
             err = F.binary_cross_entropy_with_logits(output.float(), target / self.amplitude, reduction="none")
         else:
-            diff = output.float() - target
-            err = diff * diff
-        if self.foreground_weight > 1:  # err * (1 + (w - 1) * target / amplitude) in one pass over the maps
-            err = torch.addcmul(err, err, target, value=(self.foreground_weight - 1) / self.amplitude)
-        return masked_mean(err, valid, self.spatial_dims)
+            err = F.mse_loss(output.float(), target, reduction="none")  # one fused kernel each way
+        return masked_mean(foreground_weighted(err, target, self.foreground_weight, self.amplitude), valid,
+                           self.spatial_dims)
 
     def dice(self, output: torch.Tensor, targets: Targets, valid: torch.Tensor) -> torch.Tensor:
         """Dice of ``output > amplitude / 2`` vs ``target > amplitude / 2`` (the half-maximum disk)."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlib.methods.base import LandmarkMethod, Targets, masked_mean
+from lmlib.methods.base import LandmarkMethod, Targets, foreground_weighted, masked_mean
 from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
@@ -309,9 +309,8 @@ class MultiresHTC(LandmarkMethod[dict[str, torch.Tensor]]):
         total = output[self.trained_heads()[0]].new_zeros((), dtype=torch.float32)
         for head in self.trained_heads():
             target = targets[head]
-            err = (output[head].float() - target) ** 2
-            if self.foreground_weight > 1:
-                err = err * (1 + (self.foreground_weight - 1) * target)
+            err = foreground_weighted(F.mse_loss(output[head].float(), target, reduction="none"), target,
+                                      self.foreground_weight, 1.0)  # targets peak at 1
             total = total + self.weights[head] * masked_mean(err, valid, self.spatial_dims)
         return total
 

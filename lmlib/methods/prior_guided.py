@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlib.data.loaders import ViewSpec
-from lmlib.methods.base import OutputsT, masked_mean
+from lmlib.methods.base import OutputsT, foreground_weighted, masked_mean
 from lmlib.methods.config import MethodParameters, defaults
 from lmlib.methods.decoding import decode_maps
 from lmlib.methods.networks import PerLandmark, SharedByLandmark, build_network
@@ -254,10 +255,8 @@ def from_normalised(u: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def weighted_mse(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, dims: int,
                  foreground_weight: float) -> torch.Tensor:
     """Squared error weighted ``1 + (w - 1) * target / amplitude`` per pixel, over valid maps only."""
-    err = (output.float() - target) ** 2
-    if foreground_weight > 1:
-        err = err * (1 + (foreground_weight - 1) * target / AMPLITUDE)
-    return masked_mean(err, valid, dims)
+    err = F.mse_loss(output.float(), target, reduction="none")
+    return masked_mean(foreground_weighted(err, target, foreground_weight, AMPLITUDE), valid, dims)
 
 
 def distribution(logits: torch.Tensor, dims: int) -> torch.Tensor:

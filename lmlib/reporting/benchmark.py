@@ -30,7 +30,7 @@ from lmlib.data.refit import is_refit
 from lmlib.engine.parameters import shared_value
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
 from lmlib.engine.training import LandmarkModule, compile_for_training
-from lmlib.methods.base import method_class
+from lmlib.methods.base import UNetParameters, method_class
 from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
 
@@ -163,11 +163,12 @@ HEAD_VARIANT = 16
 
 def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
                      compiled: bool = False) -> pd.DataFrame:
-    """The same training step as is, in channels-last memory format, under bf16 autocast and, for a method with a
-    ``head_channels`` parameter left at 0, with a 16-channel full-resolution head (``compiled``: also compiled by
-    ``torch.compile``, in fp32, under bf16 and with the head): seconds per step and the speed-up over as-is."""
+    """The same training step as is, in channels-last memory format, under bf16 autocast and, for a U-Net method
+    (:class:`~lmlib.methods.base.UNetParameters`) whose ``head_channels`` is 0, with a 16-channel full-resolution
+    head (``compiled``: also compiled by ``torch.compile``, in fp32, under bf16 and with the head): seconds per step
+    and the speed-up over as-is."""
     head = {**params, "head_channels": HEAD_VARIANT}
-    with_head = "head_channels" in method_class(name).Parameters.model_fields and not params.get("head_channels")
+    with_head = issubclass(method_class(name).Parameters, UNetParameters) and not params.get("head_channels")
     rows = {"as is (fp32)": profile_training(name, params, data, n_steps),
             "channels_last": profile_training(name, params, data, n_steps, channels_last=True),
             "bf16 autocast": profile_training(name, params, data, n_steps, bf16=True)}
@@ -271,16 +272,16 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
                   time_compiled: bool = False) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
-    channels-last / bf16, and the finished runs of ``results_dir/<dataset>`` (time, memory, accuracy). Writes
-    ``table_speed.csv``, ``table_variants.csv``, ``table_runs.csv``, ``fig_step_breakdown.png`` and
-    ``manifest.json`` into ``output_dir``; returns them for display. ``n_deformed``: a single-template
-    dataset's deformations (as the driver's jobs).
+    channels-last / bf16 / with a 16-channel head (:func:`compare_variants`), and the finished runs of
+    ``results_dir/<dataset>`` (time, memory, accuracy). Writes ``table_speed.csv``, ``table_variants.csv``,
+    ``table_runs.csv``, ``fig_step_breakdown.png`` and ``manifest.json`` into ``output_dir``; returns them for
+    display. ``n_deformed``: a single-template dataset's deformations (as the driver's jobs).
 
     ``peer``: also train the ``landmarker`` SCN (:mod:`lmlib.reporting.peer`, interpreter ``peer_python``) on
     the same split, at the input size of our best CPU run and for its training time (``peer_budget_s`` > 0:
     that many seconds instead), and write ``table_peer.csv`` (ratios) with the peer's predictions.
     ``time_compiled``: also time every step compiled by ``torch.compile`` (``table_speed.csv``'s compiled columns,
-    two more variants)."""
+    the variants compiled too)."""
     from lmlib.engine.runner import load_run_data
     from lmlib.outputs.figure_files import save_figure
     from lmlib.outputs.manifest import utc_now, write_manifest
