@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters
+from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters, masked_mean
 from lmlib.methods.config import defaults
 from lmlib.methods.decoding import DECODERS, decode_maps
 from lmlib.methods.targets import ShrinkSchedule, diamond_masks, dice_scores, mask_pos_weight
@@ -109,9 +109,7 @@ class DilationErosionUNet(LandmarkMethod[torch.Tensor]):
         size = tuple(output.shape[-self.spatial_dims:])
         pw = torch.tensor(mask_pos_weight(self.radius(epoch, size), size), device=output.device)
         bce = F.binary_cross_entropy_with_logits(output.float(), targets["mask"], pos_weight=pw, reduction="none")
-        per_channel = bce.mean(dim=tuple(range(-self.spatial_dims, 0)))
-        w = valid.to(per_channel.dtype)
-        return (per_channel * w).sum() / w.sum().clamp_min(1.0)
+        return masked_mean(bce, valid, self.spatial_dims)
 
     def maps(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output.float())

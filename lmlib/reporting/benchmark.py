@@ -13,7 +13,7 @@ one warm-up step.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,31 +34,37 @@ from lmlib.methods.base import UNetParameters, method_class
 from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
 
+#: timed repetitions of each peak measurement, after as many untimed ones: with five, the convolution's best rate on
+#: this 2-core CPU moved between runs by a factor of two (oneDNN and the clock still warming up), which moved every
+#: method's share of the peak with it
+PEAK_REPEATS = 20
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """This process's best rate (GFLOP/s) on an ``n x n`` matmul: the practical peak of the CPU (or device)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
+
+def _best_seconds(op: Callable[[], object], repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``op``, after ``repeats`` untimed ones."""
+    for _ in range(repeats):
+        op()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        op()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best / 1e9
+    return best
 
 
-def conv_peak_gflops(channels: int = 256, size: int = 64, repeats: int = 5) -> float:
+def matmul_peak_gflops(n: int = 2048, repeats: int = PEAK_REPEATS, dtype: torch.dtype = torch.float32) -> float:
+    """This process's best rate (GFLOP/s) on an ``n x n`` matmul: the practical peak of the CPU (or device)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2.0 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def conv_peak_gflops(channels: int = 256, size: int = 64, repeats: int = PEAK_REPEATS) -> float:
     """This process's best rate (GFLOP/s) on a large 3x3 fp32 convolution (oneDNN's kernels, which on some CPUs
-    outrun the BLAS matmul: on this AMD EPYC the matmul reached ~210 GFLOP/s, this convolution ~460)."""
+    outrun the BLAS matmul, as on the AMD EPYC the committed benchmarks ran on: their ``table_peak.csv``)."""
     x = torch.randn(4, channels, size, size)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     with torch.no_grad():
-        conv(x)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            conv(x)
-            best = min(best, time.perf_counter() - t)
+        best = _best_seconds(lambda: conv(x), repeats)
     return 2.0 * 4 * channels * channels * 9 * size * size / best / 1e9
 
 
