@@ -62,8 +62,8 @@ def gaussian_heatmaps(landmarks: torch.Tensor, size: Sequence[int], sigma: float
     d = len(size)
     sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (d,))
     # separable: exp(-sum_d t_d) = prod_d exp(-t_d), one exp per axis along that axis only and one product over the
-    # grid (an exp and five other passes over every pixel of (B, N, *size) were a third of the heatmap U-Net's
-    # training step on a CPU: the benchmark notebook's step times)
+    # grid (an exp and five other passes over every pixel of (B, N, *size) were a large share of the heatmap U-Net's
+    # training step on a CPU: the benchmark notebook's step times, forward_s)
     heat: torch.Tensor | None = None
     for axis, g in enumerate(_grid(size, lm.device)):
         p = lm[..., axis].reshape(*lm.shape[:-1], *([1] * d))

@@ -35,8 +35,8 @@ from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
 
 #: timed repetitions of each peak measurement, after as many untimed ones: with five, the convolution's best rate on
-#: this 2-core CPU moved between runs by a factor of two (oneDNN and the clock still warming up), which moved every
-#: method's share of the peak with it
+#: a 2-core CPU moved widely between runs (oneDNN and the clock still warming up), and every method's share of the
+#: peak with it
 PEAK_REPEATS = 20
 
 
