@@ -1,6 +1,7 @@
 """Figures render headless, return a Figure, and save small PNGs."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from PIL import Image
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
@@ -86,3 +88,9 @@ def test_save_figure_stays_under_limit(tmp_path: Path) -> None:
     fig.add_subplot().imshow(noise)
     path = plots.save_figure(fig, tmp_path / "noise.png", dpi=150, max_bytes=400_000)
     assert path.stat().st_size <= 400_000
+    # a notebook showing the returned figure embeds the saved size, not the first (too large) resolution
+    from IPython.core.pylabtools import print_figure
+
+    inline = print_figure(fig, "png")
+    assert len(inline) <= 400_000
+    assert Image.open(io.BytesIO(inline)).size == Image.open(path).size
