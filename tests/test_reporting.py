@@ -385,3 +385,15 @@ def test_a_run_made_with_set_overrides_is_named_so_in_the_profile_column() -> No
     assert profile_label({"driver": {"profile": "default", "overrides": {"max_epochs": 20, "device": "cpu"}}}) == \
         "default + device=cpu, max_epochs=20"
     assert profile_label({}) == "-"
+
+
+def test_matrix_figures_keep_main_rows_and_the_best_variants() -> None:
+    names = ["a_main", "v1", "v2", "ref", "v3", "b_main"]
+    errors = pd.DataFrame(np.ones((2, len(names))), columns=names)
+    roles = {"a_main": "main", "b_main": "main", "ref": "reference", "v1": "ablation", "v2": "ablation",
+             "v3": "ablation"}
+    comp = reporting.Comparison("d", {}, {}, errors, roles=roles)
+    order = ["v2", "a_main", "v3", "ref", "v1", "b_main"]  # the table's order, lowest MRE first
+    assert comp.matrix_methods(order, n_best=2) == ["v2", "a_main", "v3", "ref", "b_main"]
+    assert comp.matrix_methods(order, n_best=0) == comp.main_methods(order)
+    assert comp.matrix_methods(order, n_best=10) == order

@@ -50,6 +50,9 @@ TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "pea
 KEY = ["image_id", "landmark"]
 CSV_TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals
 UNKNOWN = "-"  # profile/device of a run whose manifest does not say
+#: variants shown beside the main rows in the matrix figures (a matrix over every variant of a data set with many
+#: ablation jobs is unreadable at any size that a notebook embeds)
+MATRIX_BEST_VARIANTS = 5
 
 
 @dataclass
@@ -127,6 +130,13 @@ class Comparison:
     def main_methods(self, order: Sequence[str] | None = None) -> list[str]:
         """The rows of the main figures, one series per method: ``main`` and ``reference`` rows (in ``order``)."""
         return [m for m in (order or self.methods) if self.roles.get(m, MAIN) != ABLATION and m in self.errors]
+
+    def matrix_methods(self, order: Sequence[str] | None = None, n_best: int = MATRIX_BEST_VARIANTS) -> list[str]:
+        """The rows of the matrix figures (significance, error per landmark), in ``order``: the main figures' rows
+        plus the first ``n_best`` variants in ``order`` (the table's: lowest MRE first), so the best row of the table
+        is in them whatever its role. Every pair and landmark stays in the tables."""
+        best = set(self.ablation_methods(order)[:n_best])
+        return [m for m in (order or self.methods) if m in best or m in self.main_methods(order)]
 
     def ablation_methods(self, order: Sequence[str] | None = None) -> list[str]:
         """Variants (decoding heads, intermediate cascade stages, ablation and other-setting jobs), in ``order``."""
