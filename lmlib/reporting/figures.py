@@ -124,7 +124,8 @@ def fig_landmark_heatmap(table: pd.DataFrame, path: Path | str | None = None, dp
                 annot_kws={"fontsize": 7}, cbar_kws={"label": "MRE (mm)"}, ax=ax)
     ax.set_xlabel("method")
     ax.set_ylabel("landmark")
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names end at their column
     ax.tick_params(axis="y", rotation=0, labelsize=8)
     ax.set_title("Mean radial error per landmark")
     return _finish(fig, path, dpi)
@@ -163,7 +164,8 @@ def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = Non
                 ax.text(j + 0.5, i + 0.5, text[i][j], ha="center", va="center", fontsize=7, color="0.35")
     ax.set_xlabel("method B")
     ax.set_ylabel("method A")
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names end at their column
     ax.tick_params(axis="y", rotation=0, labelsize=8)
     ax.set_title(f"Wilcoxon signed-rank, Holm-corrected (alpha {alpha:g}); Δ = mean error A - B (mm)", fontsize=9)
     return _finish(fig, path, dpi)
