@@ -9,12 +9,14 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
+from lmlib.data import grids
 from lmlib.data.geometry import Geometry
 from lmlib.data.grids import (
     Grid,
     SourceImage,
     antialias_sigma_mm,
     crop_array,
+    discrete_gaussian_kernel,
     normalize_intensity,
     on_sub_grid,
     preprocess,
@@ -297,6 +299,58 @@ def test_patches_at_many_spacings_keep_no_full_copies() -> None:
         full = SourceImage(s).smoothed(sigma)
         np.testing.assert_allclose(resample(src, patch), resample(full, patch, antialias=False), atol=1e-5)
     assert src._smoothed == {}
+
+
+def test_discrete_gaussian_kernel_is_simpleitks() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.random((40, 30)).astype(np.float32)
+    for variance in (0.0, 0.04, 0.3, 1.0, 4.5, 30.0):  # px^2
+        kernel = discrete_gaussian_kernel(variance)
+        assert len(kernel) % 2 == 1 and abs(kernel.sum() - 1.0) < 1e-12
+        f = sitk.DiscreteGaussianImageFilter()
+        f.SetVariance([variance, 0.0])
+        f.SetUseImageSpacing(False)
+        f.SetMaximumError(1e-3)
+        f.SetMaximumKernelWidth(4096)
+        ref = sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(image.T.copy()))).T
+        ours = np.stack([np.convolve(np.pad(row, len(kernel) // 2, mode="edge"), kernel, "valid") for row in image.T]).T
+        np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def _simpleitk_patch(src: SourceImage, grid: Grid, default_value: float) -> np.ndarray:
+    """The SimpleITK route that :func:`resample` takes for grids that are not patches."""
+    level, sigma = src.for_grid(grid)
+    image, g = level.smoothed(sigma, grid), grid.geometry
+    out = sitk.Resample(image, list(grid.size), sitk.Transform(), sitk.sitkLinear, g.origin.tolist(),
+                        g.spacing.tolist(), g.direction.ravel().tolist(), default_value, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).T
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_patches_in_numpy_equal_simpleitk(ndim: int) -> None:
+    """Patches are sampled in NumPy/SciPy (per-call overhead, see grids._resample_patch) with SimpleITK's values:
+    oblique and anisotropic source and patches, finer and coarser than the source (no smoothing, a Gaussian, block
+    averages), patches across the image's border (the default value outside)."""
+    rng = np.random.default_rng(11)
+    size = (300, 260) if ndim == 2 else (120, 100, 60)
+    geom = Geometry(np.array([0.2, 0.25, 0.6][:ndim]), np.array([3.0, -4.0, 8.0][:ndim]), rotation(ndim, 12))
+    x = np.meshgrid(*[np.arange(n) for n in size], indexing="ij")
+    image = (np.sin(x[0] / 9.0) * np.cos(x[1] / 7.0) + 0.2 * rng.normal(size=size)).astype(np.float32)
+    s = Sample("p", image, geom, np.zeros((1, ndim)), [True], ["a"])
+    src = SourceImage(s)
+    centre = geom.index_to_world((np.asarray(size) - 1)[None] / 2)[0]
+    corner = geom.index_to_world(np.zeros((1, ndim)))[0]
+    patch = (12,) * ndim if ndim == 2 else (8,) * ndim
+    outside = 0
+    for spacing in (0.1, 0.3, 0.55, 1.3 if ndim == 2 else 0.9):  # finer than the source, a Gaussian, block averages
+        for c in (centre + rng.normal(0, 3, ndim), corner + 0.5 * spacing):  # inside; across the border
+            grid = Grid.centred(c, patch, spacing, rotation(ndim, -20))
+            got = grids._resample_patch(src, grid, -7.0)
+            assert got is not None, (spacing, c)  # small grids take the NumPy route
+            np.testing.assert_allclose(got, _simpleitk_patch(src, grid, -7.0), atol=1e-5)
+            np.testing.assert_array_equal(resample(src, grid, default_value=-7.0), got)
+            outside += int(np.any(got == -7.0))
+    assert outside == 4  # the border patches reached outside the image
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
