@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlib.data.datasets import SPECS, SYNTHETIC, dataset_name, get_spec, is_dataset_file, shared_data_dir
+from lmlib.outputs.contract import REUSABLE_FILES
 from lmlib.runtime import MALLOC_ENV
 
 KERNEL_NAME = "lmlib"
@@ -405,6 +406,9 @@ def _execute(job: Job, dataset: str, params: dict[str, Any], declared: dict[str,
     if not resumable:
         shutil.rmtree(root / tmp, ignore_errors=True)
     (root / tmp).mkdir(parents=True, exist_ok=True)
+    for name in REUSABLE_FILES:  # e.g. the base run's val predictions, used only where their key still matches
+        if (root / final / name).is_file() and not (root / tmp / name).exists():
+            shutil.copy2(root / final / name, root / tmp / name)
     for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
         os.environ.setdefault(key, value)
     start = time.time()

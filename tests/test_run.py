@@ -51,6 +51,23 @@ def test_success_moves_folder_into_place(tmp_path: Path) -> None:
 
 
 @pytest.mark.notebook
+def test_a_rerun_gets_the_finished_runs_reusable_files(tmp_path: Path) -> None:
+    """A refinement re-run in a fresh clone failed: committed run folders keep no checkpoints, so its base run's
+    val predictions could not be made again, and the driver's scratch folder did not hold the finished run's
+    cache of them (valid while the base run's manifest is unchanged)."""
+    body = BODY + "(out / 'seen.txt').write_text((out / 'base_val_predictions.key').read_text())\n"
+    _write_notebook(tmp_path, "toy.ipynb", body)
+    final = tmp_path / "results" / "synthetic2d" / "toy"
+    final.mkdir(parents=True)
+    (final / "base_val_predictions.csv").write_text("image_id,landmark\n")
+    (final / "base_val_predictions.key").write_text("abc123\n")
+    (final / "stale.txt").write_text("not carried")
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path)
+    assert (final / "seen.txt").read_text() == "abc123\n" and (final / "base_val_predictions.csv").is_file()
+    assert not (final / "stale.txt").exists()
+
+
+@pytest.mark.notebook
 def test_failure_leaves_nothing_complete(tmp_path: Path) -> None:
     import papermill as pm
 

@@ -26,10 +26,10 @@ from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample
 from lmlib.engine.cascade import Start, landmark_errors, model_checkpoints, predict_cascade
 from lmlib.engine.training import Predictions
-from lmlib.outputs.contract import ContractError, predictions_frame, read_manifest, read_run
+from lmlib.outputs.contract import BASE_VAL_CACHE, ContractError, predictions_frame, read_manifest, read_run
 
 #: where the base run's val predictions are kept in the refining run's folder
-VAL_CACHE = "base_val_predictions.csv"
+VAL_CACHE = BASE_VAL_CACHE
 
 
 def read_predictions(path: Path, samples: Sequence[Sample]) -> list[np.ndarray]:

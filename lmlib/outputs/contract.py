@@ -28,6 +28,12 @@ METRIC_KEYS: tuple[str, ...] = (
     "n_images", "n_landmarks", "train_seconds", "infer_seconds_per_image", "peak_rss_mb",
 )
 REFERENCE_KIND = "reference"  # metrics.json "kind" of a run that needs no training (mean shape, 2nd annotator)
+#: the base run's val predictions that a refinement or shape fit keeps in its folder (lmlib.engine.base_run), with
+#: the key (the base run's manifest hash) it was made for
+BASE_VAL_CACHE = "base_val_predictions.csv"
+#: files of a finished run that the driver hands to its re-run, which uses each only where its key still matches:
+#: committed run folders keep no checkpoints, so a re-run in a fresh clone could not predict the base's val again
+REUSABLE_FILES: tuple[str, ...] = (BASE_VAL_CACHE, str(Path(BASE_VAL_CACHE).with_suffix(".key")))
 REFERENCE_TIMINGS: dict[str, float] = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
 
 
