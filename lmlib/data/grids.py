@@ -4,8 +4,9 @@ A :class:`Grid` is a pixel grid placed in world space: ``size`` in pixels ``(x, 
 :class:`~lmlib.data.geometry.Geometry` (origin = world mm of index 0, spacing in mm/px, direction).
 Every view a method uses (the whole image resized, a crop, a patch around a landmark) is a Grid, and
 :func:`resample` puts any image onto any Grid with SimpleITK (Gaussian anti-aliasing when the grid is
-coarser than the source). Landmarks stay in world mm; ``grid.world_to_index`` / ``grid.index_to_world``
-(or ``grid.affine()``) are the one path between a network's pixel indices and world mm.
+coarser than the source; a small grid, a patch, in NumPy/SciPy with SimpleITK's values). Landmarks stay in
+world mm; ``grid.world_to_index`` / ``grid.index_to_world`` (or ``grid.affine()``) are the one path between a
+network's pixel indices and world mm.
 
 :func:`preprocess` (the whole image onto the network grid + intensity normalisation) is one case of
 Grid + resample.
@@ -351,10 +352,10 @@ def _resample_patch(src: SourceImage, grid: Grid, default_value: float) -> np.nd
     """:func:`resample` (linear, anti-aliased) for a grid that needs only a small region of ``src`` (a patch), in
     NumPy/SciPy on that region, with SimpleITK's values (its discrete Gaussian kernel, block averages, linear
     interpolation and buffer test; ``tests/test_grids.py`` holds them to 1e-5). Why not SimpleITK here: a patch
-    is a few hundred pixels, and the three filter calls it took (region, Gaussian, resample) cost about ten
-    times the arithmetic in per-call overhead: most of a per-landmark local stage's inference time (37
-    patches per hand radiograph). None when the grid is not small or its Gaussian is wide (the SimpleITK
-    path then applies)."""
+    is a few hundred pixels, and the three filter calls it took (region, Gaussian, resample) cost far more in
+    per-call overhead than in arithmetic: most of a per-landmark local stage's inference time (one patch per
+    landmark). None when the grid is not small or its Gaussian is wider than :data:`DISCRETE_GAUSSIAN_MAX_PX`
+    (the SimpleITK route then applies)."""
     sigma = antialias_sigma_mm(src.grid, grid)
     region = src._region(grid, sigma)
     if region is None:
@@ -414,7 +415,8 @@ def resample(source: Sample | sitk.Image | SourceImage, grid: Grid, interpolatio
     SimpleITK ``Resample`` (identity transform, world mm). Points outside the source get
     ``default_value``. With ``antialias`` the source is first smoothed along each axis on which the grid
     is coarser (see :func:`antialias_sigma_mm`; block-averaged first when the grid is at least 4x coarser,
-    see :meth:`SourceImage.for_grid`); pass a :class:`SourceImage` to reuse that smoothing.
+    see :meth:`SourceImage.for_grid`); pass a :class:`SourceImage` to reuse that smoothing. A small grid (a
+    patch; linear, anti-aliased) is sampled in NumPy/SciPy with the same values (:func:`_resample_patch`).
     """
     src = source if isinstance(source, SourceImage) else SourceImage(source, cache=False)
     if antialias and interpolation == "linear":

@@ -131,12 +131,12 @@ class Comparison:
         """The rows of the main figures, one series per method: ``main`` and ``reference`` rows (in ``order``)."""
         return [m for m in (order or self.methods) if self.roles.get(m, MAIN) != ABLATION and m in self.errors]
 
-    def matrix_methods(self, order: Sequence[str] | None = None, n_best: int = MATRIX_BEST_VARIANTS) -> list[str]:
-        """The rows of the matrix figures (significance, error per landmark), in ``order``: the main figures' rows
-        plus the first ``n_best`` variants in ``order`` (the table's: lowest MRE first), so the best row of the table
-        is in them whatever its role. Every pair and landmark stays in the tables."""
-        best = set(self.ablation_methods(order)[:n_best])
-        return [m for m in (order or self.methods) if m in best or m in self.main_methods(order)]
+    def matrix_methods(self, order: Sequence[str], n_best: int = MATRIX_BEST_VARIANTS) -> list[str]:
+        """The rows of the matrix figures (significance, error per landmark), in ``order`` (the main table's:
+        lowest MRE first): the main figures' rows plus the first ``n_best`` variants in it, so the best row of the
+        table is in them whatever its role. Every pair and landmark stays in the tables."""
+        best, main = set(self.ablation_methods(order)[:n_best]), set(self.main_methods(order))
+        return [m for m in order if m in best or m in main]
 
     def ablation_methods(self, order: Sequence[str] | None = None) -> list[str]:
         """Variants (decoding heads, intermediate cascade stages, ablation and other-setting jobs), in ``order``."""
