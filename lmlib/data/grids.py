@@ -228,6 +228,23 @@ def shrink_factors(source: Grid, grid: Grid) -> tuple[int, ...]:
     return tuple(int(max(1, np.floor(v / 2.0 + 1e-9))) for v in step_px)
 
 
+def _block_bounds(region: tuple[np.ndarray, np.ndarray], k: np.ndarray, size: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(start, end) in source px of ``region`` (start, size) widened to whole blocks of ``k`` px, the same blocks as
+    the whole image's shrunk copy (its partial last block left out); None when no whole block remains."""
+    lo = region[0] // k * k
+    hi = np.minimum(-(-(region[0] + region[1]) // k) * k, size // k * k)
+    return (lo, hi) if np.all(hi - lo >= k) else None
+
+
+def _rest_sigma(sigma_mm: np.ndarray, k: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """What of the anti-aliasing Gaussian ``sigma_mm`` (mm) is left to apply after block averages of ``k`` px (see
+    :meth:`SourceImage.for_grid`)."""
+    k2 = np.square(np.asarray(k, dtype=np.float64))
+    done = ((k2 - 1.0) / 12.0 + k2 / 12.0) * np.square(spacing)  # mm^2 per source axis
+    return np.sqrt(np.maximum(0.0, np.square(sigma_mm) - done))
+
+
 class SourceImage:
     """A SimpleITK image (float32) plus its Gaussian-smoothed copies, so that many grids at the same
     spacing (e.g. whole-image crops) smooth the source only once. A grid that needs only a small region
@@ -279,17 +296,13 @@ class SourceImage:
         k = shrink_factors(self.grid, grid)
         if max(k) == 1:
             return self, sigma
-        k2 = np.square(np.asarray(k, dtype=np.float64))
-        done = ((k2 - 1.0) / 12.0 + k2 / 12.0) * np.square(self.grid.spacing)  # mm^2 per source axis
-        rest = np.sqrt(np.maximum(0.0, np.square(sigma) - done))
+        rest = _rest_sigma(sigma, np.asarray(k), self.grid.spacing)
         region = self._region(grid, sigma)
-        if region is not None:
-            kk = np.asarray(k)
-            lo = region[0] // kk * kk
-            hi = np.minimum(-(-(region[0] + region[1]) // kk) * kk, np.asarray(self.grid.size) // kk * kk)
-            if np.all(hi - lo >= kk):
-                part = sitk.RegionOfInterest(self.image, (hi - lo).tolist(), lo.tolist())
-                return SourceImage(sitk.BinShrink(part, list(k)), cache=False), rest
+        blocks = None if region is None else _block_bounds(region, np.asarray(k), np.asarray(self.grid.size))
+        if blocks is not None:
+            lo, hi = blocks
+            part = sitk.RegionOfInterest(self.image, (hi - lo).tolist(), lo.tolist())
+            return SourceImage(sitk.BinShrink(part, list(k)), cache=False), rest
         level = self._levels.get(k)
         if level is None:
             level = SourceImage(sitk.BinShrink(self.image, list(k)), cache=self.cache)
@@ -363,16 +376,14 @@ def _resample_patch(src: SourceImage, grid: Grid, default_value: float) -> np.nd
     k = np.asarray(shrink_factors(src.grid, grid))
     size = np.asarray(src.grid.size)
     if k.max() > 1:  # block averages on the same blocks as the whole shrunk copy (SourceImage.for_grid)
-        lo = region[0] // k * k
-        hi = np.minimum(-(-(region[0] + region[1]) // k) * k, size // k * k)
-        if not np.all(hi - lo >= k):
+        blocks = _block_bounds(region, k, size)
+        if blocks is None:
             return None
+        lo, hi = blocks
         block = src.array[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float64)
         shape = [v for n, f in zip(block.shape, k) for v in (n // f, f)]
         part = block.reshape(shape).mean(axis=tuple(range(1, 2 * len(k), 2)))
-        k2 = np.square(k.astype(np.float64))
-        done = ((k2 - 1.0) / 12.0 + k2 / 12.0) * np.square(src.grid.spacing)
-        sigma = np.sqrt(np.maximum(0.0, np.square(sigma) - done))
+        sigma = _rest_sigma(sigma, k, src.grid.spacing)
         offset, scale, smooth = lo + (k - 1) / 2.0, k.astype(np.float64), True
     else:
         lo = region[0]

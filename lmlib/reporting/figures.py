@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
@@ -124,11 +125,16 @@ def fig_landmark_heatmap(table: pd.DataFrame, path: Path | str | None = None, dp
                 annot_kws={"fontsize": 7}, cbar_kws={"label": "MRE (mm)"}, ax=ax)
     ax.set_xlabel("method")
     ax.set_ylabel("landmark")
-    ax.tick_params(axis="x", labelsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names end at their column
+    _slanted_method_labels(ax)
     ax.tick_params(axis="y", rotation=0, labelsize=8)
     ax.set_title("Mean radial error per landmark")
     return _finish(fig, path, dpi)
+
+
+def _slanted_method_labels(ax: Axes) -> None:
+    """Method names under the x axis, slanted so that long names end at their column."""
+    ax.tick_params(axis="x", labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")
 
 
 def _p_text(p: float) -> str:
@@ -164,8 +170,7 @@ def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = Non
                 ax.text(j + 0.5, i + 0.5, text[i][j], ha="center", va="center", fontsize=7, color="0.35")
     ax.set_xlabel("method B")
     ax.set_ylabel("method A")
-    ax.tick_params(axis="x", labelsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names end at their column
+    _slanted_method_labels(ax)
     ax.tick_params(axis="y", rotation=0, labelsize=8)
     ax.set_title(f"Wilcoxon signed-rank, Holm-corrected (alpha {alpha:g}); Δ = mean error A - B (mm)", fontsize=9)
     return _finish(fig, path, dpi)
