@@ -16,8 +16,12 @@ def test_compiled_steps_are_timed_beside_eager_ones() -> None:
     data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
     data.samples = data.split("train")
     params = {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 64]}
-    table = profile_methods({"heatmap_unet": params}, data, n_steps=2, peak_gflops=100.0, compiled=True)
+    table = profile_methods({"heatmap_unet": params, "htc": job_parameters("htc", "synthetic2d", "smoke")}, data,
+                            n_steps=2, peak_gflops=100.0, compiled=True)
     row = table.loc["heatmap_unet"]
+    # a U-Net's step before channels-last networks and the compiled loss, beside; none for a method without them
+    assert row["before_step_s"] > 0 and row["before_compiled_step_s"] > 0
+    assert table.loc["htc", ["before_step_s", "before_compiled_step_s"]].isna().all()
     assert row["compiled_step_s"] > 0 and np.isfinite(row["compile_speedup"])
     assert row["compile_speedup"] == pytest.approx(row["step_s"] / row["compiled_step_s"])
     # the GFLOP of both are counted on the eager step: their rates differ by the compute time only

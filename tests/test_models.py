@@ -89,3 +89,40 @@ def test_head_channels_reach_the_network_from_the_notebook_parameters_and_the_ch
     assert "head_channels" not in HeatmapUNet.from_parameters(2, 19, {}).network  # the default: as before
     with pytest.raises(ValueError, match="head_channels"):
         HeatmapUNet.from_parameters(2, 19, {"head_channels": -2})
+
+
+@pytest.mark.parametrize("spatial_dims,arch,size", [(2, "unet", (32, 48)), (3, "unet", (16, 16, 24)),
+                                                    (2, "basic_unet", (32, 32))])
+def test_channels_last_networks_compute_what_the_contiguous_ones_do(spatial_dims, arch, size):
+    """``build_network`` (channels-last, instance norms as one-group-per-channel group norms) against the same
+    network built contiguous with MONAI's instance norms: the same outputs and gradients from the same weights,
+    checkpoints load either way, and no layer falls back to the contiguous layout (the instance norm did)."""
+    from torch import nn
+
+    from lmlib.methods.networks import memory_format
+
+    kw = {"channels": (8, 16, 32), "num_res_units": 1} if arch == "unet" else {"channels": (8, 8, 16, 16, 32)}
+    torch.manual_seed(0)
+    old = build_network(spatial_dims, 5, arch=arch, channels_last=False, **kw)
+    new = build_network(spatial_dims, 5, arch=arch, **kw)
+    new.load_state_dict(old.state_dict())  # an earlier checkpoint loads
+    old.load_state_dict(new.state_dict())
+    assert any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in old.modules())
+    assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in new.modules())
+    fmt = memory_format(spatial_dims)
+    assert all(p.is_contiguous(memory_format=fmt) for p in new.parameters() if p.dim() == spatial_dims + 2)
+    x = torch.randn(2, 1, *size)
+    a, b = old(x), new(x)
+    assert b.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for (name, pa), pb in zip(old.named_parameters(), new.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=name)
+    seen: list[bool] = []  # every convolution's input in the channels-last layout (the norms kept it)
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=fmt)))
+             for m in new.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    new(x)
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)

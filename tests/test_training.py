@@ -398,3 +398,44 @@ def test_a_compiled_training_follows_the_eager_one_and_keeps_eager_checkpoints(s
     test = [s for s in samples if s.meta["split"] == "test"]
     np.testing.assert_allclose(np.stack(predict(compiled.best_checkpoint, test).world_mm),
                                np.stack(predict(eager.best_checkpoint, test).world_mm), atol=0.05)
+
+
+def test_the_loss_epoch_keys_the_loss_by_what_changes_it():
+    """``loss_epoch``: the dilation-erosion loss at an epoch equals its loss at the key (the radius stage's first
+    epoch, also past the last stage), and there is one key per radius; the heatmap U-Net's loss has one key."""
+    de = build_method("dilation_erosion", spatial_dims=2, n_landmarks=3, max_epochs=60, network=NET)
+    size = (64, 80)
+    keys = {e: de.loss_epoch(e) for e in range(80)}
+    assert all(de.radius(k, size) == de.radius(e, size) and k <= e for e, k in keys.items())
+    assert len(set(keys.values())) == len({de.radius(e, size) for e in range(80)})
+    assert {build_method("heatmap_unet", spatial_dims=2, n_landmarks=3).loss_epoch(e) for e in range(9)} == {0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["heatmap_unet", "dilation_erosion"])
+def test_the_compiled_loss_is_the_eager_loss_with_one_graph_per_key(name):
+    """After ``compile_for_training`` the training loss is compiled (targets fused into it): its value and gradient
+    are the eager ones at every epoch, and it compiles once per ``loss_epoch`` key, not once per epoch."""
+    from torch._dynamo.utils import counters
+
+    from lmlib.data.loaders import ViewSpec
+    from lmlib.engine.training import compile_for_training
+
+    extra = {"max_epochs": 40} if name == "dilation_erosion" else {}
+    method = build_method(name, spatial_dims=2, n_landmarks=3, network=NET, **extra)
+    module = LandmarkModule.from_method(method, ["a", "b", "c"], ViewSpec(kind="whole", size=(64, 80)))
+    compile_for_training(module)
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(2, 1, 64, 80), "landmarks": torch.rand(2, 3, 2) * 60,
+             "valid": torch.tensor([[True, True, False], [True, True, True]]), "image_id": ["a", "b"]}
+    out = torch.randn(2, 3, 64, 80, requires_grad=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for epoch in range(0, 40, 3):
+        loss, _ = module.training_loss(out, batch, epoch)
+        (grad,) = torch.autograd.grad(loss, out)
+        ref, _ = method.training_loss(out, batch, epoch)
+        (ref_grad,) = torch.autograd.grad(ref, out)
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-9)
+    keys = {method.loss_epoch(e) for e in range(0, 40, 3)}
+    assert 0 < counters["stats"]["unique_graphs"] - graphs <= len(keys)

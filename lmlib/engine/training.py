@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -187,6 +188,7 @@ class LandmarkModule(pl.LightningModule):
             raise ValueError(f"{len(self.landmark_names)} landmark names for {self.method.n_landmarks} outputs")
         # the epoch whose target state decoding assumes; a buffer, so it is saved with the weights
         self.register_buffer("method_epoch", torch.zeros((), dtype=torch.long))
+        self._compile_loss = False  # compile_for_training sets it
         # NaNs kept ("disable"): values and landmark ids must stay aligned; _per_landmark drops them
         self._val_err = CatMetric(nan_strategy="disable")
         self._val_ids = CatMetric(nan_strategy="disable")
@@ -217,8 +219,22 @@ class LandmarkModule(pl.LightningModule):
     def forward(self, batch: Mapping[str, Any]) -> Outputs:
         return self.method.forward(self.net, batch)
 
+    def training_loss(self, outputs: Outputs, batch: Mapping[str, Any], epoch: int
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The method's training loss and extras; compiled by ``torch.compile`` after :func:`compile_for_training`
+        where the method allows it (:meth:`~lmlib.methods.base.LandmarkMethod.loss_epoch` not None: one graph per
+        value of it and batch shape, the targets fused into the loss and never written out), then without extras.
+        The compiled loss sees the batch's tensors only."""
+        key = self.method.loss_epoch(epoch) if self._compile_loss else None
+        if key is None:
+            return self.method.training_loss(outputs, batch, epoch)
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        # a dilation-erosion run has a graph per radius stage and one more per stage for a short last batch
+        with torch._dynamo.config.patch(recompile_limit=LOSS_GRAPHS):
+            return _compiled_loss()(self.method, outputs, tensors, key), {}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, extras = self.method.training_loss(self(batch), batch, int(self.current_epoch))
+        loss, extras = self.training_loss(self(batch), batch, int(self.current_epoch))
         if not torch.isfinite(loss):  # every later step would be NaN too, and the run would still end with exit 0
             raise FloatingPointError(f"epoch {int(self.current_epoch) + 1}, batch {batch_idx}: the training loss is "
                                      f"{float(loss)} (images {list(batch.get('image_id', []))}); lower learning_rate or "
@@ -552,11 +568,28 @@ def check_landmarks(module: LandmarkModule, samples: Sequence[Sample], source: s
             raise CheckpointMismatch(f"{source}: a {module.method.spatial_dims}D model; image {s.image_id} is {s.ndim}D")
 
 
+#: the most compiled training-loss graphs per method (LandmarkModule.training_loss): a graph per value of the method's
+#: loss_epoch and per batch shape (the last, shorter batch of an epoch); beyond it the loss runs eager
+LOSS_GRAPHS = 32
+
+
+def _loss_value(method: LandmarkMethod, outputs: Outputs, batch: Mapping[str, torch.Tensor], epoch: int
+                ) -> torch.Tensor:
+    return method.training_loss(outputs, batch, epoch)[0]
+
+
+@functools.cache
+def _compiled_loss() -> Any:
+    return torch.compile(_loss_value, dynamic=False)
+
+
 def compile_for_training(module: LandmarkModule) -> None:
-    """Compile ``module``'s network in place with ``torch.compile`` (so its checkpoints keep the eager keys): one
-    graph per batch shape (the last batch of an epoch and validation compile once each) rather than dynamic shapes,
-    whose kernels are slower. What ``fit(torch_compile=True)`` trains, and what the benchmark times."""
+    """Compile ``module``'s network in place with ``torch.compile`` (so its checkpoints keep the eager keys), and
+    its training loss where the method allows it (:meth:`LandmarkModule.training_loss`): one graph per batch shape
+    (the last batch of an epoch and validation compile once each) rather than dynamic shapes, whose kernels are
+    slower. What ``fit(torch_compile=True)`` trains, and what the benchmark times."""
     module.net.compile(dynamic=False)
+    module._compile_loss = True
 
 
 def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str | Path, max_epochs: int,

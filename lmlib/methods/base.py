@@ -296,6 +296,13 @@ class LandmarkMethod(Generic[OutputsT]):
         name -> overrides of :meth:`config` (e.g. one head of a multi-head net). Default: none."""
         return {}
 
+    def loss_epoch(self, epoch: int) -> int | None:
+        """The epoch as :meth:`training_loss` depends on it: training epochs with the same value may share one
+        compiled loss (``torch_compile``: the engine compiles the loss once per value and batch shape, see
+        :meth:`lmlib.engine.training.LandmarkModule.training_loss`). ``None`` (the default): the loss stays eager,
+        e.g. one that logs extras or changes with every epoch; a loss that ignores the epoch returns 0."""
+        return None
+
     def epoch_info(self, epoch: int, size: Sequence[int]) -> dict[str, float]:
         """Scalars to log at each epoch (e.g. the mask radius)."""
         return {}

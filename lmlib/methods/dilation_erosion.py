@@ -102,6 +102,14 @@ class DilationErosionUNet(LandmarkMethod[torch.Tensor]):
         """Mask radius in grid pixels at ``epoch``."""
         return self.schedule.radius_px(epoch, size)
 
+    def loss_epoch(self, epoch: int) -> int:
+        """The first epoch of ``epoch``'s radius stage (the masks and their weight change only between stages)."""
+        sch = self.schedule
+        start = sch.every * (int(epoch) // sch.every)
+        while start > 0 and sch.radius(start - sch.every) == sch.radius(start):  # past the last stage
+            start -= sch.every
+        return start
+
     def encode_targets(self, landmarks: torch.Tensor, valid: torch.Tensor, size: Sequence[int], epoch: int) -> Targets:
         return {"mask": diamond_masks(landmarks, size, self.radius(epoch, size), valid, self.mask_centre)}
 

@@ -60,14 +60,19 @@ def gaussian_heatmaps(landmarks: torch.Tensor, size: Sequence[int], sigma: float
     """
     lm, ok = _prep(landmarks, valid, size)
     d = len(size)
-    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (d,))
+    # Python floats, not NumPy: torch.compile traces this into the compiled training loss without a graph break
+    sig = [float(sigma)] * d if isinstance(sigma, int | float) else [float(v) for v in sigma]
+    if len(sig) == 1:
+        sig *= d
+    if len(sig) != d:
+        raise ValueError(f"sigma has {len(sig)} values for a grid of {d} axes")
     # separable: exp(-sum_d t_d) = prod_d exp(-t_d), one exp per axis along that axis only and one product over the
     # grid (an exp and five other passes over every pixel of (B, N, *size) were a large share of the heatmap U-Net's
     # training step on a CPU: the benchmark notebook's step times, forward_s)
     heat: torch.Tensor | None = None
     for axis, g in enumerate(_grid(size, lm.device)):
         p = lm[..., axis].reshape(*lm.shape[:-1], *([1] * d))
-        factor = torch.exp((g - p) ** 2 * (-0.5 / float(sig[axis]) ** 2))
+        factor = torch.exp((g - p) ** 2 * (-0.5 / sig[axis] ** 2))
         if heat is None:  # the amplitude and the validity ride on the first axis' line
             heat = factor * (amplitude * ok.reshape(*ok.shape, *([1] * d)).to(factor.dtype))
         else:
@@ -122,7 +127,9 @@ def mask_pos_weight(radius: int, size: Sequence[int]) -> float:
     ``S`` is the grid's pixel count and ``n`` the nominal mask area :func:`diamond_area` (the seed:
     29.5 at k=65 and 4,296 at k=5 on 512 x 512).
     """
-    s = float(np.prod([int(v) for v in size]))
+    s = 1.0  # a plain loop, not NumPy: traced into the compiled loss without a graph break
+    for v in size:
+        s *= int(v)
     n = float(min(diamond_area(radius, len(size)), s))
     return (s - n) / n
 

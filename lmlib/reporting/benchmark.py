@@ -30,7 +30,7 @@ from lmlib.data.refit import is_refit
 from lmlib.engine.parameters import shared_value
 from lmlib.engine.runner import DEFAULT_GRID, augmentation, engine_settings
 from lmlib.engine.training import LandmarkModule, compile_for_training
-from lmlib.methods.base import UNetParameters, method_class
+from lmlib.methods.base import LandmarkMethod, UNetParameters, method_class
 from lmlib.methods.stages import is_cascade
 from lmlib.reporting.peer import PEER_ENV
 
@@ -81,33 +81,34 @@ def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequ
 
 
 def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
-                     channels_last: bool = False, bf16: bool = False, seed: int = 0,
-                     torch_compile: bool = False) -> dict[str, Any]:
+                     contiguous: bool = False, bf16: bool = False, seed: int = 0,
+                     torch_compile: bool = False, compile_loss: bool = True) -> dict[str, Any]:
     """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
     seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
-    GFLOP/s of forward+backward. ``channels_last`` / ``bf16``: the same with that memory format / autocast;
-    ``torch_compile``: with the network compiled as training compiles it (the GFLOP are counted on the eager
-    step, the compilation step is not timed)."""
+    GFLOP/s of forward+backward. ``contiguous``: a U-Net built in the contiguous memory format with instance norms
+    (``build_network(channels_last=False)``, how it trained before; the network code of other methods has no such
+    switch); ``bf16``: under bf16 autocast;
+    ``torch_compile``: with the network (and, ``compile_loss``, the loss) compiled as training compiles them (the
+    GFLOP are counted on the eager step, the compilation step is not timed)."""
     torch.manual_seed(seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[data.spec.ndim]]
     method, view, batch_size = _first_stage(name, params, data, grid)
     dm = LandmarkDataModule(data.samples, view=view, batch_size=batch_size, seed=seed,
                             augmentation=augmentation(params, data.spec.ndim, seed, data.spec.pair_indices()))
     dm.setup()
+    if contiguous:
+        if type(method).build_network is not LandmarkMethod.build_network:
+            raise ValueError(f"{name} builds its own network: it has no contiguous-layout switch")
+        method.network = {**method.network, "channels_last": False}
     module = LandmarkModule.from_method(method, data.landmark_names, view, view, max_epochs=100).train()
-    fmt = torch.channels_last if data.spec.ndim == 2 else torch.channels_last_3d
-    if channels_last:
-        module = module.to(memory_format=fmt)
     opt = torch.optim.Adam(module.parameters(), lr=1e-4)
     loader = iter(dm.train_dataloader())
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def step(batch: dict[str, Any]) -> tuple[float, float]:
-        if channels_last:
-            batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}
         t0 = time.perf_counter()
         with cast:
-            loss, _ = method.training_loss(module(batch), batch, 0)
+            loss, _ = module.training_loss(module(batch), batch, 0)
         t1 = time.perf_counter()
         loss.float().backward()
         opt.step()
@@ -129,6 +130,7 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
         step(batch)
     if torch_compile:
         compile_for_training(module)
+        module._compile_loss = compile_loss
         step(batch)  # the compilation
     times = []
     for _ in range(n_steps):
@@ -149,39 +151,55 @@ def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_s
     """:func:`profile_training` for each method (name -> its parameters); ``pct_of_peak``: the achieved rate
     as a share of ``peak_gflops`` (default: the larger of the matmul and convolution peaks, measured now).
     ``compiled``: also the same step under ``torch_compile`` (before/after per method): ``compiled_step_s``,
-    ``compiled_pct_of_peak`` and ``compile_speedup``."""
+    ``compiled_pct_of_peak`` and ``compile_speedup``. For the U-Nets also their step as it trained before
+    channels-last networks and a compiled loss (``profile_training(contiguous=True)``, compiled with the loss eager):
+    ``before_step_s`` (and ``before_compiled_step_s``); NaN for the other methods."""
     peak = peak_gflops or max(matmul_peak_gflops(), conv_peak_gflops())
     rows = [profile_training(name, params, data, n_steps) for name, params in methods.items()]
     table = pd.DataFrame(rows).set_index("method")
     table["pct_of_peak"] = 100.0 * table["achieved_gflops"] / peak
+    unets = [name for name in methods if issubclass(method_class(name).Parameters, UNetParameters)]
+    table["before_step_s"] = pd.Series({name: profile_training(name, methods[name], data, n_steps, contiguous=True)
+                                        ["step_s"] for name in unets}, dtype=float)
     if compiled:
         after = pd.DataFrame([profile_training(name, params, data, n_steps, torch_compile=True)
                               for name, params in methods.items()]).set_index("method")
         table["compiled_step_s"] = after["step_s"]
         table["compiled_pct_of_peak"] = 100.0 * after["achieved_gflops"] / peak
         table["compile_speedup"] = table["step_s"] / after["step_s"]
+        table["before_compiled_step_s"] = pd.Series(
+            {name: profile_training(name, methods[name], data, n_steps, contiguous=True, torch_compile=True,
+                                    compile_loss=False)["step_s"] for name in unets}, dtype=float)
     return table
 
 
+#: the variant of a U-Net's step as it trained before channels-last networks (lmlib.methods.networks)
+CONTIGUOUS_VARIANT = "contiguous, instance norm (before)"
 #: the full-resolution head width timed as a variant (lmlib.methods.networks: oneDNN's channel block on AVX-512)
 HEAD_VARIANT = 16
 
 
 def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
                      compiled: bool = False) -> pd.DataFrame:
-    """The same training step as is, in channels-last memory format, under bf16 autocast and, for a U-Net method
-    (:class:`~lmlib.methods.base.UNetParameters`) whose ``head_channels`` is 0, with a 16-channel full-resolution
-    head (``compiled``: also compiled by ``torch.compile``, in fp32, under bf16 and with the head): seconds per step
-    and the speed-up over as-is."""
+    """The same training step as is, under bf16 autocast and, for a U-Net method
+    (:class:`~lmlib.methods.base.UNetParameters`), in the contiguous memory format with instance norms as it trained
+    before (``profile_training(contiguous=True)``) and, if its ``head_channels`` is 0, with a 16-channel
+    full-resolution head (``compiled``: also compiled by ``torch.compile``, in fp32, under bf16, with the head, and
+    before: contiguous with the loss eager): seconds per step and the speed-up over as-is."""
     head = {**params, "head_channels": HEAD_VARIANT}
-    with_head = issubclass(method_class(name).Parameters, UNetParameters) and not params.get("head_channels")
-    rows = {"as is (fp32)": profile_training(name, params, data, n_steps),
-            "channels_last": profile_training(name, params, data, n_steps, channels_last=True),
-            "bf16 autocast": profile_training(name, params, data, n_steps, bf16=True)}
+    unet = issubclass(method_class(name).Parameters, UNetParameters)
+    with_head = unet and not params.get("head_channels")
+    rows = {"as is (fp32)": profile_training(name, params, data, n_steps)}
+    if unet:
+        rows[CONTIGUOUS_VARIANT] = profile_training(name, params, data, n_steps, contiguous=True)
+    rows["bf16 autocast"] = profile_training(name, params, data, n_steps, bf16=True)
     if with_head:
         rows[f"head_channels {HEAD_VARIANT}"] = profile_training(name, head, data, n_steps)
     if compiled:
         rows["torch.compile"] = profile_training(name, params, data, n_steps, torch_compile=True)
+        if unet:
+            rows[f"torch.compile, {CONTIGUOUS_VARIANT}, eager loss"] = profile_training(
+                name, params, data, n_steps, contiguous=True, torch_compile=True, compile_loss=False)
         rows["torch.compile + bf16"] = profile_training(name, params, data, n_steps, bf16=True, torch_compile=True)
         if with_head:
             rows[f"torch.compile + head_channels {HEAD_VARIANT}"] = profile_training(name, head, data, n_steps,
@@ -277,9 +295,9 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
                   peer: bool = False, peer_budget_s: float = 0.0, peer_python: str = f"{PEER_ENV}/bin/python",
                   time_compiled: bool = False) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
-    (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is /
-    channels-last / bf16 / with a 16-channel head (:func:`compare_variants`), and the finished runs of
-    ``results_dir/<dataset>`` (time, memory, accuracy). Writes ``table_speed.csv``, ``table_variants.csv``,
+    (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is / as
+    before channels-last networks / bf16 / with a 16-channel head (:func:`compare_variants`), and the finished runs
+    of ``results_dir/<dataset>`` (time, memory, accuracy). Writes ``table_speed.csv``, ``table_variants.csv``,
     ``table_runs.csv``, ``fig_step_breakdown.png`` and ``manifest.json`` into ``output_dir``; returns them for
     display. ``n_deformed``: a single-template dataset's deformations (as the driver's jobs).
 
@@ -331,8 +349,8 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
                      f"3x3 convolution {result['conv_gflops']:.0f} GFLOP/s; `pct_of_peak` is against the larger"))
     display(result["speed"].round(3))
     display(result["figure"])
-    display(Markdown("**One training step as is, channels-last, under bf16 autocast and, when timed, compiled by "
-                     "torch.compile** (speed-up over as is)"))
+    display(Markdown("**One training step as is, as it trained before channels-last networks, under bf16 autocast "
+                     "and, when timed, compiled by torch.compile** (speed-up over as is)"))
     display(result["variants"].round(3))
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
