@@ -25,8 +25,8 @@ the projection adds no nonlinearity, only a wider linear neighbourhood.
 
 Memory format (``channels_last``, on by default): the network's weights and its input in PyTorch's
 channels-last layout (``torch.channels_last`` / ``channels_last_3d``), which oneDNN convolves without reordering
-between layers; on this project's CPU the few-channel full-resolution convolutions of a U-Net ran 3-4x faster so
-(the benchmark notebook: the U-Nets' steps before and after). PyTorch's ``InstanceNorm`` computes through a batch
+between layers; the few-channel full-resolution convolutions of a U-Net gain most (the benchmark notebook times
+the U-Nets' steps before and after). PyTorch's ``InstanceNorm`` computes through a batch
 norm over a ``(1, B * C, ...)`` reshape, which needs the contiguous layout: every norm layer copied its input back
 and the next convolution reordered it again. Instance norms are therefore built as ``GroupNorm`` with one group per
 channel: the same normalisation (per item and channel over the spatial axes, the same ``eps``, no parameters
