@@ -16,8 +16,8 @@ def test_compiled_steps_are_timed_beside_eager_ones() -> None:
     data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
     data.samples = data.split("train")
     params = {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 64]}
-    table = profile_methods({"heatmap_unet": params, "htc": job_parameters("htc", "synthetic2d", "smoke")}, data,
-                            n_steps=2, peak_gflops=100.0, compiled=True)
+    htc = {**job_parameters("htc", "synthetic2d", "smoke"), "image_size": [64, 64]}
+    table = profile_methods({"heatmap_unet": params, "htc": htc}, data, n_steps=2, peak_gflops=100.0, compiled=True)
     row = table.loc["heatmap_unet"]
     # a U-Net's step before channels-last networks and the compiled loss, beside; none for a method without them
     assert row["before_step_s"] > 0 and row["before_compiled_step_s"] > 0
@@ -49,3 +49,22 @@ def test_the_runs_table_names_each_runs_machine_and_grid() -> None:
     for refined in ("htc+local/local1", "htc+local/local2"):
         assert runs.loc[refined, "image_size"] == runs.loc["htc", "image_size"] == "256x320"
     assert runs.loc["registration+local/local1", "image_size"] == runs.loc["registration", "image_size"]
+
+
+def test_each_timing_keeps_its_fastest_round_and_rounds_interleave() -> None:
+    """``_fastest``: every timing once per round, in order (so a slow spell of the machine hits one round of
+    several timings, not every round of one), and the fastest step of each kept."""
+    from lmlib.reporting.benchmark import _fastest
+
+    calls: list[str] = []
+    steps = {"a": iter([0.3, 0.1, 0.2]), "b": iter([0.5, 0.6, 0.4])}
+
+    def timing(key: str):
+        def run() -> dict:
+            calls.append(key)
+            return {"step_s": next(steps[key]), "key": key}
+        return run
+
+    best = _fastest({"a": timing("a"), "b": timing("b")}, rounds=3)
+    assert calls == ["a", "b"] * 3
+    assert best["a"]["step_s"] == 0.1 and best["b"]["step_s"] == 0.4

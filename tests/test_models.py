@@ -126,3 +126,26 @@ def test_channels_last_networks_compute_what_the_contiguous_ones_do(spatial_dims
     for h in hooks:
         h.remove()
     assert seen and all(seen)
+
+
+def test_a_network_is_channels_last_on_the_cpu_only():
+    """Channels-last is for the CPU: a module moved to another device (here PyTorch's ``meta`` device, which every
+    machine has) gets contiguous weights and input again, and channels-last ones back on the CPU (weights whose two
+    layouts differ: more than one input channel, a kernel wider than 1)."""
+    from lmlib.data.loaders import ViewSpec
+    from lmlib.engine.training import LandmarkModule
+    from lmlib.methods import build_method
+
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, network={"channels": (8, 16, 32)})
+    module = LandmarkModule.from_method(method, ["a", "b", "c"], ViewSpec(kind="whole", size=(32, 32)))
+    weights = [p for p in module.net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    module.to("meta")
+    weights = [p for p in module.net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert all(p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    out = module.net(torch.empty(2, 1, 32, 32, device="meta", memory_format=torch.channels_last))
+    assert out.is_contiguous()
+    module.to_empty(device="cpu")
+    module.to("cpu")
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in module.net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1)

@@ -141,3 +141,14 @@ def test_foreground_weighted_is_the_weighting_formula_and_its_gradient():
     torch.testing.assert_close(g1, g2)
     err = torch.rand(2, 3)
     assert foreground_weighted(err, torch.ones(2, 3), 1.0, 100.0) is err
+
+
+def test_gaussian_sigma_as_any_number_or_one_per_axis():
+    """``sigma``: a Python or NumPy number, a 0-d array, one value in a list, or one per axis give the same maps (a
+    Python number is read without NumPy, for the compiled loss); a wrong count is refused."""
+    lm = torch.tensor([[[5.0, 6.0, 7.0]]])
+    ref = gaussian_heatmaps(lm, (12, 12, 12), 1.5)
+    for sigma in (np.float32(1.5), np.float64(1.5), np.array(1.5), [1.5], (1.5, 1.5, 1.5), np.full(3, 1.5)):
+        torch.testing.assert_close(gaussian_heatmaps(lm, (12, 12, 12), sigma), ref)
+    with pytest.raises(ValueError):
+        gaussian_heatmaps(lm, (12, 12, 12), (1.0, 2.0))

@@ -421,6 +421,7 @@ def test_the_compiled_loss_is_the_eager_loss_with_one_graph_per_key(name):
     from lmlib.data.loaders import ViewSpec
     from lmlib.engine.training import compile_for_training
 
+    torch._dynamo.reset()  # no graph left by an earlier test with the same guards
     extra = {"max_epochs": 40} if name == "dilation_erosion" else {}
     method = build_method(name, spatial_dims=2, n_landmarks=3, network=NET, **extra)
     module = LandmarkModule.from_method(method, ["a", "b", "c"], ViewSpec(kind="whole", size=(64, 80)))
@@ -439,3 +440,22 @@ def test_the_compiled_loss_is_the_eager_loss_with_one_graph_per_key(name):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-9)
     keys = {method.loss_epoch(e) for e in range(0, 40, 3)}
     assert 0 < counters["stats"]["unique_graphs"] - graphs <= len(keys)
+
+
+def test_a_subclass_that_redefines_the_loss_is_not_compiled_under_its_parents_key():
+    """``loss_key``: a method class below the one that defines ``loss_epoch`` and redefining the loss keeps its loss
+    eager (None) unless it says again what the loss depends on."""
+    from lmlib.methods.base import loss_key
+    from lmlib.methods.heatmap_unet import HeatmapUNet
+
+    class EpochLoss(HeatmapUNet):
+        def loss(self, output, targets, valid, epoch):
+            return super().loss(output, targets, valid, epoch) * (1 + epoch)
+
+    class Keyed(EpochLoss):
+        def loss_epoch(self, epoch):
+            return epoch
+
+    assert loss_key(HeatmapUNet(2, 3), 5) == 0
+    assert loss_key(EpochLoss(2, 3), 5) is None
+    assert loss_key(Keyed(2, 3), 5) == 5

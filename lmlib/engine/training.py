@@ -53,7 +53,8 @@ from lmlib.data.loaders import (
     epoch_seed,
 )
 from lmlib.data.sample import Sample
-from lmlib.methods.base import LandmarkMethod, Outputs, build_method
+from lmlib.methods.base import LandmarkMethod, Outputs, build_method, loss_key
+from lmlib.methods.networks import match_device_layout
 from lmlib.runtime import PROGRESS_MODES, peak_rss_mb, setup
 
 if TYPE_CHECKING:
@@ -195,6 +196,14 @@ class LandmarkModule(pl.LightningModule):
         self._val_dice = CatMetric(nan_strategy="disable")
         self._val_dice_ids = CatMetric(nan_strategy="disable")
 
+    def _apply(self, fn: Any, recurse: bool = True) -> LandmarkModule:
+        """Every move (``to``, ``cuda``, ``cpu``, the trainer's) also sets the networks' memory layout for the new
+        device (:func:`lmlib.methods.networks.match_device_layout`: channels-last on the CPU only)."""
+        super()._apply(fn, recurse)
+        if "net" in self._modules:
+            match_device_layout(self.net)
+        return self
+
     @classmethod
     def from_method(cls, method: LandmarkMethod, landmark_names: Sequence[str], view: ViewSpec,
                     eval_view: ViewSpec | None = None, max_epochs: int = 100,
@@ -225,12 +234,14 @@ class LandmarkModule(pl.LightningModule):
         where the method allows it (:meth:`~lmlib.methods.base.LandmarkMethod.loss_epoch` not None: one graph per
         value of it and batch shape, the targets fused into the loss and never written out), then without extras.
         The compiled loss sees the batch's tensors only."""
-        key = self.method.loss_epoch(epoch) if self._compile_loss else None
+        key = loss_key(self.method, epoch) if self._compile_loss else None
         if key is None:
             return self.method.training_loss(outputs, batch, epoch)
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         # a dilation-erosion run has a graph per radius stage and one more per stage for a short last batch
-        with torch._dynamo.config.patch(recompile_limit=LOSS_GRAPHS):
+        config = torch._dynamo.config  # the limit's name since torch 2.7; before it, cache_size_limit
+        with config.patch({"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit":
+                           LOSS_GRAPHS}):
             return _compiled_loss()(self.method, outputs, tensors, key), {}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -568,9 +579,10 @@ def check_landmarks(module: LandmarkModule, samples: Sequence[Sample], source: s
             raise CheckpointMismatch(f"{source}: a {module.method.spatial_dims}D model; image {s.image_id} is {s.ndim}D")
 
 
-#: the most compiled training-loss graphs per method (LandmarkModule.training_loss): a graph per value of the method's
-#: loss_epoch and per batch shape (the last, shorter batch of an epoch); beyond it the loss runs eager
-LOSS_GRAPHS = 32
+#: the most compiled training-loss graphs in one process (LandmarkModule.training_loss; one compiled function serves
+#: every method and run): a graph per method, value of its loss_epoch and batch shape (the last, shorter batch of an
+#: epoch); beyond it a loss that needs a new graph runs eager (torch logs a warning)
+LOSS_GRAPHS = 64
 
 
 def _loss_value(method: LandmarkMethod, outputs: Outputs, batch: Mapping[str, torch.Tensor], epoch: int
@@ -583,13 +595,13 @@ def _compiled_loss() -> Any:
     return torch.compile(_loss_value, dynamic=False)
 
 
-def compile_for_training(module: LandmarkModule) -> None:
+def compile_for_training(module: LandmarkModule, loss: bool = True) -> None:
     """Compile ``module``'s network in place with ``torch.compile`` (so its checkpoints keep the eager keys), and
-    its training loss where the method allows it (:meth:`LandmarkModule.training_loss`): one graph per batch shape
-    (the last batch of an epoch and validation compile once each) rather than dynamic shapes, whose kernels are
-    slower. What ``fit(torch_compile=True)`` trains, and what the benchmark times."""
+    (``loss``) its training loss where the method allows it (:meth:`LandmarkModule.training_loss`): one graph per
+    batch shape (the last batch of an epoch and validation compile once each) rather than dynamic shapes, whose
+    kernels are slower. What ``fit(torch_compile=True)`` trains, and what the benchmark times."""
     module.net.compile(dynamic=False)
-    module._compile_loss = True
+    module._compile_loss = loss
 
 
 def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str | Path, max_epochs: int,

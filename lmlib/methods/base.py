@@ -312,6 +312,18 @@ class LandmarkMethod(Generic[OutputsT]):
         return f"{type(self).__name__}({args})"
 
 
+def loss_key(method: LandmarkMethod, epoch: int) -> int | None:
+    """``method.loss_epoch(epoch)``, or None when a class below the one that defines ``loss_epoch`` redefines the
+    loss (``training_loss``, ``loss`` or ``encode_targets``): a subclass whose loss may depend on the epoch (or log
+    extras) is not compiled under its parent's key."""
+    mro = type(method).__mro__
+    owner = next(c for c in mro if "loss_epoch" in c.__dict__)
+    for name in ("training_loss", "loss", "encode_targets"):
+        if not issubclass(owner, next(c for c in mro if name in c.__dict__)):
+            return None
+    return method.loss_epoch(epoch)
+
+
 def method_class(name: str) -> type[LandmarkMethod]:
     """The class of method ``name``: module ``lmlib.methods.<name>``'s ``METHOD``, else the entry point ``name`` of
     :data:`ENTRY_POINT_GROUP` (an installed package's method)."""

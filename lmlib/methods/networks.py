@@ -119,18 +119,43 @@ def instance_norms_as_group_norms(net: nn.Module) -> nn.Module:
     return net
 
 
-def _input_to(module: nn.Module, args: tuple[Any, ...], fmt: torch.memory_format) -> tuple[Any, ...]:
-    return (args[0].contiguous(memory_format=fmt), *args[1:])
+#: the attribute of a network built by to_channels_last: (spatial dims, its current memory format)
+LAYOUT = "_lmlib_layout"
+
+
+def _input_to(module: nn.Module, args: tuple[Any, ...], spatial_dims: int) -> tuple[Any, ...] | None:
+    """Forward pre-hook: an image batch ``(B, C, *size)`` in the network's current layout (attribute :data:`LAYOUT`)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != spatial_dims + 2:
+        return None
+    return (x.contiguous(memory_format=getattr(module, LAYOUT)[1]), *args[1:])
 
 
 def to_channels_last(net: nn.Module, spatial_dims: int) -> nn.Module:
-    """``net`` (in place) with channels-last weights and a forward pre-hook that puts its first input in that
+    """``net`` (in place) with channels-last weights and a forward pre-hook that puts its image input in the same
     format (a no-op when it already is); instance norms become group norms (:func:`instance_norms_as_group_norms`).
-    The hook is not in the state dict: checkpoints are the same as without."""
-    fmt = memory_format(spatial_dims)
-    instance_norms_as_group_norms(net).to(memory_format=fmt)  # type: ignore[call-overload]  # documented, untyped
-    net.register_forward_pre_hook(partial(_input_to, fmt=fmt))
+    The hook is not in the state dict: checkpoints are the same as without. Channels-last is for the CPU: after
+    moving a network to another device, :func:`match_device_layout` makes it contiguous again (there, group norm
+    computes contiguous, and channels-last weights would make every convolution reorder)."""
+    instance_norms_as_group_norms(net)
+    setattr(net, LAYOUT, (spatial_dims, memory_format(spatial_dims)))
+    net.to(memory_format=memory_format(spatial_dims))  # type: ignore[call-overload]  # documented, untyped
+    net.register_forward_pre_hook(partial(_input_to, spatial_dims=spatial_dims))
     return net
+
+
+def match_device_layout(module: nn.Module) -> nn.Module:
+    """Every network of ``module`` built by :func:`to_channels_last`: channels-last on the CPU, contiguous on any
+    other device (where its parameters are now). Call it after moving a module to its device."""
+    for net in module.modules():
+        layout, param = getattr(net, LAYOUT, None), next(net.parameters(), None)
+        if layout is None or param is None:
+            continue
+        want = memory_format(layout[0]) if param.device.type == "cpu" else torch.contiguous_format
+        if want != layout[1]:
+            setattr(net, LAYOUT, (layout[0], want))
+            net.to(memory_format=want)  # type: ignore[call-overload]  # documented, untyped
+    return module
 
 
 def size_multiple(arch: str = "unet", channels: Sequence[int] = (16, 32, 64, 128, 256),
@@ -163,7 +188,7 @@ def time_network(net: nn.Module, input_shape: Sequence[int], n_iter: int = 3, tr
     """Seconds per iteration (after one warm-up) of forward (+ backward + Adam step when ``train``)
     on random input of ``input_shape`` ``(B, C, *size)``."""
     dev = torch.device(device)
-    net = net.to(dev)
+    net = match_device_layout(net.to(dev))
     x = torch.randn(*[int(s) for s in input_shape], device=dev)
     opt = torch.optim.Adam(net.parameters(), 1e-4) if train else None
     net.train(train)

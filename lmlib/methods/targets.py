@@ -60,12 +60,12 @@ def gaussian_heatmaps(landmarks: torch.Tensor, size: Sequence[int], sigma: float
     """
     lm, ok = _prep(landmarks, valid, size)
     d = len(size)
-    # Python floats, not NumPy: torch.compile traces this into the compiled training loss without a graph break
-    sig = [float(sigma)] * d if isinstance(sigma, int | float) else [float(v) for v in sigma]
-    if len(sig) == 1:
-        sig *= d
-    if len(sig) != d:
-        raise ValueError(f"sigma has {len(sig)} values for a grid of {d} axes")
+    # a Python number stays one (the training losses pass one): torch.compile traces it into the compiled loss
+    # without the graph break NumPy would make
+    if isinstance(sigma, int | float):
+        sig = [float(sigma)] * d
+    else:
+        sig = [float(v) for v in np.broadcast_to(np.asarray(sigma, dtype=np.float64), (d,))]
     # separable: exp(-sum_d t_d) = prod_d exp(-t_d), one exp per axis along that axis only and one product over the
     # grid (an exp and five other passes over every pixel of (B, N, *size) were a large share of the heatmap U-Net's
     # training step on a CPU: the benchmark notebook's step times, forward_s)
