@@ -54,8 +54,9 @@ class SharedParameters(BaseModel):
         "32-true", "32-true | bf16-mixed (bf16 autocast; its speed on this CPU: the benchmark notebook)",
         "32-true, bf16-mixed, 16-mixed (GPU) or 64-true")
     torch_compile: StrictBool = _field(
-        False, "train with the network compiled by torch.compile (inductor: fused kernels, a C++ compiler needed; "
-               "the first epochs pay the compilation; checkpoints and prediction stay eager)", "true or false")
+        False, "train with the network (and, where the method allows it, the loss) compiled by torch.compile "
+               "(inductor: fused kernels, a C++ compiler needed; the first epochs pay the compilation; checkpoints and "
+               "prediction stay eager)", "true or false")
     num_workers: Int = _field(0, "data-loader worker processes", "an integer >= 0", ge=0)
     max_epochs: Int = _field(100, "training epochs (each method notebook sets its own)", "an integer >= 1", ge=1)
     batch_size: Int = _field(4, "images per batch", "an integer >= 1", ge=1)

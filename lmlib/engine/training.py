@@ -630,7 +630,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     global batch is ``batch_size * devices * num_nodes``; only rank 0 writes logs, checkpoints and figures, and
     this process continues with the best weights.
     ``torch_compile``: train the network compiled by ``torch.compile`` (in place, so the checkpoints' keys are
-    the eager network's; the returned module is loaded from the best checkpoint, eager).
+    the eager network's; the returned module is loaded from the best checkpoint, eager), and the training loss too
+    where the method allows it (:func:`compile_for_training`).
     ``select``: ``"val"`` (``best.ckpt`` holds the epoch of lowest validation MRE) or ``"last"`` (``best.ckpt`` holds
     the last epoch and ``best_score`` is None: a refit whose val images are also training images, see
     :data:`lmlib.data.refit.FIT_SPLITS`).

@@ -346,9 +346,9 @@ def build_method(name: str, **config: Any) -> LandmarkMethod:
 
 def foreground_weighted(err: torch.Tensor, target: torch.Tensor, foreground_weight: float, peak: float) -> torch.Tensor:
     """``err * (1 + (foreground_weight - 1) * target / peak)``: per-pixel errors weighted up to ``foreground_weight``
-    at a target's ``peak`` (1: ``err`` as it is). The weight is one pass over the maps and needs no gradient (the
-    loss runs outside the compiled network, where each elementwise pass over ``(B, N, *size)`` and its backward
-    costs about as much as a small convolution: the benchmark notebook's step times)."""
+    at a target's ``peak`` (1: ``err`` as it is). The weight is one pass over the maps and needs no gradient (an
+    eager loss pays for each elementwise pass over ``(B, N, *size)`` and its backward about as much as for a small
+    convolution: the benchmark notebook's step times; a compiled loss fuses them)."""
     if foreground_weight == 1:
         return err
     one = torch.ones((), dtype=target.dtype, device=target.device)

@@ -30,8 +30,7 @@ the U-Nets' steps before and after). PyTorch's ``InstanceNorm`` computes through
 norm over a ``(1, B * C, ...)`` reshape, which needs the contiguous layout: every norm layer copied its input back
 and the next convolution reordered it again. Instance norms are therefore built as ``GroupNorm`` with one group per
 channel: the same normalisation (per item and channel over the spatial axes, the same ``eps``, no parameters
-unless affine, so checkpoints load either way), with a channels-last kernel. The outputs are channels-last too
-(element-wise code is layout-blind; ``view`` needs ``reshape``).
+unless affine, so checkpoints load either way), with a channels-last kernel. The outputs are returned contiguous.
 """
 from __future__ import annotations
 
@@ -131,9 +130,16 @@ def _input_to(module: nn.Module, args: tuple[Any, ...], spatial_dims: int) -> tu
     return (x.contiguous(memory_format=getattr(module, LAYOUT)[1]), *args[1:])
 
 
+def _output_contiguous(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """Forward hook: a tensor output in the contiguous layout (the loss and decoding run per landmark channel)."""
+    return output.contiguous() if isinstance(output, torch.Tensor) else None
+
+
 def to_channels_last(net: nn.Module, spatial_dims: int) -> nn.Module:
-    """``net`` (in place) with channels-last weights and a forward pre-hook that puts its image input in the same
-    format (a no-op when it already is); instance norms become group norms (:func:`instance_norms_as_group_norms`).
+    """``net`` (in place) with channels-last weights, a forward pre-hook that puts its image input in the same
+    format (a no-op when it already is) and a forward hook that returns its output contiguous (a compiled
+    dilation-erosion loss ran slower on a channels-last output); instance norms become group norms
+    (:func:`instance_norms_as_group_norms`).
     The hook is not in the state dict: checkpoints are the same as without. Channels-last is for the CPU: after
     moving a network to another device, :func:`match_device_layout` makes it contiguous again (there, group norm
     computes contiguous, and channels-last weights would make every convolution reorder)."""
@@ -141,6 +147,7 @@ def to_channels_last(net: nn.Module, spatial_dims: int) -> nn.Module:
     setattr(net, LAYOUT, (spatial_dims, memory_format(spatial_dims)))
     net.to(memory_format=memory_format(spatial_dims))  # type: ignore[call-overload]  # documented, untyped
     net.register_forward_pre_hook(partial(_input_to, spatial_dims=spatial_dims))
+    net.register_forward_hook(_output_contiguous)
     return net
 
 
