@@ -459,3 +459,14 @@ def test_a_subclass_that_redefines_the_loss_is_not_compiled_under_its_parents_ke
     assert loss_key(HeatmapUNet(2, 3), 5) == 0
     assert loss_key(EpochLoss(2, 3), 5) is None
     assert loss_key(Keyed(2, 3), 5) == 5
+
+
+def test_the_compiler_imports_under_an_ascii_locale():
+    """torch's inductor reads its templates in the locale's encoding; with ``LC_CTYPE=C`` set mid-process (as in a
+    CI run of the suite) ``fit(torch_compile=True)`` failed at its import. ``compile_for_training`` imports it under
+    UTF-8 (a fresh process: the import happens once)."""
+    code = ("import locale; locale.setlocale(locale.LC_CTYPE, 'C'); "
+            "from lmlib.engine.training import _import_inductor; _import_inductor(); "
+            "import torch._inductor.compile_fx; assert locale.setlocale(locale.LC_CTYPE) == 'C'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-800:]

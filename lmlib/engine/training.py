@@ -595,11 +595,31 @@ def _compiled_loss() -> Any:
     return torch.compile(_loss_value, dynamic=False)
 
 
+def _import_inductor() -> None:
+    """Import torch's compiler backend (inductor) once. It reads its kernel templates with ``open()`` in the locale's
+    encoding, and its import fails under an ASCII ``LC_CTYPE`` (C), which a library may set mid-process (it happened
+    in the test suite): import it under UTF-8, then restore the locale."""
+    import locale
+
+    if "torch._inductor.compile_fx" in sys.modules or locale.getpreferredencoding(False).lower() in ("utf-8", "utf8"):
+        return
+    before = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+    except locale.Error:  # no UTF-8 locale on this system: import as it is (and fail with torch's own error)
+        return
+    try:
+        import torch._inductor.compile_fx  # noqa: F401
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+
+
 def compile_for_training(module: LandmarkModule, loss: bool = True) -> None:
     """Compile ``module``'s network in place with ``torch.compile`` (so its checkpoints keep the eager keys), and
     (``loss``) its training loss where the method allows it (:meth:`LandmarkModule.training_loss`): one graph per
     batch shape (the last batch of an epoch and validation compile once each) rather than dynamic shapes, whose
     kernels are slower. What ``fit(torch_compile=True)`` trains, and what the benchmark times."""
+    _import_inductor()
     module.net.compile(dynamic=False)
     module._compile_loss = loss
 
