@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -54,8 +53,9 @@ def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, ar
     ``channels``: feature counts per level (``unet``: len(channels) - 1 downsamplings by ``strides``,
     default 2 each; ``basic_unet``: the 6 ``features``, padded/trimmed). ``backbone`` only for
     ``flexible_unet``. ``head_channels`` > 0 (``unet`` only): the top level's width, then a 3 x 3 convolution
-    to ``out_channels`` (see the module docstring). ``channels_last``: weights, input and output in the
-    channels-last memory format (:func:`to_channels_last`; the same function either way). Input sizes must be
+    to ``out_channels`` (see the module docstring). ``channels_last``: weights and input in the
+    channels-last memory format on the CPU, output contiguous (:func:`to_channels_last`; the same function either
+    way). Input sizes must be
     divisible by :func:`size_multiple`.
     """
     net = _build(spatial_dims, out_channels, in_channels, arch, channels, strides, num_res_units, norm, dropout,
@@ -122,12 +122,13 @@ def instance_norms_as_group_norms(net: nn.Module) -> nn.Module:
 LAYOUT = "_lmlib_layout"
 
 
-def _input_to(module: nn.Module, args: tuple[Any, ...], spatial_dims: int) -> tuple[Any, ...] | None:
+def _input_to(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Forward pre-hook: an image batch ``(B, C, *size)`` in the network's current layout (attribute :data:`LAYOUT`)."""
+    spatial_dims, fmt = getattr(module, LAYOUT)
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.dim() != spatial_dims + 2:
         return None
-    return (x.contiguous(memory_format=getattr(module, LAYOUT)[1]), *args[1:])
+    return (x.contiguous(memory_format=fmt), *args[1:])
 
 
 def _output_contiguous(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -140,13 +141,13 @@ def to_channels_last(net: nn.Module, spatial_dims: int) -> nn.Module:
     format (a no-op when it already is) and a forward hook that returns its output contiguous (a compiled
     dilation-erosion loss ran slower on a channels-last output); instance norms become group norms
     (:func:`instance_norms_as_group_norms`).
-    The hook is not in the state dict: checkpoints are the same as without. Channels-last is for the CPU: after
+    The hooks are not in the state dict: checkpoints are the same as without. Channels-last is for the CPU: after
     moving a network to another device, :func:`match_device_layout` makes it contiguous again (there, group norm
     computes contiguous, and channels-last weights would make every convolution reorder)."""
     instance_norms_as_group_norms(net)
     setattr(net, LAYOUT, (spatial_dims, memory_format(spatial_dims)))
     net.to(memory_format=memory_format(spatial_dims))  # type: ignore[call-overload]  # documented, untyped
-    net.register_forward_pre_hook(partial(_input_to, spatial_dims=spatial_dims))
+    net.register_forward_pre_hook(_input_to)
     net.register_forward_hook(_output_contiguous)
     return net
 
