@@ -166,6 +166,9 @@ JOBS: tuple[Job, ...] = (
     # ablation row (validation rejected it for the refit)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_head16", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
+    # the tuned setting compiled under bf16 autocast, on train only: its val rule decides the refit's precision
+    _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_bf16", ("hamedan-ceph",), runs="heatmap_unet",
+         main=False),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
