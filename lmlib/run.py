@@ -166,12 +166,10 @@ JOBS: tuple[Job, ...] = (
     # ablation row (validation rejected it for the refit)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_head16", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
-    # the tuned setting compiled under bf16 autocast, on train only: its val rule decides the refit's precision
+    # the tuned setting compiled under bf16 autocast, on train only: an ablation row (its val rule, profiles.yaml,
+    # rejected bf16 for the refit)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_cpu_compile_tuned_bf16", ("hamedan-ceph",), runs="heatmap_unet",
          main=False),
-    # the tuned refit under bf16 autocast, four seeds (the members of its ensemble; the rule above accepted bf16)
-    *(_job("15_heatmap_unet.ipynb", f"heatmap_unet_cpu_compile_tuned_refit_bf16{seed}", ("hamedan-ceph",),
-           runs="heatmap_unet", main=False) for seed in ("", "_seed1", "_seed2", "_seed3")),
     _job("40_unet_dilation_erosion.ipynb", "dilation_erosion", ("synthetic2d", "hamedan-ceph", "hand-xray"),
          runs="dilation_erosion"),
     # Multiresolution HTC: the two-head method and its training ablation (one head each)
@@ -215,11 +213,6 @@ JOBS: tuple[Job, ...] = (
            runs="tta", main=False) for seed in ("", "_seed1", "_seed2")),
     _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile_tuned_refit+seeds+tta", ("hamedan-ceph",), runs="ensemble",
          main=False),
-    # the same for the bf16 refit's four seeds
-    *(_job("62_test_time_scales.ipynb", f"heatmap_unet_cpu_compile_tuned_refit_bf16{seed}+tta", ("hamedan-ceph",),
-           runs="tta", main=False) for seed in ("", "_seed1", "_seed2", "_seed3")),
-    *(_job("61_ensemble.ipynb", f"heatmap_unet_cpu_compile_tuned_refit_bf16+seeds{tta}", ("hamedan-ceph",),
-           runs="ensemble", main=False) for tta in ("", "+tta")),
     # a shape prior after a finished run (its checkpoints kept: run its job first): the training mean shape fitted
     # robustly to its predictions, the landmarks that do not fit replaced; the variant chosen on val
     # (hand-xray: its heatmap U-Net's two gross misses of tens of mm, added after that run's test numbers were read;
