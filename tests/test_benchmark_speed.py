@@ -68,3 +68,28 @@ def test_each_timing_keeps_its_fastest_round_and_rounds_interleave() -> None:
     best = _fastest({"a": timing("a"), "b": timing("b")}, rounds=3)
     assert calls == ["a", "b"] * 3
     assert best["a"]["step_s"] == 0.1 and best["b"]["step_s"] == 0.4
+
+
+def test_the_layer_profile_splits_the_step_by_convolution() -> None:
+    """``profile_layers``: every convolution of the network found once per step with its shape, its GFLOP (read
+    from the profiler's shapes) summing to what ``FlopCounterMode`` counts for the same step, and the rows' shares
+    summing to the whole step."""
+    import torch
+
+    from lmlib.reporting.benchmark import _first_stage, profile_layers, profile_training
+
+    data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
+    data.samples = data.split("train")
+    params = {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 48]}
+    table = profile_layers("heatmap_unet", params, data, n_steps=2, torch_compile=False, peak_gflops=100.0, top=50)
+    counted = profile_training("heatmap_unet", params, data, n_steps=1)["gflop_per_step"]
+    assert table["gflop"].sum() == pytest.approx(counted, rel=1e-6)
+    assert table["pct_of_step"].sum() == pytest.approx(100.0)
+    assert list(table.index[-2:]) == ["other convolutions", "rest of the step"]
+    assert table.loc["other convolutions", "per_step"] == 0  # every shape has its row below top=50
+    network = _first_stage("heatmap_unet", params, data, [64, 48])[0].build_network()
+    assert table["per_step"].sum() == sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in network.modules())
+    # the grid in (x, y) order: the last up-sampling convolution outputs the full 64 x 48 grid
+    assert any("transposed" in label and label.endswith("32x24 -> 64x48") for label in table.index)
+    assert table.index.is_unique
+    assert np.allclose(table["pct_of_peak"].dropna(), table["achieved_gflops"].dropna())  # a peak of 100 GFLOP/s

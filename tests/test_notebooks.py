@@ -241,6 +241,10 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
     assert set(speed.index) == {"heatmap_unet", "dilation_erosion", "global_local", "htc", "prior_guided"}
     assert (speed["gflop_per_step"] > 0).all() and (speed["step_s"] > 0).all()
     assert ((speed["pct_of_peak"] > 0) & (speed["pct_of_peak"] < 150)).all()
+    layers = pd.read_csv(root / "benchmark" / "table_layers.csv", index_col=["method", "layer"])
+    for unet in ("heatmap_unet", "dilation_erosion"):  # each U-Net's step split by convolution, whole
+        assert layers.loc[unet, "gflop"].sum() == pytest.approx(speed.loc[unet, "gflop_per_step"], rel=1e-2)
+        assert layers.loc[unet, "pct_of_step"].sum() == pytest.approx(100.0, abs=0.01)
     variants = pd.read_csv(root / "benchmark" / "table_variants.csv", index_col=0)
     assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 4
     assert variants.loc["head_channels 16", "step_s"] > 0  # the heatmap U-Net's 16-channel head, timed beside it

@@ -100,6 +100,8 @@ def test_best_run_is_a_methods_own_output_and_the_ratios_table() -> None:
                                "registration", "ensemble"])
     # registration trains nothing: no budget to give the peer; an ensemble's time is its members' (not one training)
     assert list(our_candidates(runs).index) == ["htc", "global_local/local", "global_local/global"]
+    # no finished run yet (the benchmark notebook run first): none, and the peer section says it skips
+    assert our_candidates(pd.DataFrame()).empty
     peer_err = pd.DataFrame(np.full((4, 3), 2.4), index=list("pqrs"), columns=list("abc"))
     errors = {"htc": peer_err * 0.5}
     peer = PeerRun(peer_err, {"train_seconds": 200.0, "infer_seconds_per_image": 0.05}, pd.DataFrame())

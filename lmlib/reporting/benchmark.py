@@ -81,16 +81,12 @@ def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequ
         int(shared_value(params, "batch_size"))
 
 
-def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
-                     contiguous: bool = False, bf16: bool = False, seed: int = 0,
-                     torch_compile: bool = False, compile_loss: bool = True) -> dict[str, Any]:
-    """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
-    seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
-    GFLOP/s of forward+backward. ``contiguous``: a U-Net built in the contiguous memory format with instance norms
-    (``build_network(channels_last=False)``, how it trained before; the network code of other methods has no such
-    switch); ``bf16``: under bf16 autocast;
-    ``torch_compile``: with the network (and, ``compile_loss``, the loss) compiled as training compiles them (the
-    GFLOP are counted on the eager step, the compilation step is not timed)."""
+def _training_step(name: str, params: Mapping[str, Any], data: Dataset, contiguous: bool = False,
+                   bf16: bool = False, seed: int = 0) -> tuple[LandmarkModule, Callable[[dict[str, Any]], tuple[float, float]],
+                                                            Callable[[], dict[str, Any]], int, str]:
+    """One training step of method ``name`` as :func:`profile_training` times it: the module, ``step(batch)`` (returns
+    its forward and backward seconds), ``next_batch()`` (the train loader, cycled), the batch size and the grid label
+    (px, ``x``-joined)."""
     torch.manual_seed(seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[data.spec.ndim]]
     method, view, batch_size = _first_stage(name, params, data, grid)
@@ -116,8 +112,6 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
         opt.zero_grad(set_to_none=True)
         return t1 - t0, time.perf_counter() - t1
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     def next_batch() -> dict[str, Any]:
         nonlocal loader
         try:
@@ -126,6 +120,22 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
             loader = iter(dm.train_dataloader())
             return next(loader)
 
+    return module, step, next_batch, batch_size, "x".join(map(str, view.size or grid))
+
+
+def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
+                     contiguous: bool = False, bf16: bool = False, seed: int = 0,
+                     torch_compile: bool = False, compile_loss: bool = True) -> dict[str, Any]:
+    """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
+    seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
+    GFLOP/s of forward+backward. ``contiguous``: a U-Net built in the contiguous memory format with instance norms
+    (``build_network(channels_last=False)``, how it trained before; the network code of other methods has no such
+    switch); ``bf16``: under bf16 autocast;
+    ``torch_compile``: with the network (and, ``compile_loss``, the loss) compiled as training compiles them (the
+    GFLOP are counted on the eager step, the compilation step is not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module, step, next_batch, batch_size, grid = _training_step(name, params, data, contiguous, bf16, seed)
     batch = next_batch()
     with FlopCounterMode(display=False) as counter:  # eager, and the warm-up of allocators and kernels
         step(batch)
@@ -140,10 +150,95 @@ def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_step
         times.append((data_s, *step(batch)))
     data_s, fwd, bwd = (float(np.median(v)) for v in zip(*times))
     flops = float(counter.get_total_flops())
-    return {"method": name, "batch": batch_size, "grid": "x".join(map(str, view.size or grid)),
+    return {"method": name, "batch": batch_size, "grid": grid,
             "data_s": data_s, "forward_s": fwd, "backward_s": bwd, "step_s": data_s + fwd + bwd,
             "images_per_s": batch_size / (data_s + fwd + bwd), "gflop_per_step": flops / 1e9,
             "achieved_gflops": flops / 1e9 / (fwd + bwd)}
+
+
+def _conv_gflop(x: Sequence[int], w: Sequence[int], transposed: bool, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int]) -> float:
+    """GFLOP of one convolution's forward (multiply and add counted apart, as ``FlopCounterMode`` counts): input
+    ``x`` (B, C, *spatial), weight ``w`` in PyTorch's layout ((out, in/groups, *k); transposed (in, out/groups, *k):
+    its size is the work per position whatever the groups)."""
+    k = w[2:]
+    if transposed:  # every input pixel meets the whole kernel
+        positions = int(np.prod(x[2:]))
+    else:
+        positions = int(np.prod([(n + 2 * p - d * (kk - 1) - 1) // s + 1
+                                 for n, kk, s, p, d in zip(x[2:], k, stride, padding, dilation)]))
+    return 2.0 * x[0] * positions * int(np.prod(w)) / 1e9
+
+
+def profile_layers(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 3, torch_compile: bool = True,
+                   peak_gflops: float | None = None, top: int = 8, seed: int = 0) -> pd.DataFrame:
+    """Where the training step of method ``name`` spends its time, per convolution: PyTorch's profiler over
+    ``n_steps`` steps (compiled as training compiles them when ``torch_compile``), its convolution calls grouped by
+    shape. One row per shape (``layer``: kernel, ``transposed`` for an up-sampling convolution, input -> output
+    channels, and the grid in px, (x, y[, z]) as the network's tensors hold it, input -> output where they differ;
+    ``per_step``: how many layers of that shape),
+    the ``top`` by time: forward and backward milliseconds per step, GFLOP per step (forward and backward; a layer
+    whose input needs no gradient computes the weight's only), the achieved GFLOP/s and its share of
+    ``peak_gflops`` (when given), and its share of the step (%). Then ``other convolutions`` and ``rest of the
+    step`` (norms, activations, loss, optimizer; the batches are loaded before the profiled steps: the data's share
+    is :func:`profile_training`'s)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    module, step, next_batch, _, _ = _training_step(name, params, data, seed=seed)
+    step(next_batch())
+    if torch_compile:
+        compile_for_training(module)
+        step(next_batch())  # the compilation
+    batches = [next_batch() for _ in range(n_steps)]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        step_ms = (time.perf_counter() - t) * 1e3 / n_steps
+    layers: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for event in prof.events():
+        if event.name not in ("aten::convolution", "aten::convolution_backward"):
+            continue
+        shapes, args = event.input_shapes, event.concrete_inputs
+        if event.name == "aten::convolution":  # (x, w, bias, stride, padding, dilation, transposed, out_pad, groups)
+            x, w, transposed, out = shapes[0], shapes[1], bool(args[6]), None
+            stride, padding, dilation, passes, kind = args[3], args[4], args[5], 1, "forward_ms"
+        else:  # (grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, output_mask)
+            out, x, w, transposed = shapes[0], shapes[1], shapes[2], bool(args[7])
+            stride, padding, dilation = args[4], args[5], args[6]
+            passes, kind = int(args[10][0]) + int(args[10][1]), "backward_ms"
+        key = (tuple(x), tuple(w), transposed)
+        row = layers.setdefault(key, {"forward_ms": 0.0, "backward_ms": 0.0, "gflop": 0.0, "calls": 0, "out": None})
+        row[kind] += event.cpu_time_total / 1e3 / n_steps
+        row["gflop"] += passes * _conv_gflop(x, w, transposed, stride, padding, dilation) / n_steps
+        if kind == "forward_ms":
+            row["calls"] += 1
+        if out is not None:
+            row["out"] = tuple(out)
+    if not layers:
+        raise ValueError(f"{name}: no convolution in its training step (profile_layers splits a step by convolution)")
+    rows = []
+    for (x, w, transposed), row in layers.items():
+        c_out = w[1] if transposed else w[0]
+        size_in, size_out = ("x".join(map(str, shape[2:])) if shape else "?" for shape in (x, row["out"]))
+        grids = size_out if size_in == size_out else f"{size_in} -> {size_out}"
+        kernel = "x".join(map(str, w[2:]))
+        rows.append({"layer": f"{kernel}{' transposed' if transposed else ''}, {x[1]} -> {c_out} ch, {grids}",
+                     "per_step": row["calls"] / n_steps, "forward_ms": row["forward_ms"],
+                     "backward_ms": row["backward_ms"], "gflop": row["gflop"]})
+    table = pd.DataFrame(rows)
+    table["ms"] = table["forward_ms"] + table["backward_ms"]
+    table = table.sort_values("ms", ascending=False)
+    head, tail = table.iloc[:top], table.iloc[top:]
+    other = {"layer": "other convolutions", "per_step": tail["per_step"].sum(),
+             **{c: tail[c].sum() for c in ("forward_ms", "backward_ms", "gflop", "ms")}}
+    rest = {"layer": "rest of the step", "ms": step_ms - table["ms"].sum()}
+    table = pd.concat([head, pd.DataFrame([other, rest])], ignore_index=True).set_index("layer")
+    table["achieved_gflops"] = table["gflop"] / table["ms"] * 1e3
+    if peak_gflops:
+        table["pct_of_peak"] = 100.0 * table["achieved_gflops"] / peak_gflops
+    table["pct_of_step"] = 100.0 * table["ms"] / step_ms
+    return table.drop(columns="ms")
 
 
 def _is_unet(name: str) -> bool:
@@ -328,10 +423,11 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
                   time_compiled: bool = False, timing_rounds: int = 1) -> dict[str, Any]:
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is / as
-    before channels-last networks / bf16 / with a 16-channel head (:func:`compare_variants`), and the finished runs
-    of ``results_dir/<dataset>`` (time, memory, accuracy). Writes ``table_speed.csv``, ``table_variants.csv``,
-    ``table_runs.csv``, ``fig_step_breakdown.png`` and ``manifest.json`` into ``output_dir``; returns them for
-    display. ``n_deformed``: a single-template dataset's deformations (as the driver's jobs).
+    before channels-last networks / bf16 / with a 16-channel head (:func:`compare_variants`), each U-Net's step
+    split by convolution (:func:`profile_layers`), and the finished runs of ``results_dir/<dataset>`` (time, memory,
+    accuracy). Writes ``table_speed.csv``, ``table_variants.csv``, ``table_layers.csv``, ``table_runs.csv``,
+    ``fig_step_breakdown.png`` and ``manifest.json`` into ``output_dir``; returns them for display.
+    ``n_deformed``: a single-template dataset's deformations (as the driver's jobs).
 
     ``peer``: also train the ``landmarker`` SCN (:mod:`lmlib.reporting.peer`, interpreter ``peer_python``) on
     the same split, at the input size of our best CPU run and for its training time (``peer_budget_s`` > 0:
@@ -355,6 +451,9 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     speed = profile_methods(methods, data, n_steps, peak, compiled=time_compiled, rounds=timing_rounds)
     variants = compare_variants(variants_method, methods.get(variants_method, {}), data, n_steps,
                                 compiled=time_compiled, rounds=timing_rounds)
+    unets = [m for m in methods if _is_unet(m)]
+    layers = pd.concat({m: profile_layers(m, methods[m], data, torch_compile=time_compiled, peak_gflops=peak, seed=seed)
+                        for m in unets}, names=["method"]) if unets else pd.DataFrame()
     try:
         runs, errors = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
     except (FileNotFoundError, ValueError) as exc:
@@ -362,6 +461,8 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
         runs, errors = pd.DataFrame(), {}
     speed.to_csv(out / "table_speed.csv", float_format="%.4f")
     variants.to_csv(out / "table_variants.csv", float_format="%.4f")
+    if not layers.empty:
+        layers.to_csv(out / "table_layers.csv", float_format="%.4f")
     if not runs.empty:
         runs.to_csv(out / "table_runs.csv", float_format="%.4f")
     fig = fig_step_breakdown(speed, peak)
@@ -372,7 +473,7 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
                    extra={"matmul_peak_gflops": matmul, "conv_peak_gflops": conv, "torch_threads": torch.get_num_threads()})
     pd.Series({"matmul_peak_gflops": matmul, "conv_peak_gflops": conv}).to_csv(out / "table_peak.csv", header=["gflops"])
     return {"peak_gflops": peak, "matmul_gflops": matmul, "conv_gflops": conv, "speed": speed, "variants": variants,
-            "runs": runs, "figure": fig, **peer_part}
+            "layers": layers, "runs": runs, "figure": fig, **peer_part}
 
 
 def show_benchmark(result: Mapping[str, Any]) -> None:
@@ -386,6 +487,11 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
     display(Markdown("**One training step as is, as it trained before channels-last networks, under bf16 autocast "
                      "and, when timed, compiled by torch.compile** (speed-up over as is)"))
     display(result["variants"].round(3))
+    if not result["layers"].empty:
+        display(Markdown("**Where a U-Net's step goes, per convolution** (the step as the speed table times it, "
+                         "compiled when timed so; each shape's forward and backward ms per step, its rate and "
+                         "share of the peak, and its share of the step)"))
+        display(result["layers"].round(2))
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
         display(result["runs"].round(3))

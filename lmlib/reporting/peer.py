@@ -213,7 +213,7 @@ def our_candidates(runs: pd.DataFrame, device: str = "cpu") -> pd.DataFrame:
         runs = runs[~refit]
     mine = runs[(runs["device"] == device) & (runs["train_s"] > 0) & (runs["epochs"] > 0)] if not runs.empty else runs
     keep = [m for m in mine.index if "/" not in str(m) or str(m).split("/")[0] not in mine.index]
-    return mine.loc[keep].sort_values("mre_mm")
+    return mine.loc[keep].sort_values("mre_mm") if "mre_mm" in mine else mine  # no finished run: no columns
 
 
 def peer_ratios(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], peer: PeerRun,
