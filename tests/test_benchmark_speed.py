@@ -3,7 +3,10 @@ GFLOP counted on the eager step so that the two rates compare the same work; the
 times."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from lmlib.engine.runner import load_run_data
@@ -70,26 +73,52 @@ def test_each_timing_keeps_its_fastest_round_and_rounds_interleave() -> None:
     assert best["a"]["step_s"] == 0.1 and best["b"]["step_s"] == 0.4
 
 
+def _layer_params() -> tuple[Any, dict[str, Any]]:
+    data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
+    data.samples = data.split("train")
+    return data, {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 48]}
+
+
+def _conv_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table.drop(index=[r for r in ("other convolutions", "rest of the step") if r in table.index])
+
+
 def test_the_layer_profile_splits_the_step_by_convolution() -> None:
-    """``profile_layers``: every convolution of the network found once per step with its shape, its GFLOP (read
-    from the profiler's shapes) summing to what ``FlopCounterMode`` counts for the same step, and the rows' shares
-    summing to the whole step."""
+    """``profile_layers``: every convolution of the network found once per step with its forward and its backward,
+    its GFLOP (read from the profiler's shapes) summing to what ``FlopCounterMode`` counts for the same step (the
+    U-Net's arithmetic is all convolutions), and time left for the rest of the step."""
     import torch
 
     from lmlib.reporting.benchmark import _first_stage, profile_layers, profile_training
 
-    data = load_run_data({"dataset": "synthetic2d", "data_dir": ""})
-    data.samples = data.split("train")
-    params = {**job_parameters("heatmap_unet", "synthetic2d", "smoke"), "image_size": [64, 48]}
-    table = profile_layers("heatmap_unet", params, data, n_steps=2, torch_compile=False, peak_gflops=100.0, top=50)
+    data, params = _layer_params()
+    table = profile_layers("heatmap_unet", params, data, n_steps=2, peak_gflops=100.0, top=50)
     counted = profile_training("heatmap_unet", params, data, n_steps=1)["gflop_per_step"]
     assert table["gflop"].sum() == pytest.approx(counted, rel=1e-6)
-    assert table["pct_of_step"].sum() == pytest.approx(100.0)
-    assert list(table.index[-2:]) == ["other convolutions", "rest of the step"]
-    assert table.loc["other convolutions", "per_step"] == 0  # every shape has its row below top=50
+    assert list(table.index[-1:]) == ["rest of the step"] and "other convolutions" not in table.index  # top=50
+    assert table.loc["rest of the step", "pct_of_step"] > 0
+    convs = _conv_rows(table)
+    assert (convs["forward_ms"] > 0).all() and (convs["backward_ms"] > 0).all()  # each forward met its backward
     network = _first_stage("heatmap_unet", params, data, [64, 48])[0].build_network()
-    assert table["per_step"].sum() == sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in network.modules())
+    assert convs["per_step"].sum() == sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in network.modules())
     # the grid in (x, y) order: the last up-sampling convolution outputs the full 64 x 48 grid
     assert any("transposed" in label and label.endswith("32x24 -> 64x48") for label in table.index)
     assert table.index.is_unique
     assert np.allclose(table["pct_of_peak"].dropna(), table["achieved_gflops"].dropna())  # a peak of 100 GFLOP/s
+    top = profile_layers("heatmap_unet", params, data, n_steps=1, top=3)
+    assert list(top.index[3:]) == ["other convolutions", "rest of the step"]
+    assert top.loc["other convolutions", "per_step"] == convs["per_step"].sum() - _conv_rows(top)["per_step"].sum()
+
+
+@pytest.mark.slow
+def test_the_layer_profile_of_a_compiled_step() -> None:
+    """Compiled as training compiles it, the step still shows every convolution (inductor calls them as extern
+    kernels) with the same GFLOP; a step that fell back to eager would raise, not pass as compiled."""
+    from lmlib.reporting.benchmark import profile_layers
+
+    data, params = _layer_params()
+    eager = profile_layers("heatmap_unet", params, data, n_steps=1, top=50)
+    compiled = profile_layers("heatmap_unet", params, data, n_steps=2, top=50, torch_compile=True)
+    assert compiled["gflop"].sum() == pytest.approx(eager["gflop"].sum(), rel=1e-6)
+    assert sorted(compiled.index) == sorted(eager.index)
+    assert (_conv_rows(compiled)["backward_ms"] > 0).all()

@@ -81,9 +81,11 @@ def _first_stage(name: str, params: Mapping[str, Any], data: Dataset, grid: Sequ
         int(shared_value(params, "batch_size"))
 
 
-def _training_step(name: str, params: Mapping[str, Any], data: Dataset, contiguous: bool = False,
-                   bf16: bool = False, seed: int = 0) -> tuple[LandmarkModule, Callable[[dict[str, Any]], tuple[float, float]],
-                                                            Callable[[], dict[str, Any]], int, str]:
+Step = Callable[[dict[str, Any]], tuple[float, float]]
+
+
+def _training_step(name: str, params: Mapping[str, Any], data: Dataset, contiguous: bool = False, bf16: bool = False,
+                   seed: int = 0) -> tuple[LandmarkModule, Step, Callable[[], dict[str, Any]], int, str]:
     """One training step of method ``name`` as :func:`profile_training` times it: the module, ``step(batch)`` (returns
     its forward and backward seconds), ``next_batch()`` (the train loader, cycled), the batch size and the grid label
     (px, ``x``-joined)."""
@@ -170,70 +172,79 @@ def _conv_gflop(x: Sequence[int], w: Sequence[int], transposed: bool, stride: Se
     return 2.0 * x[0] * positions * int(np.prod(w)) / 1e9
 
 
-def profile_layers(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 3, torch_compile: bool = True,
+def profile_layers(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 3, torch_compile: bool = False,
                    peak_gflops: float | None = None, top: int = 8, seed: int = 0) -> pd.DataFrame:
     """Where the training step of method ``name`` spends its time, per convolution: PyTorch's profiler over
-    ``n_steps`` steps (compiled as training compiles them when ``torch_compile``), its convolution calls grouped by
-    shape. One row per shape (``layer``: kernel, ``transposed`` for an up-sampling convolution, input -> output
-    channels, and the grid in px, (x, y[, z]) as the network's tensors hold it, input -> output where they differ;
-    ``per_step``: how many layers of that shape),
-    the ``top`` by time: forward and backward milliseconds per step, GFLOP per step (forward and backward; a layer
-    whose input needs no gradient computes the weight's only), the achieved GFLOP/s and its share of
-    ``peak_gflops`` (when given), and its share of the step (%). Then ``other convolutions`` and ``rest of the
-    step`` (norms, activations, loss, optimizer; the batches are loaded before the profiled steps: the data's share
-    is :func:`profile_training`'s)."""
+    ``n_steps`` steps of full batches (compiled as training compiles them when ``torch_compile``), its convolution
+    calls grouped by layer. One row per layer shape (``layer``: kernel, ``transposed`` for an up-sampling
+    convolution, input -> output channels, and the grid in px, (x, y[, z]) as the network's tensors hold it,
+    input -> output where they differ; ``per_step``: how many layers of that shape), the ``top`` by time: forward
+    and backward milliseconds per step, GFLOP per step (forward and backward; a layer whose input needs no gradient
+    computes the weight's only), the achieved GFLOP/s and its share of ``peak_gflops`` (when given), and its share
+    of the step (%). Then ``other convolutions`` (when any is left) and ``rest of the step`` (norms, activations,
+    loss, optimizer and the profiler's own cost; the step is forward, backward and optimizer on batches loaded
+    before it: the data's share is :func:`profile_training`'s)."""
     from torch.profiler import ProfilerActivity, profile
 
-    module, step, next_batch, _, _ = _training_step(name, params, data, seed=seed)
+    module, step, next_batch, batch_size, _ = _training_step(name, params, data, seed=seed)
     step(next_batch())
     if torch_compile:
         compile_for_training(module)
         step(next_batch())  # the compilation
-    batches = [next_batch() for _ in range(n_steps)]
+    batches: list[dict[str, Any]] = []
+    while len(batches) < n_steps:  # full batches only: a short last one would be another shape (and graph)
+        batch = next_batch()
+        if len(batch["image"]) == batch_size:
+            batches.append(batch)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
         for batch in batches:
             step(batch)
         step_ms = (time.perf_counter() - t) * 1e3 / n_steps
+    events = prof.events()
+    if torch_compile and not any(e.name.startswith("Torch-Compiled Region") for e in events):
+        raise RuntimeError(f"{name}: the profiled steps did not run compiled (torch.compile fell back to eager)")
     layers: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for event in prof.events():
+    for event in events:
         if event.name not in ("aten::convolution", "aten::convolution_backward"):
             continue
         shapes, args = event.input_shapes, event.concrete_inputs
         if event.name == "aten::convolution":  # (x, w, bias, stride, padding, dilation, transposed, out_pad, groups)
-            x, w, transposed, out = shapes[0], shapes[1], bool(args[6]), None
-            stride, padding, dilation, passes, kind = args[3], args[4], args[5], 1, "forward_ms"
+            x, w, out = shapes[0], shapes[1], None
+            transposed, stride, padding, dilation, groups = bool(args[6]), args[3], args[4], args[5], args[8]
+            passes, kind = 1, "forward"
         else:  # (grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, output_mask)
-            out, x, w, transposed = shapes[0], shapes[1], shapes[2], bool(args[7])
-            stride, padding, dilation = args[4], args[5], args[6]
-            passes, kind = int(args[10][0]) + int(args[10][1]), "backward_ms"
-        key = (tuple(x), tuple(w), transposed)
-        row = layers.setdefault(key, {"forward_ms": 0.0, "backward_ms": 0.0, "gflop": 0.0, "calls": 0, "out": None})
-        row[kind] += event.cpu_time_total / 1e3 / n_steps
+            out, x, w = shapes[0], shapes[1], shapes[2]
+            transposed, stride, padding, dilation, groups = bool(args[7]), args[4], args[5], args[6], args[9]
+            passes, kind = int(args[10][0]) + int(args[10][1]), "backward"
+        key = (tuple(x), tuple(w), transposed, tuple(stride), tuple(padding), tuple(dilation), int(groups))
+        row = layers.setdefault(key, {"forward": 0, "backward": 0, "forward_ms": 0.0, "backward_ms": 0.0,
+                                      "gflop": 0.0, "out": None})
+        row[kind] += 1
+        row[f"{kind}_ms"] += event.cpu_time_total / 1e3 / n_steps
         row["gflop"] += passes * _conv_gflop(x, w, transposed, stride, padding, dilation) / n_steps
-        if kind == "forward_ms":
-            row["calls"] += 1
         if out is not None:
             row["out"] = tuple(out)
     if not layers:
         raise ValueError(f"{name}: no convolution in its training step (profile_layers splits a step by convolution)")
-    rows = []
-    for (x, w, transposed), row in layers.items():
-        c_out = w[1] if transposed else w[0]
+    rows: list[dict[str, Any]] = []
+    for (x, w, transposed, *_, groups), row in layers.items():
+        c_out = w[1] * groups if transposed else w[0]
         size_in, size_out = ("x".join(map(str, shape[2:])) if shape else "?" for shape in (x, row["out"]))
         grids = size_out if size_in == size_out else f"{size_in} -> {size_out}"
-        kernel = "x".join(map(str, w[2:]))
-        rows.append({"layer": f"{kernel}{' transposed' if transposed else ''}, {x[1]} -> {c_out} ch, {grids}",
-                     "per_step": row["calls"] / n_steps, "forward_ms": row["forward_ms"],
+        label = f"{'x'.join(map(str, w[2:]))}{' transposed' if transposed else ''}, {x[1]} -> {c_out} ch, {grids}"
+        seen = sum(r["layer"].split(" #")[0] == label for r in rows)  # same shapes, another padding or dilation
+        rows.append({"layer": f"{label} #{seen + 1}" if seen else label,
+                     "per_step": max(row["forward"], row["backward"]) / n_steps, "forward_ms": row["forward_ms"],
                      "backward_ms": row["backward_ms"], "gflop": row["gflop"]})
     table = pd.DataFrame(rows)
     table["ms"] = table["forward_ms"] + table["backward_ms"]
     table = table.sort_values("ms", ascending=False)
     head, tail = table.iloc[:top], table.iloc[top:]
-    other = {"layer": "other convolutions", "per_step": tail["per_step"].sum(),
-             **{c: tail[c].sum() for c in ("forward_ms", "backward_ms", "gflop", "ms")}}
+    other = [{"layer": "other convolutions", "per_step": tail["per_step"].sum(),
+              **{c: tail[c].sum() for c in ("forward_ms", "backward_ms", "gflop", "ms")}}] if len(tail) else []
     rest = {"layer": "rest of the step", "ms": step_ms - table["ms"].sum()}
-    table = pd.concat([head, pd.DataFrame([other, rest])], ignore_index=True).set_index("layer")
+    table = pd.concat([head, pd.DataFrame([*other, rest])], ignore_index=True).set_index("layer")
     table["achieved_gflops"] = table["gflop"] / table["ms"] * 1e3
     if peak_gflops:
         table["pct_of_peak"] = 100.0 * table["achieved_gflops"] / peak_gflops
@@ -488,9 +499,10 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
                      "and, when timed, compiled by torch.compile** (speed-up over as is)"))
     display(result["variants"].round(3))
     if not result["layers"].empty:
-        display(Markdown("**Where a U-Net's step goes, per convolution** (the step as the speed table times it, "
-                         "compiled when timed so; each shape's forward and backward ms per step, its rate and "
-                         "share of the peak, and its share of the step)"))
+        display(Markdown("**Where a U-Net's step goes, per convolution** (forward, backward and optimizer under "
+                         "PyTorch's profiler, the data loaded before; compiled when the steps above are; each layer "
+                         "shape's forward and backward ms per step, its rate and share of the peak, and its share of "
+                         "the step)"))
         display(result["layers"].round(2))
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
