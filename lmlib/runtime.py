@@ -132,9 +132,22 @@ def package_versions(names: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, st
     return out
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``; elsewhere what :func:`platform.processor` says, or
+    ``unknown``): runs with the same platform string may have run on different CPUs, whose speeds differ."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment_summary(device: torch.device | None = None) -> dict[str, str]:
-    """Python, platform, package versions, threads and device, for printing and the manifest."""
-    info = {"python": platform.python_version(), "platform": platform.platform(),
+    """Python, platform, CPU model, package versions, threads and device, for printing and the manifest."""
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
             "torch_threads": str(torch.get_num_threads()),
             "malloc_env": ",".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "unset"}
     info.update(package_versions())

@@ -31,6 +31,17 @@ def test_manifest_fields(tmp_path) -> None:
     assert data["seed"] == 3 and data["parameters"]["max_epochs"] == 2
     assert data["data_checksum"] == checksum_samples([_sample()])
     assert data["environment"]["torch"].startswith("2.")
+    assert data["environment"]["cpu"]  # runs on one platform string ran on CPUs of different speeds
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path) -> None:
+    from lmlib.runtime import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                    "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n", encoding="utf-8")
+    assert cpu_model(str(info)) == "Intel(R) Xeon(R) Processor"
+    assert cpu_model(str(tmp_path / "absent")) != ""  # no /proc: the platform's word, or "unknown"
 
 
 def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):

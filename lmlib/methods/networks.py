@@ -17,11 +17,11 @@ Re-measure with :func:`time_network`.
 ``head_channels`` (``unet`` only): the top level's width at the input's full resolution, then one 3 x 3
 convolution to the landmark channels (0: MONAI's top level outputs the landmarks itself). oneDNN vectorises
 channels in blocks of 16 on AVX-512 CPUs; with 19 landmarks (hamedan-ceph) the full-resolution layers ran at
-the cost of 32 channels, and 16 there plus the one projection make the eager step faster, the compiled one barely
-(the benchmark notebook's ``table_variants.csv``). At full size it validated worse and trained no faster in total
-(``heatmap_unet_cpu_compile_tuned_head16``): an ablation, not a default. A 3 x 3, not a 1 x 1, projection: a 1 x 1
-from 16 features could not give 19 independent maps at a pixel. MONAI's top level ends in a linear convolution, so
-the projection adds no nonlinearity, only a wider linear neighbourhood.
+the cost of 32 channels, and 16 there plus the one projection may make the step faster, by how much depending on
+the CPU model and on compiling (the benchmark notebook's ``table_variants.csv``). At full size it validated worse
+and trained no faster in total (``heatmap_unet_cpu_compile_tuned_head16``): an ablation, not a default. A 3 x 3,
+not a 1 x 1, projection: a 1 x 1 from 16 features could not give 19 independent maps at a pixel. MONAI's top level
+ends in a linear convolution, so the projection adds no nonlinearity, only a wider linear neighbourhood.
 
 Memory format (``channels_last``, on by default): the network's weights and its input in PyTorch's
 channels-last layout (``torch.channels_last`` / ``channels_last_3d``), which oneDNN convolves without reordering

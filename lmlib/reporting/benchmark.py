@@ -4,9 +4,9 @@ For each method, a few training steps are timed in three parts: data (loading, r
 the loader's next batch), forward (network + loss) and backward (gradients + optimizer step). The
 floating-point work of one forward+backward is counted by PyTorch's ``FlopCounterMode`` (matmuls and
 convolutions); divided by the measured forward+backward time it gives the achieved rate, compared with this
-machine's peak measured in the same process: a large fp32 matmul, and a large 3x3 convolution (on this AMD
-EPYC the BLAS matmul stays near 210 GFLOP/s while a 256-channel convolution reaches ~460, so the larger of the two is
-the reference). Cascades are profiled on
+machine's peak measured in the same process: a large fp32 matmul, and a large 3x3 convolution (on some CPUs
+oneDNN's convolution outruns the BLAS matmul by far: the committed benchmarks' ``table_peak.csv``), the larger of
+the two being the reference. Cascades are profiled on
 their first stage (global / coarse), which sees whole images. Timings are medians over the timed steps, after
 one warm-up step.
 """
@@ -61,7 +61,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = PEAK_REPEATS, dtype: torch.
 
 def conv_peak_gflops(channels: int = 256, size: int = 64, repeats: int = PEAK_REPEATS) -> float:
     """This process's best rate (GFLOP/s) on a large 3x3 fp32 convolution (oneDNN's kernels, which on some CPUs
-    outrun the BLAS matmul, as on the AMD EPYC the committed benchmarks ran on: their ``table_peak.csv``)."""
+    outrun the BLAS matmul: the committed benchmarks' ``table_peak.csv``)."""
     x = torch.randn(4, channels, size, size)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     with torch.no_grad():
@@ -377,7 +377,8 @@ def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
 
 def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
-    the machine (its manifest's ``environment.platform``: runs of different sessions may differ in speed by it),
+    the machine and its CPU model (its manifest's ``environment.platform`` and ``.cpu``, empty in manifests written
+    before it was recorded: runs of different sessions may differ in speed by them),
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
     inference seconds per image, peak memory (MB), test MRE (mm), the input grid (px, (x, y[, z])) and whether it is
     a refit on train+val; and each run's test errors (images x landmarks, mm)."""
@@ -393,8 +394,9 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
         epochs = metrics.get("epochs") or np.nan
         size = run_grid(Path(results_dir) / dataset / m)  # a refinement's: its base run's (its stages use patches)
         manifest = comp.manifests.get(m, {})
-        machine = (manifest.get("environment") or {}).get("platform", "")
-        rows.append({"method": m, "device": comp.run_device(m), "machine": machine, "epochs": epochs,
+        env = manifest.get("environment") or {}
+        rows.append({"method": m, "device": comp.run_device(m), "machine": env.get("platform", ""),
+                     "cpu": env.get("cpu", ""), "epochs": epochs,
                      "refit": is_refit(manifest.get("parameters")),
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
