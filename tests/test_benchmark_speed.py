@@ -123,3 +123,21 @@ def test_the_layer_profile_of_a_compiled_step() -> None:
     assert compiled["gflop"].sum() == pytest.approx(eager["gflop"].sum(), rel=1e-6)
     assert sorted(compiled.index) == sorted(eager.index)
     assert (_conv_rows(compiled)["backward_ms"] > 0).all()
+
+
+def test_the_layer_profile_prints_nothing_to_stderr() -> None:
+    """The profiler's backend printed "profiler_start/stop" lines to stderr, which landed in the executed benchmark
+    notebook: a fresh process (the level is read at its first profile) shows none."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lmlib.engine.runner import load_run_data\nfrom lmlib.run import job_parameters\n"
+            "from lmlib.reporting.benchmark import profile_layers\n"
+            "data = load_run_data({'dataset': 'synthetic2d', 'data_dir': ''})\ndata.samples = data.split('train')\n"
+            "params = {**job_parameters('heatmap_unet', 'synthetic2d', 'smoke'), 'image_size': [32, 32]}\n"
+            "profile_layers('heatmap_unet', params, data, n_steps=1)\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "profiler_start" not in done.stderr and "profiler_stop" not in done.stderr

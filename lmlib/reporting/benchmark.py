@@ -12,6 +12,7 @@ one warm-up step.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -186,6 +187,10 @@ def profile_layers(name: str, params: Mapping[str, Any], data: Dataset, n_steps:
     before it: the data's share is :func:`profile_training`'s)."""
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto, the profiler's backend, prints "profiler_start/stop" lines to stderr at its default log level, which
+    # would land in the executed notebook; 6 silences them (read at the first profile of a process; a level the
+    # user set is kept)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     module, step, next_batch, batch_size, _ = _training_step(name, params, data, seed=seed)
     step(next_batch())
     if torch_compile:
