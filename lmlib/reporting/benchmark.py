@@ -163,7 +163,9 @@ def _conv_gflop(x: Sequence[int], w: Sequence[int], transposed: bool, stride: Se
                 padding: Sequence[int], dilation: Sequence[int]) -> float:
     """GFLOP of one convolution's forward (multiply and add counted apart, as ``FlopCounterMode`` counts): input
     ``x`` (B, C, *spatial), weight ``w`` in PyTorch's layout ((out, in/groups, *k); transposed (in, out/groups, *k):
-    its size is the work per position whatever the groups)."""
+    its size is the work per position whatever the groups). Not ``torch.utils.flop_counter.conv_flop_count``: it
+    needs the output's shape, which the profiler records for a backward call but not for a forward one; the output
+    positions follow from stride, padding and dilation instead (the sum is tested against ``FlopCounterMode``)."""
     k = w[2:]
     if transposed:  # every input pixel meets the whole kernel
         positions = int(np.prod(x[2:]))

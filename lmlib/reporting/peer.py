@@ -208,12 +208,13 @@ def our_candidates(runs: pd.DataFrame, device: str = "cpu") -> pd.DataFrame:
     (on synthetic2d it was the best row and gave the peer a 0-second budget); rows derived from finished runs
     without training (an ensemble, test-time scales: 0 epochs) are not one training either. A refit on train+val
     (``refit``) is left out: the peer trains on train only."""
-    if not runs.empty:
-        refit = runs["refit"].astype(bool) if "refit" in runs else pd.Series(False, index=runs.index)
-        runs = runs[~refit]
-    mine = runs[(runs["device"] == device) & (runs["train_s"] > 0) & (runs["epochs"] > 0)] if not runs.empty else runs
+    if runs.empty:  # no finished run (perhaps no columns either): no candidate
+        return runs
+    refit = runs["refit"].astype(bool) if "refit" in runs else pd.Series(False, index=runs.index)
+    runs = runs[~refit]
+    mine = runs[(runs["device"] == device) & (runs["train_s"] > 0) & (runs["epochs"] > 0)]
     keep = [m for m in mine.index if "/" not in str(m) or str(m).split("/")[0] not in mine.index]
-    return mine.loc[keep].sort_values("mre_mm") if "mre_mm" in mine else mine  # no finished run: no columns
+    return mine.loc[keep].sort_values("mre_mm")
 
 
 def peer_ratios(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], peer: PeerRun,
