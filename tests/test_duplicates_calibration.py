@@ -170,3 +170,56 @@ def test_overrides_read_true_and_false_as_the_parameter_tables_spell_them() -> N
                             "image_size=[128, 192]", "annotator=senior"]) == {
         "torch_compile": True, "augment": False, "flip_test": False, "max_epochs": 3, "image_size": [128, 192],
         "annotator": "senior"}
+
+
+def test_images_the_split_file_leaves_out_are_reported(tmp_path: Path) -> None:
+    """An image missing from splits.csv (a spreadsheet made 001 into 1) fell out of every split, unreported."""
+    decl = _layout(tmp_path, {"a": 1, "b": 2, "c": 3}, {"a": "train", "b": "test"})
+    ds = load_dataset(decl)
+    rows = ds.report[ds.report["issue"] == "not_in_split"]
+    assert list(rows["image_id"]) == ["c"] and rows["file"].iloc[0].endswith("c.png")
+    assert "is in no split" in rows["detail"].iloc[0] and ds["c"].meta["split"] is None
+
+
+def test_spacing_mm_over_a_header_that_differs_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """spacing_mm silently replaced the spacing an .mha header stores (0.3 mm read as 0.5): the image moved under
+    its landmarks, and predicting the same file (which keeps the header) disagreed with training."""
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, None)
+    for i in ("a", "b"):
+        image = sitk.ReadImage(str(tmp_path / "images" / f"{i}.png"))
+        image.SetSpacing((0.3, 0.3))
+        sitk.WriteImage(image, str(tmp_path / "images" / f"{i}.mha"))
+    decl.write_text(decl.read_text().replace("images/*.png", "images/*.mha"))
+    with pytest.raises(ValueError, match=r"a\.mha: its header's spacing \[0\.3, 0\.3\] mm differs from spacing_mm "
+                                         r"\[0\.5, 0\.5\]"):
+        load_dataset(decl)
+    decl.write_text(decl.read_text().replace("spacing_mm: [0.5, 0.5]", "spacing_mm: [0.3, 0.3]"))
+    assert load_dataset(decl)["a"].geometry.spacing.tolist() == [0.3, 0.3]  # the same spacing: nothing to refuse
+
+
+def test_one_table_file_per_image_is_read_as_that_images_record(tmp_path: Path) -> None:
+    """annotations: ann/{image_id}.csv with a table reader: AttributeError 'list' object has no attribute 'image_id'."""
+    _layout(tmp_path, {"a": 1, "b": 2}, None)
+    (tmp_path / "ann").mkdir()
+    for i in ("a", "b"):
+        (tmp_path / "ann" / f"{i}.csv").write_text(f"image,landmark,x,y\n{i},p,5,6\n{i},q,7,8\n")
+    decl = tmp_path / "per_image.yaml"
+    decl.write_text("name: per_image\nndim: 2\nimages: images/*.png\nreader: long_csv\nannotations:\n"
+                    "  a: ann/{image_id}.csv\nlandmarks: [p, q]\nspacing_mm: [0.5, 0.5]\n")
+    ds = load_dataset(decl)
+    np.testing.assert_allclose(ds["b"].landmarks_mm, [[2.5, 3.0], [3.5, 4.0]])
+    (tmp_path / "ann" / "b.csv").write_text("image,landmark,x,y\nb,p,5,6\nb,q,7,8\nz,p,1,1\nz,q,2,2\n")
+    with pytest.raises(ValueError, match=r"b\.csv: reader 'long_csv' found 2 images' records \(b, z\) in a file of "
+                                         r"image 'b' only"):
+        load_dataset(decl)
+
+
+def test_a_declaration_or_split_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    decl.write_bytes(decl.read_bytes() + "description: C\u00e9phalom\u00e9trie\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"toy\.yaml: not UTF-8 text \(byte 0xe9 on line \d+\)"):
+        load_dataset(decl)
+    decl = _layout(tmp_path, {"a": 1, "b": 2}, {"a": "train", "b": "test"})
+    (tmp_path / "splits.csv").write_bytes("image_id,split\na,train\nb,test\n\u00e9,val\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"splits\.csv: not UTF-8 text \(byte 0xe9 on line 4\)"):
+        load_dataset(decl)

@@ -368,3 +368,81 @@ def test_image_header_with_bad_spacing_names_the_file(tmp_path: Path, spacing: s
 def _png(tmp_path: Path) -> Path:
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4), np.uint8)), str(tmp_path / "ok.png"))
     return tmp_path / "ok.png"
+
+
+def _dicom_slice(folder: Path, name: str, series_uid: str, k: int = 0) -> None:
+    img = sitk.GetImageFromArray(np.full((1, 5, 6), k, np.int16))
+    s = img[:, :, 0]
+    for tag, value in {"0020|000e": series_uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.1.2",
+                       "0020|0032": f"0\\0\\{k}", "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "0.7\\0.5",
+                       "0020|0013": str(k), "0008|0060": "CT"}.items():
+        s.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / name))
+    writer.Execute(s)
+
+
+def test_a_dicom_folder_of_several_series_is_refused_naming_it(tmp_path: Path) -> None:
+    """A localizer beside the axial series: the first series GDCM listed was read, with a warning only."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    _dicom_slice(folder, "a.dcm", "1.2.826.0.1.3680043.2.1125.1.1")
+    _dicom_slice(folder, "b.dcm", "1.2.826.0.1.3680043.2.1125.1.9")
+    with pytest.raises(ValueError, match=r"study: 2 DICOM series in this directory .*give one series' folder"):
+        read_image(folder)
+
+
+def test_tiff_and_jpeg_resolution_tags_are_no_spacing(tmp_path: Path) -> None:
+    """ITK read a TIFF's resolution tag (dots per inch) as its spacing (72 dpi: 0.3528 mm) while the data set's
+    report said its millimetres were pixels: read at 1.0 unless a spacing is given, header and pixels alike."""
+    img = sitk.GetImageFromArray((np.arange(12, dtype=np.uint8) * 10).reshape(3, 4))
+    img.SetSpacing((25.4 / 72, 25.4 / 72))
+    sitk.WriteImage(img, str(tmp_path / "page.tif"))
+    assert sitk.ReadImage(str(tmp_path / "page.tif")).GetSpacing() != (1.0, 1.0)  # what ITK itself reports
+    assert read_image(tmp_path / "page.tif").GetSpacing() == (1.0, 1.0)
+    assert read_image_info(tmp_path / "page.tif")[1].tolist() == [1.0, 1.0]
+    assert read_image(tmp_path / "page.tif", spacing_override=0.1).GetSpacing() == (0.1, 0.1)
+
+
+def test_a_spacing_for_another_dimension_names_the_image(tmp_path: Path) -> None:
+    """Two spacing values for a 3D image failed in numpy's broadcast, naming no file."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4), np.uint8)), str(tmp_path / "stack.tif"))
+    with pytest.raises(ValueError, match=r"stack\.tif: a 3D image, but 2 spacing values were given"):
+        read_image(tmp_path / "stack.tif", spacing_override=(0.1, 0.1))
+
+
+@pytest.mark.parametrize("reader, text", [
+    (read_long_csv, "image,landmark,x,y\nc\u00e9ph,a,1,2\n"),
+    (read_points_csv, "a,3,4\nc\u00e9ph,1,2\n"),
+    (read_slicer_fcsv, "# Markups fiducial file version = 4.11\n0,1,2,3,0,0,0,1,1,1,0,c\u00e9,,\n"),
+])
+def test_text_that_is_not_utf8_names_the_file(tmp_path: Path, reader: object, text: str) -> None:
+    """A CSV saved by Excel in cp1252: "'utf-8' codec can't decode byte 0xe9", naming no file."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(text.encode("cp1252"))
+    with pytest.raises(ValueError, match=r"excel\.csv: not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        reader(path)  # type: ignore[operator]
+
+
+def test_a_dicom_without_pixel_spacing_is_known_to_store_none(tmp_path: Path) -> None:
+    """GDCM reads a DICOM without a pixel-spacing attribute (a secondary-capture cephalogram) at 1.0 mm: its
+    millimetres were taken for real ones, in training data sets and in predict alike."""
+    from lmlib.data.checks import check_spacing
+    from lmlib.data.readers import DICOM_SPACING_TAGS, stores_no_spacing
+
+    image = sitk.GetImageFromArray(np.arange(30, dtype=np.int16).reshape(5, 6))
+    image.SetSpacing((0.1, 0.1))
+    sitk.WriteImage(image, str(tmp_path / "ceph.dcm"))
+    assert not stores_no_spacing(tmp_path / "ceph.dcm") and not check_spacing("ceph", tmp_path / "ceph.dcm", False)
+    data = (tmp_path / "ceph.dcm").read_bytes()
+    # GDCM writes the spacing as Pixel Spacing (0028,0030) or, for a secondary capture, Nominal Scanned Pixel
+    # Spacing (0018,2010), implicit VR little endian; renamed to a tag that means nothing, no spacing is left
+    tags = [bytes.fromhex(k[2:4] + k[0:2] + k[7:9] + k[5:7]) for k in DICOM_SPACING_TAGS]  # "gggg|eeee", LE
+    assert [data.count(t) for t in tags].count(1) == 1 and sum(data.count(t) for t in tags) == 1
+    tag = next(t for t in tags if t in data)
+    (tmp_path / "bare.dcm").write_bytes(data.replace(tag, tag[:2] + b"\x11\x20"))
+    assert read_image(tmp_path / "bare.dcm", ndim=2).GetSpacing() == (1.0, 1.0)  # GDCM's fallback
+    assert stores_no_spacing(tmp_path / "bare.dcm")
+    assert [r.issue for r in check_spacing("bare", tmp_path / "bare.dcm", False)] == ["no_spacing"]
+    assert stores_no_spacing(tmp_path / "page.png") and not stores_no_spacing(tmp_path / "v.mha")

@@ -24,9 +24,11 @@ not masking (reported, the landmark is kept):
 - ``shape_ignored``: a non-point shape beside a point of the same label, or with a label that is
   not the dataset's (ignored);
 - ``size_mismatch``: the size stated by the annotation differs from the image's;
-- ``no_spacing``: the image format carries no spacing and none was given (mm = pixels);
+- ``no_spacing``: the image stores no spacing (its format, or a DICOM without a pixel-spacing attribute) and none
+  was given (mm = pixels);
 - ``no_image``: an annotation without image;
 - ``split_without_image``: the split file names an id that no image has (the row is not used);
+- ``not_in_split``: an image that the split file (or the declared subject splits) leaves out: it is in no split;
 - ``identical_image``: the image holds the same pixels as another one (``detail`` names it and its split;
   a split file that puts copies on two sides is refused, a seeded split keeps them together).
 """
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmlib.data.readers import FORMATS_WITHOUT_SPACING, RawAnnotation
+from lmlib.data.readers import FORMATS_WITHOUT_SPACING, RawAnnotation, stores_no_spacing
 
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "annotator", "landmark", "issue", "detail", "file")
 #: Issues whose row masks the landmark it names (exactly one such row per masked landmark).
@@ -177,12 +179,14 @@ def check_size(ann: RawAnnotation, size: Sequence[int], annotator: str = "") -> 
 
 
 def check_spacing(image_id: str, image_path: str | Path, spacing_given: bool, annotator: str = "") -> list[Issue]:
-    """``no_spacing`` when the format carries no spacing (PNG, BMP, JPEG, TIFF) and none was given."""
+    """``no_spacing`` when the image stores no spacing (PNG, BMP, JPEG, TIFF; a DICOM without a pixel-spacing
+    attribute) and none was given."""
     p = Path(image_path)
-    if spacing_given or p.suffix.lower() not in FORMATS_WITHOUT_SPACING:
+    if spacing_given or not stores_no_spacing(p):
         return []
-    return [Issue(image_id, annotator, "", "no_spacing",
-                  f"{p.suffix} carries no spacing and none was given: 'mm' are pixels", str(p))]
+    kind = f"{p.suffix} file" if p.suffix.lower() in FORMATS_WITHOUT_SPACING else "DICOM without a pixel spacing"
+    return [Issue(image_id, annotator, "", "no_spacing", f"a {kind} carries no spacing and none was given: "
+                  "'mm' are pixels", str(p))]
 
 
 def make_report(issues: Sequence[Issue]) -> pd.DataFrame:

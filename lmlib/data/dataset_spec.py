@@ -54,6 +54,7 @@ from typing import Annotated, Any, cast
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from lmlib.data.readers import read_text
 from lmlib.typed import field as _key
 from lmlib.typed import model_table
 
@@ -355,7 +356,7 @@ def read_dataset_file(path: str | Path, readers: Mapping[str, Any] | None = None
     if not p.is_file():
         raise FileNotFoundError(f"{p}: dataset declaration file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(p))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -450,7 +451,7 @@ def _with_shared_landmarks(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     given = sorted(k for k in SHARED_BY_LANDMARKS_FROM if k in raw)
     if given:
         raise ValueError(f"{path}: landmarks_from gives {list(SHARED_BY_LANDMARKS_FROM)}: remove {given} here")
-    source = yaml.safe_load(other.read_text(encoding="utf-8")) or {}
+    source = yaml.safe_load(read_text(other)) or {}
     return {**{k: source[k] for k in SHARED_BY_LANDMARKS_FROM if k in source}, **raw}
 
 

@@ -17,6 +17,7 @@ own folder), and for a built-in dataset to ``$LMLIB_SHARED_DATA/<name>`` or ``<r
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,7 +52,7 @@ from lmlib.data.dataset_spec import (
 )
 from lmlib.data.duplicates import check_split_duplicates, duplicate_groups, keep_groups_together
 from lmlib.data.geometry import Geometry
-from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info
+from lmlib.data.readers import READERS, RawAnnotation, read_image, read_image_info, read_text, stores_no_spacing
 from lmlib.data.sample import Sample, image_from_sitk
 
 SPECS: dict[str, DatasetSpec] = {name: read_dataset_file(path, READERS) for name, path in declared_files().items()}
@@ -168,7 +169,7 @@ def _read_splits(spec: DatasetSpec, root: Path) -> dict[str, str]:
     path = root / spec.splits_file
     if not path.exists():
         raise FileNotFoundError(f"{path}: splits file of dataset {spec.name!r} not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = pd.read_csv(io.StringIO(read_text(path)), dtype=str, keep_default_na=False)
     if not {"image_id", "split"} <= set(df.columns):
         raise ValueError(f"{path}: expected columns image_id,split, got {list(df.columns)}")
     ids, values = df["image_id"].str.strip(), df["split"].str.strip()
@@ -206,6 +207,11 @@ def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[s
             expected.add(path)
             if path.exists():
                 ann = reader(path, **spec.reader_kwargs)
+                if isinstance(ann, list):  # a table reader (long_csv, ...): one file per image holds one record
+                    if len(ann) != 1:
+                        raise ValueError(f"{path}: reader {spec.reader!r} found {len(ann)} images' records "
+                                         f"({', '.join(a.image_id for a in ann[:4])}) in a file of image {i!r} only")
+                    ann = ann[0]
                 ann.image_id = i
                 out[i] = [ann]
             else:
@@ -293,6 +299,11 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
             size, spacing, origin, direction = size[:2], spacing[:2], origin[:2], direction[:2, :2]
         if len(size) != spec.ndim:
             raise ValueError(f"{p}: image has {len(size)} dimensions, dataset {spec.name!r} expects {spec.ndim}")
+        if spec.spacing_mm and not stores_no_spacing(p) and not np.allclose(spacing, spec.spacing_mm, rtol=1e-6):
+            # spacing_mm is for formats that store none: over a header it would move the image under its landmarks
+            raise ValueError(f"{p}: its header's spacing {[float(v) for v in spacing]} mm differs from spacing_mm "
+                             f"{list(spec.spacing_mm)} of {spec.source or spec.name} (spacing_mm is for formats that "
+                             "store no spacing: PNG, JPEG, TIFF, BMP); fix the header or remove spacing_mm")
         infos[i] = (size, spacing, origin, direction)
 
     issues: list[Issue] = [Issue(i, "", "", "identical_image", "same pixels as " + ", ".join(
@@ -301,6 +312,9 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
     issues += [Issue(i, "", "", "split_without_image", f"the split file assigns {i!r} to {splits[i]!r} but no image "
                      f"matching {spec.images!r} has this id (ids are case-sensitive)", str(root / str(spec.splits_file)))
                for i in orphans]
+    issues += [Issue(i, "", "", "not_in_split", f"{origin_of_split} lists no split for {i!r}: the image is in no "
+                     "split (ids are case-sensitive; a spreadsheet may have dropped leading zeros)", str(path_of[i]))
+               for i in ids if i not in splits and (spec.splits_file or spec.subject_splits)]
     labels, chosen = spec.landmark_labels, {}
     fields = {i: _name_fields(spec, p) for i, p in zip(ids, paths)}
     read = {who: _read_annotations(spec, root, who, ids, fields) for who in spec.annotations}

@@ -27,9 +27,9 @@ errors here: they reach :mod:`lmlib.data.checks`, which masks and reports them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +39,45 @@ import numpy as np
 import SimpleITK as sitk
 
 Units = Literal["index", "world"]
-#: Image formats that carry no physical spacing (SimpleITK reports 1.0).
+#: Image formats that carry no physical spacing: read at 1.0 (a pixel) unless a spacing is given. ITK turns the
+#: resolution tag of a TIFF or JPEG (dots per inch, 72 by default in many programs) into a spacing; it says how a
+#: page prints, not how large the anatomy is, so it is not used.
 FORMATS_WITHOUT_SPACING: frozenset[str] = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"})
+#: DICOM attributes that give the pixel spacing (Pixel Spacing, Imager Pixel Spacing, Nominal Scanned Pixel
+#: Spacing). Without any of them GDCM reports 1.0 mm (a secondary-capture cephalogram, a scanned film).
+DICOM_SPACING_TAGS: tuple[str, ...] = ("0028|0030", "0018|1164", "0018|2010")
+#: How DICOM files are named (often with no suffix at all: IM0001)
+DICOM_SUFFIXES: frozenset[str] = frozenset({"", ".dcm", ".dicom", ".ima"})
+
+
+def stores_no_spacing(path: str | Path) -> bool:
+    """Whether the image at ``path`` stores no pixel spacing: a file in one of :data:`FORMATS_WITHOUT_SPACING`, or
+    a DICOM file (or series folder) without any of :data:`DICOM_SPACING_TAGS`."""
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() in DICOM_SUFFIXES:
+        return _dicom_without_spacing(p)
+    return p.suffix.lower() in FORMATS_WITHOUT_SPACING
+
+
+def _dicom_without_spacing(path: Path) -> bool:
+    """A DICOM file, or the first file of a folder's series, without a pixel-spacing attribute (False where the
+    header cannot be read: reading the image then names the problem)."""
+    try:
+        first = path
+        if path.is_dir():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            if not ids:
+                return False
+            first = Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])[0])
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")  # a file GDCM cannot read is no DICOM
+        reader.SetFileName(str(first))
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return not any(reader.HasMetaDataKey(k) for k in DICOM_SPACING_TAGS)
+
+
 #: Pixel spacing of the ISBI 2015 cephalometric challenge images (mm).
 ISBI2015_SPACING_MM = 0.1
 
@@ -85,6 +122,18 @@ class RawAnnotation:
 
 def _fail(path: Path, problem: str) -> ValueError:
     return ValueError(f"{path}: {problem}")
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's content (UTF-8; a byte-order mark is dropped). A file in another encoding (a CSV saved by
+    Excel in cp1252, a YAML with an accented name) raises ``ValueError`` naming the file and the first bad byte."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise _fail(p, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
 
 
 def _exists(path: str | Path) -> Path:
@@ -176,11 +225,10 @@ def read_labelme(path: str | Path, image_id: str | None = None, corner_origin: b
 def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     """Non-blank rows with their line number in the file (stripped cells)."""
     out = []
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if row and any(c.strip() for c in row):
-                out.append((reader.line_num, [c.strip() for c in row]))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    for row in reader:
+        if row and any(c.strip() for c in row):
+            out.append((reader.line_num, [c.strip() for c in row]))
     return out
 
 
@@ -354,8 +402,7 @@ def read_slicer_fcsv(path: str | Path, image_id: str | None = None) -> RawAnnota
     system, columns = "RAS", ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
                               "associatedNodeID"]
     ann = RawAnnotation(image_id or p.name.split(".")[0], units="world", source=p, meta={"descriptions": {}})
-    with p.open(newline="", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_text(p).splitlines()
     for ln in lines:
         if ln.startswith("#"):
             key, _, value = ln.lstrip("#").partition("=")
@@ -475,9 +522,10 @@ def _check_geometry(path: Path, spacing: Sequence[float] | np.ndarray, origin: S
 def read_image(path: str | Path, spacing_override: Sequence[float] | float | None = None,
                ndim: int | None = None) -> sitk.Image:
     """Read an image with SimpleITK: PNG/TIFF/BMP/JPEG, MHA/MHD, NIfTI, NRRD, or a DICOM series
-    (``path`` a directory; the first series found). RGB(A) becomes grayscale. ``spacing_override``
-    (mm, ``(x, y[, z])`` or one number) replaces the spacing (needed for formats that carry none). NaN or
-    infinite pixel values raise ``ValueError`` naming the file.
+    (``path`` a directory holding one series; several raise). RGB(A) becomes grayscale. ``spacing_override``
+    (mm, ``(x, y[, z])`` or one number) replaces the spacing (needed for formats that carry none, which are read at
+    1.0 without it, whatever resolution tag they hold). NaN or infinite pixel values raise ``ValueError`` naming
+    the file.
     ``ndim=2`` drops a trailing axis of size 1 (single-slice 3D files). A header spacing that is not
     positive, or an origin/direction that is not finite, raises ``ValueError`` naming the file."""
     p = Path(path)
@@ -491,8 +539,9 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
             ids = reader.GetGDCMSeriesIDs(str(p))
             if not ids:
                 raise _fail(p, "no DICOM series in this directory")
-            if len(ids) > 1:
-                warnings.warn(f"{p}: {len(ids)} DICOM series, reading the first ({ids[0]})", stacklevel=2)
+            if len(ids) > 1:  # which one is meant (a localizer beside the axial series?) is not ours to guess
+                raise _fail(p, f"{len(ids)} DICOM series in this directory ({', '.join(ids[:4])}"
+                               f"{' ...' if len(ids) > 4 else ''}); give one series' folder")
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), ids[0]))
             image = reader.Execute()
         else:
@@ -505,8 +554,14 @@ def read_image(path: str | Path, spacing_override: Sequence[float] | float | Non
         _check_geometry(p, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), "DICOM series")
     if ndim == 2 and image.GetDimension() == 3 and image.GetSize()[2] == 1:
         image = image[:, :, 0]
+    if spacing_override is None and not p.is_dir() and p.suffix.lower() in FORMATS_WITHOUT_SPACING:
+        image.SetSpacing([1.0] * image.GetDimension())  # ITK reads a TIFF/JPEG resolution (dpi) as spacing
     if spacing_override is not None:
-        s = np.broadcast_to(np.asarray(spacing_override, dtype=np.float64), (image.GetDimension(),))
+        n, d = np.asarray(spacing_override).size, image.GetDimension()
+        if n not in (1, d):
+            raise _fail(p, f"a {d}D image, but {n} spacing values were given for it (one, or {d}: x y"
+                           f"{' z' if d == 3 else ''}, in mm)")
+        s = np.broadcast_to(np.asarray(spacing_override, dtype=np.float64), (d,))
         _check_geometry(p, s, image.GetOrigin(), image.GetDirection(), "spacing override")
         image.SetSpacing([float(v) for v in s])
     return image
@@ -531,6 +586,8 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, np.n
             raise _fail(p, f"cannot read image header ({_itk_reason(p, e)})") from None
         size, sp, org, dr = reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
         _check_geometry(p, sp, org, dr)
+        if p.suffix.lower() in FORMATS_WITHOUT_SPACING:
+            sp = (1.0,) * len(size)
     d = len(size)
     return tuple(int(s) for s in size), np.array(sp), np.array(org), np.array(dr).reshape(d, d)
 
