@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image
+from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image, stores_no_spacing
 from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
 
-OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv")  # what a run writes besides exports
+OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv", "manifest.json")  # besides exports
 EXPORT_SUFFIXES = (".json", ".png")  # labelme .json (+ a PNG for formats labelme cannot open), Slicer .mrk.json
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
                   ".bmp", ".dcm")
@@ -68,23 +68,50 @@ def image_id(path: Path) -> str:
     return name
 
 
+def check_images(paths: Sequence[str | Path], spacing_mm: Sequence[float] | None = None) -> None:
+    """What needs no model, before one loads: every image exists, no two share a name (their outputs would
+    overwrite each other) and every image whose format stores no spacing gets ``spacing_mm``."""
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p}: image file or DICOM directory not found")
+    ids = [image_id(Path(p)) for p in paths]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:  # checked over the whole list: per batch, one export overwrote another across batches
+        clash = [str(p) for p, i in zip(paths, ids) if i == repeated[0]]
+        raise ValueError(f"images with the same name {repeated} ({', '.join(clash)}): their outputs would "
+                         "overwrite each other; rename them or predict them into separate --out folders")
+    if spacing_mm is None:
+        for p in paths:
+            if stores_no_spacing(p):
+                kind = f"a {Path(p).suffix} file" if Path(p).suffix.lower() in FORMATS_WITHOUT_SPACING else \
+                    "a DICOM without a pixel-spacing attribute"
+                raise ValueError(f"{p}: {kind} stores no pixel spacing, so its millimetres cannot "
+                                 "be known; pass --spacing MM (x y[ z], or one value) for the images without one, or "
+                                 "save it in a format that stores its spacing (.mha, .nrrd, .nii.gz)")
+
+
+def check_output_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` as an absolute path (``.`` has no name to put the partial folder beside) that holds no
+    outputs of an earlier or interrupted run (prediction tables, exports, a manifest)."""
+    out = Path(out_dir).resolve()
+    leftovers = sorted(f.name for f in out.glob("*") if f.name in OUTPUT_FILES or f.name.endswith(EXPORT_SUFFIXES)) \
+        if out.is_dir() else []
+    if leftovers:  # a finished run's outputs, or an interrupted one's exports: never mix them with new ones
+        raise FileExistsError(f"{out_dir}: holds prediction outputs already ({', '.join(leftovers[:5])}"
+                              f"{' ...' if len(leftovers) > 5 else ''}); choose another --out or empty it")
+    return out
+
+
 def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim: int,
                 spacing_mm: Sequence[float] | None = None) -> list[Sample]:
     """Read images as unannotated samples (landmarks NaN, not valid) with the model's landmark names."""
     if spacing_mm is not None and len(np.atleast_1d(spacing_mm)) not in (1, ndim):
         raise ValueError(f"--spacing {list(np.atleast_1d(spacing_mm))}: give one value or {ndim} (x y"
                          f"{' z' if ndim == 3 else ''}) for this {ndim}D model, in mm")
-    ids = [image_id(Path(p)) for p in paths]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise ValueError(f"images with the same name {repeated}: their outputs would overwrite each other")
+    check_images(paths, spacing_mm)
     samples, filled = [], []
-    for p, i in zip(paths, ids):
-        stores_none = not Path(p).is_dir() and Path(p).suffix.lower() in FORMATS_WITHOUT_SPACING
-        if stores_none and spacing_mm is None:
-            raise ValueError(f"{p}: a {Path(p).suffix} file stores no pixel spacing, so its millimetres cannot be "
-                             "known; pass --spacing MM (x y[ z], or one value) for the images without one, or save "
-                             "it in a format that stores its spacing (.mha, .nrrd, .nii.gz)")
+    for p in paths:
+        i, stores_none = image_id(Path(p)), stores_no_spacing(p)
         # --spacing only fills in images without a stored spacing: a header's own spacing is never overridden
         image, geometry = image_from_sitk(read_image(p, spacing_mm if stores_none else None, ndim=ndim))
         if stores_none:
@@ -102,16 +129,21 @@ def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim
 
 
 def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Image files from a folder (every file with an image suffix, sorted), a glob pattern, or a list."""
-    if isinstance(images, (str, Path)):
-        p = Path(images)
-        if p.is_dir() and not any(p.glob("*.dcm")):
-            return sorted(q for q in p.iterdir() if q.is_file() and image_id(q) != q.name)
-        found = sorted(Path(q) for q in glob.glob(str(images)))
-        if not found:
-            raise FileNotFoundError(f"{images}: no image files (a folder, a glob pattern like 'scans/*.nii.gz', or files)")
-        return found
-    return [Path(q) for q in images]
+    """Image files from a folder (every file with an image suffix, sorted; a folder without any, e.g. DICOM files
+    named without ``.dcm``, or with ``.dcm`` files, is one DICOM series), a glob pattern, a file, or a list of
+    those (each expanded in turn)."""
+    if not isinstance(images, (str, Path)):
+        return [q for item in images for q in image_paths(item)]
+    p = Path(images)
+    if p.is_dir():
+        files = sorted(q for q in p.iterdir() if q.is_file() and image_id(q) != q.name)
+        return [p] if not files or any(q.suffix.lower() == ".dcm" for q in files) else files
+    if p.exists():  # a file (its name may hold glob characters: [ ] * ?)
+        return [p]
+    found = sorted(Path(q) for q in glob.glob(str(images)))
+    if not found:
+        raise FileNotFoundError(f"{images}: no image files (a folder, a glob pattern like 'scans/*.nii.gz', or files)")
+    return found
 
 
 def calibrate_run(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95), data_dir: str | None = None,
@@ -150,25 +182,20 @@ def _with_regions(table: pd.DataFrame, regions: ConformalRegions | None, review_
 def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out_dir: str | Path,
                    device: str | None = None, batch_size: int = 4, spacing_mm: Sequence[float] | None = None,
                    regions: ConformalRegions | None = None, review_mm: float | None = None,
-                   keep_samples: int = 0) -> PredictResult:
+                   keep_samples: int = 0, parameters: dict[str, Any] | None = None, seed: int | None = None,
+                   started: str | None = None) -> PredictResult:
     """Predict every landmark of ``images`` (files, or already loaded samples) with ``model`` and write the
-    exports into ``out_dir``; with ``regions``, each landmark's region radius per level and the review list
-    (see the module docstring). ``keep_samples``: how many of the first images to return for figures."""
-    out = Path(out_dir)
-    leftovers = sorted(f.name for f in out.glob("*") if f.name in OUTPUT_FILES or f.name.endswith(EXPORT_SUFFIXES)) \
-        if out.is_dir() else []
-    if leftovers:  # a finished run's outputs, or an interrupted one's exports: never mix them with new ones
-        raise FileExistsError(f"{out}: holds prediction outputs already ({', '.join(leftovers[:5])}"
-                              f"{' ...' if len(leftovers) > 5 else ''}); choose another --out or empty it")
+    exports into ``out_dir``; with ``regions``, each landmark's region radius per level and the review list, and
+    for annotated samples (a test split) the regions' coverage (see the module docstring). Writes a
+    ``manifest.json`` too (``parameters``, the model, the checksum of the images predicted). ``keep_samples``: how
+    many of the first images to return for figures."""
+    from lmlib.outputs.manifest import SampleChecksum, utc_now, write_manifest
+
+    started = started or utc_now()
+    out = check_output_folder(out_dir)
     if not images:
         raise ValueError("no images given")
-    files = [Path(p) for p in images if not isinstance(p, Sample)]
-    ids = [image_id(p) for p in files]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:  # checked over the whole list: per batch, one export overwrote another across batches
-        clash = [str(p) for p, i in zip(files, ids) if i == repeated[0]]
-        raise ValueError(f"images with the same name {repeated} ({', '.join(clash)}): their outputs would "
-                         "overwrite each other; rename them or predict them into separate --out folders")
+    check_images([p for p in images if not isinstance(p, Sample)], spacing_mm)
     from lmlib.engine.cascade import model_checkpoints, predict_cascade  # torch + Lightning: not for --help
     from lmlib.engine.training import load_checkpoint
 
@@ -181,9 +208,11 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     try:
         tmp.mkdir(parents=True)
     except OSError as exc:  # the partial folder is a sibling of --out: name --out, not the hidden folder
-        raise ValueError(f"{out}: cannot write the output folder here ({exc.strerror or exc})") from None
+        raise ValueError(f"{out_dir}: cannot write the output folder here ({exc.strerror or exc})") from None
     rows, exports = [], []
     kept: list[Sample] = []
+    annotated: list[Sample] = []
+    checksum = SampleChecksum()
     try:
         for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch"):
             chunk = list(images[lo:lo + batch_size])
@@ -193,10 +222,12 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
                 # an image made in memory (a phantom, a deformed or posed copy) has no file: image_path stays empty
                 paths: list[Path | None] = [Path(str(s.meta["image_path"])) if s.meta.get("image_path") else None
                                             for s in samples]
+                annotated += [s for s in samples if s.valid.any()]
             else:  # files (a chunk mixing files and samples fails here: Path() refuses a Sample)
                 files = [Path(cast("str | Path", p)) for p in chunk]
                 samples = load_images(files, names, ndim, spacing_mm)
                 paths = list(files)
+            checksum.update(samples)
             pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
             part = prediction_table(samples, pred.world_mm, pred.confidence, paths, relative_to=out)
             part["spread_mm"] = np.concatenate(pred.spread_mm) if pred.spread_mm is not None else np.nan
@@ -210,9 +241,14 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
         table = _with_regions(pd.concat(rows, ignore_index=True), regions, review_mm)
         table.to_csv(tmp / "predictions.csv", index=False)
         review = table[table["review"]] if "review" in table else table.iloc[:0]
+        coverage = region_coverage(table, regions, annotated)
         if regions is not None:
             regions.to_frame().to_csv(tmp / "regions.csv")
             review.to_csv(tmp / "review.csv", index=False)
+        if not coverage.empty:
+            coverage.to_csv(tmp / "coverage.csv")
+        write_manifest(tmp, {**(parameters or {}), "model": str(model)}, checksum=checksum.hexdigest(), seed=seed,
+                       device=str(device if device is not None else modules[0].device), started=started)
         out.mkdir(parents=True, exist_ok=True)  # files move in with predictions.csv last: it marks a complete folder
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "predictions.csv"):
             f.replace(out / f.name)
@@ -220,7 +256,8 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PredictResult(out, table, [out / p.name for p in exports], regions, review.reset_index(drop=True), kept)
+    return PredictResult(out, table, [out / p.name for p in exports], regions, review.reset_index(drop=True), kept,
+                         coverage)
 
 
 def default_model(dataset: str, results_dir: str | Path = "results", method: str = "heatmap_unet") -> Path:
@@ -238,9 +275,10 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
     """The predict notebook's one call: regions calibrated on the model run's validation split (``levels``;
     empty: none), then :func:`predict_images` on ``images`` -- a folder, a glob or files; empty: the test
     split of the model's own dataset (annotated, so the regions' coverage is measured: ``result.coverage``,
-    ``coverage.csv``) -- into ``output_dir``, plus a ``manifest.json`` (parameters, model, versions)."""
+    ``coverage.csv``) -- into ``output_dir``, with its ``manifest.json`` (``parameters``, model, versions).
+    The checks that need no model (output folder, image files, spacing) come before the calibration."""
     from lmlib.engine.runner import load_run_data
-    from lmlib.outputs.manifest import utc_now, write_manifest
+    from lmlib.outputs.manifest import utc_now
     from lmlib.runtime import print_environment, setup
 
     started = utc_now()
@@ -251,42 +289,39 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
         raise FileNotFoundError(f"{model}: no trained model there; train one first (make results RUN_ARGS=\"--dataset "
                                 f"<dataset> --only <method>\" writes results/<dataset>/<method>)")
     manifest = read_manifest(model) if model.is_dir() else None
+    check_output_folder(output_dir)
+    chosen: Sequence[str | Path | Sample]
+    if images:
+        chosen = image_paths(images)
+        check_images(chosen, spacing_mm)
+    elif manifest is None:
+        raise ValueError(f"{model}: images is empty and the model is not a run folder whose test split to use")
     regions = None
     if levels:
         if manifest is None:
             raise ValueError(f"{model}: calibrating regions needs a run folder (with manifest.json), not a checkpoint")
         regions = calibrate_run(model, levels, data_dir or None, str(dev), batch_size)
-    if images:
-        chosen: Sequence[str | Path | Sample] = image_paths(images)
-    else:
-        if manifest is None:
-            raise ValueError(f"{model}: images is empty and the model is not a run folder whose test split to use")
+    if not images:
+        assert manifest is not None  # checked above
         chosen = load_run_data(manifest["parameters"], data_dir or None).split("test")
-    result = predict_images(model, chosen, output_dir, str(dev), batch_size, spacing_mm, regions, review_mm,
-                            keep_samples)
-    annotated = [s for s in chosen if isinstance(s, Sample)]
-    result.coverage = region_coverage(result, annotated)
-    if not result.coverage.empty:
-        result.coverage.to_csv(result.out_dir / "coverage.csv")
-    write_manifest(result.out_dir, {**(parameters or {}), "model": str(model)}, samples=annotated or None,
-                   seed=seed, device=str(dev), started=started)
-    return result
+    return predict_images(model, chosen, output_dir, str(dev), batch_size, spacing_mm, regions, review_mm,
+                          keep_samples, parameters, seed, started)
 
 
-def region_coverage(result: PredictResult, samples: Sequence[Sample]) -> pd.DataFrame:
+def region_coverage(table: pd.DataFrame, regions: ConformalRegions | None, samples: Sequence[Sample]) -> pd.DataFrame:
     """Where the images are annotated (the model's test split): per level, the share of true landmarks inside
-    their regions (%), the mean region radius (mm) and the mean error (mm)."""
+    their regions (%), the mean region radius (mm) and the mean error (mm); empty without regions or annotations."""
     truth = {(s.image_id, n): p for s in samples for n, p, ok in zip(s.landmark_names, s.landmarks_mm, s.valid) if ok}
-    t = result.table
+    t = table
     key = list(zip(t["image_id"], t["landmark"]))
     found = np.array([k in truth for k in key])
-    if result.regions is None or not found.any():
+    if regions is None or not found.any():
         return pd.DataFrame()
     cols = [c for c in ("x_mm", "y_mm", "z_mm") if t[c].notna().any()]
     err = np.array([np.linalg.norm(np.asarray(truth[k]) - row) if k in truth else np.nan
                     for k, row in zip(key, t[cols].to_numpy(dtype=np.float64))])
     rows = {}
-    for level in result.regions.levels:
+    for level in regions.levels:
         r = t[f"region_{100 * level:g}_mm"].to_numpy(dtype=np.float64)
         ok = np.isfinite(err)
         rows[f"{100 * level:g} %"] = {"coverage_pct": 100.0 * float((err[ok] <= r[ok]).mean()), "n_points": int(ok.sum()),
@@ -300,9 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmlib.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint (.ckpt), run folder, or cascade run folder")
-    parser.add_argument("images", nargs="+", help="image files or DICOM folders")
+    parser.add_argument("images", nargs="+", help="image files, folders of them, glob patterns (quoted) or DICOM folders")
     parser.add_argument("--out", required=True, help="output folder (created; must not hold predictions.csv)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 | mps (default: where the model loads)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:1 | mps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--spacing", type=float, nargs="+", default=None,
                         help="pixel spacing in mm (x y [z] or one value) for the images whose format stores none "
@@ -323,11 +358,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--review-mm must be >= 0 (mm; 0 lists every landmark), got {args.review_mm}")
     if args.spacing is not None and not all(np.isfinite(v) and v > 0 for v in args.spacing):
         parser.error(f"--spacing must be positive numbers (mm), got {args.spacing}")
-    try:
-        regions = calibrate_run(args.model, args.regions, args.data_dir, args.device, args.batch_size) \
+    try:  # the checks that need no model first: a calibration takes minutes before they would run
+        out = check_output_folder(args.out)
+        images = image_paths(args.images)
+        check_images(images, args.spacing)
+        from lmlib.outputs.manifest import utc_now
+        from lmlib.runtime import setup
+
+        started, device = utc_now(), str(setup(0, args.device))
+        regions = calibrate_run(args.model, args.regions, args.data_dir, device, args.batch_size) \
             if args.regions else None
-        result = predict_images(args.model, image_paths(args.images), args.out, args.device, args.batch_size,
-                                args.spacing, regions, args.review_mm)
+        result = predict_images(args.model, images, out, device, args.batch_size, args.spacing, regions,
+                                args.review_mm, parameters={"command": "python -m lmlib.predict", **vars(args)},
+                                seed=0, started=started)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

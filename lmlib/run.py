@@ -312,7 +312,9 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, An
 
 #: parameters the driver sets for every job (a ``--set`` of them would file a run where the driver does not look)
 DRIVER_OWNED: dict[str, str] = {"dataset": "use --dataset", "output_dir": "use --results-dir",
-                                "data_dir": "use --data-dir"}
+                                "data_dir": "use --data-dir",
+                                # a checkpoint in the job's scratch folder is deleted before a run without --resume
+                                "resume": "use --resume, which continues from the job's own last checkpoint"}
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -334,10 +336,18 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             out[name] = text.lower() == "true"
             continue
         try:
-            out[name] = ast.literal_eval(text)
+            out[name] = _lists(ast.literal_eval(text))
         except (ValueError, SyntaxError):
             out[name] = text
     return out
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists, nested too (``image_size=128,192`` is a tuple to Python; papermill writes a tuple into the
+    notebook as its string, which the parameter check then refused as "not 2 integers")."""
+    if isinstance(value, (tuple, list)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _portable(path: Path, root: Path) -> str:
@@ -376,11 +386,14 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
         if not path.exists():
             raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_SHARED_DATA)")
         params["data_dir"] = _portable(path, root)
-    if device is not None:
-        params["device"] = device
-    if seed is not None:
-        params["seed"] = seed
-    params.update(extra or {})
+    # --device and --seed are overrides like --set ones: recorded as such, so the comparison labels the run
+    overrides = {**({"device": device} if device is not None else {}), **({"seed": seed} if seed is not None else {}),
+                 **(extra or {})}
+    for name, value in overrides.items():
+        if name in params and params[name] != value:
+            print(f"[lmlib.run] {dataset}/{job.method}: {name}={value!r} replaces the profile's {name}="
+                  f"{params[name]!r}", flush=True)
+    params.update(overrides)
     declared = check_parameters(notebook, params)
     if "results_dir" in declared:  # notebooks that read other runs (comparison)
         params.setdefault("results_dir", str(results))
@@ -391,7 +404,7 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
 
     with job_lock(root / tmp):
         _execute(job, dataset, params, declared, root, tmp, final, profile, rank, resume, timeout_s, echo,
-                 dict(extra or {}))
+                 overrides)
     return root / final
 
 

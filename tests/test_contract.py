@@ -61,3 +61,31 @@ def test_write_outputs_requires_timings(tmp_path) -> None:
     df = predictions_frame(_samples(), [s.landmarks_mm for s in _samples()])
     with pytest.raises(ValueError, match="peak_rss_mb"):
         write_outputs(tmp_path, df, {"train_seconds": 0, "infer_seconds_per_image": 0})
+
+
+def test_a_run_written_in_place_first_clears_the_earlier_runs_outputs(tmp_path, monkeypatch, capsys):
+    """A method notebook run by hand into an existing folder kept the earlier run's sub-run folders (rows of a model
+    that no longer exists beside the new one) and, interrupted, left new predictions beside the old manifest."""
+    from lmlib.engine import runner
+    from lmlib.outputs.contract import clear_earlier_run
+
+    out = tmp_path / "htc"
+    for folder in (out, out / "quarter_head", out / "half_head"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("predictions.csv", "metrics.json", "manifest.json"):
+            (folder / name).write_text("earlier")
+    for kept in ("checkpoints/last.ckpt", "training_log/metrics.csv", "base_val_predictions.csv"):
+        (out / kept).parent.mkdir(exist_ok=True)
+        (out / kept).write_text("kept")
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(runner, "fit", stop)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        runner.run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(out), "device": "cpu",
+                                           "max_epochs": 1, "max_train_images": 4})
+    assert "removed 9 output file(s) of an earlier run" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "base_val_predictions.csv", "checkpoints/last.ckpt", "training_log/metrics.csv"]
+    assert clear_earlier_run(out) == [] and clear_earlier_run(tmp_path / "none") == []

@@ -62,7 +62,12 @@ def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     (tmp_path / "results" / "metrics.json").write_text('{"mre_mm": 1}')
     (tmp_path / "README.md").write_text("<!-- results -->\n| table |\n")  # the comparison's generated block
+    (tmp_path / "results-refit").mkdir()  # a --results-dir beside results/ (docs/how-to/own-data.md)
+    (tmp_path / "results-refit" / "metrics.json").write_text("{}")
     assert git_state(tmp_path / "pkg") == {"git_commit": git_state(tmp_path)["git_commit"], "git_dirty": False}
+    (tmp_path / "pkg" / "new_method.py").write_text("x = 3\n")  # not committed: HEAD lacks the code that ran
+    assert git_state(tmp_path / "pkg")["git_dirty"] is True
+    (tmp_path / "pkg" / "new_method.py").unlink()
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path / "pkg")["git_dirty"] is True
 

@@ -130,7 +130,8 @@ def test_slicer_markups_round_trip_and_missing_points(tmp_path):
 
 @pytest.mark.slow
 def test_predict_cascade_run_folder_3d(tmp_path):
-    """A cascade's run folder (manifest listing its stages) predicts 3D NIfTI images into Slicer files."""
+    """A cascade's run folder (manifest listing its stages) predicts 3D NIfTI images into Slicer files; one stage's
+    folder is scored on its data set's splits through the stages before it."""
     from lmlib.engine.runner import run_method
 
     run = tmp_path / "run"
@@ -140,6 +141,11 @@ def test_predict_cascade_run_folder_3d(tmp_path):
                                 "fine_channels": [4, 8, 8], "coarse_channels": [4, 8, 8],
                                 "stages": ["coarse", "independent"], "overlay_every": 100})
     assert [c.parent.parent.name for c in model_checkpoints(run)] == ["coarse", "independent"]
+    # one stage's folder scores its chain (regions calibrated on it, --regions): alone, the stage was refused
+    from lmlib.engine.runner import split_predictions
+
+    stage, whole = split_predictions(run / "independent", splits=("val",)), split_predictions(run, splits=("val",))
+    np.testing.assert_array_equal(stage.errors["val"], whole.errors["val"])
     from lmlib.data.datasets import load_dataset
 
     test = load_dataset("synthetic3d", split="test").samples[:2]
@@ -311,3 +317,82 @@ def test_predict_help_does_not_import_torch() -> None:
             "print('torch' in sys.modules, 'lightning' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: python -m lmlib.predict" in out and out.strip().splitlines()[-1] == "False False"
+
+
+def test_the_command_writes_a_manifest_inside_the_finished_folder_only(model2d, tmp_path, capsys, monkeypatch):
+    """The command line wrote no manifest.json; the notebook's call wrote its manifest and coverage.csv after
+    predictions.csv had marked the folder complete."""
+    from lmlib.outputs import manifest as manifest_module
+    from lmlib.outputs.manifest import checksum_samples
+    from lmlib.predict import load_images
+
+    run, test = model2d
+    paths = _write_images(test[:2], tmp_path / "images", ".mha")
+    assert main([str(run), *map(str, paths), "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert record["parameters"]["model"] == str(run) and record["parameters"]["out"] == str(tmp_path / "o")
+    assert record["device"] == "cpu" and record["git_commit"] is not None
+    names = test[0].landmark_names
+    assert record["data_checksum"] == checksum_samples(load_images(paths, names, 2))
+    capsys.readouterr()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(manifest_module, "write_manifest", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main([str(run), *map(str, paths), "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists() and not (tmp_path / ".o2.partial").exists()
+
+
+def test_folders_and_quoted_globs_are_expanded_and_a_dot_out_works(model2d, tmp_path, capsys, monkeypatch):
+    """A folder (documented as an IMAGE) was read as one DICOM series ("no DICOM series"), a quoted glob was "not
+    found", a folder of DICOM files without .dcm gave "no images given", and --out . failed with
+    "PosixPath('.') has an empty name"."""
+    from lmlib.predict import image_paths
+
+    run, test = model2d
+    paths = _write_images(test[:3], tmp_path / "scans", ".mha")
+    assert main([str(run), str(tmp_path / "scans"), "--out", str(tmp_path / "o1")]) == 0
+    assert set(pd.read_csv(tmp_path / "o1" / "predictions.csv")["image_id"]) == {s.image_id for s in test[:3]}
+    assert main([str(run), str(tmp_path / "scans" / "*.mha"), "--out", str(tmp_path / "o2")]) == 0
+    assert pd.read_csv(tmp_path / "o2" / "predictions.csv")["image_id"].nunique() == len(paths)
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    for k in range(2):
+        (dicom / f"IM{k:04d}").write_bytes(b"")  # DICOM files are often named without a suffix
+    assert image_paths(dicom) == [dicom] and image_paths([paths[0], dicom]) == [paths[0], dicom]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main([str(run), str(paths[0]), "--out", "."]) == 0
+    assert (here / "predictions.csv").is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_cheap_checks_come_before_the_calibration_and_a_wrong_dimension_names_the_file(model2d, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A busy --out, a missing spacing or a missing file was refused only after the validation split had been
+    scored (minutes in 3D); a 3D image with a 2D model and --spacing x y failed in numpy, naming no file."""
+    import lmlib.predict as predict_module
+
+    run, test = model2d
+    paths = _write_images(test[:1], tmp_path / "images", ".mha")
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before the checks")
+
+    monkeypatch.setattr(predict_module, "calibrate_run", no_calibration)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "predictions.csv").write_text("keep me")
+    png = tmp_path / "images" / "flat.png"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(test[0].to_sitk()), sitk.sitkUInt8), str(png))
+    for args, message in (([str(paths[0]), "--out", str(tmp_path / "busy")], "holds prediction outputs already"),
+                          ([str(png), "--out", str(tmp_path / "o")], "stores no pixel spacing"),
+                          ([str(tmp_path / "gone.mha"), "--out", str(tmp_path / "o")], "gone.mha: no image files")):
+        assert main([str(run), *args, "--regions", "0.9"]) == 2
+        assert message in capsys.readouterr().err
+    stack = tmp_path / "images" / "stack.tif"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 48, 48), np.uint8)), str(stack))
+    assert main([str(run), str(stack), "--out", str(tmp_path / "o"), "--spacing", "0.1", "0.1"]) == 2
+    assert "stack.tif: a 3D image, but 2 spacing values were given" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -561,3 +561,27 @@ def test_the_manifest_records_set_overrides(tmp_path: Path, monkeypatch: pytest.
     run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", root=tmp_path, extra={"seed": 3})
     manifest = json.loads((tmp_path / "results" / "synthetic2d" / "toy" / "manifest.json").read_text())
     assert manifest["driver"]["overrides"] == {"seed": 3}
+
+
+def test_seed_and_device_are_recorded_as_overrides_and_replacing_a_profile_value_is_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seed 0`` on the seed jobs trained three identical runs labelled plain ``full`` (a seeds ensemble of one
+    model): --seed and --device replaced the profile's values and were not recorded as overrides."""
+    _fake_papermill(monkeypatch)
+    _write_notebook(tmp_path, "toy.ipynb", BODY)
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",), smoke={"seed": 1}), "synthetic2d", profile="smoke",
+            root=tmp_path, seed=0)
+    manifest = json.loads((tmp_path / "results" / "synthetic2d" / "toy" / "manifest.json").read_text())
+    assert manifest["driver"]["overrides"] == {"seed": 0}
+    assert "synthetic2d/toy: seed=0 replaces the profile's seed=1" in capsys.readouterr().out
+
+
+def test_set_tuples_arrive_as_lists_and_resume_is_the_drivers() -> None:
+    """``--set image_size=128,192`` (a tuple to Python) reached the notebook as the string '(128, 192)';
+    ``--set resume=...`` of a scratch folder's checkpoint was deleted with that folder before the run began."""
+    from lmlib.run import parse_overrides
+
+    assert parse_overrides(["image_size=128,192", "pairs=((0, 1), (2, 3))"]) == {
+        "image_size": [128, 192], "pairs": [[0, 1], [2, 3]]}
+    with pytest.raises(ValueError, match="use --resume"):
+        parse_overrides(["resume=results/x/.tmp-htc/checkpoints/last.ckpt"])

@@ -470,3 +470,41 @@ def test_the_compiler_imports_under_an_ascii_locale():
             "import torch._inductor.compile_fx; assert locale.setlocale(locale.LC_CTYPE) == 'C'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-800:]
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(samples, tmp_path):
+    """Lightning restored the checkpoint's optimizer: a resume with another learning rate trained on at the old one
+    while the manifest said the new; another network failed in load_state_dict, naming no file."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    first = fit(method, _dm(samples), tmp_path / "a", max_epochs=1, device="cpu")
+    with pytest.raises(CheckpointMismatch, match=r"last\.ckpt: cannot be resumed with other settings "
+                                                 r"\(method_config\.optimizer: .*'lr': 1e-05"):
+        fit(method, _dm(samples), tmp_path / "b", max_epochs=2, device="cpu", resume=first.last_checkpoint,
+            learning_rate=1e-5)
+    wider = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=3.0, network=NET)
+    with pytest.raises(CheckpointMismatch, match=r"method_config\.sigma: 2\.0 -> 3\.0"):
+        fit(wider, _dm(samples), tmp_path / "c", max_epochs=2, device="cpu", resume=first.last_checkpoint)
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_a_resume_in_another_folder_keeps_the_earlier_best(samples, tmp_path):
+    """Lightning restores the best score only in the same checkpoint folder: resumed elsewhere (or after the run
+    folder moved), the first resumed epoch was saved as best.ckpt however bad, and its weights were returned."""
+
+    class Ruin(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                with torch.no_grad():
+                    for p in pl_module.net.parameters():
+                        p.zero_()
+
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    first = fit(method, _dm(samples), tmp_path / "a", max_epochs=2, device="cpu")
+    again = fit(method, _dm(samples), tmp_path / "b", max_epochs=3, device="cpu", resume=first.last_checkpoint,
+                callbacks=[Ruin()])
+    hist = pd.read_csv(again.history_csv).dropna(subset=["val/mre_mm"]).set_index("epoch")["val/mre_mm"]
+    assert hist.loc[2] > hist.loc[[0, 1]].min()  # the ruined epoch is worse
+    assert again.best_score == pytest.approx(first.best_score)
+    assert Path(again.best_checkpoint).parent == tmp_path / "b" / "checkpoints"
+    assert torch.load(again.best_checkpoint, map_location="cpu", weights_only=False)["epoch"] < 2
+    assert Path(first.best_checkpoint).is_file()  # the other run's file is not touched

@@ -40,7 +40,7 @@ from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, 
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
-from lmlib.outputs.contract import predictions_frame, read_manifest, read_run, write_outputs
+from lmlib.outputs.contract import clear_earlier_run, predictions_frame, read_manifest, read_run, write_outputs
 from lmlib.outputs.manifest import utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
@@ -311,6 +311,10 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     validate_parameters(params)  # before any work: one clear line per bad value
     check_dimension(cls, params["dataset"])
     check_output_dir(params["output_dir"])
+    earlier = clear_earlier_run(params["output_dir"])
+    if earlier:
+        print(f"output_dir: removed {len(earlier)} output file(s) of an earlier run (e.g. {earlier[0]}); checkpoints "
+              "and the training log stay")
     started = utc_now()
     seed, output_dir = int(shared_value(params, "seed")), Path(params["output_dir"])
     dev = setup(seed, str(shared_value(params, "device")))
@@ -694,18 +698,24 @@ class SplitPredictions:
     landmark_names: list[str]
 
 
-def split_predictions(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+DEFAULT_CHECKPOINT = "checkpoints/best.ckpt"  #: a run folder's selected weights
+
+
+def split_predictions(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, batch_size: int = 4,
                       splits: Sequence[str] = ("train", "val", "test"), data_dir: str | None = None,
                       device: str | None = None) -> SplitPredictions:
     """Score ``run_dir``'s checkpoint on each split of its dataset (the dataset and its options from the run's
-    ``manifest.json``; ``data_dir`` overrides its data folder). A cascade's run folder chains its stages."""
+    ``manifest.json``; ``data_dir`` overrides its data folder). A cascade's run folder chains its stages, and so
+    does one stage's folder, up to that stage."""
     run = Path(run_dir)
     manifest = read_manifest(run)
     if manifest is None:
         raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
     data = load_run_data(manifest["parameters"], data_dir)
     chosen = run / checkpoint
-    modules = [load_checkpoint(chosen)] if chosen.is_file() else [load_checkpoint(c) for c in model_checkpoints(run)]
+    # the default: the run folder's chain (one stage of a cascade predicts around the stages before it)
+    ckpts = model_checkpoints(run) if checkpoint == DEFAULT_CHECKPOINT or not chosen.is_file() else [chosen]
+    modules = [load_checkpoint(c) for c in ckpts]
     out = SplitPredictions({}, {}, {}, list(data.landmark_names))
     for split in splits:
         samples = data.split(split)

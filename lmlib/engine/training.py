@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -370,6 +371,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class _BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps the best validation score of the run it resumes when the checkpoint folder is
+    another one (a resume into a new folder, or a run folder moved before ``--resume``): Lightning then restores
+    only the best file's path, so the first resumed epoch was saved as the best however bad it was. The earlier
+    best checkpoint is copied into this folder (Lightning would otherwise delete the other run's file when a new
+    best replaces it); ``resumed_from``: the folder of the checkpoint resumed, where a moved run's file now is."""
+
+    def __init__(self, *args: Any, resumed_from: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resumed_from = resumed_from
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        """``ModelCheckpoint``'s key: checkpoints written before (and :func:`_from_workers`) find its state by it."""
+        return f"ModelCheckpoint{kwargs!r}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        with warnings.catch_warnings():  # "The dirpath has changed ...": handled below
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+        score, path = state_dict.get("best_model_score"), state_dict.get("best_model_path")
+        if not moved or score is None or not path or self.dirpath is None:
+            return
+        here = Path(self.dirpath) / Path(path).name
+        found = [p for p in (Path(path), *([self._resumed_from / Path(path).name] if self._resumed_from else []))
+                 if p.is_file()]
+        if not here.is_file():
+            if not found:  # the earlier best is gone: Lightning's behaviour (the next epoch becomes the best)
+                return
+            here.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(found[0], here)
+        self.best_model_score = self.kth_value = score
+        self.best_model_path = self.kth_best_model_path = str(here)
+        self.best_k_models = {str(here): score}
+
+
 class _Clock(Callback):
     """Training time in seconds, summed over resumed runs: the running total is written into every
     checkpoint (``train_seconds``, :meth:`LandmarkModule.on_save_checkpoint`) and read back on resume
@@ -487,6 +524,32 @@ def ddp_strategy(strategy: str, accelerator: str) -> str:
 
 def _load_ckpt(path: str | Path) -> dict[str, Any]:
     return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+
+
+#: what a resumed run must share with the checkpoint it continues (``max_epochs`` may grow: a longer schedule)
+RESUME_MUST_MATCH: tuple[str, ...] = ("method", "method_config", "landmark_names", "view", "eval_view", "data")
+
+
+def check_resumable(checkpoint: str | Path, module: LandmarkModule) -> None:
+    """Raise :class:`CheckpointMismatch` naming ``checkpoint`` and each setting in which the run that wrote it
+    differs from ``module`` (the run about to continue it): Lightning restores the optimizer's state, so a changed
+    learning rate or weight decay would be silently ignored, and a changed network fail in ``load_state_dict``."""
+    def plain(value: Any) -> Any:  # tuples and lists alike, as JSON
+        return json.loads(json.dumps(value, default=str))
+
+    saved = _load_ckpt(checkpoint).get("hyper_parameters") or {}
+    differ = []
+    for key in RESUME_MUST_MATCH:
+        old, new = plain(saved.get(key)), plain(module.hparams.get(key))
+        if key == "method_config" and isinstance(old, dict) and isinstance(new, dict):
+            for name in sorted((set(old) | set(new)) - {"max_epochs"}):
+                if old.get(name) != new.get(name):
+                    differ.append(f"{key}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+        elif old != new:
+            differ.append(f"{key}: {old!r} -> {new!r}")
+    if differ:
+        raise CheckpointMismatch(f"{checkpoint}: cannot be resumed with other settings ({'; '.join(differ)}); "
+                                 "resume with the settings it was trained with, or start a new run")
 
 
 def _from_workers(ckpt_dir: Path, best: str) -> tuple[str, str, int, float | None]:
@@ -675,6 +738,8 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
         raise ValueError(f"need train and val samples (got {n_train} train, {n_val} val)")
     names = landmark_names or datamodule.samples[0].landmark_names
     module = LandmarkModule.from_method(method, names, datamodule.view, datamodule.eval_view, max_epochs, data)
+    if resume:
+        check_resumable(resume, module)
     if torch_compile:
         compile_for_training(module)
     if datamodule.view.size is not None:
@@ -686,10 +751,10 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     # Both save at the end of the training epoch, after validation: a resume starts with the next epoch.
     # (select="last": no monitor; mode "max" only makes its state key differ from the "last" callback's, which
     # Lightning requires of two checkpoint callbacks; without a monitor the mode chooses nothing)
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=MONITOR if select == "val" else None,
+    checkpoint = _BestCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=MONITOR if select == "val" else None,
                                  mode="min" if select == "val" else "max", save_top_k=1, auto_insert_metric_name=False,
-                                 save_on_train_epoch_end=True,
-                                 enable_version_counter=False)
+                                 save_on_train_epoch_end=True, enable_version_counter=False,
+                                 resumed_from=Path(resume).parent if resume else None)
     latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
                              save_on_train_epoch_end=True, enable_version_counter=False)
     clock = _Clock()

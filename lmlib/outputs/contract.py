@@ -35,6 +35,8 @@ BASE_VAL_CACHE = "base_val_predictions.csv"
 #: committed run folders keep no checkpoints, so a re-run in a fresh clone could not predict the base's val again
 REUSABLE_FILES: tuple[str, ...] = (BASE_VAL_CACHE, str(Path(BASE_VAL_CACHE).with_suffix(".key")))
 REFERENCE_TIMINGS: dict[str, float] = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
+#: a folder holding either is a run (or a stage or decoding-variant sub-run of one) for the comparison
+RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")
 
 
 class ContractError(ValueError):
@@ -91,11 +93,32 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def clear_earlier_run(output_dir: Path | str) -> list[Path]:
+    """Delete an earlier run's :data:`RUN_FILES` and ``manifest.json`` in ``output_dir`` and in its sub-folders
+    (stage and decoding-variant sub-runs), and return them. A run written in place (a method notebook run by hand,
+    not through the driver's scratch folder) then leaves no earlier sub-run's rows beside its own (a ``heads=both``
+    run's ``quarter_head/`` after a ``heads=quarter`` one), and an interrupted one no folder that looks finished
+    with the earlier manifest. Checkpoints, the training log and the reusable files stay: a resume needs them."""
+    out = Path(output_dir)
+    folders = [out, *sorted(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []
+    removed = [f / name for f in folders for name in (*RUN_FILES, "manifest.json") if (f / name).is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def write_json(path: Path | str, data: dict[str, Any]) -> Path:
-    """Write a dict as pretty JSON (NaN -> null, numpy scalars -> Python)."""
+    """Write a dict as pretty JSON (NaN -> null, numpy scalars -> Python), atomically: into a temporary file
+    beside ``path``, then renamed over it, so an interrupted write leaves the old file or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -42,28 +42,42 @@ def git_state(repo: Path | str = ".") -> dict[str, Any]:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # results/ holds the runs' own outputs, and the comparison rewrites the README's generated results block
-    # (README.md): rewriting them does not make the code "dirty" (every comparison of a full run said it was)
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results",
+    # results/ (and a --results-dir beside it, results-refit/) holds the runs' own outputs, and the comparison rewrites
+    # the README's generated results block (README.md): rewriting them does not make the code "dirty" (every
+    # comparison of a full run said it was). A new file that is not committed does (a method module being written):
+    # HEAD alone would not reproduce the run.
+    status = git("status", "--porcelain", "--untracked-files=normal", "--", ":(top)", ":(top,exclude)results*",
                  ":(top,exclude)README.md")
     if commit is None and os.environ.get("LMLIB_GIT_COMMIT"):  # a copied tree (cluster node, container)
         return {"git_commit": os.environ["LMLIB_GIT_COMMIT"], "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
-def checksum_samples(samples: Iterable[Sample]) -> str:
-    """SHA-256 over every sample's id, image bytes, geometry and landmarks, in order.
+class SampleChecksum:
+    """SHA-256 over every sample's id, image bytes, geometry and landmarks, fed in order (``update`` per batch),
+    so that samples read one batch at a time need not be held together."""
 
-    The same data (real or synthetic, after reading and masking) gives the same checksum.
-    """
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.image_id.encode())
-        h.update(np.ascontiguousarray(s.image, dtype=np.float32).tobytes())
-        for arr in (s.geometry.spacing, s.geometry.origin, s.geometry.direction,
-                    np.nan_to_num(s.landmarks_mm, nan=-1e9), s.valid.astype(np.uint8)):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        h.update("|".join(s.landmark_names).encode())
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, samples: Iterable[Sample]) -> None:
+        for s in samples:
+            self._h.update(s.image_id.encode())
+            self._h.update(np.ascontiguousarray(s.image, dtype=np.float32).tobytes())
+            for arr in (s.geometry.spacing, s.geometry.origin, s.geometry.direction,
+                        np.nan_to_num(s.landmarks_mm, nan=-1e9), s.valid.astype(np.uint8)):
+                self._h.update(np.ascontiguousarray(arr).tobytes())
+            self._h.update("|".join(s.landmark_names).encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def checksum_samples(samples: Iterable[Sample]) -> str:
+    """:class:`SampleChecksum` of ``samples``: the same data (real or synthetic, after reading and masking) gives
+    the same checksum."""
+    h = SampleChecksum()
+    h.update(samples)
     return h.hexdigest()
 
 
@@ -108,13 +122,13 @@ class RunRecord:
 
 def write_manifest(output_dir: Path | str, parameters: dict[str, Any], samples: Iterable[Sample] | None = None,
                    data_dir: Path | str | None = None, seed: int | None = None, device: Any = None,
-                   started: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """One-call manifest: the data checksum comes from ``samples`` if given, else ``data_dir`` files."""
-    if samples is not None:
-        checksum: str | None = checksum_samples(samples)
-    elif data_dir:
+                   started: str | None = None, extra: dict[str, Any] | None = None, checksum: str | None = None
+                   ) -> Path:
+    """One-call manifest: the data checksum is ``checksum`` if given, else from ``samples``, else ``data_dir``'s
+    files."""
+    if checksum is None and samples is not None:
+        checksum = checksum_samples(samples)
+    elif checksum is None and data_dir:
         checksum = checksum_files(data_dir)
-    else:
-        checksum = None
     record = RunRecord(parameters, started or utc_now())
     return record.write(output_dir, checksum, seed=seed, device=device, extra=extra)

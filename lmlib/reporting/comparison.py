@@ -35,6 +35,7 @@ from lmlib.evaluation import statistics as stats
 from lmlib.outputs.contract import (
     REFERENCE_KIND,
     REFERENCE_TIMINGS,
+    RUN_FILES,
     ContractError,
     predictions_frame,
     read_manifest,
@@ -45,7 +46,6 @@ from lmlib.outputs.contract import (
 from lmlib.outputs.reference_runs import MEAN_SHAPE, OWN_IMAGES, match_annotator
 
 EXCLUDED_FOLDERS: tuple[str, ...] = ("comparison", "exploration", "predict", "benchmark", "generalisation")  # not runs
-RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")  # a folder holding either is meant as a run
 TIMING_KEYS: tuple[str, ...] = ("train_seconds", "infer_seconds_per_image", "peak_rss_mb")
 KEY = ["image_id", "landmark"]
 CSV_TOLERANCE_MM = 0.01  # predictions.csv stores 4 decimals

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 
 from lmlib.data.refit import check_held_out_val
-from lmlib.engine.runner import split_predictions
+from lmlib.engine.runner import DEFAULT_CHECKPOINT, split_predictions
 from lmlib.evaluation.conformal import coverage_table
 from lmlib.evaluation.metrics import summarize
 from lmlib.outputs.contract import read_manifest
 
 
-def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+def split_error_arrays(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, batch_size: int = 4,
                        splits: Sequence[str] = ("train", "val", "test")) -> tuple[dict[str, np.ndarray], list[str]]:
     """Radial errors ``(n_images, N)`` (mm, NaN = masked) of ``run_dir``'s checkpoint on each split (see
     :func:`split_predictions`), and the landmark names."""
@@ -34,7 +34,7 @@ def split_error_arrays(run_dir: str | Path, checkpoint: str = "checkpoints/best.
     return scored.errors, scored.landmark_names
 
 
-def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4) -> pd.DataFrame:
+def split_errors(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, batch_size: int = 4) -> pd.DataFrame:
     """MRE, median and SDR 2 mm (mm, %) of ``run_dir``'s checkpoint on its dataset's train, val and test
     splits; one row per split."""
     arrays, _ = split_error_arrays(run_dir, checkpoint, batch_size)
@@ -49,7 +49,7 @@ def split_errors(run_dir: str | Path, checkpoint: str = "checkpoints/best.ckpt",
 
 
 def conformal_coverage(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95),
-                       checkpoint: str = "checkpoints/best.ckpt", batch_size: int = 4,
+                       checkpoint: str = DEFAULT_CHECKPOINT, batch_size: int = 4,
                        review_mm: float | None = None) -> pd.DataFrame:
     """Per-landmark prediction regions calibrated on the validation split (split conformal: fixed radii from
     the radial errors, adaptive ones from the errors over the predictions' own uncertainty) and their empirical
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmlib.reporting.diagnostics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a method's run folder (holding manifest.json and checkpoints/)")
-    parser.add_argument("--checkpoint", default="checkpoints/best.ckpt", help="relative to the run folder")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="relative to the run folder")
     parser.add_argument("--conformal", type=float, nargs="+", metavar="LEVEL",
                         help="instead: per-landmark regions calibrated on val at these levels (e.g. 0.9 0.95), "
                              "their coverage and mean radius on test (fixed and adaptive regions)")
