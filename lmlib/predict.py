@@ -6,15 +6,17 @@
 folder (its ``manifest.json`` lists the stages; their ``best.ckpt`` are chained; one stage's folder chains the
 stages up to it). ``IMAGE``: any file the
 readers take (PNG/TIFF/JPEG with ``--spacing``, MHA/MHD, NIfTI, NRRD) or a DICOM directory, 2D or 3D as
-the model. ``DIR`` (created; must not hold prediction outputs or exports already) receives ``predictions.csv``
-(world mm, pixel/voxel
-index, the method's confidence and spread per landmark), one labelme JSON per 2D image or one 3D Slicer
+the model; a folder of image files or a quoted glob pattern stands for its files. ``DIR`` (created; must not
+hold prediction outputs or exports already) receives ``predictions.csv`` (world mm, pixel/voxel index, the
+method's confidence and spread per landmark), one labelme JSON per 2D image or one 3D Slicer
 ``.mrk.json`` per 3D image (:mod:`lmlib.outputs.exports`). With ``--regions`` (a run folder: its manifest
 names the dataset), per-landmark prediction regions are calibrated by split conformal prediction on that
 run's validation split (:mod:`lmlib.evaluation.conformal`; adaptive: ``radius = q * spread`` of each
 prediction): ``predictions.csv`` gets ``region_<level>_mm`` and ``review`` (the largest level's region is
 larger than ``--review-mm``), ``regions.csv`` the calibration and ``review.csv`` the landmarks to check by
-hand. Everything is written into a temporary sibling folder and moved into ``DIR`` at the end,
+hand. Always a ``manifest.json`` (the options, the model, a checksum of the images); for annotated images (the
+notebook's default: the model's own test split) ``coverage.csv``, the regions' measured coverage.
+Everything is written into a temporary sibling folder and moved into ``DIR`` at the end,
 ``predictions.csv`` last, so an interrupted run leaves no half-written file and no ``predictions.csv``.
 """
 from __future__ import annotations
@@ -75,6 +77,10 @@ def check_images(paths: Sequence[str | Path], spacing_mm: Sequence[float] | None
         if not Path(p).exists():
             raise FileNotFoundError(f"{p}: image file or DICOM directory not found")
     ids = [image_id(Path(p)) for p in paths]
+    taken = sorted({i for i in ids if f"{i}.json" in OUTPUT_FILES})
+    if taken:  # a 2D image's labelme export is <id>.json
+        raise ValueError(f"images named {taken}: their exports would overwrite the output folder's "
+                         f"{', '.join(f'{i}.json' for i in taken)}; rename them")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:  # checked over the whole list: per batch, one export overwrote another across batches
         clash = [str(p) for p, i in zip(paths, ids) if i == repeated[0]]
@@ -83,11 +89,16 @@ def check_images(paths: Sequence[str | Path], spacing_mm: Sequence[float] | None
     if spacing_mm is None:
         for p in paths:
             if stores_no_spacing(p):
-                kind = f"a {Path(p).suffix} file" if Path(p).suffix.lower() in FORMATS_WITHOUT_SPACING else \
-                    "a DICOM without a pixel-spacing attribute"
-                raise ValueError(f"{p}: {kind} stores no pixel spacing, so its millimetres cannot "
-                                 "be known; pass --spacing MM (x y[ z], or one value) for the images without one, or "
-                                 "save it in a format that stores its spacing (.mha, .nrrd, .nii.gz)")
+                raise _no_spacing(p)
+
+
+def _no_spacing(path: str | Path) -> ValueError:
+    p = Path(path)
+    kind = f"a {p.suffix} file" if p.suffix.lower() in FORMATS_WITHOUT_SPACING else \
+        "a DICOM without a pixel-spacing attribute"
+    return ValueError(f"{p}: {kind} stores no pixel spacing, so its millimetres cannot be known; pass --spacing MM "
+                      "(x y[ z], or one value) for the images without one, or save it in a format that stores its "
+                      "spacing (.mha, .nrrd, .nii.gz)")
 
 
 def check_output_folder(out_dir: str | Path) -> Path:
@@ -108,10 +119,11 @@ def load_images(paths: Sequence[str | Path], landmark_names: Sequence[str], ndim
     if spacing_mm is not None and len(np.atleast_1d(spacing_mm)) not in (1, ndim):
         raise ValueError(f"--spacing {list(np.atleast_1d(spacing_mm))}: give one value or {ndim} (x y"
                          f"{' z' if ndim == 3 else ''}) for this {ndim}D model, in mm")
-    check_images(paths, spacing_mm)
     samples, filled = [], []
     for p in paths:
         i, stores_none = image_id(Path(p)), stores_no_spacing(p)
+        if stores_none and spacing_mm is None:
+            raise _no_spacing(p)
         # --spacing only fills in images without a stored spacing: a header's own spacing is never overridden
         image, geometry = image_from_sitk(read_image(p, spacing_mm if stores_none else None, ndim=ndim))
         if stores_none:

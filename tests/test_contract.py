@@ -89,3 +89,6 @@ def test_a_run_written_in_place_first_clears_the_earlier_runs_outputs(tmp_path, 
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "base_val_predictions.csv", "checkpoints/last.ckpt", "training_log/metrics.csv"]
     assert clear_earlier_run(out) == [] and clear_earlier_run(tmp_path / "none") == []
+    # a folder of runs (no run's files of its own) is no run folder: its runs are not touched
+    (out / "metrics.json").write_text("a run in a folder of runs")
+    assert clear_earlier_run(tmp_path) == [] and (out / "metrics.json").is_file()

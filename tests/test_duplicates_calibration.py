@@ -208,6 +208,9 @@ def test_one_table_file_per_image_is_read_as_that_images_record(tmp_path: Path) 
                     "  a: ann/{image_id}.csv\nlandmarks: [p, q]\nspacing_mm: [0.5, 0.5]\n")
     ds = load_dataset(decl)
     np.testing.assert_allclose(ds["b"].landmarks_mm, [[2.5, 3.0], [3.5, 4.0]])
+    (tmp_path / "ann" / "b.csv").write_text("image,landmark,x,y\n")  # a header only: b is not annotated
+    rows = load_dataset(decl).report
+    assert rows.loc[rows["image_id"] == "b", "issue"].unique().tolist() == ["no_annotation"]
     (tmp_path / "ann" / "b.csv").write_text("image,landmark,x,y\nb,p,5,6\nb,q,7,8\nz,p,1,1\nz,q,2,2\n")
     with pytest.raises(ValueError, match=r"b\.csv: reader 'long_csv' found 2 images' records \(b, z\) in a file of "
                                          r"image 'b' only"):

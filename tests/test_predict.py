@@ -395,4 +395,7 @@ def test_cheap_checks_come_before_the_calibration_and_a_wrong_dimension_names_th
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 48, 48), np.uint8)), str(stack))
     assert main([str(run), str(stack), "--out", str(tmp_path / "o"), "--spacing", "0.1", "0.1"]) == 2
     assert "stack.tif: a 3D image, but 2 spacing values were given" in capsys.readouterr().err
+    manifest = _write_images(test[:1], tmp_path / "named", ".mha")[0].rename(tmp_path / "named" / "manifest.mha")
+    assert main([str(run), str(manifest), "--out", str(tmp_path / "o")]) == 2  # its export would be the manifest
+    assert "images named ['manifest']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -508,3 +508,34 @@ def test_a_resume_in_another_folder_keeps_the_earlier_best(samples, tmp_path):
     assert Path(again.best_checkpoint).parent == tmp_path / "b" / "checkpoints"
     assert torch.load(again.best_checkpoint, map_location="cpu", weights_only=False)["epoch"] < 2
     assert Path(first.best_checkpoint).is_file()  # the other run's file is not touched
+
+
+def test_a_longer_schedule_resumes_and_a_torn_resume_checkpoint_is_named(samples, tmp_path):
+    """max_epochs may grow on resume, and with it the dilation-erosion U-Net's shrink schedule (derived from it);
+    a truncated resume checkpoint was a raw torch error naming no file."""
+    from lmlib.engine.training import check_resumable
+    from lmlib.methods.targets import ShrinkSchedule
+
+    short = build_method("dilation_erosion", spatial_dims=2, n_landmarks=3, max_epochs=7, network=NET,
+                         schedule=ShrinkSchedule.fit_to(7))
+    first = fit(short, _dm(samples), tmp_path / "a", max_epochs=1, device="cpu")
+    longer = build_method("dilation_erosion", spatial_dims=2, n_landmarks=3, max_epochs=14, network=NET,
+                          schedule=ShrinkSchedule.fit_to(14))
+    assert longer.config()["schedule"] != short.config()["schedule"]
+    module = LandmarkModule.from_method(longer, first.module.landmark_names, first.module.view,
+                                        first.module.eval_view, max_epochs=14)
+    check_resumable(first.last_checkpoint, module)  # no error
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(Path(first.last_checkpoint).read_bytes()[:1000])
+    with pytest.raises(CheckpointMismatch, match=r"torn\.ckpt: not a readable checkpoint"):
+        check_resumable(torn, module)
+
+
+def test_a_stale_best_in_the_resume_folder_is_replaced(samples, tmp_path):
+    """Resumed into a folder holding another run's best.ckpt, the earlier run's score was attached to those weights."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    first = fit(method, _dm(samples), tmp_path / "a", max_epochs=1, device="cpu")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "best.ckpt").write_bytes(b"another run's weights")
+    again = fit(method, _dm(samples), tmp_path / "b", max_epochs=1, device="cpu", resume=first.last_checkpoint)
+    assert Path(again.best_checkpoint).read_bytes() == Path(first.best_checkpoint).read_bytes()

@@ -208,6 +208,10 @@ def _read_annotations(spec: DatasetSpec, root: Path, annotator: str, ids: list[s
             if path.exists():
                 ann = reader(path, **spec.reader_kwargs)
                 if isinstance(ann, list):  # a table reader (long_csv, ...): one file per image holds one record
+                    if not ann:  # a header only: as a shared table's image without rows
+                        absent[i] = Issue(i, annotator, "", "no_annotation", "no annotation: the file holds no "
+                                          "records", str(path))
+                        continue
                     if len(ann) != 1:
                         raise ValueError(f"{path}: reader {spec.reader!r} found {len(ann)} images' records "
                                          f"({', '.join(a.image_id for a in ann[:4])}) in a file of image {i!r} only")

@@ -60,22 +60,21 @@ def stores_no_spacing(path: str | Path) -> bool:
 
 
 def _dicom_without_spacing(path: Path) -> bool:
-    """A DICOM file, or the first file of a folder's series, without a pixel-spacing attribute (False where the
-    header cannot be read: reading the image then names the problem)."""
-    try:
-        first = path
-        if path.is_dir():
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if not ids:
-                return False
-            first = Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])[0])
+    """A DICOM file, or a folder's first DICOM file, without a pixel-spacing attribute at its top level and read at
+    GDCM's fallback of 1.0 (an enhanced multi-frame file keeps its spacing in a functional group, which GDCM
+    reads); False where no file reads as DICOM (reading the image then names the problem)."""
+    files = sorted(q for q in path.iterdir() if q.is_file())[:8] if path.is_dir() else [path]
+    for file in files:  # a folder's first readable file: a header only, not a scan of the series
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")  # a file GDCM cannot read is no DICOM
-        reader.SetFileName(str(first))
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return False
-    return not any(reader.HasMetaDataKey(k) for k in DICOM_SPACING_TAGS)
+        reader.SetFileName(str(file))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue
+        return not any(reader.HasMetaDataKey(k) for k in DICOM_SPACING_TAGS) and \
+            all(v == 1.0 for v in reader.GetSpacing()[:2])
+    return False
 
 
 #: Pixel spacing of the ISBI 2015 cephalometric challenge images (mm).

@@ -311,10 +311,6 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     validate_parameters(params)  # before any work: one clear line per bad value
     check_dimension(cls, params["dataset"])
     check_output_dir(params["output_dir"])
-    earlier = clear_earlier_run(params["output_dir"])
-    if earlier:
-        print(f"output_dir: removed {len(earlier)} output file(s) of an earlier run (e.g. {earlier[0]}); checkpoints "
-              "and the training log stay")
     started = utc_now()
     seed, output_dir = int(shared_value(params, "seed")), Path(params["output_dir"])
     dev = setup(seed, str(shared_value(params, "device")))
@@ -326,6 +322,10 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     val, test = _split(data, "val"), _split(data, "test")
     check_splits(params["dataset"], data, {"train": train, "val": val, "test": test})
     check_refit(cls, params)
+    earlier = clear_earlier_run(output_dir)  # once the run is known to start, before it writes anything
+    if earlier:
+        print(f"output_dir: removed {len(earlier)} output file(s) of an earlier run (e.g. {earlier[0]}); checkpoints "
+              "and the training log stay")
     derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
     if derived is not None:  # no grid of its own (its members' or its base run's)
         effective = {**params, **cls.values(params), **({"seeded_split_file": seeded.name} if seeded else {})}
@@ -706,15 +706,21 @@ def split_predictions(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT,
                       device: str | None = None) -> SplitPredictions:
     """Score ``run_dir``'s checkpoint on each split of its dataset (the dataset and its options from the run's
     ``manifest.json``; ``data_dir`` overrides its data folder). A cascade's run folder chains its stages, and so
-    does one stage's folder, up to that stage."""
+    does one stage's folder, up to that stage (its ``checkpoint`` last)."""
     run = Path(run_dir)
     manifest = read_manifest(run)
     if manifest is None:
         raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
     data = load_run_data(manifest["parameters"], data_dir)
     chosen = run / checkpoint
-    # the default: the run folder's chain (one stage of a cascade predicts around the stages before it)
-    ckpts = model_checkpoints(run) if checkpoint == DEFAULT_CHECKPOINT or not chosen.is_file() else [chosen]
+    # the run folder's chain (one stage of a cascade predicts around the stages before it), ``checkpoint`` last
+    try:
+        chain = model_checkpoints(run)
+    except FileNotFoundError:  # no best.ckpt (a last.ckpt asked for): the file asked for alone
+        if not chosen.is_file():
+            raise
+        chain = [chosen]
+    ckpts = [*chain[:-1], chosen] if chosen.is_file() else chain
     modules = [load_checkpoint(c) for c in ckpts]
     out = SplitPredictions({}, {}, {}, list(data.landmark_names))
     for split in splits:

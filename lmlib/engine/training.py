@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics.aggregation import CatMetric
 
 import lmlib
@@ -397,9 +398,10 @@ class _BestCheckpoint(ModelCheckpoint):
         here = Path(self.dirpath) / Path(path).name
         found = [p for p in (Path(path), *([self._resumed_from / Path(path).name] if self._resumed_from else []))
                  if p.is_file()]
-        if not here.is_file():
-            if not found:  # the earlier best is gone: Lightning's behaviour (the next epoch becomes the best)
-                return
+        if not found:  # the earlier best is gone: Lightning's behaviour (the next epoch becomes the best)
+            return
+        stale = not here.is_file() or not found[0].samefile(here)  # a file of another run may sit here: replaced
+        if stale and getattr(rank_zero_only, "rank", 0) == 0:  # one copy under DDP (every process restores this state)
             here.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(found[0], here)
         self.best_model_score = self.kth_value = score
@@ -526,8 +528,11 @@ def _load_ckpt(path: str | Path) -> dict[str, Any]:
     return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
 
 
-#: what a resumed run must share with the checkpoint it continues (``max_epochs`` may grow: a longer schedule)
+#: what a resumed run must share with the checkpoint it continues
 RESUME_MUST_MATCH: tuple[str, ...] = ("method", "method_config", "landmark_names", "view", "eval_view", "data")
+#: what may differ within ``method_config``: ``max_epochs`` may grow (a longer schedule), and with it the schedule a
+#: method derives from it (the dilation-erosion U-Net's shrinking targets)
+RESUME_MAY_CHANGE: frozenset[str] = frozenset({"max_epochs", "schedule"})
 
 
 def check_resumable(checkpoint: str | Path, module: LandmarkModule) -> None:
@@ -537,12 +542,16 @@ def check_resumable(checkpoint: str | Path, module: LandmarkModule) -> None:
     def plain(value: Any) -> Any:  # tuples and lists alike, as JSON
         return json.loads(json.dumps(value, default=str))
 
-    saved = _load_ckpt(checkpoint).get("hyper_parameters") or {}
+    try:
+        saved = _load_ckpt(checkpoint).get("hyper_parameters") or {}
+    except Exception as exc:  # truncated, or no checkpoint: name the file (torch's message names none)
+        raise CheckpointMismatch(f"{checkpoint}: not a readable checkpoint ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     differ = []
     for key in RESUME_MUST_MATCH:
         old, new = plain(saved.get(key)), plain(module.hparams.get(key))
         if key == "method_config" and isinstance(old, dict) and isinstance(new, dict):
-            for name in sorted((set(old) | set(new)) - {"max_epochs"}):
+            for name in sorted((set(old) | set(new)) - RESUME_MAY_CHANGE):
                 if old.get(name) != new.get(name):
                     differ.append(f"{key}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
         elif old != new:

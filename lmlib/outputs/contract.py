@@ -98,9 +98,12 @@ def clear_earlier_run(output_dir: Path | str) -> list[Path]:
     (stage and decoding-variant sub-runs), and return them. A run written in place (a method notebook run by hand,
     not through the driver's scratch folder) then leaves no earlier sub-run's rows beside its own (a ``heads=both``
     run's ``quarter_head/`` after a ``heads=quarter`` one), and an interrupted one no folder that looks finished
-    with the earlier manifest. Checkpoints, the training log and the reusable files stay: a resume needs them."""
+    with the earlier manifest. Checkpoints, the training log and the reusable files stay: a resume needs them.
+    A folder that holds none of these files itself is no run folder (a parent of runs): nothing is deleted."""
     out = Path(output_dir)
-    folders = [out, *sorted(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []
+    if not any((out / name).is_file() for name in (*RUN_FILES, "manifest.json")):
+        return []
+    folders = [out, *sorted(p for p in out.iterdir() if p.is_dir())]
     removed = [f / name for f in folders for name in (*RUN_FILES, "manifest.json") if (f / name).is_file()]
     for path in removed:
         path.unlink()
