@@ -9,7 +9,7 @@ from test_datasets import mini_hamedan  # noqa: F401  (fixture: 4 images, annota
 
 from lmlib.data.datasets import load_dataset
 from lmlib.outputs.contract import predictions_frame
-from lmlib.reporting.comparison import Comparison, align_runs
+from lmlib.reporting.comparison import Comparison, Run, align_runs
 from lmlib.reporting.reference_sensitivity import MEAN_OF_ANNOTATORS, ranking_summary, reference_sensitivity
 
 SPACING = 0.1264
@@ -23,10 +23,15 @@ def test_the_ranking_follows_the_reference(mini_hamedan: Path) -> None:  # noqa:
     runs = {"copies_annotator1": predictions_frame(a1.samples, [s.landmarks_mm for s in a1]),
             "copies_annotator2": predictions_frame(a1.samples, [a2[s.image_id].landmarks_mm for s in a1])}
     errors, _ = align_runs(runs)
-    comp = Comparison("hamedan-ceph", runs, {m: {"kind": "method"} for m in runs}, errors)
+    # the intra-observer row, scored on other images against annotator1 itself: it kept its error under every
+    # reference and ranked first "against annotator2" (hamedan-ceph's committed table_ranking_by_reference)
+    intra = Run("reference/intra-observer", Path("intra"), runs["copies_annotator2"], {"kind": "reference"}, {})
+    comp = Comparison("hamedan-ceph", runs, {m: {"kind": "method"} for m in runs}, errors,
+                      own_images={intra.name: intra})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tables, ranks = reference_sensitivity(comp, str(mini_hamedan), n_bootstrap=50)
+    assert intra.name not in ranks.index and all(intra.name not in t.index for t in tables.values())
     assert list(tables) == ["annotator2", MEAN_OF_ANNOTATORS]
     assert ranks.loc["copies_annotator1", ("annotator1", "mre_mm")] == 0.0
     assert ranks.loc["copies_annotator2", ("annotator1", "mre_mm")] == pytest.approx(SPACING)

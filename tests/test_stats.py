@@ -103,3 +103,14 @@ def test_pairs_are_images_not_points_when_errors_are_indexed_by_image() -> None:
     assert by_image.mean_diff_mm == pytest.approx(-0.3) and by_image.better == "a"
     with pytest.raises(ValueError, match="by='image'"):
         stats.pairwise_wilcoxon(errors.reset_index(drop=True), by="image")
+
+
+def test_holm_within_corrects_over_the_pairs_asked_for_only() -> None:
+
+
+    table = pd.DataFrame({"method_a": ["a", "a", "b", "x"], "method_b": ["b", "c", "c", "y"],
+                          "p_value": [0.01, 0.02, 0.5, 0.001]})
+    table["p_holm"] = stats.holm(table["p_value"].to_numpy())
+    sub = stats.holm_within(table, [("b", "a"), ("a", "c")])  # either order
+    assert list(zip(sub["method_a"], sub["method_b"])) == [("a", "b"), ("a", "c")]
+    np.testing.assert_allclose(sub["p_holm"], [0.02, 0.02])  # 2 x 0.01, then max(2 x 0.01, 1 x 0.02)

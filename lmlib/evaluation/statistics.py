@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -106,6 +106,16 @@ def pairwise_wilcoxon(errors: pd.DataFrame, methods: Sequence[str] | None = None
     table = pd.DataFrame(rows, columns=cols)
     table.insert(9, "p_holm", holm(table["p_value"].to_numpy()) if len(table) else [])
     return table
+
+
+def holm_within(pairwise: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """The rows of :func:`pairwise_wilcoxon`'s table for ``pairs`` (either order), with ``p_holm`` recomputed over
+    those rows only. The family is the comparisons a figure or a sentence states, not every pair the table holds:
+    adding ablation rows to a comparison must not change a claim about its main rows."""
+    wanted = {frozenset(p) for p in pairs}
+    sub = pairwise[[frozenset((a, b)) in wanted for a, b in zip(pairwise["method_a"], pairwise["method_b"])]].copy()
+    sub["p_holm"] = holm(sub["p_value"].to_numpy(dtype=np.float64))
+    return sub
 
 
 def significance_matrix(pairwise: pd.DataFrame, methods: Sequence[str] | None = None,

@@ -8,6 +8,7 @@ Errors are in mm; images are indexed ``(x, y[, z])`` and shown as ``image.T``.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, sdr_curve
-from lmlib.evaluation.statistics import significance_matrix
+from lmlib.evaluation.statistics import holm_within, significance_matrix
 from lmlib.outputs.figure_files import DPI, save_figure  # noqa: F401 (save_figure re-exported)
 from lmlib.outputs.qualitative import fig_qualitative, method_colors  # noqa: F401 (re-exported)
 from lmlib.outputs.qualitative import finish as _finish
@@ -145,9 +146,11 @@ def fig_significance(pairwise: pd.DataFrame, methods: Sequence[str] | None = Non
                      path: Path | str | None = None, dpi: int = DPI) -> Figure:
     """Pairwise significance matrix from :func:`lmlib.evaluation.statistics.pairwise_wilcoxon`.
 
-    Cell (row A, column B): Holm-corrected p and the mean paired difference A - B (mm; negative =
-    row better). Colour: -log10(p), cells with p >= ``alpha`` greyed out.
+    Cell (row A, column B): Holm-corrected p (over the pairs of ``methods`` shown, the figure's family) and the mean
+    paired difference A - B (mm; negative = row better). Colour: -log10(p), cells with p >= ``alpha`` greyed out.
     """
+    if methods is not None:
+        pairwise = holm_within(pairwise, itertools.combinations(methods, 2))
     p = significance_matrix(pairwise, methods, "p_holm")
     diff = pd.DataFrame(np.nan, index=p.index, columns=p.columns)
     for r in pairwise.itertuples(index=False):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmlib.evaluation.statistics import holm_within
 from lmlib.outputs.reference_runs import INTER_OBSERVER, INTRA_OBSERVER, MEAN_SHAPE
 from lmlib.reporting.comparison import MAIN, markdown_table
 
@@ -108,21 +109,32 @@ def _p(table: pd.DataFrame, a: str, b: str) -> float:
     return float(hit["p_holm"].iloc[0]) if len(hit) else float("nan")
 
 
+def _stated(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """The comparisons :func:`ranking_sentences` states for one data set (its Holm family): the best row against
+    every other row, and every learned row against registration."""
+    order = list(rows["row"])
+    pairs = [(order[0], r) for r in order[1:]]
+    if "registration" in order:
+        pairs += [(m, "registration") for m in order if m not in BASELINES]
+    return list(dict.fromkeys(tuple(sorted(p)) for p in pairs))  # each pair once (the best vs registration: twice)
+
+
 def _fmt_p(p: float) -> str:
     return "n/a" if not np.isfinite(p) else ("< 0.001" if p < 0.001 else f"= {p:.3f}")
 
 
 def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
                       fresh: dict[str, Path] | None = None) -> dict[str, str]:
-    """Per data set: the best row, which rows it is not distinguishable from (Holm-corrected Wilcoxon, paired by
-    image, 5 %), and whether the learned methods beat the registration baseline (with p-values)."""
+    """Per data set: the best row, which rows it is not distinguishable from (Wilcoxon, paired by image, 5 %), and
+    whether the learned methods beat the registration baseline (with p-values); Holm-corrected over these
+    comparisons (:func:`_stated`), not over every pair of the comparison's table."""
     out: dict[str, str] = {}
     for dataset, folder in comparisons(results_dir, list(long["dataset"].unique()), fresh).items():
         rows = long[(long["dataset"] == dataset) & ~long["observer"]].sort_values("mre_mm")
         sig_path = folder / "table_significance.csv"
         if rows.empty or not sig_path.is_file():
             continue
-        sig = pd.read_csv(sig_path)
+        sig = holm_within(pd.read_csv(sig_path), _stated(rows))  # Holm over what is stated, not every pair
         best = rows.iloc[0]
         ties = [r.row for r in rows.iloc[1:].itertuples() if not _p(sig, best.row, r.row) < ALPHA]
         n_img = int(best.n_images) if pd.notna(best.n_images) else 0
