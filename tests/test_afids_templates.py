@@ -233,3 +233,30 @@ def test_the_comparison_reports_each_test_subject() -> None:
     table = table_subjects(Comparison("afids-templates", {}, {}, errors), ["a"])
     assert table.to_dict() == {"n_images": {"Colin27": 2, "MNI305": 2}, "a": {"Colin27": 1.5, "MNI305": 3.0}}
     assert table_subjects(Comparison("synthetic3d", {}, {}, errors), ["a"]) is None
+
+
+def test_posed_copies_of_one_anatomy_are_one_unit_for_intervals_and_tests() -> None:
+    """The 15 test images of afids-templates are 2 anatomies: resampled and paired as 15 independent images, a
+    constant 0.3 mm difference gave p = 6e-5 (the smallest possible with 15 pairs; with 2 subjects it is 0.5)."""
+    import numpy as np
+    import pandas as pd
+
+    from lmlib.evaluation import statistics as stats
+    from lmlib.reporting.comparison import Comparison
+
+    ids = [f"Colin27_res-01_pose{k:02d}" for k in range(5)] + [f"MNI305_res-02_pose{k:02d}" for k in range(5)]
+    index = pd.MultiIndex.from_product([ids, ["AC", "PC"]], names=["image_id", "landmark"])
+    a = np.repeat(np.linspace(1.0, 3.0, len(ids)), 2)
+    errors = pd.DataFrame({"a": a, "b": a + 0.3}, index=index)
+    comp = Comparison("afids-templates", {}, {}, errors)
+    assert set(comp.subjects.values()) == {"Colin27", "MNI305"}
+    tests = stats.pairwise_wilcoxon(comp.errors, ["a", "b"], groups=comp.subjects)
+    assert tests["n_pairs"].tolist() == [2] and tests["unit"].tolist() == ["subject"] and tests["p_value"].iloc[0] >= 0.5
+    assert stats.pairwise_wilcoxon(comp.errors, ["a", "b"])["p_value"].iloc[0] < 0.01  # by image: 10 "independent" pairs
+    groups = [comp.subjects[i] for i in ids]
+    by_subject = stats.bootstrap_ci(comp.method_errors("a"), groups=groups).loc["mre_mm"]
+    colin, mni = a[:10].mean(), a[10:].mean()  # a resample of two Colin27 (or two MNI305) is drawn 1 in 4
+    assert by_subject["ci_low"] == pytest.approx(colin) and by_subject["ci_high"] == pytest.approx(mni)
+    by_image = stats.bootstrap_ci(comp.method_errors("a")).loc["mre_mm"]
+    assert by_image["ci_high"] - by_image["ci_low"] < mni - colin
+    assert Comparison("synthetic3d", {}, {}, errors).subjects == {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,14 +77,16 @@ def wilcoxon_paired(errors_a: np.ndarray, errors_b: np.ndarray) -> dict[str, flo
 
 
 def pairwise_wilcoxon(errors: pd.DataFrame, methods: Sequence[str] | None = None,
-                      by: str | None = None) -> pd.DataFrame:
+                      by: str | None = None, groups: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Wilcoxon tests for every pair of methods, Holm-corrected over all pairs.
 
     ``errors`` has one column per method and one row per aligned (image, landmark) pair (mm). ``by``:
     ``"image"`` (the default when the index has an ``image_id`` level) pairs the methods' per-image mean
-    errors over the landmarks both have; ``"point"`` pairs every (image, landmark). Returns one row per
-    pair: method_a, method_b, the fields of :func:`wilcoxon_paired` (``n_pairs``: images or points),
-    ``unit``, p_holm and ``better`` (the method with the lower mean error over the pairs, '' if tied).
+    errors over the landmarks both have; ``"point"`` pairs every (image, landmark). ``groups`` (image id ->
+    subject, with ``by="image"``): the images of one subject (posed copies of one anatomy) are one unit, paired
+    by the mean of its images' means (``unit`` "subject"). Returns one row per pair: method_a, method_b, the
+    fields of :func:`wilcoxon_paired` (``n_pairs``: subjects, images or points), ``unit``, p_holm and ``better``
+    (the method with the lower mean error over the pairs, '' if tied).
     """
     methods = list(methods if methods is not None else errors.columns)
     has_images = "image_id" in (errors.index.names or [])
@@ -95,12 +97,15 @@ def pairwise_wilcoxon(errors: pd.DataFrame, methods: Sequence[str] | None = None
     for a, b in itertools.combinations(methods, 2):
         if by == "image":
             both = errors[[a, b]].dropna().groupby(level="image_id").mean()
+            if groups:
+                both = both.groupby(both.index.map(lambda i: groups[str(i)])).mean()
             res = wilcoxon_paired(both[a].to_numpy(), both[b].to_numpy())
         else:
             res = wilcoxon_paired(errors[a].to_numpy(), errors[b].to_numpy())
         diff = res["mean_diff_mm"]
         better = "" if not diff or np.isnan(diff) else (a if diff < 0 else b)
-        rows.append({"method_a": a, "method_b": b, **res, "unit": by, "better": better})
+        rows.append({"method_a": a, "method_b": b, **res, "unit": "subject" if by == "image" and groups else by,
+                     "better": better})
     cols = ["method_a", "method_b", "n_pairs", "n_nonzero", "mean_diff_mm", "median_diff_mm",
             "statistic", "p_value", "unit", "better"]
     table = pd.DataFrame(rows, columns=cols)
@@ -138,14 +143,15 @@ def resample_indices(n_images: int, n_bootstrap: int = 2000, seed: int = 0) -> n
 
 def bootstrap_ci(errors: np.ndarray | pd.DataFrame, n_bootstrap: int = 2000, seed: int = 0,
                  thresholds_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM, confidence: float = 0.95,
-                 indices: np.ndarray | None = None) -> pd.DataFrame:
+                 indices: np.ndarray | None = None, groups: Sequence[str] | None = None) -> pd.DataFrame:
     """Point estimates and percentile bootstrap CIs of MRE (mm) and SDR (%), resampling images.
 
     ``errors`` is an images x landmarks matrix (mm; NaN = masked, left out). Each resample draws
     whole images with replacement and pools their valid errors, exactly as the point estimate
-    pools all images. Pass ``indices`` (from :func:`resample_indices`) to use the same resamples
-    for several methods. Returns a DataFrame indexed by metric (mre_mm, sdr_<t>mm) with columns
-    estimate, ci_low, ci_high.
+    pools all images. ``groups`` (one subject per row of ``errors``): whole subjects are drawn instead (the
+    posed copies of one anatomy are not independent images). Pass ``indices`` (from :func:`resample_indices`,
+    over images, or over subjects in their order of first appearance) to use the same resamples for several
+    methods. Returns a DataFrame indexed by metric (mre_mm, sdr_<t>mm) with columns estimate, ci_low, ci_high.
     """
     err = np.asarray(errors, dtype=np.float64)
     if err.ndim != 2:
@@ -156,7 +162,13 @@ def bootstrap_ci(errors: np.ndarray | pd.DataFrame, n_bootstrap: int = 2000, see
     per_image = {"mre_mm": filled.sum(axis=1)}
     for t in thresholds_mm:
         per_image[sdr_key(t)] = 100.0 * (valid & (filled < t)).sum(axis=1)
-    idx = resample_indices(err.shape[0], n_bootstrap, seed) if indices is None else np.asarray(indices)
+    if groups is not None:  # a subject's sums and counts: the unit drawn
+        codes = pd.factorize(np.asarray(groups, dtype=object))[0]
+        if codes.size != err.shape[0]:
+            raise ValueError(f"{codes.size} groups for {err.shape[0]} images")
+        counts = np.bincount(codes, weights=counts)
+        per_image = {k: np.bincount(codes, weights=v) for k, v in per_image.items()}
+    idx = resample_indices(counts.size, n_bootstrap, seed) if indices is None else np.asarray(indices)
     n_b = counts[idx].sum(axis=1)
     alpha = (1.0 - confidence) / 2.0
     rows = {}

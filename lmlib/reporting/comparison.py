@@ -164,6 +164,14 @@ class Comparison:
         counts = {int(m.get("parameters", {}).get("n_deformed") or 0) for m in self.manifests.values()} - {0}
         return {"deformed": max(counts)} if counts and is_single_template(self.dataset) else {}
 
+    @property
+    def subjects(self) -> dict[str, str]:
+        """image id -> subject for every test image where the data set declares subjects (afids-templates: the
+        posed copies of one anatomy are one independent unit for the intervals and the paired tests); else empty."""
+        images = [str(i) for i in pd.unique(self.errors.index.get_level_values("image_id"))]
+        found = subject_of(self.dataset, images) if images else {}
+        return found if found and all(i in found for i in images) else {}
+
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
         wide = self.errors[method].unstack("landmark")
@@ -427,10 +435,13 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     errors, align_notes = align_runs(preds)
     notes += [f"{m}: scored on its own images ({r.metrics.get('n_images')} images, "
               f"{r.metrics.get('n_points')} points), not on the test split" for m, r in own.items()]
-    n_images = errors.index.get_level_values("image_id").nunique() if len(errors) else 0
-    if 0 < n_images < stats.MIN_TEST_IMAGES:
-        notes.append(f"only {n_images} test image(s) (fewer than {stats.MIN_TEST_IMAGES}): the 95 % intervals "
-                     "(bootstrap over images) and the paired tests (by image) are indicative only")
+    images = [str(i) for i in pd.unique(errors.index.get_level_values("image_id"))] if len(errors) else []
+    subjects = subject_of(dataset, images) if images else {}
+    subjects = subjects if all(i in subjects for i in images) else {}
+    n_units, unit = (len(set(subjects.values())), "subject") if subjects else (len(images), "image")
+    if 0 < n_units < stats.MIN_TEST_IMAGES:
+        notes.append(f"only {n_units} test {unit}(s) (fewer than {stats.MIN_TEST_IMAGES}; {len(images)} images): the "
+                     f"95 % intervals (bootstrap over {unit}s) and the paired tests (by {unit}) are indicative only")
     return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
                       notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded, own,
                       {m: row_role(r) for m, r in runs.items()})
@@ -457,11 +468,13 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
     Columns: kind, profile (driver profile, ``-`` if unknown), device, n_images, n_points, n_masked,
     n_unpredicted, mre_mm (+ _ci_low/_ci_high), sd_mm, median_mm, max_mm, sdr_<t>mm (+ CIs, %), n_over_<t>mm,
     and the run's train_seconds,
-    infer_seconds_per_image, peak_rss_mb. CIs: bootstrap over images, the same resamples for all
-    methods.
+    infer_seconds_per_image, peak_rss_mb. CIs: bootstrap over images (over subjects where the data set declares
+    them, :attr:`Comparison.subjects`), the same resamples for all methods.
     """
-    n_images = comp.errors.index.get_level_values("image_id").nunique()
-    idx = stats.resample_indices(n_images, n_bootstrap, seed)
+    subjects = comp.subjects  # the unit resampled: subjects where declared, else images
+    groups = [subjects[str(i)] for i in pd.unique(comp.errors.index.get_level_values("image_id"))] if subjects else None
+    n_units = len(set(groups)) if groups else comp.errors.index.get_level_values("image_id").nunique()
+    idx = stats.resample_indices(n_units, n_bootstrap, seed)
     rows = []
     for method in comp.methods:
         aligned = comp.predictions[method].set_index(KEY).loc[comp.errors.index].reset_index()
@@ -470,7 +483,7 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
                                "profile": profile_label(comp.manifests.get(method, {})),
                                "device": comp.run_device(method)}
         row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
-        ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx)
+        ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx, groups=groups)
         for key in ci.index:
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
         row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
