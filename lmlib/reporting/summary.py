@@ -200,7 +200,9 @@ def write_summary(results_dir: Path | str, readme: Path | str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     long.to_csv(out / "table_summary.csv", index=False, float_format="%.4f")
     sentences = ranking_sentences(results_dir, long, fresh)
-    text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images] · SDR at "
+    text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images; over test "
+            "subjects where a data set declares them (afids-templates: 2 anatomies, so the interval spans their two "
+            "values)] · SDR at "
             "2 mm · rank within the data set (1 = lowest MRE; observer rows unranked). Mean rank over the data sets "
             "a method ran on (their number in brackets). Main rows only: ablations are in each comparison.\n\n"
             + "\n".join(f"- {s}" for s in sentences.values()) + "\n")
