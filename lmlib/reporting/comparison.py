@@ -168,9 +168,7 @@ class Comparison:
     def subjects(self) -> dict[str, str]:
         """image id -> subject for every test image where the data set declares subjects (afids-templates: the
         posed copies of one anatomy are one independent unit for the intervals and the paired tests); else empty."""
-        images = [str(i) for i in pd.unique(self.errors.index.get_level_values("image_id"))]
-        found = subject_of(self.dataset, images) if images else {}
-        return found if found and all(i in found for i in images) else {}
+        return subjects_of_images(self.dataset, self.errors)
 
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
@@ -436,8 +434,7 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     notes += [f"{m}: scored on its own images ({r.metrics.get('n_images')} images, "
               f"{r.metrics.get('n_points')} points), not on the test split" for m, r in own.items()]
     images = [str(i) for i in pd.unique(errors.index.get_level_values("image_id"))] if len(errors) else []
-    subjects = subject_of(dataset, images) if images else {}
-    subjects = subjects if all(i in subjects for i in images) else {}
+    subjects = subjects_of_images(dataset, errors)
     n_units, unit = (len(set(subjects.values())), "subject") if subjects else (len(images), "image")
     if 0 < n_units < stats.MIN_TEST_IMAGES:
         notes.append(f"only {n_units} test {unit}(s) (fewer than {stats.MIN_TEST_IMAGES}; {len(images)} images): the "
@@ -445,6 +442,14 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
                       notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded, own,
                       {m: row_role(r) for m, r in runs.items()})
+
+
+def subjects_of_images(dataset: str, errors: pd.DataFrame) -> dict[str, str]:
+    """image id -> subject for every image of ``errors`` (index with an ``image_id`` level) where ``dataset``
+    declares subjects (:func:`~lmlib.data.datasets.subject_of`); empty where it does not, or misses one."""
+    images = [str(i) for i in pd.unique(errors.index.get_level_values("image_id"))] if len(errors) else []
+    found = subject_of(dataset, images) if images else {}
+    return found if found and all(i in found for i in images) else {}
 
 
 def current_test_ids(dataset: str, data_dir: str | None = None) -> list[str] | None:
