@@ -357,6 +357,16 @@ def _portable(path: Path, root: Path) -> str:
     return rel if rel.count("..") <= 2 else str(Path(path).resolve())
 
 
+def _declared_default(declared: dict[str, Any], name: str) -> Any:
+    """The default a notebook's parameters cell gives ``name`` (papermill reports its source text), or None."""
+    import ast
+
+    try:
+        return ast.literal_eval(str((declared.get(name) or {}).get("default")))
+    except (ValueError, SyntaxError):
+        return None
+
+
 def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path | str = "results",
             data_dir: Path | str | None = None, device: str | None = None, seed: int | None = None,
             timeout_s: int | None = None, extra: dict[str, Any] | None = None,
@@ -386,15 +396,20 @@ def run_job(job: Job, dataset: str, profile: str = "default", results_dir: Path 
         if not path.exists():
             raise FileNotFoundError(f"{path}: data for {dataset!r} not found (pass --data-dir or set LMLIB_SHARED_DATA)")
         params["data_dir"] = _portable(path, root)
-    # --device and --seed are overrides like --set ones: recorded as such, so the comparison labels the run
-    overrides = {**({"device": device} if device is not None else {}), **({"seed": seed} if seed is not None else {}),
-                 **(extra or {})}
-    for name, value in overrides.items():
+    given = {**({"device": device} if device is not None else {}), **({"seed": seed} if seed is not None else {})}
+    declared = check_parameters(notebook, {**params, **given, **(extra or {})})
+    for name, value in {**given, **(extra or {})}.items():
         if name in params and params[name] != value:
             print(f"[lmlib.run] {dataset}/{job.method}: {name}={value!r} replaces the profile's {name}="
                   f"{params[name]!r}", flush=True)
-    params.update(overrides)
-    declared = check_parameters(notebook, params)
+    # --seed and --device are overrides like --set ones where they change what the job runs with: a seed other than
+    # the profile's (else the notebook's default), a device other than one the profile sets (the comparison's
+    # Device column says every other); recorded so, the comparison labels the run (``full + seed=3``)
+    overrides = {name: value for name, value in given.items()
+                 if (params[name] != value if name in params else
+                     name == "seed" and value != _declared_default(declared, name))}
+    overrides.update(extra or {})
+    params.update({**given, **overrides})
     if "results_dir" in declared:  # notebooks that read other runs (comparison)
         params.setdefault("results_dir", str(results))
     if "profile" in declared:  # the comparison compares runs of its own profile

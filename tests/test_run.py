@@ -16,7 +16,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 def _write_notebook(root: Path, name: str, body: str) -> None:
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('dataset: str = "x"\noutput_dir: str = "out"\nfail: bool = False\nseed: int = 0')
+    params = nbformat.v4.new_code_cell('dataset: str = "x"\noutput_dir: str = "out"\nfail: bool = False\nseed: int = 0\n'
+                                       'device: str = "auto"')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "lmlib", "display_name": "Python (lmlib)", "language": "python"}
@@ -574,6 +575,13 @@ def test_seed_and_device_are_recorded_as_overrides_and_replacing_a_profile_value
     manifest = json.loads((tmp_path / "results" / "synthetic2d" / "toy" / "manifest.json").read_text())
     assert manifest["driver"]["overrides"] == {"seed": 0}
     assert "synthetic2d/toy: seed=0 replaces the profile's seed=1" in capsys.readouterr().out
+    # the notebook's own default seed and a device the profile does not set change nothing a label should say
+    # (the comparison's Device column names the device): a plain run stays "smoke", as the test pipeline's
+    shutil.rmtree(tmp_path / "results")
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path, seed=0,
+            device="cpu")
+    manifest = json.loads((tmp_path / "results" / "synthetic2d" / "toy" / "manifest.json").read_text())
+    assert manifest["driver"].get("overrides", {}) == {}
 
 
 def test_set_tuples_arrive_as_lists_and_resume_is_the_drivers() -> None:
