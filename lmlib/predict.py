@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lmlib.data.readers import FORMATS_WITHOUT_SPACING, read_image, stores_no_spacing
+from lmlib.data.readers import no_spacing_kind, read_image, stores_no_spacing
 from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
@@ -93,12 +93,9 @@ def check_images(paths: Sequence[str | Path], spacing_mm: Sequence[float] | None
 
 
 def _no_spacing(path: str | Path) -> ValueError:
-    p = Path(path)
-    kind = f"a {p.suffix} file" if p.suffix.lower() in FORMATS_WITHOUT_SPACING else \
-        "a DICOM without a pixel-spacing attribute"
-    return ValueError(f"{p}: {kind} stores no pixel spacing, so its millimetres cannot be known; pass --spacing MM "
-                      "(x y[ z], or one value) for the images without one, or save it in a format that stores its "
-                      "spacing (.mha, .nrrd, .nii.gz)")
+    return ValueError(f"{path}: {no_spacing_kind(path)} stores no pixel spacing, so its millimetres cannot be known; "
+                      "pass --spacing MM (x y[ z], or one value) for the images without one, or save it in a format "
+                      "that stores its spacing (.mha, .nrrd, .nii.gz)")
 
 
 def check_output_folder(out_dir: str | Path) -> Path:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmlib.data.readers import FORMATS_WITHOUT_SPACING, RawAnnotation, stores_no_spacing
+from lmlib.data.readers import RawAnnotation, no_spacing_kind, stores_no_spacing
 
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "annotator", "landmark", "issue", "detail", "file")
 #: Issues whose row masks the landmark it names (exactly one such row per masked landmark).
@@ -184,9 +184,8 @@ def check_spacing(image_id: str, image_path: str | Path, spacing_given: bool, an
     p = Path(image_path)
     if spacing_given or not stores_no_spacing(p):
         return []
-    kind = f"{p.suffix} file" if p.suffix.lower() in FORMATS_WITHOUT_SPACING else "DICOM without a pixel spacing"
-    return [Issue(image_id, annotator, "", "no_spacing", f"a {kind} carries no spacing and none was given: "
-                  "'mm' are pixels", str(p))]
+    return [Issue(image_id, annotator, "", "no_spacing", f"{no_spacing_kind(p)} carries no spacing and none was "
+                  "given: 'mm' are pixels", str(p))]
 
 
 def make_report(issues: Sequence[Issue]) -> pd.DataFrame:

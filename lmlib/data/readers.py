@@ -59,6 +59,13 @@ def stores_no_spacing(path: str | Path) -> bool:
     return p.suffix.lower() in FORMATS_WITHOUT_SPACING
 
 
+def no_spacing_kind(path: str | Path) -> str:
+    """An image that stores no spacing, in words: ``a .png file``, or ``a DICOM without a pixel-spacing attribute``."""
+    p = Path(path)
+    return f"a {p.suffix} file" if p.suffix.lower() in FORMATS_WITHOUT_SPACING else \
+        "a DICOM without a pixel-spacing attribute"
+
+
 def _dicom_without_spacing(path: Path) -> bool:
     """A DICOM file, or a folder's first DICOM file, without a pixel-spacing attribute at its top level and read at
     GDCM's fallback of 1.0 (an enhanced multi-frame file keeps its spacing in a functional group, which GDCM
