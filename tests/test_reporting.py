@@ -161,6 +161,43 @@ def test_alignment_drops_unshared_pairs_and_flags_bad_errors(tmp_path: Path) -> 
     np.testing.assert_allclose(errors["part"], M.compute_errors(part), equal_nan=True)
 
 
+def test_unpredicted_landmarks_are_counted_in_table_1_and_named_in_the_notes(
+        results: tuple[Path, list[Sample]]) -> None:
+    """A run that leaves its worst landmarks unpredicted has them out of its MRE: Table 1 must show how many."""
+    root, samples = results
+    points = noisy(samples, 0.2, 11)
+    points[0][0] = np.nan  # two landmarks with a reference, not predicted
+    points[1][1] = np.nan
+    method_run(root / "synthetic2d" / "skipper", samples, 0.2, 11)
+    write_outputs(root / "synthetic2d" / "skipper", predictions_frame(samples, points), TIMINGS)
+    comp = reporting.load_comparison(root, "synthetic2d")
+    table = reporting.table_main(comp, n_bootstrap=50, seed=0)
+    scored = int(table.loc["skipper", "n_points"])
+    assert table.loc["skipper", "n_unpredicted"] == 2 and table.loc["alpha", "n_unpredicted"] == 0
+    shown = reporting.format_table_main(table)
+    assert shown.loc["skipper", "Unpredicted"] == f"2 ({100 * 2 / (scored + 2):.1f} %)"
+    assert shown.loc["alpha", "Unpredicted"] == "0"
+    assert any(n.startswith(f"skipper: 2 of {scored + 2} landmarks with a reference have no prediction")
+               for n in comp.notes)
+    assert not any(n.startswith("alpha:") for n in comp.notes)
+
+
+def test_a_run_scored_against_another_annotator_is_left_out_and_named(tmp_path: Path) -> None:
+    """hamedan-ceph scores against annotator1: a run trained and scored against annotator2 measures distances to
+    other points, and must not rank beside the others (it was only noted that its reference points differ)."""
+    samples = synthetic_samples(4)
+    root = tmp_path / "hamedan-ceph"
+    for name, annotator, sigma in (("a1", "", 1.0), ("a1-named", "annotator1", 1.2), ("a2", "annotator2", 0.1)):
+        write_outputs(root / name, predictions_frame(samples, noisy(samples, sigma, 0)), TIMINGS)
+        write_json(root / name / "manifest.json", {"parameters": {"dataset": "hamedan-ceph", "annotator": annotator},
+                                                    "driver": {"profile": "full"}, "device": "cpu"})
+    comp = reporting.load_comparison(tmp_path, "hamedan-ceph")
+    assert sorted(comp.methods) == ["a1", "a1-named"]
+    assert dict(comp.excluded) == {"a2": "scored against annotator annotator2's points, not the reference "
+                                         "annotator annotator1's"}
+    assert any(n.startswith("a2: scored against annotator annotator2") for n in comp.notes)
+
+
 def test_write_reference_run_matches_by_id_and_name(tmp_path: Path) -> None:
     geo = Geometry(spacing=(1.0, 1.0))
     ref = [Sample("a", np.zeros((8, 8)), geo, [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], [True, True, True], ("P", "Q", "R")),

@@ -114,7 +114,7 @@ def compute_errors(predictions: pd.DataFrame) -> np.ndarray:
     return radial_errors(pred, gt)
 
 
-def _nan_split(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def nan_split(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(reference masked, valid reference but not predicted) boolean row masks."""
     d = frame_ndim(predictions)
     gt_nan = predictions[list(GT_COLS[:d])].isna().any(axis=1).to_numpy()
@@ -131,7 +131,7 @@ def _errors(predictions: pd.DataFrame, recompute: bool) -> np.ndarray:
 def _summary_rows(predictions: pd.DataFrame, by: str | None, thresholds_mm: Sequence[float],
                   outlier_thresholds_mm: Sequence[float], recompute: bool) -> pd.DataFrame:
     err = _errors(predictions, recompute)
-    masked, unpredicted = _nan_split(predictions)
+    masked, unpredicted = nan_split(predictions)
     groups: list[tuple[object, np.ndarray]]
     if by is None:
         groups = [("all", np.ones(len(predictions), dtype=bool))]

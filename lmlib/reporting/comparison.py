@@ -9,7 +9,8 @@ dataset are collected by name with the reason (``Comparison.skipped``) and the r
 
 Every row carries the driver profile it was run with (``manifest["driver"]["profile"]``: default,
 smoke, full; ``-`` when run outside the driver) and its device. Method runs of another profile than
-the comparison's are left out and named (``Comparison.excluded``, ``Comparison.notes``); reference
+the comparison's are left out and named (``Comparison.excluded``, ``Comparison.notes``), and so are runs
+scored against another annotator than the data set's reference (:func:`filter_annotator`); reference
 runs (``metrics.json`` ``"kind": "reference"``: the mean shape, a second annotator) need no training,
 are profile-independent and always compared, drawn dashed in the figures.
 
@@ -28,7 +29,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import SYNTHETIC, dataset_name, dataset_notes, is_single_template, load_dataset, subject_of
+from lmlib.data.datasets import (
+    SYNTHETIC,
+    dataset_name,
+    dataset_notes,
+    get_spec,
+    is_single_template,
+    load_dataset,
+    subject_of,
+)
 from lmlib.data.sample import Sample
 from lmlib.evaluation import metrics as M
 from lmlib.evaluation import statistics as stats
@@ -112,7 +121,7 @@ class Comparison:
 
     ``errors``: one column per method (mm), index (image_id, landmark) = the pairs all runs share;
     NaN where the reference is masked or the method gave no prediction. ``profile``: the driver
-    profile of the compared method runs; ``excluded``: runs left out for another profile.
+    profile of the compared method runs; ``excluded``: runs left out for another profile or annotator.
     """
 
     dataset: str
@@ -355,11 +364,45 @@ def filter_profile(runs: dict[str, Run], profile: str) -> tuple[dict[str, Run], 
     return kept, excluded, notes
 
 
+def reference_annotator(dataset: str) -> str | None:
+    """The annotator a declared data set scores against (its first, :attr:`DatasetSpec.reference`); None for
+    synthetic data."""
+    return None if str(dataset) in SYNTHETIC else get_spec(dataset).reference
+
+
+def run_annotator(run: Run, reference: str | None) -> str | None:
+    """The annotator a run was trained and scored against: its notebook's ``annotator`` parameter (empty: the data
+    set's reference)."""
+    params = run.manifest.get("parameters")
+    chosen = params.get("annotator") if isinstance(params, dict) else None
+    return str(chosen) if chosen else reference
+
+
+def filter_annotator(runs: dict[str, Run], dataset: str) -> tuple[dict[str, Run], list[tuple[str, str]], list[str]]:
+    """Leave out runs scored against another annotator than the data set's reference; return (kept, excluded,
+    notes). Their errors are distances to other points (an inter-observer offset apart): in one table with the
+    others they would rank by the annotator, not the method. The reference rows (the second annotator scored
+    against the reference) are always kept."""
+    reference = reference_annotator(dataset)
+    kept: dict[str, Run] = {}
+    excluded: list[tuple[str, str]] = []
+    for name, run in runs.items():
+        other = run_annotator(run, reference)
+        if run.kind == REFERENCE_KIND or other == reference:
+            kept[name] = run
+        else:
+            excluded.append((name, f"scored against annotator {other}'s points, not the reference annotator "
+                                   f"{reference}'s"))
+    notes = [f"{name}: {reason} (left out: its errors are distances to other points)" for name, reason in excluded]
+    return kept, excluded, notes
+
+
 def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
     """Errors (mm) of every method on the (image, landmark) pairs all of them have; plus notes.
 
     Notes name the methods that lost pairs, whose ``error_mm`` disagrees with their coordinates
-    (errors are always recomputed from coordinates), or whose reference points differ.
+    (errors are always recomputed from coordinates), whose reference points differ, or that left landmarks with
+    a reference unpredicted (NaN: out of their MRE and SDR, counted in Table 1's Unpredicted column).
     """
     notes: list[str] = []
     if not predictions:
@@ -388,6 +431,11 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
         if np.any(gt_diff > CSV_TOLERANCE_MM):
             notes.append(f"{method}: reference points differ from {next(iter(indexed))}'s on "
                          f"{int(np.any(gt_diff > CSV_TOLERANCE_MM, axis=1).sum())} pairs")
+        unpredicted = int(M.nan_split(rows)[1].sum())
+        if unpredicted:
+            valid = unpredicted + int(np.isfinite(err).sum())
+            notes.append(f"{method}: {unpredicted} of {valid} landmarks with a reference have no prediction, left out "
+                         f"of its MRE and SDR (Table 1's Unpredicted column)")
         cols[method] = err
     return pd.DataFrame(cols, index=common), notes
 
@@ -423,7 +471,9 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     found = {m: r for m, r in found.items() if m not in own}
     chosen = choose_profile(found, profile)
     runs, excluded, notes = filter_profile(found, chosen)
-    notes = [*dataset_notes(dataset), *duplicate_notes, *notes,
+    runs, other_annotator, annotator_notes = filter_annotator(runs, dataset)
+    excluded += other_annotator
+    notes = [*dataset_notes(dataset), *duplicate_notes, *notes, *annotator_notes,
              *(restrict_to_test_split(runs, test_ids) if test_ids is not None else [])]
     if not runs:
         raise ValueError(f"no usable run under {Path(results_dir) / dataset}; skipped: {skipped}; excluded: {excluded}")
@@ -516,14 +566,26 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None or pd.isna(value) else format(float(value), fmt)
 
 
+def unpredicted_label(n_unpredicted: Any, n_points: Any) -> str:
+    """``0``, or ``12 (0.5 %)``: landmarks with a reference and no prediction, and their share of all landmarks
+    with a reference (scored + unpredicted)."""
+    if n_unpredicted is None or pd.isna(n_unpredicted):
+        return "-"
+    n, scored = int(n_unpredicted), int(n_points) if not pd.isna(n_points) else 0
+    return "0" if n == 0 else f"{n} ({100.0 * n / (n + scored):.1f} %)"
+
+
 def format_table_main(table: pd.DataFrame, thresholds_mm: Sequence[float] = M.DEFAULT_THRESHOLDS_MM) -> pd.DataFrame:
-    """Table 1 as display strings: 'MRE ± SD [CI]', 'SDR [CI]', profile, device, timings; one row per method
-    (reference rows show ``-`` for device and timings: nothing was trained or run)."""
+    """Table 1 as display strings: 'MRE ± SD [CI]', median, unpredicted landmarks, 'SDR [CI]', profile, device,
+    timings; one row per method (reference rows show ``-`` for device and timings: nothing was trained or run)."""
     out = pd.DataFrame(index=table.index.rename("Method"))
     out["MRE ± SD (mm) [95% CI]"] = [
         f"{_num(r.mre_mm, '.2f')} ± {_num(r.sd_mm, '.2f')} [{_num(r.mre_mm_ci_low, '.2f')}, {_num(r.mre_mm_ci_high, '.2f')}]"
         for r in table.itertuples()]
     out["Median (mm)"] = [_num(v, ".2f") for v in table["median_mm"]]
+    # landmarks with a reference but no prediction are out of the MRE and SDR: a method that skips its hard cases
+    # would look better unmarked
+    out["Unpredicted"] = [unpredicted_label(r.n_unpredicted, r.n_points) for r in table.itertuples()]
     for t in thresholds_mm:
         k = M.sdr_key(t)
         out[f"SDR {t:g} mm (%)"] = [f"{_num(r[k], '.1f')} [{_num(r[k + '_ci_low'], '.1f')}, {_num(r[k + '_ci_high'], '.1f')}]"
