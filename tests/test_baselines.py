@@ -38,13 +38,28 @@ def test_mean_shape_by_hand_different_sizes_spacings_and_geometry() -> None:
     t = _sample("t", (8, 40), Geometry((0.5, 2.0), origin=(10.0, 20.0), direction=rot),
                 [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [True, True, True])
     (pred,) = baselines.mean_shape_predictions([a, b], [t])
-    # P: index = u * size - 0.5 = (4.5, 13.5) -> scaled (2.25, 27) -> rotated (-27, 2.25) -> + origin
-    # Q: index = (0.3, 7.5) -> scaled (0.15, 15) -> rotated (-15, 0.15) -> + origin; R: never seen
-    np.testing.assert_allclose(pred, [[-17.0, 22.25], [-5.0, 20.15], [np.nan, np.nan]], equal_nan=True)
+    # in network orientation t is 40 x 8 px of 2 x 0.5 mm, identity direction, its index (0, 0) at the old index
+    # (0, 39): world (10, 20) + rot @ (0, 78) = (-68, 20)
+    # P: index = u * size - 0.5 = (24.5, 2.3) -> scaled (49, 1.15) -> + origin
+    # Q: index = (3.5, 1.1) -> scaled (7, 0.55) -> + origin; R: never seen
+    np.testing.assert_allclose(pred, [[-19.0, 21.15], [-61.0, 20.55], [np.nan, np.nan]], equal_nan=True)
     (centre,) = baselines.image_centre_predictions([t])
     np.testing.assert_allclose(t.geometry.world_to_index(centre), [[3.5, 19.5]] * 3)
     with pytest.raises(ValueError, match="no training samples"):
         baselines.mean_shape_predictions([], [t])
+
+
+def test_mean_shape_of_one_anatomy_stored_mirrored_is_exact() -> None:
+    """afids-templates stores some templates RAS and some LAS: averaged in the raw array frame, a landmark met
+    its own mirror image (the mean shape put both landmarks at the centre line)."""
+    size, truth = (100, 60), np.array([[20.0, 50.0], [80.0, 40.0]])  # world mm
+    ras = Sample("ras", np.zeros(size, np.float32), Geometry((1.0, 1.0)), truth, [True, True], ("P", "Q"))
+    las = Sample("las", np.zeros(size, np.float32), Geometry((1.0, 1.0), origin=(99.0, 0.0),
+                                                             direction=np.diag([-1.0, 1.0])), truth, [True, True],
+                 ("P", "Q"))
+    for train, test in (([ras, las], ras), ([ras, las], las), ([las], ras)):
+        (pred,) = baselines.mean_shape_predictions(train, [test])
+        np.testing.assert_allclose(pred, truth, atol=1e-9)
 
 
 def test_mean_shape_3d_roundtrip_and_name_check() -> None:

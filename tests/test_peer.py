@@ -139,3 +139,26 @@ def test_a_short_peer_run_writes_its_files_and_scores_in_mm(tmp_path: Path, monk
     assert np.isfinite(run.errors.to_numpy()).all() and run.mre_mm > 0
     again = load_peer(tmp_path)
     assert again is not None and again.mre_mm == pytest.approx(run.mre_mm, abs=1e-3)
+
+
+def test_an_image_stored_mirrored_reaches_the_peer_as_our_networks_see_it(tmp_path: Path) -> None:
+    """The peer got the raw storage order: an image stored LAS beside RAS ones was a mirror image to it only."""
+    n = len(SPEC.landmark_names)
+
+    def stored(image_id: str, split: str, mirrored: bool) -> Sample:
+        image = np.zeros((40, 24), np.float32)
+        image[7, 17] = 100.0  # world (7, 17) mm
+        geo = Geometry(np.array([1.0, 1.0]))
+        if mirrored:  # the same world image, its first array axis running the other way
+            image, geo = image[::-1].copy(), Geometry(np.array([1.0, 1.0]), np.array([39.0, 0.0]), np.diag([-1.0, 1.0]))
+        world = np.repeat([[7.0, 17.0]], n, axis=0)
+        return Sample(image_id, image, geo, world, np.ones(n, bool), SPEC.landmark_names, meta={"split": split})
+
+    data = _dataset([stored("t", "train", False), stored("v", "val", True), stored("s", "test", True)])
+    exported = export_for_peer(data, (40, 24), tmp_path, keep_aspect=False)
+    for split in ("train", "val", "test"):
+        image = np.load(tmp_path / f"{split}_images.npy")[0, 0]
+        assert np.unravel_index(image.argmax(), image.shape) == (17, 7), split
+        np.testing.assert_allclose(np.load(tmp_path / f"{split}_landmarks.npy")[0], [[17.0, 7.0]] * n, atol=1e-4)
+    back = predictions_to_mm(np.load(tmp_path / "test_landmarks.npy"), exported["test"].grids)
+    np.testing.assert_allclose(back[0], [[7.0, 17.0]] * n, atol=1e-3)

@@ -3,7 +3,10 @@
 The mean-shape baseline places every landmark at its mean position over the training images, in
 the normalised image frame ``u = (index + 0.5) / size`` (per axis, in ``[0, 1]``: 0 and 1 are the
 outer pixel edges), and maps that position into each test image through the test image's own size
-and geometry. Any method worth training must beat it; it shows how much of the task the image frame
+and geometry. The frame is that of the pixel array as the networks see it
+(:func:`lmlib.data.grids.network_orientation`): one axis order and handedness for every image, so two files of
+one anatomy stored mirrored (NIfTI's RAS and LAS) share a frame instead of averaging a landmark with its
+mirror image. Any method worth training must beat it; it shows how much of the task the image frame
 alone already solves (a dataset whose landmarks barely move is easy for everyone).
 
 :mod:`lmlib.outputs.reference_runs` writes it (and the second annotator) as reference runs of the
@@ -15,22 +18,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lmlib.data.grids import network_orientation
 from lmlib.data.sample import Sample
 
 
 def normalised_positions(sample: Sample) -> np.ndarray:
-    """Landmarks of ``sample`` in its normalised image frame: ``(index + 0.5) / size`` per axis.
+    """Landmarks of ``sample`` in its normalised image frame: ``(index + 0.5) / size`` per axis of its array in
+    network orientation (see the module).
 
     Returns ``(N, D)`` in ``(x, y[, z])`` order; 0 and 1 are the outer pixel edges; NaN where masked.
     """
-    index = sample.geometry.world_to_index(sample.landmarks_mm)
-    return (index + 0.5) / np.asarray(sample.size, dtype=np.float64)
+    oriented = network_orientation(sample)
+    index = oriented.geometry.world_to_index(oriented.landmarks_mm)
+    return (index + 0.5) / np.asarray(oriented.size, dtype=np.float64)
 
 
 def from_normalised(sample: Sample, positions: np.ndarray) -> np.ndarray:
     """Normalised frame positions ``(N, D)`` -> world mm ``(N, D)`` in ``sample``'s image (NaN kept)."""
-    index = np.asarray(positions, dtype=np.float64) * np.asarray(sample.size, dtype=np.float64) - 0.5
-    return sample.geometry.index_to_world(index)
+    oriented = network_orientation(sample)
+    index = np.asarray(positions, dtype=np.float64) * np.asarray(oriented.size, dtype=np.float64) - 0.5
+    return oriented.geometry.index_to_world(index)
 
 
 def mean_normalised_shape(train_samples: Sequence[Sample]) -> np.ndarray:

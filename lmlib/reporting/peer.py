@@ -35,7 +35,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from lmlib.data.datasets import Dataset
-from lmlib.data.grids import KEEP_ASPECT, Grid, preprocess
+from lmlib.data.grids import KEEP_ASPECT, Grid, network_orientation, preprocess
 from lmlib.evaluation.metrics import radial_errors
 from lmlib.evaluation.statistics import resample_indices
 
@@ -99,7 +99,8 @@ def export_for_peer(data: Dataset, image_size: Sequence[int], folder: str | Path
         images, landmarks, grids, truth = [], [], [], []
         start = time.perf_counter()
         for s in samples:
-            p = preprocess(s, target_size=image_size, normalize=None, keep_aspect=keep_aspect)
+            # in network orientation, as our methods see it: a file stored mirrored is not a mirror image to the peer
+            p = preprocess(network_orientation(s), target_size=image_size, normalize=None, keep_aspect=keep_aspect)
             grid = Grid.of_image(p)
             images.append(p.image.T[None].astype(np.float32))  # (x, y) -> (1, H=y, W=x)
             landmarks.append(grid.world_to_index(p.landmarks_mm)[:, ::-1])  # (x, y) -> (y, x); NaN stays NaN
