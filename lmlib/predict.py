@@ -319,7 +319,8 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
 
 def region_coverage(table: pd.DataFrame, regions: ConformalRegions | None, samples: Sequence[Sample]) -> pd.DataFrame:
     """Where the images are annotated (the model's test split): per level, the share of true landmarks inside
-    their regions (%), the mean region radius (mm) and the mean error (mm); empty without regions or annotations."""
+    their regions (%; a true landmark the model gave no point for is outside, and counted in ``n_unpredicted``), the
+    mean region radius (mm) and the mean error (mm); empty without regions or annotations."""
     truth = {(s.image_id, n): p for s in samples for n, p, ok in zip(s.landmark_names, s.landmarks_mm, s.valid) if ok}
     t = table
     key = list(zip(t["image_id"], t["landmark"]))
@@ -329,12 +330,17 @@ def region_coverage(table: pd.DataFrame, regions: ConformalRegions | None, sampl
     cols = [c for c in ("x_mm", "y_mm", "z_mm") if t[c].notna().any()]
     err = np.array([np.linalg.norm(np.asarray(truth[k]) - row) if k in truth else np.nan
                     for k, row in zip(key, t[cols].to_numpy(dtype=np.float64))])
+    ok = np.isfinite(err)
+    unpredicted = found & ~ok
     rows = {}
     for level in regions.levels:
         r = t[f"region_{100 * level:g}_mm"].to_numpy(dtype=np.float64)
-        ok = np.isfinite(err)
-        rows[f"{100 * level:g} %"] = {"coverage_pct": 100.0 * float((err[ok] <= r[ok]).mean()), "n_points": int(ok.sum()),
-                                      "mean_radius_mm": float(r[ok].mean()), "mre_mm": float(err[ok].mean())}
+        inside = int((err[ok] <= r[ok]).sum())
+        rows[f"{100 * level:g} %"] = {
+            "coverage_pct": 100.0 * inside / (int(ok.sum()) + int(unpredicted.sum())), "n_points": int(ok.sum()),
+            "n_unpredicted": int(unpredicted.sum()),
+            "mean_radius_mm": float(r[ok].mean()) if ok.any() else np.nan,
+            "mre_mm": float(err[ok].mean()) if ok.any() else np.nan}
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "nominal"
     return frame

@@ -58,13 +58,25 @@ def test_summarize_masked_left_out_and_counted() -> None:
 def test_summarize_default_keys_unchanged() -> None:
     s = M.summarize(np.array([1.0, 2.0]))
     assert list(s) == ["mre_mm", "sd_mm", "median_mm", "max_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm",
-                       "sdr_4mm", "n_points", "n_masked"]
+                       "sdr_4mm", "n_points", "n_masked", "n_unpredicted"]
     assert M.summarize(np.array([1.0, 5.0]), thresholds_mm=(1.5, 7))["sdr_7mm"] == 100.0
 
 
 def test_sdr_curve_strict() -> None:
     curve = M.sdr_curve(np.array([1.0, 2.0, np.nan, 3.0, 4.0]), np.array([0.0, 2.0, 2.01, 10.0]))
     np.testing.assert_allclose(curve, [0.0, 25.0, 50.0, 100.0])
+
+
+def test_unpredicted_landmarks_are_misses_in_the_sdr_not_left_out() -> None:
+    """A method that answers only its easy landmarks must not get a higher detection rate (it got 100 % here)."""
+    err = np.array([1.0, 1.5, np.nan, np.nan, np.nan])
+    unpredicted = np.array([False, False, True, True, False])  # the last NaN: a masked reference
+    s = M.summarize(err, unpredicted=unpredicted)
+    assert s["sdr_2mm"] == pytest.approx(50.0) and s["mre_mm"] == pytest.approx(1.25)
+    assert s["n_points"] == 2 and s["n_unpredicted"] == 2 and s["n_masked"] == 1
+    np.testing.assert_allclose(M.sdr_curve(err, np.array([0.5, 10.0]), n_unpredicted=2), [0.0, 50.0])
+    with pytest.raises(ValueError, match="unpredicted"):
+        M.summarize(err, unpredicted=unpredicted[:3])
 
 
 def _samples_2d() -> list[Sample]:
@@ -89,7 +101,7 @@ def test_overall_metrics_frame() -> None:
     assert row["median_mm"] == pytest.approx(2.75)
     assert row["n_points"] == 4 and row["n_masked"] == 1 and row["n_unpredicted"] == 1
     assert row["n_over_4mm"] == 2 and row["n_over_10mm"] == 1
-    assert row["sdr_2mm"] == pytest.approx(50.0)
+    assert row["sdr_2mm"] == pytest.approx(40.0)  # 0 and 0.5 of 4 scored + 1 unpredicted (a miss)
     assert row["n_images"] == 2 and row["n_landmarks"] == 3
 
 
@@ -108,7 +120,7 @@ def test_per_landmark_and_per_image() -> None:
 
 def test_masked_never_zero() -> None:
     df = _frame_2d()
-    assert M.overall_metrics(df).iloc[0]["sdr_2mm"] == pytest.approx(50.0)  # a zero would make it 60
+    assert M.overall_metrics(df).iloc[0]["sdr_2mm"] == pytest.approx(40.0)  # zeros would make it 60 or 67
     mat = M.error_matrix(df)
     assert mat.shape == (2, 3) and np.isnan(mat.loc["img2", "B"]) and np.isnan(mat.loc["img2", "C"])
 
@@ -123,3 +135,12 @@ def test_compute_errors_recomputes_and_3d() -> None:
     assert M.overall_metrics(df, recompute=True).iloc[0]["max_mm"] == pytest.approx(7.0)
     assert M.overall_metrics(df).iloc[0]["max_mm"] == pytest.approx(99.0)
     assert M.frame_ndim(_frame_2d()) == 2
+
+
+def test_metrics_json_tells_unpredicted_from_masked(tmp_path) -> None:
+    """metrics.json counted a landmark with no prediction as masked (and in the SDR's favour)."""
+    from lmlib.outputs.contract import metrics_from_predictions
+
+    met = metrics_from_predictions(_frame_2d())
+    assert met["n_masked"] == 1 and met["n_unpredicted"] == 1 and met["n_points"] == 4
+    assert met["sdr_2mm"] == pytest.approx(40.0)

@@ -399,3 +399,20 @@ def test_cheap_checks_come_before_the_calibration_and_a_wrong_dimension_names_th
     assert main([str(run), str(manifest), "--out", str(tmp_path / "o")]) == 2  # its export would be the manifest
     assert "images named ['manifest']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_region_coverage_counts_a_true_landmark_without_a_prediction_as_outside() -> None:
+    """The coverage left an annotated landmark the model gave no point for out of its denominator (100 % here)."""
+    from lmlib.data.geometry import Geometry
+    from lmlib.data.sample import Sample
+    from lmlib.evaluation.conformal import calibrate
+    from lmlib.predict import region_coverage
+
+    sample = Sample("a", np.zeros((8, 8)), Geometry(spacing=(1.0, 1.0)), [[1.0, 1.0], [4.0, 4.0], [6.0, 6.0]],
+                    [True, True, False], ("P", "Q", "R"))
+    regions = calibrate(np.full((30, 3), 1.0), levels=(0.9,), names=("P", "Q", "R"))
+    table = pd.DataFrame({"image_id": "a", "landmark": ["P", "Q", "R"], "x_mm": [1.5, np.nan, 6.0],
+                          "y_mm": [1.0, np.nan, 6.0], "z_mm": np.nan, "region_90_mm": [1.0, np.nan, 1.0]})
+    row = region_coverage(table, regions, [sample]).loc["90 %"]
+    assert row["coverage_pct"] == pytest.approx(50.0)  # P inside, Q unpredicted (outside), R not annotated
+    assert row["n_points"] == 1 and row["n_unpredicted"] == 1 and row["mre_mm"] == pytest.approx(0.5)

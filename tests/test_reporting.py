@@ -179,6 +179,11 @@ def test_unpredicted_landmarks_are_counted_in_table_1_and_named_in_the_notes(
     assert shown.loc["alpha", "Unpredicted"] == "0"
     assert any(n.startswith(f"skipper: 2 of {scored + 2} landmarks with a reference have no prediction")
                for n in comp.notes)
+    hits = int((comp.errors["skipper"] < 2.0).sum())  # the unpredicted two are misses in the SDR and its CI
+    assert table.loc["skipper", "sdr_2mm"] == pytest.approx(100 * hits / (scored + 2))
+    assert table.loc["skipper", "sdr_2mm_ci_low"] <= table.loc["skipper", "sdr_2mm"] <= \
+        table.loc["skipper", "sdr_2mm_ci_high"]
+    assert int(comp.errors_long().query("method == 'skipper'")["unpredicted"].sum()) == 2
     assert not any(n.startswith("alpha:") for n in comp.notes)
 
 

@@ -73,6 +73,20 @@ def test_bootstrap_contains_estimate_and_matches_pooled_metrics() -> None:
     pd.testing.assert_frame_equal(ci, again)  # seeded
 
 
+def test_bootstrap_counts_unpredicted_landmarks_as_sdr_misses() -> None:
+    err = _errors(30)
+    missing = np.zeros(err.shape, dtype=bool)
+    missing[:5, 0] = True
+    err[missing] = np.nan
+    ci = stats.bootstrap_ci(err, n_bootstrap=500, seed=0, unpredicted=missing)
+    ok = err[~np.isnan(err)]
+    assert ci.loc["mre_mm", "estimate"] == pytest.approx(ok.mean())
+    assert ci.loc["sdr_2mm", "estimate"] == pytest.approx(100 * np.sum(ok < 2.0) / (ok.size + 5))
+    assert (ci["ci_low"] <= ci["estimate"]).all() and (ci["estimate"] <= ci["ci_high"]).all()
+    plain = stats.bootstrap_ci(err, n_bootstrap=500, seed=0)
+    assert ci.loc["sdr_2mm", "ci_high"] < plain.loc["sdr_2mm", "ci_high"]
+
+
 def test_bootstrap_shrinks_with_more_images() -> None:
     small = stats.bootstrap_ci(_errors(10, seed=3), n_bootstrap=1000, seed=0)
     large = stats.bootstrap_ci(_errors(250, seed=3), n_bootstrap=1000, seed=0)

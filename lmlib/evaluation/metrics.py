@@ -7,8 +7,10 @@ outlier counts use a strict ``error > threshold``.
 
 The table-level functions take the long predictions DataFrame of :mod:`lmlib.outputs.contract` (one row per
 image x landmark, coordinates ``x_mm, y_mm[, z_mm]`` and ``gt_*_mm`` in world mm) and return
-DataFrames. There, a NaN error is split into ``n_masked`` (reference landmark invalid) and
-``n_unpredicted`` (valid reference, no prediction); both are left out of the statistics.
+DataFrames. There, a NaN error is split into ``n_masked`` (reference landmark invalid: left out of every
+statistic) and ``n_unpredicted`` (valid reference, no prediction: its error is unknown, so it is left out of
+the MRE, SD, median and maximum, and counts as a miss in the SDR: a method cannot raise its detection rate by
+not answering).
 """
 from __future__ import annotations
 
@@ -64,15 +66,23 @@ def outlier_key(threshold_mm: float) -> str:
 
 
 def summarize(errors_mm: np.ndarray, thresholds_mm: Iterable[float] = DEFAULT_THRESHOLDS_MM,
-              outlier_thresholds_mm: Iterable[float] = ()) -> dict[str, float]:
+              outlier_thresholds_mm: Iterable[float] = (), unpredicted: np.ndarray | None = None
+              ) -> dict[str, float]:
     """Summary statistics of radial errors (any shape; NaN = masked, left out and counted).
 
+    ``unpredicted`` (boolean, the shape of ``errors_mm``): the NaN errors of landmarks with a reference but no
+    prediction; they are counted apart and are misses in the SDR (its denominator is n_points + n_unpredicted).
     Returns mre_mm, sd_mm (sample SD, ddof=1), median_mm, max_mm, sdr_<t>mm (percent, strict <),
-    n_over_<t>mm for each outlier threshold (count, strict >), n_points (valid errors) and
-    n_masked (NaN entries).
+    n_over_<t>mm for each outlier threshold (count, strict >), n_points (valid errors), n_masked (the other
+    NaN entries) and n_unpredicted.
     """
     err = np.asarray(errors_mm, dtype=np.float64).reshape(-1)
+    missing = np.zeros(err.shape, dtype=bool) if unpredicted is None else np.asarray(unpredicted, dtype=bool).reshape(-1)
+    if missing.shape != err.shape:
+        raise ValueError(f"unpredicted has {missing.size} entries for {err.size} errors")
+    missing = missing & np.isnan(err)
     ok = err[~np.isnan(err)]
+    n_sdr = ok.size + int(missing.sum())
     out: dict[str, float] = {
         "mre_mm": float(ok.mean()) if ok.size else float("nan"),
         "sd_mm": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
@@ -80,21 +90,24 @@ def summarize(errors_mm: np.ndarray, thresholds_mm: Iterable[float] = DEFAULT_TH
         "max_mm": float(ok.max()) if ok.size else float("nan"),
     }
     for t in thresholds_mm:
-        out[sdr_key(t)] = float(100.0 * np.mean(ok < t)) if ok.size else float("nan")
+        out[sdr_key(t)] = float(100.0 * np.sum(ok < t) / n_sdr) if n_sdr else float("nan")
     for t in outlier_thresholds_mm:
         out[outlier_key(t)] = int(np.sum(ok > t))
     out["n_points"] = int(ok.size)
-    out["n_masked"] = int(err.size - ok.size)
+    out["n_masked"] = int(err.size - ok.size - missing.sum())
+    out["n_unpredicted"] = int(missing.sum())
     return out
 
 
-def sdr_curve(errors_mm: np.ndarray, thresholds_mm: np.ndarray) -> np.ndarray:
-    """SDR in percent (strict <) at every threshold of ``thresholds_mm``; NaN errors left out."""
+def sdr_curve(errors_mm: np.ndarray, thresholds_mm: np.ndarray, n_unpredicted: int = 0) -> np.ndarray:
+    """SDR in percent (strict <) at every threshold of ``thresholds_mm``; NaN errors left out, ``n_unpredicted``
+    landmarks with a reference but no prediction counted as misses."""
     err = np.asarray(errors_mm, dtype=np.float64).reshape(-1)
     ok = np.sort(err[~np.isnan(err)])
-    if not ok.size:
+    n = ok.size + int(n_unpredicted)
+    if not n:
         return np.full(np.shape(thresholds_mm), np.nan)
-    return 100.0 * np.searchsorted(ok, np.asarray(thresholds_mm, dtype=np.float64), side="left") / ok.size
+    return 100.0 * np.searchsorted(ok, np.asarray(thresholds_mm, dtype=np.float64), side="left") / n
 
 
 def frame_ndim(predictions: pd.DataFrame) -> int:
@@ -141,9 +154,8 @@ def _summary_rows(predictions: pd.DataFrame, by: str | None, thresholds_mm: Sequ
         groups = [(k, keys == k) for k in order]
     rows = []
     for key, sel in groups:
-        row = summarize(err[sel], thresholds_mm, outlier_thresholds_mm)
-        row["n_masked"] = int(masked[sel].sum())
-        row["n_unpredicted"] = int(unpredicted[sel].sum())
+        row = summarize(np.where(masked[sel], np.nan, err[sel]), thresholds_mm, outlier_thresholds_mm,
+                        unpredicted[sel])
         rows.append({"key": key, **row})
     frame = pd.DataFrame(rows).set_index("key")
     frame.index.name = by

@@ -143,12 +143,15 @@ def resample_indices(n_images: int, n_bootstrap: int = 2000, seed: int = 0) -> n
 
 def bootstrap_ci(errors: np.ndarray | pd.DataFrame, n_bootstrap: int = 2000, seed: int = 0,
                  thresholds_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM, confidence: float = 0.95,
-                 indices: np.ndarray | None = None, groups: Sequence[str] | None = None) -> pd.DataFrame:
+                 indices: np.ndarray | None = None, groups: Sequence[str] | None = None,
+                 unpredicted: np.ndarray | pd.DataFrame | None = None) -> pd.DataFrame:
     """Point estimates and percentile bootstrap CIs of MRE (mm) and SDR (%), resampling images.
 
     ``errors`` is an images x landmarks matrix (mm; NaN = masked, left out). Each resample draws
     whole images with replacement and pools their valid errors, exactly as the point estimate
-    pools all images. ``groups`` (one subject per row of ``errors``): whole subjects are drawn instead (the
+    pools all images. ``unpredicted`` (boolean, the shape of ``errors``): NaN errors of landmarks with a reference
+    and no prediction, misses in the SDR (out of the MRE, as in :func:`~lmlib.evaluation.metrics.summarize`).
+    ``groups`` (one subject per row of ``errors``): whole subjects are drawn instead (the
     posed copies of one anatomy are not independent images). Pass ``indices`` (from :func:`resample_indices`,
     over images, or over subjects in their order of first appearance) to use the same resamples for several
     methods. Returns a DataFrame indexed by metric (mre_mm, sdr_<t>mm) with columns estimate, ci_low, ci_high.
@@ -157,25 +160,29 @@ def bootstrap_ci(errors: np.ndarray | pd.DataFrame, n_bootstrap: int = 2000, see
     if err.ndim != 2:
         raise ValueError(f"errors must be images x landmarks, got shape {err.shape}")
     valid = ~np.isnan(err)
+    missing = np.zeros(err.shape, dtype=bool) if unpredicted is None else np.asarray(unpredicted, dtype=bool)
+    if missing.shape != err.shape:
+        raise ValueError(f"unpredicted has shape {missing.shape}, errors {err.shape}")
     filled = np.where(valid, err, 0.0)
-    counts = valid.sum(axis=1).astype(np.float64)  # per image
+    counts = {"mre_mm": valid.sum(axis=1).astype(np.float64)}  # per image: the points each metric is over
     per_image = {"mre_mm": filled.sum(axis=1)}
     for t in thresholds_mm:
         per_image[sdr_key(t)] = 100.0 * (valid & (filled < t)).sum(axis=1)
+        counts[sdr_key(t)] = (valid | missing).sum(axis=1).astype(np.float64)
     if groups is not None:  # a subject's sums and counts: the unit drawn
         codes = pd.factorize(np.asarray(groups, dtype=object))[0]
         if codes.size != err.shape[0]:
             raise ValueError(f"{codes.size} groups for {err.shape[0]} images")
-        counts = np.bincount(codes, weights=counts)
+        counts = {k: np.bincount(codes, weights=v) for k, v in counts.items()}
         per_image = {k: np.bincount(codes, weights=v) for k, v in per_image.items()}
-    idx = resample_indices(counts.size, n_bootstrap, seed) if indices is None else np.asarray(indices)
-    n_b = counts[idx].sum(axis=1)
+    idx = resample_indices(counts["mre_mm"].size, n_bootstrap, seed) if indices is None else np.asarray(indices)
     alpha = (1.0 - confidence) / 2.0
     rows = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for key, values in per_image.items():
-            estimate = values.sum() / counts.sum() if counts.sum() else np.nan
-            boot = values[idx].sum(axis=1) / n_b
+            n = counts[key]
+            estimate = values.sum() / n.sum() if n.sum() else np.nan
+            boot = values[idx].sum(axis=1) / n[idx].sum(axis=1)
             boot = boot[~np.isnan(boot)]
             lo, hi = np.quantile(boot, [alpha, 1.0 - alpha]) if boot.size else (np.nan, np.nan)
             rows[key] = {"estimate": float(estimate), "ci_low": float(lo), "ci_high": float(hi)}

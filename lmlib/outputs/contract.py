@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lmlib.data.sample import Sample
-from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, radial_errors, summarize
+from lmlib.evaluation.metrics import DEFAULT_THRESHOLDS_MM, nan_split, radial_errors, summarize
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "image_id", "landmark", "x_mm", "y_mm", "z_mm", "gt_x_mm", "gt_y_mm", "gt_z_mm", "error_mm",
@@ -70,8 +70,10 @@ def predictions_frame(samples: Sequence[Sample], pred_mm: Sequence[np.ndarray] |
 
 
 def metrics_from_predictions(predictions: pd.DataFrame, thresholds_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM) -> dict[str, Any]:
-    """Overall metrics of a predictions table (rows with an empty error are counted as masked)."""
-    out: dict[str, Any] = summarize(predictions["error_mm"].to_numpy(dtype=np.float64), thresholds_mm)
+    """Overall metrics of a predictions table: an empty error is ``n_masked`` where the reference is missing and
+    ``n_unpredicted`` (a miss in the SDR) where the prediction is."""
+    out: dict[str, Any] = summarize(predictions["error_mm"].to_numpy(dtype=np.float64), thresholds_mm,
+                                    unpredicted=nan_split(predictions)[1])
     out["n_images"] = int(predictions["image_id"].nunique())
     out["n_landmarks"] = int(predictions["landmark"].nunique())
     return out

@@ -181,14 +181,34 @@ class Comparison:
 
     def method_errors(self, method: str) -> pd.DataFrame:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
-        wide = self.errors[method].unstack("landmark")
+        return self._wide(self.errors[method])
+
+    def unpredicted(self) -> pd.DataFrame:
+        """Like ``errors``, True where a method gave no prediction for a landmark with a reference: its error is
+        NaN like a masked landmark's, but it is a miss in the SDR."""
+        cols = {}
+        for method in self.methods:
+            preds = self.predictions.get(method)
+            cols[method] = (np.zeros(len(self.errors), dtype=bool) if preds is None else
+                            M.nan_split(preds.set_index(KEY).reindex(self.errors.index))[1])
+        return pd.DataFrame(cols, index=self.errors.index)
+
+    def method_unpredicted(self, method: str) -> pd.DataFrame:
+        """Images x landmarks, True where ``method`` left a landmark with a reference unpredicted."""
+        return self._wide(self.unpredicted()[method])
+
+    def _wide(self, column: pd.Series) -> pd.DataFrame:
+        """One method's column of the aligned pairs as images x landmarks (the images' and landmarks' order)."""
         order = pd.unique(self.errors.index.get_level_values("landmark"))
-        return wide.reindex(index=pd.unique(self.errors.index.get_level_values("image_id")), columns=order)
+        return column.unstack("landmark").reindex(index=pd.unique(self.errors.index.get_level_values("image_id")),
+                                                  columns=order)
 
     def errors_long(self) -> pd.DataFrame:
-        """Long table: method, image_id, landmark, error_mm (aligned pairs, NaN kept)."""
+        """Long table: method, image_id, landmark, error_mm (aligned pairs, NaN kept), unpredicted (a landmark with
+        a reference and no prediction)."""
         long = self.errors.melt(ignore_index=False, var_name="method", value_name="error_mm").reset_index()
-        return long[["method", *KEY, "error_mm"]]
+        long["unpredicted"] = self.unpredicted().melt(ignore_index=False, value_name="u")["u"].to_numpy()
+        return long[["method", *KEY, "error_mm", "unpredicted"]]
 
 
 def _check_predictions(preds: pd.DataFrame) -> str | None:
@@ -402,7 +422,7 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
 
     Notes name the methods that lost pairs, whose ``error_mm`` disagrees with their coordinates
     (errors are always recomputed from coordinates), whose reference points differ, or that left landmarks with
-    a reference unpredicted (NaN: out of their MRE and SDR, counted in Table 1's Unpredicted column).
+    a reference unpredicted (NaN: out of their MRE, misses in their SDR, counted in Table 1's Unpredicted column).
     """
     notes: list[str] = []
     if not predictions:
@@ -434,8 +454,8 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
         unpredicted = int(M.nan_split(rows)[1].sum())
         if unpredicted:
             valid = unpredicted + int(np.isfinite(err).sum())
-            notes.append(f"{method}: {unpredicted} of {valid} landmarks with a reference have no prediction, left out "
-                         f"of its MRE and SDR (Table 1's Unpredicted column)")
+            notes.append(f"{method}: {unpredicted} of {valid} landmarks with a reference have no prediction: out of "
+                         f"its MRE, misses in its SDR (Table 1's Unpredicted column)")
         cols[method] = err
     return pd.DataFrame(cols, index=common), notes
 
@@ -538,7 +558,8 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
                                "profile": profile_label(comp.manifests.get(method, {})),
                                "device": comp.run_device(method)}
         row.update(M.overall_metrics(aligned, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
-        ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx, groups=groups)
+        ci = stats.bootstrap_ci(comp.method_errors(method), thresholds_mm=thresholds_mm, indices=idx, groups=groups,
+                                unpredicted=comp.method_unpredicted(method))
         for key in ci.index:
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
         row.update({k: comp.run_metrics[method].get(k, np.nan) for k in TIMING_KEYS})
@@ -547,7 +568,10 @@ def table_main(comp: Comparison, n_bootstrap: int = 2000, seed: int = 0,
         row = {"method": method, "kind": run.kind, "profile": profile_label(run.manifest), "device": run.device}
         row.update(M.overall_metrics(run.predictions, thresholds_mm, outlier_thresholds_mm).iloc[0].to_dict())
         wide = run.predictions.pivot_table(index="image_id", columns="landmark", values="error_mm", dropna=False)
-        ci = stats.bootstrap_ci(wide, n_bootstrap=n_bootstrap, seed=seed, thresholds_mm=thresholds_mm)
+        missing = run.predictions.assign(u=M.nan_split(run.predictions)[1]).pivot_table(
+            index="image_id", columns="landmark", values="u", dropna=False).reindex_like(wide)
+        ci = stats.bootstrap_ci(wide, n_bootstrap=n_bootstrap, seed=seed, thresholds_mm=thresholds_mm,
+                                unpredicted=missing.fillna(False).astype(bool))
         for key in ci.index:
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.loc[key, "ci_low"], ci.loc[key, "ci_high"]
         row.update({k: run.metrics.get(k, np.nan) for k in TIMING_KEYS})
@@ -583,8 +607,8 @@ def format_table_main(table: pd.DataFrame, thresholds_mm: Sequence[float] = M.DE
         f"{_num(r.mre_mm, '.2f')} ± {_num(r.sd_mm, '.2f')} [{_num(r.mre_mm_ci_low, '.2f')}, {_num(r.mre_mm_ci_high, '.2f')}]"
         for r in table.itertuples()]
     out["Median (mm)"] = [_num(v, ".2f") for v in table["median_mm"]]
-    # landmarks with a reference but no prediction are out of the MRE and SDR: a method that skips its hard cases
-    # would look better unmarked
+    # landmarks with a reference but no prediction are out of the MRE: a method that skips its hard cases would look
+    # better unmarked
     out["Unpredicted"] = [unpredicted_label(r.n_unpredicted, r.n_points) for r in table.itertuples()]
     for t in thresholds_mm:
         k = M.sdr_key(t)

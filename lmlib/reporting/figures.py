@@ -79,7 +79,8 @@ def fig_sdr_curve(errors_long: pd.DataFrame, methods: Sequence[str] | None = Non
                   reference_methods: Iterable[str] = (), max_mm: float | None = None,
                   marks_mm: Sequence[float] = DEFAULT_THRESHOLDS_MM, path: Path | str | None = None,
                   dpi: int = DPI) -> Figure:
-    """Cumulative error distribution: % of landmarks with error < x mm, per method.
+    """Cumulative error distribution: % of landmarks with error < x mm, per method (a landmark with a reference
+    and no prediction, ``errors_long["unpredicted"]``, is a miss at every x).
 
     Reference methods (the mean shape, the inter-observer run) are drawn dashed in black/grey; dotted
     vertical lines mark ``marks_mm``. ``max_mm`` defaults to the 97th percentile of the trained
@@ -97,8 +98,10 @@ def fig_sdr_curve(errors_long: pd.DataFrame, methods: Sequence[str] | None = Non
     for t in marks_mm:
         ax.axvline(t, color="0.8", linestyle=":", linewidth=0.8, zorder=0)
     for method in methods:
-        err = errors_long.loc[errors_long["method"] == method, "error_mm"].to_numpy(dtype=np.float64)
-        ax.plot(grid, sdr_curve(err, grid), label=method, linewidth=1.6, color=colors[method],
+        rows = errors_long[errors_long["method"] == method]
+        missed = int(rows["unpredicted"].sum()) if "unpredicted" in rows else 0  # no prediction: a miss
+        ax.plot(grid, sdr_curve(rows["error_mm"].to_numpy(dtype=np.float64), grid, missed), label=method,
+                linewidth=1.6, color=colors[method],
                 linestyle="--" if method in refs else "-")
     ax.set_xlim(0, max_mm)
     ax.set_ylim(0, 100.5)
