@@ -146,6 +146,26 @@ def test_blur_leaves_landmarks_and_widens_the_blobs(ndim: int) -> None:
     assert len(build_augmentation(ndim, **kwargs).transforms) == 0
 
 
+def test_flip_of_a_patch_item_swaps_its_own_rows_or_refuses() -> None:
+    """Pairs are data set indices: a patch serving landmarks (2, 3) swapped rows 2 and 3 of a 2-row item (an
+    IndexError), and a group (1, 2) with the pair (0, 1) swapped two landmarks that are no pair."""
+    pts = landmarks(2)[:2]
+    flip = RandSpatialLandmarksd(2, [(0, 1), (2, 3)], flip_prob=1.0, affine_prob=0.0)
+    out = flip(make_item(blob_image(SIZES[2], pts), pts, np.ones(2, bool), landmark_ids=(2, 3)))
+    mirrored = pts.copy()
+    mirrored[:, 0] = SIZES[2][0] - 1 - pts[:, 0]
+    np.testing.assert_allclose(out["landmarks"], mirrored[[1, 0]])  # its rows 0, 1 are the pair (2, 3)
+    out = flip(make_item(blob_image(SIZES[2], pts), pts, np.ones(2, bool), landmark_ids=(4, 5)))
+    np.testing.assert_allclose(out["landmarks"], mirrored)  # no pair served: mirrored, nothing to swap
+    with pytest.raises(ValueError, match="landmark 1 without its left/right partner 0"):
+        flip(make_item(blob_image(SIZES[2], pts), pts, np.ones(2, bool), landmark_ids=(1, 2)))
+    with pytest.raises(ValueError, match="one patch per landmark"):
+        flip(make_item(np.zeros((2, *SIZES[2])), pts, np.ones(2, bool), landmark_ids=(2, 3), per_channel=True))
+    with pytest.raises(ValueError, match="flip_prob: 0"):
+        RandFlipLandmarksd(prob=1.0, left_right_pairs=[(0, 1)])(
+            make_item(blob_image(SIZES[2], pts[:1]), pts[:1], np.ones(1, bool), landmark_ids=(0,)))
+
+
 def test_flip_swaps_pairs() -> None:
     pts, valid = landmarks(2), np.array([True, False, True, True, True])
     out = RandFlipLandmarksd(prob=1.0, axis=0, left_right_pairs=[(0, 1), (2, 3)])(

@@ -372,11 +372,13 @@ class LandmarkDataset(Dataset):
             return pts[ok].mean(axis=0)
         return s.geometry.index_to_world((np.asarray(s.size, dtype=np.float64) - 1) / 2)[0]
 
-    def _jitter(self, ndim: int, spacing: np.ndarray) -> np.ndarray:
-        """Offset (D,) mm of a training patch centre; ``spacing`` (D,) is the patch's (for ``"inside"``)."""
+    def _jitter(self, ndim: int, spacing: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """Offset (D,) mm of a training patch centre; ``spacing`` (D,) and ``direction`` (D, D) are the patch
+        grid's (for ``"inside"``: drawn along the patch's own axes, so that an oblique patch keeps the landmark)."""
         kind, value = self.view.jitter
         if kind == "inside":
-            return self._rng.uniform(-1.0, 1.0, ndim) * (np.asarray(self.view.size) - 1) / 2.0 * spacing
+            along = self._rng.uniform(-1.0, 1.0, ndim) * (np.asarray(self.view.size) - 1) / 2.0 * spacing
+            return np.asarray(direction, dtype=np.float64).reshape(ndim, ndim) @ along
         if kind == "normal" and value > 0:
             return self._rng.normal(0.0, value, ndim)
         if kind == "uniform" and value > 0:
@@ -427,9 +429,9 @@ class LandmarkDataset(Dataset):
         pts = np.array(self._centre_points(si, ids), dtype=np.float64)
         pts[np.isnan(pts).any(axis=1)] = self._centre(si, ids)
         spacing = self._patch_spacing(si, ids)
-        if jitter:
-            pts = pts + np.stack([self._jitter(s.ndim, spacing) for _ in ids])
         direction = np.asarray(s.geometry.direction, dtype=np.float64).reshape(s.ndim, s.ndim)
+        if jitter:
+            pts = pts + np.stack([self._jitter(s.ndim, spacing, direction) for _ in ids])
         if v.shared_axis is not None:
             u = direction[:, v.shared_axis]
             pts = pts + np.outer((pts.mean(axis=0) - pts) @ u, u)
@@ -467,12 +469,13 @@ class LandmarkDataset(Dataset):
             return on_sub_grid(base.image, grid, sub), sub, centre
         centre = self._centre(si, ids)
         if self.train:
-            centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids))
+            centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids), s.geometry.direction)
         grid = self._patch_grid(si, centre, ids)
         return resample(self._prepared(si), grid), grid, centre
 
-    def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
-        return make_item(image, idx, valid, keep_outside=self.view.keep_outside)
+    def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray, ids: Sequence[int]) -> dict[str, Any]:
+        return make_item(image, idx, valid, keep_outside=self.view.keep_outside, landmark_ids=ids,
+                         per_channel=bool(self.view.stacked))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         si, ids = self._items[index]
@@ -488,7 +491,7 @@ class LandmarkDataset(Dataset):
         else:
             image, grid, centre = self._view_image(si, ids)
             idx, affine = grid.world_to_index(reference), grid.affine()
-        data = self._make_item(image, idx, s.valid[ids_a])
+        data = self._make_item(image, idx, s.valid[ids_a], ids)
         if self.transform is not None:
             data = self.transform(data)
         image_t = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()

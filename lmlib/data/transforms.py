@@ -49,17 +49,24 @@ def _plain(x: Any) -> torch.Tensor:
 
 
 def make_item(image: np.ndarray | torch.Tensor, landmarks_index: np.ndarray, valid: np.ndarray,
-              keep_outside: bool = False) -> Data:
+              keep_outside: bool = False, landmark_ids: Sequence[int] | None = None,
+              per_channel: bool = False) -> Data:
     """Build the augmentation dict from an image ``(x, y[, z])`` (or ``(C, x, y[, z])``) and indices (N, D) px.
 
-    ``keep_outside``: landmarks outside the grid stay valid (see :func:`mark_outside`).
+    ``keep_outside``: landmarks outside the grid stay valid (see :func:`mark_outside`). ``landmark_ids``: the
+    data set's index of each row when the item serves a subset (a patch), so that a mirror swaps the right rows;
+    ``per_channel``: each landmark has its own channel (stacked patches), which a mirror cannot swap.
     """
     img = _plain(image)
     lm = np.array(landmarks_index, dtype=np.float64, ndmin=2)
     if img.ndim == lm.shape[1]:
         img = img[None]
-    return mark_outside({"image": img, "landmarks": lm, "valid": np.asarray(valid, dtype=bool).copy(),
-                         "keep_outside": bool(keep_outside)})
+    data = {"image": img, "landmarks": lm, "valid": np.asarray(valid, dtype=bool).copy(), "keep_outside": bool(keep_outside)}
+    if landmark_ids is not None:
+        data["landmark_ids"] = [int(i) for i in landmark_ids]
+    if per_channel:
+        data["per_channel"] = True
+    return mark_outside(data)
 
 
 def mark_outside(data: Data) -> Data:
@@ -86,10 +93,22 @@ def left_right_index_pairs(landmark_names: Sequence[str],
     return [(names.index(a), names.index(b)) for a, b in name_pairs]
 
 
-def _swap_pairs(lm: np.ndarray, valid: np.ndarray, pairs: Sequence[tuple[int, int]]) -> None:
-    """Exchange rows (and validity) of left/right pairs in place (after a mirror)."""
+def _swap_pairs(lm: np.ndarray, valid: np.ndarray, pairs: Sequence[tuple[int, int]], data: Data) -> None:
+    """Exchange rows (and validity) of left/right pairs in place (after a mirror). ``pairs`` are data set landmark
+    indices; an item serving a subset (``data["landmark_ids"]``, a patch) has them at its own rows. A mirrored
+    item that serves one side of a pair without the other (a patch per landmark), or one channel per landmark
+    (stacked patches), cannot be relabelled: refused (its left landmark would be trained on a right one's look)."""
+    ids = data.get("landmark_ids")
+    rows = {int(i): r for r, i in enumerate(ids)} if ids is not None else {r: r for r in range(len(lm))}
     for a, b in pairs:
-        lm[[a, b]], valid[[a, b]] = lm[[b, a]], valid[[b, a]]
+        if a in rows and b in rows and not data.get("per_channel"):
+            ra, rb = rows[a], rows[b]
+            lm[[ra, rb]], valid[[ra, rb]] = lm[[rb, ra]], valid[[rb, ra]]
+        elif a in rows or b in rows:
+            what = "one patch per landmark, as channels" if data.get("per_channel") else \
+                f"landmark {a if a in rows else b} without its left/right partner {b if a in rows else a}"
+            raise ValueError(f"a mirror (flip_prob > 0) of an item serving {what} cannot swap left and right: set "
+                             "flip_prob: 0 for this method (its patch stages), or use a whole-image method")
 
 
 # ------------------------------------------------------------------------------------- augmentation
@@ -261,7 +280,7 @@ class RandSpatialLandmarksd(_LandmarkTransform):
         lm, ok = self.invert(params, data["landmarks"])
         valid = np.asarray(data["valid"], dtype=bool) & ok
         if params.flip:
-            _swap_pairs(lm, valid, self.pairs)
+            _swap_pairs(lm, valid, self.pairs, data)
         return mark_outside({**data, "image": _plain(image), "landmarks": lm, "valid": valid})
 
     @staticmethod
@@ -371,7 +390,7 @@ class RandFlipLandmarksd(_LandmarkTransform):
         lm = np.array(data["landmarks"], dtype=np.float64)
         valid = np.array(data["valid"], dtype=bool)
         lm[:, self.axis] = data["image"].shape[1 + self.axis] - 1 - lm[:, self.axis]
-        _swap_pairs(lm, valid, self.pairs)
+        _swap_pairs(lm, valid, self.pairs, data)
         return {**data, "image": _plain(self.flip(data["image"])), "landmarks": lm, "valid": valid}
 
 

@@ -80,8 +80,9 @@ class SharedParameters(BaseModel):
     elastic: StrictBool = _field(False, "augmentation: add a smooth elastic deformation", "true or false")
     blur_sigma_px: Number = _field(0.0, "augmentation: Gaussian blur of half of the training items, sigma up to this "
                                         "(px of the network grid; 0 = none)", "a number >= 0 (px)", ge=0)
-    flip_prob: Number = _field(0.0, "augmentation: probability of mirroring along x (left/right pairs swapped)",
-                               "a number in [0, 1]", ge=0, le=1)
+    flip_prob: Number = _field(0.0, "augmentation: probability of mirroring along x (left/right pairs swapped; a "
+                                    "patch that serves one side of a pair alone is refused)", "a number in [0, 1]",
+                               ge=0, le=1)
     flip_test: StrictBool = _field(False, "test-time flip averaging (left/right pairs swapped)", "true or false")
     overlay_every: Int = _field(10, "epochs between overlay frames (GT blue, prediction red)",
                                 "an integer >= 1 (epochs)", ge=1)
