@@ -158,7 +158,8 @@ def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
 def calibrate_run(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95), data_dir: str | None = None,
                   device: str | None = None, batch_size: int = 4) -> ConformalRegions:
     """Per-landmark regions calibrated on the validation split of the run in ``run_dir`` (its manifest names
-    the dataset; ``data_dir`` overrides the data folder it names): fixed radii and spread multipliers."""
+    the dataset; ``data_dir`` overrides the data folder it names): fixed radii and spread multipliers; by subject
+    where the data set declares subjects (:func:`lmlib.evaluation.conformal.calibrate`)."""
     from lmlib.engine.runner import split_predictions
 
     check_held_out_val((read_manifest(Path(run_dir)) or {}).get("parameters"), run_dir,
@@ -166,7 +167,8 @@ def calibrate_run(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95), da
     s = split_predictions(run_dir, batch_size=batch_size, splits=("val",), data_dir=data_dir, device=device)
     if not np.isfinite(s.errors["val"]).any():
         raise ValueError(f"{run_dir}: its dataset's validation split has no annotated landmark to calibrate on")
-    return calibrate(s.errors["val"], s.spread_mm["val"], levels, s.landmark_names, s.confidence["val"])
+    return calibrate(s.errors["val"], s.spread_mm["val"], levels, s.landmark_names, s.confidence["val"],
+                     s.subjects("val"))
 
 
 def _with_regions(table: pd.DataFrame, regions: ConformalRegions | None, review_mm: float | None) -> pd.DataFrame:

@@ -98,3 +98,35 @@ def test_a_higher_level_never_gets_a_smaller_region():
     assert not regions.pooled[0.9].any() and regions.pooled[0.95].all()
     assert (regions.radius_mm[0.95] >= regions.radius_mm[0.9]).all() and (regions.scale[0.95] >= regions.scale[0.9]).all()
     assert regions.radius_mm[0.95][3] == regions.radius_mm[0.9][3] > conformal_radius(cal.reshape(-1), 0.05)
+
+
+def test_posed_copies_of_one_subject_are_one_calibration_unit():
+    """afids-templates validates on 7 posed copies of one anatomy: counted as 7 images, 7 exchangeable scores; by
+    subject it is one unit (its largest score per landmark), so a per-landmark 90 % region needs 9 subjects."""
+    from lmlib.evaluation.conformal import calibrate, per_subject
+
+    rng = np.random.default_rng(4)
+    cal = np.linalg.norm(rng.normal(size=(40, 3, 2)), axis=-1)
+    groups = [f"s{i // 4}" for i in range(40)]  # 10 subjects of 4 copies
+    units = per_subject(cal, groups)
+    np.testing.assert_allclose(units[0], cal[:4].max(axis=0))
+    by_image, by_subject = calibrate(cal, levels=(0.9,)), calibrate(cal, levels=(0.9,), groups=groups)
+    assert by_image.n_calibration == 40 and by_image.unit == "image"
+    assert by_subject.n_calibration == 10 and by_subject.unit == "subject" and not by_subject.pooled[0.9].any()
+    np.testing.assert_allclose(by_subject.radius_mm[0.9], conformal_radii(units, 0.1))
+    assert (by_subject.radius_mm[0.9] >= by_image.radius_mm[0.9]).all()
+    one = calibrate(cal[:7], levels=(0.9,), groups=["MNI152Lin"] * 7)
+    assert one.n_calibration == 1 and one.pooled[0.9].all()
+    assert one.to_frame()["calibrated_on"].iloc[0] == "1 subject(s)"
+    with pytest.raises(ValueError, match="3 groups for 40"):
+        per_subject(cal, ["a", "b", "c"])
+
+
+def test_split_predictions_name_the_subjects_of_posed_copies():
+    from lmlib.engine.runner import SplitPredictions
+
+    s = SplitPredictions({}, {}, {}, [], {"val": ["MNI152Lin_res-02", "MNI152Lin_res-02_pose03"],
+                                          "test": ["a"]}, "afids-templates")
+    assert s.subjects("val") is not None and len(set(s.subjects("val"))) == 1
+    assert s.subjects("test") is None  # an image without a declared subject: by image
+    assert SplitPredictions({}, {}, {}, [], {"val": ["x"]}, "synthetic2d").subjects("val") is None

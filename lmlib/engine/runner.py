@@ -28,7 +28,15 @@ from typing import Any, Protocol, cast
 import numpy as np
 import pandas as pd
 
-from lmlib.data.datasets import SYNTHETIC, Dataset, dataset_ndim, get_spec, is_single_template, load_dataset
+from lmlib.data.datasets import (
+    SYNTHETIC,
+    Dataset,
+    dataset_ndim,
+    get_spec,
+    is_single_template,
+    load_dataset,
+    subject_of,
+)
 from lmlib.data.label_fusion import describe_fusion, fuse_training_labels
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
 from lmlib.data.refit import is_refit, with_val_in_train
@@ -696,6 +704,15 @@ class SplitPredictions:
     spread_mm: dict[str, np.ndarray]
     confidence: dict[str, np.ndarray]
     landmark_names: list[str]
+    image_ids: dict[str, list[str]] = field(default_factory=dict)
+    dataset: str = ""
+
+    def subjects(self, split: str) -> list[str] | None:
+        """The subject of each image of ``split`` where the data set declares subjects for all of them (posed copies
+        of one anatomy are one subject), else None."""
+        ids = self.image_ids.get(split, [])
+        found = subject_of(self.dataset, ids) if self.dataset and ids else {}
+        return [found[i] for i in ids] if found and all(i in found for i in ids) else None
 
 
 DEFAULT_CHECKPOINT = "checkpoints/best.ckpt"  #: a run folder's selected weights
@@ -722,9 +739,10 @@ def split_predictions(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT,
         chain = [chosen]
     ckpts = [*chain[:-1], chosen] if chosen.is_file() else chain
     modules = [load_checkpoint(c) for c in ckpts]
-    out = SplitPredictions({}, {}, {}, list(data.landmark_names))
+    out = SplitPredictions({}, {}, {}, list(data.landmark_names), dataset=str(manifest["parameters"]["dataset"]))
     for split in splits:
         samples = data.split(split)
+        out.image_ids[split] = [s.image_id for s in samples]
         pred = predict_cascade(modules, samples, batch_size=batch_size, device=device)
         errors = np.stack([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in zip(pred.world_mm, samples)])
         out.errors[split] = errors

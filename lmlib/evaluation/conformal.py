@@ -10,6 +10,13 @@ then holds the true landmark with probability at least ``1 - alpha`` for an exch
 infinite; those landmarks then get the quantile pooled over all landmarks' scores (``pooled``): the guarantee
 holds on average over landmarks instead of for each one.
 
+Two caveats of this use. The validation split also chose the checkpoint (its lowest validation MRE), so its
+errors are a little optimistic for that model and the guarantee is approximate: the coverage measured on ``test``
+says by how much. Where a data set declares subjects (posed copies of one anatomy, ``groups``), the exchangeable
+unit is the subject, not the image: each subject's score is its largest over its images, and the ranks count
+subjects (afids-templates validates on one anatomy: its regions are pooled, and they guarantee nothing for a
+new anatomy).
+
 **Adaptive regions** (per image): the score is the error divided by the prediction's own uncertainty
 ``u = spread / max(c / c_k, 0.05)``: the method's spread around the point (``Predictions.spread_mm``: heatmap or
 mask spread around the peak, vote dispersion) over its confidence ``c`` (peak height, presence or mask
@@ -69,9 +76,10 @@ class ConformalRegions:
     levels: tuple[float, ...]
     radius_mm: dict[float, np.ndarray]  # level -> (N,)
     scale: dict[float, np.ndarray]  # level -> (N,), radius = scale * uncertainty_mm
-    n_calibration: int
+    n_calibration: int  # calibration units: images, or subjects where ``unit`` says so
     reference_confidence: np.ndarray | None = None  # (N,) median calibration confidence (None: spread only)
-    pooled: dict[float, np.ndarray] | None = None  # level -> (N,) True: too few images, pooled over landmarks
+    pooled: dict[float, np.ndarray] | None = None  # level -> (N,) True: too few units, pooled over landmarks
+    unit: str = "image"  # what was exchangeable: "image", or "subject" (posed copies of one anatomy are one)
 
     def uncertainty(self, spread_mm: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
         """The adaptive regions' uncertainty (mm) of predictions with these spreads and confidences."""
@@ -99,13 +107,29 @@ class ConformalRegions:
             frame["reference_confidence"] = self.reference_confidence
         for level, pooled in (self.pooled or {}).items():
             frame[f"pooled_{100 * level:g}"] = pooled
+        frame["calibrated_on"] = f"{self.n_calibration} {self.unit}(s)"
         return frame
 
 
+def per_subject(scores: np.ndarray, groups: Sequence[str] | None) -> np.ndarray:
+    """``(n, N)`` scores -> one row per subject (its largest score per landmark, NaN where all are), in order of
+    first appearance; ``scores`` unchanged without ``groups``."""
+    s = np.asarray(scores, dtype=np.float64)
+    if groups is None:
+        return s
+    codes = pd.factorize(np.asarray(groups, dtype=object))[0]
+    if codes.size != s.shape[0]:
+        raise ValueError(f"{codes.size} groups for {s.shape[0]} calibration images")
+    with np.errstate(all="ignore"):
+        return np.stack([np.fmax.reduce(s[codes == g], axis=0) for g in range(codes.max() + 1)])
+
+
 def calibrate(errors: np.ndarray, spread_mm: np.ndarray | None = None, levels: Sequence[float] = (0.9, 0.95),
-              names: Sequence[str] | None = None, confidence: np.ndarray | None = None) -> ConformalRegions:
+              names: Sequence[str] | None = None, confidence: np.ndarray | None = None,
+              groups: Sequence[str] | None = None) -> ConformalRegions:
     """Regions from calibration errors ``(n, N)`` (mm, NaN = masked) and, for adaptive regions, the
-    predictions' spreads ``(n, N)`` (mm) and confidences ``(n, N)``."""
+    predictions' spreads ``(n, N)`` (mm) and confidences ``(n, N)``. ``groups`` (one subject per row): the
+    subject is the exchangeable unit (:func:`per_subject`)."""
     e = np.asarray(errors, dtype=np.float64)
     n_landmarks = e.shape[1]
     reference = None
@@ -115,15 +139,16 @@ def calibrate(errors: np.ndarray, spread_mm: np.ndarray | None = None, levels: S
             reference = np.array([np.nanmedian(np.where(c[:, k] > 0, c[:, k], np.nan)) if np.any(c[:, k] > 0)
                                   else np.nan for k in range(n_landmarks)])
     radius, scale, pooled = {}, {}, {}
+    units = per_subject(e, groups)
     for level in levels:
         lv = float(level)
-        radius[lv] = conformal_radii(e, 1 - lv)
+        radius[lv] = conformal_radii(units, 1 - lv)
         pooled[lv] = ~np.isfinite(radius[lv])
-        radius[lv][pooled[lv]] = conformal_radius(e.reshape(-1), 1 - lv)
+        radius[lv][pooled[lv]] = conformal_radius(units.reshape(-1), 1 - lv)
         if spread_mm is None:
             scale[lv] = np.full(n_landmarks, np.nan)
         else:
-            normalised = e / uncertainty_mm(spread_mm, confidence, reference)
+            normalised = per_subject(e / uncertainty_mm(spread_mm, confidence, reference), groups)
             scale[lv] = conformal_radii(normalised, 1 - lv)
             scale[lv][pooled[lv]] = conformal_radius(normalised.reshape(-1), 1 - lv)
     ordered = sorted(radius)
@@ -131,19 +156,21 @@ def calibrate(errors: np.ndarray, spread_mm: np.ndarray | None = None, levels: S
         radius[higher] = np.fmax(radius[higher], radius[lower])  # quantile can undercut a per-landmark one):
         scale[higher] = np.fmax(scale[higher], scale[lower])  # widening only adds coverage
     return ConformalRegions(list(names) if names is not None else [str(k) for k in range(n_landmarks)],
-                            tuple(float(v) for v in levels), radius, scale, int(e.shape[0]), reference, pooled)
+                            tuple(float(v) for v in levels), radius, scale, int(units.shape[0]), reference, pooled,
+                            "image" if groups is None else "subject")
 
 
 def coverage_table(calibration: np.ndarray, test: np.ndarray, levels: Sequence[float] = (0.9, 0.95),
                    names: Sequence[str] | None = None, spread_calibration: np.ndarray | None = None,
                    spread_test: np.ndarray | None = None, review_mm: float | None = None,
-                   confidence_calibration: np.ndarray | None = None, confidence_test: np.ndarray | None = None
-                   ) -> pd.DataFrame:
+                   confidence_calibration: np.ndarray | None = None, confidence_test: np.ndarray | None = None,
+                   groups: Sequence[str] | None = None) -> pd.DataFrame:
     """For each nominal level (and, given spreads, for fixed and adaptive regions): the empirical coverage
-    (%) on ``test`` errors ``(m, N)`` of the regions calibrated on ``calibration`` errors ``(n, N)``, their
-    mean and largest radius (mm), the landmarks with the largest fixed radius, and with ``review_mm`` the
-    share of test points whose region is larger (they would be listed for review)."""
-    regions = calibrate(calibration, spread_calibration, levels, names, confidence_calibration)
+    (%) on ``test`` errors ``(m, N)`` of the regions calibrated on ``calibration`` errors ``(n, N)`` (``groups``:
+    their subjects, see :func:`calibrate`), their mean and largest radius (mm), the landmarks with the largest
+    fixed radius, and with ``review_mm`` the share of test points whose region is larger (they would be listed
+    for review)."""
+    regions = calibrate(calibration, spread_calibration, levels, names, confidence_calibration, groups)
     t = np.asarray(test, dtype=np.float64)
     ok = np.isfinite(t)
     rows = {}
@@ -154,6 +181,7 @@ def coverage_table(calibration: np.ndarray, test: np.ndarray, levels: Sequence[f
             r = np.broadcast_to(r, t.shape)
             inside = (t <= r) & ok
             row = {"coverage_pct": 100.0 * inside.sum() / max(1, ok.sum()), "n_test": int(ok.sum()),
+                   "calibrated_on": f"{regions.n_calibration} {regions.unit}(s)",
                    "mean_radius_mm": float(np.mean(r[ok])) if ok.any() else math.nan,
                    "max_radius_mm": float(np.max(r[ok])) if ok.any() else math.nan}
             if review_mm is not None:

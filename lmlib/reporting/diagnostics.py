@@ -57,7 +57,7 @@ def conformal_coverage(run_dir: str | Path, levels: Sequence[float] = (0.9, 0.95
     check_held_out_val((read_manifest(Path(run_dir)) or {}).get("parameters"), run_dir, "calibrating regions")
     s = split_predictions(run_dir, checkpoint, batch_size, ("val", "test"))
     return coverage_table(s.errors["val"], s.errors["test"], levels, s.landmark_names, s.spread_mm["val"],
-                          s.spread_mm["test"], review_mm, s.confidence["val"], s.confidence["test"])
+                          s.spread_mm["test"], review_mm, s.confidence["val"], s.confidence["test"], s.subjects("val"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

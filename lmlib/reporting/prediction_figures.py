@@ -132,7 +132,8 @@ def show_predictions(result: PredictResult) -> None:
         display(Markdown(f"**Review list**: {len(review)} of {len(result.table)} landmarks have a "
                          f"{100 * max(result.regions.levels):g} % region larger than the threshold"))
         display(review.round(3))
-        display(Markdown(f"**Regions per landmark** (calibrated on {result.regions.n_calibration} validation images)"))
+        display(Markdown(f"**Regions per landmark** (calibrated on {result.regions.n_calibration} validation "
+                         f"{result.regions.unit}(s))"))
         display(result.regions.to_frame().round(3))
     if not result.coverage.empty:
         display(Markdown("**Coverage of the regions on these annotated images** (the model's test split)"))
