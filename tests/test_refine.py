@@ -124,6 +124,30 @@ def test_a_base_run_on_other_images_or_another_dataset_is_refused_naming_the_fil
     shutil.rmtree(folder)
 
 
+def test_the_base_runs_val_predictions_are_charged_to_the_refinement(tmp_path: Path) -> None:
+    """registration trains nothing, so its val predictions (a registration of every val image, which the refinement
+    needs to size its patches) are training cost: the rows counted the base run's train_seconds (0) alone."""
+    import hashlib
+
+    from lmlib.outputs.contract import predictions_frame, write_json, write_outputs
+
+    s = _samples()
+    folder, cache_dir = tmp_path / "registration", tmp_path / "registration+local"
+    write_outputs(folder, predictions_frame(s["test"], [x.landmarks_mm for x in s["test"]]),
+                  {"train_seconds": 0.0, "infer_seconds_per_image": 2.0, "peak_rss_mb": 1.0})
+    write_json(folder / "manifest.json", {"method": "registration", "parameters": {"dataset": "synthetic2d"}})
+    cache_dir.mkdir()
+    predictions_frame(s["val"], [x.landmarks_mm for x in s["val"]]).to_csv(cache_dir / "base_val_predictions.csv",
+                                                                           index=False)
+    key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
+    (cache_dir / "base_val_predictions.key").write_text(key + "\n")  # a cache written before the time was kept
+    start = load_base_run(folder, "synthetic2d", s["train"], s["val"], s["test"], cache_dir=cache_dir)
+    assert start.train_seconds == pytest.approx(len(s["val"]) * 2.0)
+    (cache_dir / "base_val_predictions.key").write_text(f"{key}\n37.5\n")
+    start = load_base_run(folder, "synthetic2d", s["train"], s["val"], s["test"], cache_dir=cache_dir)
+    assert start.train_seconds == pytest.approx(37.5) and start.infer_seconds_per_image == 2.0
+
+
 def test_a_stage_keeps_the_previous_prediction_where_it_is_not_better_on_val() -> None:
     """Per landmark on val: landmark 0 improved (kept by the stage), landmark 1 worse and landmark 2 equal (both
     left to the previous stage), a masked landmark counts only where annotated."""

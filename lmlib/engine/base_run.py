@@ -9,6 +9,12 @@ members of an ensemble (:mod:`lmlib.methods.ensemble`) are read by the same :fun
   running it again with the parameters its manifest records (same seed, so the same atlases), then kept in the
   refining run's folder (``base_val_predictions.csv``) so that a resumed run does not redo them.
 
+Costs: the base run's training time plus the time its val predictions took (the refining run needs them to size
+its patches and choose per landmark: for registration, which trains nothing, that is a whole registration of every
+val image), and its inference time per image. The val time is kept beside the cached predictions
+(``base_val_predictions.key``); a cache written without it is charged the val images times the base run's
+inference time per image.
+
 Coordinates are world mm ``(x, y[, z])``. A missing folder, image or landmark is an error naming the file.
 """
 from __future__ import annotations
@@ -169,24 +175,29 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
                                                  "or name another run folder with base_run")
     key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
     cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
-    if cache is not None and cache.is_file() and (cache.with_suffix(".key").read_text().strip()
-                                                  if cache.with_suffix(".key").is_file() else "") == key:
+    per_image = float(metrics["infer_seconds_per_image"])
+    stored = cache.with_suffix(".key").read_text().split() if cache is not None and cache.with_suffix(".key").is_file() \
+        else []
+    if cache is not None and cache.is_file() and stored[:1] == [key]:
         val_mm = read_predictions(cache, val)
-        print(f"base run {folder.name}: val predictions from {cache.name}")
+        val_seconds = float(stored[1]) if len(stored) > 1 else len(val) * per_image
+        print(f"base run {folder.name}: val predictions from {cache.name} ("
+              + (f"they took {val_seconds:.0f} s)" if len(stored) > 1 else
+                 f"their time not kept: charged {len(val)} images x {per_image:.3f} s = {val_seconds:.0f} s)"))
     else:
         t0 = time.perf_counter()
         print(f"base run {folder.name}: predicting the {len(val)} val images ...", flush=True)
         val_mm = val_predictions(folder, manifest, train, val)
-        print(f"base run {folder.name}: val predictions in {time.perf_counter() - t0:.0f} s")
+        val_seconds = time.perf_counter() - t0
+        print(f"base run {folder.name}: val predictions in {val_seconds:.0f} s")
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             predictions_frame(val, val_mm).to_csv(tmp, index=False)
-            cache.with_suffix(".key").write_text(key + "\n")
+            cache.with_suffix(".key").write_text(f"{key}\n{val_seconds:.3f}\n")
             tmp.replace(cache)
     def ones(world: list[np.ndarray]) -> list[np.ndarray]:
         return [np.ones(len(p)) for p in world]
 
-    return Start(folder.name, Predictions(val_mm, ones(val_mm), 0.0),
-                 Predictions(test_mm, ones(test_mm), float(metrics["infer_seconds_per_image"])),
-                 float(metrics["train_seconds"]), float(metrics["infer_seconds_per_image"]))
+    return Start(folder.name, Predictions(val_mm, ones(val_mm), 0.0), Predictions(test_mm, ones(test_mm), per_image),
+                 float(metrics["train_seconds"]) + val_seconds, per_image)

@@ -58,7 +58,7 @@ class Start:
     name: str  # the run refined (its folder name)
     val: Predictions
     test: Predictions
-    train_seconds: float
+    train_seconds: float  # the run's training and its val predictions (see lmlib.engine.base_run)
     infer_seconds_per_image: float
 
 

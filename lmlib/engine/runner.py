@@ -568,8 +568,8 @@ def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], ef
     start = load_base_run(folder, str(params["dataset"]), train, val, test, cache_dir=output_dir)
     manifest = read_manifest(folder) or {}
     base_peak = float(read_run(folder)[1].get("peak_rss_mb") or 0.0)
-    print(f"base run {start.name}: val MRE {mean_radial_error(start.val.world_mm, val):.3f} mm, trained "
-          f"{start.train_seconds:.0f} s, {start.infer_seconds_per_image:.3f} s per image")
+    print(f"base run {start.name}: val MRE {mean_radial_error(start.val.world_mm, val):.3f} mm, training and val "
+          f"predictions {start.train_seconds:.0f} s, {start.infer_seconds_per_image:.3f} s per image")
     derived = model.derive([s.landmarks_mm for s in train], start.val.world_mm,
                            lambda moved: mean_radial_error(moved, val), start.test.world_mm, seed)
     for name, rows in derived.tables.items():
