@@ -96,3 +96,19 @@ def test_map_spread_is_the_maps_width_and_vote_spread_the_votes_dispersion():
     # per-axis spreads in grid px -> one radius in mm through the grid's spacing (0.5 x 2 mm)
     affine = torch.tensor([[[0.5, 0.0, 3.0], [0.0, 2.0, -1.0]]])
     assert spread_to_mm(torch.tensor([[[1.0, 1.0]]]), affine).item() == pytest.approx(math.sqrt(0.25 + 4.0))
+
+
+@pytest.mark.parametrize("cls_name", ["heatmap_unet", "htc"])
+def test_a_heatmap_methods_centroid_window_covers_its_gaussian(cls_name):
+    """decoder='centroid' on a heatmap method used a 3-px window whatever sigma: a sigma-4 Gaussian decoded up to
+    0.38 px toward the pixel centre (argmax's worst is 0.5); near the border a one-sided window pulled it inward
+    (0.53 px at 5.55 px from the edge)."""
+    from lmlib.methods import build_method
+
+    method = build_method(cls_name, spatial_dims=2, n_landmarks=4, sigma=4.0, decoder="centroid")
+    h = gaussian_heatmaps(PEAKS_2D, (48, 52), 4.0)
+    coords, _ = decode_maps(h, 2, "centroid", **method.decoder_kwargs)
+    error = (coords - PEAKS_2D).abs()
+    assert error[0, [0, 2]].max() < 0.05  # inside: the window spans 3 sigma
+    assert error.max() < 0.2  # 5.55 px and 7.75 px from an edge: a smaller window, symmetric about the peak
+    assert build_method(cls_name, spatial_dims=2, n_landmarks=4, sigma=4.0, decoder="quadratic").decoder_kwargs == {}

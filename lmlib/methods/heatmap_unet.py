@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lmlib.methods.base import LandmarkMethod, Targets, UNetParameters, foreground_weighted, masked_mean
 from lmlib.methods.config import defaults
+from lmlib.methods.decoding import gaussian_decoder_kwargs
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 from lmlib.typed import Number, field
 
@@ -58,6 +59,7 @@ class HeatmapUNet(LandmarkMethod[torch.Tensor]):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.sigma, self.amplitude, self.foreground_weight = float(sigma), float(amplitude), float(foreground_weight)
+        self.decoder_kwargs = gaussian_decoder_kwargs(self.decoder, self.sigma, self.decoder_kwargs)
         self.loss_name = loss
 
     def config(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from torch import nn
 
 from lmlib.methods.base import LandmarkMethod, Targets, foreground_weighted, masked_mean
 from lmlib.methods.config import MethodParameters, defaults
-from lmlib.methods.decoding import DECODERS, decode_maps, map_spread
+from lmlib.methods.decoding import DECODERS, decode_maps, gaussian_decoder_kwargs, map_spread
 from lmlib.methods.targets import dice_scores, gaussian_heatmaps
 from lmlib.typed import Int, Number, Widths, field, one_of
 
@@ -251,6 +251,7 @@ class MultiresHTC(LandmarkMethod[dict[str, torch.Tensor]]):
         if sigma <= 0 or quarter_weight <= 0 or half_weight <= 0 or foreground_weight < 1:
             raise ValueError("need sigma > 0, quarter_weight > 0, half_weight > 0, foreground_weight >= 1")
         self.sigma, self.foreground_weight = float(sigma), float(foreground_weight)
+        self.decoder_kwargs = gaussian_decoder_kwargs(self.decoder, self.sigma, self.decoder_kwargs)
         self.weights = {"quarter": float(quarter_weight), "half": float(half_weight)}
         self.decode_from = decode_from or heads
         if self.decode_from not in self.trained_heads() and self.decode_from != heads:
