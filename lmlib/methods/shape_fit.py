@@ -12,8 +12,12 @@ land near their place. The configuration of all landmarks together rules such a 
    regression and outlier detection*, 1987), over every minimal subset of landmarks (3 in 3D, 2 in 2D; a random
    ``max_subsets`` of them when there are more). LMedS needs no threshold in mm: it fits the better half.
 3. **Outliers**: a landmark whose residual to that fit exceeds the 97.5 % point of its distribution under Gaussian
-   noise (``sqrt(chi2_D(0.975))`` times the robust scale of LMedS) is an outlier. The shape is then fitted again by
-   least squares to the other landmarks, by a similarity or an affine transform (``transform``).
+   noise (``sqrt(chi2_D(0.975))`` times the robust scale of LMedS) is an outlier. Each landmark's residual is
+   measured in units of its own spread about the mean shape in the training sets (:func:`landmark_spread`,
+   relative to the median landmark's): a landmark whose anatomy varies three times more than the others' is not an
+   outlier for being three times further from the mean shape (with one scale for all, such landmarks made most of
+   the "outliers" of well-placed predictions, and replacing them moved them further away). The shape is then
+   fitted again by least squares to the other landmarks, by a similarity or an affine transform (``transform``).
 4. **Output** (``output``): ``outliers`` keeps each prediction and puts the fitted shape's position in place of
    each outlier; ``shape`` gives the fitted shape for every landmark (the base run only places the shape). A
    landmark the base run did not place stays without a prediction (so every candidate is scored on the same
@@ -174,10 +178,38 @@ def procrustes_mean(shapes: Sequence[np.ndarray], iterations: int = 20) -> np.nd
     return mean
 
 
+#: a landmark's relative spread is kept within these bounds (a landmark the training sets pin exactly, or one of two
+#: annotated once, must not get a zero or an unbounded tolerance)
+SPREAD_BOUNDS = (0.25, 4.0)
+
+
+def landmark_spread(shapes: Sequence[np.ndarray], mean: np.ndarray) -> np.ndarray:
+    """Each landmark's spread ``(K,)`` about the mean shape ``(K, D)`` in the training sets ``(K, D)`` world mm, relative
+    to the median landmark's: the RMS distance after each set is aligned to the mean by a similarity, divided by
+    the median of those (within :data:`SPREAD_BOUNDS`; 1 for a landmark no aligned set has)."""
+    ndim = mean.shape[1]
+    squares, counts = np.zeros(len(mean)), np.zeros(len(mean))
+    for s in (np.asarray(x, dtype=np.float64) for x in shapes):
+        both = np.isfinite(s).all(axis=1) & np.isfinite(mean).all(axis=1)
+        if not _spans(s[both]):
+            continue
+        mat, t, _ = _similarity(s[both][None], mean[both][None])
+        d2 = ((s @ mat[0].T + t[0] - mean) ** 2).sum(axis=1)
+        squares[both] += d2[both]
+        counts[both] += 1
+    rms = np.where(counts > 0, np.sqrt(squares / np.maximum(counts, 1) / ndim), np.nan)
+    typical = np.nanmedian(rms) if np.isfinite(rms).any() else np.nan
+    if not typical > 0:
+        return np.ones(len(mean))
+    return np.clip(np.where(np.isfinite(rms), rms / typical, 1.0), *SPREAD_BOUNDS)
+
+
 def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity", max_subsets: int = _D["max_subsets"],
-              scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0) -> ShapeFit | None:
+              scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0,
+              spread: np.ndarray | None = None) -> ShapeFit | None:
     """The mean shape ``(K, D)`` fitted to one image's predictions ``(K, D)`` (world mm; NaN: none) as the module
-    docstring says; None when fewer than a minimal subset plus two landmarks are known."""
+    docstring says, residuals in units of each landmark's relative ``spread`` ``(K,)`` (:func:`landmark_spread`;
+    None: one scale for all); None when fewer than a minimal subset plus two landmarks are known."""
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     ndim = mean.shape[1]
@@ -186,6 +218,7 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     if len(known) < minimal + 2:
         return None
     src, dst = mean[known], pred[known]
+    unit = np.ones(len(known)) if spread is None else np.asarray(spread, dtype=np.float64)[known]
     n_all = comb(len(known), minimal)
     if n_all <= max_subsets:
         subsets = np.array(list(itertools.combinations(range(len(known)), minimal)))
@@ -197,13 +230,13 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
     if not ok.any():
         return None
     moved = np.einsum("bij,kj->bki", mat[ok], src) + t[ok][:, None]
-    med = np.median(((moved - dst) ** 2).sum(axis=2), axis=1)
+    med = np.median(((moved - dst) ** 2).sum(axis=2) / unit ** 2, axis=1)
     best = int(np.argmin(med))
     # the robust scale of a residual with D degrees of freedom; Rousseeuw and Leroy's small-sample factor with the
     # landmarks beyond a minimal subset as the observations left
     sigma = (1.0 + 5.0 / (len(known) - minimal)) * np.sqrt(med[best] / chi2.ppf(0.5, ndim))
     cut = np.sqrt(chi2.ppf(OUTLIER_QUANTILE, ndim)) * sigma
-    residual = np.linalg.norm(moved[best] - dst, axis=1)
+    residual = np.linalg.norm(moved[best] - dst, axis=1) / unit
     inlier = residual <= cut
     need = ndim + 1 if transform == "affine" else minimal
     if inlier.sum() < need + 1:
@@ -219,10 +252,11 @@ def fit_shape(mean: np.ndarray, pred: np.ndarray, transform: str = "similarity",
 
 
 def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, max_subsets: int = _D["max_subsets"],
-                  scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0
-                  ) -> tuple[list[np.ndarray], int]:
-    """Each image's predictions ``(K, D)`` world mm after ``variant`` (one of :data:`VARIANTS`), and the number of
-    landmarks replaced. An image with too few predictions to fit keeps its own."""
+                  scale_bounds: Sequence[float] = _D["scale_bounds"], seed: int = 0,
+                  spread: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
+    """Each image's predictions ``(K, D)`` world mm after ``variant`` (one of :data:`VARIANTS`; ``spread``: see
+    :func:`fit_shape`), and the number of landmarks replaced. An image with too few predictions to fit keeps its
+    own."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == NONE:
@@ -231,7 +265,7 @@ def apply_variant(mean: np.ndarray, pred: Sequence[np.ndarray], variant: str, ma
     out, replaced = [], 0
     for i, p in enumerate(pred):
         p = np.asarray(p, dtype=np.float64)
-        fit = fit_shape(mean, p, transform, max_subsets, scale_bounds, seed + i)
+        fit = fit_shape(mean, p, transform, max_subsets, scale_bounds, seed + i, spread)
         if fit is None:
             out.append(p)
             continue
@@ -271,6 +305,7 @@ class ShapePrior(LandmarkMethod):
         self.base_method, self.base_run = str(base_method), str(base_run)
         self.variants, self.max_subsets, self.scale_bounds = [str(v) for v in variants], int(max_subsets), [lo, hi]
         self.mean_shape: np.ndarray | None = None
+        self.relative_spread: np.ndarray | None = None  # (K,) each landmark's relative spread in the training sets
 
     def config(self) -> dict[str, Any]:
         return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "base_method": self.base_method,
@@ -290,8 +325,10 @@ class ShapePrior(LandmarkMethod):
         return base_run_folder(self.base_run, self.base_method, output_dir)
 
     def fit_mean(self, train_mm: Sequence[np.ndarray]) -> np.ndarray:
-        """The training landmark sets' Procrustes mean (kept for :meth:`apply`)."""
+        """The training landmark sets' Procrustes mean and each landmark's relative spread about it (kept for
+        :meth:`apply`)."""
         self.mean_shape = procrustes_mean(train_mm)
+        self.relative_spread = landmark_spread(train_mm, self.mean_shape)
         return self.mean_shape
 
     def apply(self, pred: Sequence[np.ndarray], variant: str, seed: int = 0) -> tuple[list[np.ndarray], int]:
@@ -300,7 +337,7 @@ class ShapePrior(LandmarkMethod):
             return [np.asarray(p, dtype=np.float64) for p in pred], 0
         if self.mean_shape is None:
             raise RuntimeError("fit_mean first: the mean shape comes from the training landmarks")
-        return apply_variant(self.mean_shape, pred, variant, self.max_subsets, self.scale_bounds, seed)
+        return apply_variant(self.mean_shape, pred, variant, self.max_subsets, self.scale_bounds, seed, self.relative_spread)
 
     def derive(self, train_mm: Sequence[np.ndarray], val_mm: Sequence[np.ndarray],
                val_error: Callable[[Sequence[np.ndarray]], float], test_mm: Sequence[np.ndarray], seed: int = 0
@@ -334,7 +371,9 @@ class ShapePrior(LandmarkMethod):
         return DerivedPredictions(test, choice_s, per_image,
                                   metrics={"chosen_variant": chosen["variant"], "val_mre_mm": chosen["val_mre_mm"],
                                            "replaced": replaced, "derive_seconds": choice_s},
-                                  manifest={"chosen_variant": chosen["variant"], "mean_shape_mm": mean},
+                                  manifest={"chosen_variant": chosen["variant"], "mean_shape_mm": mean,
+                                            "landmark_spread": self.relative_spread.tolist() if mean is not None and
+                                            self.relative_spread is not None else None},
                                   tables={"table_val_choice": rows})
 
 METHOD = ShapePrior
