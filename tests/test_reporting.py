@@ -439,3 +439,10 @@ def test_matrix_figures_keep_main_rows_and_the_best_variants() -> None:
     assert comp.matrix_methods(order, n_best=2) == ["v2", "a_main", "v3", "ref", "b_main"]
     assert comp.matrix_methods(order, n_best=0) == comp.main_methods(order)
     assert comp.matrix_methods(order, n_best=10) == order
+
+
+def test_few_test_images_are_noted_once_in_their_unit(results: tuple[Path, list[Sample]]) -> None:
+    comp = reporting.load_comparison(results[0], "synthetic2d")
+    n = len(results[1])
+    assert f"only {n} test image(s) (fewer than 10): the 95 % intervals (bootstrap over images) and the paired tests " \
+           "(by image) are indicative only" in comp.notes

@@ -507,7 +507,8 @@ def load_comparison(results_dir: Path | str, dataset: str, exclude: Iterable[str
     subjects = subjects_of_images(dataset, errors)
     n_units, unit = (len(set(subjects.values())), "subject") if subjects else (len(images), "image")
     if 0 < n_units < stats.MIN_TEST_IMAGES:
-        notes.append(f"only {n_units} test {unit}(s) (fewer than {stats.MIN_TEST_IMAGES}; {len(images)} images): the "
+        of_images = f"; {len(images)} images" if unit == "subject" else ""
+        notes.append(f"only {n_units} test {unit}(s) (fewer than {stats.MIN_TEST_IMAGES}{of_images}): the "
                      f"95 % intervals (bootstrap over {unit}s) and the paired tests (by {unit}) are indicative only")
     return Comparison(dataset, preds, {m: r.metrics for m, r in runs.items()}, errors, skipped,
                       notes + align_notes, {m: r.manifest for m, r in runs.items()}, chosen, excluded, own,
