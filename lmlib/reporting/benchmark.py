@@ -387,8 +387,9 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
     the machine and its CPU model (its manifest's ``environment.platform`` and ``.cpu``, empty in manifests written
     before it was recorded: runs of different sessions may differ in speed by them),
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
-    inference seconds per image, peak memory (MB), test MRE (mm), the input grid (px, (x, y[, z])) and whether it is
-    a refit on train+val; and each run's test errors (images x landmarks, mm)."""
+    inference seconds per image, peak memory (MB), the validation MRE it was selected on (``best_val_mre_mm``; NaN for
+    a refit and for rows derived without training), test MRE (mm), the input grid (px, (x, y[, z])) and whether it
+    is a refit on train+val; and each run's test errors (images x landmarks, mm)."""
     from lmlib.engine.base_run import run_grid
     from lmlib.reporting.comparison import load_comparison
 
@@ -407,6 +408,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
                      "refit": is_refit(manifest.get("parameters")),
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
+                     "val_mre_mm": float(metrics.get("best_val_mre_mm") or np.nan),
                      "mre_mm": float(np.nanmean(comp.errors[m])),
                      "image_size": "x".join(map(str, size)) if size else ""})
         errors[m] = comp.errors[m].unstack("landmark")
@@ -415,8 +417,9 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
 
 def _peer_section(runs: pd.DataFrame, errors: Mapping[str, pd.DataFrame], data: Dataset, out: Path,
                   budget_s: float, python: str, seed: int) -> dict[str, Any]:
-    """Train the landmarker peer at our best CPU run's input size for its training time (or ``budget_s``),
-    and set the two side by side. Returns {} with a printed reason when the peer cannot be run."""
+    """Train the landmarker peer at the input size of our CPU run chosen on validation
+    (:func:`lmlib.reporting.peer.our_candidates`) for its training time (or ``budget_s``), and set the two side by
+    side. Returns {} with a printed reason when the peer cannot be run."""
     from lmlib.reporting.peer import our_candidates, peer_ratios, run_peer
 
     cpu = our_candidates(runs, "cpu")
