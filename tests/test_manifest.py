@@ -88,3 +88,39 @@ def test_a_slow_git_status_is_waited_for_not_recorded_as_unknown(monkeypatch) ->
     monkeypatch.setattr(manifest.subprocess, "run", slow_git)
     state = manifest.git_state(manifest.Path(__file__).parent)
     assert state["git_commit"] and state["git_dirty"] is not None
+
+
+def test_the_manifest_records_which_split_each_image_was_in(tmp_path) -> None:
+    """Nothing in a manifest told two runs' splits apart (a split file that moved or dropped images changed the test
+    set silently)."""
+    from dataclasses import replace
+
+    from lmlib.data.datasets import load_dataset
+    from lmlib.outputs.manifest import split_record
+
+    samples = load_dataset("synthetic2d").samples
+    write_manifest(tmp_path, {"dataset": "synthetic2d"}, samples=samples)
+    record = json.loads((tmp_path / "manifest.json").read_text())
+    counts = {k: sum(s.meta["split"] == k for s in samples) for k in ("train", "val", "test")}
+    assert record["split_counts"] == counts and len(record["splits_sha256"]) == 64
+    first = samples[0]
+    other = "train" if first.meta["split"] == "test" else "test"
+    moved = [replace(first, meta={**first.meta, "split": other}), *samples[1:]]
+    assert split_record(moved)["splits_sha256"] != record["splits_sha256"]
+    assert split_record(list(reversed(samples))) == split_record(samples)  # the order of the samples does not matter
+
+
+def test_images_the_split_file_leaves_out_are_named_when_a_run_starts(capsys) -> None:
+    import pandas as pd
+
+    from lmlib.data.datasets import load_dataset
+    from lmlib.engine.runner import warn_not_in_split
+
+    data = load_dataset("synthetic2d")
+    warn_not_in_split(data)
+    assert capsys.readouterr().out == ""
+    report = pd.DataFrame([{"image_id": f"img{k}", "annotator": "", "landmark": "", "issue": "not_in_split",
+                            "detail": "", "file": ""} for k in range(10)])
+    warn_not_in_split(type(data)(data.spec, data.samples, report))
+    out = capsys.readouterr().out
+    assert "warning: 10 image(s) of synthetic2d are in no split" in out and "img0" in out and "and 2 more" in out

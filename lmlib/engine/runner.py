@@ -139,6 +139,18 @@ def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
     return own[: limit or None] + [s for s in samples if s.meta.get("refit")]
 
 
+def warn_not_in_split(data: Dataset) -> None:
+    """Say which images the split file leaves out (they are in no split: trained on, selected on and scored on by
+    nothing), so a split file that drops images does not shrink a run unnoticed."""
+    report = data.report
+    rows = report[report["issue"] == "not_in_split"] if "issue" in report else report.iloc[:0]
+    if len(rows):
+        ids = sorted(set(rows["image_id"].astype(str)))
+        shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+        print(f"warning: {len(ids)} image(s) of {data.spec.name} are in no split (the split file leaves them out): "
+              f"{shown}")
+
+
 def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Path) -> Path | None:
     """For a dataset split by a seed (its declaration names no split file), write the split this run used to
     ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announce it; returns
@@ -324,6 +336,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     dev = setup(seed, str(shared_value(params, "device")))
     print_environment(dev)
     data = load_run_data(params)
+    warn_not_in_split(data)
     seeded = write_seeded_split(data, params, output_dir)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(shared_value(params, "max_train_images")))

@@ -125,10 +125,24 @@ def write_manifest(output_dir: Path | str, parameters: dict[str, Any], samples: 
                    started: str | None = None, extra: dict[str, Any] | None = None, checksum: str | None = None
                    ) -> Path:
     """One-call manifest: the data checksum is ``checksum`` if given, else from ``samples``, else ``data_dir``'s
-    files."""
+    files. With ``samples``, also the split each image was in (:func:`split_record`)."""
+    samples = list(samples) if samples is not None else None
     if checksum is None and samples is not None:
         checksum = checksum_samples(samples)
     elif checksum is None and data_dir:
         checksum = checksum_files(data_dir)
     record = RunRecord(parameters, started or utc_now())
-    return record.write(output_dir, checksum, seed=seed, device=device, extra=extra)
+    splits = split_record(samples) if samples is not None else {}
+    return record.write(output_dir, checksum, seed=seed, device=device, extra={**splits, **(extra or {})})
+
+
+def split_record(samples: Iterable[Sample]) -> dict[str, Any]:
+    """``split_counts`` (images per split) and ``splits_sha256`` (over the sorted ``image_id<TAB>split`` lines) of
+    ``samples`` as the run used them (a refit's copies of its val images counted in train), so that two runs can be
+    told to have used the same split, or not."""
+    pairs = sorted((s.image_id, str(s.meta.get("split") or "")) for s in samples)
+    counts: dict[str, int] = {}
+    for _, split in pairs:
+        counts[split] = counts.get(split, 0) + 1
+    digest = hashlib.sha256("\n".join(f"{i}\t{sp}" for i, sp in pairs).encode()).hexdigest()
+    return {"split_counts": counts, "splits_sha256": digest}
