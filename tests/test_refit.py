@@ -129,7 +129,8 @@ def test_a_refit_is_left_out_of_the_peer_benchmark_choice() -> None:
     from lmlib.reporting.peer import our_candidates
 
     runs = pd.DataFrame({"device": ["cpu", "cpu"], "train_s": [900.0, 1000.0], "epochs": [140, 140],
-                         "mre_mm": [1.0, 1.1], "refit": [True, False]}, index=["a_refit", "b"])
+                         "mre_mm": [1.0, 1.1], "val_mre_mm": [0.9, 1.0], "refit": [True, False]},
+                        index=["a_refit", "b"])
     assert list(our_candidates(runs).index) == ["b"]
 
 
