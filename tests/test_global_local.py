@@ -403,3 +403,13 @@ def test_brief_training_beats_the_mean_shape_threefold(tmp_path, one_thread, pha
     assert glob < baseline / 1.5, f"global {glob:.2f} mm vs mean shape {baseline:.2f} mm"
     assert local < baseline / 3, f"local {local:.2f} mm (global {glob:.2f}) vs mean shape {baseline:.2f} mm"
     assert local < glob
+
+
+def test_mirror_augmentation_of_a_cascade_is_refused_before_any_stage_trains(tmp_path):
+    """The patch items refuse a mirror when one is drawn, which came after the global stage had trained."""
+    from lmlib.engine.runner import _run_cascade
+    from lmlib.methods.global_local import GlobalLocalFCNN
+
+    with pytest.raises(ValueError, match=r"flip_prob=0.5: global_local's patch stages .* set flip_prob: 0"):
+        _run_cascade(GlobalLocalFCNN, {"flip_prob": 0.5, "output_dir": str(tmp_path)}, {}, None, [], [], [], [],
+                     {"flip_pairs": [(0, 1)]}, None, "", 0)

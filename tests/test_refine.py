@@ -65,6 +65,8 @@ def test_base_val_predictions_are_kept_and_match_a_fresh_registration(refined: P
     split = {k: [s for s in data.samples if s.meta.get("split") == k] for k in ("train", "val", "test")}
     start = load_base_run(refined / "registration", "synthetic2d", split["train"], split["val"], split["test"],
                           cache_dir=refined / "registration+local")
+    key, seconds = (refined / "registration+local" / "base_val_predictions.key").read_text().split()
+    assert len(key) == 12 and float(seconds) > 0  # the time the val registrations took, charged to the row
     recorded = json.loads((refined / "registration+local" / "local1" / "manifest.json").read_text())
     assert validation_errors(split["val"], start.val.world_mm) == pytest.approx(
         recorded["method_config"]["patch_choice"]["global_val_errors_mm"])

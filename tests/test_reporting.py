@@ -203,6 +203,19 @@ def test_a_run_scored_against_another_annotator_is_left_out_and_named(tmp_path: 
     assert any(n.startswith("a2: scored against annotator annotator2") for n in comp.notes)
 
 
+def test_pairs_that_do_not_fill_the_grid_are_not_unpredicted() -> None:
+    """Runs sharing an uneven set of pairs left empty cells in the images x landmarks table, which the bootstrap read
+    as unpredicted: SDR intervals below their own point estimate (95.3 [85.9, 100] for a row of 100 %)."""
+    samples = synthetic_samples(4)
+    full = predictions_frame(samples, [s.landmarks_mm + 0.1 for s in samples])
+    part = predictions_frame(samples, noisy(samples, 1.0, 1)).iloc[3:].copy()
+    errors, _ = reporting.align_runs({"full": full, "part": part})
+    comp = reporting.Comparison("synthetic2d", {"full": full, "part": part}, {"full": {}, "part": {}}, errors)
+    assert not comp.method_unpredicted("full").to_numpy().any()
+    table = reporting.table_main(comp, n_bootstrap=200, seed=0)
+    assert table.loc["full", "sdr_2mm"] == 100.0 and table.loc["full", "sdr_2mm_ci_low"] == 100.0
+
+
 def test_write_reference_run_matches_by_id_and_name(tmp_path: Path) -> None:
     geo = Geometry(spacing=(1.0, 1.0))
     ref = [Sample("a", np.zeros((8, 8)), geo, [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], [True, True, True], ("P", "Q", "R")),

@@ -531,6 +531,14 @@ def subject_of(name: str | Path, image_ids: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def subjects_of_all(name: str | Path, image_ids: Sequence[str]) -> list[str] | None:
+    """The subject of each of ``image_ids`` (:func:`subject_of`) where the data set declares one for every id, else
+    None (the images are then the units)."""
+    ids = [str(i) for i in image_ids]
+    found = subject_of(name, ids) if ids else {}
+    return [found[i] for i in ids] if found and all(i in found for i in ids) else None
+
+
 def with_posed_copies(samples: Sequence[Sample], settings: Mapping[str, Any]) -> list[Sample]:
     """The samples a posed dataset is made of (``posed_copies:`` of its declaration): per image, as many
     random posed copies as its split asks for (:func:`lmlib.data.deformations.posed_copies`; each copy's

@@ -35,7 +35,7 @@ from lmlib.data.datasets import (
     get_spec,
     is_single_template,
     load_dataset,
-    subject_of,
+    subjects_of_all,
 )
 from lmlib.data.label_fusion import describe_fusion, fuse_training_labels
 from lmlib.data.loaders import LandmarkDataModule, ViewSpec
@@ -622,6 +622,11 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
     predictions of its own, so the comparison shows one row per stage)."""
     from lmlib.engine.cascade import fit_cascade
 
+    if float(shared_value(params, "flip_prob")) > 0 and shared["flip_pairs"]:
+        # every cascade here has per-landmark or stacked patch stages, whose items a mirror cannot relabel (the
+        # transform refuses them when a flip is drawn: after the stages before had trained); refused before any
+        raise ValueError(f"flip_prob={shared_value(params, 'flip_prob')}: {cls.name}'s patch stages serve one side of "
+                         f"a left/right pair at a time, which a mirror cannot relabel: set flip_prob: 0 for it")
     output_dir = Path(params["output_dir"])
     start, base = None, cls.base_folder(params)
     if base is not None:  # a finished run's predictions: the first stage is centred on them
@@ -723,9 +728,7 @@ class SplitPredictions:
     def subjects(self, split: str) -> list[str] | None:
         """The subject of each image of ``split`` where the data set declares subjects for all of them (posed copies
         of one anatomy are one subject), else None."""
-        ids = self.image_ids.get(split, [])
-        found = subject_of(self.dataset, ids) if self.dataset and ids else {}
-        return [found[i] for i in ids] if found and all(i in found for i in ids) else None
+        return subjects_of_all(self.dataset, self.image_ids.get(split, [])) if self.dataset else None
 
 
 DEFAULT_CHECKPOINT = "checkpoints/best.ckpt"  #: a run folder's selected weights

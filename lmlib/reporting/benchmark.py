@@ -408,7 +408,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
                      "refit": is_refit(manifest.get("parameters")),
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
-                     "val_mre_mm": float(metrics.get("best_val_mre_mm") or np.nan),
+                     "val_mre_mm": float(np.nan if metrics.get("best_val_mre_mm") is None else metrics["best_val_mre_mm"]),
                      "mre_mm": float(np.nanmean(comp.errors[m])),
                      "image_size": "x".join(map(str, size)) if size else ""})
         errors[m] = comp.errors[m].unstack("landmark")

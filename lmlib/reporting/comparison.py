@@ -37,6 +37,7 @@ from lmlib.data.datasets import (
     is_single_template,
     load_dataset,
     subject_of,
+    subjects_of_all,
 )
 from lmlib.data.sample import Sample
 from lmlib.evaluation import metrics as M
@@ -183,19 +184,22 @@ class Comparison:
         """Images x landmarks errors (mm) of one method over the aligned pairs."""
         return self._wide(self.errors[method])
 
+    def unpredicted_pairs(self, method: str) -> pd.Series:
+        """Over the aligned pairs, True where ``method`` gave no prediction for a landmark with a reference: its error
+        is NaN like a masked landmark's, but it is a miss in the SDR."""
+        preds = self.predictions.get(method)
+        flags = (np.zeros(len(self.errors), dtype=bool) if preds is None else
+                 M.nan_split(preds.set_index(KEY).reindex(self.errors.index))[1])
+        return pd.Series(flags, index=self.errors.index, name=method)
+
     def unpredicted(self) -> pd.DataFrame:
-        """Like ``errors``, True where a method gave no prediction for a landmark with a reference: its error is
-        NaN like a masked landmark's, but it is a miss in the SDR."""
-        cols = {}
-        for method in self.methods:
-            preds = self.predictions.get(method)
-            cols[method] = (np.zeros(len(self.errors), dtype=bool) if preds is None else
-                            M.nan_split(preds.set_index(KEY).reindex(self.errors.index))[1])
-        return pd.DataFrame(cols, index=self.errors.index)
+        """:meth:`unpredicted_pairs` of every method, like ``errors``."""
+        return pd.DataFrame({m: self.unpredicted_pairs(m) for m in self.methods}, index=self.errors.index)
 
     def method_unpredicted(self, method: str) -> pd.DataFrame:
-        """Images x landmarks, True where ``method`` left a landmark with a reference unpredicted."""
-        return self._wide(self.unpredicted()[method])
+        """Images x landmarks, True where ``method`` left a landmark with a reference unpredicted (False where the
+        aligned pairs have no such image and landmark)."""
+        return self._wide(self.unpredicted_pairs(method)).fillna(False).astype(bool)
 
     def _wide(self, column: pd.Series) -> pd.DataFrame:
         """One method's column of the aligned pairs as images x landmarks (the images' and landmarks' order)."""
@@ -519,8 +523,8 @@ def subjects_of_images(dataset: str, errors: pd.DataFrame) -> dict[str, str]:
     """image id -> subject for every image of ``errors`` (index with an ``image_id`` level) where ``dataset``
     declares subjects (:func:`~lmlib.data.datasets.subject_of`); empty where it does not, or misses one."""
     images = [str(i) for i in pd.unique(errors.index.get_level_values("image_id"))] if len(errors) else []
-    found = subject_of(dataset, images) if images else {}
-    return found if found and all(i in found for i in images) else {}
+    subjects = subjects_of_all(dataset, images)
+    return dict(zip(images, subjects)) if subjects else {}
 
 
 def current_test_ids(dataset: str, data_dir: str | None = None) -> list[str] | None:

@@ -9,7 +9,7 @@ exchange:
    writes arrays in the peer's convention, image ``(1, H, W)`` and landmarks pixel ``(y, x)``;
 2. :func:`run_peer` trains the peer for a wall-clock budget, then maps its test predictions from grid pixels
    back to world mm through each image's grid and scores them against the same reference as our methods;
-3. :func:`peer_ratios` sets our best run beside it: MRE ratio (with a paired bootstrap CI over test images),
+3. :func:`peer_ratios` sets our run chosen on validation beside it: MRE ratio (with a paired bootstrap CI over test images),
    training-time and inference-time ratios.
 
 Inference time of the peer = its network + decoding per image (measured in its process) + our resampling
