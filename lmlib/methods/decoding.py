@@ -76,8 +76,8 @@ def _window(maps: torch.Tensor, spatial_dims: int, radius: int, centre: torch.Te
 
 def gaussian_decoder_kwargs(decoder: str, sigma_px: float, kwargs: dict | None = None) -> dict:
     """``kwargs`` for decoding Gaussian heatmaps of ``sigma_px``: the plain centroid's window reaches 3 sigma unless a
-    radius is given (a 3-px window cuts a wide Gaussian's tails unevenly and pulls the point toward the pixel centre:
-    up to 0.38 px at sigma 4)."""
+    radius is given (a 3-px window cuts a wide Gaussian's tails unevenly and pulls the point toward the pixel centre;
+    tests/test_decoding.py measures it)."""
     out = dict(kwargs or {})
     if decoder == "centroid" and not out.get("threshold") and "radius" not in out:
         out["radius"] = max(3, math.ceil(3.0 * float(sigma_px)))
@@ -120,7 +120,7 @@ def local_soft_argmax(maps: torch.Tensor, spatial_dims: int, radius: int = 3, be
     """``softmax(beta * m / peak)``-weighted mean position in the window around the peak.
 
     Normalising by the peak makes ``beta`` scale-free: the background then weighs ``exp(-beta)``
-    relative to the peak. ``beta`` 10 with Gaussians of sigma 2-3 px is accurate to < 0.02 px (about 0.03 px at sigma 1.5).
+    relative to the peak. ``beta`` 10 with Gaussians of sigma 2-3 px is accurate to < 0.02 px (a little less at sigma 1.5).
     """
     vals, pos, inside, peak_val, lead = _window(maps, spatial_dims, radius)
     scale = torch.where(peak_val.abs() > 1e-12, peak_val.abs(), torch.ones_like(peak_val))
