@@ -288,7 +288,7 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
     split of the model's own dataset (annotated, so the regions' coverage is measured: ``result.coverage``,
     ``coverage.csv``) -- into ``output_dir``, with its ``manifest.json`` (``parameters``, model, versions).
     The checks that need no model (output folder, image files, spacing) come before the calibration."""
-    from lmlib.engine.runner import load_run_data
+    from lmlib.engine.runner import finished_run_data
     from lmlib.outputs.manifest import utc_now
     from lmlib.runtime import print_environment, setup
 
@@ -314,7 +314,7 @@ def predict_new_images(model: str | Path, images: str | Path | Sequence[str | Pa
         regions = calibrate_run(model, levels, data_dir or None, str(dev), batch_size)
     if not images:
         assert manifest is not None  # checked above
-        chosen = load_run_data(manifest["parameters"], data_dir or None).split("test")
+        chosen = finished_run_data(model, manifest, data_dir or None).split("test")
     return predict_images(model, chosen, output_dir, str(dev), batch_size, spacing_mm, regions, review_mm,
                           keep_samples, parameters, seed, started)
 

@@ -107,6 +107,46 @@ def test_a_run_writes_the_seeded_split_beside_its_results(toy, tmp_path: Path) -
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 8
 
 
+def test_a_hash_split_moves_no_image_when_images_are_added() -> None:
+    from lmlib.data.datasets import seeded_splits
+
+    ids = [f"img{k:04d}" for k in range(600)]
+    first, later = seeded_splits(ids[:500], seed=3, by="hash"), seeded_splits(ids, seed=3, by="hash")
+    assert all(later[i] == first[i] for i in first)  # the 100 new images moved none of the 500
+    counts = pd.Series(later).value_counts()
+    assert abs(counts["val"] - 120) < 30 and abs(counts["test"] - 120) < 30  # near 0.2 each (binomial sd ~10)
+    assert seeded_splits(ids, seed=4, by="hash") != later  # the seed matters
+    shuffled = seeded_splits(ids[:500], seed=3), seeded_splits(ids, seed=3)
+    assert any(shuffled[1][i] != shuffled[0][i] for i in shuffled[0])  # why hash exists: a shuffle moves old images
+
+
+def test_a_declaration_chooses_how_its_seeded_split_is_drawn(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text(BASE + "seeded_split: {seed: 2, by: hash}\n")
+    spec = get_spec(str(path))
+    assert (spec.split_seed, spec.split_by) == (2, "hash")
+    path.write_text(BASE + "seeded_split: {by: random}\n")
+    with pytest.raises(ValueError, match=r"seeded_split: must be .*by: shuffle or hash, got \{'by': 'random'\}") as info:
+        get_spec(str(path))
+    assert str(info.value).startswith(str(path))
+
+
+def test_a_finished_run_is_not_scored_on_a_split_that_moved(tmp_path: Path) -> None:
+    """Calibrating or scoring a run on today's split of a data set whose seeded split moved (images added, or the
+    seed changed) would put images it trained on into val or test: refused, naming the images that moved."""
+    from lmlib.engine.runner import run_method, split_predictions
+
+    path = write_example_dataset(tmp_path / "data" / "toy-hands", 20, 0)
+    out = tmp_path / "run"
+    run_method("heatmap_unet", {"dataset": str(path), "output_dir": str(out), "device": "cpu", "max_epochs": 1,
+                                "image_size": [32, 32], "channels": [4, 8], "overlay_every": 100})
+    assert split_predictions(out, splits=("val",)).errors["val"].shape[0] == 4  # the run's own split: accepted
+    path.write_text(path.read_text().replace("seed: 7}", "seed: 8}"))
+    with pytest.raises(ValueError, match=r"manifest.json: the run used another split.*moved, by .*splits.csv: "
+                                         r"\S+ (train|val|test) -> (train|val|test)"):
+        split_predictions(out, splits=("val",))
+
+
 @pytest.mark.notebook
 def test_a_never_seen_dataset_trains_and_predicts_through_documented_commands(toy, tmp_path: Path) -> None:
     from lmlib import predict, run

@@ -34,7 +34,8 @@ Keys (``name``, ``ndim``, ``images``, ``reader``, ``annotations`` and ``landmark
     posed_copies: null               # {train: n, val: n, test: n, seed, rotation_deg, translation_mm, scale,
                                      #  elastic_mm}: each image is replaced by n random posed copies (val/test
                                      #  keep the unposed original too); see lmlib.data.deformations.posed_copies
-    seeded_split: {fractions: [0.6, 0.2, 0.2], seed: 0}   # used only when there is no splits file
+    seeded_split: {fractions: [0.6, 0.2, 0.2], seed: 0, by: shuffle}   # used only when there is no splits file;
+                                     # by: hash keeps every image in its split when images are added
     exclude: []                      # [{annotator, image_id, reason}]: that annotation masked entirely
     single_template: false           # one annotated template; training images are random deformations of it
     notes: []                        # sentences every comparison of this dataset repeats (known caveats)
@@ -49,7 +50,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -61,6 +62,7 @@ from lmlib.typed import model_table
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test of a seeded split
 SYNTHETIC: tuple[str, ...] = ("synthetic2d", "synthetic3d")  # generated data sets (lmlib.data.phantoms)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")  # the values of a split file's split column
+SPLIT_BY: tuple[str, ...] = ("shuffle", "hash")  # how a seeded split assigns images (lmlib.data.datasets.seeded_splits)
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a dataset name: one plain folder name under results/
 DECLARED_DIR = Path(__file__).with_name("declared")  # the built-in declaration files
 FILE_SUFFIXES = (".yaml", ".yml")
@@ -77,7 +79,8 @@ class DatasetSpec:
     names; ``exclude`` maps (annotator, image_id) -> reason (that annotation is masked entirely);
     ``landmark_groups`` maps a group name -> display names of landmarks that the annotation protocol places
     on one shared plane (refined jointly by the prior-guided 3D method). Without ``splits_file`` the loader
-    makes a seeded split (``split_fractions`` train/val/test, ``split_seed``), the same for every notebook.
+    makes a seeded split (``split_fractions`` train/val/test, ``split_seed``, ``split_by``), the same for every
+    notebook.
     ``single_template``: one annotated image whose random deformations are the train/val/test images.
     ``notes``: caveats every comparison of the dataset repeats. ``calibration``: ``(label a, label b,
     distance_mm)``: each image's spacing is isotropic, ``distance_mm``
@@ -106,6 +109,7 @@ class DatasetSpec:
     landmark_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
     split_seed: int = 0
+    split_by: str = "shuffle"
     single_template: bool = False
     source: str | None = None
     data_dir: str | None = None
@@ -175,6 +179,8 @@ class DatasetSpec:
                                  f"{list(POSED_KEYS)}, with copies for at least one split")
             if self.single_template:
                 raise ValueError(f"{where}: single_template and posed_copies both make the images: keep one")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"{where}: seeded_split: by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
         f = [float(v) for v in self.split_fractions]
         if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
             raise ValueError(f"{where}: seeded split fractions must be three numbers >= 0 (train, val, test) "
@@ -247,6 +253,9 @@ class SeededSplit(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fractions: list[_Number] = list(DEFAULT_SPLIT_FRACTIONS)
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    #: shuffle: exactly round(fraction x n) images per split, drawn over all images (adding images moves old ones);
+    #: hash: each image by a hash of the seed and its id (adding images moves none; the counts are near the fractions)
+    by: Literal["shuffle", "hash"] = "shuffle"
 
 
 class Exclusion(BaseModel):
@@ -300,7 +309,7 @@ class DatasetDeclaration(BaseModel):
     splits: _Text | None = _key(None, "CSV image_id,split (train/val/test); absent: a seeded split", "a string")
     seeded_split: Annotated[SeededSplit, _empty_if_null({})] = _key(
         SeededSplit(), "used only when there is no splits file",
-        "a mapping with fractions: [train, val, test] (three numbers) and seed: an integer >= 0")
+        "a mapping with fractions: [train, val, test] (three numbers), seed: an integer >= 0 and by: shuffle or hash")
     exclude: Annotated[list[Exclusion], _empty_if_null([])] = _key(
         [], "annotations masked entirely, each with its reason", "a list of {annotator, image_id, reason}")
     single_template: Annotated[bool, Field(strict=True)] = _key(
@@ -428,7 +437,7 @@ def spec_from_mapping(raw: Any, path: Path, readers: Mapping[str, Any] | None = 
             landmark_groups={str(g): tuple(str(n) for n in v) for g, v in decl.landmark_groups.items()},
             # three values: DatasetSpec checks the count (and raises the message below otherwise)
             split_fractions=cast("tuple[float, float, float]", tuple(float(v) for v in seeded.fractions)),
-            split_seed=seeded.seed, single_template=decl.single_template,
+            split_seed=seeded.seed, split_by=seeded.by, single_template=decl.single_template,
             source=str(path), data_dir=data_dir,
             calibration=(str(calib.landmarks[0]), str(calib.landmarks[1]), float(calib.distance_mm))
             if calib is not None else None, notes=tuple(decl.notes),

@@ -17,6 +17,7 @@ own folder), and for a built-in dataset to ``$LMLIB_SHARED_DATA/<name>`` or ``<r
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -106,12 +107,24 @@ def shared_data_dir() -> Path:
 
 
 def seeded_splits(ids: Sequence[str], fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-                  seed: int = 0) -> dict[str, str]:
-    """image_id -> ``train``/``val``/``test`` from a seeded shuffle of ``ids`` in the given order: ``round(f * n)``
-    images for val and test, the rest train (``fractions`` = train, val, test, summing to 1)."""
+                  seed: int = 0, by: str = "shuffle") -> dict[str, str]:
+    """image_id -> ``train``/``val``/``test`` (``fractions`` = train, val, test, summing to 1).
+
+    ``by="shuffle"``: a seeded shuffle of ``ids`` in the given order, ``round(f * n)`` images for val and test, the
+    rest train; adding images moves old ones between splits. ``by="hash"``: each image on its own, by where
+    SHA-256 of ``"<seed>:<image_id>"`` falls in [0, 1) against the cumulative fractions (val, then test, then train):
+    adding or removing images moves no other image, and the counts are near, not at, the fractions."""
     f = [float(v) for v in fractions]
     if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {f}")
+    if by == "hash":
+        def where(image_id: str) -> float:
+            digest = hashlib.sha256(f"{int(seed)}:{image_id}".encode()).digest()
+            return int.from_bytes(digest[:8], "big") / 2.0**64
+
+        return {i: "val" if u < f[1] else "test" if u < f[1] + f[2] else "train" for i in ids for u in [where(i)]}
+    if by != "shuffle":
+        raise ValueError(f"seeded split: by must be 'shuffle' or 'hash', got {by!r}")
     n = len(ids)
     order = np.random.default_rng(int(seed)).permutation(n)
     n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
@@ -287,7 +300,8 @@ def load_from_spec(spec: DatasetSpec, data_dir: str | Path, annotator: str | Non
         splits = _read_splits(spec, root)
         orphans = sorted(set(splits) - set(ids))
     else:
-        splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed), [*copies, *subjects])
+        splits = keep_groups_together(seeded_splits(ids, spec.split_fractions, spec.split_seed, spec.split_by),
+                                      [*copies, *subjects])
         orphans = []
     origin_of_split = f"{spec.name} ({spec.source if spec.subject_splits else root / (spec.splits_file or '')})"
     check_split_duplicates(copies, splits, path_of, origin_of_split)
@@ -439,7 +453,8 @@ def _split_source(spec: DatasetSpec) -> str:
             f"{sp}: {', '.join(names)}" for sp, names in spec.subject_splits.items()) + ")"
     if spec.splits_file:
         return f"the split file {spec.splits_file!r} (columns image_id,split)"
-    return (f"a seeded split (fractions {list(spec.split_fractions)} train/val/test, seed {spec.split_seed}; "
+    return (f"a seeded split (fractions {list(spec.split_fractions)} train/val/test, seed {spec.split_seed}, by "
+            f"{spec.split_by}; "
             "declare splits: or seeded_split: in the dataset file)")
 
 

@@ -49,7 +49,7 @@ from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
 from lmlib.outputs.contract import clear_earlier_run, predictions_frame, read_manifest, read_run, write_outputs
-from lmlib.outputs.manifest import utc_now, write_manifest
+from lmlib.outputs.manifest import split_record, utc_now, write_manifest
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
@@ -131,6 +131,46 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
     return fused
 
 
+def finished_run_data(run_dir: str | Path, manifest: Mapping[str, Any], data_dir: str | None = None) -> Dataset:
+    """The dataset of a finished run (:func:`load_run_data` from its manifest's parameters), checked to split the
+    images as the run did: a run scored or calibrated on today's split must not meet images it trained on or chose
+    its checkpoint with (a seeded split moves images when images are added; a split file can be edited)."""
+    params = manifest["parameters"]
+    data = load_run_data(params, data_dir)
+    then = manifest.get("splits_sha256")
+    if not then:
+        print(f"{Path(run_dir) / 'manifest.json'}: no split record (a run made before manifests recorded one): "
+              "its split is not checked against today's")
+        return data
+    limit = int(shared_value(params, "max_train_images"))
+    used = _split(data, "train", limit) + _split(data, "val") + _split(data, "test")
+    now = split_record(used)
+    if now["splits_sha256"] != then:
+        raise ValueError(f"{Path(run_dir) / 'manifest.json'}: the run used another split of {params['dataset']!r} "
+                         f"than its data has now (images per split then {manifest.get('split_counts')}, now "
+                         f"{now['split_counts']}{_moved_images(run_dir, used)}): scoring or calibrating it on today's "
+                         "split could use images it trained on or chose its checkpoint with. Give the data the run's "
+                         "split (declare the splits.csv its run folder holds, for a seeded split, as the data set's "
+                         "`splits:`) or train it again")
+    return data
+
+
+def _moved_images(run_dir: str | Path, used: Sequence[Sample]) -> str:
+    """``; moved: a train -> test, ...`` from the ``splits.csv`` a seeded run wrote (in its folder, or a cascade
+    stage's parent), else empty."""
+    folder = Path(run_dir)
+    path = next((f / "splits.csv" for f in (folder, folder.parent) if (f / "splits.csv").is_file()), None)
+    if path is None:
+        return ""
+    then = pd.read_csv(path, dtype=str, keep_default_na=False)
+    was = dict(zip(then["image_id"], then["split"]))
+    now = {s.image_id: str(s.meta.get("split") or "") for s in used if not s.meta.get("refit")}
+    moved = [f"{i} {was[i]} -> {sp}" for i, sp in sorted(now.items()) if i in was and was[i] != sp]
+    if not moved:
+        return ""
+    return f"; moved, by {path}: {', '.join(moved[:8])}" + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
+
+
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
     """The split's samples; ``limit`` (``max_train_images``) keeps the first of its own images, a refit's copies of
     the val images (:mod:`lmlib.data.refit`) all kept after them."""
@@ -164,7 +204,7 @@ def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Pat
     pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
     counts = {k: list(splits.values()).count(k) for k in ("train", "val", "test")}
     print(f"{spec.name}: no split file; seeded split (fractions {list(spec.split_fractions)}, seed {spec.split_seed}, "
-          f"from the dataset declaration): {counts} -> {path}")
+          f"by {spec.split_by}, from the dataset declaration): {counts} -> {path}")
     return path
 
 
@@ -744,7 +784,7 @@ def split_predictions(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT,
     manifest = read_manifest(run)
     if manifest is None:
         raise FileNotFoundError(f"{run / 'manifest.json'}: missing (not a run folder)")
-    data = load_run_data(manifest["parameters"], data_dir)
+    data = finished_run_data(run, manifest, data_dir)
     chosen = run / checkpoint
     # the run folder's chain (one stage of a cascade predicts around the stages before it), ``checkpoint`` last
     try:
