@@ -110,6 +110,8 @@ def test_write_inter_observer_run_writes_a_manifest(tmp_path: Path) -> None:
     np.testing.assert_allclose(preds["error_mm"], [3.0, 0.0, np.nan])
     assert stored["kind"] == "reference" and stored["method"] == "inter-observer"
     assert metrics["mre_mm"] == pytest.approx(1.5) and stored["n_unmatched_images"] == 1
+    # the second annotator's missing point is a comparison not made, not a miss: 1 of 2 points within 2 mm
+    assert (stored["n_masked"], stored["n_unpredicted"], stored["sdr_2mm"]) == (1, 0, pytest.approx(50.0))
     assert (tmp_path / "inter-observer" / "manifest.json").is_file()
 
 

@@ -6,6 +6,7 @@ comparison shows it as a reference row (dashed curves). Coordinates are world mm
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ def match_annotator(reference_samples: Sequence[Sample], other_samples: Sequence
                     ) -> tuple[list[Sample], list[np.ndarray]]:
     """Pair a second annotator with the reference: (reference samples both have, the other's points).
 
-    Samples are matched by ``image_id`` and landmarks by name; a landmark the other annotator lacks
-    or masked is NaN (unpredicted). Points are ``(N, D)`` world mm in the reference's landmark order.
+    Samples are matched by ``image_id`` and landmarks by name. A landmark the other annotator lacks or masked is
+    masked in the returned reference sample too: a comparison that cannot be made (``n_masked``), not a miss of the
+    second annotator's (an unpredicted landmark counts against the SDR). Points are ``(N, D)`` world mm in the
+    reference's landmark order (NaN where masked).
     """
     other = {s.image_id: s for s in other_samples}
     refs = [s for s in reference_samples if s.image_id in other]
@@ -71,7 +74,16 @@ def match_annotator(reference_samples: Sequence[Sample], other_samples: Sequence
         pos = {name: k for k, name in enumerate(o.landmark_names)}
         rows = [o.landmarks_mm[pos[n]] if n in pos else np.full(ref.ndim, np.nan) for n in ref.landmark_names]
         points.append(np.array(rows, dtype=np.float64).reshape(len(ref.landmark_names), ref.ndim))
-    return refs, points
+    return [_masked_where_missing(r, p) for r, p in zip(refs, points)], points
+
+
+def _masked_where_missing(reference: Sample, other_mm: np.ndarray) -> Sample:
+    """``reference`` with every landmark masked where the other annotation has no point (NaN)."""
+    present = np.isfinite(other_mm).all(axis=1)
+    if present.all():
+        return reference
+    return replace(reference, landmarks_mm=reference.landmarks_mm.copy(), valid=reference.valid & present,
+                   meta=dict(reference.meta))
 
 
 def write_inter_observer_run(reference_samples: Sequence[Sample], other_samples: Sequence[Sample],
@@ -104,8 +116,8 @@ def intra_observer_pairs(samples: Sequence[Sample], duplicates: Sequence[Sequenc
             if not same_grid:
                 raise ValueError(f"identical images {first.image_id} and {other.image_id} have different grids: "
                                  "their annotations cannot be compared in mm")
-            refs.append(first)
             points.append(np.where(other.valid[:, None], other.landmarks_mm, np.nan))
+            refs.append(_masked_where_missing(first, points[-1]))
     return refs, points
 
 
