@@ -123,9 +123,6 @@ JOBS: tuple[Job, ...] = (
     _job("05_reference_rows.ipynb", "reference", SYNTHETIC + REAL),
     # a cascade: writes <method>/global and <method>/local (two rows of the comparison)
     _job("10_global_local_fcnn.ipynb", "global_local", SYNTHETIC + REAL, runs="global_local"),
-    # afids-templates' FCNN with a longer local stage (profiles.yaml): a variant of its committed run, chosen on val
-    _job("10_global_local_fcnn.ipynb", "global_local_long", ("afids-templates",), runs="global_local", main=False,
-         variant_of="global_local"),
     _job("15_heatmap_unet.ipynb", "heatmap_unet", SYNTHETIC + REAL, runs="heatmap_unet"),
     # hand-xray's committed setting refit on train + val (its last epoch kept)
     _job("15_heatmap_unet.ipynb", "heatmap_unet_refit", ("hand-xray",), runs="heatmap_unet", main=False),
@@ -224,8 +221,7 @@ JOBS: tuple[Job, ...] = (
          runs="shape_fit"),
     _job("64_shape_prior.ipynb", "global_local+shape", ("afids-templates",), runs="shape_fit", main=False),
     # the generalisation study: the variants against their base, chosen on val only (after the variants' jobs)
-    _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph", "afids-templates"),
-         main=False),
+    _job("63_generalisation_study.ipynb", "generalisation", ("synthetic2d", "hamedan-ceph"), main=False),
     # a trained model on images with calibrated regions and a review list (needs the method's run folder first)
     _job("80_predict_new_images.ipynb", "predict", SYNTHETIC + REAL),
     # speed, memory and accuracy on this machine (the 2D methods at their full settings); the peer on hand-xray,
