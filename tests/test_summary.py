@@ -130,3 +130,54 @@ def test_the_sentences_do_not_change_when_ablation_rows_join_the_table(tmp_path:
         _comparison(tmp_path / name, "set-a", 1, pairs)
         texts.append(summary.ranking_sentences(tmp_path / name, summary.summary_table(tmp_path / name))["set-a"])
     assert texts[0] == texts[1] and "better than every other row" in texts[1]
+
+
+def test_a_row_that_repeats_its_base_is_shown_not_ranked(tmp_path: Path) -> None:
+    """A shape prior that validation left as it was gives its base's predictions: ranked beside it, the same result
+    counted twice pushed every row below it down one rank (and "not distinguishable from" named the copy)."""
+    _comparison(tmp_path, "set-a", 1, {("heatmap_unet", "htc"): 0.001, ("heatmap_unet", "registration"): 0.0001,
+                                       ("htc", "registration"): 0.001, ("heatmap_unet", "heatmap_unet+shape"): 1.0,
+                                       ("heatmap_unet+shape", "htc"): 0.001, ("heatmap_unet", "reference/mean_shape"): 1e-4})
+    folder = tmp_path / "set-a" / "comparison"
+    table = pd.read_csv(folder / "table_main.csv", index_col=0)
+    table.loc["heatmap_unet+shape"] = table.loc["heatmap_unet"]
+    table.to_csv(folder / "table_main.csv")
+    roles = json.loads((folder / "comparison.json").read_text())
+    (folder / "comparison.json").write_text(json.dumps({"roles": {**roles["roles"], "heatmap_unet+shape": "main"}}))
+    sig = pd.read_csv(folder / "table_significance.csv")
+    sig["n_pairs"], sig["unit"] = 20, "image"
+    sig["n_nonzero"] = [0 if "heatmap_unet+shape" in (a, b) and "htc" not in (a, b) else 20
+                        for a, b in zip(sig["method_a"], sig["method_b"])]
+    sig.to_csv(folder / "table_significance.csv", index=False)
+    long = summary.summary_table(tmp_path).set_index("method")
+    assert long.loc["heatmap_unet+shape", "copy_of"] == "heatmap_unet" and pd.isna(long.loc["heatmap_unet+shape", "rank"])
+    assert (long.loc["htc", "rank"], long.loc["registration", "rank"]) == (2, 3)
+    assert summary.wide_table(long.reset_index()).loc["heatmap_unet+shape", "set-a"] == "= heatmap_unet"
+    text = summary.ranking_sentences(tmp_path, long.reset_index())["set-a"]
+    assert "better than every other row" in text and "heatmap_unet+shape gives heatmap_unet's test predictions" in text
+
+
+@pytest.mark.parametrize("n_pairs, unit, can", [(28, "image", True), (7, "image", False), (2, "subject", False)])
+def test_a_set_too_small_for_any_test_to_reach_significance_says_so(tmp_path: Path, n_pairs: int, unit: str,
+                                                                    can: bool) -> None:
+    """With 2 anatomies (afids-templates) the smallest Wilcoxon p is 0.5, with 7 images 1/64 before Holm: "not
+    distinguishable" there is the test's floor, not evidence of a tie."""
+    _comparison(tmp_path, "set-a", 1, {("heatmap_unet", "htc"): 0.5, ("heatmap_unet", "registration"): 0.5,
+                                       ("htc", "registration"): 0.5, ("heatmap_unet", "reference/mean_shape"): 0.5})
+    path = tmp_path / "set-a" / "comparison" / "table_significance.csv"
+    sig = pd.read_csv(path).assign(n_pairs=n_pairs, n_nonzero=n_pairs, unit=unit)
+    sig.to_csv(path, index=False)
+    text = summary.ranking_sentences(tmp_path, summary.summary_table(tmp_path))["set-a"]
+    assert ("cannot show an order" not in text) == can
+    assert (f"of {n_pairs} subjects" in text) == (unit == "subject")
+    assert summary.smallest_holm_p(7, 3) == pytest.approx(3 / 64) and summary.smallest_holm_p(2, 1) == 0.5
+
+
+def test_an_observer_row_scored_on_other_images_says_which(tmp_path: Path, results: Path) -> None:
+    folder = results / "set-a" / "reference" / "inter-observer"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"scored_on": "own_images", "n_pairs": 4, "pair_splits": ["train"]}))
+    notes = summary.observer_notes(results, summary.summary_table(results))
+    assert notes == ["inter-observer (set-a): the annotator against itself on 4 pairs of identical images (train "
+                     "split), not on the test images; a model as good as the annotator would score about 0.99 mm "
+                     "against it (the row / sqrt 2)"]

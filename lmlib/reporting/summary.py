@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lmlib.evaluation.statistics import holm_within
-from lmlib.outputs.reference_runs import INTER_OBSERVER, INTRA_OBSERVER, MEAN_SHAPE
+from lmlib.outputs.reference_runs import INTER_OBSERVER, INTRA_OBSERVER, MEAN_SHAPE, OWN_IMAGES
 from lmlib.reporting.comparison import MAIN, markdown_table
 
 SUMMARY_DIR = "summary"
@@ -67,16 +67,38 @@ def _main_rows(folder: Path) -> pd.DataFrame:
     return table.loc[keep]
 
 
+def _significance(folder: Path) -> pd.DataFrame:
+    path = folder / "table_significance.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["method_a", "method_b", "p_value"])
+
+
+def copies(rows: Sequence[str], significance: pd.DataFrame) -> dict[str, str]:
+    """Row -> the row whose test predictions it repeats: a derived row (``<base>+...``, e.g. a shape prior that
+    validation left as it was) with no test unit differing from its base's (``n_nonzero`` 0 in the pairwise tests).
+    Such a row is the same result twice: shown, not ranked."""
+    if "n_nonzero" not in significance:
+        return {}
+    out: dict[str, str] = {}
+    names = set(rows)
+    for r in significance.itertuples(index=False):
+        for a, b in ((r.method_a, r.method_b), (r.method_b, r.method_a)):
+            if a in names and b in names and str(a).startswith(f"{method_series(str(b))}+") and r.n_nonzero == 0:
+                out[str(a)] = str(b)
+    return out
+
+
 def summary_table(results_dir: Path | str, datasets: Sequence[str] | None = None,
                   fresh: dict[str, Path] | None = None) -> pd.DataFrame:
     """Long numeric table: one row per (dataset, method) of the main rows, with mre_mm and its CI, sdr_2mm,
-    n_images and the rank within the data set (observer rows unranked)."""
+    n_images, the rank within the data set (observer rows and copies unranked) and ``copy_of`` (:func:`copies`)."""
     rows = []
     for dataset, folder in comparisons(results_dir, datasets, fresh).items():
         table = _main_rows(folder)
-        ranked = table.loc[[m for m in table.index if m not in OBSERVERS], "mre_mm"].rank(method="min")
+        same = copies(list(table.index), _significance(folder))
+        ranked = table.loc[[m for m in table.index if m not in OBSERVERS and m not in same], "mre_mm"].rank(method="min")
         for row, r in table.iterrows():
             rows.append({"dataset": dataset, "row": row, "method": method_series(str(row)),
+                         "copy_of": method_series(same[row]) if row in same else "",
                          "observer": row in OBSERVERS, "mre_mm": r["mre_mm"], "mre_ci_low": r["mre_mm_ci_low"],
                          "mre_ci_high": r["mre_mm_ci_high"], "sdr_2mm": r.get("sdr_2mm", np.nan),
                          "n_images": r.get("n_images"), "rank": ranked.get(row, np.nan),
@@ -89,9 +111,11 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     sets the method ran on; their count in brackets). Sorted by mean rank; observer rows last."""
     if long.empty:
         return pd.DataFrame()
+    copy_of = long["copy_of"] if "copy_of" in long else pd.Series("", index=long.index)
     cells = long.assign(cell=[
+        f"= {c}" if isinstance(c, str) and c else
         f"{r.mre_mm:.2f} [{r.mre_ci_low:.2f}, {r.mre_ci_high:.2f}] · {r.sdr_2mm:.0f} % · "
-        + ("-" if pd.isna(r.rank) else f"#{int(r.rank)}") for r in long.itertuples()])
+        + ("-" if pd.isna(r.rank) else f"#{int(r.rank)}") for r, c in zip(long.itertuples(), copy_of)])
     wide = cells.pivot_table(index="method", columns="dataset", values="cell", aggfunc="first")
     ranks = long.groupby("method")["rank"].agg(["mean", "count"])
     wide["mean rank"] = [f"{ranks.loc[m, 'mean']:.2f} ({int(ranks.loc[m, 'count'])})" if ranks.loc[m, "count"] else "-"
@@ -131,14 +155,24 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
     out: dict[str, str] = {}
     for dataset, folder in comparisons(results_dir, list(long["dataset"].unique()), fresh).items():
         rows = long[(long["dataset"] == dataset) & ~long["observer"]].sort_values("mre_mm")
-        sig_path = folder / "table_significance.csv"
-        if rows.empty or not sig_path.is_file():
+        copied = rows[rows["copy_of"].astype(bool)] if "copy_of" in rows else rows.iloc[:0]
+        rows = rows.drop(copied.index)
+        if rows.empty or not (folder / "table_significance.csv").is_file():
             continue
-        sig = holm_within(pd.read_csv(sig_path), _stated(rows))  # Holm over what is stated, not every pair
+        full = _significance(folder)
+        stated = _stated(rows)
+        sig = holm_within(full, stated)  # Holm over what is stated, not every pair
         best = rows.iloc[0]
         ties = [r.row for r in rows.iloc[1:].itertuples() if not _p(sig, best.row, r.row) < ALPHA]
         n_img = int(best.n_images) if pd.notna(best.n_images) else 0
-        text = (f"**{dataset}** ({n_img} test images): {best.method} ranks first ({best.mre_mm:.2f} mm). ")
+        unit, n_units = test_units(full)
+        text = (f"**{dataset}** ({n_img} test images" + (f" of {n_units} {unit}s" if unit != "image" and n_units else "")
+                + f"): {best.method} ranks first ({best.mre_mm:.2f} mm). ")
+        floor = smallest_holm_p(n_units, len(stated)) if n_units else 0.0
+        if floor >= ALPHA:
+            text += (f"With {n_units} {unit}s per paired test, no stated comparison can reach Holm-corrected p < "
+                     f"{ALPHA:g} (the smallest attainable is {floor:.3g}): this set cannot show an order, and "
+                     "\"not distinguishable\" below says nothing more. ")
         text += (f"It is not distinguishable from {', '.join(method_series(t) for t in ties)} "
                  f"(Holm-corrected p >= {ALPHA:g}), so the order among them is not shown by this set. " if ties else
                  f"It is better than every other row (Holm-corrected p < {ALPHA:g}). ")
@@ -156,8 +190,42 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
                         f"(p {', '.join(_fmt_p(_p(sig, m, 'registration')) for m in lose)})" if lose and beat else "") + ". ")
         else:
             text += "No registration row in this comparison yet. "
+        for r in copied.itertuples():
+            text += f"{r.method} gives {r.copy_of}'s test predictions (unranked). "
         out[dataset] = text.strip()
     return out
+
+
+def test_units(significance: pd.DataFrame) -> tuple[str, int]:
+    """The unit the comparison's paired tests are over (``image``, or ``subject`` where a data set declares them)
+    and the largest number of pairs a test has (0 when the table does not say)."""
+    if significance.empty or "n_pairs" not in significance:
+        return "image", 0
+    unit = str(significance["unit"].iloc[0]) if "unit" in significance else "image"
+    return unit, int(pd.to_numeric(significance["n_pairs"], errors="coerce").max())
+
+
+def smallest_holm_p(n_pairs: int, n_tests: int) -> float:
+    """The smallest Holm-corrected p any of ``n_tests`` two-sided exact Wilcoxon signed-rank tests over ``n_pairs``
+    pairs can reach: every difference of one sign gives ``2 / 2**n_pairs``, which Holm multiplies by ``n_tests``."""
+    return min(1.0, max(1, n_tests) * 2.0 ** (1 - n_pairs))
+
+
+def observer_notes(results_dir: Path | str, long: pd.DataFrame) -> list[str]:
+    """A line per observer row scored on other images than the test split (an annotator against itself on copies
+    of one image): which images, and the level a perfect model would show against that annotator (about the
+    row's MRE / sqrt 2: two independent placements by one annotator differ by sqrt 2 times one placement's error)."""
+    lines = []
+    for r in long[long["observer"]].itertuples():
+        path = Path(results_dir) / str(r.dataset) / str(r.row) / "metrics.json"
+        metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if metrics.get("scored_on") != OWN_IMAGES:
+            continue
+        splits = ", ".join(metrics.get("pair_splits") or []) or "unknown"
+        lines.append(f"{r.method} ({r.dataset}): the annotator against itself on {metrics.get('n_pairs', '?')} pairs "
+                     f"of identical images ({splits} split), not on the test images; a model as good as the annotator "
+                     f"would score about {r.mre_mm / np.sqrt(2):.2f} mm against it (the row / sqrt 2)")
+    return lines
 
 
 def fig_summary(long: pd.DataFrame, path: Path | str | None = None) -> Any:
@@ -200,11 +268,17 @@ def write_summary(results_dir: Path | str, readme: Path | str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     long.to_csv(out / "table_summary.csv", index=False, float_format="%.4f")
     sentences = ranking_sentences(results_dir, long, fresh)
+    by_subject = [f"{d}: {n} {u}s" for d, folder in comparisons(results_dir, list(long["dataset"].unique()),
+                                                                  fresh).items()
+                  for u, n in [test_units(_significance(folder))] if u != "image"]
     text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images; over test "
-            "subjects where a data set declares them (afids-templates: 2 anatomies, so the interval spans their two "
-            "values)] · SDR at "
-            "2 mm · rank within the data set (1 = lowest MRE; observer rows unranked). Mean rank over the data sets "
-            "a method ran on (their number in brackets). Main rows only: ablations are in each comparison.\n\n"
+            "subjects where a data set declares them" + (f" ({'; '.join(by_subject)})" if by_subject else "")
+            + "] · SDR at 2 mm · rank within the data set (1 = lowest MRE; observer rows unranked); \"= x\": the same "
+            "test predictions as row x (unranked). Mean rank over the data sets a method ran on (their number in "
+            "brackets). Main rows only: ablations are in each comparison. The p-values below are Holm-corrected over "
+            "the comparisons the sentences state; each comparison's `table_significance.csv` corrects over every "
+            "pair of its table (so its p are larger).\n\n"
+            + "".join(f"- {line}.\n" for line in observer_notes(results_dir, long))
             + "\n".join(f"- {s}" for s in sentences.values()) + "\n")
     (out / "table_summary.md").write_text(text, encoding="utf-8")
     fig_summary(long, out / "fig_summary.png")
