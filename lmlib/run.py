@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -444,14 +444,33 @@ def _execute(job: Job, dataset: str, params: dict[str, Any], declared: dict[str,
     for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
         os.environ.setdefault(key, value)
     start = time.time()
-    pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
-                        kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,
-                        progress_bar=False, report_mode=False,
-                        stdout_file=ConsoleEcho(f"{dataset_name(dataset)}/{job.method}") if echo else None)
+    with kernel_environment(NOTEBOOK_ENV):
+        pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
+                            kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,
+                            progress_bar=False, report_mode=False,
+                            stdout_file=ConsoleEcho(f"{dataset_name(dataset)}/{job.method}") if echo else None)
     if rank != 0:  # a launcher's other ranks trained with rank 0; only rank 0 keeps results
         shutil.rmtree(root / tmp, ignore_errors=True)
         return
     _finalise(root / tmp, root / final, params, job, profile, time.time() - start, overrides)
+
+
+#: the environment of a notebook's kernel under the driver: no tqdm bars (a stored notebook would keep their frozen
+#: fragments, e.g. "0%| 0/3"; long loops print lines there: epochs, registration's images)
+NOTEBOOK_ENV: dict[str, str] = {"TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def kernel_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` while the block runs (a kernel started inside inherits them), unless the user
+    set them; the driver's own environment as it was afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 class ConsoleEcho:

@@ -159,7 +159,9 @@ def environment_summary(device: torch.device | None = None) -> dict[str, str]:
 
 
 def print_environment(device: torch.device | None = None) -> None:
-    """Print :func:`environment_summary` as aligned lines (like MONAI's print_config)."""
+    """Print :func:`environment_summary` as aligned lines (like MONAI's print_config). Every notebook calls it
+    first, so it also sets the short warning format of :func:`setup` (the reporting notebooks call no setup)."""
+    warnings.formatwarning = _short_warning
     info = environment_summary(device)
     width = max(map(len, info))
     for key, value in info.items():

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lmlib.data.geometry import Geometry
 from lmlib.data.sample import Sample
@@ -124,3 +125,19 @@ def test_images_the_split_file_leaves_out_are_named_when_a_run_starts(capsys) ->
     warn_not_in_split(type(data)(data.spec, data.samples, report))
     out = capsys.readouterr().out
     assert "warning: 10 image(s) of synthetic2d are in no split" in out and "img0" in out and "and 2 more" in out
+
+
+def test_a_reporting_notebook_prints_warnings_without_the_library_source_line(capsys: pytest.CaptureFixture[str],
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison notebooks call print_environment and no setup: their data warnings came out as
+    "/work/<worktree>/lmlib/data/datasets.py:504: UserWarning: ..." plus the source line, the machine's path in a
+    committed notebook."""
+    import warnings
+
+    from lmlib.runtime import print_environment
+
+    monkeypatch.setattr(warnings, "formatwarning", lambda m, c, f, n, line=None: f"{f}:{n}: {c.__name__}: {m}\n")
+    print_environment()
+    text = warnings.formatwarning("a.json: landmark 'l11' duplicate", UserWarning, "/work/x/lmlib/data/d.py", 504,
+                                  "ds = load(...)")
+    assert text == "UserWarning: a.json: landmark 'l11' duplicate\n"

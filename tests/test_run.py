@@ -346,6 +346,24 @@ def test_the_driver_asks_training_notebooks_for_epoch_lines(tmp_path: Path, monk
     assert "LMLIB_PROGRESS" not in os.environ
 
 
+def test_a_notebook_under_the_driver_draws_no_progress_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tqdm bars (posed copies, registration, predict) left frozen fragments such as "0%| 0/3" in stored notebooks:
+    the kernel starts with TQDM_DISABLE set, and the driver's own environment is as it was afterwards."""
+    import papermill as pm
+
+    seen: list[str | None] = []
+    fake = _fake_papermill(monkeypatch)
+    inner = pm.execute_notebook
+    monkeypatch.setattr(pm, "execute_notebook", lambda *a, **k: seen.append(os.environ.get("TQDM_DISABLE")) or inner(*a, **k))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    _toy_and_a_variant(tmp_path, "trains.ipynb", 'progress: str = "bar"')
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
+    assert seen == ["1"] and len(fake) == 1 and "TQDM_DISABLE" not in os.environ
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # a user's own choice is kept
+    run_job(Job("toy.ipynb", "toy", ("synthetic2d",)), "synthetic2d", profile="smoke", root=tmp_path)
+    assert seen[-1] == "0" and os.environ["TQDM_DISABLE"] == "0"
+
+
 def test_notebook_failure_names_the_exception_and_the_partial_notebook(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import papermill as pm
