@@ -110,7 +110,8 @@ def setup(seed: int = 0, device: str = "auto", deterministic: bool = True) -> to
     if dev.type == "cpu":
         torch.set_flush_denormal(True)
     if deterministic:
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = False  # cuDNN picks its kernels by timing otherwise
+        torch.backends.cudnn.deterministic = True  # and its deterministic ones (some CUDA ops still are not)
     return dev
 
 

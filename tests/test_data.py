@@ -122,6 +122,22 @@ def test_epoch_streams_depend_on_seed_and_epoch_only(num_workers: int) -> None:
     assert not _same_batches(full[:n], full[n:2 * n])
 
 
+def _as_rank(dm: LandmarkDataModule, rank: int) -> LandmarkDataModule:
+    dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=0)
+    return dm
+
+
+def test_ddp_ranks_share_the_order_and_draw_their_own_augmentations() -> None:
+    """Every DDP rank reseeded its data stream from (seed, epoch) alone, so the k-th item of each rank got the same
+    rotation, scale, crop and jitter: the order must be the same on every rank (the distributed wrapper splits
+    it), the augmentations not; rank 0 draws those of a single process."""
+    single = epochs(make_dm(), 1)
+    ranks = [epochs(_as_rank(make_dm(same=True), r), 1) for r in (0, 1)]
+    assert [b["image_id"] for b in ranks[0]] == [b["image_id"] for b in ranks[1]]  # one order
+    assert not any(torch.equal(a["image"], b["image"]) for a, b in zip(ranks[0], ranks[1]))  # same pixels, new draws
+    assert _same_batches(epochs(_as_rank(make_dm(), 0), 1), single)
+
+
 def test_epoch_seed_streams_are_distinct() -> None:
     seeds = {epoch_seed(s, e, k) for s in (0, 1) for e in range(50) for k in range(4)}
     assert len(seeds) == 2 * 50 * 4 and all(0 <= x < 2**32 for x in seeds)

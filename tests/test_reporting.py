@@ -230,7 +230,8 @@ def test_write_reference_run_matches_by_id_and_name(tmp_path: Path) -> None:
     np.testing.assert_allclose(preds["error_mm"].to_numpy(), [0.5, 0.0, np.nan, 5.0, np.nan, np.nan])
     assert met["mre_mm"] == pytest.approx(5.5 / 3) and met["n_images"] == 2
     row = M.overall_metrics(preds).iloc[0]
-    assert row["n_masked"] == 1 and row["n_unpredicted"] == 2
+    # R, which the other annotator lacks, is a comparison not made (masked), not a miss: with Q of image b
+    assert row["n_masked"] == 3 and row["n_unpredicted"] == 0
     with pytest.raises(ValueError):
         reporting.write_reference_run(ref, other[2:], tmp_path / "none")
 

@@ -172,6 +172,22 @@ def test_resume_continues_from_saved_epoch(samples, tmp_path):
     assert again.peak_rss_mb == 1e7
 
 
+def test_a_resumed_run_with_a_longer_schedule_uses_its_rate_from_the_first_epoch(samples, tmp_path):
+    """The optimizer's restored rate was the old schedule's (cosine over 2 epochs: its floor at epoch 2), so the
+    first resumed epoch of a run lengthened to 4 epochs trained at it."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    first = fit(method, _dm(samples), tmp_path / "a", max_epochs=2, device="cpu")
+    second = fit(method, _dm(samples), tmp_path / "b", max_epochs=4, device="cpu", resume=first.last_checkpoint)
+    lr = pd.read_csv(second.history_csv).dropna(subset=["lr"]).set_index("epoch")["lr"]
+    conf = method.configure_optimizers([torch.nn.Parameter(torch.zeros(1))], max_epochs=4)
+    sched = conf["lr_scheduler"]["scheduler"]
+    expected = []
+    for _ in range(4):
+        expected.append(sched.optimizer.param_groups[0]["lr"])
+        sched.step()
+    np.testing.assert_allclose(lr.loc[[2, 3]].to_numpy(), expected[2:], rtol=1e-6)
+
+
 def test_a_run_folder_moved_before_resume_finds_its_best_checkpoint(samples, tmp_path):
     """A checkpoint names its best checkpoint by absolute path: after the scratch folder was moved, --resume
     trained and then failed FileNotFoundError on the old path (seen moving a hand-xray run between worktrees)."""
@@ -358,7 +374,8 @@ def test_per_landmark_means_keep_values_and_ids_aligned_with_nans():
     ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
     module._val_dice.update(values.reshape(-1))
     module._val_dice_ids.update(torch.where(torch.isfinite(values), ids, -1).reshape(-1).float())
-    mean, per = module._per_landmark(module._val_dice, module._val_dice_ids)
+    module._val_dice_items.update(torch.tensor([[0, 0, 0], [1, 1, 1]]).reshape(-1).double())
+    mean, per = module._per_landmark(module._val_dice, module._val_dice_ids, module._val_dice_items)
     assert mean == pytest.approx(4.0)
     np.testing.assert_allclose(per, [1.0, 5.0, 5.0])
 
@@ -539,3 +556,49 @@ def test_a_stale_best_in_the_resume_folder_is_replaced(samples, tmp_path):
     (tmp_path / "b" / "checkpoints" / "best.ckpt").write_bytes(b"another run's weights")
     again = fit(method, _dm(samples), tmp_path / "b", max_epochs=1, device="cpu", resume=first.last_checkpoint)
     assert Path(again.best_checkpoint).read_bytes() == Path(first.best_checkpoint).read_bytes()
+
+
+@pytest.mark.parametrize("precision, flip", [("bf16", False), ("32", True)])
+def test_validation_scores_what_prediction_predicts(samples, precision: str, flip: bool) -> None:
+    """The checkpoint is chosen on the validation error: under bf16 autocast validation decoded bf16 maps while
+    predict() (the test numbers) runs in full precision, and validation ignored test-time flipping, so the chosen
+    epoch and best_val_mre_mm followed other numbers than the test predictions."""
+    torch.manual_seed(0)
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, network=NET, test_time_flip=flip)
+    dm = _dm(samples, batch_size=4)
+    dm.setup()
+    module = LandmarkModule.from_method(method, samples[0].landmark_names, dm.view, dm.eval_view).eval()
+    val = list(dm.datasets["val"].samples) if hasattr(dm.datasets["val"], "samples") else dm.split_samples("val")
+    expected = np.concatenate([np.linalg.norm(p - s.landmarks_mm, axis=1) for p, s in
+                               zip(predict(module, val, batch_size=4, device="cpu").world_mm, val)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for k, batch in enumerate(dm.val_dataloader()):
+            module.validation_step(batch, k)
+    got = module._val_err.compute().double().numpy()
+    np.testing.assert_allclose(np.sort(got), np.sort(expected), atol=1e-4)
+
+
+def test_a_val_item_seen_twice_counts_once(samples) -> None:
+    """Under DDP the val sampler pads every rank to one length by repeating items (30 val images on 4 ranks: two
+    counted twice), and that biased val MRE chose the checkpoint: each (item, landmark) now counts once."""
+    torch.manual_seed(0)
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, network=NET)
+    dm = _dm(samples, batch_size=3)
+    dm.setup()
+    module = LandmarkModule.from_method(method, samples[0].landmark_names, dm.view, dm.eval_view).eval()
+    batches = list(dm.val_dataloader())
+    scores = []
+    for passes in (batches, batches + batches[:1]):  # the first batch again, as a padded rank sees it
+        with torch.no_grad():
+            for k, batch in enumerate(passes):
+                module.validation_step(batch, k)
+        scores.append(module._per_landmark(module._val_err, module._val_ids, module._val_items))
+    assert scores[0][0] == pytest.approx(scores[1][0], rel=1e-12)
+    np.testing.assert_allclose(scores[0][1], scores[1][1], rtol=1e-12)
+
+
+def test_selection_on_val_without_a_validated_epoch_is_refused(samples, tmp_path):
+    """With validation every 5 epochs and 3 epochs to train, best.ckpt silently fell back to the last epoch."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    with pytest.raises(ValueError, match=r"check_val_every_n_epoch=5 > max_epochs=3: no epoch is validated"):
+        fit(method, _dm(samples), tmp_path, max_epochs=3, device="cpu", check_val_every_n_epoch=5)

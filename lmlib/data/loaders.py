@@ -117,19 +117,26 @@ class EpochSampler(Sampler[int]):
     next iterator is drawn (workers: :func:`seed_worker`). A run resumed at epoch ``e`` therefore sees
     the same batches as an uninterrupted one. Persistent workers keep their streams across epochs
     (not reseeded per epoch): a resume is exact with ``num_workers=0`` or non-persistent workers.
+    ``rank`` (a DDP process's global rank) enters the augmentation and worker streams, not the order:
+    every rank shuffles alike (Lightning's distributed wrapper then gives each its share) and draws its
+    own augmentations; rank 0 draws those of a single process.
     """
 
     def __init__(self, dataset: LandmarkDataset, seed: int = 0, shuffle: bool = True,
-                 generator: torch.Generator | None = None, epoch: int = 0) -> None:
+                 generator: torch.Generator | None = None, epoch: int = 0, rank: int = 0) -> None:
         self.dataset, self.seed, self.shuffle = dataset, int(seed), bool(shuffle)
         self.generator = generator if generator is not None else torch.Generator()
+        self.rank = int(rank)
         self.epoch = 0
         self.set_epoch(epoch)
+
+    def _stream(self, stream: int) -> tuple[int, ...]:
+        return (stream, self.rank) if self.rank else (stream,)
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch`` for the next pass and reseed the worker base-seed generator."""
         self.epoch = int(epoch)
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, STREAM_WORKERS))
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, *self._stream(STREAM_WORKERS)))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -137,7 +144,7 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch, n = self.epoch, len(self.dataset)
         if hasattr(self.dataset, "set_random_state"):
-            self.dataset.set_random_state(epoch_seed(self.seed, epoch, STREAM_DATA))
+            self.dataset.set_random_state(epoch_seed(self.seed, epoch, *self._stream(STREAM_DATA)))
         if self.shuffle:
             order = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, STREAM_ORDER))
             indices = torch.randperm(n, generator=order).tolist()
@@ -571,7 +578,9 @@ class LandmarkDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         generator = self._generator if train else torch.Generator().manual_seed(self.seed)
         # train: order and streams of each epoch from (seed, epoch); val/test: in order, no randomness
-        sampler = EpochSampler(dataset, self.seed, self.shuffle, generator, epoch) if train else None
+        trainer = getattr(self, "trainer", None)
+        rank = int(getattr(trainer, "global_rank", 0) or 0)
+        sampler = EpochSampler(dataset, self.seed, self.shuffle, generator, epoch, rank) if train else None
         return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, shuffle=False if sampler is None else None,
                           num_workers=self.num_workers, collate_fn=collate_landmarks, worker_init_fn=seed_worker,

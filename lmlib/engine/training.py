@@ -197,6 +197,9 @@ class LandmarkModule(pl.LightningModule):
         self._val_ids = CatMetric(nan_strategy="disable")
         self._val_dice = CatMetric(nan_strategy="disable")
         self._val_dice_ids = CatMetric(nan_strategy="disable")
+        # the val item of each value: under DDP the val sampler pads every rank to one length by repeating items
+        self._val_items = CatMetric(nan_strategy="disable")
+        self._val_dice_items = CatMetric(nan_strategy="disable")
 
     def _apply(self, fn: Any, recurse: bool = True) -> LandmarkModule:
         """Every move (``to``, ``cuda``, ``cpu``, the trainer's) also sets the networks' memory layout for the new
@@ -258,6 +261,16 @@ class LandmarkModule(pl.LightningModule):
             self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
+    def on_train_start(self) -> None:
+        """A resumed run whose schedule grew (``max_epochs``): the optimizer comes back with the rate the old
+        schedule gave the epoch about to run; set it from the scheduler's function of the epoch, which has the new
+        horizon (else that one epoch ran at the old rate). A fresh or same-length run: the same value."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * factor(sched.last_epoch)
+
     def on_train_epoch_start(self) -> None:
         self.method_epoch.fill_(int(self.current_epoch))
         size = self.view.size
@@ -268,29 +281,42 @@ class LandmarkModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         epoch = int(self.current_epoch)
-        outputs = self(batch)
-        loss, extras = self.method.training_loss(outputs, batch, epoch)
+        # scored as predict() scores the test split: in full precision (under bf16-mixed Lightning runs this step in
+        # autocast) and with test-time flipping when the method uses it, so the checkpoint is chosen on those numbers
+        with torch.autocast(self.device.type, enabled=False):
+            outputs = self(batch)
+            loss, extras = self.method.training_loss(outputs, batch, epoch)
+            if self.method.test_time_flip:
+                coords = self.method.predict_coords(self.net, batch, epoch)[0]
+            else:
+                coords, _ = self.method.decode_batch(outputs, batch, epoch)
         self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
-        coords, _ = self.method.decode_batch(outputs, batch, epoch)
         err = errors_mm(coords, batch)
         ids = batch["landmark_ids"].to(err.device)
+        items = torch.as_tensor(batch["item_index"], device=err.device).reshape(-1, 1).expand_as(ids)
         self._val_err.update(err.reshape(-1).float())
         self._val_ids.update(torch.where(torch.isfinite(err), ids, -1).reshape(-1).float())
+        self._val_items.update(items.reshape(-1).double())
         if "targets" in extras:
             dice = self.method.dice(outputs, extras["targets"], batch["valid"])
             if dice is not None:
                 self._val_dice.update(dice.detach().reshape(-1).float())
                 self._val_dice_ids.update(torch.where(torch.isfinite(dice), ids, -1).reshape(-1).float())
+                self._val_dice_items.update(items.reshape(-1).double())
 
-    def _per_landmark(self, values: CatMetric, ids: CatMetric) -> tuple[float, np.ndarray] | None:
-        """Mean over all and per landmark of the accumulated values (NaN-free; None if nothing)."""
+    def _per_landmark(self, values: CatMetric, ids: CatMetric, items: CatMetric) -> tuple[float, np.ndarray] | None:
+        """Mean over all and per landmark of the accumulated values (NaN-free; None if nothing), each (val item,
+        landmark) once: the copies a DDP sampler pads the ranks with are counted once."""
         if not values.update_called:
             return None
         v, i = values.compute().double().cpu().numpy().ravel(), ids.compute().cpu().numpy().ravel().astype(int)
-        values.reset()
-        ids.reset()
+        item = items.compute().cpu().numpy().ravel().astype(np.int64)
+        for metric in (values, ids, items):
+            metric.reset()
         keep = (i >= 0) & np.isfinite(v)
-        v, i = v[keep], i[keep]
+        v, i, item = v[keep], i[keep], item[keep]
+        _, first = np.unique(item * len(self.landmark_names) + i, return_index=True)
+        v, i = v[first], i[first]
         if v.size == 0:
             return None
         per = np.full(len(self.landmark_names), np.nan)
@@ -299,12 +325,12 @@ class LandmarkModule(pl.LightningModule):
         return float(v.mean()), per
 
     def on_validation_epoch_end(self) -> None:
-        err = self._per_landmark(self._val_err, self._val_ids)
+        err = self._per_landmark(self._val_err, self._val_ids, self._val_items)
         self.log(MONITOR, err[0] if err else math.inf, prog_bar=True)
         if err:
             for name, value in zip(self.landmark_names, err[1]):
                 self.log(f"val/err_mm/{name}", float(value))
-        dice = self._per_landmark(self._val_dice, self._val_dice_ids)
+        dice = self._per_landmark(self._val_dice, self._val_dice_ids, self._val_dice_items)
         if dice:
             self.log("val/dice", dice[0], prog_bar=True)
             for name, value in zip(self.landmark_names, dice[1]):
@@ -346,7 +372,8 @@ class _EpochSeeds(Callback):
         self.seed = int(seed)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        value = epoch_seed(self.seed, int(trainer.current_epoch), STREAM_GLOBAL)
+        rank = int(trainer.global_rank)  # each DDP process its own dropout; rank 0 a single process's
+        value = epoch_seed(self.seed, int(trainer.current_epoch), *((STREAM_GLOBAL, rank) if rank else (STREAM_GLOBAL,)))
         random.seed(value)
         np.random.seed(value)
         torch.manual_seed(value)
@@ -730,6 +757,10 @@ def fit(method: LandmarkMethod, datamodule: LandmarkDataModule, output_dir: str 
     """
     if select not in SELECT:
         raise ValueError(f"select={select!r}: one of {SELECT}")
+    if select == "val" and int(check_val_every_n_epoch) > int(max_epochs):
+        # no epoch would be validated: best.ckpt would silently be the last epoch, with no validation error
+        raise ValueError(f"check_val_every_n_epoch={check_val_every_n_epoch} > max_epochs={max_epochs}: no epoch is "
+                         "validated, so none can be selected on val (select='last' keeps the last epoch)")
     world = int(devices) * int(num_nodes)
     if world > 1 and strategy == "auto" and in_notebook_kernel():
         return _fit_as_script({k: v for k, v in locals().items() if k != "world"})
