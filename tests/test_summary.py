@@ -155,6 +155,7 @@ def test_a_row_that_repeats_its_base_is_shown_not_ranked(tmp_path: Path) -> None
     assert summary.wide_table(long.reset_index()).loc["heatmap_unet+shape", "set-a"] == "= heatmap_unet"
     text = summary.ranking_sentences(tmp_path, long.reset_index())["set-a"]
     assert "better than every other row" in text and "heatmap_unet+shape gives heatmap_unet's test predictions" in text
+    assert "not distinguishable" not in text
 
 
 @pytest.mark.parametrize("n_pairs, unit, can", [(28, "image", True), (7, "image", False), (2, "subject", False)])
@@ -179,5 +180,5 @@ def test_an_observer_row_scored_on_other_images_says_which(tmp_path: Path, resul
     (folder / "metrics.json").write_text(json.dumps({"scored_on": "own_images", "n_pairs": 4, "pair_splits": ["train"]}))
     notes = summary.observer_notes(results, summary.summary_table(results))
     assert notes == ["inter-observer (set-a): the annotator against itself on 4 pairs of identical images (train "
-                     "split), not on the test images; a model as good as the annotator would score about 0.99 mm "
-                     "against it (the row / sqrt 2)"]
+                     "split), not the test images; a model as good as the annotator would score about 0.99 mm "
+                     "(the row / sqrt 2)"]

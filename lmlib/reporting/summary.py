@@ -169,13 +169,14 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
         text = (f"**{dataset}** ({n_img} test images" + (f" of {n_units} {unit}s" if unit != "image" and n_units else "")
                 + f"): {best.method} ranks first ({best.mre_mm:.2f} mm). ")
         floor = smallest_holm_p(n_units, len(stated)) if n_units else 0.0
-        if floor >= ALPHA:
-            text += (f"With {n_units} {unit}s per paired test, no stated comparison can reach Holm-corrected p < "
-                     f"{ALPHA:g} (the smallest attainable is {floor:.3g}): this set cannot show an order, and "
-                     "\"not distinguishable\" below says nothing more. ")
-        text += (f"It is not distinguishable from {', '.join(method_series(t) for t in ties)} "
-                 f"(Holm-corrected p >= {ALPHA:g}), so the order among them is not shown by this set. " if ties else
-                 f"It is better than every other row (Holm-corrected p < {ALPHA:g}). ")
+        if floor >= ALPHA:  # then every pair is "not distinguishable", which says nothing
+            text += (f"With {n_units} {unit}s per paired test no stated comparison can reach Holm-corrected p < "
+                     f"{ALPHA:g} (the smallest attainable is {floor:.3g}): this set cannot show an order. ")
+        elif ties:
+            text += (f"It is not distinguishable from {', '.join(method_series(t) for t in ties)} "
+                     f"(Holm-corrected p >= {ALPHA:g}), so the order among them is not shown by this set. ")
+        else:
+            text += f"It is better than every other row (Holm-corrected p < {ALPHA:g}). "
         if "registration" in set(rows["row"]):
             learned = [r.row for r in rows.itertuples() if r.row not in BASELINES]
             mre = rows.set_index("row")["mre_mm"]
@@ -223,8 +224,8 @@ def observer_notes(results_dir: Path | str, long: pd.DataFrame) -> list[str]:
             continue
         splits = ", ".join(metrics.get("pair_splits") or []) or "unknown"
         lines.append(f"{r.method} ({r.dataset}): the annotator against itself on {metrics.get('n_pairs', '?')} pairs "
-                     f"of identical images ({splits} split), not on the test images; a model as good as the annotator "
-                     f"would score about {r.mre_mm / np.sqrt(2):.2f} mm against it (the row / sqrt 2)")
+                     f"of identical images ({splits} split), not the test images; a model as good as the annotator "
+                     f"would score about {r.mre_mm / np.sqrt(2):.2f} mm (the row / sqrt 2)")
     return lines
 
 
@@ -271,13 +272,11 @@ def write_summary(results_dir: Path | str, readme: Path | str | None = None,
     by_subject = [f"{d}: {n} {u}s" for d, folder in comparisons(results_dir, list(long["dataset"].unique()),
                                                                   fresh).items()
                   for u, n in [test_units(_significance(folder))] if u != "image"]
-    text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images; over test "
-            "subjects where a data set declares them" + (f" ({'; '.join(by_subject)})" if by_subject else "")
-            + "] · SDR at 2 mm · rank within the data set (1 = lowest MRE; observer rows unranked); \"= x\": the same "
-            "test predictions as row x (unranked). Mean rank over the data sets a method ran on (their number in "
-            "brackets). Main rows only: ablations are in each comparison. The p-values below are Holm-corrected over "
-            "the comparisons the sentences state; each comparison's `table_significance.csv` corrects over every "
-            "pair of its table (so its p are larger).\n\n"
+    text = (markdown_table(wide_table(long)) + "\n\nEach cell: MRE (mm) [95 % bootstrap CI over test images, or subjects "
+            "where declared" + (f" ({'; '.join(by_subject)})" if by_subject else "")
+            + "] · SDR 2 mm · rank (1 = lowest MRE; observers unranked); \"= x\": row x's test predictions, unranked. "
+            "Mean rank over the data sets a method ran on (count in brackets). Main rows only. p below: Holm over the "
+            "comparisons stated (`table_significance.csv`: over all its pairs).\n\n"
             + "".join(f"- {line}.\n" for line in observer_notes(results_dir, long))
             + "\n".join(f"- {s}" for s in sentences.values()) + "\n")
     (out / "table_summary.md").write_text(text, encoding="utf-8")
