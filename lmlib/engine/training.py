@@ -316,6 +316,7 @@ class LandmarkModule(pl.LightningModule):
         keep = (i >= 0) & np.isfinite(v)
         v, i, item = v[keep], i[keep], item[keep]
         _, first = np.unique(item * len(self.landmark_names) + i, return_index=True)
+        first = np.sort(first)  # in their order: without repeats, the same sums to the last bit as before
         v, i = v[first], i[first]
         if v.size == 0:
             return None
