@@ -105,6 +105,10 @@ def test_a_run_writes_the_seeded_split_beside_its_results(toy, tmp_path: Path) -
     assert dict(zip(table["image_id"], table["split"])) == {s.image_id: s.meta["split"] for s in load_dataset(str(path))}
     assert json.loads((out / "manifest.json").read_text())["parameters"]["seeded_split_file"] == "splits.csv"
     assert json.loads((out / "metrics.json").read_text())["n_images"] == 8
+    import torch  # the checkpoint records the training stream's settings, which a resume must keep
+
+    data = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["data"]
+    assert (data["seed"], data["batch_size"], data["rotation_deg"], data["fit_splits"]) == (0, 4, 10.0, "train")
 
 
 def test_a_hash_split_moves_no_image_when_images_are_added() -> None:

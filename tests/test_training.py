@@ -602,3 +602,18 @@ def test_selection_on_val_without_a_validated_epoch_is_refused(samples, tmp_path
     method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
     with pytest.raises(ValueError, match=r"check_val_every_n_epoch=5 > max_epochs=3: no epoch is validated"):
         fit(method, _dm(samples), tmp_path, max_epochs=3, device="cpu", check_val_every_n_epoch=5)
+
+
+def test_a_resume_with_another_training_stream_is_refused(samples, tmp_path):
+    """Seed, batch size, augmentation, labels and the images trained on were not compared: a resume with other
+    values went on silently as a mix of two runs. An older checkpoint that records fewer of them still resumes."""
+    method = build_method("heatmap_unet", spatial_dims=2, n_landmarks=3, sigma=2.0, network=NET)
+    data = {"dataset": "toy", "seed": 0, "batch_size": 2, "rotation_deg": 10.0}
+    first = fit(method, _dm(samples), tmp_path / "a", max_epochs=1, device="cpu", data=data)
+    with pytest.raises(CheckpointMismatch, match=r"data\.rotation_deg: 10\.0 -> 20\.0"):
+        fit(method, _dm(samples), tmp_path / "b", max_epochs=2, device="cpu", resume=first.last_checkpoint,
+            data={**data, "rotation_deg": 20.0})
+    older = fit(method, _dm(samples), tmp_path / "c", max_epochs=1, device="cpu", data={"dataset": "toy"})
+    again = fit(method, _dm(samples), tmp_path / "d", max_epochs=2, device="cpu", resume=older.last_checkpoint,
+                data=data)
+    assert again.epochs == 2

@@ -316,11 +316,21 @@ def engine_settings(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
             "batch_size": int(shared_value(params, "batch_size"))}
 
 
-def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, str]:
-    """What checkpoints record about the data: dataset, how its pixel spacing is known, annotator."""
+#: the notebook parameters that shape the training data stream (order, augmentation, labels, images): a resume must
+#: keep them (:func:`lmlib.engine.training.check_resumable` compares what both checkpoints record)
+#: (``num_workers`` not: it changes which random draws a run makes, not what they are drawn from)
+STREAM_PARAMETERS: tuple[str, ...] = ("seed", "batch_size", "max_train_images", "train_labels", "fit_splits",
+                                      "augment", "flip_prob", "rotation_deg", "scale_range", "elastic",
+                                      "blur_sigma_px")
+
+
+def provenance(params: Mapping[str, Any], data: Dataset) -> dict[str, Any]:
+    """What checkpoints record about the data: dataset, how its pixel spacing is known, annotator, and the settings
+    of the training stream (:data:`STREAM_PARAMETERS`)."""
     sp = data.spec.spacing_mm
     return {"dataset": params["dataset"], "annotator": params.get("annotator") or "",
-            "spacing": f"override {list(sp)} mm/px (dataset description)" if sp else "image headers"}
+            "spacing": f"override {list(sp)} mm/px (dataset description)" if sp else "image headers",
+            **{name: shared_value(params, name) for name in STREAM_PARAMETERS}}
 
 
 def fit_settings(params: Mapping[str, Any]) -> dict[str, Any]:

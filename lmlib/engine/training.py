@@ -582,6 +582,10 @@ def check_resumable(checkpoint: str | Path, module: LandmarkModule) -> None:
             for name in sorted((set(old) | set(new)) - RESUME_MAY_CHANGE):
                 if old.get(name) != new.get(name):
                     differ.append(f"{key}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+        elif key == "data" and isinstance(old, dict) and isinstance(new, dict):
+            # what both record (an older checkpoint records fewer of the training stream's settings)
+            differ += [f"{key}.{name}: {old[name]!r} -> {new[name]!r}" for name in sorted(set(old) & set(new))
+                       if old[name] != new[name]]
         elif old != new:
             differ.append(f"{key}: {old!r} -> {new!r}")
     if differ:
