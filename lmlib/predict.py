@@ -40,6 +40,7 @@ from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
+from lmlib.runtime import bars_disabled
 
 OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv", "manifest.json")  # besides exports
 EXPORT_SUFFIXES = (".json", ".png")  # labelme .json (+ a PNG for formats labelme cannot open), Slicer .mrk.json
@@ -225,7 +226,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     annotated: list[Sample] = []
     checksum = SampleChecksum()
     try:
-        for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch"):
+        for lo in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", disable=bars_disabled()):
             chunk = list(images[lo:lo + batch_size])
             loaded = [x for x in chunk if isinstance(x, Sample)]
             if len(loaded) == len(chunk):

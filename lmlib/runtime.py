@@ -93,6 +93,13 @@ def seed_everything(seed: int) -> None:
     pl_seed_everything(int(seed), workers=True, verbose=False)
 
 
+def bars_disabled() -> bool:
+    """Whether live progress bars are off: ``TQDM_DISABLE`` set to 1/true/yes (the driver sets it in a notebook's
+    kernel, :data:`lmlib.run.NOTEBOOK_ENV`, so stored notebooks keep no frozen bar fragments). Passed explicitly as
+    ``disable=``: tqdm's notebook bar ignores the variable."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+
+
 def _short_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                    line: str | None = None) -> str:
     return f"{category.__name__}: {message}\n"

@@ -127,15 +127,16 @@ def _as_rank(dm: LandmarkDataModule, rank: int) -> LandmarkDataModule:
     return dm
 
 
-def test_ddp_ranks_share_the_order_and_draw_their_own_augmentations() -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ddp_ranks_share_the_order_and_draw_their_own_augmentations(num_workers: int) -> None:
     """Every DDP rank reseeded its data stream from (seed, epoch) alone, so the k-th item of each rank got the same
     rotation, scale, crop and jitter: the order must be the same on every rank (the distributed wrapper splits
     it), the augmentations not; rank 0 draws those of a single process."""
-    single = epochs(make_dm(), 1)
-    ranks = [epochs(_as_rank(make_dm(same=True), r), 1) for r in (0, 1)]
+    single = epochs(make_dm(num_workers), 1)
+    ranks = [epochs(_as_rank(make_dm(num_workers, same=True), r), 1) for r in (0, 1)]
     assert [b["image_id"] for b in ranks[0]] == [b["image_id"] for b in ranks[1]]  # one order
     assert not any(torch.equal(a["image"], b["image"]) for a, b in zip(ranks[0], ranks[1]))  # same pixels, new draws
-    assert _same_batches(epochs(_as_rank(make_dm(), 0), 1), single)
+    assert _same_batches(epochs(_as_rank(make_dm(num_workers), 0), 1), single)
 
 
 def test_epoch_seed_streams_are_distinct() -> None:

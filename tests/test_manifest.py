@@ -141,3 +141,28 @@ def test_a_reporting_notebook_prints_warnings_without_the_library_source_line(ca
     text = warnings.formatwarning("a.json: landmark 'l11' duplicate", UserWarning, "/work/x/lmlib/data/d.py", 504,
                                   "ds = load(...)")
     assert text == "UserWarning: a.json: landmark 'l11' duplicate\n"
+
+
+def test_a_finished_run_is_read_only_on_the_split_it_saw(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Shape priors, refinements, ensembles and test-time scales read a finished run on today's split: an image the
+    run trained on, now in val, would bias the val choice a shape prior or refinement makes (unchecked before)."""
+    from dataclasses import replace
+
+    from lmlib.data.phantoms import make_phantom_dataset
+    from lmlib.engine.base_run import read_finished_run
+    from lmlib.outputs.manifest import check_same_split, write_split_file
+    from lmlib.outputs.reference_runs import write_mean_shape_run
+
+    samples = make_phantom_dataset(2, n_images=10, seed=1, size=(32, 32), n_landmarks=3)
+    train = [s for s in samples if s.meta["split"] == "train"]
+    test = [s for s in samples if s.meta["split"] == "test"]
+    folder = tmp_path / "run"
+    write_mean_shape_run(train, test, folder, {"dataset": "synthetic2d"})
+    check_same_split(folder, samples)  # no record yet: said, not checked
+    assert "not checked" in capsys.readouterr().out
+    write_split_file(samples, folder)
+    read_finished_run(folder, "synthetic2d", test, "reference", samples=samples)  # its own split: read
+    moved = [replace(s, meta={**s.meta, "split": "val"}) if s is train[0] else s for s in samples]
+    with pytest.raises(ValueError, match=rf"splits.csv: 1 image\(s\) are in another split .*\({train[0].image_id} "
+                                         r"train -> val\)"):
+        read_finished_run(folder, "synthetic2d", test, "reference", samples=moved)

@@ -125,6 +125,11 @@ def test_a_hash_split_moves_no_image_when_images_are_added() -> None:
 
 
 def test_a_declaration_chooses_how_its_seeded_split_is_drawn(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from lmlib.data.dataset_spec import SPLIT_BY, SeededSplit
+
+    assert get_args(SeededSplit.model_fields["by"].annotation) == SPLIT_BY  # the model's choices are the loader's
     path = tmp_path / "x.yaml"
     path.write_text(BASE + "seeded_split: {seed: 2, by: hash}\n")
     spec = get_spec(str(path))
@@ -146,9 +151,37 @@ def test_a_finished_run_is_not_scored_on_a_split_that_moved(tmp_path: Path) -> N
                                 "image_size": [32, 32], "channels": [4, 8], "overlay_every": 100})
     assert split_predictions(out, splits=("val",)).errors["val"].shape[0] == 4  # the run's own split: accepted
     path.write_text(path.read_text().replace("seed: 7}", "seed: 8}"))
-    with pytest.raises(ValueError, match=r"manifest.json: the run used another split.*moved, by .*splits.csv: "
-                                         r"\S+ (train|val|test) -> (train|val|test)"):
+    with pytest.raises(ValueError, match=r"run/splits.csv: \d+ image\(s\) are in another split than when this run "
+                                         r"was trained \(\S+ (train|val|test) -> (train|val|test)"):
         split_predictions(out, splits=("val",))
+
+
+def test_a_hash_split_lets_a_finished_run_meet_the_images_added_since(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The point of ``by: hash``: images added later move no image of the run, so its regions and scores stay
+    usable on the data of the day (refused before: the whole split's hash had changed)."""
+    from lmlib.data.datasets import seeded_splits
+    from lmlib.engine.runner import run_method, split_predictions
+
+    path = write_example_dataset(tmp_path / "data" / "toy-hands", 24, 0)
+    ids = sorted(p.name.split(".")[0] for p in (path.parent / "images").glob("*.mha"))
+    seed = next(k for k in range(100) if all(
+        list(seeded_splits(ids[:20], seed=k, by="hash").values()).count(sp) >= 2 for sp in ("val", "test")))
+    path.write_text(path.read_text().replace("seed: 7}", f"seed: {seed}, by: hash}}"))
+    later = tmp_path / "later"
+    later.mkdir()
+    for image_id in ids[20:]:  # the images that come later
+        (path.parent / "images" / f"{image_id}.mha").rename(later / f"{image_id}.mha")
+    out = tmp_path / "run"
+    run_method("heatmap_unet", {"dataset": str(path), "output_dir": str(out), "device": "cpu", "max_epochs": 1,
+                                "image_size": [32, 32], "channels": [4, 8], "overlay_every": 100})
+    for image in later.iterdir():
+        image.rename(path.parent / "images" / image.name)
+    capsys.readouterr()
+    scored = split_predictions(out, splits=("val",))
+    assert set(scored.image_ids["val"]) >= {i for i, sp in seeded_splits(ids[:20], seed=seed, by="hash").items()
+                                            if sp == "val"}
+    assert "image(s) added since this run" in capsys.readouterr().out
 
 
 @pytest.mark.notebook

@@ -18,7 +18,7 @@ from lmlib.data.example_dataset import write_example_dataset
 from lmlib.data.label_fusion import fuse_training_labels
 from lmlib.data.refit import FIT_SPLITS, check_held_out_val, is_refit, with_val_in_train
 from lmlib.engine.parameters import SharedParameters
-from lmlib.engine.runner import _split, check_refit, load_run_data, run_method, write_seeded_split
+from lmlib.engine.runner import _split, check_refit, load_run_data, run_method, write_run_split
 from lmlib.methods.base import method_class
 
 
@@ -73,8 +73,8 @@ def test_the_seeded_split_file_of_a_refit_records_the_val_images_as_val(tmp_path
     declaration = write_example_dataset(tmp_path / "toy", n_images=20, n_new=1)
     params = {"dataset": str(declaration), "fit_splits": "train+val"}
     data, plain = load_run_data(params), load_run_data({**params, "fit_splits": "train"})
-    written = write_seeded_split(data, params, tmp_path / "run")
-    expected = write_seeded_split(plain, params, tmp_path / "plain")
+    written = write_run_split(data, tmp_path / "run")
+    expected = write_run_split(plain, tmp_path / "plain")
     assert written is not None and expected is not None
     assert written.read_text() == expected.read_text() and ",val" in written.read_text()
 

@@ -161,6 +161,25 @@ def test_alignment_drops_unshared_pairs_and_flags_bad_errors(tmp_path: Path) -> 
     np.testing.assert_allclose(errors["part"], M.compute_errors(part), equal_nan=True)
 
 
+def test_a_pair_masked_in_one_run_s_reference_is_not_called_a_different_reference() -> None:
+    """An observer row masks the points a second annotator did not give; the comparison noted that its "reference
+    points differ" from the other runs' (and, had it been the first run, that every other run's did)."""
+    samples = synthetic_samples(4)
+    full = predictions_frame(samples, noisy(samples, 1.0, 0))
+    observer = predictions_frame(samples, noisy(samples, 1.0, 1))
+    observer.loc[[0, 5], ["gt_x_mm", "gt_y_mm", "gt_z_mm", "error_mm"]] = np.nan
+    for runs in ({"full": full, "observer": observer}, {"observer": observer, "full": full}):
+        _, notes = reporting.align_runs(runs)
+        assert not any("differ" in n for n in notes), notes
+        assert [n for n in notes if "masked in its own reference" in n] == [
+            "observer: 2 pairs masked in its own reference (e.g. points a second annotator did not give), scored in "
+            "the other runs"]
+    moved = full.copy()
+    moved.loc[1, "gt_x_mm"] += 3.0
+    assert any(n.startswith("moved: reference points differ from the other runs' on 1 pairs")
+               for n in reporting.align_runs({"full": full, "moved": moved})[1])
+
+
 def test_unpredicted_landmarks_are_counted_in_table_1_and_named_in_the_notes(
         results: tuple[Path, list[Sample]]) -> None:
     """A run that leaves its worst landmarks unpredicted has them out of its MRE: Table 1 must show how many."""

@@ -364,6 +364,33 @@ def test_a_notebook_under_the_driver_draws_no_progress_bars(tmp_path: Path, monk
     assert seen[-1] == "0" and os.environ["TQDM_DISABLE"] == "0"
 
 
+@pytest.mark.parametrize("value, off", [("1", True), ("0", False), ("", False)])
+def test_the_bars_of_lmlib_follow_the_driver_s_setting_explicitly(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                                  off: bool) -> None:
+    """tqdm's notebook bar (tqdm.auto in a kernel with ipywidgets) ignores TQDM_DISABLE, so the variable alone left
+    "posed copies: 0%| 0/3" in a stored comparison notebook: lmlib's bars pass ``disable=`` themselves."""
+    import tqdm.auto
+
+    from lmlib.data.datasets import with_posed_copies
+    from lmlib.data.phantoms import make_phantom_dataset
+
+    seen: list[bool] = []
+
+    class Bar:  # as tqdm.notebook.tqdm: the variable plays no part, only the argument
+        def __init__(self, iterable, **kwargs) -> None:
+            seen.append(bool(kwargs.get("disable", False)))
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setenv("TQDM_DISABLE", value)
+    samples = make_phantom_dataset(3, n_images=2, seed=0, size=(12, 12, 12), n_landmarks=3)
+    with_posed_copies(samples, {"train": 1, "seed": 0})
+    assert seen == [off]
+
+
 def test_notebook_failure_names_the_exception_and_the_partial_notebook(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import papermill as pm

@@ -170,15 +170,23 @@ def test_a_set_too_small_for_any_test_to_reach_significance_says_so(tmp_path: Pa
     sig.to_csv(path, index=False)
     text = summary.ranking_sentences(tmp_path, summary.summary_table(tmp_path))["set-a"]
     assert ("cannot show an order" not in text) == can
+    assert ("cannot show whether a learned method beats it" in text) == (not can)
+    assert ("no learned method beats it" in text) == can
     assert (f"of {n_pairs} subjects" in text) == (unit == "subject")
     assert summary.smallest_holm_p(7, 3) == pytest.approx(3 / 64) and summary.smallest_holm_p(2, 1) == 0.5
 
 
 def test_an_observer_row_scored_on_other_images_says_which(tmp_path: Path, results: Path) -> None:
-    folder = results / "set-a" / "reference" / "inter-observer"
-    folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"scored_on": "own_images", "n_pairs": 4, "pair_splits": ["train"]}))
+    table = results / "set-a" / "comparison" / "table_main.csv"
+    main = pd.read_csv(table, index_col=0)
+    main.loc["reference/intra-observer"] = main.loc["reference/inter-observer"]
+    main.to_csv(table)
+    for row in ("inter-observer", "intra-observer"):  # an inter-observer row is never "the annotator against itself"
+        folder = results / "set-a" / "reference" / row
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"scored_on": "own_images", "n_pairs": 4,
+                                                         "pair_splits": ["train"]}))
     notes = summary.observer_notes(results, summary.summary_table(results))
-    assert notes == ["inter-observer (set-a): the annotator against itself on 4 pairs of identical images (train "
+    assert notes == ["intra-observer (set-a): the annotator against itself on 4 pairs of identical images (train "
                      "split), not the test images; a model as good as the annotator would score about 0.99 mm "
                      "(the row / sqrt 2)"]

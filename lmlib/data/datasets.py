@@ -44,6 +44,7 @@ from lmlib.data.checks import (
 )
 from lmlib.data.dataset_spec import (
     DEFAULT_SPLIT_FRACTIONS,
+    SPLIT_BY,
     SPLIT_NAMES,
     SYNTHETIC,
     DatasetSpec,
@@ -113,7 +114,9 @@ def seeded_splits(ids: Sequence[str], fractions: Sequence[float] = DEFAULT_SPLIT
     ``by="shuffle"``: a seeded shuffle of ``ids`` in the given order, ``round(f * n)`` images for val and test, the
     rest train; adding images moves old ones between splits. ``by="hash"``: each image on its own, by where
     SHA-256 of ``"<seed>:<image_id>"`` falls in [0, 1) against the cumulative fractions (val, then test, then train):
-    adding or removing images moves no other image, and the counts are near, not at, the fractions."""
+    adding or removing images moves no other image, and the counts are near, not at, the fractions. (The loader
+    then keeps groups together, copies of one image and one subject's images, on the side of the group's first id:
+    an image added at the head of a group moves the group.)"""
     f = [float(v) for v in fractions]
     if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {f}")
@@ -123,8 +126,8 @@ def seeded_splits(ids: Sequence[str], fractions: Sequence[float] = DEFAULT_SPLIT
             return int.from_bytes(digest[:8], "big") / 2.0**64
 
         return {i: "val" if u < f[1] else "test" if u < f[1] + f[2] else "train" for i in ids for u in [where(i)]}
-    if by != "shuffle":
-        raise ValueError(f"seeded split: by must be 'shuffle' or 'hash', got {by!r}")
+    if by not in SPLIT_BY:
+        raise ValueError(f"seeded split: by must be one of {list(SPLIT_BY)}, got {by!r}")
     n = len(ids)
     order = np.random.default_rng(int(seed)).permutation(n)
     n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
@@ -563,10 +566,11 @@ def with_posed_copies(samples: Sequence[Sample], settings: Mapping[str, Any]) ->
     from tqdm.auto import tqdm
 
     from lmlib.data.deformations import posed_copies
+    from lmlib.runtime import bars_disabled
 
     ranges = {k: float(v) for k, v in settings.items() if k not in ("train", "val", "test", "seed")}
     out: list[Sample] = []
-    for s in tqdm(samples, desc="posed copies", unit="image", disable=len(samples) < 2):
+    for s in tqdm(samples, desc="posed copies", unit="image", disable=len(samples) < 2 or bars_disabled()):
         split = s.meta.get("split")
         copies = posed_copies(s, int(settings.get(split, 0)) if split else 0, int(settings.get("seed", 0)), **ranges)
         for c in copies:

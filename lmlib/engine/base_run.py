@@ -33,6 +33,7 @@ from lmlib.data.sample import Sample
 from lmlib.engine.cascade import Start, landmark_errors, model_checkpoints, predict_cascade
 from lmlib.engine.training import Predictions
 from lmlib.outputs.contract import BASE_VAL_CACHE, ContractError, predictions_frame, read_manifest, read_run
+from lmlib.outputs.manifest import check_same_split
 
 #: where the base run's val predictions are kept in the refining run's folder
 VAL_CACHE = BASE_VAL_CACHE
@@ -150,11 +151,12 @@ def run_grid(folder: Path) -> list[int] | None:
     return [int(v) for v in size] if size else None
 
 
-def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: str, way_out: str = ""
-                      ) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
+def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: str, way_out: str = "",
+                      samples: Sequence[Sample] = ()) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
     """A finished run's manifest, metrics and test predictions (world mm, the samples' landmark order); no run
     there (``job``: the driver job that makes it; ``way_out``: what else the caller may do), a run on another data
-    set, or an image it did not predict is an error naming the folder or file."""
+    set, an image it did not predict, or ``samples`` (the data set as loaded now) split otherwise than the run saw
+    them (:func:`~lmlib.outputs.manifest.check_same_split`) is an error naming the folder or file."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json): run the {job!r} job on "
@@ -163,6 +165,8 @@ def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: s
     ran_on = str((manifest.get("parameters") or {}).get("dataset", ""))
     if Path(ran_on).stem != Path(dataset).stem:
         raise ContractError(f"{folder / 'manifest.json'}: a run on {ran_on!r}, not on {dataset!r}")
+    if samples:
+        check_same_split(folder, samples)
     return manifest, metrics, read_predictions(folder / "predictions.csv", test)
 
 
@@ -172,7 +176,7 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
     docstring). ``cache_dir``: where the val predictions are kept (keyed by the base run's manifest)."""
     folder = Path(folder)
     manifest, metrics, test_mm = read_finished_run(folder, dataset, test, folder.name,
-                                                 "or name another run folder with base_run")
+                                                 "or name another run folder with base_run", [*train, *val, *test])
     key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
     cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
     per_image = float(metrics["infer_seconds_per_image"])

@@ -49,7 +49,7 @@ from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
 from lmlib.outputs.contract import clear_earlier_run, predictions_frame, read_manifest, read_run, write_outputs
-from lmlib.outputs.manifest import split_record, utc_now, write_manifest
+from lmlib.outputs.manifest import check_same_split, utc_now, write_manifest, write_split_file
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
@@ -133,42 +133,11 @@ def load_run_data(params: Mapping[str, Any], data_dir: str | None = None) -> Dat
 
 def finished_run_data(run_dir: str | Path, manifest: Mapping[str, Any], data_dir: str | None = None) -> Dataset:
     """The dataset of a finished run (:func:`load_run_data` from its manifest's parameters), checked to split the
-    images as the run did: a run scored or calibrated on today's split must not meet images it trained on or chose
-    its checkpoint with (a seeded split moves images when images are added; a split file can be edited)."""
-    params = manifest["parameters"]
-    data = load_run_data(params, data_dir)
-    then = manifest.get("splits_sha256")
-    if not then:
-        print(f"{Path(run_dir) / 'manifest.json'}: no split record (a run made before manifests recorded one): "
-              "its split is not checked against today's")
-        return data
-    limit = int(shared_value(params, "max_train_images"))
-    used = _split(data, "train", limit) + _split(data, "val") + _split(data, "test")
-    now = split_record(used)
-    if now["splits_sha256"] != then:
-        raise ValueError(f"{Path(run_dir) / 'manifest.json'}: the run used another split of {params['dataset']!r} "
-                         f"than its data has now (images per split then {manifest.get('split_counts')}, now "
-                         f"{now['split_counts']}{_moved_images(run_dir, used)}): scoring or calibrating it on today's "
-                         "split could use images it trained on or chose its checkpoint with. Give the data the run's "
-                         "split (declare the splits.csv its run folder holds, for a seeded split, as the data set's "
-                         "`splits:`) or train it again")
+    images as the run did (:func:`~lmlib.outputs.manifest.check_same_split`): a run scored or calibrated on today's
+    split must not meet images it trained on or chose its checkpoint with."""
+    data = load_run_data(manifest["parameters"], data_dir)
+    check_same_split(run_dir, data.samples)
     return data
-
-
-def _moved_images(run_dir: str | Path, used: Sequence[Sample]) -> str:
-    """``; moved: a train -> test, ...`` from the ``splits.csv`` a seeded run wrote (in its folder, or a cascade
-    stage's parent), else empty."""
-    folder = Path(run_dir)
-    path = next((f / "splits.csv" for f in (folder, folder.parent) if (f / "splits.csv").is_file()), None)
-    if path is None:
-        return ""
-    then = pd.read_csv(path, dtype=str, keep_default_na=False)
-    was = dict(zip(then["image_id"], then["split"]))
-    now = {s.image_id: str(s.meta.get("split") or "") for s in used if not s.meta.get("refit")}
-    moved = [f"{i} {was[i]} -> {sp}" for i, sp in sorted(now.items()) if i in was and was[i] != sp]
-    if not moved:
-        return ""
-    return f"; moved, by {path}: {', '.join(moved[:8])}" + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
 
 
 def _split(data: Dataset, name: str, limit: int = 0) -> list[Sample]:
@@ -191,18 +160,17 @@ def warn_not_in_split(data: Dataset) -> None:
               f"{shown}")
 
 
-def write_seeded_split(data: Dataset, params: Mapping[str, Any], output_dir: Path) -> Path | None:
-    """For a dataset split by a seed (its declaration names no split file), write the split this run used to
-    ``<output_dir>/splits.csv`` (columns ``image_id,split``: the split file format) and announce it; returns
-    that file, or None when the splits come from a file, the generator or the template's deformations."""
+def write_run_split(data: Dataset, output_dir: Path) -> Path | None:
+    """Write every image's split as this run sees it to ``<output_dir>/splits.csv``
+    (:func:`~lmlib.outputs.manifest.write_split_file`); for a dataset split by a seed (its declaration names no
+    split file) also announce the split and return that file (the run's manifest names it: ``seeded_split_file``),
+    else None."""
+    path = write_split_file(data.samples, output_dir)
     spec = data.spec
     if not spec.reader or spec.splits_file or spec.single_template or spec.subject_splits:
         return None
-    splits = {s.image_id: s.meta.get("split") or "" for s in data.samples if not s.meta.get("refit")}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "splits.csv"
-    pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
-    counts = {k: list(splits.values()).count(k) for k in ("train", "val", "test")}
+    splits = [str(s.meta.get("split") or "") for s in data.samples if not s.meta.get("refit")]
+    counts = {k: splits.count(k) for k in ("train", "val", "test")}
     print(f"{spec.name}: no split file; seeded split (fractions {list(spec.split_fractions)}, seed {spec.split_seed}, "
           f"by {spec.split_by}, from the dataset declaration): {counts} -> {path}")
     return path
@@ -387,7 +355,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print_environment(dev)
     data = load_run_data(params)
     warn_not_in_split(data)
-    seeded = write_seeded_split(data, params, output_dir)
+    seeded = write_run_split(data, output_dir)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(shared_value(params, "max_train_images")))
     val, test = _split(data, "val"), _split(data, "test")
@@ -527,7 +495,8 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     members: list[list[np.ndarray]] = []
     costs: dict[str, dict[str, Any]] = {}
     for name, folder in folders.items():
-        manifest, metrics, world = read_finished_run(folder, str(params["dataset"]), test, name.split("/")[0])
+        manifest, metrics, world = read_finished_run(folder, str(params["dataset"]), test, name.split("/")[0],
+                                                     samples=used)
         members.append(world)
         costs[name] = {"train_seconds": float(metrics["train_seconds"]),
                        "infer_seconds_per_image": float(metrics["infer_seconds_per_image"]),
@@ -571,7 +540,7 @@ def _run_tta(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: di
     print(model)
     folder = model.base_folder(output_dir)
     manifest, metrics, base_world = read_finished_run(folder, str(params["dataset"]), test, model.base_job(),
-                                                      "or name another run folder with base_run")
+                                                      "or name another run folder with base_run", used)
     checkpoints = model_checkpoints(folder)
     if len(checkpoints) != 1:
         raise ValueError(f"{folder}: a cascade of {len(checkpoints)} networks; test-time scales apply one network's "

@@ -284,12 +284,12 @@ class LandmarkModule(pl.LightningModule):
         # scored as predict() scores the test split: in full precision (under bf16-mixed Lightning runs this step in
         # autocast) and with test-time flipping when the method uses it, so the checkpoint is chosen on those numbers
         with torch.autocast(self.device.type, enabled=False):
-            outputs = self(batch)
-            loss, extras = self.method.training_loss(outputs, batch, epoch)
-            if self.method.test_time_flip:
-                coords = self.method.predict_coords(self.net, batch, epoch)[0]
+            if self.method.test_time_flip:  # the image's and its mirror's pass; the loss from the image's
+                coords, _, outputs = self.method.predict_coords(self.net, batch, epoch)
             else:
+                outputs = self(batch)
                 coords, _ = self.method.decode_batch(outputs, batch, epoch)
+            loss, extras = self.method.training_loss(outputs, batch, epoch)
         self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
         err = errors_mm(coords, batch)
         ids = batch["landmark_ids"].to(err.device)

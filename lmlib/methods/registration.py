@@ -148,13 +148,15 @@ class MultiAtlasRegistration(LandmarkMethod):
         and ``kept``."""
         from tqdm.auto import tqdm
 
+        from lmlib.runtime import bars_disabled
+
         fixed = [(working_image(a, size), a.landmarks_mm) for a in atlases]
         preds, spreads = [], []
         workers = max(1, min(len(fixed), os.cpu_count() or 1))
         bar = progress is True or progress == "bar"
         with single_threaded_itk(), ThreadPoolExecutor(workers) as pool:
             for i, s in enumerate(tqdm(samples, desc=f"registration ({len(atlases)} atlases)", unit="image",
-                                       disable=not bar)):
+                                       disable=not bar or bars_disabled())):
                 t0 = time.perf_counter()
                 moving = working_image(s, size)
                 # one atlas per Python thread, each registration single-threaded inside ITK: ITK's threaded sums

@@ -136,6 +136,51 @@ def write_manifest(output_dir: Path | str, parameters: dict[str, Any], samples: 
     return record.write(output_dir, checksum, seed=seed, device=device, extra={**splits, **(extra or {})})
 
 
+#: every method run's split, one row per image (``image_id,split``: the split file format), in its run folder
+SPLITS_FILE = "splits.csv"
+
+
+def write_split_file(samples: Iterable[Sample], output_dir: Path | str) -> Path:
+    """``<output_dir>/splits.csv``: the split of every image of the data set as this run saw it (a refit's copies of
+    its val images left out: they are the val images), so that the run can later be checked against the data's
+    split of the day (:func:`check_same_split`) and a seeded split declared as a split file."""
+    import pandas as pd
+
+    splits = {s.image_id: str(s.meta.get("split") or "") for s in samples if not s.meta.get("refit")}
+    path = Path(output_dir) / SPLITS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
+    return path
+
+
+def check_same_split(run_dir: Path | str, samples: Iterable[Sample]) -> None:
+    """Raise when an image the finished run in ``run_dir`` had in one split is in another today (``samples``: the
+    data set as loaded now): scoring or calibrating the run there could use images it trained on or chose its
+    checkpoint with. Images added since are allowed (said); the record is the run's ``splits.csv`` (a cascade
+    stage's: its run folder's). A run made before runs recorded one: said, not checked."""
+    import pandas as pd
+
+    folder = Path(run_dir)
+    path = next((f / SPLITS_FILE for f in (folder, folder.parent) if (f / SPLITS_FILE).is_file()), None)
+    if path is None:
+        print(f"{folder}: no {SPLITS_FILE} (a run made before runs recorded their split): its split is not checked "
+              "against today's")
+        return
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    was = dict(zip(table["image_id"], table["split"]))
+    now = {s.image_id: str(s.meta.get("split") or "") for s in samples if not s.meta.get("refit")}
+    moved = [f"{i} {was[i]} -> {sp}" for i, sp in sorted(now.items()) if i in was and was[i] != sp]
+    if moved:
+        shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
+        raise ValueError(f"{path}: {len(moved)} image(s) are in another split than when this run was trained "
+                         f"({shown}): scoring or calibrating it on today's split could use images it trained on or "
+                         "chose its checkpoint with. Give the data the run's split (declare this file as the data "
+                         "set's `splits:`) or train again")
+    new = sorted(set(now) - set(was))
+    if new:
+        print(f"{path}: {len(new)} image(s) added since this run (e.g. {', '.join(new[:3])}): scored in today's split")
+
+
 def split_record(samples: Iterable[Sample]) -> dict[str, Any]:
     """``split_counts`` (images per split) and ``splits_sha256`` (over the sorted ``image_id<TAB>split`` lines) of
     ``samples`` as the run used them (a refit's copies of its val images counted in train), so that two runs can be

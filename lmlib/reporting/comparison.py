@@ -440,6 +440,8 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
         raise ValueError(f"runs {sorted(predictions)} share no (image_id, landmark) pair")
     cols: dict[str, np.ndarray] = {}
     ref_gt = first.loc[common, list(M.GT_COLS)].to_numpy(dtype=np.float64)
+    for p in indexed.values():  # a pair one run masked (e.g. a second annotator's missing point): another's point
+        ref_gt = np.where(np.isnan(ref_gt), p.loc[common, list(M.GT_COLS)].to_numpy(dtype=np.float64), ref_gt)
     for method, p in indexed.items():
         if len(p) > len(common):
             notes.append(f"{method}: {len(p) - len(common)} of {len(p)} rows not shared by all runs, left out")
@@ -451,10 +453,15 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
             notes.append(f"{method}: error_mm disagrees with its coordinates on {int(np.sum(diff > CSV_TOLERANCE_MM))} "
                          f"rows (max {np.max(diff):.3g} mm); using errors recomputed from coordinates")
         gt = rows[list(M.GT_COLS)].to_numpy(dtype=np.float64)
+        present = ~np.isnan(gt).all(axis=1)
+        known = ~np.isnan(ref_gt).all(axis=1)
         gt_diff = np.abs(np.nan_to_num(gt, nan=1e9) - np.nan_to_num(ref_gt, nan=1e9))
-        if np.any(gt_diff > CSV_TOLERANCE_MM):
-            notes.append(f"{method}: reference points differ from {next(iter(indexed))}'s on "
-                         f"{int(np.any(gt_diff > CSV_TOLERANCE_MM, axis=1).sum())} pairs")
+        differ = present & known & np.any(gt_diff > CSV_TOLERANCE_MM, axis=1)
+        if differ.any():
+            notes.append(f"{method}: reference points differ from the other runs' on {int(differ.sum())} pairs")
+        if (known & ~present).any():
+            notes.append(f"{method}: {int((known & ~present).sum())} pairs masked in its own reference (e.g. points "
+                         "a second annotator did not give), scored in the other runs")
         unpredicted = int(M.nan_split(rows)[1].sum())
         if unpredicted:
             valid = unpredicted + int(np.isfinite(err).sum())
@@ -740,8 +747,8 @@ def write_reference_run(samples_reference: Sequence[Sample], samples_other: Sequ
                         output_dir: Path | str, method_name: str = "inter-observer") -> dict[str, Any]:
     """Write a second annotator as if it were a method run, scored against the reference annotator.
 
-    Samples are matched by ``image_id`` and landmarks by name (a name the other annotator lacks is
-    an unpredicted landmark; :func:`lmlib.outputs.reference_runs.match_annotator`). Timings are 0 and
+    Samples are matched by ``image_id`` and landmarks by name (a name the other annotator lacks is masked:
+    a comparison not made; :func:`lmlib.outputs.reference_runs.match_annotator`). Timings are 0 and
     ``metrics.json`` has ``"kind": "reference"``. Writes predictions.csv and metrics.json only
     (:func:`lmlib.outputs.reference_runs.write_inter_observer_run` also writes the manifest).
     """

@@ -177,7 +177,11 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
                      f"(Holm-corrected p >= {ALPHA:g}), so the order among them is not shown by this set. ")
         else:
             text += f"It is better than every other row (Holm-corrected p < {ALPHA:g}). "
-        if "registration" in set(rows["row"]):
+        if "registration" in set(rows["row"]) and floor >= ALPHA:
+            reg = rows.set_index("row")["mre_mm"]["registration"]
+            text += (f"Registration (no training) scores {reg:.2f} mm; this set cannot show whether a learned method "
+                     "beats it. ")
+        elif "registration" in set(rows["row"]):
             learned = [r.row for r in rows.itertuples() if r.row not in BASELINES]
             mre = rows.set_index("row")["mre_mm"]
             reg = mre["registration"]
@@ -217,7 +221,7 @@ def observer_notes(results_dir: Path | str, long: pd.DataFrame) -> list[str]:
     of one image): which images, and the level a perfect model would show against that annotator (about the
     row's MRE / sqrt 2: two independent placements by one annotator differ by sqrt 2 times one placement's error)."""
     lines = []
-    for r in long[long["observer"]].itertuples():
+    for r in long[long["observer"] & (long["row"] == f"reference/{INTRA_OBSERVER}")].itertuples():
         path = Path(results_dir) / str(r.dataset) / str(r.row) / "metrics.json"
         metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if metrics.get("scored_on") != OWN_IMAGES:
