@@ -40,7 +40,6 @@ from lmlib.data.sample import Sample, image_from_sitk
 from lmlib.evaluation.conformal import ConformalRegions, calibrate
 from lmlib.outputs.contract import read_manifest
 from lmlib.outputs.exports import prediction_table, write_labelme, write_slicer_markups
-from lmlib.runtime import bars_disabled
 
 OUTPUT_FILES = ("predictions.csv", "regions.csv", "review.csv", "coverage.csv", "manifest.json")  # besides exports
 EXPORT_SUFFIXES = (".json", ".png")  # labelme .json (+ a PNG for formats labelme cannot open), Slicer .mrk.json
@@ -210,6 +209,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path | Sample], out
     check_images([p for p in images if not isinstance(p, Sample)], spacing_mm)
     from lmlib.engine.cascade import model_checkpoints, predict_cascade  # torch + Lightning: not for --help
     from lmlib.engine.training import load_checkpoint
+    from lmlib.runtime import bars_disabled
 
     modules = [load_checkpoint(c) for c in model_checkpoints(model)]
     names, ndim = modules[0].landmark_names, modules[0].method.spatial_dims

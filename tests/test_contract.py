@@ -87,8 +87,23 @@ def test_a_run_written_in_place_first_clears_the_earlier_runs_outputs(tmp_path, 
                                            "max_epochs": 1, "max_train_images": 4})
     assert "removed 9 output file(s) of an earlier run" in capsys.readouterr().out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "base_val_predictions.csv", "checkpoints/last.ckpt", "training_log/metrics.csv"]
+        "base_val_predictions.csv", "checkpoints/last.ckpt", "splits.csv", "training_log/metrics.csv"]
     assert clear_earlier_run(out) == [] and clear_earlier_run(tmp_path / "none") == []
     # a folder of runs (no run's files of its own) is no run folder: its runs are not touched
     (out / "metrics.json").write_text("a run in a folder of runs")
     assert clear_earlier_run(tmp_path) == [] and (out / "metrics.json").is_file()
+
+
+def test_a_refused_run_keeps_the_earlier_runs_split_record(tmp_path):
+    """The split record was written before the run's checks: a run refused by them (here a cascade asked to refit on
+    train + val) overwrote the finished run's splits.csv beside its untouched manifest."""
+    from lmlib.engine import runner
+
+    out = tmp_path / "global_local"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "splits.csv").write_text("image_id,split\nearlier,train\n")
+    with pytest.raises(ValueError, match="fit_splits"):
+        runner.run_method("global_local", {"dataset": "synthetic2d", "output_dir": str(out), "device": "cpu",
+                                           "max_epochs": 1, "fit_splits": "train+val"})
+    assert (out / "splits.csv").read_text() == "image_id,split\nearlier,train\n"

@@ -355,7 +355,6 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     print_environment(dev)
     data = load_run_data(params)
     warn_not_in_split(data)
-    seeded = write_run_split(data, output_dir)
     ndim, names = data.spec.ndim, data.landmark_names
     train = _split(data, "train", int(shared_value(params, "max_train_images")))
     val, test = _split(data, "val"), _split(data, "test")
@@ -365,6 +364,7 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     if earlier:
         print(f"output_dir: removed {len(earlier)} output file(s) of an earlier run (e.g. {earlier[0]}); checkpoints "
               "and the training log stay")
+    seeded = write_run_split(data, output_dir)  # after the clearing: a run refused above keeps the earlier's record
     derived = getattr(cls, "derived_from", None)  # nothing trained: finished runs' predictions or checkpoint
     if derived is not None:  # no grid of its own (its members' or its base run's)
         effective = {**params, **cls.values(params), **({"seeded_split_file": seeded.name} if seeded else {})}
