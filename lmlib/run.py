@@ -441,10 +441,8 @@ def _execute(job: Job, dataset: str, params: dict[str, Any], declared: dict[str,
     for name in REUSABLE_FILES:  # e.g. the base run's val predictions, used only where their key still matches
         if (root / final / name).is_file() and not (root / tmp / name).exists():
             shutil.copy2(root / final / name, root / tmp / name)
-    for key, value in MALLOC_ENV.items():  # inherited by the kernel process (see lmlib.runtime)
-        os.environ.setdefault(key, value)
     start = time.time()
-    with kernel_environment(NOTEBOOK_ENV):
+    with kernel_environment({**MALLOC_ENV, **NOTEBOOK_ENV}):  # allocator settings (lmlib.runtime), no bars
         pm.execute_notebook(str(notebook), str(root / tmp / job.notebook), parameters=params,
                             kernel_name=KERNEL_NAME, cwd=str(root), execution_timeout=timeout_s,
                             progress_bar=False, report_mode=False,

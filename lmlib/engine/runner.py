@@ -49,7 +49,7 @@ from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
 from lmlib.outputs.contract import clear_earlier_run, predictions_frame, read_manifest, read_run, write_outputs
-from lmlib.outputs.manifest import check_same_split, utc_now, write_manifest, write_split_file
+from lmlib.outputs.manifest import check_same_split, image_splits, utc_now, write_manifest, write_split_file
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
 DEFAULT_GRID: dict[int, list[int]] = {2: [128, 128], 3: [64, 64, 64]}
@@ -169,7 +169,7 @@ def write_run_split(data: Dataset, output_dir: Path) -> Path | None:
     spec = data.spec
     if not spec.reader or spec.splits_file or spec.single_template or spec.subject_splits:
         return None
-    splits = [str(s.meta.get("split") or "") for s in data.samples if not s.meta.get("refit")]
+    splits = list(image_splits(data.samples).values())
     counts = {k: splits.count(k) for k in ("train", "val", "test")}
     print(f"{spec.name}: no split file; seeded split (fractions {list(spec.split_fractions)}, seed {spec.split_seed}, "
           f"by {spec.split_by}, from the dataset declaration): {counts} -> {path}")

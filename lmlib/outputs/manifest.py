@@ -140,13 +140,18 @@ def write_manifest(output_dir: Path | str, parameters: dict[str, Any], samples: 
 SPLITS_FILE = "splits.csv"
 
 
+def image_splits(samples: Iterable[Sample]) -> dict[str, str]:
+    """image_id -> split of ``samples`` (a refit's copies of its val images left out: they are the val images)."""
+    return {s.image_id: str(s.meta.get("split") or "") for s in samples if not s.meta.get("refit")}
+
+
 def write_split_file(samples: Iterable[Sample], output_dir: Path | str) -> Path:
     """``<output_dir>/splits.csv``: the split of every image of the data set as this run saw it (a refit's copies of
     its val images left out: they are the val images), so that the run can later be checked against the data's
     split of the day (:func:`check_same_split`) and a seeded split declared as a split file."""
     import pandas as pd
 
-    splits = {s.image_id: str(s.meta.get("split") or "") for s in samples if not s.meta.get("refit")}
+    splits = image_splits(samples)
     path = Path(output_dir) / SPLITS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"image_id": list(splits), "split": list(splits.values())}).to_csv(path, index=False)
@@ -168,7 +173,7 @@ def check_same_split(run_dir: Path | str, samples: Iterable[Sample]) -> None:
         return
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     was = dict(zip(table["image_id"], table["split"]))
-    now = {s.image_id: str(s.meta.get("split") or "") for s in samples if not s.meta.get("refit")}
+    now = image_splits(samples)
     moved = [f"{i} {was[i]} -> {sp}" for i, sp in sorted(now.items()) if i in was and was[i] != sp]
     if moved:
         shown = ", ".join(moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")

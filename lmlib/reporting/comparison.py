@@ -455,8 +455,7 @@ def align_runs(predictions: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list
         gt = rows[list(M.GT_COLS)].to_numpy(dtype=np.float64)
         present = ~np.isnan(gt).all(axis=1)
         known = ~np.isnan(ref_gt).all(axis=1)
-        gt_diff = np.abs(np.nan_to_num(gt, nan=1e9) - np.nan_to_num(ref_gt, nan=1e9))
-        differ = present & known & np.any(gt_diff > CSV_TOLERANCE_MM, axis=1)
+        differ = present & known & np.any(np.abs(gt - ref_gt) > CSV_TOLERANCE_MM, axis=1)  # NaN z in 2D: False
         if differ.any():
             notes.append(f"{method}: reference points differ from the other runs' on {int(differ.sum())} pairs")
         if (known & ~present).any():

@@ -177,13 +177,12 @@ def ranking_sentences(results_dir: Path | str, long: pd.DataFrame,
                      f"(Holm-corrected p >= {ALPHA:g}), so the order among them is not shown by this set. ")
         else:
             text += f"It is better than every other row (Holm-corrected p < {ALPHA:g}). "
-        if "registration" in set(rows["row"]) and floor >= ALPHA:
-            reg = rows.set_index("row")["mre_mm"]["registration"]
-            text += (f"Registration (no training) scores {reg:.2f} mm; this set cannot show whether a learned method "
-                     "beats it. ")
-        elif "registration" in set(rows["row"]):
+        mre = rows.set_index("row")["mre_mm"]
+        if "registration" in mre and floor >= ALPHA:
+            text += (f"Registration (no training) scores {mre['registration']:.2f} mm; this set cannot show whether a "
+                     "learned method beats it. ")
+        elif "registration" in mre:
             learned = [r.row for r in rows.itertuples() if r.row not in BASELINES]
-            mre = rows.set_index("row")["mre_mm"]
             reg = mre["registration"]
             beat = [m for m in learned if mre[m] < reg and _p(sig, m, "registration") < ALPHA]
             lose = [m for m in learned if m not in beat]
