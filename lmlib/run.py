@@ -197,6 +197,9 @@ JOBS: tuple[Job, ...] = (
     # an ensemble of finished runs (their test predictions combined per landmark; their costs summed)
     _job("61_ensemble.ipynb", "ensemble", ("synthetic2d", "hamedan-ceph", "hand-xray", "afids-templates"),
          runs="ensemble", main=False),
+    # an ensemble chosen on val: the members chosen among candidate runs on their val predictions on record
+    _job("61_ensemble.ipynb", "ensemble_val", ("synthetic2d", "hamedan-ceph", "hand-xray"), runs="ensemble",
+         main=False),
     # the seeds ensemble: three trainings of heatmap_unet_cpu that differ only by their seed
     _job("61_ensemble.ipynb", "heatmap_unet_cpu+seeds", ("hamedan-ceph",), runs="ensemble", main=False),
     _job("61_ensemble.ipynb", "heatmap_unet_cpu_compile+seeds", ("hamedan-ceph",), runs="ensemble", main=False),

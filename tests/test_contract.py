@@ -74,6 +74,7 @@ def test_a_run_written_in_place_first_clears_the_earlier_runs_outputs(tmp_path, 
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("predictions.csv", "metrics.json", "manifest.json"):
             (folder / name).write_text("earlier")
+    (out / "val_predictions.csv").write_text("earlier")  # the earlier run's val predictions go with its test ones
     for kept in ("checkpoints/last.ckpt", "training_log/metrics.csv", "base_val_predictions.csv"):
         (out / kept).parent.mkdir(exist_ok=True)
         (out / kept).write_text("kept")
@@ -85,7 +86,7 @@ def test_a_run_written_in_place_first_clears_the_earlier_runs_outputs(tmp_path, 
     with pytest.raises(RuntimeError, match="interrupted"):
         runner.run_method("heatmap_unet", {"dataset": "synthetic2d", "output_dir": str(out), "device": "cpu",
                                            "max_epochs": 1, "max_train_images": 4})
-    assert "removed 9 output file(s) of an earlier run" in capsys.readouterr().out
+    assert "removed 10 output file(s) of an earlier run" in capsys.readouterr().out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "base_val_predictions.csv", "checkpoints/last.ckpt", "splits.csv", "training_log/metrics.csv"]
     assert clear_earlier_run(out) == [] and clear_earlier_run(tmp_path / "none") == []

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lmlib.engine.runner import load_run_data, run_method
-from lmlib.methods.ensemble import RunEnsemble
+from lmlib.evaluation.metrics import mean_radial_error
+from lmlib.methods.ensemble import RunEnsemble, select_on_val
 from lmlib.outputs.contract import ContractError, predictions_frame, read_run, write_outputs
 from lmlib.outputs.manifest import write_manifest
 
@@ -109,3 +111,94 @@ def test_a_3d_ensemble_combines_every_axis(tmp_path: Path) -> None:
     frame = read_run(root / "ensemble")[0]
     assert {"x_mm", "y_mm", "z_mm"} <= set(frame.columns) and frame["error_mm"].max() < 5.0
     assert result.metrics["train_seconds"] == pytest.approx(3600.0)
+
+
+def test_select_on_val_adds_members_while_the_val_error_falls() -> None:
+    """Greedy forward selection: the best single candidate first, then the addition that lowers the combination's
+    val MRE most; a candidate that would raise it (a biased one) is not added, and the stop is recorded."""
+    val = load_run_data({"dataset": "synthetic2d"}).split("val")
+    rng = np.random.default_rng(3)
+    noisy = {name: [s.landmarks_mm + rng.normal(0.0, sd, s.landmarks_mm.shape) for s in val]
+             for name, sd in (("a", 0.5), ("b", 0.6), ("c", 0.6))}
+    noisy["biased"] = [s.landmarks_mm + 3.0 for s in val]
+    chosen, steps = select_on_val({"biased": noisy["biased"], **noisy}, val, "median", max_members=4)
+    assert chosen[0] == "a" and set(chosen) == {"a", "b", "c"}, chosen
+    singles = {n: mean_radial_error(p, val) for n, p in noisy.items()}
+    assert [s["added"] for s in steps] == [*chosen, ""] and steps[-1]["candidate"] == "biased"
+    assert steps[0]["val_mre_mm"] == pytest.approx(singles["a"])
+    assert steps[2]["val_mre_mm"] < steps[1]["val_mre_mm"] < steps[0]["val_mre_mm"] < 0.9 * singles["b"]
+    assert select_on_val(noisy, val, max_members=2)[0] == chosen[:2]  # the cap
+    ensemble = RunEnsemble(2, 8, members=list(noisy), select="val", max_members=2)
+    assert ensemble.choose(noisy, val)[0] == chosen[:2]
+    assert RunEnsemble(2, 8, members=list(noisy)).choose({}, val) == (list(noisy), [])  # select none: as listed
+
+
+def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_counts_every_candidate(
+        members: tuple[Path, list], tmp_path: Path) -> None:
+    """Candidates with their val predictions: a's and c/local's own val_predictions.csv, b's from a refinement's
+    cache beside it made from b (key = b's manifest hash); the row's training time is all candidates' (each had to be
+    trained to be compared), its time per image the chosen members'. A candidate without val predictions on record,
+    a cache made from another run, and a refit are refused naming the folder."""
+    import shutil
+
+    from lmlib.engine.base_run import manifest_key
+    from lmlib.outputs.contract import BASE_VAL_CACHE, write_val_predictions
+
+    root = tmp_path / "synthetic2d"
+    shutil.copytree(members[0], root)
+    val = load_run_data({"dataset": "synthetic2d"}).split("val")
+    rng = np.random.default_rng(4)
+    for name in ("a", "c/local"):
+        world = [s.landmarks_mm + rng.normal(0.0, 0.6, s.landmarks_mm.shape) for s in val]
+        if name == "c/local":
+            world = [w + 5.0 for w in world]  # 7 mm off everywhere on val
+        write_val_predictions(root / name, val, world)
+    cache = root / "b+local" / BASE_VAL_CACHE
+    params = {"dataset": "synthetic2d", "output_dir": str(root / "chosen"), "members": list(COSTS), "select": "val"}
+    with pytest.raises(FileNotFoundError, match=r"synthetic2d/b: no val predictions on record"):
+        run_method("ensemble", params)
+    cache.parent.mkdir()
+    predictions_frame(val, [s.landmarks_mm + rng.normal(0.0, 0.6, s.landmarks_mm.shape) for s in val]).to_csv(
+        cache, index=False)
+    cache.with_suffix(".key").write_text("0123456789ab\n1.0\n")  # made from another run
+    with pytest.raises(FileNotFoundError, match=r"synthetic2d/b: no val predictions on record"):
+        run_method("ensemble", params)
+    cache.with_suffix(".key").write_text(f"{manifest_key(root / 'b')}\n1.0\n")
+    result = run_method("ensemble", params)
+    manifest = json.loads((root / "chosen" / "manifest.json").read_text())
+    assert manifest["parameters"]["select"] == "val" and list(manifest["candidates"]) == list(COSTS)
+    chosen = list(manifest["members"])
+    assert "c/local" not in chosen and len(chosen) == 2, chosen  # its val error keeps it out
+    steps = pd.read_csv(root / "chosen" / "selection.csv")
+    assert list(steps["added"].fillna("")) == [*chosen, ""] and steps["candidate"].iloc[-1] == "c/local"
+    assert result.metrics["train_seconds"] == pytest.approx(600.0)  # a + b + c/local, though c/local is not used
+    assert result.metrics["infer_seconds_per_image"] == pytest.approx(0.3, abs=0.01)  # a + b
+    assert result.metrics["mre_mm"] < min(read_run(root / n)[1]["mre_mm"] for n in chosen)
+    from lmlib.reporting.ensemble_figures import ensemble_table, fig_cost, selection_table
+
+    table = ensemble_table(root / "chosen")
+    label = "ensemble (median of 2, chosen on val among 3)"
+    assert list(table.index) == [*COSTS, label] and list(table["chosen"]) == [True, True, False, True]
+    assert table.loc["c/local", "val MRE (mm)"] > 5.0 and table.loc[label, "train (min)"] == pytest.approx(10.0)
+    assert list(selection_table(root / "chosen")["added"]) == [*chosen, ""]
+    fig_cost(table, tmp_path / "fig_cost.png")
+    refit = json.loads((root / "a" / "manifest.json").read_text())
+    refit["parameters"]["fit_splits"] = "train+val"
+    (root / "a" / "manifest.json").write_text(json.dumps(refit))
+    with pytest.raises(ValueError, match=r"synthetic2d/a: a refit .* choosing on its val predictions"):
+        run_method("ensemble", params)
+
+
+@pytest.mark.slow
+def test_a_trained_run_writes_its_val_predictions_and_a_refit_does_not(tmp_path: Path) -> None:
+    """val_predictions.csv: every val image and landmark, from the kept weights (their MRE is the validation error
+    the run selected its epoch on); a refit (val images trained on) writes none."""
+    tiny = {"dataset": "synthetic2d", "device": "cpu", "max_epochs": 2, "max_train_images": 8}
+    run_method("heatmap_unet", {**tiny, "output_dir": str(tmp_path / "unet")})
+    val = load_run_data({"dataset": "synthetic2d"}).split("val")
+    table = pd.read_csv(tmp_path / "unet" / "val_predictions.csv", dtype={"image_id": str})
+    assert len(table) == len(val) * 8 and set(table["image_id"]) == {s.image_id for s in val}
+    metrics = read_run(tmp_path / "unet")[1]
+    assert table["error_mm"].mean() == pytest.approx(metrics["best_val_mre_mm"], rel=1e-3)
+    run_method("heatmap_unet", {**tiny, "output_dir": str(tmp_path / "refit"), "fit_splits": "train+val"})
+    assert not (tmp_path / "refit" / "val_predictions.csv").exists()

@@ -15,6 +15,11 @@ val image), and its inference time per image. The val time is kept beside the ca
 (``base_val_predictions.key``); a cache written without it is charged the val images times the base run's
 inference time per image.
 
+A run's val predictions on record, without its checkpoints (an ensemble chosen on val,
+:func:`stored_val_predictions`): its own ``val_predictions.csv`` (runs write it since that file was added), else
+the ``base_val_predictions.csv`` that a refinement or shape prior beside it made from its checkpoints, used only
+where that cache's key is the run's manifest hash (made from this very run).
+
 Coordinates are world mm ``(x, y[, z])``. A missing folder, image or landmark is an error naming the file.
 """
 from __future__ import annotations
@@ -32,7 +37,14 @@ from lmlib.data.refit import check_held_out_val
 from lmlib.data.sample import Sample
 from lmlib.engine.cascade import Start, landmark_errors, model_checkpoints, predict_cascade
 from lmlib.engine.training import Predictions
-from lmlib.outputs.contract import BASE_VAL_CACHE, ContractError, predictions_frame, read_manifest, read_run
+from lmlib.outputs.contract import (
+    BASE_VAL_CACHE,
+    VAL_PREDICTIONS,
+    ContractError,
+    predictions_frame,
+    read_manifest,
+    read_run,
+)
 from lmlib.outputs.manifest import check_same_split
 
 #: where the base run's val predictions are kept in the refining run's folder
@@ -170,6 +182,35 @@ def read_finished_run(folder: Path, dataset: str, test: Sequence[Sample], job: s
     return manifest, metrics, read_predictions(folder / "predictions.csv", test)
 
 
+def manifest_key(folder: Path) -> str:
+    """The key a val-prediction cache of the run in ``folder`` is kept under: its manifest's hash."""
+    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()[:12]
+
+
+def stored_val_predictions(folder: Path, val: Sequence[Sample], search: Path | None = None
+                           ) -> tuple[list[np.ndarray], Path]:
+    """The finished run in ``folder``'s predictions on ``val`` (world mm) from the files on record (module
+    docstring) and the file they came from: its own :data:`VAL_PREDICTIONS`, else a :data:`VAL_CACHE` under
+    ``search`` (default: ``folder``'s parent; the folders beside it and their stages) whose key matches its manifest.
+    A refit (its val images were training images) and a run with neither file are errors naming the folder."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json)")
+    check_held_out_val(manifest.get("parameters"), folder, "choosing on its val predictions")
+    own = folder / VAL_PREDICTIONS
+    if own.is_file():
+        return read_predictions(own, val), own
+    key, root = manifest_key(folder), Path(search) if search is not None else folder.parent
+    for keyfile in sorted([*root.glob(f"*/{Path(VAL_CACHE).stem}.key"), *root.glob(f"*/*/{Path(VAL_CACHE).stem}.key")]):
+        cache = keyfile.with_suffix(".csv")
+        if cache.is_file() and keyfile.read_text().split()[:1] == [key]:
+            return read_predictions(cache, val), cache
+    raise FileNotFoundError(f"{folder}: no val predictions on record ({VAL_PREDICTIONS}, written by runs since this "
+                            f"file was added, or a {VAL_CACHE} made from this run by a refinement beside it): run its "
+                            "job again")
+
+
 def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val: Sequence[Sample],
                   test: Sequence[Sample], cache_dir: str | Path | None = None) -> Start:
     """The predictions of the finished run in ``folder`` on ``val`` and ``test`` and its costs (see the module
@@ -177,7 +218,7 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
     folder = Path(folder)
     manifest, metrics, test_mm = read_finished_run(folder, dataset, test, folder.name,
                                                  "or name another run folder with base_run", [*train, *val, *test])
-    key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
+    key = manifest_key(folder)
     cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
     per_image = float(metrics["infer_seconds_per_image"])
     stored = cache.with_suffix(".key").read_text().split() if cache is not None and cache.with_suffix(".key").is_file() \

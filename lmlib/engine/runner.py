@@ -48,7 +48,14 @@ from lmlib.engine.training import FitResult, Predictions, fit, load_checkpoint, 
 from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
-from lmlib.outputs.contract import clear_earlier_run, predictions_frame, read_manifest, read_run, write_outputs
+from lmlib.outputs.contract import (
+    clear_earlier_run,
+    predictions_frame,
+    read_manifest,
+    read_run,
+    write_outputs,
+    write_val_predictions,
+)
 from lmlib.outputs.manifest import check_same_split, image_splits, utc_now, write_manifest, write_split_file
 from lmlib.runtime import check_device, peak_rss_mb, print_environment, setup
 
@@ -398,15 +405,19 @@ def run_method(method: str, params: Mapping[str, Any]) -> RunResult:
     kept = (f"best val MRE {result.best_score:.3f} mm" if result.best_score is not None
             else "the last epoch kept (a refit on train+val: its val MRE is in-sample)")
     print(f"trained {result.epochs} epochs in {result.train_seconds:.1f} s; {kept} ({Path(result.best_checkpoint).name})")
-    pred = predict(result.module, test, batch_size=int(shared_value(params, "batch_size")))
+    batch_size = int(shared_value(params, "batch_size"))
+    pred = predict(result.module, test, batch_size=batch_size)
     metrics, predictions = write_run_outputs(output_dir, test, pred, result, model, grid)
+    held_out = val if not is_refit(params) else []  # a refit's val images were training images
+    if held_out:
+        write_val_predictions(output_dir, held_out, predict(result.module, held_out, batch_size=batch_size).world_mm)
     curves = plot_training_curves(result.history_csv, output_dir, in_sample=is_refit(params))
     figures = {name: output_dir / name for name in curves}
     figures.update(worst_image_figure(output_dir, test, predictions, pred, model.name))
     variants = {}
     for name, overrides in result.module.method.decoding_variants().items():
         folder = output_dir / name
-        variants[name] = predict_variant(result, test, overrides, folder, grid, int(shared_value(params, "batch_size")))
+        variants[name] = predict_variant(result, test, overrides, folder, grid, batch_size, held_out)
         write_manifest(folder, {**effective, "output_dir": str(folder)}, samples=train + val + test, seed=seed,
                        device=dev, started=started,
                        extra={"method": model.name, "variant": name, "method_config": {**model.config(), **overrides},
@@ -475,13 +486,21 @@ def _write_untrained_run(output_dir: Path, test: list[Sample], world_mm: list[np
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 
+#: an ensemble chosen on val: its selection's steps (lmlib.methods.ensemble.select_on_val)
+SELECTION_FILE = "selection.csv"
+
+
 def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
                   used: list[Sample], test: list[Sample], dev: Any, started: str, seed: int) -> RunResult:
     """An ensemble of finished runs (``cls.derived_from == "runs"``, :mod:`lmlib.methods.ensemble`): each member's test
     predictions read from its folder beside ``output_dir``, combined per landmark; its training time and time per
-    image are the members' sums (plus the combination's), its memory their largest, its device theirs. The same
-    output contract, figure and manifest as a run."""
-    from lmlib.engine.base_run import read_finished_run, run_ancestors
+    image are the members' sums (plus the combination's), its memory their largest, its device theirs. With
+    ``select="val"`` the listed runs are candidates: the members are chosen on their val predictions on record
+    (:func:`~lmlib.engine.base_run.stored_val_predictions`), the steps written to ``selection.csv``, and the training
+    time is every candidate's. The same output contract, figure and manifest as a run."""
+    from lmlib.engine.base_run import read_finished_run, run_ancestors, stored_val_predictions
+    from lmlib.evaluation.metrics import mean_radial_error
+    from lmlib.methods.ensemble import combine_points
 
     output_dir = Path(params["output_dir"])
     model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
@@ -492,33 +511,50 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
         if inside:
             raise ValueError(f"{folder}: its row already includes the run {inside[0]!r} (a stage or a run built on "
                              f"it, whose training time it counts): an ensemble takes independent runs")
-    members: list[list[np.ndarray]] = []
+    runs: dict[str, list[np.ndarray]] = {}
     costs: dict[str, dict[str, Any]] = {}
     for name, folder in folders.items():
         manifest, metrics, world = read_finished_run(folder, str(params["dataset"]), test, name.split("/")[0],
                                                      samples=used)
-        members.append(world)
+        runs[name] = world
         costs[name] = {"train_seconds": float(metrics["train_seconds"]),
                        "infer_seconds_per_image": float(metrics["infer_seconds_per_image"]),
                        "peak_rss_mb": float(metrics.get("peak_rss_mb") or 0.0),
                        "device": str(manifest.get("device", "")), "git_commit": manifest.get("git_commit")}
-        print(f"member {name}: trained {costs[name]['train_seconds']:.0f} s, "
-              f"{costs[name]['infer_seconds_per_image']:.3f} s per image ({costs[name]['device'] or 'device ?'})")
-    devices = sorted({c["device"] for c in costs.values()})
+        print(f"{'candidate' if model.select == 'val' else 'member'} {name}: trained "
+              f"{costs[name]['train_seconds']:.0f} s, {costs[name]['infer_seconds_per_image']:.3f} s per image "
+              f"({costs[name]['device'] or 'device ?'})")
+    val_mm: dict[str, list[np.ndarray]] = {}
+    if model.select == "val":
+        val = data.split("val")
+        for name, folder in folders.items():
+            val_mm[name], source = stored_val_predictions(folder, val, search=output_dir.parent)
+            costs[name]["val_mre_mm"] = mean_radial_error(val_mm[name], val)
+            costs[name]["val_predictions"] = os.path.relpath(source, output_dir.parent)
+            print(f"candidate {name}: val MRE {costs[name]['val_mre_mm']:.3f} mm ({len(val)} images, "
+                  f"{costs[name]['val_predictions']})")
+    chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [])
+    (output_dir / SELECTION_FILE).unlink(missing_ok=True)  # an earlier run's, in place
+    if steps:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(steps).to_csv(output_dir / SELECTION_FILE, index=False, float_format="%.4f")
+        print(f"chosen on val: {', '.join(chosen)} (val MRE {steps[len(chosen) - 1]['val_mre_mm']:.3f} mm)")
+    devices = sorted({costs[n]["device"] for n in costs})
     if len(devices) > 1:
-        print(f"warning: the members ran on different devices ({', '.join(devices)}): the summed times mix them")
+        print(f"warning: the runs ran on different devices ({', '.join(devices)}): the summed times mix them")
     t0 = time.perf_counter()
-    world_mm = model.combine_points(members)
+    world_mm = combine_points([runs[n] for n in chosen], model.combine)
     combine_s = (time.perf_counter() - t0) / max(1, len(test))
-    train_s = sum(c["train_seconds"] for c in costs.values())
-    infer_s = sum(c["infer_seconds_per_image"] for c in costs.values()) + combine_s
-    print(f"{model.combine} of {len(members)} runs on {len(test)} test images: {train_s / 60:.1f} min of training, "
-          f"{infer_s:.3f} s per image together")
+    train_s = sum(c["train_seconds"] for c in costs.values())  # every candidate was trained to be compared
+    infer_s = sum(costs[n]["infer_seconds_per_image"] for n in chosen) + combine_s
+    print(f"{model.combine} of {len(chosen)} runs on {len(test)} test images: {train_s / 60:.1f} min of training"
+          f"{f' (all {len(costs)} candidates)' if steps else ''}, {infer_s:.3f} s per image together")
     return _write_untrained_run(output_dir, test, world_mm, model.name,
                                 {"train_seconds": train_s, "infer_seconds_per_image": infer_s,
-                                 "peak_rss_mb": max(c["peak_rss_mb"] for c in costs.values())},
-                                {"members": list(model.members)},
-                                {"method_config": model.config(), "members": costs},
+                                 "peak_rss_mb": max(costs[n]["peak_rss_mb"] for n in chosen)},
+                                {"members": chosen, **({"candidates": list(costs)} if steps else {})},
+                                {"method_config": model.config(), "members": {n: costs[n] for n in chosen},
+                                 **({"candidates": costs, "selection": steps} if steps else {})},
                                 effective, used, seed, " + ".join(devices) or dev, started)
 
 
@@ -618,15 +654,18 @@ def _run_on_predictions(cls: type[LandmarkMethod], params: Mapping[str, Any], ef
 
 
 def predict_variant(result: FitResult, test: Sequence[Sample], overrides: Mapping[str, Any], folder: Path,
-                    grid: Sequence[int], batch_size: int = 4) -> dict[str, Any]:
+                    grid: Sequence[int], batch_size: int = 4, val: Sequence[Sample] = ()) -> dict[str, Any]:
     """Predict ``test`` with the trained weights decoded by the method rebuilt with ``overrides`` (see
-    :meth:`~lmlib.methods.base.LandmarkMethod.decoding_variants`); write its output contract into ``folder``."""
+    :meth:`~lmlib.methods.base.LandmarkMethod.decoding_variants`); write its output contract into ``folder``, and
+    its predictions on ``val`` (held out) where given."""
     module = result.module
     original = module.method
     module.method = build_method(original.name, **{**original.config(), **overrides})
     try:
         pred = predict(module, test, batch_size=batch_size)
         metrics, _ = write_run_outputs(folder, test, pred, result, module.method, grid)
+        if val:
+            write_val_predictions(folder, val, predict(module, val, batch_size=batch_size).world_mm)
     finally:
         module.method = original
     return metrics
@@ -672,6 +711,8 @@ def _run_cascade(cls: type[CascadeMethod], params: Mapping[str, Any], effective:
         folder = output_dir / r.stage.name
         metrics, predictions = write_run_outputs(folder, test, r.test, r.fit, r.stage.method, r.stage.view.size or grid,
                                                  r.train_seconds, r.infer_seconds_per_image)
+        if val and not is_refit(params):
+            write_val_predictions(folder, val, r.val.world_mm)
         stage_metrics[r.stage.name] = metrics
         figures.update({f"{r.stage.name}/{n}": folder / n for n in plot_training_curves(r.fit.history_csv, folder)})
         write_manifest(folder, {**effective, "output_dir": str(folder), "stage": r.stage.name}, samples=train + val + test,

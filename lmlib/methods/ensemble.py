@@ -12,6 +12,14 @@ so ``val`` is not needed). The row's cost is the members' together: its training
 its inference time per image the sum of theirs (run one after the other on one machine) plus the combination, so
 the comparison shows accuracy per CPU minute, not accuracy alone.
 
+Chosen on val (``select="val"``): ``members`` are then candidates, and the members are chosen among them on the
+validation split alone by greedy forward selection (Caruana et al., ICML 2004, without replacement): the candidate
+of lowest val MRE first, then each time the candidate whose addition lowers the combination's val MRE most, until
+no addition lowers it or ``max_members`` are in (:func:`select_on_val`). Each candidate's val predictions are read
+from its folder (:func:`lmlib.engine.base_run.stored_val_predictions`); a refit, whose val images were training
+images, is refused. Every candidate had to be trained to be compared, so the row's training time is the sum over
+all candidates; its time per image is the chosen members' only.
+
 Coordinates: world mm ``(x, y[, z])`` throughout.
 """
 from __future__ import annotations
@@ -22,11 +30,14 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
+from lmlib.evaluation.metrics import mean_radial_error
 from lmlib.methods.base import LandmarkMethod
 from lmlib.methods.config import MethodParameters, defaults
-from lmlib.typed import field, one_of
+from lmlib.typed import Int, field, one_of
 
 COMBINE = ("median", "mean")
+#: how the members are set: as listed (``none``), or chosen among the listed candidates on the val split (``val``)
+SELECT = ("none", "val")
 
 
 class EnsembleParameters(MethodParameters):
@@ -38,6 +49,11 @@ class EnsembleParameters(MethodParameters):
         "a list of at least two run folder names", min_length=2)
     combine: Annotated[str, one_of(COMBINE)] = field(
         "median", "per landmark and axis: median (robust to one member's gross miss) | mean", "median or mean")
+    select: Annotated[str, one_of(SELECT)] = field(
+        "none", "none: every listed run is a member | val: the listed runs are candidates, the members chosen among "
+        "them on the val split (greedy forward selection; the row counts the training time of all candidates)",
+        "none or val")
+    max_members: Int = field(5, 'with select "val": at most this many members', "an integer >= 1", ge=1)
 
 
 _D = defaults(EnsembleParameters)
@@ -50,6 +66,8 @@ class RunEnsemble(LandmarkMethod):
         spatial_dims / n_landmarks: as every method.
         members: run folder names beside the ensemble's own (at least two, each once).
         combine: ``"median"`` or ``"mean"`` of each coordinate over the members.
+        select: ``"none"`` (every listed run a member) or ``"val"`` (``members`` are candidates, chosen on val).
+        max_members: with ``select="val"``, the most members chosen.
     """
 
     name = "ensemble"
@@ -58,18 +76,22 @@ class RunEnsemble(LandmarkMethod):
     Parameters = EnsembleParameters
 
     def __init__(self, spatial_dims: int, n_landmarks: int, members: Sequence[str] = _D["members"],
-                 combine: str = _D["combine"], **_: Any) -> None:
+                 combine: str = _D["combine"], select: str = _D["select"], max_members: int = _D["max_members"],
+                 **_: Any) -> None:
         super().__init__(spatial_dims, n_landmarks)
-        if combine not in COMBINE:
-            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        if combine not in COMBINE or select not in SELECT:
+            raise ValueError(f"combine must be one of {COMBINE} and select one of {SELECT}, got {combine!r}, "
+                             f"{select!r}")
+        if int(max_members) < 1:
+            raise ValueError(f"max_members must be >= 1, got {max_members}")
         names = [str(m) for m in members]
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"an ensemble needs at least two different member runs, got {names}")
-        self.members, self.combine = names, combine
+        self.members, self.combine, self.select, self.max_members = names, combine, select, int(max_members)
 
     def config(self) -> dict[str, Any]:
         return {"spatial_dims": self.spatial_dims, "n_landmarks": self.n_landmarks, "members": list(self.members),
-                "combine": self.combine}
+                "combine": self.combine, "select": self.select, "max_members": self.max_members}
 
     @classmethod
     def from_parameters(cls, spatial_dims: int, n_landmarks: int, params: Mapping[str, Any],
@@ -85,6 +107,47 @@ class RunEnsemble(LandmarkMethod):
         if len(member_mm) != len(self.members):
             raise ValueError(f"{len(member_mm)} members' predictions for {len(self.members)} members")
         return combine_points(member_mm, self.combine)
+
+    def choose(self, val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
+               ) -> tuple[list[str], list[dict[str, Any]]]:
+        """The members: every listed run (``select="none"``; ``val_mm`` unused), or those :func:`select_on_val`
+        chooses among the candidates from their val predictions ``val_mm[name][i]`` (world mm) on ``val``'s
+        samples; with the selection's steps (empty without one)."""
+        if self.select == "none":
+            return list(self.members), []
+        missing = [m for m in self.members if m not in val_mm]
+        if missing:
+            raise ValueError(f"select='val': no val predictions given for {missing}")
+        return select_on_val({m: val_mm[m] for m in self.members}, val, self.combine, self.max_members)
+
+
+def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any], how: str = "median",
+                  max_members: int = 5) -> tuple[list[str], list[dict[str, Any]]]:
+    """Greedy forward selection without replacement (module docstring) of the keys of ``val_mm`` (candidate ->
+    ``(K, D)`` world-mm points per val sample, in ``val``'s order) by the val MRE (mm) of their combination (``how``).
+    Returns the chosen names in the order chosen and one row per step: ``step``, ``added``, ``val_mre_mm`` of the
+    combination so far; then, where it stopped before ``max_members``, the best candidate it did not add
+    (``added`` blank, its ``candidate`` and the combination's ``val_mre_mm`` with it). Ties go to the earlier
+    candidate."""
+    if not val_mm:
+        raise ValueError("select_on_val: no candidates")
+
+    def score(names: Sequence[str]) -> float:
+        return mean_radial_error(combine_points([val_mm[n] for n in names], how), val)
+
+    chosen: list[str] = []
+    steps: list[dict[str, Any]] = []
+    current = np.inf
+    while len(chosen) < min(max_members, len(val_mm)):
+        trials = {n: score([*chosen, n]) for n in val_mm if n not in chosen}
+        best = min(trials, key=lambda n: trials[n])  # dicts keep order: ties go to the earlier candidate
+        if trials[best] >= current:
+            steps.append({"step": len(chosen) + 1, "added": "", "candidate": best, "val_mre_mm": trials[best]})
+            break
+        chosen.append(best)
+        current = trials[best]
+        steps.append({"step": len(chosen), "added": best, "candidate": best, "val_mre_mm": current})
+    return chosen, steps
 
 
 def combine_points(member_mm: Sequence[Sequence[np.ndarray]], how: str = "median") -> list[np.ndarray]:

@@ -4,7 +4,10 @@ Every run folder ``results/<dataset>/<method>/`` holds:
 - ``predictions.csv``: one row per image x landmark, columns :data:`PREDICTION_COLUMNS`
   (world mm; z empty in 2D; ``error_mm`` empty where the reference landmark is masked);
 - ``metrics.json``: at least :data:`METRIC_KEYS` (SDR in percent, strict ``<``);
-- ``manifest.json``: see :mod:`lmlib.outputs.manifest`.
+- ``manifest.json``: see :mod:`lmlib.outputs.manifest`;
+- ``val_predictions.csv`` (a trained run held out from its val split, and each stage of a cascade): the same
+  columns on the val split, from the weights the run kept, so that a later choice on val (an ensemble's members,
+  :mod:`lmlib.methods.ensemble`) needs no checkpoint.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ REUSABLE_FILES: tuple[str, ...] = (BASE_VAL_CACHE, str(Path(BASE_VAL_CACHE).with
 REFERENCE_TIMINGS: dict[str, float] = {"train_seconds": 0.0, "infer_seconds_per_image": 0.0, "peak_rss_mb": 0.0}
 #: a folder holding either is a run (or a stage or decoding-variant sub-run of one) for the comparison
 RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")
+#: a run's predictions on its val split (same columns as predictions.csv; not written by a refit)
+VAL_PREDICTIONS = "val_predictions.csv"
 
 
 class ContractError(ValueError):
@@ -96,17 +101,19 @@ def _json_safe(value: Any) -> Any:
 
 
 def clear_earlier_run(output_dir: Path | str) -> list[Path]:
-    """Delete an earlier run's :data:`RUN_FILES` and ``manifest.json`` in ``output_dir`` and in its sub-folders
-    (stage and decoding-variant sub-runs), and return them. A run written in place (a method notebook run by hand,
-    not through the driver's scratch folder) then leaves no earlier sub-run's rows beside its own (a ``heads=both``
-    run's ``quarter_head/`` after a ``heads=quarter`` one), and an interrupted one no folder that looks finished
-    with the earlier manifest. Checkpoints, the training log and the reusable files stay: a resume needs them.
-    A folder that holds none of these files itself is no run folder (a parent of runs): nothing is deleted."""
+    """Delete an earlier run's :data:`RUN_FILES`, :data:`VAL_PREDICTIONS` and ``manifest.json`` in ``output_dir`` and
+    in its sub-folders (stage and decoding-variant sub-runs), and return them. A run written in place (a method
+    notebook run by hand, not through the driver's scratch folder) then leaves no earlier sub-run's rows beside its
+    own (a ``heads=both`` run's ``quarter_head/`` after a ``heads=quarter`` one), and an interrupted one no folder
+    that looks finished with the earlier manifest. Checkpoints, the training log and the reusable files stay: a
+    resume needs them. A folder that holds none of these files itself is no run folder (a parent of runs): nothing
+    is deleted."""
     out = Path(output_dir)
     if not any((out / name).is_file() for name in (*RUN_FILES, "manifest.json")):
         return []
     folders = [out, *sorted(p for p in out.iterdir() if p.is_dir())]
-    removed = [f / name for f in folders for name in (*RUN_FILES, "manifest.json") if (f / name).is_file()]
+    removed = [f / name for f in folders for name in (*RUN_FILES, VAL_PREDICTIONS, "manifest.json")
+               if (f / name).is_file()]
     for path in removed:
         path.unlink()
     return removed
@@ -142,6 +149,20 @@ def write_outputs(output_dir: Path | str, predictions: pd.DataFrame, timings: di
     metrics = {**metrics_from_predictions(predictions), **timings, **(extra_metrics or {})}
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def write_val_predictions(output_dir: Path | str, val: Sequence[Sample],
+                          pred_mm: Sequence[np.ndarray] | np.ndarray) -> Path:
+    """Write a run's val-split predictions (world mm) as :data:`VAL_PREDICTIONS` in ``output_dir``, atomically."""
+    path = Path(output_dir) / VAL_PREDICTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        predictions_frame(val, pred_mm).to_csv(tmp, index=False, float_format="%.4f")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_run(run_dir: Path | str) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -1,10 +1,12 @@
 """Figures of an ensemble of finished runs (:mod:`lmlib.methods.ensemble`), from its run folder.
 
 - :func:`ensemble_table`: the members and the ensemble on the test split: MRE (mm), median, training minutes and
-  seconds per image (the ensemble's are the members' sums);
+  seconds per image (the ensemble's are the members' sums); an ensemble chosen on val lists every candidate, whether
+  it was chosen and its val MRE;
+- :func:`selection_table`: an ensemble chosen on val: the selection's steps (``selection.csv``);
 - :func:`fig_cost`: test MRE against training minutes, one point per member and the ensemble (accuracy per CPU
-  minute);
-- :func:`show_ensemble`: both, displayed (notebook); the figure is also written as ``fig_cost.png``.
+  minute; candidates not chosen hollow);
+- :func:`show_ensemble`: these, displayed (notebook); the figure is also written as ``fig_cost.png``.
 
 ``output_dir`` is the ensemble's run folder; its manifest names the members (folders beside it).
 """
@@ -23,33 +25,51 @@ DPI = 110
 
 
 def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
-    """One row per member and one for the ensemble (last): test MRE and median (mm), training minutes, seconds per
-    test image, device."""
+    """One row per member (per candidate, for an ensemble chosen on val: with ``chosen`` and ``val MRE (mm)``) and one
+    for the ensemble (last): test MRE and median (mm), training minutes, seconds per test image, device."""
     folder = Path(output_dir)
     manifest = read_manifest(folder) or {}
     members = manifest.get("members")
     if not isinstance(members, dict) or not members:
         raise FileNotFoundError(f"{folder / 'manifest.json'}: not an ensemble run (no members)")
+    candidates = manifest.get("candidates") or members
     config = manifest.get("method_config") or {}
     # not the folder's name: the driver writes into a scratch folder first
-    label = f"ensemble ({config.get('combine', '?')} of {len(members)})"
+    label = f"ensemble ({config.get('combine', '?')} of {len(members)}" + (
+        f", chosen on val among {len(candidates)})" if "candidates" in manifest else ")")
     rows = []
-    for name, where in [*((m, folder.parent / m) for m in members), (label, folder)]:
+    for name, where in [*((m, folder.parent / m) for m in candidates), (label, folder)]:
         _, metrics = read_run(where)
-        rows.append({"run": name, "MRE (mm)": float(metrics["mre_mm"]), "median (mm)": float(metrics["median_mm"]),
-                     "train (min)": float(metrics["train_seconds"]) / 60.0,
-                     "s / image": float(metrics["infer_seconds_per_image"]),
-                     "device": str(members.get(name, {}).get("device", manifest.get("device", "")))})
+        row = {"run": name, "MRE (mm)": float(metrics["mre_mm"]), "median (mm)": float(metrics["median_mm"]),
+               "train (min)": float(metrics["train_seconds"]) / 60.0,
+               "s / image": float(metrics["infer_seconds_per_image"]),
+               "device": str(candidates.get(name, {}).get("device", manifest.get("device", "")))}
+        if "candidates" in manifest:
+            row["chosen"] = name in members or name == label
+            row["val MRE (mm)"] = float(candidates.get(name, {}).get("val_mre_mm", float("nan")))
+        rows.append(row)
     return pd.DataFrame(rows).set_index("run")
 
 
+def selection_table(output_dir: str | Path) -> pd.DataFrame | None:
+    """An ensemble chosen on val: each step's added run and the val MRE (mm) of the combination so far, and where it
+    stopped, the best run it did not add (``added`` blank); None for an ensemble of listed members."""
+    path = Path(output_dir) / "selection.csv"
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, keep_default_na=False).set_index("step")
+
+
 def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
-    """Test MRE (mm) against training time (min): the members and the ensemble (the members' summed time)."""
+    """Test MRE (mm) against training time (min): the members and the ensemble (the members' summed time; all
+    candidates' for one chosen on val, whose candidates not chosen are drawn hollow)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for k, (name, row) in enumerate(table.iterrows()):
         last = k == len(table) - 1
+        left_out = not bool(row.get("chosen", True))
+        colour = f"C{k % 10}"
         ax.scatter(row["train (min)"], row["MRE (mm)"], s=60 if last else 36, marker="*" if last else "o",
-                   zorder=3)
+                   zorder=3, facecolors="none" if left_out else colour, edgecolors=colour)
         ax.annotate(str(name), (row["train (min)"], row["MRE (mm)"]), xytext=(4, 4), textcoords="offset points",
                     fontsize=8)
     ax.set_xlabel("training time (min)")
@@ -61,12 +81,15 @@ def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
 
 
 def show_ensemble(output_dir: str | Path) -> None:
-    """Display the members' and the ensemble's table and :func:`fig_cost` (written into the run folder as
-    ``fig_cost.png``)."""
+    """Display the members' and the ensemble's table, the selection's steps (chosen on val) and :func:`fig_cost`
+    (written into the run folder as ``fig_cost.png``)."""
     from IPython.display import Image, display
 
     table = ensemble_table(output_dir)
     display(table.round(3))
+    steps = selection_table(output_dir)
+    if steps is not None:
+        display(steps.round(3))
     path = Path(output_dir) / "fig_cost.png"
     fig_cost(table, path)
     display(Image(filename=str(path)))
