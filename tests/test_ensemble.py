@@ -113,9 +113,11 @@ def test_a_3d_ensemble_combines_every_axis(tmp_path: Path) -> None:
     assert result.metrics["train_seconds"] == pytest.approx(3600.0)
 
 
-def test_select_on_val_adds_members_while_the_val_error_falls() -> None:
-    """Greedy forward selection: the best single candidate first, then the addition that lowers the combination's
-    val MRE most; a candidate that would raise it (a biased one) is not added, and the stop is recorded."""
+def test_select_on_val_keeps_the_path_prefix_of_lowest_val_error() -> None:
+    """Greedy forward selection: the best single candidate first, then the addition that gives the combination the
+    lowest val MRE, on to max_members; the members are the prefix of lowest val MRE, so a biased candidate added last
+    is left out, and a median of two (their mean) that validates worse than the best run alone does not stop the path
+    before a third member that beats it."""
     val = load_run_data({"dataset": "synthetic2d"}).split("val")
     rng = np.random.default_rng(3)
     noisy = {name: [s.landmarks_mm + rng.normal(0.0, sd, s.landmarks_mm.shape) for s in val]
@@ -124,12 +126,19 @@ def test_select_on_val_adds_members_while_the_val_error_falls() -> None:
     chosen, steps = select_on_val({"biased": noisy["biased"], **noisy}, val, "median", max_members=4)
     assert chosen[0] == "a" and set(chosen) == {"a", "b", "c"}, chosen
     singles = {n: mean_radial_error(p, val) for n, p in noisy.items()}
-    assert [s["added"] for s in steps] == [*chosen, ""] and steps[-1]["candidate"] == "biased"
+    assert [s["added"] for s in steps] == [*chosen, "biased"] and [s["kept"] for s in steps] == [True] * 3 + [False]
     assert steps[0]["val_mre_mm"] == pytest.approx(singles["a"])
     assert steps[2]["val_mre_mm"] < steps[1]["val_mre_mm"] < steps[0]["val_mre_mm"] < 0.9 * singles["b"]
     assert select_on_val(noisy, val, max_members=2)[0] == chosen[:2]  # the cap
+    # "b" as noisy as "a" but far off on landmark 0: its mean with "a" is worse than "a", the median of three with "c"
+    # (far off on landmark 1) removes both misses
+    far = {"a": noisy["a"], **{name: [s.landmarks_mm + rng.normal(0.0, 0.5, s.landmarks_mm.shape) + shift
+                                      for s in val] for name, shift in (("b", np.eye(8, 2)[:, [0, 0]] * 8.0),
+                                                                        ("c", np.eye(8, 2, -1)[:, [0, 0]] * 8.0))}}
+    chosen, steps = select_on_val(far, val, "median", max_members=3)
+    assert steps[1]["val_mre_mm"] > steps[0]["val_mre_mm"] > steps[2]["val_mre_mm"] and len(chosen) == 3, steps
     ensemble = RunEnsemble(2, 8, members=list(noisy), select="val", max_members=2)
-    assert ensemble.choose(noisy, val)[0] == chosen[:2]
+    assert ensemble.choose(noisy, val)[0] == select_on_val(noisy, val, max_members=2)[0]
     assert RunEnsemble(2, 8, members=list(noisy)).choose({}, val) == (list(noisy), [])  # select none: as listed
 
 
@@ -170,7 +179,7 @@ def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_count
     chosen = list(manifest["members"])
     assert "c/local" not in chosen and len(chosen) == 2, chosen  # its val error keeps it out
     steps = pd.read_csv(root / "chosen" / "selection.csv")
-    assert list(steps["added"].fillna("")) == [*chosen, ""] and steps["candidate"].iloc[-1] == "c/local"
+    assert list(steps["added"]) == [*chosen, "c/local"] and list(steps["kept"]) == [True, True, False]
     assert result.metrics["train_seconds"] == pytest.approx(600.0)  # a + b + c/local, though c/local is not used
     assert result.metrics["infer_seconds_per_image"] == pytest.approx(0.3, abs=0.01)  # a + b
     assert result.metrics["mre_mm"] < min(read_run(root / n)[1]["mre_mm"] for n in chosen)
@@ -180,7 +189,7 @@ def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_count
     label = "ensemble (median of 2, chosen on val among 3)"
     assert list(table.index) == [*COSTS, label] and list(table["chosen"]) == [True, True, False, True]
     assert table.loc["c/local", "val MRE (mm)"] > 5.0 and table.loc[label, "train (min)"] == pytest.approx(10.0)
-    assert list(selection_table(root / "chosen")["added"]) == [*chosen, ""]
+    assert list(selection_table(root / "chosen")["added"]) == [*chosen, "c/local"]
     fig_cost(table, tmp_path / "fig_cost.png")
     refit = json.loads((root / "a" / "manifest.json").read_text())
     refit["parameters"]["fit_splits"] = "train+val"

@@ -538,7 +538,9 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     if steps:
         output_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(steps).to_csv(output_dir / SELECTION_FILE, index=False, float_format="%.4f")
-        print(f"chosen on val: {', '.join(chosen)} (val MRE {steps[len(chosen) - 1]['val_mre_mm']:.3f} mm)")
+        for row in steps:
+            print(f"step {row['step']}: + {row['added']}: val MRE {row['val_mre_mm']:.3f} mm")
+        print(f"chosen on val: {', '.join(chosen)} (the steps' lowest val MRE)")
     devices = sorted({costs[n]["device"] for n in costs})
     if len(devices) > 1:
         print(f"warning: the runs ran on different devices ({', '.join(devices)}): the summed times mix them")

@@ -52,12 +52,12 @@ def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
 
 
 def selection_table(output_dir: str | Path) -> pd.DataFrame | None:
-    """An ensemble chosen on val: each step's added run and the val MRE (mm) of the combination so far, and where it
-    stopped, the best run it did not add (``added`` blank); None for an ensemble of listed members."""
+    """An ensemble chosen on val: each step's added run, the val MRE (mm) of the combination so far and whether the
+    step is kept (the members: the steps up to the lowest val MRE); None for an ensemble of listed members."""
     path = Path(output_dir) / "selection.csv"
     if not path.is_file():
         return None
-    return pd.read_csv(path, keep_default_na=False).set_index("step")
+    return pd.read_csv(path).set_index("step")
 
 
 def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
