@@ -11,7 +11,7 @@ import pytest
 
 from lmlib.engine.runner import load_run_data, run_method
 from lmlib.evaluation.metrics import mean_radial_error
-from lmlib.methods.ensemble import RunEnsemble, select_on_val
+from lmlib.methods.ensemble import RunEnsemble, combine_points, select_on_val
 from lmlib.outputs.contract import ContractError, predictions_frame, read_run, write_outputs
 from lmlib.outputs.manifest import write_manifest
 
@@ -44,11 +44,10 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
 def test_the_median_removes_one_members_gross_miss_and_the_mean_does_not() -> None:
     truth = np.zeros((2, 2))
     runs = [[truth + 0.1], [truth - 0.1], [truth + np.array([[30.0, 0.0], [0.0, 0.0]])]]
-    median = RunEnsemble(2, 2, members=["a", "b", "c"]).combine_points(runs)[0]
-    mean = RunEnsemble(2, 2, members=["a", "b", "c"], combine="mean").combine_points(runs)[0]
+    median, mean = combine_points(runs, "median")[0], combine_points(runs, "mean")[0]
     assert np.abs(median).max() == pytest.approx(0.1) and mean[0, 0] == pytest.approx(10.0)
     runs[0][0] = np.array([[np.nan, np.nan], [0.1, 0.1]])  # a member without landmark 0: left out there
-    both = RunEnsemble(2, 2, members=["a", "b", "c"]).combine_points(runs)[0]
+    both = combine_points(runs, "median")[0]
     assert both[0, 0] == pytest.approx(14.95) and both[1, 0] == pytest.approx(0.0)
 
 

@@ -101,13 +101,6 @@ class RunEnsemble(LandmarkMethod):
     def build_network(self) -> Any:
         raise TypeError("an ensemble has no network: it combines finished runs' predictions (combine_points)")
 
-    def combine_points(self, member_mm: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """``member_mm[m][i]``: member ``m``'s ``(K, D)`` world-mm points on image ``i`` -> one ``(K, D)`` array
-        per image (:func:`combine_points`)."""
-        if len(member_mm) != len(self.members):
-            raise ValueError(f"{len(member_mm)} members' predictions for {len(self.members)} members")
-        return combine_points(member_mm, self.combine)
-
     def choose(self, val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
                ) -> tuple[list[str], list[dict[str, Any]]]:
         """The members: every listed run (``select="none"``; ``val_mm`` unused), or those :func:`select_on_val`
