@@ -22,7 +22,7 @@ def _member(root: Path, name: str, dataset: str, world: list[np.ndarray], costs:
     folder = root / name
     write_outputs(folder, predictions_frame(test, world), {"train_seconds": costs[0], "infer_seconds_per_image":
                                                            costs[1], "peak_rss_mb": 1.0}, {"method": name})
-    write_manifest(folder, {"dataset": dataset}, device="cpu")
+    write_manifest(folder, {"dataset": dataset, "output_dir": str(folder)}, device="cpu")  # each run's own key
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,9 @@ def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_count
     assert "c/local" not in chosen and len(chosen) == 2, chosen  # its val error keeps it out
     steps = pd.read_csv(root / "chosen" / "selection.csv")
     assert list(steps["added"]) == [*chosen, "c/local"] and list(steps["kept"]) == [True, True, False]
-    assert result.metrics["train_seconds"] == pytest.approx(600.0)  # a + b + c/local, though c/local is not used
+    # a + b + c/local, though c/local is not used, and their val predictions: a's and c/local's own files, 12 images
+    # x their time per image; b's cache records 1.0 s
+    assert result.metrics["train_seconds"] == pytest.approx(600.0 + 12 * 0.1 + 1.0 + 12 * 0.3)
     assert result.metrics["infer_seconds_per_image"] == pytest.approx(0.3, abs=0.01)  # a + b
     assert result.metrics["mre_mm"] < min(read_run(root / n)[1]["mre_mm"] for n in chosen)
     from lmlib.reporting.ensemble_figures import ensemble_table, fig_cost, selection_table
@@ -187,7 +189,7 @@ def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_count
     table = ensemble_table(root / "chosen")
     label = "ensemble (median of 2, chosen on val among 3)"
     assert list(table.index) == [*COSTS, label] and list(table["chosen"]) == [True, True, False, True]
-    assert table.loc["c/local", "val MRE (mm)"] > 5.0 and table.loc[label, "train (min)"] == pytest.approx(10.0)
+    assert table.loc["c/local", "val MRE (mm)"] > 5.0 and table.loc[label, "train (min)"] == pytest.approx(605.8 / 60)
     assert list(selection_table(root / "chosen")["added"]) == [*chosen, "c/local"]
     fig_cost(table, tmp_path / "fig_cost.png")
     refit = json.loads((root / "a" / "manifest.json").read_text())
@@ -210,3 +212,54 @@ def test_a_trained_run_writes_its_val_predictions_and_a_refit_does_not(tmp_path:
     assert table["error_mm"].mean() == pytest.approx(metrics["best_val_mre_mm"], rel=1e-3)
     run_method("heatmap_unet", {**tiny, "output_dir": str(tmp_path / "refit"), "fit_splits": "train+val"})
     assert not (tmp_path / "refit" / "val_predictions.csv").exists()
+
+
+def test_own_val_predictions_win_over_a_cache_and_hidden_folders_are_not_searched(
+        members: tuple[Path, list], tmp_path: Path) -> None:
+    """A run's own val_predictions.csv is read before any cache made from it; a cache in the driver's hidden scratch
+    folders (.tmp-*, .old-*) is never read; a run that one candidate dominates on val is a one-member ensemble whose
+    row is that run's predictions."""
+    import shutil
+
+    from lmlib.engine.base_run import manifest_key, stored_val_predictions
+    from lmlib.outputs.contract import BASE_VAL_CACHE, write_val_predictions
+
+    root = tmp_path / "synthetic2d"
+    shutil.copytree(members[0], root)
+    val = load_run_data({"dataset": "synthetic2d"}).split("val")
+    good = [s.landmarks_mm + 0.1 for s in val]
+    write_val_predictions(root / "a", val, good)
+    for folder in ("a+local", ".tmp-b+local"):  # a cache made from a (worse), and one in a scratch folder from b
+        run = "a" if folder == "a+local" else "b"
+        (root / folder).mkdir()
+        predictions_frame(val, [s.landmarks_mm + 2.0 for s in val]).to_csv(root / folder / BASE_VAL_CACHE, index=False)
+        (root / folder / BASE_VAL_CACHE).with_suffix(".key").write_text(f"{manifest_key(root / run)}\n5.0\n")
+    world, source, seconds = stored_val_predictions(root / "a", val)
+    assert source == root / "a" / "val_predictions.csv" and np.allclose(world[0], good[0], atol=1e-4)
+    assert seconds == pytest.approx(12 * 0.1)  # not kept: the images x the run's time per image
+    with pytest.raises(FileNotFoundError, match=r"synthetic2d/b: no val predictions on record"):
+        stored_val_predictions(root / "b", val)
+    write_val_predictions(root / "b", val, [s.landmarks_mm + 3.0 for s in val])
+    result = run_method("ensemble", {"dataset": "synthetic2d", "output_dir": str(root / "one"), "members": ["a", "b"],
+                                     "select": "val"})
+    assert list(json.loads((root / "one" / "manifest.json").read_text())["members"]) == ["a"]
+    assert result.metrics["mre_mm"] == pytest.approx(read_run(root / "a")[1]["mre_mm"], abs=1e-4)
+    assert list(pd.read_csv(root / "one" / "selection.csv")["kept"]) == [True, False]
+
+
+def test_a_refinement_starts_from_its_base_runs_own_val_predictions(members: tuple[Path, list]) -> None:
+    """A base run with val_predictions.csv needs no checkpoint to be refined: its val predictions are read, charged
+    the val images x its time per image; without them (and without checkpoints) the error says what is missing."""
+    from lmlib.engine.base_run import load_base_run
+    from lmlib.outputs.contract import write_val_predictions
+
+    root, test = members
+    data = load_run_data({"dataset": "synthetic2d"})
+    train, val = data.split("train"), data.split("val")
+    with pytest.raises(FileNotFoundError, match=r"synthetic2d/b: the base run has no checkpoints"):
+        load_base_run(root / "b", "synthetic2d", train, val, test)
+    write_val_predictions(root / "b", val, [s.landmarks_mm + 0.5 for s in val])
+    start = load_base_run(root / "b", "synthetic2d", train, val, test)
+    assert np.allclose(start.val.world_mm[0], val[0].landmarks_mm + 0.5, atol=1e-4)
+    assert start.train_seconds == pytest.approx(200.0 + len(val) * 0.2)
+    (root / "b" / "val_predictions.csv").unlink()

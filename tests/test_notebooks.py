@@ -60,13 +60,15 @@ def test_exploration_values(pipeline: tuple[str, Path]) -> None:
 # run (a method, or method/stage for a cascade) -> the files of its own its folder must hold beyond the contract
 # (predictions.csv, metrics.json, manifest.json): a method without an entry gets the contract checks alone
 METHOD_FILES: dict[str, tuple[str, ...]] = {
-    "heatmap_unet": ("fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif", "checkpoints/best.ckpt"),
+    "heatmap_unet": ("fig_loss.png", "fig_mean_error.png", "fig_training_progress.gif", "checkpoints/best.ckpt",
+                     "val_predictions.csv"),
     "dilation_erosion": ("fig_dice.png", "fig_dice_per_landmark.png", "fig_training_progress.gif",
                          "overlays/epoch_001.png"),
-    "global_local/global": ("fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt"),
-    "global_local/local": ("fig_loss.png", "checkpoints/best.ckpt"),
+    "global_local/global": ("fig_loss.png", "fig_mean_error.png", "checkpoints/best.ckpt", "val_predictions.csv"),
+    "global_local/local": ("fig_loss.png", "checkpoints/best.ckpt", "val_predictions.csv"),
     "htc": ("fig_heatmaps.png", "fig_attention.png", "fig_mean_error.png", "checkpoints/best.ckpt",
-            "quarter_head/predictions.csv", "half_head/manifest.json"),
+            "quarter_head/predictions.csv", "half_head/manifest.json", "val_predictions.csv",
+            "quarter_head/val_predictions.csv"),
     "htc_quarter_only": ("fig_heatmaps.png",),
     "htc_half_only": ("fig_heatmaps.png",),
     "registration+local/local1": ("fig_loss.png", "checkpoints/best.ckpt", "../fig_refinement.png",
@@ -137,6 +139,23 @@ def test_ensemble_values(pipeline: tuple[str, Path]) -> None:
     assert (root / "ensemble" / "fig_cost.png").stat().st_size > 5_000
 
 
+def test_ensemble_chosen_on_val_values(pipeline: tuple[str, Path]) -> None:
+    """The ensemble chosen on val among the smoke runs: its steps, members among the candidates (their own
+    val_predictions.csv), every candidate's training in its row."""
+    dataset, root = pipeline
+    if not (root / "ensemble_val").exists():
+        pytest.skip(f"no ensemble_val job on {dataset}")
+    metrics = _json(root / "ensemble_val" / "metrics.json")
+    manifest = _json(root / "ensemble_val" / "manifest.json")
+    candidates = manifest["candidates"]
+    assert len(candidates) == 4 and set(manifest["members"]) <= set(candidates) and metrics["epochs"] == 0
+    assert all(c["val_predictions"] == f"{name}/val_predictions.csv" for name, c in candidates.items())
+    assert metrics["train_seconds"] >= sum(_json(root / n / "metrics.json")["train_seconds"] for n in candidates)
+    steps = pd.read_csv(root / "ensemble_val" / "selection.csv")
+    assert list(steps["step"]) == [1, 2, 3, 4] and steps["kept"].sum() == len(manifest["members"])
+    assert steps.loc[steps["kept"], "added"].tolist() == list(manifest["members"])
+
+
 def test_test_time_scales_values(pipeline: tuple[str, Path]) -> None:
     """Multi-scale TTA of the smoke runs: the base run's training time, three grids, the base's own scale reproduced
     (else the run would have stopped), inference over the three scales."""
@@ -190,7 +209,8 @@ def test_generalisation_study_values(pipeline: tuple[str, Path]) -> None:
 def test_comparison_values(pipeline: tuple[str, Path]) -> None:
     dataset, root = pipeline
     table = pd.read_csv(root / "comparison" / "table_main.csv", index_col="method")
-    untrained = ("registration", "ensemble", "heatmap_unet+tta", "htc+tta", "heatmap_unet+shape")  # epochs 0
+    untrained = ("registration", "ensemble", "ensemble_val", "heatmap_unet+tta", "htc+tta",
+                 "heatmap_unet+shape")  # epochs 0
     methods = {m for m in (*_trained_runs(root), *untrained) if (root / m).exists()}
     assert methods and set(table.index[table["kind"] == "method"]) == methods
     assert table.loc["reference/mean_shape", "kind"] == "reference"

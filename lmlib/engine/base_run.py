@@ -4,21 +4,22 @@ members of an ensemble (:mod:`lmlib.methods.ensemble`) are read by the same :fun
 
 - **test**: the run folder's own ``predictions.csv`` (the numbers of its comparison row), every test image and
   landmark required;
-- **val**: the run's predictions on the val split, which a run folder does not store: made from its checkpoints
-  (:func:`~lmlib.engine.cascade.predict_cascade`), or, for a method with nothing to train (registration), by
-  running it again with the parameters its manifest records (same seed, so the same atlases), then kept in the
-  refining run's folder (``base_val_predictions.csv``) so that a resumed run does not redo them.
+- **val**: the run's predictions on the val split: its own ``val_predictions.csv`` (a trained run writes it since
+  that file was added), else made from its checkpoints (:func:`~lmlib.engine.cascade.predict_cascade`), or, for a
+  method with nothing to train (registration), by running it again with the parameters its manifest records (same
+  seed, so the same atlases), then kept in the refining run's folder (``base_val_predictions.csv``) so that a
+  resumed run does not redo them.
 
 Costs: the base run's training time plus the time its val predictions took (the refining run needs them to size
 its patches and choose per landmark: for registration, which trains nothing, that is a whole registration of every
 val image), and its inference time per image. The val time is kept beside the cached predictions
-(``base_val_predictions.key``); a cache written without it is charged the val images times the base run's
-inference time per image.
+(``base_val_predictions.key``); a cache written without it, and the run's own file, are charged the val images
+times the base run's inference time per image.
 
 A run's val predictions on record, without its checkpoints (an ensemble chosen on val,
-:func:`stored_val_predictions`): its own ``val_predictions.csv`` (runs write it since that file was added), else
-the ``base_val_predictions.csv`` that a refinement or shape prior beside it made from its checkpoints, used only
-where that cache's key is the run's manifest hash (made from this very run).
+:func:`stored_val_predictions`): its own ``val_predictions.csv``, else the ``base_val_predictions.csv`` that a
+refinement or shape prior beside it made (from its checkpoints, or registration run again), used only where that
+cache's key is the run's manifest hash (made from this very run).
 
 Coordinates are world mm ``(x, y[, z])``. A missing folder, image or landmark is an error naming the file.
 """
@@ -187,28 +188,47 @@ def manifest_key(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
+def recorded_val_predictions(folder: Path, val: Sequence[Sample], per_image: float, caches: Sequence[Path] = ()
+                             ) -> tuple[list[np.ndarray], Path, float] | None:
+    """The val predictions on record of the finished run in ``folder`` (world mm, ``val``'s order): its own
+    :data:`VAL_PREDICTIONS`, else the first of ``caches`` (:data:`VAL_CACHE` files) whose key file names its manifest
+    hash; with the file and what they cost (s): the time a cache's key file records, else ``len(val)`` x
+    ``per_image`` (the run's inference time per image). None when there are none."""
+    own = Path(folder) / VAL_PREDICTIONS
+    if own.is_file():
+        return read_predictions(own, val), own, len(val) * per_image
+    key = manifest_key(folder)
+    for cache in caches:
+        keyfile = cache.with_suffix(".key")
+        stored = keyfile.read_text().split() if keyfile.is_file() else []
+        if cache.is_file() and stored[:1] == [key]:
+            return read_predictions(cache, val), cache, float(stored[1]) if len(stored) > 1 else len(val) * per_image
+    return None
+
+
 def stored_val_predictions(folder: Path, val: Sequence[Sample], search: Path | None = None
-                           ) -> tuple[list[np.ndarray], Path]:
-    """The finished run in ``folder``'s predictions on ``val`` (world mm) from the files on record (module
-    docstring) and the file they came from: its own :data:`VAL_PREDICTIONS`, else a :data:`VAL_CACHE` under
-    ``search`` (default: ``folder``'s parent; the folders beside it and their stages) whose key matches its manifest.
-    A refit (its val images were training images) and a run with neither file are errors naming the folder."""
+                           ) -> tuple[list[np.ndarray], Path, float]:
+    """The finished run in ``folder``'s predictions on ``val`` (world mm) from the files on record
+    (:func:`recorded_val_predictions`; the caches under ``search``, default ``folder``'s parent: the run folders beside
+    it and their stages, not the driver's hidden scratch folders), the file they came from and their cost (s). A
+    refit (its val images were training images) and a run with none on record are errors naming the folder."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(f"{folder}: no finished run here (no manifest.json)")
     check_held_out_val(manifest.get("parameters"), folder, "choosing on its val predictions")
-    own = folder / VAL_PREDICTIONS
-    if own.is_file():
-        return read_predictions(own, val), own
-    key, root = manifest_key(folder), Path(search) if search is not None else folder.parent
-    for keyfile in sorted([*root.glob(f"*/{Path(VAL_CACHE).stem}.key"), *root.glob(f"*/*/{Path(VAL_CACHE).stem}.key")]):
-        cache = keyfile.with_suffix(".csv")
-        if cache.is_file() and keyfile.read_text().split()[:1] == [key]:
-            return read_predictions(cache, val), cache
-    raise FileNotFoundError(f"{folder}: no val predictions on record ({VAL_PREDICTIONS}, written by runs since this "
-                            f"file was added, or a {VAL_CACHE} made from this run by a refinement beside it): run its "
-                            "job again")
+    if not val:
+        raise ValueError(f"{folder}: the data set has no val images to choose on")
+    root = Path(search) if search is not None else folder.parent
+    caches = sorted(p for pattern in (f"*/{VAL_CACHE}", f"*/*/{VAL_CACHE}") for p in root.glob(pattern)
+                    if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = recorded_val_predictions(folder, val, float(read_run(folder)[1]["infer_seconds_per_image"]), caches)
+    if found is None:
+        raise FileNotFoundError(
+            f"{folder}: no val predictions on record (a trained run writes {VAL_PREDICTIONS}: run its job again if it "
+            f"predates that file; for a run with nothing to train, e.g. registration, or one derived from other runs, "
+            f"a refinement started from it, e.g. registration+local, keeps them in its {VAL_CACHE})")
+    return found
 
 
 def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val: Sequence[Sample],
@@ -218,16 +238,14 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
     folder = Path(folder)
     manifest, metrics, test_mm = read_finished_run(folder, dataset, test, folder.name,
                                                  "or name another run folder with base_run", [*train, *val, *test])
-    key = manifest_key(folder)
     cache = Path(cache_dir) / VAL_CACHE if cache_dir is not None else None
     per_image = float(metrics["infer_seconds_per_image"])
-    stored = cache.with_suffix(".key").read_text().split() if cache is not None and cache.with_suffix(".key").is_file() \
-        else []
-    if cache is not None and cache.is_file() and stored[:1] == [key]:
-        val_mm = read_predictions(cache, val)
-        val_seconds = float(stored[1]) if len(stored) > 1 else len(val) * per_image
-        print(f"base run {folder.name}: val predictions from {cache.name} ("
-              + (f"they took {val_seconds:.0f} s)" if len(stored) > 1 else
+    found = recorded_val_predictions(folder, val, per_image, [cache] if cache is not None else [])
+    if found is not None:
+        val_mm, source, val_seconds = found
+        timed = source == cache and len(cache.with_suffix(".key").read_text().split()) > 1
+        print(f"base run {folder.name}: val predictions from {source.name} ("
+              + (f"they took {val_seconds:.0f} s)" if timed else
                  f"their time not kept: charged {len(val)} images x {per_image:.3f} s = {val_seconds:.0f} s)"))
     else:
         t0 = time.perf_counter()
@@ -239,8 +257,10 @@ def load_base_run(folder: str | Path, dataset: str, train: Sequence[Sample], val
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             predictions_frame(val, val_mm).to_csv(tmp, index=False)
-            cache.with_suffix(".key").write_text(f"{key}\n{val_seconds:.3f}\n")
             tmp.replace(cache)
+            # the key last: an interruption between the two leaves a cache that no key names, never an old one named
+            cache.with_suffix(".key").write_text(f"{manifest_key(folder)}\n{val_seconds:.3f}\n")
+
     def ones(world: list[np.ndarray]) -> list[np.ndarray]:
         return [np.ones(len(p)) for p in world]
 

@@ -49,6 +49,7 @@ from lmlib.engine.training_figures import OverlayCallback, plot_training_curves
 from lmlib.methods.base import LandmarkMethod, build_method, method_class
 from lmlib.methods.stages import BASE_ERRORS, CascadeMethod, is_cascade
 from lmlib.outputs.contract import (
+    SELECTION_FILE,
     clear_earlier_run,
     predictions_frame,
     read_manifest,
@@ -486,10 +487,6 @@ def _write_untrained_run(output_dir: Path, test: list[Sample], world_mm: list[np
     return RunResult(output_dir, metrics, predictions, test, pred.world_mm, figures)
 
 
-#: an ensemble chosen on val: its selection's steps (lmlib.methods.ensemble.select_on_val)
-SELECTION_FILE = "selection.csv"
-
-
 def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effective: dict[str, Any], data: Dataset,
                   used: list[Sample], test: list[Sample], dev: Any, started: str, seed: int) -> RunResult:
     """An ensemble of finished runs (``cls.derived_from == "runs"``, :mod:`lmlib.methods.ensemble`): each member's test
@@ -497,7 +494,8 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     image are the members' sums (plus the combination's), its memory their largest, its device theirs. With
     ``select="val"`` the listed runs are candidates: the members are chosen on their val predictions on record
     (:func:`~lmlib.engine.base_run.stored_val_predictions`), the steps written to ``selection.csv``, and the training
-    time is every candidate's. The same output contract, figure and manifest as a run."""
+    time (with the val predictions') and memory are every candidate's. The same output contract, figure and manifest
+    as a run."""
     from lmlib.engine.base_run import read_finished_run, run_ancestors, stored_val_predictions
     from lmlib.evaluation.metrics import mean_radial_error
     from lmlib.methods.ensemble import combine_points
@@ -528,13 +526,12 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     if model.select == "val":
         val = data.split("val")
         for name, folder in folders.items():
-            val_mm[name], source = stored_val_predictions(folder, val, search=output_dir.parent)
-            costs[name]["val_mre_mm"] = mean_radial_error(val_mm[name], val)
-            costs[name]["val_predictions"] = os.path.relpath(source, output_dir.parent)
+            val_mm[name], source, val_seconds = stored_val_predictions(folder, val, search=output_dir.parent)
+            costs[name].update(val_mre_mm=mean_radial_error(val_mm[name], val), val_seconds=val_seconds,
+                               val_predictions=os.path.relpath(source, output_dir.parent))
             print(f"candidate {name}: val MRE {costs[name]['val_mre_mm']:.3f} mm ({len(val)} images, "
-                  f"{costs[name]['val_predictions']})")
+                  f"{costs[name]['val_predictions']}; predicting them took {val_seconds:.0f} s)")
     chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [])
-    (output_dir / SELECTION_FILE).unlink(missing_ok=True)  # an earlier run's, in place
     if steps:
         output_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(steps).to_csv(output_dir / SELECTION_FILE, index=False, float_format="%.4f")
@@ -547,13 +544,14 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     t0 = time.perf_counter()
     world_mm = combine_points([runs[n] for n in chosen], model.combine)
     combine_s = (time.perf_counter() - t0) / max(1, len(test))
-    train_s = sum(c["train_seconds"] for c in costs.values())  # every candidate was trained to be compared
+    # every candidate was trained, and predicted val, to be compared (val_seconds: 0 without a choice)
+    train_s = sum(c["train_seconds"] + c.get("val_seconds", 0.0) for c in costs.values())
     infer_s = sum(costs[n]["infer_seconds_per_image"] for n in chosen) + combine_s
     print(f"{model.combine} of {len(chosen)} runs on {len(test)} test images: {train_s / 60:.1f} min of training"
           f"{f' (all {len(costs)} candidates)' if steps else ''}, {infer_s:.3f} s per image together")
     return _write_untrained_run(output_dir, test, world_mm, model.name,
                                 {"train_seconds": train_s, "infer_seconds_per_image": infer_s,
-                                 "peak_rss_mb": max(costs[n]["peak_rss_mb"] for n in chosen)},
+                                 "peak_rss_mb": max(c["peak_rss_mb"] for c in costs.values())},
                                 {"members": chosen, **({"candidates": list(costs)} if steps else {})},
                                 {"method_config": model.config(), "members": {n: costs[n] for n in chosen},
                                  **({"candidates": costs, "selection": steps} if steps else {})},

@@ -7,10 +7,10 @@ cascade's stage as ``<job>/<stage>``, e.g. ``global_local/local``), read by the 
 median (``combine="median"``: with three or more members one member's gross miss does not move the result) or
 mean. A member without a point for a landmark (NaN) is left out of that landmark's combination.
 
-Honest use: the members are fixed before any test number is read (a profile lists them; nothing is chosen here,
-so ``val`` is not needed). The row's cost is the members' together: its training time is the sum of theirs and
-its inference time per image the sum of theirs (run one after the other on one machine) plus the combination, so
-the comparison shows accuracy per CPU minute, not accuracy alone.
+Honest use: the members are fixed before any test number is read (a profile lists them; with ``select="none"``
+nothing is chosen here, so ``val`` is not needed). The row's cost is the members' together: its training time is
+the sum of theirs and its inference time per image the sum of theirs (run one after the other on one machine) plus
+the combination, so the comparison shows accuracy per CPU minute, not accuracy alone.
 
 Chosen on val (``select="val"``): ``members`` are then candidates, and the members are chosen among them on the
 validation split alone by greedy forward selection (Caruana et al., ICML 2004, without replacement): the candidate
@@ -121,21 +121,30 @@ def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
     As Caruana et al. (2004) the path runs on to ``max_members`` (or every candidate) and the prefix of lowest val MRE
     is kept (the shorter one on a tie): a median of two members is their mean, which may validate worse than the
     best member alone where three members beat it. Returns the kept names in the order chosen and one row per step:
-    ``step``, ``added``, ``val_mre_mm`` of the combination so far and ``kept``. Ties go to the earlier candidate."""
+    ``step``, ``added``, ``val_unpredicted`` (annotated val points the combination leaves without a prediction),
+    ``val_mre_mm`` of the combination so far (over the predicted points) and ``kept``. A combination that leaves fewer
+    points unpredicted ranks first (the MRE leaves those points out, which would favour a run that does not answer).
+    Ties go to the earlier candidate."""
     if not val_mm:
         raise ValueError("select_on_val: no candidates")
 
-    def score(names: Sequence[str]) -> float:
-        return mean_radial_error(combine_points([val_mm[n] for n in names], how), val)
+    def score(names: Sequence[str]) -> tuple[int, float]:
+        combined = combine_points([val_mm[n] for n in names], how)
+        unpredicted = sum(int((~np.isfinite(p).all(axis=1) & np.isfinite(s.landmarks_mm).all(axis=1)).sum())
+                          for p, s in zip(combined, val))
+        return unpredicted, mean_radial_error(combined, val)
 
     path: list[str] = []
     steps: list[dict[str, Any]] = []
+    ranks: list[tuple[int, float]] = []
     while len(path) < min(max_members, len(val_mm)):
         trials = {n: score([*path, n]) for n in val_mm if n not in path}
         best = min(trials, key=lambda n: trials[n])  # dicts keep order: ties go to the earlier candidate
         path.append(best)
-        steps.append({"step": len(path), "added": best, "val_mre_mm": trials[best]})
-    size = min(range(len(steps)), key=lambda k: steps[k]["val_mre_mm"]) + 1  # min() keeps the first (shorter) tie
+        ranks.append(trials[best])
+        steps.append({"step": len(path), "added": best, "val_unpredicted": trials[best][0],
+                      "val_mre_mm": trials[best][1]})
+    size = min(range(len(steps)), key=lambda k: ranks[k]) + 1  # min() keeps the first (shorter) tie
     for row in steps:
         row["kept"] = row["step"] <= size
     return path[:size], steps

@@ -2,8 +2,9 @@
 
 The first stage of this cascade is not trained here: it is a finished run of any method (``base_method``, e.g.
 the registration baseline or the HTC), read from its run folder. The engine (:mod:`lmlib.engine.base_run`)
-takes its test predictions from the folder's ``predictions.csv`` (the base row's own numbers) and makes its
-validation predictions (from its checkpoints, or by running a method with nothing to train again), so that:
+takes its test predictions from the folder's ``predictions.csv`` (the base row's own numbers) and its validation
+predictions from its ``val_predictions.csv``, or makes them (from its checkpoints, or by running a method with
+nothing to train again), so that:
 
 - each refinement stage is the global-to-local FCNN's local stage (:class:`~lmlib.methods.global_local.LocalFCNN`
   per landmark, displacement + presence heads, presence-weighted voting), trained on patches with the landmark

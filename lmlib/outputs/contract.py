@@ -42,6 +42,8 @@ REFERENCE_TIMINGS: dict[str, float] = {"train_seconds": 0.0, "infer_seconds_per_
 RUN_FILES: tuple[str, ...] = ("predictions.csv", "metrics.json")
 #: a run's predictions on its val split (same columns as predictions.csv; not written by a refit)
 VAL_PREDICTIONS = "val_predictions.csv"
+#: an ensemble chosen on val: its selection's steps (lmlib.methods.ensemble.select_on_val)
+SELECTION_FILE = "selection.csv"
 
 
 class ContractError(ValueError):
@@ -101,18 +103,18 @@ def _json_safe(value: Any) -> Any:
 
 
 def clear_earlier_run(output_dir: Path | str) -> list[Path]:
-    """Delete an earlier run's :data:`RUN_FILES`, :data:`VAL_PREDICTIONS` and ``manifest.json`` in ``output_dir`` and
-    in its sub-folders (stage and decoding-variant sub-runs), and return them. A run written in place (a method
-    notebook run by hand, not through the driver's scratch folder) then leaves no earlier sub-run's rows beside its
-    own (a ``heads=both`` run's ``quarter_head/`` after a ``heads=quarter`` one), and an interrupted one no folder
-    that looks finished with the earlier manifest. Checkpoints, the training log and the reusable files stay: a
-    resume needs them. A folder that holds none of these files itself is no run folder (a parent of runs): nothing
-    is deleted."""
+    """Delete an earlier run's :data:`RUN_FILES`, :data:`VAL_PREDICTIONS`, :data:`SELECTION_FILE` and
+    ``manifest.json`` in ``output_dir`` and in its sub-folders (stage and decoding-variant sub-runs), and return them.
+    A run written in place (a method notebook run by hand, not through the driver's scratch folder) then leaves no
+    earlier sub-run's rows beside its own (a ``heads=both`` run's ``quarter_head/`` after a ``heads=quarter`` one),
+    and an interrupted one no folder that looks finished with the earlier manifest. Checkpoints, the training log and
+    the reusable files stay: a resume needs them. A folder that holds none of these files itself is no run folder (a
+    parent of runs): nothing is deleted."""
     out = Path(output_dir)
     if not any((out / name).is_file() for name in (*RUN_FILES, "manifest.json")):
         return []
     folders = [out, *sorted(p for p in out.iterdir() if p.is_dir())]
-    removed = [f / name for f in folders for name in (*RUN_FILES, VAL_PREDICTIONS, "manifest.json")
+    removed = [f / name for f in folders for name in (*RUN_FILES, VAL_PREDICTIONS, SELECTION_FILE, "manifest.json")
                if (f / name).is_file()]
     for path in removed:
         path.unlink()

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lmlib.outputs.contract import read_manifest, read_run
+from lmlib.outputs.contract import SELECTION_FILE, read_manifest, read_run
 from lmlib.outputs.qualitative import finish
 
 DPI = 110
@@ -54,7 +54,7 @@ def ensemble_table(output_dir: str | Path) -> pd.DataFrame:
 def selection_table(output_dir: str | Path) -> pd.DataFrame | None:
     """An ensemble chosen on val: each step's added run, the val MRE (mm) of the combination so far and whether the
     step is kept (the members: the steps up to the lowest val MRE); None for an ensemble of listed members."""
-    path = Path(output_dir) / "selection.csv"
+    path = Path(output_dir) / SELECTION_FILE
     if not path.is_file():
         return None
     return pd.read_csv(path).set_index("step")
