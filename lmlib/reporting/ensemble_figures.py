@@ -70,16 +70,18 @@ def fig_cost(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
         colour = f"C{k % 10}"
         ax.scatter(row["train (min)"], row["MRE (mm)"], s=60 if last else 36, marker="*" if last else "o",
                    zorder=3, facecolors="none" if left_out else colour, edgecolors=colour)
-        # the ensemble's label to the left of its point: it is the rightmost (the summed time) and its label long
-        ax.annotate(str(name), (row["train (min)"], row["MRE (mm)"]), xytext=(-6 if last else 4, 6 if last else 4),
-                    textcoords="offset points", fontsize=8, ha="right" if last else "left")
+        # the ensemble's long label on two lines, below its point and ending there: it is the rightmost point (the
+        # summed time) and the members' labels lie to its upper left
+        ax.annotate(str(name).replace(" (", "\n(", 1) if last else str(name), (row["train (min)"], row["MRE (mm)"]),
+                    xytext=(4, -8) if last else (4, 4), textcoords="offset points", fontsize=8,
+                    ha="right" if last else "left", va="top" if last else "baseline")
     ax.set_xlabel("training time (min)")
     ax.set_ylabel("test MRE (mm)")
     chosen_on_val = "chosen" in table.columns
     ax.set_title("accuracy and cost: candidates (hollow: not chosen on val) and their ensemble" if chosen_on_val
                  else "accuracy and cost: members and their ensemble", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.margins(x=0.2, y=0.15)  # room for the labels
+    ax.margins(x=0.2, y=0.2)  # room for the labels
     return finish(fig, path, DPI)
 
 
