@@ -494,8 +494,9 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     image are the members' sums (plus the combination's), its memory their largest, its device theirs. With
     ``select="val"`` the listed runs are candidates: the members are chosen on their val predictions on record
     (:func:`~lmlib.engine.base_run.stored_val_predictions`), the steps written to ``selection.csv``, and the training
-    time (with the val predictions') and memory are every candidate's. The same output contract, figure and manifest
-    as a run."""
+    time (with the val predictions') and memory are every candidate's, a candidate inside another's row (a run a
+    refinement starts from, a cascade's earlier stage) counted there only and never combined with it. The same output
+    contract, figure and manifest as a run."""
     from lmlib.engine.base_run import read_finished_run, run_ancestors, stored_val_predictions
     from lmlib.evaluation.metrics import mean_radial_error
     from lmlib.methods.ensemble import combine_points
@@ -504,11 +505,13 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     model: Any = cls.from_parameters(data.spec.ndim, len(data.landmark_names), params)
     print(model)
     folders = {name: output_dir.parent / name for name in model.members}
-    for name, folder in folders.items():  # a member inside another: its cost would be counted twice
-        inside = [m for m, f in folders.items() if m != name and f.resolve() in run_ancestors(folder)]
-        if inside:
-            raise ValueError(f"{folder}: its row already includes the run {inside[0]!r} (a stage or a run built on "
-                             f"it, whose training time it counts): an ensemble takes independent runs")
+    # within[m]: the listed runs whose rows already count m's training (a refinement of m, a later stage)
+    ancestors = {name: run_ancestors(folder) for name, folder in folders.items()}
+    within = {m: [n for n in folders if n != m and folders[m].resolve() in ancestors[n]] for m in folders}
+    for name, rows in within.items():  # members inside another: its cost would be counted twice
+        if rows and model.select == "none":
+            raise ValueError(f"{folders[rows[0]]}: its row already includes the run {name!r} (a stage or a run built "
+                             f"on it, whose training time it counts): an ensemble takes independent runs")
     runs: dict[str, list[np.ndarray]] = {}
     costs: dict[str, dict[str, Any]] = {}
     for name, folder in folders.items():
@@ -531,7 +534,8 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
                                val_predictions=os.path.relpath(source, output_dir.parent))
             print(f"candidate {name}: val MRE {costs[name]['val_mre_mm']:.3f} mm ({len(val)} images, "
                   f"{costs[name]['val_predictions']}; predicting them took {val_seconds:.0f} s)")
-    chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [])
+    apart = {m: set(rows) for m, rows in within.items()}  # never combined with a run built on it
+    chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [], apart)
     if steps:
         output_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(steps).to_csv(output_dir / SELECTION_FILE, index=False, float_format="%.4f")
@@ -544,8 +548,13 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
     t0 = time.perf_counter()
     world_mm = combine_points([runs[n] for n in chosen], model.combine)
     combine_s = (time.perf_counter() - t0) / max(1, len(test))
-    # every candidate was trained, and predicted val, to be compared (val_seconds: 0 without a choice)
-    train_s = sum(c["train_seconds"] + c.get("val_seconds", 0.0) for c in costs.values())
+    # every candidate was trained, and predicted val, to be compared (val_seconds: 0 without a choice); one inside
+    # another's row (whose training time counts it and the val predictions it started from) is counted there
+    for name, rows in within.items():
+        if rows:
+            costs[name]["counted_in"] = rows[0]
+            print(f"candidate {name}: its training counted in {rows[0]}'s row")
+    train_s = sum(c["train_seconds"] + c.get("val_seconds", 0.0) for c in costs.values() if "counted_in" not in c)
     infer_s = sum(costs[n]["infer_seconds_per_image"] for n in chosen) + combine_s
     print(f"{model.combine} of {len(chosen)} runs on {len(test)} test images: {train_s / 60:.1f} min of training"
           f"{f' (all {len(costs)} candidates)' if steps else ''}, {infer_s:.3f} s per image together")

@@ -17,14 +17,17 @@ validation split alone by greedy forward selection (Caruana et al., ICML 2004, w
 of lowest val MRE first, then each time the candidate whose addition gives the combination the lowest val MRE, up to
 ``max_members``; the members are the prefix of that path with the lowest val MRE (:func:`select_on_val`). Each
 candidate's val predictions are read from its folder (:func:`lmlib.engine.base_run.stored_val_predictions`); a
-refit, whose val images were training images, is refused. Every candidate had to be trained to be compared, so the
-row's training time is the sum over all candidates; its time per image is the chosen members' only.
+refit, whose val images were training images, is refused. Candidates may be built on one another (a refinement
+and the run it starts from): such a pair is never combined (``apart``: not a second opinion, and the one's cost is in
+the other's row). Every candidate had to be trained to be compared, so the row's training time is the sum over all
+candidates, each counted once (a candidate inside another's row is not added again); its time per image is the
+chosen members' only.
 
 Coordinates: world mm ``(x, y[, z])`` throughout.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -101,21 +104,23 @@ class RunEnsemble(LandmarkMethod):
     def build_network(self) -> Any:
         raise TypeError("an ensemble has no network: it combines finished runs' predictions (combine_points)")
 
-    def choose(self, val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
-               ) -> tuple[list[str], list[dict[str, Any]]]:
+    def choose(self, val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any],
+               apart: Mapping[str, Collection[str]] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
         """The members: every listed run (``select="none"``; ``val_mm`` unused), or those :func:`select_on_val`
         chooses among the candidates from their val predictions ``val_mm[name][i]`` (world mm) on ``val``'s
-        samples; with the selection's steps (empty without one)."""
+        samples, never combining a candidate with those in ``apart[name]``; with the selection's steps (empty
+        without one)."""
         if self.select == "none":
             return list(self.members), []
         missing = [m for m in self.members if m not in val_mm]
         if missing:
             raise ValueError(f"select='val': no val predictions given for {missing}")
-        return select_on_val({m: val_mm[m] for m in self.members}, val, self.combine, self.max_members)
+        return select_on_val({m: val_mm[m] for m in self.members}, val, self.combine, self.max_members, apart)
 
 
 def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any], how: str = "median",
-                  max_members: int = 5) -> tuple[list[str], list[dict[str, Any]]]:
+                  max_members: int = 5, apart: Mapping[str, Collection[str]] | None = None
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
     """Greedy forward selection without replacement (module docstring) of the keys of ``val_mm`` (candidate ->
     ``(K, D)`` world-mm points per val sample, in ``val``'s order) by the val MRE (mm) of their combination (``how``).
     As Caruana et al. (2004) the path runs on to ``max_members`` (or every candidate) and the prefix of lowest val MRE
@@ -124,9 +129,14 @@ def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
     ``step``, ``added``, ``val_unpredicted`` (annotated val points the combination leaves without a prediction),
     ``val_mre_mm`` of the combination so far (over the predicted points) and ``kept``. A combination that leaves fewer
     points unpredicted ranks first (the MRE leaves those points out, which would favour a run that does not answer).
-    Ties go to the earlier candidate."""
+    Ties go to the earlier candidate. ``apart[n]``: the candidates never combined with ``n`` (either way round: a
+    run built on ``n`` or one ``n`` is built on); the path ends early when no candidate may be added."""
     if not val_mm:
         raise ValueError("select_on_val: no candidates")
+    apart = apart or {}
+
+    def allowed(name: str, path: Sequence[str]) -> bool:
+        return name not in path and not any(name in apart.get(p, ()) or p in apart.get(name, ()) for p in path)
 
     def score(names: Sequence[str]) -> tuple[int, float]:
         combined = combine_points([val_mm[n] for n in names], how)
@@ -137,8 +147,10 @@ def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any]
     path: list[str] = []
     steps: list[dict[str, Any]] = []
     ranks: list[tuple[int, float]] = []
-    while len(path) < min(max_members, len(val_mm)):
-        trials = {n: score([*path, n]) for n in val_mm if n not in path}
+    while len(path) < max_members:
+        trials = {n: score([*path, n]) for n in val_mm if allowed(n, path)}
+        if not trials:
+            break
         best = min(trials, key=lambda n: trials[n])  # dicts keep order: ties go to the earlier candidate
         path.append(best)
         ranks.append(trials[best])
