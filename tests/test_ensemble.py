@@ -201,9 +201,10 @@ def test_an_ensemble_chosen_on_val_reads_the_val_predictions_on_record_and_count
 
 def test_a_candidate_and_a_refinement_built_on_it_are_never_combined_and_counted_once(
         members: tuple[Path, list], tmp_path: Path) -> None:
-    """Candidates may include a run and a refinement of it (hand-xray's heatmap_unet and heatmap_unet+local/local2):
-    before this the run was refused as a non-independent member. The pair is never combined (the path ends when
-    nothing else may be added), and the base's training is counted once, in the refinement's row."""
+    """Candidates may include a run and a refinement's stage built on it (hand-xray's heatmap_unet and
+    heatmap_unet+local/local2): before this the run was refused as a non-independent member. The pair is never
+    combined (the path ends when nothing else may be added), and the base's training is counted once, in the
+    refinement's row. Two runs built on a third are refused (both rows count its training)."""
     import shutil
 
     from lmlib.outputs.contract import write_val_predictions
@@ -213,29 +214,37 @@ def test_a_candidate_and_a_refinement_built_on_it_are_never_combined_and_counted
     test = members[1]
     val = load_run_data({"dataset": "synthetic2d"}).split("val")
     rng = np.random.default_rng(5)
-    # a+ref: a refinement of a (its row counts a's 100 s and its own 50 s), the best on val
-    _member(root, "a+ref", "synthetic2d", [s.landmarks_mm + rng.normal(0.0, 0.3, s.landmarks_mm.shape) for s in test],
-            (150.0, 0.15), test)
-    manifest = json.loads((root / "a+ref" / "manifest.json").read_text())
-    (root / "a+ref" / "manifest.json").write_text(json.dumps({**manifest, "base_run": "../a"}))
-    for name, sd in (("a", 0.6), ("b", 0.6), ("a+ref", 0.3)):
+    # a+ref/local2: the last stage of a refinement of a (its row counts a's 100 s and its own 50 s), the best on val;
+    # laid out as the driver writes a refinement (the stages and the base run in the parent folder's manifest)
+    _member(root, "a+ref/local2", "synthetic2d", [s.landmarks_mm + rng.normal(0.0, 0.3, s.landmarks_mm.shape)
+                                                  for s in test], (150.0, 0.15), test)
+    (root / "a+ref" / "manifest.json").write_text(json.dumps({"stages": ["local1", "local2"], "base_run": "../a"}))
+    for name, sd in (("a", 0.6), ("b", 0.6), ("a+ref/local2", 0.3)):
         write_val_predictions(root / name, val, [s.landmarks_mm + rng.normal(0.0, sd, s.landmarks_mm.shape)
                                                  for s in val])
-    params = {"dataset": "synthetic2d", "output_dir": str(root / "chosen"), "members": ["a", "b", "a+ref"],
+    params = {"dataset": "synthetic2d", "output_dir": str(root / "chosen"), "members": ["a", "b", "a+ref/local2"],
               "select": "val", "max_members": 3}
     result = run_method("ensemble", params)
     steps = pd.read_csv(root / "chosen" / "selection.csv")
-    assert list(steps["added"]) == ["a+ref", "b"], steps  # a is never added beside its refinement
+    assert list(steps["added"]) == ["a+ref/local2", "b"], steps  # a is never added beside its refinement
     manifest = json.loads((root / "chosen" / "manifest.json").read_text())
-    assert manifest["candidates"]["a"]["counted_in"] == "a+ref" and "counted_in" not in manifest["candidates"]["b"]
-    # a+ref (with a inside) and b, with their val predictions (own files: 12 images x their time per image)
+    assert manifest["candidates"]["a"]["counted_in"] == "a+ref/local2"
+    assert "counted_in" not in manifest["candidates"]["b"]
+    # a+ref/local2 (with a inside) and b, with their val predictions (own files: 12 images x their time per image)
     assert result.metrics["train_seconds"] == pytest.approx(150.0 + 12 * 0.15 + 200.0 + 12 * 0.2)
-    with pytest.raises(ValueError, match=r"a\+ref: its row already includes the run 'a'"):
+    with pytest.raises(ValueError, match=r"a\+ref/local2: its row already includes the run 'a'"):
         run_method("ensemble", {**params, "select": "none"})  # listed as members: refused as before
+    _member(root, "a+tta", "synthetic2d", [s.landmarks_mm for s in test], (100.0, 0.3), test)
+    tta = json.loads((root / "a+tta" / "manifest.json").read_text())
+    (root / "a+tta" / "manifest.json").write_text(json.dumps({**tta, "base_run": "../a"}))
+    with pytest.raises(ValueError, match=r"a\+ref/local2 and .*a\+tta: both built on .*synthetic2d/a, whose"):
+        run_method("ensemble", {**params, "members": ["b", "a+ref/local2", "a+tta"]})
+    # select_on_val alone: x clearly best, y never beside it, z added
     noisy = {n: [s.landmarks_mm + rng.normal(0.0, sd, s.landmarks_mm.shape) for s in val]
-             for n, sd in (("x", 0.5), ("y", 0.5), ("z", 0.5))}
-    chosen, steps = select_on_val(noisy, val, "median", 3, apart={"y": {"x"}})
-    assert len(steps) == 2 and not {"x", "y"} <= {s["added"] for s in steps}, steps
+             for n, sd in (("x", 0.2), ("y", 0.5), ("z", 0.5))}
+    for apart in ({"y": {"x"}}, {"x": {"y"}}):
+        chosen, steps = select_on_val(noisy, val, "median", 3, apart=apart)
+        assert [s["added"] for s in steps] == ["x", "z"], (apart, steps)
 
 
 @pytest.mark.slow

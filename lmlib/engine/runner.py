@@ -512,6 +512,12 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
         if rows and model.select == "none":
             raise ValueError(f"{folders[rows[0]]}: its row already includes the run {name!r} (a stage or a run built "
                              f"on it, whose training time it counts): an ensemble takes independent runs")
+    for i, m in enumerate(folders):  # two runs built on a third: both rows count its training
+        for n in list(folders)[i + 1:]:
+            shared = ancestors[m] & ancestors[n]
+            if shared and m not in within[n] and n not in within[m]:
+                raise ValueError(f"{folders[m]} and {folders[n]}: both built on {sorted(shared)[0]}, whose training "
+                                 f"time both rows count (the ensemble's would count it twice): list one of them")
     runs: dict[str, list[np.ndarray]] = {}
     costs: dict[str, dict[str, Any]] = {}
     for name, folder in folders.items():
