@@ -121,16 +121,16 @@ class RunEnsemble(LandmarkMethod):
 def select_on_val(val_mm: Mapping[str, Sequence[np.ndarray]], val: Sequence[Any], how: str = "median",
                   max_members: int = 5, apart: Mapping[str, Collection[str]] | None = None
                   ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Greedy forward selection without replacement (module docstring) of the keys of ``val_mm`` (candidate ->
-    ``(K, D)`` world-mm points per val sample, in ``val``'s order) by the val MRE (mm) of their combination (``how``).
-    As Caruana et al. (2004) the path runs on to ``max_members`` (or until no candidate may be added) and the prefix
-    of lowest val MRE is kept (the shorter one on a tie): a median of two members is their mean, which may validate
-    worse than the best member alone where three members beat it. Returns the kept names in the order chosen and one row per step:
-    ``step``, ``added``, ``val_unpredicted`` (annotated val points the combination leaves without a prediction),
+    """Greedy forward selection without replacement (module docstring) of the keys of ``val_mm`` (candidate -> ``(K, D)``
+    world-mm points per val sample, in ``val``'s order) by the val MRE (mm) of their combination (``how``). As Caruana
+    et al. (2004) the path runs on to ``max_members`` (or until no candidate may be added) and the prefix of lowest
+    val MRE is kept (the shorter one on a tie): a median of two members is their mean, which may validate worse than
+    the best member alone where three members beat it. Returns the kept names in the order chosen and one row per
+    step: ``step``, ``added``, ``val_unpredicted`` (annotated val points the combination leaves without a prediction),
     ``val_mre_mm`` of the combination so far (over the predicted points) and ``kept``. A combination that leaves fewer
     points unpredicted ranks first (the MRE leaves those points out, which would favour a run that does not answer).
-    Ties go to the earlier candidate. ``apart[n]``: the candidates never combined with ``n`` (either way round: a
-    run built on ``n`` or one ``n`` is built on); the path ends early when no candidate may be added."""
+    Ties go to the earlier candidate. ``apart[n]``: the candidates never combined with ``n`` (either way round: a run
+    built on ``n`` or one ``n`` is built on); the path ends early when no candidate may be added."""
     if not val_mm:
         raise ValueError("select_on_val: no candidates")
     apart = apart or {}
