@@ -540,8 +540,8 @@ def _run_ensemble(cls: type[LandmarkMethod], params: Mapping[str, Any], effectiv
                                val_predictions=os.path.relpath(source, output_dir.parent))
             print(f"candidate {name}: val MRE {costs[name]['val_mre_mm']:.3f} mm ({len(val)} images, "
                   f"{costs[name]['val_predictions']}; predicting them took {val_seconds:.0f} s)")
-    apart = {m: set(rows) for m, rows in within.items()}  # never combined with a run built on it
-    chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [], apart)
+    # a run is never combined with one built on it
+    chosen, steps = model.choose(val_mm, data.split("val") if val_mm else [], apart=within)
     if steps:
         output_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(steps).to_csv(output_dir / SELECTION_FILE, index=False, float_format="%.4f")
