@@ -57,6 +57,99 @@ def test_per_landmark_routes_each_item_to_its_own_net():
     assert len(module.state_dict()) == 6  # one checkpoint holds every landmark's net
 
 
+def _local_nets(spatial_dims: int, n: int, seed: int = 0) -> list[torch.nn.Module]:
+    """``n`` one-landmark local nets with batch-norm statistics and affine parameters away from their defaults."""
+    from lmlib.methods.global_local import LocalFCNN
+
+    torch.manual_seed(seed)
+    nets = [LocalFCNN(spatial_dims, 1, channels=(8, 16), convs=(2, 1)) for _ in range(n)]
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                torch.nn.init.uniform_(m.weight, 0.5, 2)
+                torch.nn.init.uniform_(m.bias, -1, 1)
+    return nets
+
+
+@pytest.mark.parametrize("spatial_dims,ids,one_call", [(2, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4], True),
+                                                       (2, [3, 0, 3, 1, 4, 2], True), (3, [4, 2, 0, 1, 3], True),
+                                                       (2, [3, 0, 3, 3], False)])
+def test_per_landmark_nets_grouped_for_inference_compute_what_each_net_does(spatial_dims, ids, one_call):
+    """In eval mode without gradients the local nets run as one grouped net (one call for every landmark's
+    patches, items in rounds; one by one when the rounds would be less than half full); each item's outputs are
+    its own net's, in batch order, uneven rounds included."""
+    from lmlib.methods.global_local import LocalFCNN
+    from lmlib.methods.networks import PerLandmark
+
+    nets = _local_nets(spatial_dims, 5)
+    grouped, plain = PerLandmark(nets, group=LocalFCNN.grouped).eval(), PerLandmark(nets).eval()
+    x, ids_t = torch.randn(len(ids), 1, *(8,) * spatial_dims), torch.tensor(ids)
+    calls = []
+    hooks = [net.register_forward_hook(lambda *_: calls.append(1)) for net in nets]
+    with torch.no_grad():
+        out = grouped(x, ids_t)
+    assert (not calls) == one_call  # grouped: the one-landmark nets were not called one by one
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        want = plain(x, ids_t)
+        each = [nets[k](x[b:b + 1]) for b, k in enumerate(ids)]
+    for key in want:
+        assert out[key].shape == want[key].shape
+        torch.testing.assert_close(out[key], want[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[key], torch.cat([e[key] for e in each]), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_local_nets_follow_every_weight_change():
+    """The grouped copy is remade after an optimiser step, a loaded state dict or a mode change (a stale copy would
+    predict with old weights: a silent wrong number); training runs the nets one by one."""
+    from lmlib.methods.global_local import LocalFCNN
+    from lmlib.methods.networks import PerLandmark
+
+    module = PerLandmark(_local_nets(2, 3), group=LocalFCNN.grouped)
+    x, ids = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+
+    def check() -> None:
+        module.eval()
+        with torch.no_grad():
+            got = module(x, ids)["presence"]
+            want = torch.cat([module.nets[k](x[k:k + 1])["presence"] for k in range(3)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    check()
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    module(x, ids)["presence"].sum().backward()  # training mode: the nets one by one, with gradients
+    opt.step()
+    check()
+    with torch.no_grad():  # an in-place change while in eval mode (its tensors' versions move)
+        module.nets[1].heads["presence"][0].conv.bias.add_(3.0)
+    check()
+    module.load_state_dict(PerLandmark(_local_nets(2, 3, seed=1)).state_dict())
+    check()
+
+
+def test_nets_that_cannot_be_grouped_run_one_by_one():
+    from lmlib.methods.global_local import LocalFCNN
+    from lmlib.methods.networks import PerLandmark, grouped_copy
+
+    class Own(torch.nn.Sequential):  # a container with its own forward: not taken for a plain sequence
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    assert grouped_copy([Own(torch.nn.Conv2d(1, 2, 1)), Own(torch.nn.Conv2d(1, 2, 1))]) is None
+    assert grouped_copy([torch.nn.Conv2d(1, 2, 1), torch.nn.Conv2d(1, 3, 1)]) is None  # different shapes
+    assert grouped_copy([torch.nn.InstanceNorm2d(2), torch.nn.InstanceNorm2d(2)]) is None
+    assert LocalFCNN.grouped([torch.nn.Conv2d(1, 2, 1)]) is None
+    nets = [torch.nn.Conv2d(1, 2, 1) for _ in range(2)]
+    module = PerLandmark(nets, group=LocalFCNN.grouped).eval()
+    with torch.no_grad():
+        out = module(torch.ones(2, 1, 3, 3), torch.tensor([1, 0]))
+        torch.testing.assert_close(out[0], nets[1](torch.ones(1, 1, 3, 3))[0])
+
+
 @pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
 def test_head_channels_set_the_top_levels_width_and_project_to_every_landmark(spatial_dims, size):
     """``head_channels``: MONAI's U-Net ends at that width and one 3x3 convolution gives the landmark channels,

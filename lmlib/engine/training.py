@@ -876,8 +876,11 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     start = time.perf_counter()
     ds = LandmarkDataset(samples, view=view or module.eval_view,
                          centres=dict(centres) if centres is not None else None, cache=True)
-    for lo in range(0, len(ds), batch_size):
-        batch = collate_landmarks([ds[k] for k in range(lo, min(lo + batch_size, len(ds)))])
+    # a batch: batch_size images, every patch of theirs for a per-landmark patch view (one round per image for
+    # lmlib.methods.networks.PerLandmark's grouped nets)
+    step = batch_size * len(ds.served) if ds.view.kind == "patch" and ds.view.per_landmark else batch_size
+    for lo in range(0, len(ds), step):
+        batch = collate_landmarks([ds[k] for k in range(lo, min(lo + step, len(ds)))])
         coords, c, outputs = module.predict_batch(batch)
         w = to_world(coords.cpu(), batch["index_to_world"]).numpy()
         sp = spread_to_mm(module.method.spread(outputs, coords, batch).cpu(), batch["index_to_world"]).numpy()

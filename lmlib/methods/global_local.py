@@ -60,7 +60,7 @@ from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.config import MethodParameters
-from lmlib.methods.networks import PerLandmark, SharedByLandmark
+from lmlib.methods.networks import PerLandmark, SharedByLandmark, grouped_copy, shell_of, to_channels_last
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 from lmlib.typed import Int, Levels, Number, field, one_of
 
@@ -292,6 +292,26 @@ class LocalFCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return _head_outputs(self.heads, self.features(x), self.n_landmarks, self.spatial_dims)
 
+    @classmethod
+    def grouped(cls, nets: Sequence[nn.Module]) -> LocalFCNN | None:
+        """The one-landmark nets of a :class:`~lmlib.methods.networks.PerLandmark` as one net for inference: net
+        ``k`` on input channel block ``k`` (:func:`~lmlib.methods.networks.grouped_copy`), its outputs landmark
+        ``k``'s channels (None where the nets cannot be grouped)."""
+        local = [n for n in nets if isinstance(n, LocalFCNN) and n.n_landmarks == 1]
+        if not local or len(local) != len(nets):
+            return None
+        features = grouped_copy([n.features for n in local])
+        heads = grouped_copy([n.heads for n in local])
+        if features is None or heads is None:
+            return None
+        out = cast("LocalFCNN | None", shell_of(local[0], {"features": features, "heads": heads}))
+        if out is None:
+            return None
+        out.n_landmarks = len(local)
+        # channels-last on the CPU: oneDNN's grouped convolution ran faster so on this project's CPU
+        return cast(LocalFCNN, to_channels_last(out, out.spatial_dims)) if next(out.parameters()).device.type == "cpu" \
+            else out
+
 
 # -------------------------------------------------------------------------------------------- method
 def _default_network(stage: str, spatial_dims: int) -> dict[str, Any]:
@@ -409,7 +429,7 @@ class GlobalLocalFCNN(CascadeMethod[dict[str, torch.Tensor]]):
         chans, convs = self.network["channels"], self.network["convs"]
         if self.network["kind"] == "shared":
             return SharedByLandmark(LocalFCNN(d, n, chans, convs))
-        return PerLandmark([LocalFCNN(d, 1, chans, convs) for _ in range(n)])
+        return PerLandmark([LocalFCNN(d, 1, chans, convs) for _ in range(n)], group=LocalFCNN.grouped)
 
     def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.stage == "global":

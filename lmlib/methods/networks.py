@@ -34,8 +34,9 @@ unless affine, so checkpoints load either way), with a channels-last kernel. The
 """
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -221,17 +222,107 @@ def time_network(net: nn.Module, input_shape: Sequence[int], n_iter: int = 3, tr
     return (time.perf_counter() - start) / n_iter
 
 
+#: modules a grouped copy takes over unchanged: they act on each channel (or element) on its own
+_CHANNELWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout,
+                nn.Dropout2d, nn.Dropout3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
+                nn.MaxPool3d)
+
+
+def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
+    """One module computing ``len(modules)`` structurally equal modules side by side, for inference: module ``k``
+    reads and writes channel block ``k`` (its own channels, in order) of a batch ``(B, K * C, *size)``.
+
+    Convolutions become one grouped convolution (their weights and biases concatenated), batch norms one batch
+    norm over every block (their running statistics concatenated; it holds for eval mode only), channel-wise
+    layers (activations, pooling, dropout) are taken over as they are, and ``Sequential`` / ``ModuleDict``
+    containers are copied with their children grouped. Anything else (a module with its own ``forward``, a
+    grouped convolution, a norm over several channels at once) gives None: the caller runs the modules one by
+    one. A copy, not a view: it holds the weights of the moment it was made."""
+    first = modules[0]
+    if any(type(m) is not type(first) for m in modules):
+        return None
+    k = len(modules)
+    if isinstance(first, nn.modules.conv._ConvNd):
+        convs = [m for m in modules if isinstance(m, nn.modules.conv._ConvNd)]
+        shapes = {(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                   c.padding_mode, c.bias is not None) for c in convs}
+        if len(shapes) > 1 or first.groups != 1 or first.transposed or first.padding_mode != "zeros":
+            return None
+        conv = type(first)(k * first.in_channels, k * first.out_channels, first.kernel_size,  # type: ignore[call-arg]
+                           stride=first.stride, padding=first.padding, dilation=first.dilation, groups=k,
+                           bias=first.bias is not None).to(first.weight)
+        with torch.no_grad():
+            conv.weight.copy_(torch.cat([c.weight for c in convs]))
+            if conv.bias is not None:
+                conv.bias.copy_(torch.cat([c.bias for c in convs if c.bias is not None]))
+        return conv
+    if isinstance(first, nn.modules.batchnorm._BatchNorm):
+        norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not all(n.track_running_stats and n.affine == first.affine and n.eps == first.eps for n in norms):
+            return None
+        norm = type(first)(k * first.num_features, eps=first.eps, affine=first.affine)
+        norm.to(norms[0].running_mean).eval()
+        with torch.no_grad():
+            for name in ("running_mean", "running_var") + (("weight", "bias") if first.affine else ()):
+                getattr(norm, name).copy_(torch.cat([getattr(n, name) for n in norms]))
+        return norm
+    if type(first) in _CHANNELWISE:
+        return copy.deepcopy(first)
+    if isinstance(first, (nn.Sequential, nn.ModuleDict)) and not _own_forward(first, (nn.Sequential, nn.ModuleDict)):
+        names = [name for name, _ in first.named_children()]
+        if any([n for n, _ in m.named_children()] != names for m in modules):
+            return None
+        children = [grouped_copy([m.get_submodule(name) for m in modules]) for name in names]
+        if any(child is None for child in children):
+            return None
+        return shell_of(first, dict(zip(names, children)))
+    return None
+
+
+def shell_of(module: nn.Module, children: dict[str, nn.Module | None]) -> nn.Module | None:
+    """A new module of ``module``'s class with its settings (plain attributes, e.g. MONAI's ``Convolution``'s),
+    ``children`` as its submodules, and none of its hooks; None where ``module`` holds weights of its own."""
+    if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None:
+        return None
+    out = type(module).__new__(type(module))
+    nn.Module.__init__(out)
+    for key, value in vars(module).items():
+        if key not in vars(out):
+            out.__dict__[key] = value
+    out.training = module.training
+    for name, child in children.items():
+        out.add_module(name, child)
+    return out
+
+
+def _own_forward(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``module``'s class overrides the ``forward`` of the container it derives from."""
+    return not any(type(module).forward is base.forward for base in bases)
+
+
 class PerLandmark(nn.Module):
     """One small network per landmark held in one module (so one checkpoint holds them all).
 
     ``forward(image, landmark_ids)``: item ``b`` of the batch ``(B, C, *size)`` goes through the net of
     landmark ``landmark_ids[b]``; outputs (a tensor, or a dict of tensors) are reassembled in batch
     order. Each net is called once per batch on the items of its landmark.
+
+    ``group`` (optional): builds from the nets one module that computes them all at once on a batch
+    ``(M, N * C, *size)`` (net ``k`` on channel block ``k``), returning outputs whose axis 1 is the landmark
+    (landmark ``k``'s slice ``k:k+1`` equal to net ``k``'s output), or None where it cannot. Used in eval mode
+    without gradients (prediction, validation) when the batch fills at least half of its rounds: items are placed
+    in rounds of one patch per landmark (missing ones zero, their outputs dropped), and the N calls of small nets
+    on a patch or two each, whose per-call overhead made most of a refinement stage's network time on a hand
+    radiograph, become one call. Training runs the nets one by one (a batch norm in training mode must see each
+    net's own items only).
     """
 
-    def __init__(self, nets: Sequence[nn.Module]) -> None:
+    def __init__(self, nets: Sequence[nn.Module],
+                 group: Callable[[Sequence[nn.Module]], nn.Module | None] | None = None) -> None:
         super().__init__()
         self.nets = nn.ModuleList(nets)
+        self.group = group
+        self._forget_grouped()
 
     def forward(self, image: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         ids = landmark_ids.reshape(-1).to(image.device)
@@ -239,6 +330,9 @@ class PerLandmark(nn.Module):
             raise ValueError(f"{ids.numel()} landmark ids for a batch of {image.shape[0]}")
         if int(ids.min()) < 0 or int(ids.max()) >= len(self.nets):
             raise ValueError(f"landmark ids {ids.tolist()} outside 0..{len(self.nets) - 1}")
+        grouped = self._grouped_nets() if not self.training and not torch.is_grad_enabled() else None
+        if grouped is not None and int(torch.bincount(ids).max()) * len(self.nets) <= 2 * len(ids):
+            return self._forward_grouped(grouped, image, ids)
         parts: dict[int, tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]] = {}
         for k in torch.unique(ids).tolist():
             where = torch.nonzero(ids == k).reshape(-1)
@@ -255,6 +349,55 @@ class PerLandmark(nn.Module):
         if isinstance(first, dict):
             return {key: assemble(lambda v, key=key: v[key]) for key in first}
         return assemble(lambda v: v)
+
+    # the grouped copy: made on the first call in eval mode, dropped when the nets change mode, device, dtype or
+    # loaded weights, and made again when a weight changed in place since (an optimiser step: each tensor's version)
+    def _forget_grouped(self) -> None:
+        self._grouped: tuple[list[torch.Tensor], tuple[int, ...], nn.Module | None] | None = None
+
+    def train(self, mode: bool = True) -> PerLandmark:
+        self._forget_grouped()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PerLandmark:
+        self._forget_grouped()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._forget_grouped()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _grouped_nets(self) -> nn.Module | None:
+        """The grouped copy of the nets (``group``; None without one or where it cannot be made)."""
+        if self.group is None or torch.compiler.is_compiling():
+            return None
+        if self._grouped is not None and tuple(t._version for t in self._grouped[0]) == self._grouped[1]:
+            return self._grouped[2]
+        tensors = [*self.nets.parameters(), *self.nets.buffers()]
+        with torch.no_grad():
+            grouped = self.group(list(self.nets))
+        self._grouped = (tensors, tuple(t._version for t in tensors), grouped.eval() if grouped is not None else None)
+        return self._grouped[2]
+
+    def _forward_grouped(self, grouped: nn.Module, image: torch.Tensor, ids: torch.Tensor
+                         ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Item ``b`` in round ``r`` (its rank among the items of its landmark) and block ``ids[b]``: one call."""
+        n, b = len(self.nets), image.shape[0]
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=n)
+        starts = torch.cumsum(counts, 0) - counts
+        rounds = torch.empty_like(ids)
+        rounds[order] = torch.arange(b, device=ids.device) - starts[ids[order]]
+        x = image.new_zeros((int(counts.max()), n, *image.shape[1:]))
+        x[rounds, ids] = image
+        out = grouped(x.reshape(x.shape[0], n * image.shape[1], *image.shape[2:]))
+
+        def items(value: torch.Tensor) -> torch.Tensor:
+            return value[rounds, ids].unsqueeze(1)  # (B, 1, ...): net ids[b]'s output for item b
+
+        if isinstance(out, dict):
+            return {key: items(value) for key, value in out.items()}
+        return items(out)
 
 
 class SharedByLandmark(nn.Module):
