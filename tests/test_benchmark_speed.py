@@ -141,3 +141,18 @@ def test_the_layer_profile_prints_nothing_to_stderr() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "profiler_start" not in done.stderr and "profiler_stop" not in done.stderr
+
+
+def test_a_local_stage_is_timed_at_inference_with_its_nets_one_by_one_and_grouped() -> None:
+    """The benchmark's local-stage row: one patch per landmark per image, the nets' time both ways and the stage's
+    (patches + nets); the grouped nets are the ones prediction uses."""
+    from lmlib.reporting.benchmark import time_local_inference
+
+    data = load_run_data({"dataset": "synthetic2d"})
+    row = time_local_inference(job_parameters("global_local", "synthetic2d", "smoke"), data, n_images=2, rounds=1)
+    assert row["landmarks"] == len(data.landmark_names) and row["images"] == 2
+    assert row["patch_px"] > 0 and row["spacing_mm"] > 0
+    for key in ("data_s", "nets_one_by_one_s", "nets_grouped_s"):
+        assert row[key] > 0
+    assert row["stage_s_grouped"] == pytest.approx(row["data_s"] + row["nets_grouped_s"])
+    assert row["nets_speedup"] == pytest.approx(row["nets_one_by_one_s"] / row["nets_grouped_s"])

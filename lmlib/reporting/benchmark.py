@@ -315,6 +315,49 @@ def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_s
     return table
 
 
+def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int = 4, rounds: int = 3) -> dict[str, Any]:
+    """One per-landmark local stage at inference, per image (the global-to-local FCNN's local stage and every
+    refinement's; ``params``: the FCNN's notebook parameters): the patches (resampling, ``data_s``) and the local
+    nets on them, one by one as they train (``nets_one_by_one_s``) and grouped into one network as they predict
+    (``nets_grouped_s``, :meth:`~lmlib.methods.global_local.LocalFCNN.grouped`). Patches of
+    ``local_max_patch_px`` px at ``local_spacing_mm`` centred on the ground truth of the first ``n_images`` val
+    images (the train split's when there are none); untrained nets of the parameters' widths (the time does not
+    depend on the weights). The nets' times: medians over the images of the fastest of ``rounds`` calls each (after
+    as many untimed ones); the patches' time: one pass per image (its first, as a prediction makes it)."""
+    from lmlib.data.loaders import LandmarkDataset, collate_landmarks
+    from lmlib.methods.global_local import GlobalLocalFCNN
+    from lmlib.methods.networks import PerLandmark
+
+    name = "global_local"
+    shared = engine_settings(params, data)
+    ndim, n = data.spec.ndim, len(data.landmark_names)
+    local = GlobalLocalFCNN.from_parameters(ndim, n, params, "local", **shared)
+    values = GlobalLocalFCNN.values(params)
+    px, spacing = int(values["local_max_patch_px"]), float(values["local_spacing_mm"])
+    view = ViewSpec("patch", size=(px,) * ndim, spacing=spacing, per_landmark=True)
+    torch.manual_seed(0)
+    grouped = local.build_network().eval()
+    if not isinstance(grouped, PerLandmark):
+        raise ValueError(f"{name}: its local nets are not per landmark (local_net={values['local_net']!r})")
+    one_by_one = PerLandmark(list(grouped.nets)).eval()
+    samples = (data.split("val") or data.split("train"))[:n_images]
+    rows = []
+    for sample in samples:
+        t0 = time.perf_counter()
+        ds = LandmarkDataset([sample], view=view, cache=True)
+        batch = collate_landmarks([ds[k] for k in range(len(ds))])
+        data_s = time.perf_counter() - t0
+        with torch.no_grad():  # the first grouped call makes the grouped copy: among the untimed ones
+            nets = {key: _best_seconds(partial(net, batch["image"], batch["landmark_ids"]), rounds)
+                    for key, net in (("one_by_one", one_by_one), ("grouped", grouped))}
+        rows.append({"data_s": data_s, "nets_one_by_one_s": nets["one_by_one"], "nets_grouped_s": nets["grouped"]})
+    med = pd.DataFrame(rows).median()
+    return {"method": name, "landmarks": n, "patch_px": px, "spacing_mm": spacing, "images": len(rows),
+            **med.to_dict(), "nets_speedup": float(med["nets_one_by_one_s"] / med["nets_grouped_s"]),
+            "stage_s_one_by_one": float(med["data_s"] + med["nets_one_by_one_s"]),
+            "stage_s_grouped": float(med["data_s"] + med["nets_grouped_s"])}
+
+
 #: the variant of a U-Net's step as it trained before channels-last networks (lmlib.methods.networks)
 CONTIGUOUS_VARIANT = "contiguous, instance norm (before)"
 #: the full-resolution head width timed as a variant (lmlib.methods.networks: oneDNN's channel block on AVX-512)
@@ -447,8 +490,10 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     """The benchmark notebook's one call: the machine's matmul peak, every method's training step profiled
     (``methods``: name -> its parameters, e.g. the driver's for a profile), one method's step as is / as
     before channels-last networks / bf16 / with a 16-channel head (:func:`compare_variants`), each U-Net's step
-    split by convolution (:func:`profile_layers`), and the finished runs of ``results_dir/<dataset>`` (time, memory,
-    accuracy). Writes ``table_speed.csv``, ``table_variants.csv``, ``table_layers.csv``, ``table_runs.csv``,
+    split by convolution (:func:`profile_layers`), a per-landmark local stage at inference when ``global_local`` is
+    timed (:func:`time_local_inference`), and the finished runs of ``results_dir/<dataset>`` (time, memory,
+    accuracy). Writes ``table_speed.csv``, ``table_variants.csv``, ``table_layers.csv``,
+    ``table_local_inference.csv``, ``table_runs.csv``,
     ``fig_step_breakdown.png`` and ``manifest.json`` into ``output_dir``; returns them for display.
     ``n_deformed``: a single-template dataset's deformations (as the driver's jobs).
 
@@ -477,6 +522,8 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     unets = [m for m in methods if _is_unet(m)]
     layers = pd.concat({m: profile_layers(m, methods[m], data, torch_compile=time_compiled, peak_gflops=peak, seed=seed)
                         for m in unets}, names=["method"]) if unets else pd.DataFrame()
+    local = pd.DataFrame([time_local_inference(methods["global_local"], data)]).set_index("method") \
+        if "global_local" in methods else pd.DataFrame()
     try:
         runs, errors = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
     except (FileNotFoundError, ValueError) as exc:
@@ -486,6 +533,8 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     variants.to_csv(out / "table_variants.csv", float_format="%.4f")
     if not layers.empty:
         layers.to_csv(out / "table_layers.csv", float_format="%.4f")
+    if not local.empty:
+        local.to_csv(out / "table_local_inference.csv", float_format="%.4f")
     if not runs.empty:
         runs.to_csv(out / "table_runs.csv", float_format="%.4f")
     fig = fig_step_breakdown(speed, peak)
@@ -496,7 +545,7 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
                    extra={"matmul_peak_gflops": matmul, "conv_peak_gflops": conv, "torch_threads": torch.get_num_threads()})
     pd.Series({"matmul_peak_gflops": matmul, "conv_peak_gflops": conv}).to_csv(out / "table_peak.csv", header=["gflops"])
     return {"peak_gflops": peak, "matmul_gflops": matmul, "conv_gflops": conv, "speed": speed, "variants": variants,
-            "layers": layers, "runs": runs, "figure": fig, **peer_part}
+            "layers": layers, "local_inference": local, "runs": runs, "figure": fig, **peer_part}
 
 
 def show_benchmark(result: Mapping[str, Any]) -> None:
@@ -516,6 +565,11 @@ def show_benchmark(result: Mapping[str, Any]) -> None:
                          "shape's forward and backward ms per step, its rate and share of the peak, and its share of "
                          "the step)"))
         display(result["layers"].round(2))
+    if not result["local_inference"].empty:
+        display(Markdown("**A per-landmark local stage at inference, per image** (the global-to-local FCNN's and every "
+                         "refinement's): the patches, and the local nets one by one as they train against grouped "
+                         "into one network as they predict (seconds)"))
+        display(result["local_inference"].round(4))
     if not result["runs"].empty:
         display(Markdown("**Finished runs** (time per epoch and in total, inference per image, peak memory, test MRE)"))
         display(result["runs"].round(3))
