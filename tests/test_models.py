@@ -76,7 +76,7 @@ def _local_nets(spatial_dims: int, n: int, seed: int = 0) -> list[torch.nn.Modul
 @pytest.mark.parametrize("spatial_dims,ids,one_call", [(2, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4], True),
                                                        (2, [3, 0, 3, 1, 4, 2], True), (3, [4, 2, 0, 1, 3], True),
                                                        (2, [3, 0, 3, 3], False)])
-def test_per_landmark_nets_grouped_for_inference_compute_what_each_net_does(spatial_dims, ids, one_call):
+def test_per_landmark_nets_grouped_for_inference_compute_what_each_net_does(spatial_dims, ids, one_call, monkeypatch):
     """In eval mode without gradients the local nets run as one grouped net (one call for every landmark's
     patches, items in rounds; one by one when the rounds would be less than half full); each item's outputs are
     its own net's, in batch order, uneven rounds included."""
@@ -86,13 +86,13 @@ def test_per_landmark_nets_grouped_for_inference_compute_what_each_net_does(spat
     nets = _local_nets(spatial_dims, 5)
     grouped, plain = PerLandmark(nets, group=LocalFCNN.grouped).eval(), PerLandmark(nets).eval()
     x, ids_t = torch.randn(len(ids), 1, *(8,) * spatial_dims), torch.tensor(ids)
-    calls = []
-    hooks = [net.register_forward_hook(lambda *_: calls.append(1)) for net in nets]
+    calls: list[int] = []  # the landmarks of each LocalFCNN call: 1 one by one, 5 grouped
+    forward = LocalFCNN.forward
+    monkeypatch.setattr(LocalFCNN, "forward", lambda self, v: calls.append(self.n_landmarks) or forward(self, v))
     with torch.no_grad():
         out = grouped(x, ids_t)
-    assert (not calls) == one_call  # grouped: the one-landmark nets were not called one by one
-    for h in hooks:
-        h.remove()
+    assert calls == ([5] if one_call else [1] * len(set(ids)))
+    monkeypatch.undo()
     with torch.no_grad():
         want = plain(x, ids_t)
         each = [nets[k](x[b:b + 1]) for b, k in enumerate(ids)]
@@ -142,6 +142,11 @@ def test_nets_that_cannot_be_grouped_run_one_by_one():
     assert grouped_copy([Own(torch.nn.Conv2d(1, 2, 1)), Own(torch.nn.Conv2d(1, 2, 1))]) is None
     assert grouped_copy([torch.nn.Conv2d(1, 2, 1), torch.nn.Conv2d(1, 3, 1)]) is None  # different shapes
     assert grouped_copy([torch.nn.InstanceNorm2d(2), torch.nn.InstanceNorm2d(2)]) is None
+    assert grouped_copy([torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(3)]) is None
+    assert grouped_copy([torch.nn.LeakyReLU(0.1), torch.nn.LeakyReLU(0.2)]) is None  # differ in a setting
+    hooked = torch.nn.Conv2d(1, 2, 1)
+    hooked.register_forward_pre_hook(lambda module, args: None)  # the copy would not run it
+    assert grouped_copy([hooked, torch.nn.Conv2d(1, 2, 1)]) is None
     assert LocalFCNN.grouped([torch.nn.Conv2d(1, 2, 1)]) is None
     nets = [torch.nn.Conv2d(1, 2, 1) for _ in range(2)]
     module = PerLandmark(nets, group=LocalFCNN.grouped).eval()

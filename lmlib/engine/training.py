@@ -857,7 +857,8 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     onto the evaluation view's grid exactly as in validation, decoded to sub-pixel grid indices, and
     mapped back through that grid to world mm. ``centres``: ``{image_id: (N, D) world mm}`` for patch
     views (a previous stage's predictions). Each image is prepared once (normalised, smoothed) even when
-    it yields one patch per landmark. Timing includes resampling.
+    it yields one patch per landmark. Timing includes resampling. ``batch_size``: items per batch; for
+    per-landmark nets that run grouped, images per batch (all their patches).
     """
     source = str(model) if not isinstance(model, LandmarkModule) else "model"
     module = model if isinstance(model, LandmarkModule) else load_checkpoint(model)
@@ -876,9 +877,10 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     start = time.perf_counter()
     ds = LandmarkDataset(samples, view=view or module.eval_view,
                          centres=dict(centres) if centres is not None else None, cache=True)
-    # a batch: batch_size images, every patch of theirs for a per-landmark patch view (one round per image for
-    # lmlib.methods.networks.PerLandmark's grouped nets)
-    step = batch_size * len(ds.served) if ds.view.kind == "patch" and ds.view.per_landmark else batch_size
+    # per-landmark nets that run grouped (lmlib.methods.networks.PerLandmark): a batch holds every patch of
+    # batch_size images (one round per image); otherwise batch_size items
+    grouped = getattr(module.net, "group", None) is not None and ds.view.kind == "patch" and ds.view.per_landmark
+    step = batch_size * len(ds.served) if grouped else batch_size
     for lo in range(0, len(ds), step):
         batch = collate_landmarks([ds[k] for k in range(lo, min(lo + step, len(ds)))])
         coords, c, outputs = module.predict_batch(batch)

@@ -297,7 +297,8 @@ class LocalFCNN(nn.Module):
         """The one-landmark nets of a :class:`~lmlib.methods.networks.PerLandmark` as one net for inference: net
         ``k`` on input channel block ``k`` (:func:`~lmlib.methods.networks.grouped_copy`), its outputs landmark
         ``k``'s channels (None where the nets cannot be grouped)."""
-        local = [n for n in nets if isinstance(n, LocalFCNN) and n.n_landmarks == 1]
+        local = [n for n in nets if type(n) is LocalFCNN and n.n_landmarks == 1 and not n._forward_hooks
+                 and not n._forward_pre_hooks]
         if not local or len(local) != len(nets):
             return None
         features = grouped_copy([n.features for n in local])
@@ -308,7 +309,7 @@ class LocalFCNN(nn.Module):
         if out is None:
             return None
         out.n_landmarks = len(local)
-        # channels-last on the CPU: oneDNN's grouped convolution ran faster so on this project's CPU
+        # channels-last on the CPU: oneDNN's preferred layout there, as for the project's other networks
         return cast(LocalFCNN, to_channels_last(out, out.spatial_dims)) if next(out.parameters()).device.type == "cpu" \
             else out
 

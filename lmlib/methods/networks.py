@@ -226,6 +226,8 @@ def time_network(net: nn.Module, input_shape: Sequence[int], n_iter: int = 3, tr
 _CHANNELWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout,
                 nn.Dropout2d, nn.Dropout3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
                 nn.MaxPool3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
@@ -235,39 +237,43 @@ def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
     Convolutions become one grouped convolution (their weights and biases concatenated), batch norms one batch
     norm over every block (their running statistics concatenated; it holds for eval mode only), channel-wise
     layers (activations, pooling, dropout) are taken over as they are, and ``Sequential`` / ``ModuleDict``
-    containers are copied with their children grouped. Anything else (a module with its own ``forward``, a
-    grouped convolution, a norm over several channels at once) gives None: the caller runs the modules one by
-    one. A copy, not a view: it holds the weights of the moment it was made."""
+    containers are copied with their children grouped. Anything else (a subclass with its own ``forward``, a
+    grouped convolution, a norm over several channels at once, modules that differ in a setting, a module with
+    forward hooks, which the copy would not run) gives None: the caller runs the modules one by one. A copy, not a
+    view: it holds the weights of the moment it was made."""
     first = modules[0]
-    if any(type(m) is not type(first) for m in modules):
+    if any(type(m) is not type(first) for m in modules) or any(_has_forward_hooks(m) for m in modules):
         return None
     k = len(modules)
-    if isinstance(first, nn.modules.conv._ConvNd):
+    if type(first) in _CONVS:
         convs = [m for m in modules if isinstance(m, nn.modules.conv._ConvNd)]
         shapes = {(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                    c.padding_mode, c.bias is not None) for c in convs}
-        if len(shapes) > 1 or first.groups != 1 or first.transposed or first.padding_mode != "zeros":
+        if len(shapes) > 1 or convs[0].groups != 1 or convs[0].padding_mode != "zeros":
             return None
-        conv = type(first)(k * first.in_channels, k * first.out_channels, first.kernel_size,  # type: ignore[call-arg]
-                           stride=first.stride, padding=first.padding, dilation=first.dilation, groups=k,
-                           bias=first.bias is not None).to(first.weight)
+        c0 = convs[0]
+        conv = type(c0)(k * c0.in_channels, k * c0.out_channels, c0.kernel_size,  # type: ignore[call-arg]
+                        stride=c0.stride, padding=c0.padding, dilation=c0.dilation, groups=k,
+                        bias=c0.bias is not None).to(c0.weight)
         with torch.no_grad():
             conv.weight.copy_(torch.cat([c.weight for c in convs]))
             if conv.bias is not None:
                 conv.bias.copy_(torch.cat([c.bias for c in convs if c.bias is not None]))
         return conv
-    if isinstance(first, nn.modules.batchnorm._BatchNorm):
+    if type(first) in _BATCH_NORMS:
         norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not all(n.track_running_stats and n.affine == first.affine and n.eps == first.eps for n in norms):
+        n0 = norms[0]
+        if not all(n.track_running_stats and (n.num_features, n.affine, n.eps) == (n0.num_features, n0.affine, n0.eps)
+                   for n in norms):
             return None
-        norm = type(first)(k * first.num_features, eps=first.eps, affine=first.affine)
-        norm.to(norms[0].running_mean).eval()
+        norm = type(n0)(k * n0.num_features, eps=n0.eps, affine=n0.affine)
+        norm.to(n0.running_mean).eval()
         with torch.no_grad():
-            for name in ("running_mean", "running_var") + (("weight", "bias") if first.affine else ()):
+            for name in ("running_mean", "running_var") + (("weight", "bias") if n0.affine else ()):
                 getattr(norm, name).copy_(torch.cat([getattr(n, name) for n in norms]))
         return norm
     if type(first) in _CHANNELWISE:
-        return copy.deepcopy(first)
+        return copy.deepcopy(first) if len({repr(m) for m in modules}) == 1 else None
     if isinstance(first, (nn.Sequential, nn.ModuleDict)) and not _own_forward(first, (nn.Sequential, nn.ModuleDict)):
         names = [name for name, _ in first.named_children()]
         if any([n for n, _ in m.named_children()] != names for m in modules):
@@ -279,6 +285,10 @@ def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
     return None
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def shell_of(module: nn.Module, children: dict[str, nn.Module | None]) -> nn.Module | None:
     """A new module of ``module``'s class with its settings (plain attributes, e.g. MONAI's ``Convolution``'s),
     ``children`` as its submodules, and none of its hooks; None where ``module`` holds weights of its own."""
@@ -287,7 +297,7 @@ def shell_of(module: nn.Module, children: dict[str, nn.Module | None]) -> nn.Mod
     out = type(module).__new__(type(module))
     nn.Module.__init__(out)
     for key, value in vars(module).items():
-        if key not in vars(out):
+        if key not in vars(out) and key != "_compiled_call_impl":  # not the original's compiled forward
             out.__dict__[key] = value
     out.training = module.training
     for name, child in children.items():
@@ -310,11 +320,11 @@ class PerLandmark(nn.Module):
     ``group`` (optional): builds from the nets one module that computes them all at once on a batch
     ``(M, N * C, *size)`` (net ``k`` on channel block ``k``), returning outputs whose axis 1 is the landmark
     (landmark ``k``'s slice ``k:k+1`` equal to net ``k``'s output), or None where it cannot. Used in eval mode
-    without gradients (prediction, validation) when the batch fills at least half of its rounds: items are placed
-    in rounds of one patch per landmark (missing ones zero, their outputs dropped), and the N calls of small nets
-    on a patch or two each, whose per-call overhead made most of a refinement stage's network time on a hand
-    radiograph, become one call. Training runs the nets one by one (a batch norm in training mode must see each
-    net's own items only).
+    without gradients (prediction, validation), not while compiling, and only when the batch fills at least half
+    of its rounds: items are placed in rounds of one patch per landmark (missing ones zero, their outputs dropped),
+    and the N calls of small nets on a patch or two each become one call (the benchmark notebook's
+    ``table_local_inference.csv`` times both). Training runs the nets one by one (a batch norm in training mode must
+    see each net's own items only).
     """
 
     def __init__(self, nets: Sequence[nn.Module],
@@ -330,9 +340,12 @@ class PerLandmark(nn.Module):
             raise ValueError(f"{ids.numel()} landmark ids for a batch of {image.shape[0]}")
         if int(ids.min()) < 0 or int(ids.max()) >= len(self.nets):
             raise ValueError(f"landmark ids {ids.tolist()} outside 0..{len(self.nets) - 1}")
-        grouped = self._grouped_nets() if not self.training and not torch.is_grad_enabled() else None
-        if grouped is not None and int(torch.bincount(ids).max()) * len(self.nets) <= 2 * len(ids):
-            return self._forward_grouped(grouped, image, ids)
+        if self.group is not None and not self.training and not torch.is_grad_enabled():
+            counts = torch.bincount(ids, minlength=len(self.nets))
+            rounds = int(counts.max())
+            grouped = self._grouped_nets() if rounds * len(self.nets) <= 2 * len(ids) else None
+            if grouped is not None:
+                return self._forward_grouped(grouped, image, ids, counts, rounds)
         parts: dict[int, tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]] = {}
         for k in torch.unique(ids).tolist():
             where = torch.nonzero(ids == k).reshape(-1)
@@ -350,8 +363,10 @@ class PerLandmark(nn.Module):
             return {key: assemble(lambda v, key=key: v[key]) for key in first}
         return assemble(lambda v: v)
 
-    # the grouped copy: made on the first call in eval mode, dropped when the nets change mode, device, dtype or
-    # loaded weights, and made again when a weight changed in place since (an optimiser step: each tensor's version)
+    # the grouped copy: made on the first call in eval mode, dropped by train() / eval(), a move to another device or
+    # dtype and a loaded state dict (on this module or a parent), and made again when a weight changed in place
+    # since (an optimiser step: each tensor's version). Not seen: writes through a tensor's .data and parameters
+    # replaced on a net by hand; call eval() after such a change
     def _forget_grouped(self) -> None:
         self._grouped: tuple[list[torch.Tensor], tuple[int, ...], nn.Module | None] | None = None
 
@@ -368,8 +383,9 @@ class PerLandmark(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _grouped_nets(self) -> nn.Module | None:
-        """The grouped copy of the nets (``group``; None without one or where it cannot be made)."""
-        if self.group is None or torch.compiler.is_compiling():
+        """The grouped copy of the nets (``group``; None without one, where it cannot be made, while compiling, or
+        while a net is in training mode)."""
+        if self.group is None or torch.compiler.is_compiling() or any(net.training for net in self.nets):
             return None
         if self._grouped is not None and tuple(t._version for t in self._grouped[0]) == self._grouped[1]:
             return self._grouped[2]
@@ -379,21 +395,20 @@ class PerLandmark(nn.Module):
         self._grouped = (tensors, tuple(t._version for t in tensors), grouped.eval() if grouped is not None else None)
         return self._grouped[2]
 
-    def _forward_grouped(self, grouped: nn.Module, image: torch.Tensor, ids: torch.Tensor
-                         ) -> torch.Tensor | dict[str, torch.Tensor]:
+    def _forward_grouped(self, grouped: nn.Module, image: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                         n_rounds: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """Item ``b`` in round ``r`` (its rank among the items of its landmark) and block ``ids[b]``: one call."""
         n, b = len(self.nets), image.shape[0]
         order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=n)
         starts = torch.cumsum(counts, 0) - counts
         rounds = torch.empty_like(ids)
         rounds[order] = torch.arange(b, device=ids.device) - starts[ids[order]]
-        x = image.new_zeros((int(counts.max()), n, *image.shape[1:]))
+        x = image.new_zeros((n_rounds, n, *image.shape[1:]))
         x[rounds, ids] = image
-        out = grouped(x.reshape(x.shape[0], n * image.shape[1], *image.shape[2:]))
+        out = grouped(x.reshape(n_rounds, n * image.shape[1], *image.shape[2:]))
 
         def items(value: torch.Tensor) -> torch.Tensor:
-            return value[rounds, ids].unsqueeze(1)  # (B, 1, ...): net ids[b]'s output for item b
+            return value[rounds, ids].unsqueeze(1).contiguous()  # (B, 1, ...): net ids[b]'s output for item b
 
         if isinstance(out, dict):
             return {key: items(value) for key, value in out.items()}

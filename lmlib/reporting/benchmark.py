@@ -315,15 +315,17 @@ def profile_methods(methods: Mapping[str, Mapping[str, Any]], data: Dataset, n_s
     return table
 
 
-def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int = 4, rounds: int = 3) -> dict[str, Any]:
+def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int = 4, rounds: int = 3
+                         ) -> dict[str, Any] | None:
     """One per-landmark local stage at inference, per image (the global-to-local FCNN's local stage and every
     refinement's; ``params``: the FCNN's notebook parameters): the patches (resampling, ``data_s``) and the local
     nets on them, one by one as they train (``nets_one_by_one_s``) and grouped into one network as they predict
     (``nets_grouped_s``, :meth:`~lmlib.methods.global_local.LocalFCNN.grouped`). Patches of
     ``local_max_patch_px`` px at ``local_spacing_mm`` centred on the ground truth of the first ``n_images`` val
     images (the train split's when there are none); untrained nets of the parameters' widths (the time does not
-    depend on the weights). The nets' times: medians over the images of the fastest of ``rounds`` calls each (after
-    as many untimed ones); the patches' time: one pass per image (its first, as a prediction makes it)."""
+    depend on the weights). None for one shared local net (nothing to group). The nets' times: medians over the
+    images of the fastest of ``rounds`` calls each (after as many untimed ones); the patches' time: one pass per
+    image (its first, as a prediction makes it)."""
     from lmlib.data.loaders import LandmarkDataset, collate_landmarks
     from lmlib.methods.global_local import GlobalLocalFCNN
     from lmlib.methods.networks import PerLandmark
@@ -338,7 +340,8 @@ def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int
     torch.manual_seed(0)
     grouped = local.build_network().eval()
     if not isinstance(grouped, PerLandmark):
-        raise ValueError(f"{name}: its local nets are not per landmark (local_net={values['local_net']!r})")
+        print(f"{name}: one shared local net (local_net={values['local_net']!r}), nothing grouped: no local-stage row")
+        return None
     one_by_one = PerLandmark(list(grouped.nets)).eval()
     samples = (data.split("val") or data.split("train"))[:n_images]
     rows = []
@@ -522,8 +525,8 @@ def run_benchmark(dataset: str, methods: Mapping[str, Mapping[str, Any]], output
     unets = [m for m in methods if _is_unet(m)]
     layers = pd.concat({m: profile_layers(m, methods[m], data, torch_compile=time_compiled, peak_gflops=peak, seed=seed)
                         for m in unets}, names=["method"]) if unets else pd.DataFrame()
-    local = pd.DataFrame([time_local_inference(methods["global_local"], data)]).set_index("method") \
-        if "global_local" in methods else pd.DataFrame()
+    local_row = time_local_inference(methods["global_local"], data) if "global_local" in methods else None
+    local = pd.DataFrame([local_row]).set_index("method") if local_row else pd.DataFrame()
     try:
         runs, errors = runs_summary(results_dir, dataset, profile if profile and profile != "default" else None)
     except (FileNotFoundError, ValueError) as exc:
