@@ -60,7 +60,14 @@ from torch import nn
 
 from lmlib.data.loaders import ViewSpec
 from lmlib.methods.config import MethodParameters
-from lmlib.methods.networks import PerLandmark, SharedByLandmark, grouped_copy, shell_of, to_channels_last
+from lmlib.methods.networks import (
+    PerLandmark,
+    SharedByLandmark,
+    grouped_copy,
+    has_forward_hooks,
+    shell_of,
+    to_channels_last,
+)
 from lmlib.methods.stages import CascadeMethod, DeferredStage, Stage, stage_validation_errors
 from lmlib.typed import Int, Levels, Number, field, one_of
 
@@ -297,8 +304,7 @@ class LocalFCNN(nn.Module):
         """The one-landmark nets of a :class:`~lmlib.methods.networks.PerLandmark` as one net for inference: net
         ``k`` on input channel block ``k`` (:func:`~lmlib.methods.networks.grouped_copy`), its outputs landmark
         ``k``'s channels (None where the nets cannot be grouped)."""
-        local = [n for n in nets if type(n) is LocalFCNN and n.n_landmarks == 1 and not n._forward_hooks
-                 and not n._forward_pre_hooks]
+        local = [n for n in nets if type(n) is LocalFCNN and n.n_landmarks == 1 and not has_forward_hooks(n)]
         if not local or len(local) != len(nets):
             return None
         features = grouped_copy([n.features for n in local])

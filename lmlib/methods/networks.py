@@ -242,7 +242,7 @@ def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
     forward hooks, which the copy would not run) gives None: the caller runs the modules one by one. A copy, not a
     view: it holds the weights of the moment it was made."""
     first = modules[0]
-    if any(type(m) is not type(first) for m in modules) or any(_has_forward_hooks(m) for m in modules):
+    if any(type(m) is not type(first) for m in modules) or any(has_forward_hooks(m) for m in modules):
         return None
     k = len(modules)
     if type(first) in _CONVS:
@@ -285,7 +285,8 @@ def grouped_copy(modules: Sequence[nn.Module]) -> nn.Module | None:
     return None
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward hooks or forward pre-hooks (a copy of it would not run them)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
