@@ -271,6 +271,9 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
     variants = pd.read_csv(root / "benchmark" / "table_variants.csv", index_col=0)
     assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 4
     assert variants.loc["head_channels 16", "step_s"] > 0  # the heatmap U-Net's 16-channel head, timed beside it
+    local = pd.read_csv(root / "benchmark" / "table_local_inference.csv", index_col="method").loc["global_local"]
+    assert local["nets_grouped_s"] > 0 and local["nets_one_by_one_s"] > 0  # the local stage at inference, both ways
+    assert local["stage_s_grouped"] == pytest.approx(local["data_s"] + local["nets_grouped_s"], abs=2e-4)
     runs = pd.read_csv(root / "benchmark" / "table_runs.csv", index_col="method")
     assert {"heatmap_unet", "dilation_erosion"} <= set(runs.index) and (runs["mre_mm"] > 0).all()
     peer = root / "benchmark" / "table_peer.csv"
