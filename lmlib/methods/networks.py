@@ -42,13 +42,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmlib.methods.cpu_layers import with_cpu_backward_layers
+
 ARCHITECTURES: tuple[str, ...] = ("unet", "basic_unet", "flexible_unet")
 
 
 def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, arch: str = "unet",
                   channels: Sequence[int] = (16, 32, 64, 128, 256), strides: Sequence[int] | None = None,
                   num_res_units: int = 2, norm: str = "instance", dropout: float = 0.0,
-                  backbone: str = "resnet18", head_channels: int = 0, channels_last: bool = True) -> nn.Module:
+                  backbone: str = "resnet18", head_channels: int = 0, channels_last: bool = True,
+                  cpu_layers: bool = True) -> nn.Module:
     """A segmentation-style network mapping ``(B, in, *size)`` to ``(B, out, *size)``.
 
     ``channels``: feature counts per level (``unet``: len(channels) - 1 downsamplings by ``strides``,
@@ -56,12 +59,14 @@ def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, ar
     ``flexible_unet``. ``head_channels`` > 0 (``unet`` only): the top level's width, then a 3 x 3 convolution
     to ``out_channels`` (see the module docstring). ``channels_last``: weights and input in the
     channels-last memory format on the CPU, output contiguous (:func:`to_channels_last`; the same function either
-    way). Input sizes must be
+    way). ``cpu_layers``: its instance norms (group norms of a group per channel) with a faster CPU backward
+    (:func:`~lmlib.methods.cpu_layers.with_cpu_backward_layers`; the same function either way). Input sizes must be
     divisible by :func:`size_multiple`.
     """
     net = _build(spatial_dims, out_channels, in_channels, arch, channels, strides, num_res_units, norm, dropout,
                  backbone, head_channels)
-    return to_channels_last(net, spatial_dims) if channels_last else net
+    net = to_channels_last(net, spatial_dims) if channels_last else net
+    return with_cpu_backward_layers(net) if cpu_layers else net
 
 
 def _build(spatial_dims: int, out_channels: int, in_channels: int, arch: str, channels: Sequence[int],
