@@ -153,9 +153,31 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or "unknown"
 
 
+#: the CPU instruction sets that set the speed of this project's steps: vector width for fp32 convolutions, and
+#: bf16 arithmetic (AVX-512 BF16, AMX) for bf16 autocast (Linux ``/proc/cpuinfo`` flag names)
+CPU_FEATURES: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The :data:`CPU_FEATURES` the CPU has, space-separated (``none`` when it has none of them; ``unknown`` without
+    ``/proc/cpuinfo``): a virtual machine's model name (``Intel(R) Xeon(R) Processor``) does not name the CPU's
+    generation, whose instruction sets set the step times."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in CPU_FEATURES if f in flags) or "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def environment_summary(device: torch.device | None = None) -> dict[str, str]:
-    """Python, platform, CPU model, package versions, threads and device, for printing and the manifest."""
+    """Python, platform, CPU model and features, package versions, threads and device, for printing and the
+    manifest."""
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
+            "cpu_features": cpu_features(),
             "torch_threads": str(torch.get_num_threads()),
             "malloc_env": ",".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "unset"}
     info.update(package_versions())

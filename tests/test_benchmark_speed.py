@@ -50,6 +50,7 @@ def test_the_runs_table_names_each_runs_machine_and_grid() -> None:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         assert runs.loc[method, "machine"] == manifest["environment"]["platform"] != "", method
         assert runs.loc[method, "cpu"] == manifest["environment"].get("cpu", ""), method  # empty before recorded
+        assert runs.loc[method, "cpu_features"] == manifest["environment"].get("cpu_features", ""), method
     for refined in ("htc+local/local1", "htc+local/local2"):
         assert runs.loc[refined, "image_size"] == runs.loc["htc", "image_size"] == "256x320"
     assert runs.loc["registration+local/local1", "image_size"] == runs.loc["registration", "image_size"]

@@ -33,6 +33,7 @@ def test_manifest_fields(tmp_path) -> None:
     assert data["data_checksum"] == checksum_samples([_sample()])
     assert data["environment"]["torch"].startswith("2.")
     assert data["environment"]["cpu"]  # runs on one platform string ran on CPUs of different speeds
+    assert data["environment"]["cpu_features"]  # a virtual machine's model name does not name them
 
 
 def test_the_cpu_model_is_read_from_cpuinfo(tmp_path) -> None:
@@ -43,6 +44,18 @@ def test_the_cpu_model_is_read_from_cpuinfo(tmp_path) -> None:
                     "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n", encoding="utf-8")
     assert cpu_model(str(info)) == "Intel(R) Xeon(R) Processor"
     assert cpu_model(str(tmp_path / "absent")) != ""  # no /proc: the platform's word, or "unknown"
+
+
+def test_the_cpu_features_are_read_from_cpuinfo(tmp_path) -> None:
+    """The vector and bf16 instruction sets, in a fixed order, from the flags line; said when none or unknown."""
+    from lmlib.runtime import cpu_features
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx2 amx_bf16 amx_tile\n", encoding="utf-8")
+    assert cpu_features(str(info)) == "avx2 avx512f amx_bf16"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2\n", encoding="utf-8")
+    assert cpu_features(str(info)) == "none"
+    assert cpu_features(str(tmp_path / "absent")) == "unknown"
 
 
 def test_rewritten_results_do_not_make_the_tree_dirty(tmp_path):

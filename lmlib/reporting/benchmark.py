@@ -439,8 +439,8 @@ def fig_step_breakdown(table: pd.DataFrame, peak_gflops: float) -> Figure:
 
 def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per method run of ``results_dir/<dataset>`` (the comparison's runs of one profile): the device it ran on,
-    the machine and its CPU model (its manifest's ``environment.platform`` and ``.cpu``, empty in manifests written
-    before it was recorded: runs of different sessions may differ in speed by them),
+    the machine, its CPU model and features (its manifest's ``environment.platform``, ``.cpu`` and ``.cpu_features``,
+    empty in manifests written before they were recorded: runs of different sessions may differ in speed by them),
     epochs, training seconds in total and per epoch (a cascade's stage rows: summed over its stages so far),
     inference seconds per image, peak memory (MB), the validation MRE it was selected on (``best_val_mre_mm``; NaN for
     a refit and for rows derived without training), test MRE (mm), the input grid (px, (x, y[, z])) and whether it
@@ -459,7 +459,7 @@ def runs_summary(results_dir: str, dataset: str, profile: str | None = None) -> 
         manifest = comp.manifests.get(m, {})
         env = manifest.get("environment") or {}
         rows.append({"method": m, "device": comp.run_device(m), "machine": env.get("platform", ""),
-                     "cpu": env.get("cpu", ""), "epochs": epochs,
+                     "cpu": env.get("cpu", ""), "cpu_features": env.get("cpu_features", ""), "epochs": epochs,
                      "refit": is_refit(manifest.get("parameters")),
                      "train_s": metrics.get("train_seconds"), "train_s_per_epoch": metrics.get("train_seconds", np.nan) / epochs,
                      "infer_s_per_image": metrics.get("infer_seconds_per_image"), "peak_mb": metrics.get("peak_rss_mb"),
