@@ -4,6 +4,7 @@ per-landmark items, keep_outside, seeded random streams (from (seed, epoch): a r
 ViewSpec JSON."""
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -347,6 +348,34 @@ def test_eval_patch_centres_from_previous_stage() -> None:
     dm.setup()
     np.testing.assert_allclose(dm.datasets["val"][0]["centre_mm"].numpy(), pred["val0"][0], atol=1e-9)
     assert dm.datasets["train"].train and not dm.datasets["val"].train
+
+
+def test_patch_sources_prepare_each_image_once_across_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two patch datasets of the same samples (two stages of a cascade at inference) sharing a PatchSources
+    normalise each image once and serve the same items as without it; another sample object, another
+    normalisation or a whole view prepare their own."""
+    calls: list[str] = []
+    original = data_mod.normalize_intensity
+
+    def counting(image, method="zscore", *args, **kwargs):
+        calls.append(str(method))
+        return original(image, method, *args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "normalize_intensity", counting)
+    samples = view_samples(2, n=3, split="test")
+    sources = data_mod.PatchSources()
+    first = LandmarkDataset(samples, view=view_spec("patch", 2, per_landmark=True), sources=sources)
+    second = LandmarkDataset(samples, view=view_spec("patch", 2, size=(7, 6), per_landmark=True), sources=sources)
+    assert len(calls) == 3 and len(sources) == 3
+    alone = LandmarkDataset(samples, view=view_spec("patch", 2, size=(7, 6), per_landmark=True))
+    for k in range(len(second)):
+        torch.testing.assert_close(second[k]["image"], alone[k]["image"], rtol=0, atol=0)
+    assert first[0]["image"].shape[-2:] == (9, 10)
+    LandmarkDataset([replace(samples[0])], view=view_spec("patch", 2), sources=sources)  # an equal copy: own entry
+    LandmarkDataset(samples[:1], view=view_spec("patch", 2, normalize="percentile"), sources=sources)
+    assert len(sources) == 5
+    LandmarkDataset(samples, view=view_spec("whole", 2), sources=sources)
+    assert len(sources) == 5 and len(calls) == 8  # 3 + 3 alone + 2; whole views prepare their own (on their grid)
 
 
 @pytest.mark.parametrize("kind", ["crop", "patch"])

@@ -35,6 +35,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -271,6 +272,28 @@ class ViewSpec:
 
 
 # ------------------------------------------------------------------------------------------- Dataset
+class PatchSources:
+    """The prepared (normalised) sources of patch views, shared by the datasets of one cascade's patch stages at
+    inference, so that each image is normalised and made a :class:`~lmlib.data.grids.SourceImage` once, not once
+    per stage (on a large radiograph that preparation cost as much as a stage's patches). One entry per sample
+    object and normalisation; it holds the sample, so an entry is found for that same object only."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str | None], tuple[Sample, SourceImage]] = {}
+
+    def get(self, sample: Sample, normalize: str | None, make: Callable[[], SourceImage]) -> SourceImage:
+        """The source of ``sample`` under ``normalize``: the one made before, or ``make()`` (then kept)."""
+        key = (id(sample), normalize)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not sample:
+            entry = (sample, make())
+            self._entries[key] = entry
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class LandmarkDataset(Dataset):
     """Views of samples (see the module docstring), augmented (train) and target-encoded.
 
@@ -296,6 +319,8 @@ class LandmarkDataset(Dataset):
         train: training views: random crop positions and jittered patch centres (ground truth);
             per-landmark patch items skip (sample, landmark) pairs without a valid ground truth.
             Otherwise (val/test): centre crops, patch centres from ``centres``, all pairs served.
+        sources: patch views with ``cache``: take each sample's prepared source from there, and leave the ones
+            made here in it (:class:`PatchSources`; a cascade's patch stages share one at inference).
     """
 
     def __init__(self, samples: Sequence[Sample], target_size: Sequence[int] | None = None,
@@ -303,7 +328,7 @@ class LandmarkDataset(Dataset):
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  target_encoder: TargetEncoder | None = None, cache: bool = True, seed: int = 0, *,
                  view: ViewSpec | None = None, centres: Mapping[str, np.ndarray] | None = None,
-                 train: bool = False) -> None:
+                 train: bool = False, sources: PatchSources | None = None) -> None:
         if view is not None and (target_size is not None or target_spacing is not None):
             raise ValueError("give either a view or target_size/target_spacing, not both")
         self.view = view if view is not None else ViewSpec("whole", target_size, target_spacing,
@@ -326,7 +351,10 @@ class LandmarkDataset(Dataset):
                 self._items += [(i, (k,)) for k in self.served if not self.train or s.valid[k]]
             else:
                 self._items.append((i, self.served))
-        self._cache: list[Any] | None = [self._prepare(s) for s in self.samples] if cache else None
+        shared = sources if self.view.kind == "patch" else None
+        self._cache: list[Any] | None = None if not cache else [
+            self._prepare(s) if shared is None else shared.get(given, self.view.normalize, partial(self._source, s))
+            for given, s in zip(samples, self.samples)]
         self.set_random_state(seed)
 
     # ------------------------------------------------------------------------------ preparation
@@ -343,7 +371,11 @@ class LandmarkDataset(Dataset):
             return s
         if v.kind == "crop":
             return preprocess(sample, None, v.spacing, v.normalize)
-        return SourceImage(normalize_intensity(sample.image, v.normalize), sample.geometry)
+        return self._source(sample)
+
+    def _source(self, sample: Sample) -> SourceImage:
+        """A patch view's prepared sample: the normalised source."""
+        return SourceImage(normalize_intensity(sample.image, self.view.normalize), sample.geometry)
 
     def _prepared(self, sample_index: int) -> Any:
         return self._cache[sample_index] if self._cache is not None else self._prepare(self.samples[sample_index])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from lmlib.data.loaders import LandmarkDataModule
+from lmlib.data.loaders import LandmarkDataModule, PatchSources
 from lmlib.data.sample import Sample
 from lmlib.engine.training import (
     FitResult,
@@ -121,6 +121,7 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
     prev_test: Predictions | None = start.test if start else None
     train_total = start.train_seconds if start else 0.0
     infer_total = start.infer_seconds_per_image if start else 0.0
+    sources = PatchSources()  # the patch stages' predictions prepare each val/test image once
     for stage in stages:
         folder = out / stage.name
         centres = None if prev_val is None or prev_test is None else {  # both None before the first stage only
@@ -133,8 +134,10 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
                      resume=last if resume and last.is_file() else "",
                      callbacks=list(callbacks(stage, folder)) if callbacks else [], data=data, **(settings or {}))
         set_kept_previous(result.module, [])  # every landmark, to measure them all (a resumed stage's choice is redone)
-        cv = predict(result.module, val, batch_size=stage.batch_size, centres=centres["val"] if centres else None)
-        ct = predict(result.module, test, batch_size=stage.batch_size, centres=centres["test"] if centres else None)
+        cv = predict(result.module, val, batch_size=stage.batch_size, centres=centres["val"] if centres else None,
+                     sources=sources)
+        ct = predict(result.module, test, batch_size=stage.batch_size, centres=centres["test"] if centres else None,
+                     sources=sources)
         kept_names = None
         if stage.keep_previous_where_worse and prev_val is not None:
             kept = worse_on_val(val, prev_val, cv)
@@ -155,12 +158,14 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
 def predict_cascade(checkpoints: Sequence[str | Path | LandmarkModule], samples: Sequence[Sample],
                     batch_size: int = 4, device: str | None = None) -> Predictions:
     """Chain the stages' checkpoints (first to last) on ``samples``; each stage after the first looks
-    at views centred on the previous stage's predictions. Seconds per image are summed."""
+    at views centred on the previous stage's predictions; patch stages prepare each image once
+    (:class:`~lmlib.data.loaders.PatchSources`). Seconds per image are summed."""
     pred: Predictions | None = None
     seconds = 0.0
+    sources = PatchSources()
     for ckpt in checkpoints:
         centres: Mapping[str, np.ndarray] | None = as_centres(samples, pred) if pred is not None else None
-        current = predict(ckpt, samples, batch_size=batch_size, device=device, centres=centres)
+        current = predict(ckpt, samples, batch_size=batch_size, device=device, centres=centres, sources=sources)
         seconds += current.seconds_per_image
         pred = chain(pred, current)
     if pred is None:

@@ -50,6 +50,7 @@ from lmlib.data.loaders import (
     STREAM_GLOBAL,
     LandmarkDataModule,
     LandmarkDataset,
+    PatchSources,
     ViewSpec,
     collate_landmarks,
     epoch_seed,
@@ -849,7 +850,8 @@ class Predictions:
 
 def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch_size: int = 4,
             device: str | torch.device | None = None,
-            centres: Mapping[str, np.ndarray] | None = None, view: ViewSpec | None = None) -> Predictions:
+            centres: Mapping[str, np.ndarray] | None = None, view: ViewSpec | None = None,
+            sources: PatchSources | None = None) -> Predictions:
     """Predict landmarks of ``samples`` in world mm of the original images.
 
     ``model``: a trained module or the path of a checkpoint written by :func:`fit` (nothing else is
@@ -857,8 +859,10 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     onto the evaluation view's grid exactly as in validation, decoded to sub-pixel grid indices, and
     mapped back through that grid to world mm. ``centres``: ``{image_id: (N, D) world mm}`` for patch
     views (a previous stage's predictions). Each image is prepared once (normalised, smoothed) even when
-    it yields one patch per landmark. Timing includes resampling. ``batch_size``: items per batch; for
-    per-landmark nets that run grouped, images per batch (all their patches).
+    it yields one patch per landmark, and ``sources`` (:class:`~lmlib.data.loaders.PatchSources`, for a patch view)
+    shares that preparation with the other stages of a cascade given the same one. Timing includes resampling (and
+    the preparation when this call makes it). ``batch_size``: items per batch; for per-landmark nets that run
+    grouped, images per batch (all their patches).
     """
     source = str(model) if not isinstance(model, LandmarkModule) else "model"
     module = model if isinstance(model, LandmarkModule) else load_checkpoint(model)
@@ -876,7 +880,7 @@ def predict(model: LandmarkModule | str | Path, samples: Sequence[Sample], batch
     spread = [np.full(n, np.nan) for _ in samples]
     start = time.perf_counter()
     ds = LandmarkDataset(samples, view=view or module.eval_view,
-                         centres=dict(centres) if centres is not None else None, cache=True)
+                         centres=dict(centres) if centres is not None else None, cache=True, sources=sources)
     # per-landmark nets that run grouped (lmlib.methods.networks.PerLandmark): a batch holds every patch of
     # batch_size images (one round per image); otherwise batch_size items
     grouped = getattr(module.net, "group", None) is not None and ds.view.kind == "patch" and ds.view.per_landmark
