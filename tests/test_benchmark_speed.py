@@ -153,7 +153,8 @@ def test_a_local_stage_is_timed_at_inference_with_its_nets_one_by_one_and_groupe
     row = time_local_inference(job_parameters("global_local", "synthetic2d", "smoke"), data, n_images=2, rounds=1)
     assert row["landmarks"] == len(data.landmark_names) and row["images"] == 2
     assert row["patch_px"] > 0 and row["spacing_mm"] > 0
-    for key in ("data_s", "nets_one_by_one_s", "nets_grouped_s"):
+    for key in ("data_s", "prepare_s", "nets_one_by_one_s", "nets_grouped_s"):
         assert row[key] > 0
+    assert row["prepare_s"] < row["data_s"]  # the preparation is part of the patches' time
     assert row["stage_s_grouped"] == pytest.approx(row["data_s"] + row["nets_grouped_s"])
     assert row["nets_speedup"] == pytest.approx(row["nets_one_by_one_s"] / row["nets_grouped_s"])

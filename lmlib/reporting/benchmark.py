@@ -330,7 +330,8 @@ def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int
     images (the train split's when there are none); untrained nets of the parameters' widths (the time does not
     depend on the weights). None for one shared local net (nothing to group). The nets' times: medians over the
     images of the fastest of ``rounds`` calls each (after as many untimed ones); the patches' time: one pass per
-    image (its first, as a prediction makes it)."""
+    image (its first, as a prediction makes it), of which ``prepare_s`` is the image's preparation (normalised
+    source), which a cascade's later patch stages share with its first (:class:`~lmlib.data.loaders.PatchSources`)."""
     from lmlib.data.loaders import LandmarkDataset, collate_landmarks
     from lmlib.methods.global_local import GlobalLocalFCNN
     from lmlib.methods.networks import PerLandmark
@@ -353,12 +354,14 @@ def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int
     for sample in samples:
         t0 = time.perf_counter()
         ds = LandmarkDataset([sample], view=view, cache=True)
+        prepare_s = time.perf_counter() - t0
         batch = collate_landmarks([ds[k] for k in range(len(ds))])
         data_s = time.perf_counter() - t0
         with torch.no_grad():  # the first grouped call makes the grouped copy: among the untimed ones
             nets = {key: _best_seconds(partial(net, batch["image"], batch["landmark_ids"]), rounds)
                     for key, net in (("one_by_one", one_by_one), ("grouped", grouped))}
-        rows.append({"data_s": data_s, "nets_one_by_one_s": nets["one_by_one"], "nets_grouped_s": nets["grouped"]})
+        rows.append({"data_s": data_s, "prepare_s": prepare_s, "nets_one_by_one_s": nets["one_by_one"],
+                     "nets_grouped_s": nets["grouped"]})
     med = pd.DataFrame(rows).median()
     return {"method": name, "landmarks": n, "patch_px": px, "spacing_mm": spacing, "images": len(rows),
             **med.to_dict(), "nets_speedup": float(med["nets_one_by_one_s"] / med["nets_grouped_s"]),
