@@ -1,14 +1,15 @@
-"""The U-Nets' instance norm with its own CPU backward (lmlib.methods.cpu_layers): the same function as PyTorch's."""
+"""The U-Nets' instance norm and PReLU with their own CPU backward (lmlib.methods.cpu_layers): PyTorch's functions."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from lmlib.methods.cpu_layers import ChannelGroupNorm, with_cpu_backward_layers
+from lmlib.methods.cpu_layers import ChannelGroupNorm, SlopePReLU, with_cpu_backward_layers
 from lmlib.methods.networks import build_network, memory_format
 
 OWN = "_InstanceNormBackward"
+OWN_PRELU = "_SlopePReLUBackward"
 
 
 def _pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +41,39 @@ def test_channel_group_norm_computes_what_group_norm_does(shape, dtype):
     torch.testing.assert_close(x.grad, ref.grad, **tol)
 
 
+@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), True), ((2, 4, 5, 6, 3), True), ((3, 5, 7, 9), False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_slope_prelu_computes_what_prelu_does(shape, channels_last, dtype):
+    """Output, input gradient and slope gradient equal PyTorch's ``prelu`` in either layout, also for a gradient that
+    is a slice of a wider tensor, with values on both sides of zero; the own backward ran."""
+    fmt = memory_format(len(shape) - 2) if channels_last else torch.contiguous_format
+    base = torch.randn(shape, dtype=dtype)
+    x = base.clone().to(memory_format=fmt).requires_grad_()
+    ref = base.clone().requires_grad_()
+    prelu = SlopePReLU(1).to(dtype)
+    with torch.no_grad():
+        prelu.weight.fill_(0.3)
+    weight = prelu.weight.detach().clone().requires_grad_()
+    y = prelu(x)
+    expected = nn.functional.prelu(ref, weight)
+    assert type(y.grad_fn).__name__ == OWN_PRELU
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y, expected, **tol)
+    wide = torch.randn(shape[0], 2 * shape[1], *shape[2:], dtype=dtype).to(memory_format=fmt)
+    grad = wide[:, 1:1 + shape[1]]
+    y.backward(grad)
+    expected.backward(grad.contiguous())
+    torch.testing.assert_close(x.grad, ref.grad, **tol)
+    torch.testing.assert_close(prelu.weight.grad, weight.grad, **tol)
+    frozen = SlopePReLU(1).to(dtype).requires_grad_(False)  # a frozen slope: the input's gradient alone
+    x.grad = None
+    frozen(x).backward(grad)
+    assert x.grad is not None and frozen.weight.grad is None
+
+
 def test_channel_group_norm_leaves_other_cases_to_pytorch():
     """Contiguous input, no gradient needed, autocast, and a compiled graph: PyTorch's own group norm (the same
-    values)."""
+    values); the same for the PReLU (no gradient, autocast, compiled, several slopes)."""
     norm = ChannelGroupNorm(4)
     x, ref = _pair((2, 4, 6, 8), torch.float32)
     assert type(norm(ref).grad_fn).__name__ != OWN
@@ -53,12 +84,20 @@ def test_channel_group_norm_leaves_other_cases_to_pytorch():
     explained = torch._dynamo.explain(norm)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     assert OWN not in str(explained.graphs[0].code)
+    prelu = SlopePReLU(1)
+    with torch.no_grad():
+        assert prelu(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(prelu(x).grad_fn).__name__ != OWN_PRELU
+    assert type(SlopePReLU(4)(x).grad_fn).__name__ != OWN_PRELU
+    explained = torch._dynamo.explain(prelu)(x)
+    assert explained.graph_break_count == 0 and "SlopePReLU" not in str(explained.graphs[0].code)
 
 
 def test_networks_get_the_norm_and_keep_their_checkpoints():
-    """``build_network`` swaps every one-group-per-channel group norm (the instance norms) and nothing else; the
-    state dict is the same as with PyTorch's modules (``cpu_layers=False``), in both directions; affine or grouped
-    norms are not swapped."""
+    """``build_network`` swaps every one-group-per-channel group norm (the instance norms) and one-slope PReLU and
+    nothing else; the state dict is the same as with PyTorch's modules (``cpu_layers=False``), in both directions,
+    and so are outputs and gradients; affine or grouped norms and many-slope PReLUs are not swapped."""
     torch.manual_seed(0)
     kw = {"channels": (8, 16, 32), "num_res_units": 1}
     plain = build_network(2, 5, cpu_layers=False, **kw)
@@ -66,8 +105,17 @@ def test_networks_get_the_norm_and_keep_their_checkpoints():
     assert not any(isinstance(m, ChannelGroupNorm) for m in plain.modules())
     swapped = [m for m in own.modules() if isinstance(m, ChannelGroupNorm)]
     assert swapped and len(swapped) == sum(type(m) is nn.GroupNorm for m in plain.modules())
+    prelus = [m for m in own.modules() if isinstance(m, SlopePReLU)]
+    assert prelus and len(prelus) == sum(type(m) is nn.PReLU for m in plain.modules())
     assert list(own.state_dict()) == list(plain.state_dict())
     own.load_state_dict(plain.state_dict())
     plain.load_state_dict(own.state_dict())
-    kept = with_cpu_backward_layers(nn.Sequential(nn.GroupNorm(4, 4, affine=True), nn.GroupNorm(2, 4)))
-    assert not any(isinstance(m, ChannelGroupNorm) for m in kept)
+    x = torch.randn(2, 1, 32, 48)
+    a, b = plain(x), own(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for (name, pa), pb in zip(plain.named_parameters(), own.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+    kept = with_cpu_backward_layers(nn.Sequential(nn.GroupNorm(4, 4, affine=True), nn.GroupNorm(2, 4), nn.PReLU(4)))
+    assert not any(isinstance(m, (ChannelGroupNorm, SlopePReLU)) for m in kept)

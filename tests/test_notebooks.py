@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from lmlib.outputs.contract import read_run
-from lmlib.reporting.benchmark import PYTORCH_NORM_VARIANT
+from lmlib.reporting.benchmark import PYTORCH_LAYERS_VARIANT
 from lmlib.reporting.peer import peer_python
 from lmlib.run import SYNTHETIC, jobs
 
@@ -271,7 +271,7 @@ def test_benchmark_values(pipeline: tuple[str, Path]) -> None:
         assert layers.loc[(unet, "rest of the step"), "pct_of_step"] > 0
     variants = pd.read_csv(root / "benchmark" / "table_variants.csv", index_col=0)
     assert variants.loc["as is (fp32)", "speedup"] == 1.0 and len(variants) == 5
-    assert variants.loc[PYTORCH_NORM_VARIANT, "step_s"] > 0  # the U-Net with PyTorch's group-norm backward
+    assert variants.loc[PYTORCH_LAYERS_VARIANT, "step_s"] > 0  # the U-Net with PyTorch's norm/PReLU backward
     assert variants.loc["head_channels 16", "step_s"] > 0  # the heatmap U-Net's 16-channel head, timed beside it
     local = pd.read_csv(root / "benchmark" / "table_local_inference.csv", index_col="method").loc["global_local"]
     assert local["nets_grouped_s"] > 0 and local["nets_one_by_one_s"] > 0  # the local stage at inference, both ways

@@ -59,9 +59,9 @@ def build_network(spatial_dims: int, out_channels: int, in_channels: int = 1, ar
     ``flexible_unet``. ``head_channels`` > 0 (``unet`` only): the top level's width, then a 3 x 3 convolution
     to ``out_channels`` (see the module docstring). ``channels_last``: weights and input in the
     channels-last memory format on the CPU, output contiguous (:func:`to_channels_last`; the same function either
-    way). ``cpu_layers``: its instance norms (group norms of a group per channel) with a faster CPU backward
-    (:func:`~lmlib.methods.cpu_layers.with_cpu_backward_layers`; the same function either way). Input sizes must be
-    divisible by :func:`size_multiple`.
+    way). ``cpu_layers``: its instance norms (group norms of a group per channel) and one-slope PReLUs with a faster
+    CPU backward (:func:`~lmlib.methods.cpu_layers.with_cpu_backward_layers`; the same function either way). Input
+    sizes must be divisible by :func:`size_multiple`.
     """
     net = _build(spatial_dims, out_channels, in_channels, arch, channels, strides, num_res_units, norm, dropout,
                  backbone, head_channels)

@@ -86,19 +86,19 @@ Step = Callable[[dict[str, Any]], tuple[float, float]]
 
 
 def _training_step(name: str, params: Mapping[str, Any], data: Dataset, contiguous: bool = False, bf16: bool = False,
-                   seed: int = 0, pytorch_norm: bool = False
+                   seed: int = 0, pytorch_layers: bool = False
                    ) -> tuple[LandmarkModule, Step, Callable[[], dict[str, Any]], int, str]:
     """One training step of method ``name`` as :func:`profile_training` times it: the module, ``step(batch)`` (returns
     its forward and backward seconds), ``next_batch()`` (the train loader, cycled), the batch size and the grid label
-    (px, ``x``-joined). ``contiguous`` (a U-Net): as it trained before channels-last networks; ``pytorch_norm`` (a
-    U-Net): channels-last with PyTorch's group-norm backward (``build_network(cpu_layers=False)``)."""
+    (px, ``x``-joined). ``contiguous`` (a U-Net): as it trained before channels-last networks; ``pytorch_layers`` (a
+    U-Net): channels-last with PyTorch's group-norm and PReLU backward (``build_network(cpu_layers=False)``)."""
     torch.manual_seed(seed)
     grid = [int(v) for v in params.get("image_size") or DEFAULT_GRID[data.spec.ndim]]
     method, view, batch_size = _first_stage(name, params, data, grid)
     dm = LandmarkDataModule(data.samples, view=view, batch_size=batch_size, seed=seed,
                             augmentation=augmentation(params, data.spec.ndim, seed, data.spec.pair_indices()))
     dm.setup()
-    if contiguous or pytorch_norm:
+    if contiguous or pytorch_layers:
         if type(method).build_network is not LandmarkMethod.build_network:
             raise ValueError(f"{name} builds its own network: it has no switch of layout or layers")
         method.network = {**method.network, "cpu_layers": False, **({"channels_last": False} if contiguous else {})}
@@ -130,20 +130,21 @@ def _training_step(name: str, params: Mapping[str, Any], data: Dataset, contiguo
 
 def profile_training(name: str, params: Mapping[str, Any], data: Dataset, n_steps: int = 5,
                      contiguous: bool = False, bf16: bool = False, seed: int = 0,
-                     torch_compile: bool = False, compile_loss: bool = True, pytorch_norm: bool = False
+                     torch_compile: bool = False, compile_loss: bool = True, pytorch_layers: bool = False
                      ) -> dict[str, Any]:
     """Time ``n_steps`` training steps of method ``name`` (notebook ``params``) on ``data``'s train split:
     seconds per step for data, forward and backward, images per second, GFLOP per step and the achieved
     GFLOP/s of forward+backward. ``contiguous``: a U-Net built in the contiguous memory format with instance norms
     (``build_network(channels_last=False)``, how it trained before; the network code of other methods has no such
-    switch); ``pytorch_norm``: a U-Net with PyTorch's own group-norm backward (:mod:`lmlib.methods.cpu_layers`);
+    switch); ``pytorch_layers``: a U-Net with PyTorch's own group-norm and PReLU backward
+    (:mod:`lmlib.methods.cpu_layers`);
     ``bf16``: under bf16 autocast;
     ``torch_compile``: with the network (and, ``compile_loss``, the loss) compiled as training compiles them (the
     GFLOP are counted on the eager step, the compilation step is not timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     module, step, next_batch, batch_size, grid = _training_step(name, params, data, contiguous, bf16, seed,
-                                                                pytorch_norm)
+                                                                pytorch_layers)
     batch = next_batch()
     with FlopCounterMode(display=False) as counter:  # eager, and the warm-up of allocators and kernels
         step(batch)
@@ -371,8 +372,8 @@ def time_local_inference(params: Mapping[str, Any], data: Dataset, n_images: int
 
 #: the variant of a U-Net's step as it trained before channels-last networks (lmlib.methods.networks)
 CONTIGUOUS_VARIANT = "contiguous, instance norm (before)"
-#: the variant of a U-Net's step with PyTorch's group-norm backward on channels-last tensors (lmlib.methods.cpu_layers)
-PYTORCH_NORM_VARIANT = "PyTorch group-norm backward (before)"
+#: the variant of a U-Net's step with PyTorch's group-norm and PReLU backward kernels (lmlib.methods.cpu_layers)
+PYTORCH_LAYERS_VARIANT = "PyTorch norm/PReLU backward (before)"
 #: the full-resolution head width timed as a variant (lmlib.methods.networks: oneDNN's channel block on AVX-512)
 HEAD_VARIANT = 16
 
@@ -381,8 +382,8 @@ def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_step
                      compiled: bool = False, rounds: int = 1) -> pd.DataFrame:
     """The same training step as is, under bf16 autocast and, for a U-Net method
     (:class:`~lmlib.methods.base.UNetParameters`), in the contiguous memory format with instance norms as it trained
-    before (``profile_training(contiguous=True)``), with PyTorch's group-norm backward
-    (``profile_training(pytorch_norm=True)``) and, if its ``head_channels`` is 0, with a 16-channel
+    before (``profile_training(contiguous=True)``), with PyTorch's group-norm and PReLU backward
+    (``profile_training(pytorch_layers=True)``) and, if its ``head_channels`` is 0, with a 16-channel
     full-resolution head (``compiled``: also compiled by ``torch.compile``, in fp32, under bf16, with the head, and
     before: contiguous with the loss eager): seconds per step and the speed-up over as-is. ``rounds``: every
     variant timed that many times, interleaved, the fastest kept (:func:`_fastest`)."""
@@ -393,7 +394,7 @@ def compare_variants(name: str, params: Mapping[str, Any], data: Dataset, n_step
     timings: dict[str, Callable[[], dict[str, Any]]] = {"as is (fp32)": as_is}
     if unet:
         timings[CONTIGUOUS_VARIANT] = partial(as_is, contiguous=True)
-        timings[PYTORCH_NORM_VARIANT] = partial(as_is, pytorch_norm=True)
+        timings[PYTORCH_LAYERS_VARIANT] = partial(as_is, pytorch_layers=True)
     timings["bf16 autocast"] = partial(as_is, bf16=True)
     if with_head:
         timings[f"head_channels {HEAD_VARIANT}"] = partial(profile_training, name, head, data, n_steps)
