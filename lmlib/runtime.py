@@ -160,8 +160,8 @@ CPU_FEATURES: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The :data:`CPU_FEATURES` the CPU has, space-separated (``none`` when it has none of them; ``unknown`` without
-    ``/proc/cpuinfo``): a virtual machine's model name (``Intel(R) Xeon(R) Processor``) does not name the CPU's
-    generation, whose instruction sets set the step times."""
+    a ``flags`` line in ``/proc/cpuinfo``, e.g. on ARM or off Linux): a virtual machine's model name
+    (``Intel(R) Xeon(R) Processor``) does not name the CPU's generation, whose instruction sets set the step times."""
     try:
         with open(cpuinfo, encoding="utf-8") as handle:
             for line in handle:

@@ -375,7 +375,7 @@ def test_patch_sources_prepare_each_image_once_across_stages(monkeypatch: pytest
     LandmarkDataset(samples[:1], view=view_spec("patch", 2, normalize="percentile"), sources=sources)
     assert len(sources) == 5
     LandmarkDataset(samples, view=view_spec("whole", 2), sources=sources)
-    assert len(sources) == 5 and len(calls) == 8  # 3 + 3 alone + 2; whole views prepare their own (on their grid)
+    assert len(sources) == 5 and len(calls) == 8  # 3 + 3 alone + 2; a whole view takes nothing from it
 
 
 @pytest.mark.parametrize("kind", ["crop", "patch"])

@@ -275,20 +275,19 @@ class ViewSpec:
 class PatchSources:
     """The prepared (normalised) sources of patch views, shared by the datasets of one cascade's patch stages at
     inference, so that each image is normalised and made a :class:`~lmlib.data.grids.SourceImage` once, not once
-    per stage (on a large radiograph that preparation cost as much as a stage's patches). One entry per sample
-    object and normalisation; it holds the sample, so an entry is found for that same object only."""
+    per stage (on a large radiograph a large share of a stage's time: the benchmark's ``prepare_s``). One entry per
+    sample object and normalisation; it holds the sample, so an entry is found for that same object only. Memory:
+    one float32 copy of each image for as long as the object lives."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str | None], tuple[Sample, SourceImage]] = {}
 
     def get(self, sample: Sample, normalize: str | None, make: Callable[[], SourceImage]) -> SourceImage:
         """The source of ``sample`` under ``normalize``: the one made before, or ``make()`` (then kept)."""
-        key = (id(sample), normalize)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] is not sample:
-            entry = (sample, make())
-            self._entries[key] = entry
-        return entry[1]
+        key = (id(sample), normalize)  # the entry holds the sample: its id is not reused while the entry lives
+        if key not in self._entries:
+            self._entries[key] = (sample, make())
+        return self._entries[key][1]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -331,6 +330,7 @@ class LandmarkDataset(Dataset):
                  train: bool = False, sources: PatchSources | None = None) -> None:
         if view is not None and (target_size is not None or target_spacing is not None):
             raise ValueError("give either a view or target_size/target_spacing, not both")
+        samples = list(samples)  # read twice below (an iterator would be empty the second time)
         self.view = view if view is not None else ViewSpec("whole", target_size, target_spacing,
                                                            normalize=normalize)
         self.samples = [network_orientation(s) for s in samples]  # one axis order and handedness for the network

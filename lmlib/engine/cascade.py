@@ -121,7 +121,10 @@ def fit_cascade(stages: Sequence[Stage], samples: Sequence[Sample], output_dir: 
     prev_test: Predictions | None = start.test if start else None
     train_total = start.train_seconds if start else 0.0
     infer_total = start.infer_seconds_per_image if start else 0.0
-    sources = PatchSources()  # the patch stages' predictions prepare each val/test image once
+    # the patch stages' val/test predictions prepare each image once; this holds one normalised float32 copy of
+    # each val/test image from the first patch stage's predictions on (through later stages' training: memory for
+    # inference time); the stage that prepares pays in its timing
+    sources = PatchSources()
     for stage in stages:
         folder = out / stage.name
         centres = None if prev_val is None or prev_test is None else {  # both None before the first stage only

@@ -4,7 +4,7 @@ Profiling a U-Net's eager training step on the CPU by operator (the benchmark no
 them in its "rest of the step") showed two of PyTorch's backward kernels among the largest costs:
 
 - ``group_norm`` on channels-last tensors (the layout :func:`~lmlib.methods.networks.to_channels_last` gives the
-  networks) ran several times slower than on contiguous ones. :class:`ChannelGroupNorm` (a ``GroupNorm`` with one
+  networks) ran slower than on contiguous ones. :class:`ChannelGroupNorm` (a ``GroupNorm`` with one
   group per channel and no affine parameters, i.e. an instance norm, as
   :func:`~lmlib.methods.networks.instance_norms_as_group_norms` builds it) keeps PyTorch's forward and computes the
   backward from the saved means and inverse deviations in two sums over the spatial axes and two fused
@@ -13,12 +13,12 @@ them in its "rest of the step") showed two of PyTorch's backward kernels among t
   sum in a slow kernel. :class:`SlopePReLU` takes the input's from PyTorch's leaky-ReLU backward at the slope's value
   (one pass) and the slope's as one dot product.
 
-Each takes its own path only where it is faster and exact to rounding: eager (not under ``torch.compile``, whose
-generated kernels fuse these layers anyway), on the CPU, float32/float64, without autocast, with a gradient needed
-(the norm: on channels-last input); everywhere else, and always for the forward's result, PyTorch's own
-operation. The modules are subclasses with the same parameters: checkpoints are the same either way. The benchmark
-notebook times the step with PyTorch's kernels (:data:`lmlib.reporting.benchmark.PYTORCH_LAYERS_VARIANT`,
-``table_variants.csv``).
+Each takes its own path only in eager CPU training (not under ``torch.compile``, whose generated kernels fuse these
+layers anyway), float32/float64, without autocast, with a gradient needed (the norm: on channels-last input), where
+it was timed faster (the fp32 channels-last U-Nets' steps) and is exact to rounding; everywhere else, and always for
+the forward's result, PyTorch's own operation. The modules are subclasses with the same parameters: checkpoints are
+the same either way. The benchmark notebook times the step with PyTorch's kernels
+(:data:`lmlib.reporting.benchmark.PYTORCH_LAYERS_VARIANT`, ``table_variants.csv``).
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ class _SlopePReLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # d/dx: g where x > 0, else slope * g (PyTorch's leaky-ReLU backward at the slope's value, one pass);
-        # d/dslope: sum of g * min(x, 0), a dot product of the two flattened in x's memory order (no product written)
+        # d/dslope: sum of g * min(x, 0), one dot product (no product tensor written; min(x, 0) is, and grad is copied
+        # when its layout differs from x's), both flattened in the same order, x's memory order where it is dense
         x, weight = ctx.saved_tensors
         grad_x = torch.ops.aten.leaky_relu_backward(grad, x, float(weight), False) if ctx.needs_input_grad[0] else None
         grad_w = None
@@ -124,7 +125,7 @@ def with_cpu_backward_layers(net: nn.Module) -> nn.Module:
         if type(child) is nn.GroupNorm and child.num_groups == child.num_channels and not child.affine:
             setattr(net, name, ChannelGroupNorm(child.num_channels, child.eps))
         elif type(child) is nn.PReLU and child.num_parameters == 1:
-            prelu = SlopePReLU(1)
+            prelu = SlopePReLU(1, child.init)
             prelu.weight = child.weight  # the same parameter (its value, device and layout)
             setattr(net, name, prelu)
         else:
