@@ -350,6 +350,24 @@ def test_eval_patch_centres_from_previous_stage() -> None:
     assert dm.datasets["train"].train and not dm.datasets["val"].train
 
 
+def test_eval_patches_of_an_image_are_resampled_together_with_the_same_values() -> None:
+    """Eval per-landmark patch items (each image's patches resampled together on the first access) hold what
+    resampling each item's grid alone gives, in any order of access, and nothing is kept once every item was read
+    (an item read again is resampled again)."""
+    from lmlib.data.grids import resample
+
+    samples = view_samples(2, n=3, split="test")
+    pred = {s.image_id: s.landmarks_mm + 0.4 for s in samples}
+    ds = LandmarkDataset(samples, view=view_spec("patch", 2, per_landmark=True), centres=pred)
+    order = [5, 0, *[k for k in range(len(ds)) if k not in (5, 0)], 5]  # out of order, and one item again
+    for n, k in enumerate(order):
+        si, _ = ds.item_landmarks(k)
+        expected = resample(ds._prepared(si), ds.grid(k))
+        np.testing.assert_array_equal(ds[k]["image"].numpy()[0], expected)
+        if n == len(order) - 2:
+            assert not ds._patches  # every item read once: none kept
+
+
 def test_patch_sources_prepare_each_image_once_across_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two patch datasets of the same samples (two stages of a cascade at inference) sharing a PatchSources
     normalise each image once and serve the same items as without it; another sample object, another

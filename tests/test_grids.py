@@ -355,6 +355,34 @@ def test_patches_in_numpy_equal_simpleitk(ndim: int) -> None:
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
+def test_patches_resampled_together_equal_each_alone(ndim: int) -> None:
+    """``resample_patches`` (one image's patches planned, smoothed and interpolated together) gives each grid what
+    ``resample`` gives it alone, bit for bit: patches inside, across either border (other block shapes, the default
+    value outside), at spacings finer and coarser than the source (no smoothing, a Gaussian, block averages), of two
+    sizes and two directions in one call, and one too large for the NumPy route (SimpleITK's)."""
+    rng = np.random.default_rng(5)
+    size = (301, 259) if ndim == 2 else (121, 99, 61)
+    geom = Geometry(np.array([0.2, 0.25, 0.6][:ndim]), np.array([3.0, -4.0, 8.0][:ndim]), rotation(ndim, 12))
+    image = rng.normal(size=size).astype(np.float32)
+    src = SourceImage(Sample("p", image, geom, np.zeros((1, ndim)), [True], ["a"]))
+    lo_c, hi_c = geom.index_to_world(np.zeros((1, ndim)))[0], geom.index_to_world((np.asarray(size) - 1)[None])[0]
+    patch = (12,) * ndim if ndim == 2 else (8,) * ndim
+    grid_list = []
+    for spacing in (0.1, 0.3, 0.55, 1.3 if ndim == 2 else 0.9):
+        for turn in (-20, 7):
+            centres = [lo_c + (hi_c - lo_c) * rng.uniform(0.3, 0.7, ndim) for _ in range(4)] + [lo_c, hi_c]
+            grid_list += [Grid.centred(c, patch, spacing, rotation(ndim, turn)) for c in centres]
+    grid_list.append(Grid.centred(lo_c, (6,) * ndim, 0.3, rotation(ndim, 7)))  # another size
+    grid_list.append(Grid.centred((lo_c + hi_c) / 2, tuple(int(n * 0.8) for n in size), 0.25, np.eye(ndim)))  # large
+    together = grids.resample_patches(src, grid_list, default_value=-7.0)
+    assert len(together) == len(grid_list)
+    for grid, got in zip(grid_list, together):
+        assert got.shape == tuple(grid.size) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, resample(src, grid, default_value=-7.0))
+    assert sum(bool(np.any(g == -7.0)) for g in together) >= 16  # the border patches reached outside
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
 def test_integer_sub_grid_is_exact(ndim: int) -> None:
     g = oblique_grid(ndim)
     img = np.random.default_rng(1).random(g.size).astype(np.float32)

@@ -57,6 +57,7 @@ from lmlib.data.grids import (
     preprocess,
     preprocessing_grids,
     resample,
+    resample_patches,
 )
 from lmlib.data.sample import Sample
 from lmlib.data.transforms import make_item
@@ -351,6 +352,9 @@ class LandmarkDataset(Dataset):
                 self._items += [(i, (k,)) for k in self.served if not self.train or s.valid[k]]
             else:
                 self._items.append((i, self.served))
+        # eval per-landmark patches: each image's patches are resampled together on the first access to one of them
+        # and kept until asked for (resample_patches; the same values as one by one)
+        self._patches: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
         shared = sources if self.view.kind == "patch" else None
         self._cache: list[Any] | None = None if not cache else [
             self._prepare(s) if shared is None else shared.get(given, self.view.normalize, partial(self._source, s))
@@ -509,8 +513,25 @@ class LandmarkDataset(Dataset):
         centre = self._centre(si, ids)
         if self.train:
             centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids), s.geometry.direction)
+            grid = self._patch_grid(si, centre, ids)
+            return resample(self._prepared(si), grid), grid, centre
         grid = self._patch_grid(si, centre, ids)
-        return resample(self._prepared(si), grid), grid, centre
+        return self._eval_patch(si, ids, grid), grid, centre
+
+    def _eval_patch(self, si: int, ids: tuple[int, ...], grid: Grid) -> np.ndarray:
+        """The eval patch of sample ``si`` serving ``ids`` on ``grid``: per-landmark views resample all of the
+        sample's patches at once (:func:`~lmlib.data.grids.resample_patches`) and keep the others until asked for."""
+        if not self.view.per_landmark:
+            return resample(self._prepared(si), grid)
+        patch = self._patches.pop((si, ids), None)
+        if patch is None:
+            served = [item_ids for item_si, item_ids in self._items if item_si == si]
+            grids = [grid if item_ids == ids else self._patch_grid(si, self._centre(si, item_ids), item_ids)
+                     for item_ids in served]
+            self._patches.update(zip([(si, item_ids) for item_ids in served],
+                                     resample_patches(self._prepared(si), grids)))
+            patch = self._patches.pop((si, ids))
+        return patch
 
     def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray, ids: Sequence[int]) -> dict[str, Any]:
         return make_item(image, idx, valid, keep_outside=self.view.keep_outside, landmark_ids=ids,
@@ -523,7 +544,7 @@ class LandmarkDataset(Dataset):
         reference = s.landmarks_mm[ids_a]
         if self.view.stacked:  # one patch per landmark as channels, each landmark in its own patch's grid
             grids = self.grids(index, jitter=self.train)
-            image = np.stack([resample(self._prepared(si), g) for g in grids])
+            image = np.stack(resample_patches(self._prepared(si), grids))
             idx = np.concatenate([g.world_to_index(reference[k:k + 1]) for k, g in enumerate(grids)])
             affine = np.stack([g.affine() for g in grids])
             centre = np.mean([g.index_to_world((np.asarray(g.size, float)[None] - 1) / 2)[0] for g in grids], axis=0)
