@@ -103,8 +103,9 @@ def test_per_landmark_nets_grouped_for_inference_compute_what_each_net_does(spat
 
 
 def test_grouped_local_nets_follow_every_weight_change():
-    """The grouped copy is remade after an optimiser step, a loaded state dict or a mode change (a stale copy would
-    predict with old weights: a silent wrong number); training runs the nets one by one."""
+    """The grouped copy is remade after an optimiser step, an in-place change, a loaded state dict, a replaced
+    parameter or a cast (a stale copy would predict with old weights: a silent wrong number); training runs the nets
+    one by one."""
     from lmlib.methods.global_local import LocalFCNN
     from lmlib.methods.networks import PerLandmark
 
@@ -129,6 +130,39 @@ def test_grouped_local_nets_follow_every_weight_change():
     check()
     module.load_state_dict(PerLandmark(_local_nets(2, 3, seed=1)).state_dict())
     check()
+    module.nets[2].heads["presence"][0].conv.bias = torch.nn.Parameter(torch.full_like(  # a parameter replaced
+        module.nets[2].heads["presence"][0].conv.bias, 0.5))
+    check()
+    module.double()  # cast: the copy is of other tensors
+    x = x.double()
+    check()
+
+
+def test_the_grouped_copy_is_kept_while_nothing_changes(monkeypatch):
+    """A prediction's module.to(its device).eval() and a train()/eval() round without a step keep the grouped copy
+    (it was remade on every predict call, in its timing); a move of the weights' layout remakes it."""
+    from lmlib.methods.global_local import LocalFCNN
+    from lmlib.methods.networks import PerLandmark
+
+    made: list[int] = []
+
+    def counted(nets):
+        made.append(len(nets))
+        return LocalFCNN.grouped(nets)
+
+    module = PerLandmark(_local_nets(2, 3), group=counted).eval()
+    x, ids = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        module(x, ids)
+        module.to("cpu").eval()
+        module.train()
+        module.eval()
+        module(x, ids)
+    assert made == [3]
+    module.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        module(x, ids)
+    assert len(made) == 2
 
 
 def test_nets_that_cannot_be_grouped_run_one_by_one():

@@ -354,7 +354,7 @@ class LandmarkDataset(Dataset):
                 self._items.append((i, self.served))
         # eval per-landmark patches: each image's patches are resampled together on the first access to one of them
         # and kept until asked for (resample_patches; the same values as one by one)
-        self._patches: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        self._patches: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Grid]] = {}
         shared = sources if self.view.kind == "patch" else None
         self._cache: list[Any] | None = None if not cache else [
             self._prepare(s) if shared is None else shared.get(given, self.view.normalize, partial(self._source, s))
@@ -515,23 +515,23 @@ class LandmarkDataset(Dataset):
             centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids), s.geometry.direction)
             grid = self._patch_grid(si, centre, ids)
             return resample(self._prepared(si), grid), grid, centre
-        grid = self._patch_grid(si, centre, ids)
-        return self._eval_patch(si, ids, grid), grid, centre
-
-    def _eval_patch(self, si: int, ids: tuple[int, ...], grid: Grid) -> np.ndarray:
-        """The eval patch of sample ``si`` serving ``ids`` on ``grid``: per-landmark views resample all of the
-        sample's patches at once (:func:`~lmlib.data.grids.resample_patches`) and keep the others until asked for."""
         if not self.view.per_landmark:
-            return resample(self._prepared(si), grid)
-        patch = self._patches.pop((si, ids), None)
-        if patch is None:
+            grid = self._patch_grid(si, centre, ids)
+            return resample(self._prepared(si), grid), grid, centre
+        patch, grid = self._eval_patch(si, ids)
+        return patch, grid, centre
+
+    def _eval_patch(self, si: int, ids: tuple[int, ...]) -> tuple[np.ndarray, Grid]:
+        """(patch, grid) of the eval per-landmark item of sample ``si`` serving ``ids``: all of the sample's patches
+        are resampled at once (:func:`~lmlib.data.grids.resample_patches`), the others kept until asked for."""
+        found = self._patches.pop((si, ids), None)
+        if found is None:
             served = [item_ids for item_si, item_ids in self._items if item_si == si]
-            grids = [grid if item_ids == ids else self._patch_grid(si, self._centre(si, item_ids), item_ids)
-                     for item_ids in served]
-            self._patches.update(zip([(si, item_ids) for item_ids in served],
-                                     resample_patches(self._prepared(si), grids)))
-            patch = self._patches.pop((si, ids))
-        return patch
+            grids = [self._patch_grid(si, self._centre(si, item_ids), item_ids) for item_ids in served]
+            patches = resample_patches(self._prepared(si), grids)
+            self._patches.update({(si, item_ids): (patch, grid) for item_ids, patch, grid in zip(served, patches, grids)})
+            found = self._patches.pop((si, ids))
+        return found
 
     def _make_item(self, image: np.ndarray, idx: np.ndarray, valid: np.ndarray, ids: Sequence[int]) -> dict[str, Any]:
         return make_item(image, idx, valid, keep_outside=self.view.keep_outside, landmark_ids=ids,

@@ -369,20 +369,26 @@ class PerLandmark(nn.Module):
             return {key: assemble(lambda v, key=key: v[key]) for key in first}
         return assemble(lambda v: v)
 
-    # the grouped copy: made on the first call in eval mode, dropped by train() / eval(), a move to another device or
-    # dtype and a loaded state dict (on this module or a parent), and made again when a weight changed in place
-    # since (an optimiser step: each tensor's version). Not seen: writes through a tensor's .data and parameters
-    # replaced on a net by hand; call eval() after such a change
+    # the grouped copy: made on the first call in eval mode, dropped by a move to another device, dtype or layout
+    # and a loaded state dict (on this module or a parent), and made again when a weight changed in place since (an
+    # optimiser step, a batch norm's running statistics: each tensor's version) or a tensor was replaced (identity).
+    # Not seen: writes through a tensor's .data; call _forget_grouped() after such a change. Kept through
+    # train()/eval() and a .to() that moves nothing (a prediction's module.to(device).eval() remade it on every call)
     def _forget_grouped(self) -> None:
         self._grouped: tuple[list[torch.Tensor], tuple[int, ...], nn.Module | None] | None = None
 
-    def train(self, mode: bool = True) -> PerLandmark:
-        self._forget_grouped()
-        return super().train(mode)
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.nets.parameters(), *self.nets.buffers()]
 
     def _apply(self, fn: Any, recurse: bool = True) -> PerLandmark:
-        self._forget_grouped()
-        return super()._apply(fn, recurse)
+        def where(tensors: list[torch.Tensor]) -> list[tuple[Any, ...]]:
+            return [(t.data_ptr(), t.dtype, t.device) for t in tensors]
+
+        before = where(self._tensors())
+        out = super()._apply(fn, recurse)
+        if where(self._tensors()) != before:  # moved, cast or re-laid out: the copy is of other tensors
+            self._forget_grouped()
+        return out
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._forget_grouped()
@@ -393,9 +399,11 @@ class PerLandmark(nn.Module):
         while a net is in training mode)."""
         if self.group is None or torch.compiler.is_compiling() or any(net.training for net in self.nets):
             return None
-        if self._grouped is not None and tuple(t._version for t in self._grouped[0]) == self._grouped[1]:
+        tensors = self._tensors()
+        if (self._grouped is not None and len(tensors) == len(self._grouped[0])
+                and all(a is b for a, b in zip(tensors, self._grouped[0]))
+                and tuple(t._version for t in tensors) == self._grouped[1]):
             return self._grouped[2]
-        tensors = [*self.nets.parameters(), *self.nets.buffers()]
         with torch.no_grad():
             grouped = self.group(list(self.nets))
         self._grouped = (tensors, tuple(t._version for t in tensors), grouped.eval() if grouped is not None else None)
