@@ -513,9 +513,7 @@ class LandmarkDataset(Dataset):
         centre = self._centre(si, ids)
         if self.train:
             centre = centre + self._jitter(s.ndim, self._patch_spacing(si, ids), s.geometry.direction)
-            grid = self._patch_grid(si, centre, ids)
-            return resample(self._prepared(si), grid), grid, centre
-        if not self.view.per_landmark:
+        if self.train or not self.view.per_landmark:
             grid = self._patch_grid(si, centre, ids)
             return resample(self._prepared(si), grid), grid, centre
         patch, grid = self._eval_patch(si, ids)
