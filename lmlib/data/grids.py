@@ -233,9 +233,15 @@ def _block_bounds(region: tuple[np.ndarray, np.ndarray], k: np.ndarray, size: np
                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """(start, end) in source px of ``region`` (start, size) widened to whole blocks of ``k`` px, the same blocks as
     the whole image's shrunk copy (its partial last block left out); None when no whole block remains."""
-    lo = region[0] // k * k
-    hi = np.minimum(-(-(region[0] + region[1]) // k) * k, size // k * k)
-    return (lo, hi) if np.all(hi - lo >= k) else None
+    lo, hi, ok = _blocks(region[0], region[0] + region[1], k, size)
+    return (lo, hi) if ok else None
+
+
+def _blocks(start: np.ndarray, end: np.ndarray, k: np.ndarray, size: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_block_bounds` of regions ``start:end`` (px, (..., D)): (start, end, whether a whole block remains)."""
+    lo, hi = start // k * k, np.minimum(-(-end // k) * k, size // k * k)
+    return lo, hi, np.all(hi - lo >= k, axis=-1)
 
 
 def _rest_sigma(sigma_mm: np.ndarray, k: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -334,16 +340,8 @@ class SourceImage:
     def _region(self, grid: Grid, sigma_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(start, size) in source px of ``grid``'s bounding box plus a 4-sigma (+ 2 px) margin, clipped to
         the source; None when that is not small (>= REGION_FRACTION of the source) or empty."""
-        corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in grid.size], indexing="ij")).reshape(grid.ndim, -1).T
-        idx = self.grid.world_to_index(grid.index_to_world(corners))
-        margin = np.ceil(4.0 * sigma_mm / self.grid.spacing) + 2
-        size = np.asarray(self.grid.size)
-        lo = np.clip(np.floor(idx.min(axis=0) - margin), 0, size).astype(int)
-        hi = np.clip(np.ceil(idx.max(axis=0) + margin) + 1, 0, size).astype(int)
-        extent = hi - lo
-        if np.any(extent < 1) or np.prod(extent) >= REGION_FRACTION * np.prod(size):
-            return None
-        return lo, extent
+        lo, hi, ok = _regions(self, [grid], sigma_mm)
+        return (lo[0], hi[0] - lo[0]) if ok[0] else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -407,6 +405,22 @@ def _source_px(src: SourceImage, grids: Sequence[Grid], index: np.ndarray) -> np
     return first[None] + (origins - origins[:1])[:, None]
 
 
+def _regions(src: SourceImage, grids: Sequence[Grid], sigma_mm: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start (N, D), end (N, D), small (N,)) in source px of each grid's bounding box plus a 4-sigma (+ 2 px) margin,
+    clipped to the source, for ``grids`` of one size, spacing and direction; ``small``: not empty and under
+    :data:`REGION_FRACTION` of the source (:meth:`SourceImage._region`)."""
+    first = grids[0]
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in first.size], indexing="ij")).reshape(first.ndim, -1).T
+    idx = _source_px(src, grids, corners)  # (N, corners, D)
+    margin = np.ceil(4.0 * sigma_mm / src.grid.spacing) + 2
+    size = np.asarray(src.grid.size)
+    lo = np.clip(np.floor(idx.min(axis=1) - margin), 0, size).astype(int)
+    hi = np.clip(np.ceil(idx.max(axis=1) + margin) + 1, 0, size).astype(int)
+    extent = hi - lo
+    return lo, hi, np.all(extent >= 1, axis=1) & (np.prod(extent, axis=1) < REGION_FRACTION * np.prod(size))
+
+
 def _patch_plans(src: SourceImage, grids: Sequence[Grid]) -> list[_PatchPlan | None]:
     """The plans of :func:`_resample_patch` for ``grids`` of one size, spacing and direction, or None for a grid
     where it does not apply (its region of the source is not small, or its Gaussian too wide). A grid's region: its
@@ -416,16 +430,10 @@ def _patch_plans(src: SourceImage, grids: Sequence[Grid]) -> list[_PatchPlan | N
     sigma = antialias_sigma_mm(src.grid, first)
     k = np.asarray(shrink_factors(src.grid, first))
     size, spacing = np.asarray(src.grid.size), src.grid.spacing
-    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in first.size], indexing="ij")).reshape(first.ndim, -1).T
-    idx = _source_px(src, grids, corners)  # (N, corners, D)
-    margin = np.ceil(4.0 * sigma / spacing) + 2
-    lo = np.clip(np.floor(idx.min(axis=1) - margin), 0, size).astype(int)
-    hi = np.clip(np.ceil(idx.max(axis=1) + margin) + 1, 0, size).astype(int)
-    extent = hi - lo
-    ok = np.all(extent >= 1, axis=1) & (np.prod(extent, axis=1) < REGION_FRACTION * np.prod(size))
+    lo, hi, ok = _regions(src, grids, sigma)
     if k.max() > 1:  # block averages on the same blocks as the whole shrunk copy
-        lo, hi = lo // k * k, np.minimum(-(-hi // k) * k, size // k * k)
-        ok &= np.all(hi - lo >= k, axis=1)
+        lo, hi, whole = _blocks(lo, hi, k, size)
+        ok &= whole
         sigma = _rest_sigma(sigma, k, spacing)
         offset, scale, smooth = lo + (k - 1) / 2.0, k.astype(np.float64), True
     else:
