@@ -140,17 +140,24 @@ def package_versions(names: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, st
     return out
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux: ``/proc/cpuinfo``; elsewhere what :func:`platform.processor` says, or
-    ``unknown``): runs with the same platform string may have run on different CPUs, whose speeds differ."""
+def _cpuinfo_field(key: str, cpuinfo: str) -> str | None:
+    """The value of the first ``key`` line of ``cpuinfo`` (Linux's ``/proc/cpuinfo``), or None (no such line or
+    file)."""
     try:
         with open(cpuinfo, encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith(key):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``; elsewhere what :func:`platform.processor` says, or
+    ``unknown``): runs with the same platform string may have run on different CPUs, whose speeds differ."""
+    name = _cpuinfo_field("model name", cpuinfo)
+    return name.strip() if name is not None else platform.processor() or "unknown"
 
 
 #: the CPU instruction sets that set the speed of this project's steps: vector width for fp32 convolutions, and
@@ -162,15 +169,11 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The :data:`CPU_FEATURES` the CPU has, space-separated (``none`` when it has none of them; ``unknown`` without
     a ``flags`` line in ``/proc/cpuinfo``, e.g. on ARM or off Linux): a virtual machine's model name
     (``Intel(R) Xeon(R) Processor``) does not name the CPU's generation, whose instruction sets set the step times."""
-    try:
-        with open(cpuinfo, encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return " ".join(f for f in CPU_FEATURES if f in flags) or "none"
-    except OSError:
-        pass
-    return "unknown"
+    field = _cpuinfo_field("flags", cpuinfo)
+    if field is None:
+        return "unknown"
+    flags = set(field.split())
+    return " ".join(f for f in CPU_FEATURES if f in flags) or "none"
 
 
 def environment_summary(device: torch.device | None = None) -> dict[str, str]:
